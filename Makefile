@@ -1,0 +1,47 @@
+# `make run` and `make test` work on a fresh machine: they create .venv and install what is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := openssh-server iproute2 nftables
+
+# No telemetry from Prefect; a cold ephemeral API needs more than the default 20 s on 2 cores.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: run test lint bench system-deps clean
+
+run: $(VENV)/.installed
+	$(BIN)/python -m flows.demo
+
+test: $(VENV)/.installed system-deps lint
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed-bench system-deps
+	$(BIN)/python -m benchmarks.run_all
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+# Test hosts need sshd, ip and nft; installed with apt-get when running as root.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && ! { [ -x /usr/sbin/sshd ] && command -v ip >/dev/null && command -v nft >/dev/null; }; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES) \
+		|| { apt-get update && apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); }; \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

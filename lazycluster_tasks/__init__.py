@@ -1,0 +1,41 @@
+"""lazycluster_tasks: Dask clusters on plain SSH hosts, launched and torn down by Prefect tasks."""
+
+from lazycluster_tasks.errors import (
+    AuthenticationError,
+    GroupError,
+    HostConnectionError,
+    HostKeyError,
+    InvalidRuntimeError,
+    LazyclusterError,
+    MasterStartError,
+    NoPortsLeftError,
+    NoRuntimesDetectedError,
+    OperationTimeoutError,
+    PathCreationError,
+    PortInUseError,
+    RemoteEnvironmentError,
+    TaskExecutionError,
+    TunnelError,
+    WorkerStartError,
+    is_transient,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "GroupError",
+    "HostConnectionError",
+    "HostKeyError",
+    "InvalidRuntimeError",
+    "LazyclusterError",
+    "MasterStartError",
+    "NoPortsLeftError",
+    "NoRuntimesDetectedError",
+    "OperationTimeoutError",
+    "PathCreationError",
+    "PortInUseError",
+    "RemoteEnvironmentError",
+    "TaskExecutionError",
+    "TunnelError",
+    "WorkerStartError",
+    "is_transient",
+]
