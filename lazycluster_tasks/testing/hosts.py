@@ -1,0 +1,599 @@
+"""SSH test hosts on one machine.
+
+As root every host is a network namespace on a private bridge, with its own hostname (UTS
+namespace), host keys and sshd on port 22. Without root there is one loopback host: sshd as the
+current user on a free port of 127.0.0.1. Force a mode with LCT_TEST_HOSTS_MODE=netns|loopback.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import logging
+import os
+import pwd
+import random
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+SSHD = "/usr/sbin/sshd"
+NETNS_DIR = Path("/run/netns")
+MARKER_DIR = Path("/run")
+SSHD_NAMES = ("sshd", "sshd-session", "sshd-auth")
+MODE_ENV = "LCT_TEST_HOSTS_MODE"
+
+
+@dataclass(frozen=True)
+class TestHost:
+    __test__ = False  # not a pytest test class
+
+    name: str
+    address: str
+    port: int
+    netns: str | None
+
+
+def _run(argv: list[str], input: str | None = None, check: bool = True) -> str:
+    res = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout
+
+
+def _netns_possible() -> bool:
+    if os.geteuid() != 0 or not os.path.exists(SSHD):
+        return False
+    if not all(shutil.which(b) for b in ("ip", "nsenter", "unshare", "nft")):
+        return False
+    return subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
+
+
+def _netns_names() -> list[str]:
+    try:
+        return os.listdir(NETNS_DIR)
+    except OSError:
+        return []
+
+
+def _netns_pids(ns: str) -> list[int]:
+    """Pids whose network namespace is `ns` (what `ip netns pids` prints)."""
+    try:
+        st = os.stat(NETNS_DIR / ns)
+    except OSError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            s = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:  # gone, zombie or not ours to see
+            continue
+        if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+            pids.append(int(entry))
+    return pids
+
+
+def _is_sshd(p: psutil.Process) -> bool:
+    try:
+        return p.name() in SSHD_NAMES
+    except psutil.Error:
+        return False
+
+
+def _describe(p: psutil.Process) -> str | None:
+    try:
+        return f"{p.pid} {' '.join(p.cmdline()) or p.name()}"
+    except psutil.Error:
+        return None
+
+
+def _kill_and_wait(procs: list[psutil.Process], timeout: float = 5.0) -> None:
+    """SIGKILL and wait until each is gone or a zombie (Popen owners keep their returncode)."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        while time.monotonic() < deadline:
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:  # dead; its parent reaps it
+                    break
+            except psutil.Error:
+                break
+            time.sleep(0.01)
+
+
+def _run_links(run_id: str) -> list[str]:
+    pat = re.compile(rf"lct{run_id}(br|v\d+|p\d+)")
+    return [n for n in os.listdir("/sys/class/net") if pat.fullmatch(n)]
+
+
+def _destroy_run(run_id: str) -> None:
+    """Kill everything in the run's namespaces, delete them, its links and its marker."""
+    pat = re.compile(rf"lct{run_id}h\d+")
+    names = [n for n in _netns_names() if pat.fullmatch(n)]
+    for _ in range(5):  # processes may fork while we kill
+        procs = []
+        for ns in names:
+            for pid in _netns_pids(ns):
+                with contextlib.suppress(psutil.Error):
+                    procs.append(psutil.Process(pid))
+        if not procs:
+            break
+        _kill_and_wait(procs)
+    for ns in names:
+        _run(["ip", "netns", "del", ns], check=False)
+    deadline = time.monotonic() + 5
+    while True:  # veths vanish with their namespace, asynchronously
+        links = _run_links(run_id)
+        if not links or time.monotonic() > deadline:
+            break
+        for link in links:
+            _run(["ip", "link", "del", link], check=False)
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        (MARKER_DIR / f"lct-{run_id}.owner").unlink()
+
+
+def _owner_alive(run_id: str) -> bool:
+    try:
+        pid_s, created_s = (MARKER_DIR / f"lct-{run_id}.owner").read_text().split()
+        return abs(psutil.Process(int(pid_s)).create_time() - float(created_s)) < 1.0
+    except (OSError, ValueError, psutil.Error):
+        return False
+
+
+def _cleanup_stale(own_id: str) -> None:
+    ids: set[str] = set()
+    for n in _netns_names():
+        if m := re.fullmatch(r"lct([0-9a-f]{4})h\d+", n):
+            ids.add(m.group(1))
+    for n in os.listdir("/sys/class/net"):
+        if m := re.fullmatch(r"lct([0-9a-f]{4})(br|v\d+|p\d+)", n):
+            ids.add(m.group(1))
+    for f in MARKER_DIR.glob("lct-*.owner"):
+        if m := re.fullmatch(r"lct-([0-9a-f]{4})\.owner", f.name):
+            ids.add(m.group(1))
+    for run_id in sorted(ids - {own_id}):
+        if not _owner_alive(run_id):
+            log.info("removing stale test hosts of run %s", run_id)
+            _destroy_run(run_id)
+
+
+def _pick_subnet() -> ipaddress.IPv4Network:
+    used = []
+    for line in (_run(["ip", "-4", "route"]) + _run(["ip", "-4", "addr"])).splitlines():
+        for word in line.split():
+            if re.fullmatch(r"\d+\.\d+\.\d+\.\d+(/\d+)?", word):
+                used.append(ipaddress.ip_network(word, strict=False))
+    for _ in range(500):
+        net = ipaddress.IPv4Network(f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24")
+        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
+            return net
+    raise RuntimeError("no free 10.200-250.x.0/24 subnet")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _keygen(path: Path) -> str:
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)])
+    return " ".join(path.with_name(path.name + ".pub").read_text().split()[:2])
+
+
+class TestHosts:
+    """SSH test hosts; see the module docstring. Use as a context manager or start()/stop()."""
+
+    __test__ = False  # not a pytest test class
+
+    hosts: list[TestHost]
+    base_dir: Path
+    ssh_config_path: Path
+    known_hosts_path: Path
+    identity_file: Path
+    controller_address: str
+    namespaced: bool
+
+    def __init__(self, count: int = 4, base_dir: str | os.PathLike[str] | None = None) -> None:
+        mode = os.environ.get(MODE_ENV, "").strip().lower()
+        if mode not in ("", "netns", "loopback"):
+            raise ValueError(f"{MODE_ENV} must be 'netns' or 'loopback', not {mode!r}")
+        self.namespaced = mode != "loopback" and _netns_possible()
+        if mode == "netns" and not self.namespaced:
+            raise RuntimeError(f"{MODE_ENV}=netns needs root, {SSHD}, ip, nsenter, unshare and nft")
+        if not 1 <= count <= 200:
+            raise ValueError(f"count must be 1..200, not {count}")
+        if not self.namespaced and count > 1:
+            log.warning(
+                "loopback mode (no root or no `ip netns`): %d test hosts clamped to 1", count
+            )
+            count = 1
+        self.count = count
+        self.run_id = secrets.token_hex(2)
+        self.hosts = []
+        self.controller_address = "127.0.0.1"
+        self._base_arg = base_dir
+        self._own_base = False
+        self._sshd: dict[str, subprocess.Popen[bytes]] = {}
+        self._host_pubkey: dict[str, str] = {}
+        self._ssh_only = False
+        self._allowed: dict[str, list[str] | None] = {}
+        self._started = False
+        self._stopped = False
+        self._marked = False  # our owner marker exists: the run id is ours to destroy
+
+    def __enter__(self) -> TestHosts:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> TestHosts:
+        if self._started:
+            return self
+        self._started = True
+        atexit.register(self.stop)
+        try:
+            self._prepare_files()
+            if self.namespaced:
+                self._build_namespaces()
+            else:
+                self.hosts = [TestHost("host1", "127.0.0.1", _free_port(), None)]
+            for h in self.hosts:
+                self._write_host_files(h)
+            self._write_client_files()
+            for h in self.hosts:
+                self._launch_sshd(h)
+            for h in self.hosts:
+                self._wait_listening(h)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("test hosts %s up (run %s)", [h.name for h in self.hosts], self.run_id)
+        return self
+
+    def stop(self) -> None:
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        atexit.unregister(self.stop)
+        if self.namespaced:
+            if self._marked:
+                _destroy_run(self.run_id)
+        else:
+            procs = []
+            for proc in self._sshd.values():
+                with contextlib.suppress(psutil.Error):
+                    procs.append(psutil.Process(proc.pid))
+                    procs += psutil.Process(proc.pid).children(recursive=True)
+            if self.hosts and hasattr(self, "base_dir"):
+                procs += self.processes(self.hosts[0].name)
+            _kill_and_wait(procs)
+        for proc in self._sshd.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        if self._own_base and hasattr(self, "base_dir"):
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def _prepare_files(self) -> None:
+        if self._base_arg is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix="lct-hosts-"))
+            self._own_base = True
+        else:
+            self.base_dir = Path(self._base_arg).absolute()
+            self._own_base = not self.base_dir.exists()
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.ssh_config_path = self.base_dir / "ssh_config"
+        self.known_hosts_path = self.base_dir / "known_hosts"
+        self.identity_file = self.base_dir / "id_ed25519"
+        self._authorized_keys = self.base_dir / "authorized_keys"
+        self._authorized_keys.write_text(_keygen(self.identity_file) + "\n")
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+
+    def _build_namespaces(self) -> None:
+        _cleanup_stale(self.run_id)
+        taken = {n[3:7] for n in _netns_names() + os.listdir("/sys/class/net") if n[:3] == "lct"}
+        while self.run_id in taken or (MARKER_DIR / f"lct-{self.run_id}.owner").exists():
+            self.run_id = secrets.token_hex(2)
+        me = psutil.Process()
+        (MARKER_DIR / f"lct-{self.run_id}.owner").write_text(f"{me.pid} {me.create_time()}\n")
+        self._marked = True
+        net = _pick_subnet()
+        prefix = str(net.network_address).rsplit(".", 1)[0]
+        self.controller_address = f"{prefix}.1"
+        br = f"lct{self.run_id}br"
+        _run(["ip", "link", "add", br, "type", "bridge"])
+        _run(["ip", "addr", "add", f"{self.controller_address}/24", "dev", br])
+        _run(["ip", "link", "set", br, "up"])
+        for k in range(1, self.count + 1):
+            ns, veth, peer = (f"lct{self.run_id}{c}{k}" for c in "hvp")
+            address = f"{prefix}.{10 + k}"
+            _run(["ip", "netns", "add", ns])
+            _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", peer, "netns", ns])
+            _run(["ip", "link", "set", veth, "master", br, "up"])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", peer])
+            _run(["ip", "-n", ns, "link", "set", peer, "up"])
+            self.hosts.append(TestHost(f"host{k}", address, 22, ns))
+
+    def _host_dir(self, name: str) -> Path:
+        return self.base_dir / name
+
+    def _write_host_files(self, h: TestHost) -> None:
+        d = self._host_dir(h.name)
+        d.mkdir()
+        key = d / "ssh_host_ed25519_key"
+        self._host_pubkey[h.name] = _keygen(key)
+        # A non-root sshd cannot read /etc/shadow and, without PAM, then refuses every account as
+        # "locked"; with PAM it asks the setgid helper. As root PAM is not needed.
+        use_pam = "no" if os.geteuid() == 0 else "yes"
+        (d / "sshd_config").write_text(
+            f"Port {h.port}\n"
+            f"ListenAddress {h.address}\n"
+            "AddressFamily inet\n"
+            f"HostKey {key}\n"
+            f"PidFile {d / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {self._authorized_keys}\n"
+            "PasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+            "PubkeyAuthentication yes\n"
+            "PermitRootLogin prohibit-password\n"
+            f"UsePAM {use_pam}\n"
+            "StrictModes no\n"
+            "AllowTcpForwarding yes\n"
+            "GatewayPorts no\n"
+            "MaxSessions 100\n"
+            "MaxStartups 100:30:200\n"
+            "LogLevel ERROR\n"
+            "X11Forwarding no\n"
+            "PrintMotd no\n"
+            "Subsystem sftp internal-sftp\n"
+        )
+
+    def _write_client_files(self) -> None:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        known, config = [], []
+        for h in self.hosts:
+            where = h.address if h.port == 22 else f"[{h.address}]:{h.port}"
+            known.append(f"{where} {self._host_pubkey[h.name]}\n")
+            config.append(
+                f"Host {h.name}\n"
+                f"  HostName {h.address}\n"
+                f"  Port {h.port}\n"
+                f"  User {user}\n"
+                f"  IdentityFile {self.identity_file}\n"
+                "  IdentitiesOnly yes\n"
+                f"  UserKnownHostsFile {self.known_hosts_path}\n"
+                "  GlobalKnownHostsFile /dev/null\n"
+                "  StrictHostKeyChecking yes\n"
+                "  BatchMode yes\n"
+                "  ConnectTimeout 5\n"
+            )
+        self.known_hosts_path.write_text("".join(known))
+        self.ssh_config_path.write_text("\n".join(config))
+
+    def _launch_sshd(self, h: TestHost) -> None:
+        d = self._host_dir(h.name)
+        sshd = [SSHD, "-D", "-e", "-f", str(d / "sshd_config")]
+        argv = sshd
+        if h.netns is not None:
+            script = f"hostname {shlex.quote(h.name)} && exec {shlex.join(sshd)}"
+            argv = ["ip", "netns", "exec", h.netns, "unshare", "--uts", "sh", "-c", script]
+        with open(d / "sshd.log", "ab") as out:
+            self._sshd[h.name] = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
+
+    def _wait_listening(self, h: TestHost, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        proc = self._sshd[h.name]
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sshd of {h.name} exited ({proc.returncode}): {self._log(h)}")
+            try:
+                socket.create_connection((h.address, h.port), timeout=0.5).close()
+                return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"sshd of {h.name} not listening on {h.address}:{h.port} after "
+                        f"{timeout:.0f}s ({e}): {self._log(h)}"
+                    ) from e
+            time.sleep(0.02)
+
+    def _log(self, h: TestHost) -> str:
+        try:
+            lines = (self._host_dir(h.name) / "sshd.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "log tail: " + " | ".join(lines[-10:])
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def host(self, name: str) -> TestHost:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(f"no test host {name!r} (have {[h.name for h in self.hosts]})")
+
+    def _listener(self, name: str) -> psutil.Process | None:
+        proc = self._sshd.get(name)
+        if proc is None or proc.poll() is not None:
+            return None
+        try:
+            return psutil.Process(proc.pid)
+        except psutil.Error:
+            return None
+
+    def processes(self, name: str) -> list[psutil.Process]:
+        """Processes inside host `name` that are not sshd: what code under test left there."""
+        h = self.host(name)
+        found: dict[int, psutil.Process] = {}
+        if h.netns is not None:
+            for pid in _netns_pids(h.netns):
+                with contextlib.suppress(psutil.Error):
+                    found[pid] = psutil.Process(pid)
+        else:
+            listener = self._listener(name)
+            if listener is not None:
+                with contextlib.suppress(psutil.Error):
+                    found.update((p.pid, p) for p in listener.children(recursive=True))
+            base = str(self.base_dir)
+            for p in psutil.process_iter(["cmdline"]):
+                if base in " ".join(p.info["cmdline"] or []):
+                    found[p.pid] = p
+            me = psutil.Process()
+            for p in [me, *me.parents()]:
+                found.pop(p.pid, None)
+        return [p for p in found.values() if p.pid != os.getpid() and not _is_sshd(p)]
+
+    def leftovers(self) -> dict[str, list[str]]:
+        out = {}
+        for h in self.hosts:
+            items = [d for d in map(_describe, self.processes(h.name)) if d is not None]
+            if items:
+                out[h.name] = items
+        return out
+
+    def kill_leftovers(self) -> None:
+        _kill_and_wait([p for h in self.hosts for p in self.processes(h.name)])
+
+    # -- processes inside a host -----------------------------------------------------------------
+
+    def run_in(self, name: str, argv: list[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
+        """Start argv inside host `name` (its network and UTS namespace)."""
+        h = self.host(name)
+        if h.netns is not None:
+            listener = self._listener(name)
+            if listener is not None:
+                argv = ["nsenter", "--target", str(listener.pid), "--uts", "--net", "--", *argv]
+            else:  # sshd is down: a fresh UTS namespace with the same hostname
+                script = 'hostname "$0" && exec "$@"'
+                unshare = ["ip", "netns", "exec", h.netns, "unshare", "--uts", "sh", "-c", script]
+                argv = [*unshare, h.name, *argv]
+        return subprocess.Popen(argv, **popen_kwargs)
+
+    # -- sshd faults -----------------------------------------------------------------------------
+
+    def _signal_listener(self, name: str, sig: int) -> None:
+        listener = self._listener(self.host(name).name)
+        if listener is None:
+            raise RuntimeError(f"sshd of {name} is not running")
+        listener.send_signal(sig)
+
+    def pause_sshd(self, name: str) -> None:
+        """SIGSTOP the listener: TCP connects still succeed but no banner comes."""
+        self._signal_listener(name, signal.SIGSTOP)
+
+    def resume_sshd(self, name: str) -> None:
+        self._signal_listener(name, signal.SIGCONT)
+
+    def stop_sshd(self, name: str) -> None:
+        """Listener down (connection refused); open sessions survive."""
+        self.host(name)
+        proc = self._sshd.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+            os.kill(proc.pid, signal.SIGCONT)  # in case it was paused
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def start_sshd(self, name: str) -> None:
+        """Listener back up with the same host keys and port."""
+        h = self.host(name)
+        if self._listener(name) is not None:
+            return
+        self._launch_sshd(h)
+        self._wait_listening(h)
+
+    def kill_sessions(self, name: str) -> int:
+        """SIGKILL the sshd session processes under the listener; returns how many sessions."""
+        listener = self._listener(self.host(name).name)
+        if listener is None:
+            return 0
+        sessions = [c for c in listener.children() if _is_sshd(c)]
+        victims = []
+        for s in sessions:
+            with contextlib.suppress(psutil.Error):
+                victims += [s, *(c for c in s.children(recursive=True) if _is_sshd(c))]
+        _kill_and_wait(victims)
+        return len(sessions)
+
+    # -- firewall --------------------------------------------------------------------------------
+
+    def _require_root(self, what: str) -> None:
+        if not self.namespaced:
+            raise RuntimeError(f"needs root: {what} works on network-namespace hosts only")
+
+    def ssh_only(self, enabled: bool = True) -> None:
+        """On: every host accepts and opens only TCP port 22 (others rejected, not dropped)."""
+        self._require_root("ssh_only")
+        self._ssh_only = enabled
+        for h in self.hosts:
+            self._apply_rules(h)
+
+    def restrict_ssh(self, name: str, allowed_from: list[str] | None) -> None:
+        """Host `name` accepts port 22 only from these hosts (or "controller"); None lifts it."""
+        self._require_root("restrict_ssh")
+        h = self.host(name)
+        if allowed_from is None:
+            self._allowed[name] = None
+        else:
+            self._allowed[name] = [
+                self.controller_address if n == "controller" else self.host(n).address
+                for n in allowed_from
+            ]
+        self._apply_rules(h)
+
+    def _ruleset(self, name: str) -> str:
+        reject = "reject with icmpx type admin-prohibited"
+        allowed = self._allowed.get(name)
+        inp, out = [], []
+        if allowed is not None:
+            if allowed:
+                inp.append(f"tcp dport 22 ip saddr {{ {', '.join(allowed)} }} accept")
+            inp.append(f"tcp dport 22 {reject}")
+        if self._ssh_only:
+            inp += ["tcp dport 22 accept", reject]
+            out += ["tcp dport 22 accept", f"ct state new meta l4proto {{ tcp, udp }} {reject}"]
+        # add+delete makes the delete safe when the table is absent; one file is one transaction
+        text = "add table inet lct\ndelete table inet lct\n"
+        if not inp and not out:
+            return text
+        text += "table inet lct {\n"
+        for chain, lo, rules in (("input", "iif", inp), ("output", "oif", out)):
+            text += f"  chain {chain} {{\n    type filter hook {chain} priority 0; policy accept;\n"
+            text += f"    {lo} lo accept\n    ct state established,related accept\n"
+            text += "".join(f"    {r}\n" for r in rules) + "  }\n"
+        return text + "}\n"
+
+    def _apply_rules(self, h: TestHost) -> None:
+        assert h.netns is not None
+        _run(["ip", "netns", "exec", h.netns, "nft", "-f", "-"], input=self._ruleset(h.name))
