@@ -1,0 +1,116 @@
+"""Pure builders of the shell lines we send to hosts.
+
+Every value that goes into a line (paths, env values, host names, arguments) is quoted here with
+``shlex.quote``; user commands given to ``RuntimeTask.run_command`` are the only text passed
+through as shell code, by design. Nothing in this module does I/O: each function returns a string
+and is tested as a string.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+
+#: Exit code of our wrappers when ``cd`` into the working directory fails.
+EXIT_NO_WORKDIR = 97
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def q(value: object) -> str:
+    """Quote one value for a POSIX shell."""
+    return shlex.quote(str(value))
+
+
+def check_env_name(name: str) -> str:
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise ValueError(f"invalid environment variable name: {name!r}")
+    return name
+
+
+def export_env(env: Mapping[str, object]) -> str:
+    """``export A='1' B='x y'`` for the given variables, or ``""`` when there are none."""
+    if not env:
+        return ""
+    return "export " + " ".join(f"{check_env_name(k)}={q(v)}" for k, v in env.items())
+
+
+def wrap_command(
+    command: str, working_dir: str | None = None, env: Mapping[str, object] | None = None
+) -> str:
+    """The full line for a user command: report the shell's pid, export env, cd, run.
+
+    The first line the shell prints is its pid (the process-group id of the SSH session or of the
+    local subprocess), which lets the caller kill the whole command tree on timeout or cleanup.
+    """
+    if not isinstance(command, str) or not command.strip():
+        raise ValueError("command must be a non-empty string")
+    lines = ['echo "$$"']
+    exported = export_env(env or {})
+    if exported:
+        lines.append(exported)
+    if working_dir:
+        lines.append(f"cd -- {q(working_dir)} || exit {EXIT_NO_WORKDIR}")
+    lines.append(command)
+    return "\n".join(lines)
+
+
+def kill_group(pgids: Iterable[int], grace: float = 2.0) -> str:
+    """TERM each process group, wait up to ``grace`` seconds, then KILL what is left.
+
+    Prints the pgids that had to be killed with SIGKILL. Exit code is 0 when nothing is left.
+    """
+    ids = " ".join(str(int(p)) for p in pgids)
+    if not ids:
+        raise ValueError("no process group ids given")
+    steps = max(1, int(grace * 10))
+    return (
+        f"ids={q(ids)}; for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
+        f"i=0; while [ $i -lt {steps} ]; do alive=; "
+        "for g in $ids; do kill -0 -$g 2>/dev/null && alive=1; done; "
+        '[ -z "$alive" ] && exit 0; sleep 0.1; i=$((i+1)); done; '
+        'for g in $ids; do kill -0 -$g 2>/dev/null && { kill -KILL -$g; echo "$g"; }; done; '
+        "exit 0"
+    )
+
+
+def mkdir_p(path: str) -> str:
+    return f"mkdir -p -- {q(path)}"
+
+
+def remove_tree(path: str) -> str:
+    if path in ("", "/", "~"):
+        raise ValueError(f"refusing to remove {path!r}")
+    return f"rm -rf -- {q(path)}"
+
+
+def make_tempdir(parent: str | None = None, prefix: str = "lazycluster-") -> str:
+    template = f"{prefix}XXXXXXXX"
+    if parent:
+        return f"mkdir -p -- {q(parent)} && mktemp -d -p {q(parent)} {q(template)}"
+    return f"mktemp -d -t {q(template)}"
+
+
+def echo(message: str) -> str:
+    return f"printf '%s\\n' {q(message)}"
+
+
+def python_call(python: str, code: str, args: Sequence[str] = ()) -> str:
+    """Run ``code`` with ``python -c``; the interpreter is called by absolute path when given."""
+    return shlex.join([python, "-c", code, *map(str, args)])
+
+
+def start_detached(command: Sequence[str], cwd: str, log_file: str, pid_file: str) -> str:
+    """Start ``command`` (argv) detached in its own session; prints its pid (= its pgid).
+
+    ``;`` after ``cd`` on purpose: ``cd DIR && setsid … &`` would background a subshell that holds
+    the SSH channel open.
+    """
+    if not command:
+        raise ValueError("empty command")
+    return (
+        f"cd -- {q(cwd)} || exit {EXIT_NO_WORKDIR}; "
+        f"setsid nohup {shlex.join(command)} >{q(log_file)} 2>&1 </dev/null & "
+        f'echo "$!" >{q(pid_file)}; echo "$!"'
+    )

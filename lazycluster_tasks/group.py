@@ -1,0 +1,307 @@
+"""RuntimeGroup: many runtimes driven at once; partial failure is data, not silence."""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from lazycluster_tasks.errors import GroupError
+from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.task import RuntimeTask
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def fan_out(
+    operation: str, runtimes: Iterable[Runtime], fn: Callable[[Runtime], T]
+) -> dict[str, T]:
+    """Run ``fn`` on every runtime concurrently; results by host, or GroupError naming failures."""
+    targets = list(runtimes)
+    if not targets:
+        return {}
+    results: dict[str, T] = {}
+    errors: dict[str, BaseException] = {}
+    if len(targets) == 1:  # no thread for a single host
+        try:
+            results[targets[0].host] = fn(targets[0])
+        except Exception as exc:
+            errors[targets[0].host] = exc
+    else:
+        with ThreadPoolExecutor(len(targets), thread_name_prefix="lct-fan-out") as pool:
+            futures = {rt.host: pool.submit(fn, rt) for rt in targets}
+            for host, future in futures.items():
+                try:
+                    results[host] = future.result()
+                except Exception as exc:
+                    errors[host] = exc
+    if errors:
+        raise GroupError(operation, results, errors)
+    return results
+
+
+class RuntimeGroup:
+    """Several runtimes used together; every operation fans out to the hosts concurrently."""
+
+    def __init__(
+        self,
+        runtimes: list[Runtime] | None = None,
+        hosts: list[str] | None = None,
+        working_dir: str | None = None,
+        *,
+        ssh_config_path: str | None = None,
+        connection_kwargs: Mapping[str, Any] | None = None,
+        python_executable: str | None = None,
+    ) -> None:
+        if (runtimes is None) == (hosts is None):
+            raise ValueError("give exactly one of runtimes or hosts")
+        if hosts is not None:
+            if isinstance(hosts, str):
+                raise ValueError("hosts must be a list of host names, not a string")
+            runtimes = [
+                Runtime(
+                    h,
+                    working_dir,
+                    connection_kwargs,
+                    ssh_config_path,
+                    python_executable=python_executable,
+                )
+                for h in hosts
+            ]
+        assert runtimes is not None
+        self._runtimes: dict[str, Runtime] = {}
+        for runtime in runtimes:
+            self.add_runtime(runtime=runtime)
+        if working_dir is not None:
+            for runtime in self._runtimes.values():
+                _set_working_dir(runtime, working_dir)
+        self._info_thread: threading.Thread | None = None
+
+    # -- membership -----------------------------------------------------------------------
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self._runtimes)
+
+    @property
+    def runtimes(self) -> list[Runtime]:
+        return list(self._runtimes.values())
+
+    @property
+    def runtime_count(self) -> int:
+        return len(self._runtimes)
+
+    def __len__(self) -> int:
+        return len(self._runtimes)
+
+    def __repr__(self) -> str:
+        return f"RuntimeGroup({self.hosts})"
+
+    def add_runtime(self, host: str | None = None, runtime: Runtime | None = None) -> None:
+        if (host is None) == (runtime is None):
+            raise ValueError("give exactly one of host or runtime")
+        if runtime is None:
+            assert host is not None
+            runtime = Runtime(host)
+        if not isinstance(runtime, Runtime):
+            raise ValueError(f"expected a Runtime, got {runtime!r}")
+        if runtime.host in self._runtimes:
+            raise ValueError(f"host {runtime.host!r} is already in the group")
+        self._runtimes[runtime.host] = runtime
+
+    def remove_runtime(self, host: str) -> None:
+        if host not in self._runtimes:
+            raise ValueError(f"host {host!r} is not in the group")
+        del self._runtimes[host]
+
+    def contains_runtime(self, host: str) -> bool:
+        return host in self._runtimes
+
+    def get_runtime(self, host: str | None = None) -> Runtime:
+        """The runtime of ``host``, or the least busy one (fewest running tasks)."""
+        if host is not None:
+            if host not in self._runtimes:
+                raise ValueError(f"host {host!r} is not in the group")
+            return self._runtimes[host]
+        if not self._runtimes:
+            raise ValueError("the group is empty")
+        return min(self._runtimes.values(), key=lambda rt: rt.alive_task_count)
+
+    def get_runtimes(
+        self,
+        include_hosts: Iterable[str] | str | None = None,
+        exclude_hosts: Iterable[str] | str | None = None,
+    ) -> dict[str, Runtime]:
+        include = _host_set(include_hosts)
+        exclude = _host_set(exclude_hosts) or set()
+        unknown = ((include or set()) | exclude) - set(self._runtimes)
+        if unknown:
+            raise ValueError(f"hosts not in the group: {', '.join(sorted(unknown))}")
+        return {
+            h: rt
+            for h, rt in self._runtimes.items()
+            if (include is None or h in include) and h not in exclude
+        }
+
+    # -- env ------------------------------------------------------------------------------
+
+    def set_env_variables(self, env_variables: Mapping[str, Any]) -> None:
+        for runtime in self._runtimes.values():
+            runtime.env_variables = dict(env_variables)
+
+    def add_env_variables(self, env_variables: Mapping[str, Any]) -> None:
+        for runtime in self._runtimes.values():
+            runtime.add_env_variables(env_variables)
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def execute_task(
+        self,
+        task: RuntimeTask,
+        host: str | None = None,
+        broadcast: bool = False,
+        execute_async: bool = True,
+        omit_on_join: bool = False,
+        debug: bool = False,
+    ) -> RuntimeTask | list[RuntimeTask]:
+        """Run ``task`` on ``host``, on the least busy runtime, or (``broadcast``) on every
+        runtime as independent copies, returning one task per host."""
+        if broadcast and host is not None:
+            raise ValueError("give either host or broadcast=True, not both")
+        if not broadcast:
+            runtime = self.get_runtime(host)
+            return runtime.execute_task(task, execute_async, omit_on_join, debug)
+        tasks = {
+            rt.host: rt.execute_task(task.copy(), True, omit_on_join, debug)
+            for rt in self._runtimes.values()
+        }
+        if not execute_async:
+            _join_all(task.name, tasks)
+        return list(tasks.values())
+
+    def execute_function(
+        self,
+        function: Callable[..., Any],
+        host: str | None = None,
+        broadcast: bool = False,
+        execute_async: bool = False,
+        debug: bool = False,
+        **func_kwargs: Any,
+    ) -> RuntimeTask | list[RuntimeTask]:
+        name = getattr(function, "__name__", "function")
+        task = RuntimeTask(name).run_function(function, **func_kwargs)
+        return self.execute_task(task, host, broadcast, execute_async, debug=debug)
+
+    def send_file(
+        self, local_path: str, remote_path: str | None = None, execute_async: bool = True
+    ) -> list[RuntimeTask]:
+        """Copy a local file or folder to every host."""
+        task = RuntimeTask(f"send-{os.path.basename(local_path)}").send_file(
+            local_path, remote_path
+        )
+        result = self.execute_task(task, broadcast=True, execute_async=execute_async)
+        assert isinstance(result, list)
+        return result
+
+    def get_file(
+        self, remote_path: str, local_path: str | None = None, execute_async: bool = False
+    ) -> list[RuntimeTask]:
+        """Fetch a file or folder from every host into ``<local_path>/<host>/<name>``."""
+        base = local_path or os.getcwd()
+        name = posixpath.basename(remote_path.rstrip("/")) or "root"
+        tasks = {}
+        for runtime in self._runtimes.values():
+            target = os.path.join(base, runtime.host, name)
+            task = RuntimeTask(f"get-{name}").get_file(remote_path, target)
+            tasks[runtime.host] = runtime.execute_task(task, execute_async=True)
+        if not execute_async:
+            _join_all(f"get_file {remote_path}", tasks)
+        return list(tasks.values())
+
+    def join(self) -> None:
+        """Wait for every runtime's tasks; failures are reported per host."""
+        errors: dict[str, BaseException] = {}
+        for host, runtime in self._runtimes.items():
+            try:
+                runtime.join()
+            except Exception as exc:
+                errors[host] = exc
+        if errors:
+            ok = {h: None for h in self._runtimes if h not in errors}
+            raise GroupError("join", ok, errors)
+
+    def clear_tasks(self) -> None:
+        for runtime in self._runtimes.values():
+            runtime.clear_tasks()
+
+    def print_log(self) -> None:
+        for runtime in self._runtimes.values():
+            runtime.print_log()
+
+    # -- info -----------------------------------------------------------------------------
+
+    def fill_runtime_info_buffers_async(self) -> None:
+        """Probe every host's info in the background; ``Runtime.info`` then answers at once."""
+
+        def fill() -> None:
+            try:
+                fan_out("host info", self.runtimes, lambda rt: rt.info)
+            except GroupError as exc:
+                logger.warning("%s", exc)
+
+        self._info_thread = threading.Thread(target=fill, name="lct-info", daemon=True)
+        self._info_thread.start()
+
+    def print_hosts(self) -> None:
+        for host in self._runtimes:
+            print(host)
+
+    def print_runtime_info(self) -> None:
+        fan_out("host info", self.runtimes, lambda rt: rt.info)
+        for runtime in self._runtimes.values():
+            runtime.print_info()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Clean up every runtime concurrently; failures are reported per host."""
+        if self._info_thread is not None:
+            self._info_thread.join()
+        fan_out("cleanup", self.runtimes, lambda rt: rt.cleanup())
+
+    def __enter__(self) -> RuntimeGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def _join_all(operation: str, tasks: dict[str, RuntimeTask]) -> None:
+    """Join tasks that already run concurrently; GroupError carries the successful ones."""
+    errors: dict[str, BaseException] = {}
+    for host, task in tasks.items():
+        try:
+            task.join()
+        except Exception as exc:
+            errors[host] = exc
+    if errors:
+        ok = {h: t for h, t in tasks.items() if h not in errors}
+        raise GroupError(operation, ok, errors)
+
+
+def _host_set(hosts: Iterable[str] | str | None) -> set[str] | None:
+    if hosts is None:
+        return None
+    return {hosts} if isinstance(hosts, str) else set(hosts)
+
+
+def _set_working_dir(runtime: Runtime, working_dir: str) -> None:
+    if runtime._working_dir is not None and runtime._requested_working_dir != working_dir:
+        raise ValueError(f"{runtime.host} already uses working dir {runtime._working_dir!r}")
+    runtime._requested_working_dir = working_dir

@@ -1,0 +1,124 @@
+"""RuntimeManager: find the usable hosts of an OpenSSH config and build groups from them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import paramiko
+
+from lazycluster_tasks.errors import GroupError, NoRuntimesDetectedError
+from lazycluster_tasks.group import RuntimeGroup, fan_out
+from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.ssh import DEFAULT_SSH_CONFIG
+
+logger = logging.getLogger(__name__)
+
+#: Connect timeout (s) while probing hosts: a dead host must not hold up discovery.
+DISCOVERY_TIMEOUT = 5.0
+
+
+def config_hosts(ssh_config_path: str | None = None) -> list[str]:
+    """The concrete ``Host`` names of an OpenSSH config (no patterns), in file order."""
+    path = os.path.expanduser(ssh_config_path or DEFAULT_SSH_CONFIG)
+    if not os.path.exists(path):
+        if ssh_config_path is not None:
+            raise ValueError(f"ssh config file not found: {ssh_config_path!r}")
+        return []
+    names = paramiko.SSHConfig.from_path(path).get_hostnames()
+    ordered = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].lower() == "host":
+                ordered += [n for n in parts[1:] if n in names and n not in ordered]
+    return [n for n in ordered if not any(c in n for c in "*?!")]
+
+
+class RuntimeManager:
+    """Checks every host of the SSH config concurrently; keeps the active ones."""
+
+    def __init__(
+        self,
+        ssh_config_path: str | None = None,
+        *,
+        connection_kwargs: Mapping[str, Any] | None = None,
+        python_executable: str | None = None,
+        connect_timeout: float = DISCOVERY_TIMEOUT,
+    ) -> None:
+        self.ssh_config_path = ssh_config_path
+        kwargs = {"connect_timeout": connect_timeout, **dict(connection_kwargs or {})}
+        candidates = [
+            Runtime(h, None, kwargs, ssh_config_path, python_executable=python_executable)
+            for h in config_hosts(ssh_config_path)
+        ]
+        try:
+            valid = fan_out("discovery", candidates, lambda rt: rt.is_valid_runtime())
+        except GroupError as exc:  # is_valid_runtime does not raise; keep this honest anyway
+            valid = {h: False for h in exc.errors} | dict(exc.results)
+        self._runtimes = {rt.host: rt for rt in candidates if valid.get(rt.host)}
+        self.inactive_hosts = [rt.host for rt in candidates if not valid.get(rt.host)]
+        for rt in candidates:
+            if rt.host in self.inactive_hosts:
+                rt.cleanup()
+        logger.info(
+            "active hosts: %s; inactive: %s",
+            ", ".join(self._runtimes) or "none",
+            ", ".join(self.inactive_hosts) or "none",
+        )
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self._runtimes)
+
+    def create_group(
+        self,
+        include_hosts: Iterable[str] | str | None = None,
+        exclude_hosts: Iterable[str] | str | None = None,
+        gpu_required: bool = False,
+        min_memory: int | None = None,
+        min_cpu_cores: int | None = None,
+        installed_executables: str | Iterable[str] | None = None,
+        filter_commands: str | Iterable[str] | None = None,
+        working_dir: str | None = None,
+    ) -> RuntimeGroup:
+        """A group of the active hosts that pass every filter; NoRuntimesDetectedError if none."""
+        include = {include_hosts} if isinstance(include_hosts, str) else include_hosts
+        exclude = {exclude_hosts} if isinstance(exclude_hosts, str) else set(exclude_hosts or ())
+        chosen = [
+            rt
+            for h, rt in self._runtimes.items()
+            if (include is None or h in include) and h not in exclude
+        ]
+        try:
+            passed = fan_out(
+                "host filter",
+                chosen,
+                lambda rt: rt.check_filter(
+                    gpu_required, min_memory, min_cpu_cores, installed_executables, filter_commands
+                ),
+            )
+        except GroupError as exc:
+            logger.warning("%s", exc)
+            passed = {h: bool(v) for h, v in exc.results.items()}
+        runtimes = [rt for rt in chosen if passed.get(rt.host)]
+        if not runtimes:
+            raise NoRuntimesDetectedError(
+                f"no active host qualifies (active: {', '.join(self._runtimes) or 'none'}; "
+                f"inactive: {', '.join(self.inactive_hosts) or 'none'})"
+            )
+        return RuntimeGroup(runtimes=runtimes, working_dir=working_dir)
+
+    def print_hosts(self) -> None:
+        for host in self._runtimes:
+            print(host)
+
+    def print_inactive_hosts(self) -> None:
+        for host in self.inactive_hosts:
+            print(host)
+
+    def print_runtime_info(self) -> None:
+        for runtime in self._runtimes.values():
+            runtime.print_info()

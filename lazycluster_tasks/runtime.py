@@ -1,0 +1,383 @@
+"""Runtime: one host, reached over SSH (or run locally for ``localhost``)."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from lazycluster_tasks import commands, hostinfo
+from lazycluster_tasks.commands import q
+from lazycluster_tasks.connection import Connection, tail
+from lazycluster_tasks.errors import LazyclusterError, PathCreationError
+from lazycluster_tasks.local import LocalConnection, is_local_host
+from lazycluster_tasks.ssh import SSHConnection, resolve_settings
+from lazycluster_tasks.task import RuntimeTask
+
+logger = logging.getLogger(__name__)
+
+#: How long cleanup waits for running tasks to end after killing their commands.
+CLEANUP_TIMEOUT = 10.0
+
+
+class Runtime:
+    """One host. Commands, files, functions and (later) ports and tunnels all go through it.
+
+    ``host`` is an alias or hostname resolved through the OpenSSH config; ``localhost`` and
+    ``127.0.0.1`` run locally without SSH. ``python_executable`` is the interpreter used for
+    functions on the host (default: the same path as this process's interpreter).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        working_dir: str | None = None,
+        connection_kwargs: Mapping[str, Any] | None = None,
+        ssh_config_path: str | None = None,
+        *,
+        python_executable: str | None = None,
+    ) -> None:
+        if not isinstance(host, str) or not host.strip():
+            raise ValueError(f"host must be a non-empty string, got {host!r}")
+        if working_dir is not None and (
+            not isinstance(working_dir, str) or not working_dir.strip()
+        ):
+            raise ValueError(f"working_dir must be a non-empty string, got {working_dir!r}")
+        self._host = host
+        self._connection_kwargs = dict(connection_kwargs or {})
+        self._ssh_config_path = ssh_config_path
+        self._connection: Connection
+        if is_local_host(host) and not self._connection_kwargs:
+            self._connection = LocalConnection(host)
+        else:
+            settings = resolve_settings(host, ssh_config_path, self._connection_kwargs)
+            self._connection = SSHConnection(settings)
+        self.python_executable = python_executable or sys.executable
+        self._requested_working_dir = working_dir
+        self._working_dir: str | None = None
+        self._working_dir_is_temp = False
+        self._env: dict[str, str] = {}
+        self._tasks: list[RuntimeTask] = []
+        self._info: dict[str, Any] | None = None
+        self._lock = threading.RLock()
+
+    # -- identity -------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def connection(self) -> Connection:
+        return self._connection
+
+    @property
+    def is_local(self) -> bool:
+        return self._connection.is_local
+
+    def __repr__(self) -> str:
+        return f"Runtime({self._host!r})"
+
+    def __str__(self) -> str:
+        return self._host
+
+    # -- working dir and env --------------------------------------------------------------
+
+    @property
+    def working_dir(self) -> str:
+        """Absolute working directory on the host; created on first use."""
+        with self._lock:
+            if self._working_dir is None:
+                self._working_dir = self._make_working_dir()
+            return self._working_dir
+
+    def _make_working_dir(self) -> str:
+        path = self._requested_working_dir
+        if path is None:
+            command = commands.make_tempdir()
+            self._working_dir_is_temp = True
+        else:
+            target = _home_relative(path)
+            command = f"mkdir -p -- {target} && cd -- {target} && pwd"
+        result = self._connection.run(command)
+        created = result.stdout.strip().splitlines()[-1:] if result.ok else []
+        if not created:
+            raise PathCreationError(path or "(temporary dir)", self._host, tail(result.output, 500))
+        return created[0]
+
+    def _remote_path(self, path: str) -> str:
+        if path.startswith("~"):
+            home = str(self.info.get("home") or "")
+            return posixpath.join(home, path[1:].lstrip("/")) if home else path
+        return posixpath.join(self.working_dir, path)
+
+    @property
+    def env_variables(self) -> dict[str, str]:
+        """Environment variables applied to every command and function on this runtime."""
+        return self._env
+
+    @env_variables.setter
+    def env_variables(self, env: Mapping[str, Any]) -> None:
+        self._env = _checked_env(env)
+
+    def add_env_variables(self, env_variables: Mapping[str, Any]) -> None:
+        self._env.update(_checked_env(env_variables))
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> list[RuntimeTask]:
+        return list(self._tasks)
+
+    @property
+    def alive_task_count(self) -> int:
+        return sum(1 for t in self._tasks if t.is_alive)
+
+    def execute_task(
+        self,
+        task: RuntimeTask,
+        execute_async: bool = True,
+        omit_on_join: bool = False,
+        debug: bool = False,
+    ) -> RuntimeTask:
+        """Run ``task`` here, in a background thread unless ``execute_async=False``.
+
+        Errors of an async task are raised by ``task.join()`` (and ``Runtime.join()``).
+        """
+        if not isinstance(task, RuntimeTask):
+            raise ValueError(f"expected a RuntimeTask, got {task!r}")
+        task.omit_on_join = omit_on_join
+        with self._lock:
+            self._tasks.append(task)
+        task._start(self, execute_async, debug)
+        return task
+
+    def execute_function(
+        self,
+        function: Callable[..., Any],
+        execute_async: bool = False,
+        debug: bool = False,
+        **func_kwargs: Any,
+    ) -> RuntimeTask:
+        """Call ``function(**func_kwargs)`` on the host; ``function_returns`` yields the value."""
+        name = getattr(function, "__name__", "function")
+        task = RuntimeTask(f"{name}-{len(self._tasks)}").run_function(function, **func_kwargs)
+        return self.execute_task(task, execute_async=execute_async, debug=debug)
+
+    def send_file(
+        self, local_path: str, remote_path: str | None = None, execute_async: bool = False
+    ) -> RuntimeTask:
+        task = RuntimeTask(f"send-file-{len(self._tasks)}").send_file(local_path, remote_path)
+        return self.execute_task(task, execute_async=execute_async)
+
+    def get_file(
+        self, remote_path: str, local_path: str | None = None, execute_async: bool = False
+    ) -> RuntimeTask:
+        task = RuntimeTask(f"get-file-{len(self._tasks)}").get_file(remote_path, local_path)
+        return self.execute_task(task, execute_async=execute_async)
+
+    def join(self) -> None:
+        """Wait for every async task not started with ``omit_on_join``; raise the first error."""
+        errors = []
+        for task in list(self._tasks):
+            if task.omit_on_join:
+                continue
+            try:
+                task.join()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def clear_tasks(self) -> None:
+        """Forget finished tasks (running ones are kept)."""
+        with self._lock:
+            self._tasks = [t for t in self._tasks if t.is_alive]
+
+    def print_log(self) -> None:
+        for task in self._tasks:
+            print(f"--- {self._host} / {task.name}")
+            task.print_log()
+
+    def execution_log(self, task_name: str) -> list[str]:
+        for task in self._tasks:
+            if task.name == task_name:
+                return list(task.execution_log)
+        raise ValueError(f"no task named {task_name!r} on {self._host}")
+
+    # -- simple commands ------------------------------------------------------------------
+
+    def echo(self, msg: str) -> str:
+        return self._connection.check(commands.echo(msg)).removesuffix("\n")
+
+    def create_tempdir(self) -> str:
+        return self._connection.check(commands.make_tempdir()).strip()
+
+    def create_dir(self, path: str) -> None:
+        if not path or not str(path).strip():
+            raise ValueError("path must be non-empty")
+        result = self._connection.run(f"mkdir -p -- {_home_relative(path)}")
+        if not result.ok:
+            raise PathCreationError(path, self._host, tail(result.output, 500))
+
+    def delete_dir(self, path: str) -> bool:
+        """Remove a folder and its content; True when it is gone."""
+        target = _home_relative(path)
+        if path.strip() in ("/", "~", "~/", ".", ""):
+            raise ValueError(f"refusing to delete {path!r}")
+        return self._connection.run(f"rm -rf -- {target} && [ ! -e {target} ]").ok
+
+    def run(self, command: str, timeout: float | None = None) -> str:
+        """Run one command in the working dir with the env vars; return its output or raise."""
+        task = RuntimeTask(f"run-{len(self._tasks)}").run_command(command, timeout=timeout)
+        self.execute_task(task, execute_async=False)
+        return task.execution_log[-1]
+
+    # -- host facts -----------------------------------------------------------------------
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Host facts from one probe: os, hostname, cpu_cores, memory, python_version, gpus."""
+        with self._lock:
+            if self._info is None:
+                output = self._connection.check(hostinfo.probe_script(self.python_executable))
+                self._info = hostinfo.parse_probe(output)
+            return self._info
+
+    @property
+    def os(self) -> str:
+        return str(self.info["os"])
+
+    @property
+    def hostname(self) -> str:
+        return str(self.info["hostname"])
+
+    @property
+    def cpu_cores(self) -> int:
+        return int(self.info["cpu_cores"])
+
+    @property
+    def memory(self) -> int:
+        """Memory in bytes (the cgroup limit when lower than the machine's)."""
+        return int(self.info["memory"])
+
+    @property
+    def memory_in_mb(self) -> int:
+        return self.memory // (1024 * 1024)
+
+    @property
+    def python_version(self) -> str | None:
+        return self.info["python_version"]
+
+    @property
+    def gpus(self) -> list[str]:
+        return list(self.info["gpus"])
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.gpus)
+
+    def print_info(self) -> None:
+        print(f"{self._host}:")
+        for key, value in self.info.items():
+            print(f"  {key}: {value}")
+
+    def check_filter(
+        self,
+        gpu_required: bool = False,
+        min_memory: int | None = None,
+        min_cpu_cores: int | None = None,
+        installed_executables: str | Iterable[str] | None = None,
+        filter_commands: str | Iterable[str] | None = None,
+    ) -> bool:
+        """True when the host has a GPU (if required), ``min_memory`` MB, ``min_cpu_cores``,
+        every executable, and every filter command prints ``true`` as its last line."""
+        if gpu_required and self.gpu_count == 0:
+            return False
+        if min_memory is not None and self.memory_in_mb < min_memory:
+            return False
+        if min_cpu_cores is not None and self.cpu_cores < min_cpu_cores:
+            return False
+        executables = _as_list(installed_executables)
+        checks = _as_list(filter_commands)
+        if not executables and not checks:
+            return True
+        output = self._connection.check(hostinfo.filter_script(executables, checks))
+        found = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+        if any(found.get(f"exe:{e}") != "1" for e in executables):
+            return False
+        return all(
+            found.get(f"cmd:{i}", "").strip().lower() == hostinfo.FILTER_TRUE
+            for i in range(len(checks))
+        )
+
+    def is_valid_runtime(self) -> bool:
+        """True when the host answers and has the configured Python."""
+        try:
+            info = self.info
+        except LazyclusterError as exc:
+            logger.info("%s is not a valid runtime: %s", self._host, exc)
+            return False
+        if info.get("python_version") is None:
+            logger.info("%s has no %s", self._host, self.python_executable)
+            return False
+        return True
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Stop running tasks, remove a temporary working dir, close the connection."""
+        with self._lock:
+            tasks = list(self._tasks)
+        for task in tasks:
+            task._cancelled.set()
+        deadline = time.monotonic() + CLEANUP_TIMEOUT
+        alive = [t for t in tasks if t.is_alive]
+        while alive and time.monotonic() < deadline:
+            self._connection.kill_running()
+            for task in alive:
+                task.process.join(0.1)  # type: ignore[union-attr]
+            alive = [t for t in alive if t.is_alive]
+        if alive:
+            logger.warning("tasks still running on %s after cleanup: %s", self, alive)
+        with self._lock:
+            if self._working_dir_is_temp and self._working_dir:
+                try:
+                    self._connection.run(commands.remove_tree(self._working_dir))
+                except LazyclusterError as exc:
+                    logger.warning("could not remove %s on %s: %s", self._working_dir, self, exc)
+                self._working_dir = None
+            self._connection.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def _home_relative(path: str) -> str:
+    """Quote a path for the shell, keeping a leading ``~`` as ``$HOME``."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + q(path[2:])
+    return q(path)
+
+
+def _checked_env(env: Mapping[str, Any]) -> dict[str, str]:
+    if not isinstance(env, Mapping):
+        raise ValueError(f"env variables must be a mapping, got {env!r}")
+    return {commands.check_env_name(k): str(v) for k, v in env.items()}
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return list(value)

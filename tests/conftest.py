@@ -1,0 +1,86 @@
+"""Shared fixtures: real SSH test hosts (lazycluster_tasks.testing) and local leak checks."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from lazycluster_tasks import Environment, Runtime
+from lazycluster_tasks.testing.hosts import TestHosts
+
+pytest_plugins = ["lazycluster_tasks.testing.pytest_plugin"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _execution_logs_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    Environment.set_main_directory(str(tmp_path_factory.mktemp("lazycluster-main")))
+
+
+def _listening_ports() -> set[int]:
+    me = psutil.Process()
+    return {c.laddr.port for c in me.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.fixture
+def no_local_leaks() -> Iterator[None]:
+    """Fail when a test leaves threads, listening sockets or file descriptors behind locally."""
+    me = psutil.Process()
+    threads, fds, ports = set(threading.enumerate()), me.num_fds(), _listening_ports()
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        extra_threads = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+        extra_ports = _listening_ports() - ports
+        extra_fds = me.num_fds() - fds
+        if not (extra_threads or extra_ports or extra_fds > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not extra_threads, f"threads left running: {[t.name for t in extra_threads]}"
+    assert not extra_ports, f"sockets left listening: {sorted(extra_ports)}"
+    assert extra_fds <= 0, f"{extra_fds} file descriptors leaked"
+
+
+def ssh_runtime(hosts: TestHosts, name: str = "host1", **kwargs) -> Runtime:
+    return Runtime(name, ssh_config_path=str(hosts.ssh_config_path), **kwargs)
+
+
+@pytest.fixture
+def host1(test_hosts: TestHosts, no_leftovers: TestHosts) -> Iterator[Runtime]:
+    """A Runtime on test host 1, cleaned up after the test."""
+    runtime = ssh_runtime(test_hosts)
+    try:
+        yield runtime
+    finally:
+        runtime.cleanup()
+
+
+@pytest.fixture(params=["local", "ssh"])
+def any_runtime(request: pytest.FixtureRequest) -> Iterator[Runtime]:
+    """The same test on the local runtime and on an SSH test host."""
+    if request.param == "local":
+        runtime = Runtime("localhost")
+    else:
+        hosts = request.getfixturevalue("test_hosts")
+        request.getfixturevalue("no_leftovers")
+        runtime = ssh_runtime(hosts)
+    try:
+        yield runtime
+    finally:
+        runtime.cleanup()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+os.environ.setdefault("LCT_TEST_HOST_COUNT", "4")

@@ -1,0 +1,120 @@
+"""Command lines are pure strings: check them as strings and run them through a real /bin/sh."""
+
+import subprocess
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lazycluster_tasks import commands, hostinfo
+
+NASTY = ["a b", "it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "a;b", "x\ny", "*", "~", "-rf"]
+
+
+def sh(line: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_wrap_command_keeps_env_values_and_dirs_literal(tmp_path, value):
+    folder = tmp_path / value.replace("/", "_").replace("\n", "_")
+    folder.mkdir()
+    line = commands.wrap_command('printf "%s|" "$V"; pwd', str(folder), {"V": value})
+    result = sh(line)
+    pid, rest = result.stdout.split("\n", 1)
+    assert pid.isdigit()
+    assert rest == f"{value}|{folder}\n"
+
+
+def test_wrap_command_rejects_bad_input():
+    with pytest.raises(ValueError, match="non-empty"):
+        commands.wrap_command("   ")
+    with pytest.raises(ValueError, match="invalid environment variable name: 'A B'"):
+        commands.wrap_command("true", env={"A B": "x"})
+
+
+def test_missing_working_dir_exits_with_its_own_code(tmp_path):
+    result = sh(commands.wrap_command("echo never", str(tmp_path / "missing")))
+    assert result.returncode == commands.EXIT_NO_WORKDIR
+    assert "never" not in result.stdout
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")))
+def test_echo_round_trips_any_text(text):
+    result = subprocess.run(["/bin/sh", "-c", commands.echo(text)], capture_output=True, timeout=10)
+    assert result.stdout.decode() == text + "\n"
+
+
+def test_remove_tree_refuses_root():
+    for path in ("", "/", "~"):
+        with pytest.raises(ValueError):
+            commands.remove_tree(path)
+
+
+def test_kill_group_terminates_a_process_group():
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    result = sh(commands.kill_group([proc.pid], grace=1.0))
+    assert result.returncode == 0
+    assert proc.wait(timeout=5) != 0
+
+
+def test_kill_group_escalates_to_sigkill():
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"], start_new_session=True
+    )
+    result = sh(commands.kill_group([proc.pid], grace=0.3))
+    assert result.stdout.strip() == str(proc.pid)
+    assert proc.wait(timeout=5) == -9
+
+
+def test_start_detached_prints_the_pid_and_writes_the_pid_file(tmp_path):
+    log, pidfile = tmp_path / "out log", tmp_path / "pid file"
+    line = commands.start_detached(
+        ["sh", "-c", "echo started; sleep 30"], str(tmp_path), str(log), str(pidfile)
+    )
+    result = sh(line)
+    pid = int(result.stdout.strip())
+    try:
+        assert int(pidfile.read_text()) == pid
+        assert sh(f"ps -o pgid= -p {pid}").stdout.strip() == str(pid)  # its own process group
+    finally:
+        sh(commands.kill_group([pid], grace=1))
+
+
+def test_probe_parser_applies_cgroup_limits():
+    output = "\n".join(
+        [
+            "hostname=h1",
+            "kernel=Linux 6.1",
+            "os_release=Debian GNU/Linux 12 (bookworm)",
+            "cpu_online=8",
+            "cpu_max=150000 100000",
+            "mem_total_kb=1024",
+            "mem_limit=524288",
+            "python=Python 3.11.7",
+            "python_path=/usr/bin/python3",
+            "gpu=NVIDIA A100",
+            "gpu=NVIDIA A100",
+        ]
+    )
+    info = hostinfo.parse_probe(output)
+    assert info["cpu_cores"] == 2
+    assert info["memory"] == 524288
+    assert info["python_version"] == "3.11.7"
+    assert info["gpus"] == ["NVIDIA A100", "NVIDIA A100"]
+    assert info["os"].startswith("Debian")
+
+
+def test_probe_parser_without_limits_or_python():
+    info = hostinfo.parse_probe(
+        "cpu_online=4\ncpu_max=max 100000\nmem_total_kb=2048\nmem_limit=max\n"
+    )
+    assert info["cpu_cores"] == 4 and info["memory"] == 2048 * 1024
+    assert info["python_version"] is None and info["gpus"] == []
+
+
+def test_probe_script_runs_on_this_machine():
+    result = sh(hostinfo.probe_script("/bin/does-not-exist"))
+    info = hostinfo.parse_probe(result.stdout)
+    assert info["cpu_cores"] >= 1 and info["memory"] > 0 and info["python_version"] is None
