@@ -1,0 +1,55 @@
+"""Run every benchmark in turn with its default options: ``python -m benchmarks.run_all``.
+
+Add a benchmark by appending its module name to ``MODULES``; the module needs a
+``main(argv: list[str] | None)`` that parses ``argv`` with argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+
+from benchmarks.common import print_table
+
+MODULES: list[str] = [
+    "benchmarks.host_layer",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__)
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="MODULE",
+        help="run only this benchmark (short name, e.g. host_layer); may be repeated",
+    )
+    args = parser.parse_args(argv)
+    selected = MODULES
+    if args.only:
+        known = {m.rsplit(".", 1)[-1]: m for m in MODULES}
+        unknown = sorted(set(args.only) - set(known))
+        if unknown:
+            parser.error(f"unknown benchmark(s): {', '.join(unknown)} (known: {', '.join(known)})")
+        selected = [known[name] for name in args.only]
+    rows = []
+    for name in selected:
+        print(f"\n===== {name} =====", flush=True)
+        start = time.perf_counter()
+        try:
+            importlib.import_module(name).main([])
+            status = "ok"
+        except Exception:
+            traceback.print_exc()
+            status = "CRASHED"
+        rows.append([name, f"{time.perf_counter() - start:.0f}", status])
+    print_table("benchmarks run", ["module", "seconds", "status"], rows)
+    return 0 if all(row[2] == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
