@@ -399,8 +399,28 @@ class TestHosts:
         sshd = [SSHD, "-D", "-e", "-f", str(d / "sshd_config")]
         argv = sshd
         if h.netns is not None:
-            script = f"hostname {shlex.quote(h.name)} && exec {shlex.join(sshd)}"
-            argv = ["ip", "netns", "exec", h.netns, "unshare", "--uts", "sh", "-c", script]
+            steps = [f"hostname {shlex.quote(h.name)}"]
+            bashrc = Path.home() / ".bashrc"
+            if bashrc.exists():
+                # A host of its own needs no share of this machine's shell setup: all hosts
+                # sharing one ~/.bashrc (pyenv's rehash lock) would serialize their commands.
+                (d / "bashrc").write_text("# test host: plain non-interactive shell\n")
+                steps.append(
+                    f"mount --bind {shlex.quote(str(d / 'bashrc'))} {shlex.quote(str(bashrc))}"
+                )
+            script = " && ".join([*steps, f"exec {shlex.join(sshd)}"])
+            argv = [
+                "ip",
+                "netns",
+                "exec",
+                h.netns,
+                "unshare",
+                "--uts",
+                "--mount",
+                "sh",
+                "-c",
+                script,
+            ]
         with open(d / "sshd.log", "ab") as out:
             self._sshd[h.name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
@@ -488,7 +508,16 @@ class TestHosts:
         if h.netns is not None:
             listener = self._listener(name)
             if listener is not None:
-                argv = ["nsenter", "--target", str(listener.pid), "--uts", "--net", "--", *argv]
+                argv = [
+                    "nsenter",
+                    "--target",
+                    str(listener.pid),
+                    "--uts",
+                    "--net",
+                    "--mount",
+                    "--",
+                    *argv,
+                ]
             else:  # sshd is down: a fresh UTS namespace with the same hostname
                 script = 'hostname "$0" && exec "$@"'
                 unshare = ["ip", "netns", "exec", h.netns, "unshare", "--uts", "sh", "-c", script]
