@@ -1,5 +1,17 @@
 """lazycluster_tasks: Dask clusters on plain SSH hosts, launched and torn down by Prefect tasks."""
 
+from lazycluster_tasks.cluster import (
+    MasterLauncher,
+    MasterWorkerCluster,
+    RuntimeCluster,
+    WorkerLauncher,
+)
+from lazycluster_tasks.dask import DaskCluster, DaskOptions, teardown
+from lazycluster_tasks.dask_launchers import (
+    LocalMasterLauncher,
+    RemoteMasterLauncher,
+    RoundRobinLauncher,
+)
 from lazycluster_tasks.environment import Environment
 from lazycluster_tasks.errors import (
     AuthenticationError,
@@ -27,25 +39,35 @@ from lazycluster_tasks.task import RuntimeTask
 
 __all__ = [
     "AuthenticationError",
+    "DaskCluster",
+    "DaskOptions",
     "Environment",
     "GroupError",
     "HostConnectionError",
     "HostKeyError",
     "InvalidRuntimeError",
     "LazyclusterError",
+    "LocalMasterLauncher",
+    "MasterLauncher",
     "MasterStartError",
+    "MasterWorkerCluster",
     "NoPortsLeftError",
     "NoRuntimesDetectedError",
     "OperationTimeoutError",
     "PathCreationError",
     "PortInUseError",
     "RemoteEnvironmentError",
+    "RemoteMasterLauncher",
+    "RoundRobinLauncher",
     "Runtime",
+    "RuntimeCluster",
     "RuntimeGroup",
     "RuntimeManager",
     "RuntimeTask",
     "TaskExecutionError",
     "TunnelError",
+    "WorkerLauncher",
     "WorkerStartError",
     "is_transient",
+    "teardown",
 ]

@@ -59,19 +59,27 @@ def wrap_command(
 def kill_group(pgids: Iterable[int], grace: float = 2.0) -> str:
     """TERM each process group, wait up to ``grace`` seconds, then KILL what is left.
 
-    Prints the pgids that had to be killed with SIGKILL. Exit code is 0 when nothing is left.
+    Prints ``left=<pgid>`` for groups that survived SIGKILL. Exit code 0.
     """
     ids = " ".join(str(int(p)) for p in pgids)
     if not ids:
         raise ValueError("no process group ids given")
+    return f"{LIVE_GROUP}; ids={q(ids)}; {_terminate_ids(grace)}"
+
+
+def _terminate_ids(grace: float) -> str:
+    """Shell that TERMs the groups in $ids, waits, KILLs the rest, and reports survivors."""
     steps = max(1, int(grace * 10))
     return (
-        f"ids={q(ids)}; for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
-        f"i=0; while [ $i -lt {steps} ]; do alive=; "
-        "for g in $ids; do kill -0 -$g 2>/dev/null && alive=1; done; "
-        '[ -z "$alive" ] && exit 0; sleep 0.1; i=$((i+1)); done; '
-        'for g in $ids; do kill -0 -$g 2>/dev/null && { kill -KILL -$g; echo "$g"; }; done; '
-        "exit 0"
+        "for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
+        f'i=0; while [ -n "$ids" ] && [ $i -lt {steps} ]; do alive=; '
+        'for g in $ids; do live $g && alive="$alive $g"; done; '
+        'ids=$alive; [ -n "$ids" ] && sleep 0.1; i=$((i+1)); done; '
+        "for g in $ids; do kill -KILL -$g 2>/dev/null; done; "
+        'i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do alive=; '
+        'for g in $ids; do live $g && alive="$alive $g"; done; '
+        'ids=$alive; [ -n "$ids" ] && sleep 0.05; i=$((i+1)); done; '
+        'for g in $ids; do echo "left=$g"; done; true'
     )
 
 
@@ -114,3 +122,49 @@ def start_detached(command: Sequence[str], cwd: str, log_file: str, pid_file: st
         f"setsid nohup {shlex.join(command)} >{q(log_file)} 2>&1 </dev/null & "
         f'echo "$!" >{q(pid_file)}; echo "$!"'
     )
+
+
+#: ``live PGID`` succeeds while the process group has a member that is not a zombie (a killed
+#: process stays a zombie until its parent, often init, reaps it; that does not count as alive).
+LIVE_GROUP = (
+    'live() { ps -e -o pgid=,stat= | awk -v g="$1" \'$1 == g && $2 !~ /^Z/ {f = 1} '
+    "END {exit !f}'; }"
+)
+
+
+def stop_pid_files(pid_files: Sequence[str], marker: str, grace: float = 2.0) -> str:
+    """Stop the process groups recorded in pid files, verify they are gone, remove the files.
+
+    Only groups whose leader still mentions ``marker`` in its command line are signalled, so a
+    pid reused by an unrelated process since is left alone. Prints ``left=<pgid>`` for any group
+    that survived SIGKILL.
+    """
+    if not pid_files:
+        raise ValueError("no pid files given")
+    return _stop_groups(" ".join(q(f) for f in pid_files), marker, grace)
+
+
+def stop_folder(folder: str, grace: float = 2.0) -> str:
+    """Like :func:`stop_pid_files` for every ``*.pid`` file in ``folder`` (teardown by folder)."""
+    if not folder or folder.rstrip("/") in ("", "~"):
+        raise ValueError(f"refusing to use folder {folder!r}")
+    return _stop_groups(f"{q(folder.rstrip('/'))}/*.pid", folder.rstrip("/") + "/", grace)
+
+
+def _stop_groups(files: str, marker: str, grace: float) -> str:
+    return (
+        f"{LIVE_GROUP}; "
+        f'ids=; for f in {files}; do [ -r "$f" ] || continue; read p <"$f"; '
+        'case "$p" in *[!0-9]*|"") continue;; esac; '
+        f'ps -ww -o args= -p "$p" 2>/dev/null | grep -qF -- {q(marker)} && ids="$ids $p"; done; '
+        f"{_terminate_ids(grace)}; rm -f {files}"
+    )
+
+
+def group_states(groups: Mapping[str, int]) -> str:
+    """Print ``name=1`` for each named process group that is alive, ``name=0`` otherwise."""
+    checks = [
+        f"if live {int(pgid)}; then echo {q(name + '=1')}; else echo {q(name + '=0')}; fi"
+        for name, pgid in groups.items()
+    ]
+    return "; ".join([LIVE_GROUP, *checks])

@@ -100,6 +100,7 @@ class Connection(ABC):
         self.host = host
         self._running: dict[object, tuple[object, int | None]] = {}  # in flight: (owner, pgid)
         self._running_lock = threading.Lock()
+        self.commands_run = 0  # round trips made through run(), for observability
 
     # -- implemented by each kind of connection --------------------------------------------------
 
@@ -150,6 +151,7 @@ class Connection(ABC):
         raised with the output so far. ``owner`` tags the command for :meth:`kill_running`.
         """
         line = commands.wrap_command(command, working_dir, env)
+        self.commands_run += 1
         key = object()
 
         def register(pid: int) -> None:

@@ -10,40 +10,50 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from lazycluster_tasks.errors import GroupError
+from lazycluster_tasks import ports as portlib
+from lazycluster_tasks.errors import GroupError, PortInUseError
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.task import RuntimeTask
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
+
+#: Where group ports come from when none is given (as in lazycluster).
+GROUP_PORT_RANGE = range(5800, 6000)
+
+
+def run_parallel(operation: str, jobs: Mapping[str, K], fn: Callable[[K], T]) -> dict[str, T]:
+    """Run ``fn`` on every job concurrently; results by key, or GroupError naming failures."""
+    if not jobs:
+        return {}
+    results: dict[str, T] = {}
+    errors: dict[str, BaseException] = {}
+    if len(jobs) == 1:  # no thread for a single job
+        ((key, job),) = jobs.items()
+        try:
+            results[key] = fn(job)
+        except Exception as exc:
+            errors[key] = exc
+    else:
+        with ThreadPoolExecutor(len(jobs), thread_name_prefix="lct-fan-out") as pool:
+            futures = {key: pool.submit(fn, job) for key, job in jobs.items()}
+            for key, future in futures.items():
+                try:
+                    results[key] = future.result()
+                except Exception as exc:
+                    errors[key] = exc
+    if errors:
+        raise GroupError(operation, results, errors)
+    return results
 
 
 def fan_out(
     operation: str, runtimes: Iterable[Runtime], fn: Callable[[Runtime], T]
 ) -> dict[str, T]:
     """Run ``fn`` on every runtime concurrently; results by host, or GroupError naming failures."""
-    targets = list(runtimes)
-    if not targets:
-        return {}
-    results: dict[str, T] = {}
-    errors: dict[str, BaseException] = {}
-    if len(targets) == 1:  # no thread for a single host
-        try:
-            results[targets[0].host] = fn(targets[0])
-        except Exception as exc:
-            errors[targets[0].host] = exc
-    else:
-        with ThreadPoolExecutor(len(targets), thread_name_prefix="lct-fan-out") as pool:
-            futures = {rt.host: pool.submit(fn, rt) for rt in targets}
-            for host, future in futures.items():
-                try:
-                    results[host] = future.result()
-                except Exception as exc:
-                    errors[host] = exc
-    if errors:
-        raise GroupError(operation, results, errors)
-    return results
+    return run_parallel(operation, {rt.host: rt for rt in runtimes}, fn)
 
 
 class RuntimeGroup:
@@ -266,6 +276,82 @@ class RuntimeGroup:
         fan_out("host info", self.runtimes, lambda rt: rt.info)
         for runtime in self._runtimes.values():
             runtime.print_info()
+
+    # -- ports and tunnels ----------------------------------------------------------------
+
+    def used_ports(
+        self, exclude_hosts: Iterable[str] | str | None = None, include_localhost: bool = False
+    ) -> set[int]:
+        """Ports taken on any of the hosts (one probe per host, concurrently)."""
+        runtimes = self.get_runtimes(exclude_hosts=exclude_hosts).values()
+        used: set[int] = set()
+        for ports in fan_out("port probe", runtimes, lambda rt: rt.used_ports()).values():
+            used |= ports
+        if include_localhost:
+            used |= portlib.local_used_ports()
+        return used
+
+    def has_free_port(self, port: int, exclude_hosts: Iterable[str] | str | None = None) -> bool:
+        """True when ``port`` is free on every host of the group."""
+        return portlib.check_port(port) not in self.used_ports(exclude_hosts)
+
+    def get_free_port(self, ports: list[int], enforce_check_on_localhost: bool = False) -> int:
+        """The first port of the list free on every host (and here, if asked)."""
+        return self.get_free_ports(ports, 1, enforce_check_on_localhost)[0]
+
+    def get_free_ports(
+        self, ports: list[int], count: int, enforce_check_on_localhost: bool = False
+    ) -> list[int]:
+        """The first ``count`` ports of the list free on every host (and here, if asked)."""
+        candidates = portlib.as_port_list(ports)
+        used = self.used_ports(include_localhost=enforce_check_on_localhost)
+        return portlib.free_ports(candidates, used, count, "on every host of the group")
+
+    def expose_port_to_runtimes(
+        self,
+        local_port: int,
+        runtime_port: int | None = None,
+        exclude_hosts: Iterable[str] | str | None = None,
+    ) -> int:
+        """Make our ``127.0.0.1:local_port`` reachable as ``127.0.0.1:runtime_port`` on every
+        host (default: the same port number). Returns the runtime port."""
+        port = local_port if runtime_port is None else runtime_port
+        runtimes = self.get_runtimes(exclude_hosts=exclude_hosts).values()
+        fan_out(
+            f"expose port {local_port}",
+            runtimes,
+            lambda rt: rt.expose_port_to_runtime(local_port, port),
+        )
+        return port
+
+    def expose_port_from_runtime_to_group(
+        self, host: str, runtime_port: int, group_port: int | list[int] | None = None
+    ) -> int:
+        """Make ``runtime_port`` of ``host`` reachable as ``127.0.0.1:group_port`` here and on
+        every other host of the group (through this machine). Returns the group port.
+
+        ``group_port`` may be a port, a list to choose the first free one from, or None
+        (``runtime_port`` itself, else the first free port from 5800).
+        """
+        if host not in self._runtimes:
+            raise ValueError(f"host {host!r} is not in the group")
+        others = [h for h in self._runtimes if h != host]
+        used = self.used_ports(exclude_hosts=[host], include_localhost=True) if others else set()
+        if not others:
+            used = portlib.local_used_ports()
+        if isinstance(group_port, int):
+            if group_port in used:
+                raise PortInUseError(group_port, "localhost or another host of the group")
+            port = group_port
+        else:
+            candidates = group_port or [runtime_port, *GROUP_PORT_RANGE]
+            port = portlib.first_free(
+                portlib.as_port_list(candidates), used, "here and on the group"
+            )
+        self._runtimes[host].expose_port_from_runtime(runtime_port, port)
+        if others:
+            self.expose_port_to_runtimes(port, port, exclude_hosts=[host])
+        return port
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -11,12 +11,19 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from lazycluster_tasks import commands, hostinfo
+from lazycluster_tasks import ports as portlib
 from lazycluster_tasks.commands import q
 from lazycluster_tasks.connection import Connection, tail
-from lazycluster_tasks.errors import LazyclusterError, PathCreationError
+from lazycluster_tasks.errors import (
+    LazyclusterError,
+    PathCreationError,
+    PortInUseError,
+    TunnelError,
+)
 from lazycluster_tasks.local import LocalConnection, is_local_host
 from lazycluster_tasks.ssh import SSHConnection, resolve_settings
 from lazycluster_tasks.task import RuntimeTask
+from lazycluster_tasks.tunnels import LocalForward, RemoteForward, Tunnel
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +32,7 @@ CLEANUP_TIMEOUT = 10.0
 
 
 class Runtime:
-    """One host. Commands, files, functions and (later) ports and tunnels all go through it.
+    """One host. Commands, files, functions, ports and tunnels all go through it.
 
     ``host`` is an alias or hostname resolved through the OpenSSH config; ``localhost`` and
     ``127.0.0.1`` run locally without SSH. ``python_executable`` is the interpreter used for
@@ -63,6 +70,7 @@ class Runtime:
         self._env: dict[str, str] = {}
         self._tasks: list[RuntimeTask] = []
         self._info: dict[str, Any] | None = None
+        self._tunnels: list[Tunnel] = []
         self._lock = threading.RLock()
 
     # -- identity -------------------------------------------------------------------------
@@ -327,6 +335,81 @@ class Runtime:
             return False
         return True
 
+    # -- ports and tunnels ---------------------------------------------------------------
+
+    def used_ports(self) -> set[int]:
+        """Ports with a listening TCP socket on the host (one probe)."""
+        if self.is_local:
+            return portlib.local_used_ports()
+        return portlib.parse_proc_net_tcp(self._connection.check(portlib.PROBE_COMMAND))
+
+    def has_free_port(self, port: int) -> bool:
+        return portlib.check_port(port) not in self.used_ports()
+
+    def get_free_port(self, ports: list[int]) -> int:
+        """The first port of the list that is free on the host (NoPortsLeftError if none)."""
+        candidates = portlib.as_port_list(ports)
+        return portlib.first_free(candidates, self.used_ports(), f"on {self._host}")
+
+    @property
+    def tunnels(self) -> list[Tunnel]:
+        """Open port forwards of this runtime."""
+        return [t for t in self._tunnels if not t.closed]
+
+    def expose_port_from_runtime(self, runtime_port: int, local_port: int | None = None) -> int:
+        """Forward ``127.0.0.1:local_port`` here to the host's ``127.0.0.1:runtime_port``.
+
+        ``local_port=None`` takes any free local port. Returns the local port.
+        """
+        portlib.check_port(runtime_port)
+        if local_port is not None:
+            portlib.check_port(local_port)
+        if self.is_local:
+            if local_port not in (None, runtime_port):
+                raise ValueError("localhost needs no tunnel: local_port must equal runtime_port")
+            return runtime_port
+        if local_port is not None and local_port in portlib.local_used_ports():
+            raise PortInUseError(local_port, "localhost")
+        tunnel = LocalForward(self._ssh(), runtime_port, local_port or 0)
+        self._tunnels.append(tunnel)
+        return tunnel.local_port
+
+    def expose_port_to_runtime(self, local_port: int, runtime_port: int | None = None) -> int:
+        """Forward the host's ``127.0.0.1:runtime_port`` to ``127.0.0.1:local_port`` here.
+
+        ``runtime_port=None`` lets the host pick a free port. Returns the runtime port.
+        """
+        portlib.check_port(local_port)
+        if runtime_port is not None:
+            portlib.check_port(runtime_port)
+        if self.is_local:
+            if runtime_port not in (None, local_port):
+                raise ValueError("localhost needs no tunnel: runtime_port must equal local_port")
+            return local_port
+        try:
+            tunnel = RemoteForward(self._ssh(), local_port, runtime_port or 0)
+        except TunnelError:
+            if runtime_port is not None and not self.has_free_port(runtime_port):
+                raise PortInUseError(runtime_port, self._host) from None
+            raise
+        self._tunnels.append(tunnel)
+        return tunnel.remote_port
+
+    def is_port_exposure_active(self, port: int) -> bool:
+        """True when a tunnel of this runtime uses ``port`` (either end) and works."""
+        return any(port in (t.local_port, t.remote_port) and t.is_active for t in self.tunnels)
+
+    def close_tunnel(self, port: int) -> None:
+        """Close the tunnels of this runtime that use ``port`` at either end."""
+        for tunnel in self.tunnels:
+            if port in (tunnel.local_port, tunnel.remote_port):
+                tunnel.close()
+        self._tunnels = self.tunnels
+
+    def _ssh(self) -> SSHConnection:
+        assert isinstance(self._connection, SSHConnection)
+        return self._connection
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def cleanup(self) -> None:
@@ -351,6 +434,9 @@ class Runtime:
                 except LazyclusterError as exc:
                     logger.warning("could not remove %s on %s: %s", self._working_dir, self, exc)
                 self._working_dir = None
+            for tunnel in self._tunnels:
+                tunnel.close()
+            self._tunnels = []
             self._connection.close()
 
     def __enter__(self) -> Runtime:

@@ -8,6 +8,7 @@ command, transfer and tunnel of a runtime, and reopens transparently after a dro
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import posixpath
@@ -47,6 +48,7 @@ CONNECTION_KWARGS = frozenset(
         "key_filename",
         "password",
         "passphrase",
+        "private_key",
         "connect_timeout",
         "timeout",
         "known_hosts",
@@ -69,6 +71,7 @@ class SSHSettings:
     key_filenames: tuple[str, ...] = ()
     password: str | None = field(default=None, repr=False)
     passphrase: str | None = field(default=None, repr=False)
+    private_key: str | None = field(default=None, repr=False)  # key text (e.g. from a Block)
     proxy_jump: str | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     known_hosts: tuple[str, ...] = ()
@@ -127,13 +130,23 @@ def resolve_settings(
 
 def _apply_overrides(settings: SSHSettings, kw: dict[str, Any]) -> SSHSettings:
     changes: dict[str, Any] = {}
-    for key in ("hostname", "password", "passphrase", "proxy_jump", "allow_agent", "look_for_keys"):
+    for key in (
+        "hostname",
+        "password",
+        "passphrase",
+        "private_key",
+        "proxy_jump",
+        "allow_agent",
+        "look_for_keys",
+    ):
         if key in kw:
             changes[key] = kw[key]
     if "port" in kw:
         changes["port"] = int(kw["port"])
     if "username" in kw or "user" in kw:
         changes["username"] = kw.get("username", kw.get("user"))
+    if "private_key" in kw and "key_filename" not in kw:
+        changes["key_filenames"] = ()  # an explicit key replaces the config's IdentityFile
     if "key_filename" in kw:
         keys = kw["key_filename"]
         keys = [keys] if isinstance(keys, (str, os.PathLike)) else list(keys)
@@ -188,6 +201,21 @@ def jump_settings(settings: SSHSettings) -> list[SSHSettings]:
     return hops
 
 
+def load_private_key(text: str, passphrase: str | None, host: str) -> paramiko.PKey:
+    """A private key from its text (OpenSSH or PEM; ed25519, ECDSA or RSA)."""
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(text), passphrase)
+        except paramiko.PasswordRequiredException:
+            raise AuthenticationError(
+                f"the private key for {host} is encrypted and needs a passphrase", host=host
+            ) from None
+        except (paramiko.SSHException, ValueError):
+            continue
+    hint = " (wrong passphrase?)" if passphrase else ""
+    raise AuthenticationError(f"the private key given for {host} cannot be read{hint}", host=host)
+
+
 def _connect_client(settings: SSHSettings, sock: Any | None) -> paramiko.SSHClient:
     """Open and authenticate one SSHClient; translate failures into our errors."""
     client = paramiko.SSHClient()
@@ -206,6 +234,9 @@ def _connect_client(settings: SSHSettings, sock: Any | None) -> paramiko.SSHClie
             port=settings.port,
             username=settings.username,
             key_filename=list(settings.key_filenames) or None,  # type: ignore[arg-type]
+            pkey=load_private_key(settings.private_key, settings.passphrase, settings.alias)
+            if settings.private_key
+            else None,
             password=settings.password,
             passphrase=settings.passphrase,
             timeout=t,
@@ -322,6 +353,29 @@ class SSHConnection(Connection):
         if isinstance(sock, socket.socket):
             return str(sock.getsockname()[0])
         return None  # through a jump host
+
+    def open_socket(self) -> paramiko.Channel | None:
+        """A fresh stream to the host's sshd through the jump host (None: connect directly)."""
+        self.transport()
+        if not self._jumps:
+            return None
+        hops = jump_settings(self.settings)
+        return self._jump_channel(self._jumps[-1], hops[-1], self.settings)
+
+    def private_keys(self) -> list[paramiko.PKey]:
+        """The configured identity files, loaded (for further connections such as tunnels)."""
+        keys = []
+        if self.settings.private_key:
+            keys.append(
+                load_private_key(self.settings.private_key, self.settings.passphrase, self.host)
+            )
+        for path in self.settings.key_filenames:
+            if os.path.exists(path):
+                try:
+                    keys.append(paramiko.PKey.from_path(path, self.settings.passphrase))
+                except (paramiko.SSHException, ValueError, OSError) as exc:
+                    logger.debug("cannot load key %s: %s", path, exc)
+        return keys
 
     def host_key(self) -> paramiko.PKey:
         """The host's verified key (for further connections to the same host)."""

@@ -1,0 +1,753 @@
+"""DaskCluster: a dask.distributed scheduler and workers on a RuntimeGroup, nothing left after.
+
+Lifecycle: a preflight probe per host (python, distributed, ports, reachability) fixes the network
+plan; the scheduler starts (here or on a runtime) and is waited for on its port; workers start on
+all hosts at once, routed through SSH forwards in tunnelled mode; ``start()`` returns when the
+scheduler has registered every worker. ``cleanup()`` closes clients, stops every process group on
+every host at once (TERM, grace, KILL, verified), closes tunnels and removes the cluster folders.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lazycluster_tasks import commands, dask_launchers, processes
+from lazycluster_tasks.cluster import MasterLauncher, MasterWorkerCluster, WorkerLauncher
+from lazycluster_tasks.connection import tail
+from lazycluster_tasks.dask_launchers import (
+    CLIENT_TIMEOUT_ENV,
+    LocalMasterLauncher,
+    RoundRobinLauncher,
+    scheduler_argv,
+    worker_argv,
+)
+from lazycluster_tasks.errors import (
+    LazyclusterError,
+    MasterStartError,
+    WorkerStartError,
+)
+from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
+from lazycluster_tasks.network import NETWORK_MODES, NetworkPlan, plan_network
+from lazycluster_tasks.ports import free_ports
+from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
+from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.task import RuntimeTask
+
+logger = logging.getLogger(__name__)
+
+ADDRESS_IN_USE = ("Address already in use", "[Errno 98]")
+#: Key of this machine (the controller) in records, next to the host names.
+CONTROLLER_KEY = "(controller)"
+LIVENESS_INTERVAL = 1.0
+PORT_RETRIES = 3
+
+
+@dataclass
+class DaskOptions:
+    """How the scheduler and workers are run (all optional)."""
+
+    network_mode: str = "auto"  # "auto", "direct" or "tunnelled"
+    workers_per_host: int = 1  # default worker count = runtimes x this
+    threads_per_worker: int | None = None  # None: Dask's default (the host's cores)
+    memory_limit: str | int | None = None  # None: Dask's default ("auto")
+    #: Worker resources, e.g. {"GPU": 1}, or a function of the runtime (per host).
+    resources: Mapping[str, float] | Callable[[Runtime], Mapping[str, float]] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    scheduler_options: Sequence[str] = ()
+    worker_options: Sequence[str] = ()
+    death_timeout: float = 60.0  # a worker without scheduler exits after this
+    idle_timeout: float = 60.0  # the scheduler exits this long after its last client left
+    nanny: bool = True
+    #: Interpreter on the hosts: one path for all, or host -> path (default: the runtime's).
+    python_executable: str | Mapping[str, str] | None = None
+    dashboard: bool = True
+    #: Ports of this machine (e.g. a Prefect API) to expose as 127.0.0.1:<port> on every host.
+    forward_ports: Sequence[int] = ()
+    start_timeout: float = 120.0  # for all workers to register
+    stop_grace: float = 0.5  # seconds between TERM and KILL
+
+
+class DaskCluster(MasterWorkerCluster):
+    """A Dask cluster on the hosts of a RuntimeGroup (lazycluster's DaskCluster, grown up).
+
+    ``DaskCluster(group).start()`` puts the scheduler on this machine and one worker per host;
+    keyword options (see :class:`DaskOptions`) pick the network mode, workers per host, threads,
+    memory, resources, env and extra CLI options.
+    """
+
+    DEFAULT_MASTER_PORT = 8786
+    MASTER_START_TIMEOUT = 30
+
+    def __init__(
+        self,
+        runtime_group: RuntimeGroup,
+        ports: list[int] | None = None,
+        master_launcher: MasterLauncher | None = None,
+        worker_launcher: WorkerLauncher | None = None,
+        *,
+        options: DaskOptions | None = None,
+        **option_values: Any,
+    ) -> None:
+        self.options = options or DaskOptions(**option_values)
+        if options is not None and option_values:
+            raise ValueError("give either options= or option keywords, not both")
+        if self.options.network_mode not in NETWORK_MODES:
+            raise ValueError(f"network_mode must be one of {NETWORK_MODES}")
+        self.cluster_id = uuid.uuid4().hex[:12]
+        self.controller = Runtime("localhost")
+        self._plan: NetworkPlan | None = None
+        self._reserved: dict[str, set[int]] = {}
+        self._processes: dict[str, ProcessInfo] = {}
+        self._owners: dict[str, Runtime] = {}
+        self._routed: set[tuple[str, int]] = set()
+        self._next_worker = 0  # index of the next worker (names are "<host>-<index>")
+        #: Called with (registered, requested) as workers register (e.g. a progress artifact).
+        self.on_progress: Callable[[int, int], None] | None = None
+        self._client: Any = None
+        self._user_clients: list[Any] = []
+        self._scheduler_host: str | None = None  # None: this machine
+        self._scheduler_bind: str | None = None
+        self._scheduler_port: int | None = None
+        self._dashboard_port: int | None = None
+        self._lock = threading.RLock()
+        self._client_lock = threading.Lock()
+        self._monitor_thread: threading.Thread | None = None
+        self.state = "created"
+        super().__init__(runtime_group, ports, master_launcher, worker_launcher)
+        dask_launchers.attach(self._master_launcher, self)
+        dask_launchers.attach(self._worker_launcher, self)
+
+    def default_master_launcher(self) -> MasterLauncher:
+        return LocalMasterLauncher(self._group)
+
+    def default_worker_launcher(self) -> WorkerLauncher:
+        return RoundRobinLauncher(self._group)
+
+    def __repr__(self) -> str:
+        return f"DaskCluster({self.cluster_id}, hosts={self._group.hosts}, state={self.state})"
+
+    # -- lifecycle (seed API) ------------------------------------------------------------
+
+    def start(
+        self, worker_count: int | None = None, master_port: int | None = None, debug: bool = False
+    ) -> None:
+        """Start the scheduler and ``worker_count`` workers (default: runtimes x workers_per_host);
+        returns once the scheduler has registered every worker."""
+        if worker_count is None:
+            worker_count = self._group.runtime_count * self.options.workers_per_host
+        self.state = "starting"
+        super().start(worker_count, master_port, debug)
+        self.state = "running"
+
+    def cleanup(self) -> None:
+        """Stop everything this cluster started, on every host at once; verify nothing is left."""
+        if self._cleaned:
+            return
+        self.state = "stopping"
+        self._close_clients()
+        self._stop_processes(list(self._processes), remove_folders=True)
+        super().cleanup()
+        self.controller.cleanup()
+        self.state = "stopped"
+
+    # -- plan and ports (used by the launchers) ------------------------------------------
+
+    def ensure_plan(self, ports: list[int]) -> NetworkPlan:
+        with self._lock:
+            if self._plan is None:
+                mode = self.options.network_mode
+                self._plan = plan_network(self._group, mode, ports[0], self._python)
+            return self._plan
+
+    @property
+    def plan(self) -> NetworkPlan:
+        if self._plan is None:
+            raise ValueError("the cluster has not been started")
+        return self._plan
+
+    @property
+    def network_mode(self) -> str:
+        """The resolved mode ("direct" or "tunnelled"), or the requested one before start."""
+        return self._plan.mode if self._plan else self.options.network_mode
+
+    def port_scope(self, runtime: Runtime) -> list[str]:
+        """Hosts whose ports must be free for a port bound on ``runtime``."""
+        if self.plan.mode == "tunnelled":
+            return self._group.hosts
+        return [runtime.host] if self._group.contains_runtime(runtime.host) else []
+
+    def taken_ports(self, hosts: Sequence[str], include_local: bool) -> set[int]:
+        used = self.plan.taken(hosts, include_local)
+        for host in [*hosts, *([""] if include_local else [])]:
+            used |= self._reserved.get(host, set())
+        return used
+
+    def _reserve(self, hosts: Sequence[str], include_local: bool, ports: Sequence[int]) -> None:
+        for host in [*hosts, *([""] if include_local else [])]:
+            self._reserved.setdefault(host, set()).update(ports)
+
+    def folder(self, runtime: Runtime) -> str:
+        return posixpath.join(runtime.working_dir, f"lazycluster-{self.cluster_id}")
+
+    def _python(self, runtime: Runtime) -> str:
+        choice = self.options.python_executable
+        if isinstance(choice, str):
+            return choice
+        if isinstance(choice, Mapping) and runtime.host in choice:
+            return choice[runtime.host]
+        return runtime.python_executable
+
+    # -- scheduler ------------------------------------------------------------------------
+
+    def start_scheduler(
+        self, runtime: Runtime, port: int, timeout: float, debug: bool
+    ) -> ProcessInfo | None:
+        """Start the scheduler on ``runtime``; None when the port was taken at bind time."""
+        tunnelled = self.plan.mode == "tunnelled"
+        local = runtime is self.controller
+        bind = "127.0.0.1" if tunnelled else self._address(runtime)
+        folder = self.folder(runtime)
+        spec = ProcessSpec(
+            "scheduler",
+            scheduler_argv(self._python(runtime), bind, port, folder, self.options),
+            role="master",
+            env={CLIENT_TIMEOUT_ENV: str(self.options.idle_timeout), **self.options.env},
+            ports=[port],
+        )
+        (info,) = processes.start_processes(runtime, folder, [spec])
+        self._register(runtime, info)
+        ready = f"{folder}/scheduler.json"
+        python = self._python(runtime)
+        state, waited = processes.wait_ready(runtime, python, ready, bind, port, info.pid, timeout)
+        if state != "up":
+            log = processes.read_logs(runtime, [info], lines=None).get("scheduler", "")
+            self._stop_processes(["scheduler"])
+            if state == "dead" and any(text in log for text in ADDRESS_IN_USE):
+                logger.info("port %s on %s was taken at bind time; trying the next", port, runtime)
+                return None
+            reason = "exited" if state == "dead" else f"was not up within {timeout} s"
+            raise MasterStartError(
+                f"the Dask scheduler on {runtime.host} {reason}:\n{tail(log)}",
+                host=runtime.host,
+                output=tail(log),
+            )
+        logger.info(
+            "scheduler up on %s port %s after %.2f s (pid %s)", runtime, port, waited, info.pid
+        )
+        self._scheduler_host = None if local else runtime.host
+        self._scheduler_bind, self._scheduler_port = bind, port
+        self._reserve(self.port_scope(runtime), local or tunnelled, [port])
+        if tunnelled:
+            self._route_scheduler(runtime, port)
+        self._follow_logs(runtime, [info], debug)
+        self._connect_monitor()
+        return info
+
+    def _route_scheduler(self, runtime: Runtime, port: int) -> None:
+        """Tunnelled mode: the scheduler at 127.0.0.1:port on every node."""
+        others = [rt for rt in self._group.runtimes if rt is not runtime and not rt.is_local]
+        if runtime is not self.controller and not runtime.is_local:
+            runtime.expose_port_from_runtime(port, port)
+        fan_out("route scheduler", others, lambda rt: rt.expose_port_to_runtime(port, port))
+
+    def _address(self, runtime: Runtime) -> str:
+        if runtime is self.controller:
+            return self.plan.controller_address
+        return self.plan.addresses[runtime.host]
+
+    @property
+    def scheduler_address(self) -> str | None:
+        """The scheduler's address as seen from this machine (and from every host: tunnelled
+        mode puts it on 127.0.0.1 everywhere, direct mode uses the address it is bound to)."""
+        if self._scheduler_port is None or self._scheduler_bind is None:
+            return None
+        host = "127.0.0.1" if self.plan.mode == "tunnelled" else self._scheduler_bind
+        return f"tcp://{host}:{self._scheduler_port}"
+
+    def _scheduler_address_for(self, runtime: Runtime) -> str:
+        """The scheduler's address as seen from ``runtime``."""
+        address = self.scheduler_address
+        if address is None:
+            raise ValueError("the scheduler is not running")
+        return address
+
+    def stop_master(self) -> None:
+        if "scheduler" in self._processes:
+            self._stop_processes(["scheduler"])
+        self._scheduler_port = self._scheduler_bind = None
+
+    # -- workers --------------------------------------------------------------------------
+
+    def start_workers_round_robin(
+        self, count: int, ports: list[int], debug: bool
+    ) -> dict[str, list[int]]:
+        """Start ``count`` more workers; returns host -> ports taken from ``ports``."""
+        if count == 0:
+            return {}
+        if self.master_port is None:
+            raise ValueError("start the scheduler first")
+        self.ensure_plan(ports)
+        runtimes = self._group.runtimes
+        placement: dict[str, list[str]] = {}
+        first, self._next_worker = self._next_worker, self._next_worker + count
+        for index in range(first, first + count):
+            runtime = runtimes[index % len(runtimes)]
+            placement.setdefault(runtime.host, []).append(f"{runtime.host}-{index}")
+        used: dict[str, list[int]] = {}
+        pending = placement
+        self._forward_to_hosts(self.options.forward_ports)
+        for attempt in range(PORT_RETRIES + 1):
+            specs = self._worker_specs(pending, ports, used)
+            started = self._launch(specs, debug)
+            if self.plan.mode == "tunnelled":
+                self.route_worker_ports()
+            raced = self._wait_for_workers(started, self.options.start_timeout)
+            if not raced:
+                return used
+            if attempt == PORT_RETRIES:
+                break
+            pending = {}
+            for name in raced:
+                pending.setdefault(self._processes[name].host, []).append(name)
+                self._forget(name)
+        raise WorkerStartError(f"workers kept losing their ports to other processes: {raced}")
+
+    def _worker_specs(
+        self, placement: dict[str, list[str]], ports: list[int], used: dict[str, list[int]]
+    ) -> dict[str, list[ProcessSpec]]:
+        tunnelled = self.plan.mode == "tunnelled"
+        per_worker = 2 if self.options.nanny else 1
+        specs: dict[str, list[ProcessSpec]] = {}
+        for host, names in placement.items():
+            runtime = self._group.get_runtime(host)
+            scope = self.port_scope(runtime)
+            include_local = tunnelled or runtime.is_local
+            taken = self.taken_ports(scope, include_local)
+            chosen = free_ports(ports, taken, per_worker * len(names), f"for workers on {host}")
+            self._reserve(scope, include_local, chosen)
+            used.setdefault(host, []).extend(chosen[::per_worker])
+            resources = self.options.resources
+            if callable(resources):
+                resources = resources(runtime)
+            folder = self.folder(runtime)
+            specs[host] = [
+                ProcessSpec(
+                    name,
+                    worker_argv(
+                        self._python(runtime),
+                        self._scheduler_address_for(runtime),
+                        name,
+                        folder,
+                        self.options,
+                        address=self._address(runtime),
+                        port=chosen[i * per_worker],
+                        nanny_port=chosen[i * per_worker + 1] if self.options.nanny else None,
+                        tunnelled=tunnelled,
+                        resources=resources,
+                    ),
+                    env=dict(self.options.env),
+                    ports=chosen[i * per_worker : (i + 1) * per_worker],
+                )
+                for i, name in enumerate(names)
+            ]
+        return specs
+
+    def _launch(self, specs: dict[str, list[ProcessSpec]], debug: bool) -> dict[str, ProcessInfo]:
+        runtimes = [self._group.get_runtime(h) for h in specs]
+
+        def start(runtime: Runtime) -> list[ProcessInfo]:
+            infos = processes.start_processes(runtime, self.folder(runtime), specs[runtime.host])
+            for info in infos:
+                self._register(runtime, info)
+            self._follow_logs(runtime, infos, debug)
+            return infos
+
+        started = fan_out("start workers", runtimes, start)
+        return {info.name: info for infos in started.values() for info in infos}
+
+    def _forward_to_hosts(self, local_ports: Sequence[int]) -> None:
+        """Make our 127.0.0.1:port reachable as 127.0.0.1:port on every remote host."""
+        todo = [p for p in local_ports if ("", p) not in self._routed]
+        if not todo:
+            return
+        remote = [rt for rt in self._group.runtimes if not rt.is_local]
+        fan_out(
+            "forward ports to hosts",
+            remote,
+            lambda rt: [rt.expose_port_to_runtime(p, p) for p in todo],
+        )
+        self._routed.update(("", p) for p in todo)
+
+    def route_worker_ports(self) -> None:
+        """Tunnelled mode: every worker (and nanny) port at 127.0.0.1 on this machine, every
+        worker port at 127.0.0.1 on every other host — one forward batch per host, all at once."""
+        workers = [i for i in self._processes.values() if i.role == "worker"]
+        todo = [(i.host, p) for i in workers for p in i.ports if (i.host, p) not in self._routed]
+        if not todo:
+            return
+        worker_ports = {(i.host, i.ports[0]) for i in workers}
+
+        def route(runtime: Runtime) -> None:
+            if not runtime.is_local:
+                for host, port in todo:
+                    if host == runtime.host:
+                        runtime.expose_port_from_runtime(port, port)
+            for host, port in todo:
+                if host != runtime.host and (host, port) in worker_ports and not runtime.is_local:
+                    runtime.expose_port_to_runtime(port, port)
+
+        fan_out("route worker ports", self._group.runtimes, route)
+        self._routed.update(todo)
+
+    def _wait_for_workers(self, started: dict[str, ProcessInfo], timeout: float) -> list[str]:
+        """Wait until the scheduler lists every started worker. Returns the workers that died
+        because their port was taken at bind time; raises WorkerStartError for other failures."""
+        deadline = time.monotonic() + timeout
+        pending = dict(started)
+        next_check = time.monotonic() + LIVENESS_INTERVAL
+        while True:
+            registered = self._registered()
+            for name in [n for n in pending if n in registered]:
+                pending.pop(name)
+                logger.info("worker %s ready on %s", name, started[name].host)
+                if self.on_progress is not None:
+                    self.on_progress(len(started) - len(pending), len(started))
+            now = time.monotonic()
+            if not pending:
+                return []
+            if now >= next_check or now >= deadline:
+                next_check = now + LIVENESS_INTERVAL
+                dead = self._dead(list(pending.values()))
+                if dead or now >= deadline:
+                    return self._start_failure(pending, dead, timeout, late=now >= deadline)
+            time.sleep(0.05)
+
+    def _start_failure(
+        self, pending: dict[str, ProcessInfo], dead: list[str], timeout: float, late: bool
+    ) -> list[str]:
+        """Workers that lost their port at bind time are returned for a retry; anything else
+        raises WorkerStartError naming each host with the tail of its log."""
+        logs = self._logs(list(pending.values()), lines=None)
+        raced = [n for n in dead if any(t in logs.get(n, "") for t in ADDRESS_IN_USE)]
+        if raced and len(raced) == len(dead) and not late:
+            return raced
+        failed = dead or list(pending)
+        why = "exited" if dead else f"did not register within {timeout} s"
+        details = {pending[n].host: f"{n}: {tail(logs.get(n, ''), 800)}" for n in failed}
+        if "scheduler" in self._processes:
+            scheduler_log = self._logs([self._processes["scheduler"]]).get("scheduler", "")
+            details["scheduler"] = tail(scheduler_log, 800)
+        lines = "\n".join(f"--- {h}\n{text}" for h, text in details.items())
+        names, hosts = ", ".join(failed), ", ".join(details)
+        raise WorkerStartError(f"workers {names} {why} (hosts: {hosts}):\n{lines}", missing=details)
+
+    def _dead(self, infos: list[ProcessInfo]) -> list[str]:
+        by_host: dict[str, list[ProcessInfo]] = {}
+        for info in infos:
+            by_host.setdefault(info.host, []).append(info)
+        runtimes = [self._owners[infos[0].name] for infos in by_host.values()]
+        states = fan_out("liveness", runtimes, lambda rt: processes.alive(rt, by_host[rt.host]))
+        return [name for result in states.values() for name, up in result.items() if not up]
+
+    def _logs(
+        self, infos: list[ProcessInfo], lines: int | None = processes.LOG_TAIL_LINES
+    ) -> dict[str, str]:
+        by_runtime: dict[int, list[ProcessInfo]] = {}
+        owners: dict[int, Runtime] = {}
+        for info in infos:
+            owner = self._owners[info.name]
+            by_runtime.setdefault(id(owner), []).append(info)
+            owners[id(owner)] = owner
+        logs: dict[str, str] = {}
+        for key, owned in by_runtime.items():
+            try:
+                logs.update(processes.read_logs(owners[key], owned, lines))
+            except LazyclusterError as exc:
+                logs.update({i.name: f"(log unavailable: {exc})" for i in owned})
+        return logs
+
+    def stop_workers(self) -> None:
+        self._stop_processes([n for n, i in self._processes.items() if i.role == "worker"])
+
+    # -- Dask-style surface ---------------------------------------------------------------
+
+    def _monitor(self) -> Any:
+        """The controller's own client: it keeps the scheduler alive (see WATCH_PRELOAD)."""
+        with self._client_lock:
+            if self._client is None:
+                from distributed import Client
+
+                address = self.scheduler_address
+                if address is None:  # Client(None) would start a local cluster in this process
+                    raise ValueError("the scheduler is not running")
+                self._client = Client(address, timeout=30, set_as_default=False)
+            return self._client
+
+    def _connect_monitor(self) -> None:
+        """Connect the monitor client in the background while the workers start."""
+
+        def connect() -> None:
+            try:
+                self._monitor()
+            except Exception as exc:  # the next _monitor() call raises it where it matters
+                logger.debug("monitor client not connected yet: %s", exc)
+
+        self._monitor_thread = threading.Thread(target=connect, name="lct-monitor", daemon=True)
+        self._monitor_thread.start()
+
+    def _registered(self) -> dict[str, dict[str, Any]]:
+        info = self._monitor().scheduler_info(n_workers=-1)
+        return {str(w.get("name")): {**w, "address": a} for a, w in info["workers"].items()}
+
+    def get_client(self, timeout: int = 2) -> Any:
+        """A new ``distributed.Client`` connected to the scheduler (closed by cleanup)."""
+        from distributed import Client
+
+        address = self.scheduler_address
+        if address is None:
+            raise ValueError("the cluster is not running")
+        client = Client(address, timeout=timeout, set_as_default=False)
+        self._user_clients.append(client)
+        return client
+
+    @property
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """Workers the scheduler currently knows: name -> host, pid, address."""
+        if self.scheduler_address is None:
+            return {}
+        registered = self._registered()
+        return {
+            name: {
+                "host": self._processes[name].host,
+                "pid": self._processes[name].pid,
+                "address": w["address"],
+            }
+            for name, w in registered.items()
+            if name in self._processes
+        }
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard, reachable from this machine (tunnelled when needed)."""
+        if self.scheduler_address is None or not self.options.dashboard:
+            return None
+        with self._lock:
+            if self._dashboard_port is None:
+                services = self._monitor().scheduler_info(n_workers=0).get("services", {})
+                port = services.get("dashboard")
+                if port is None:
+                    return None
+                if self._scheduler_host is not None:
+                    runtime = self._group.get_runtime(self._scheduler_host)
+                    port = runtime.expose_port_from_runtime(int(port))
+                self._dashboard_port = int(port)
+        return f"http://127.0.0.1:{self._dashboard_port}/status"
+
+    def scale(self, n: int) -> None:
+        """Grow or shrink to ``n`` running workers; removed workers are retired (their data
+        moved) and their processes stopped. Workers that died are cleared away first."""
+        if n < 0:
+            raise ValueError(f"worker count must be >= 0, not {n}")
+        registered = self._registered()
+        ours = self._worker_names()
+        self._stop_processes([w for w in ours if w not in registered])
+        running = [w for w in ours if w in registered]
+        if n > len(running):
+            self._refresh_ports()
+            self.start_workers(n - len(running))
+        elif n < len(running):
+            remove = running[n:]
+            addresses = [registered[w]["address"] for w in remove]
+            self._monitor().retire_workers(workers=addresses, close_workers=True)
+            self._stop_processes(remove)
+
+    def _worker_names(self) -> list[str]:
+        """Our workers in the order they were started."""
+        names = [n for n, i in self._processes.items() if i.role == "worker"]
+        return sorted(names, key=lambda name: int(name.rsplit("-", 1)[1]))
+
+    def _refresh_ports(self) -> None:
+        used = fan_out("port probe", self._group.runtimes, lambda rt: rt.used_ports())
+        self.plan.used_ports.update(used)
+
+    def get_logs(self) -> dict[str, str]:
+        """Every process's log by name ("scheduler", "<host>-<i>")."""
+        return self._logs(list(self._processes.values()), lines=None)
+
+    # -- bookkeeping and teardown ---------------------------------------------------------
+
+    def _register(self, runtime: Runtime, info: ProcessInfo) -> None:
+        with self._lock:
+            self._processes[info.name] = info
+            self._owners[info.name] = runtime
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            info = self._processes.pop(name, None)
+            self._owners.pop(name, None)
+        if info is not None:
+            self._routed -= {(info.host, p) for p in info.ports}
+
+    def _follow_logs(self, runtime: Runtime, infos: list[ProcessInfo], debug: bool) -> None:
+        """debug: print the processes' output live here; else log their first lines at debug."""
+        if not debug:
+            return
+        files = " ".join(f"'{i.log_file}'" for i in infos)
+        task = RuntimeTask(f"follow-{infos[0].name}").run_command(f"exec tail -n +1 -F {files}")
+        runtime.execute_task(task, execute_async=True, omit_on_join=True, debug=True)
+
+    def _stop_processes(self, names: list[str], remove_folders: bool = False) -> None:
+        """Stop processes grouped by runtime, all runtimes at once; verify none survived.
+        ``remove_folders`` also removes the cluster folder on every runtime it may exist on."""
+        jobs: dict[str, tuple[Runtime, list[ProcessInfo]]] = {}
+        owners = [self.controller, *self._group.runtimes] if remove_folders else []
+        for owner in owners:
+            if owner._working_dir is not None:
+                jobs[self._key(owner)] = (owner, [])
+        for name in names:
+            info, runtime = self._processes.get(name), self._owners.get(name)
+            if info is not None and runtime is not None:
+                jobs.setdefault(self._key(runtime), (runtime, []))[1].append(info)
+
+        def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
+            runtime, infos = job
+            folder = self.folder(runtime)
+            marker = processes.folder_marker(folder)
+            left = processes.stop_processes(
+                runtime, infos, marker, self.options.stop_grace, folder if remove_folders else None
+            )
+            if left:
+                raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
+
+        try:
+            run_parallel("stop processes", jobs, stop)
+        finally:
+            for name in names:
+                info = self._processes.get(name)
+                for port in info.ports if info else []:
+                    if (info.host, port) in self._routed:  # type: ignore[union-attr]
+                        self._close_routes(info.host, port)  # type: ignore[union-attr]
+                self._forget(name)
+
+    def _key(self, runtime: Runtime) -> str:
+        return CONTROLLER_KEY if runtime is self.controller else runtime.host
+
+    def record(self) -> dict[str, Any]:
+        """This cluster as plain data: enough to find, show and stop it later (no secrets)."""
+        owners = [self.controller, *self._group.runtimes]
+        folders = {
+            self._key(rt): {
+                "folder": self.folder(rt),
+                "working_dir": rt.working_dir,
+                "temporary": rt._working_dir_is_temp,
+            }
+            for rt in owners
+            if rt._working_dir is not None
+        }
+        tunnels = [
+            {
+                "host": rt.host,
+                "kind": t.kind,
+                "local_port": t.local_port,
+                "remote_port": t.remote_port,
+            }
+            for rt in self._group.runtimes
+            for t in rt.tunnels
+        ]
+        return {
+            "cluster_id": self.cluster_id,
+            "state": self.state,
+            "network_mode": self.network_mode,
+            "hosts": [host_spec(rt) for rt in self._group.runtimes],
+            "scheduler_host": self._scheduler_host,
+            "scheduler_address": self.scheduler_address,
+            "dashboard_link": (
+                f"http://127.0.0.1:{self._dashboard_port}/status" if self._dashboard_port else None
+            ),
+            "processes": [info.to_dict() for info in self._processes.values()],
+            "folders": folders,
+            "tunnels": tunnels,
+        }
+
+    def _close_routes(self, host: str, port: int) -> None:
+        for runtime in self._group.runtimes:
+            runtime.close_tunnel(port)
+        self._routed.discard((host, port))
+
+    def _close_clients(self) -> None:
+        if self._monitor_thread is not None:
+            self._monitor_thread.join()
+        for client in [*self._user_clients, self._client]:
+            if client is not None:
+                try:
+                    client.close(timeout=2)
+                except Exception as exc:
+                    logger.debug("closing a client failed: %s", exc)
+        self._user_clients = []
+        self._client = None
+
+
+SECRET_KWARGS = ("password", "passphrase", "private_key")
+
+
+def host_spec(runtime: Runtime) -> dict[str, Any]:
+    """How to reach a runtime again later (no secrets: those come back from where they live)."""
+    kwargs = {k: v for k, v in runtime._connection_kwargs.items() if k not in SECRET_KWARGS}
+    return {
+        "name": runtime.host,
+        "ssh_config_path": runtime._ssh_config_path,
+        "connection_kwargs": kwargs,
+        "python_executable": runtime.python_executable,
+    }
+
+
+def teardown(
+    record: Mapping[str, Any],
+    connection_kwargs: Mapping[str, Any] | None = None,
+    grace: float = 0.5,
+) -> dict[str, str]:
+    """Stop a cluster from its record alone — from another process, after the controller died.
+
+    Every ``*.pid`` file in the cluster's folders is honoured (workers added after the record was
+    written included), the folders are removed, and temporary working dirs with them. Idempotent.
+    ``connection_kwargs`` adds secrets (password, key) the record does not hold. Returns a line
+    per host; hosts that cannot be reached are reported in a GroupError.
+    """
+    specs = {spec["name"]: spec for spec in record.get("hosts", [])}
+    jobs = {key: folder for key, folder in record.get("folders", {}).items()}
+
+    def stop(item: tuple[str, Mapping[str, Any]]) -> str:
+        key, folder = item
+        spec = specs.get(key, {"name": key})
+        if key == CONTROLLER_KEY or spec["name"] in ("localhost", "127.0.0.1"):
+            runtime = Runtime("localhost")
+        else:
+            kwargs = {**spec.get("connection_kwargs", {}), **dict(connection_kwargs or {})}
+            runtime = Runtime(spec["name"], None, kwargs, spec.get("ssh_config_path"))
+        try:
+            command = commands.stop_folder(folder["folder"], grace)
+            if folder.get("temporary"):
+                command += "; " + commands.remove_tree(folder["working_dir"])
+            else:
+                command += "; " + commands.remove_tree(folder["folder"])
+            result = runtime.connection.run(command, timeout=grace + 30)
+            left = [line for line in result.stdout.split() if line.startswith("left=")]
+            if left:
+                raise LazyclusterError(f"{key}: process groups survived SIGKILL: {left}")
+            return f"{key}: stopped"
+        finally:
+            runtime.cleanup()
+
+    results = run_parallel(
+        f"teardown of cluster {record.get('cluster_id')}",
+        {k: (k, f) for k, f in jobs.items()},
+        stop,
+    )
+    return results

@@ -1,0 +1,76 @@
+"""Which TCP ports are taken: one probe per host (``/proc/net/tcp*``), psutil on this machine.
+
+A probe is only a hint: another process may take a port between probe and bind. Start paths
+therefore move on to the next port of their list when a bind fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import psutil
+
+from lazycluster_tasks.errors import NoPortsLeftError
+
+#: Lists every TCP socket of the host's network namespace (IPv4 and IPv6) in one call.
+PROBE_COMMAND = "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null"
+
+_LISTEN = "0A"
+
+
+def parse_proc_net_tcp(text: str) -> set[int]:
+    """Local ports of listening sockets in ``/proc/net/tcp`` format."""
+    ports = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or ":" not in fields[1] or fields[3] != _LISTEN:
+            continue
+        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def local_used_ports() -> set[int]:
+    """Ports with a listening TCP socket on this machine (any address)."""
+    return {
+        c.laddr.port
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr
+    }
+
+
+def check_port(port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"invalid port: {port!r}")
+    return port
+
+
+def as_port_list(ports: int | Iterable[int]) -> list[int]:
+    if isinstance(ports, int):
+        return [check_port(ports)]
+    result = [check_port(p) for p in ports]
+    if not result:
+        raise ValueError("the port list is empty")
+    return result
+
+
+def first_free(ports: Sequence[int], used: set[int], where: str) -> int:
+    for port in ports:
+        if port not in used:
+            return port
+    raise NoPortsLeftError(f"none of the {len(ports)} given ports is free {where}: {_span(ports)}")
+
+
+def free_ports(ports: Sequence[int], used: set[int], count: int, where: str) -> list[int]:
+    """The first ``count`` ports of the list that are not used."""
+    chosen = [p for p in ports if p not in used][:count]
+    if len(chosen) < count:
+        raise NoPortsLeftError(
+            f"needed {count} free ports {where}, found {len(chosen)} in {_span(ports)}"
+        )
+    return chosen
+
+
+def _span(ports: Sequence[int]) -> str:
+    if len(ports) > 6:
+        return f"{ports[0]}…{ports[-1]} ({len(ports)} ports)"
+    return ", ".join(map(str, ports))

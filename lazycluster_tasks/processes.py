@@ -1,0 +1,198 @@
+"""Long-running processes we own on a runtime: started detached, found by pid file, stopped.
+
+Each process runs in its own session (``setsid``), so its pid is its process-group id and one
+``kill -TERM -PGID`` reaches its whole tree (a nanny and its worker, say). Pid files and logs live
+in a per-cluster folder under the runtime's working dir, so a cleanup from another Python process
+(a crash hook, a teardown flow) finds everything from the folder path alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from lazycluster_tasks import commands
+from lazycluster_tasks.commands import q
+from lazycluster_tasks.connection import tail
+from lazycluster_tasks.errors import LazyclusterError, OperationTimeoutError
+from lazycluster_tasks.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 40
+
+
+@dataclass
+class ProcessSpec:
+    """What to start: a name (unique in the cluster), argv, env and the ports it binds."""
+
+    name: str
+    argv: list[str]
+    role: str = "worker"
+    env: dict[str, str] = field(default_factory=dict)
+    ports: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ProcessInfo:
+    """A started process, as plain data (goes into cluster records)."""
+
+    host: str
+    name: str
+    role: str
+    pid: int
+    pid_file: str
+    log_file: str
+    ports: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def start_processes(
+    runtime: Runtime, folder: str, specs: Sequence[ProcessSpec]
+) -> list[ProcessInfo]:
+    """Start every spec detached on ``runtime`` in one round trip; pids come back in order."""
+    if not specs:
+        return []
+    lines = [commands.mkdir_p(folder)]
+    infos = []
+    for spec in specs:
+        log_file = posixpath.join(folder, f"{spec.name}.log")
+        pid_file = posixpath.join(folder, f"{spec.name}.pid")
+        env = {**runtime.env_variables, **spec.env}
+        argv = (
+            ["env", *(f"{commands.check_env_name(k)}={v}" for k, v in env.items())] if env else []
+        )
+        lines.append(commands.start_detached(argv + spec.argv, folder, log_file, pid_file))
+        infos.append(
+            ProcessInfo(runtime.host, spec.name, spec.role, 0, pid_file, log_file, spec.ports)
+        )
+    result = runtime.connection.run(" && ".join(lines))
+    pids = [int(x) for x in result.stdout.split() if x.isdigit()]
+    if not result.ok or len(pids) != len(specs):
+        raise LazyclusterError(
+            f"could not start {', '.join(s.name for s in specs)} on {runtime.host} "
+            f"(exit {result.exit_code}): {tail(result.output, 500)}"
+        )
+    for info, pid in zip(infos, pids, strict=True):
+        info.pid = pid
+    return infos
+
+
+def stop_processes(
+    runtime: Runtime,
+    infos: Sequence[ProcessInfo],
+    marker: str,
+    grace: float = 2.0,
+    remove_folder: str | None = None,
+) -> list[int]:
+    """Stop the processes (TERM, grace, KILL, verified) and optionally remove their folder, in
+    one round trip; return the pgids that survived."""
+    steps = [commands.stop_pid_files([i.pid_file for i in infos], marker, grace)] if infos else []
+    if remove_folder:
+        steps.append(commands.remove_tree(remove_folder))
+    if not steps:
+        return []
+    result = runtime.connection.run("; ".join(steps), timeout=grace + 30)
+    return [int(line[5:]) for line in result.stdout.split() if line.startswith("left=")]
+
+
+def alive(runtime: Runtime, infos: Sequence[ProcessInfo]) -> dict[str, bool]:
+    """Which of the processes still run (one round trip; zombies count as gone)."""
+    if not infos:
+        return {}
+    out = runtime.connection.check(commands.group_states({i.name: i.pid for i in infos}))
+    states = dict(line.split("=", 1) for line in out.split() if "=" in line)
+    return {i.name: states.get(i.name) == "1" for i in infos}
+
+
+def read_logs(
+    runtime: Runtime, infos: Sequence[ProcessInfo], lines: int | None = LOG_TAIL_LINES
+) -> dict[str, str]:
+    """The log (or its last ``lines``) of each process, in one round trip."""
+    if not infos:
+        return {}
+    marker = f"==lazycluster-log-{secrets.token_hex(8)}=="
+    reader = "cat --" if lines is None else f"tail -n {int(lines)} --"
+    script = "; ".join(f"echo {q(marker + i.name)}; {reader} {q(i.log_file)} 2>&1" for i in infos)
+    output = runtime.connection.run(script).stdout
+    logs: dict[str, str] = {}
+    name = None
+    for line in output.splitlines(keepends=True):
+        if line.startswith(marker):
+            name = line[len(marker) :].rstrip("\n")
+            logs[name] = ""
+        elif name is not None:
+            logs[name] += line
+    return logs
+
+
+#: Waits on the host until the ready file exists and the port accepts connections (up), the
+#: process group has no live member (dead), or the time is over (timeout).
+WAIT_READY_SCRIPT = """
+import os, socket, sys, time
+ready, host = sys.argv[1], sys.argv[2]
+port, pgid, limit = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+
+def member(pid):
+    try:
+        with open("/proc/%s/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z" and int(fields[2]) == pgid
+
+start = time.monotonic()
+while True:
+    if os.path.exists(ready):
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            state = "up"
+            break
+        except OSError:
+            pass
+    if not any(member(p) for p in os.listdir("/proc") if p.isdigit()):
+        state = "dead"
+        break
+    if time.monotonic() - start > limit:
+        state = "timeout"
+        break
+    time.sleep(0.02)
+print(state, time.monotonic() - start)
+"""
+
+
+def wait_ready(
+    runtime: Runtime,
+    python: str,
+    ready_file: str,
+    address: str,
+    port: int,
+    pid: int,
+    timeout: float,
+) -> tuple[str, float]:
+    """Wait on the host until the process wrote ``ready_file`` and ``address:port`` accepts
+    connections (a listener of someone else does not count), or until its process group died or
+    ``timeout`` passed. Returns ("up" | "dead" | "timeout", seconds waited)."""
+    argv = [ready_file, address, str(port), str(pid), str(timeout)]
+    try:
+        result = runtime.connection.run(
+            commands.python_call(python, WAIT_READY_SCRIPT, argv), timeout=timeout + 10
+        )
+    except OperationTimeoutError:
+        return "timeout", timeout
+    words = result.stdout.split()
+    if len(words) != 2:
+        raise LazyclusterError(
+            f"waiting for {address}:{port} on {runtime.host} failed: {tail(result.output, 500)}"
+        )
+    return words[0], float(words[1])
+
+
+def folder_marker(folder: str) -> str:
+    """The text every process command line of a cluster folder contains."""
+    return folder.rstrip("/") + "/"

@@ -1,0 +1,377 @@
+"""SSH port forwards as values you own: list them, check them, close them.
+
+* :class:`LocalForward` (``ssh -L``): our ``127.0.0.1:local_port`` -> the host's
+  ``127.0.0.1:remote_port``, built on sshtunnel with the runtime's connection settings and the
+  host key its own connection verified.
+* :class:`RemoteForward` (``ssh -R``): the host's ``127.0.0.1:remote_port`` -> our
+  ``127.0.0.1:local_port``, over the runtime's own paramiko transport.
+
+Both ends bind 127.0.0.1. No process and no sleeping thread per tunnel: one keeper thread per
+Python process watches every open tunnel and re-establishes those a dropped connection broke.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import threading
+from typing import Any
+
+import paramiko
+import sshtunnel
+
+from lazycluster_tasks.errors import TunnelError
+from lazycluster_tasks.ssh import SSHConnection
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+#: Window and packet sizes of tunnel channels: paramiko's defaults (2 MiB, 32 KiB) cap throughput.
+WINDOW_SIZE = 16 * 2**20
+MAX_PACKET_SIZE = 2**17  # paramiko clamps to what the server accepts
+CHUNK = 2**18
+#: AES-GCM needs one pass instead of cipher + MAC; prefer it where the server offers it.
+FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+KEEPER_INTERVAL = 1.0
+#: Given to sshtunnel so that it does not attach console handlers to its and paramiko's loggers.
+_SSHTUNNEL_LOGGER = logging.getLogger("lazycluster_tasks.tunnels.sshtunnel")
+
+
+def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
+    """Copy bytes both ways between a channel and a socket until both directions ended.
+
+    An end-of-file on one side is passed on as a half-close, so request/response protocols
+    that shut down their sending side still get the answer.
+    """
+    chan.settimeout(None)
+    open_ends: list[Any] = [sock, chan]
+    try:
+        while open_ends:
+            readable, _, _ = select.select(open_ends, [], [], 5)
+            if sock in readable:
+                data = sock.recv(CHUNK)
+                if data:
+                    chan.sendall(data)
+                else:
+                    chan.shutdown_write()
+                    open_ends.remove(sock)
+            if chan in readable:
+                data = chan.recv(CHUNK)
+                if data:
+                    sock.sendall(data)
+                else:
+                    sock.shutdown(socket.SHUT_WR)
+                    open_ends.remove(chan)
+            transport = chan.get_transport()
+            if not readable and (chan.closed or transport is None or not transport.is_active()):
+                break
+    except OSError:
+        pass
+    finally:
+        chan.close()
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def _tune(transport: paramiko.Transport) -> None:
+    transport.default_window_size = WINDOW_SIZE
+    transport.default_max_packet_size = MAX_PACKET_SIZE
+    options = transport.get_security_options()
+    available = tuple(options.ciphers)
+    preferred = tuple(c for c in FAST_CIPHERS if c in available)
+    options.ciphers = preferred + tuple(c for c in available if c not in preferred)
+
+
+class Tunnel:
+    """Common surface of both kinds of forwards."""
+
+    kind = ""
+
+    def __init__(self, connection: SSHConnection, local_port: int, remote_port: int) -> None:
+        self.connection = connection
+        self.host = connection.host
+        self.local_port = local_port
+        self.remote_port = remote_port
+        self.closed = False
+        self.last_error: str | None = None
+
+    @property
+    def is_active(self) -> bool:
+        raise NotImplementedError
+
+    def _reopen(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def check(self) -> bool:
+        """True when the tunnel works; a broken one is re-established (TunnelError if it can't)."""
+        if self.closed:
+            return False
+        if self.is_active:
+            return True
+        logger.info("tunnel %s is down; re-establishing", self)
+        try:
+            self._reopen()
+        except Exception as exc:
+            self.last_error = str(exc)
+            raise TunnelError(
+                f"tunnel {self} is down and could not be re-established: {exc}"
+            ) from exc
+        self.last_error = None
+        return True
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("active" if self.is_active else "DOWN")
+        return (
+            f"<{self.kind} {self.host} local:{self.local_port} remote:{self.remote_port} {state}>"
+        )
+
+
+class _FastForwarder(sshtunnel.SSHTunnelForwarder):
+    """sshtunnel with tuned window/cipher and a pump that moves large chunks."""
+
+    def _get_transport(self) -> paramiko.Transport:
+        transport = super()._get_transport()
+        _tune(transport)
+        return transport
+
+    def _make_ssh_forward_handler_class(self, remote_address_: Any) -> Any:
+        base = super()._make_ssh_forward_handler_class(remote_address_)
+
+        class Handler(base):  # type: ignore[misc, valid-type]
+            def _redirect(self, chan: paramiko.Channel) -> None:
+                sock = self.request
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                pump(chan, sock)
+
+        return Handler
+
+
+class LocalForward(Tunnel):
+    """``ssh -L 127.0.0.1:local_port:127.0.0.1:remote_port host`` (0 = any free local port)."""
+
+    kind = "-L"
+
+    def __init__(self, connection: SSHConnection, remote_port: int, local_port: int = 0) -> None:
+        super().__init__(connection, local_port, remote_port)
+        self._requested_local = local_port
+        self._forwarder: _FastForwarder | None = None
+        self._open()
+        _keeper.add(self)
+
+    def _open(self) -> None:
+        s = self.connection.settings
+        host_key = self.connection.host_key()  # verified by the runtime's own connection
+        proxy = self.connection.open_socket()
+        pkeys = self.connection.private_keys()
+        try:
+            forwarder = _FastForwarder(
+                (s.hostname, s.port),
+                ssh_config_file=None,  # already resolved by the runtime
+                ssh_proxy=proxy,
+                ssh_username=s.username,
+                ssh_password=s.password,
+                ssh_pkey=pkeys[0] if pkeys else None,
+                ssh_host_key=host_key,
+                allow_agent=s.allow_agent,
+                host_pkey_directories=[],
+                local_bind_address=(LOOPBACK, self.local_port),
+                remote_bind_address=(LOOPBACK, self.remote_port),
+                set_keepalive=15.0,
+                compression=False,
+                mute_exceptions=False,
+                logger=_SSHTUNNEL_LOGGER,
+            )
+            forwarder.ssh_pkeys = pkeys + [k for k in forwarder.ssh_pkeys if k not in pkeys]
+            forwarder.start()
+        except Exception as exc:
+            if proxy is not None:
+                proxy.close()
+            raise TunnelError(
+                f"cannot forward 127.0.0.1:{self.local_port or '*'} to "
+                f"{self.host}:127.0.0.1:{self.remote_port}: {exc}"
+            ) from exc
+        self._forwarder = forwarder
+        self.local_port = int(forwarder.local_bind_port)
+
+    @property
+    def is_active(self) -> bool:
+        f = self._forwarder
+        return bool(f is not None and not self.closed and f.is_active and f.is_alive)
+
+    def _reopen(self) -> None:
+        self._stop()
+        self._open()
+
+    def _stop(self) -> None:
+        if self._forwarder is not None:
+            with contextlib.suppress(Exception):
+                self._forwarder.stop(force=True)
+            self._forwarder = None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _keeper.remove(self)
+        self._stop()
+
+
+class RemoteForward(Tunnel):
+    """``ssh -R 127.0.0.1:remote_port:127.0.0.1:local_port host`` (0 = a port the host picks)."""
+
+    kind = "-R"
+
+    def __init__(self, connection: SSHConnection, local_port: int, remote_port: int = 0) -> None:
+        super().__init__(connection, local_port, remote_port)
+        self._transport: paramiko.Transport | None = None
+        self._channels: set[paramiko.Channel] = set()
+        self._lock = threading.Lock()
+        self._open()
+        connection.on_reconnect(self._on_reconnect)
+        _keeper.add(self)
+
+    def _open(self, transport: paramiko.Transport | None = None) -> None:
+        transport = transport or self.connection.transport()
+        dispatcher = _Dispatcher.of(transport)
+        try:
+            port = transport.request_port_forward(LOOPBACK, self.remote_port, dispatcher)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise TunnelError(
+                f"{self.host} refused to forward its 127.0.0.1:{self.remote_port or '*'} to our "
+                f"127.0.0.1:{self.local_port} (port taken there?): {exc}"
+            ) from exc
+        self.remote_port = int(port)
+        dispatcher.routes[self.remote_port] = self
+        self._transport = transport
+
+    def _on_reconnect(self, transport: paramiko.Transport) -> None:
+        try:
+            self._open(transport)
+            self.last_error = None
+        except TunnelError as exc:
+            self.last_error = str(exc)
+            logger.warning("%s", exc)
+
+    @property
+    def is_active(self) -> bool:
+        t = self._transport
+        return bool(
+            not self.closed
+            and t is not None
+            and t.is_active()
+            and _Dispatcher.of(t).routes.get(self.remote_port) is self
+        )
+
+    def _reopen(self) -> None:
+        self.connection.transport()  # reconnecting calls _on_reconnect
+        if not self.is_active:
+            self._open()
+
+    def _accept(self, chan: paramiko.Channel) -> None:
+        try:
+            sock = socket.create_connection((LOOPBACK, self.local_port), timeout=10)
+        except OSError as exc:
+            logger.warning("%s: nothing answers on 127.0.0.1:%s: %s", self, self.local_port, exc)
+            chan.close()
+            return
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._channels.add(chan)
+        try:
+            pump(chan, sock)
+        finally:
+            with self._lock:
+                self._channels.discard(chan)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _keeper.remove(self)
+        self.connection.remove_on_reconnect(self._on_reconnect)
+        t = self._transport
+        if t is not None:
+            _Dispatcher.of(t).routes.pop(self.remote_port, None)
+            if t.is_active():
+                with contextlib.suppress(Exception):
+                    t.cancel_port_forward(LOOPBACK, self.remote_port)
+        with self._lock:
+            channels = list(self._channels)
+        for chan in channels:
+            chan.close()
+
+
+class _Dispatcher:
+    """paramiko keeps one handler per transport: route incoming channels by their port."""
+
+    def __init__(self) -> None:
+        self.routes: dict[int, RemoteForward] = {}
+
+    @classmethod
+    def of(cls, transport: paramiko.Transport) -> _Dispatcher:
+        existing = getattr(transport, "_lct_dispatcher", None)
+        if existing is None:
+            existing = cls()
+            transport._lct_dispatcher = existing  # type: ignore[attr-defined]
+        return existing
+
+    def __call__(self, chan: paramiko.Channel, origin: Any, server: tuple[str, int]) -> None:
+        forward = self.routes.get(server[1])
+        if forward is None:
+            chan.close()
+            return
+        threading.Thread(
+            target=forward._accept, args=(chan,), name=f"lct-fwd-{server[1]}", daemon=True
+        ).start()
+
+
+class _Keeper:
+    """One thread for all tunnels of this process; it exits when no tunnel is open."""
+
+    def __init__(self) -> None:
+        self._tunnels: set[Tunnel] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, tunnel: Tunnel) -> None:
+        with self._lock:
+            self._tunnels.add(tunnel)
+            if self._thread is None or not self._thread.is_alive():
+                self._wake.clear()
+                self._thread = threading.Thread(
+                    target=self._run, name="lct-tunnel-keeper", daemon=True
+                )
+                self._thread.start()
+
+    def remove(self, tunnel: Tunnel) -> None:
+        with self._lock:
+            self._tunnels.discard(tunnel)
+            if not self._tunnels:
+                self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(KEEPER_INTERVAL)
+            with self._lock:
+                tunnels = list(self._tunnels)
+                if not tunnels:
+                    self._thread = None
+                    return
+                self._wake.clear()
+            for tunnel in tunnels:
+                if tunnel.closed or tunnel.is_active:
+                    continue
+                try:
+                    tunnel.check()
+                except TunnelError as exc:
+                    logger.warning("%s", exc)
+
+
+_keeper = _Keeper()

@@ -1,0 +1,304 @@
+"""DaskCluster on real SSH test hosts: real schedulers and workers, results traced to hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from lazycluster_tasks import (
+    GroupError,
+    MasterStartError,
+    NoPortsLeftError,
+    PortInUseError,
+    RemoteEnvironmentError,
+    Runtime,
+    RuntimeGroup,
+)
+from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
+from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.slow
+
+HOSTS = ["host1", "host2", "host3"]
+
+
+def local_leftovers(cluster_id: str) -> list[str]:
+    """Processes on this machine that still belong to the cluster."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if f"lazycluster-{cluster_id}" in cmdline and proc.pid != os.getpid():
+            found.append(f"{proc.pid} {cmdline[:120]}")
+    return found
+
+
+@pytest.fixture
+def make_cluster(multi_hosts, no_leftovers, no_local_leaks):
+    clusters = []
+
+    def make(hosts=HOSTS, **kwargs) -> DaskCluster:
+        group = RuntimeGroup(hosts=hosts, ssh_config_path=str(multi_hosts.ssh_config_path))
+        launcher = kwargs.pop("master_host", None)
+        if launcher:
+            kwargs["master_launcher"] = RemoteMasterLauncher(group, launcher)
+        cluster = DaskCluster(group, threads_per_worker=1, **kwargs)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.cleanup()
+        assert local_leftovers(cluster.cluster_id) == []
+        assert all(rt.tunnels == [] for rt in cluster.runtime_group.runtimes)
+
+
+def where_work_ran(cluster: DaskCluster) -> dict[str, str]:
+    """Run a real task pinned to each worker; map worker name -> hostname it computed on."""
+    client = cluster.get_client(timeout=10)
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    futures = {
+        info["name"]: client.submit(
+            lambda x: (x * x, socket.gethostname()),
+            len(info["name"]),
+            workers=[address],
+            pure=False,
+        )
+        for address, info in workers.items()
+    }
+    results = {name: future.result(timeout=30) for name, future in futures.items()}
+    assert all(value == len(name) ** 2 for name, (value, _) in results.items())
+    return {name: host for name, (_, host) in results.items()}
+
+
+@pytest.mark.parametrize("switch", ["open", "ssh-only"])
+@pytest.mark.parametrize("master", ["local", "remote"])
+def test_work_runs_on_every_host(multi_hosts, make_cluster, switch, master):
+    multi_hosts.ssh_only(switch == "ssh-only")
+    try:
+        cluster = make_cluster(master_host="host2" if master == "remote" else None)
+        cluster.start()
+        assert cluster.network_mode == ("tunnelled" if switch == "ssh-only" else "direct")
+        ran_on = where_work_ran(cluster)
+        assert ran_on == {f"{h}-{i}": h for i, h in enumerate(HOSTS)}
+        assert {w["host"] for w in cluster.workers.values()} == set(HOSTS)
+        if switch == "ssh-only":
+            assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        with urllib.request.urlopen(
+            cluster.dashboard_link.replace("/status", "/health"), timeout=10
+        ) as r:
+            assert r.read() == b"ok"
+    finally:
+        multi_hosts.ssh_only(False)
+
+
+def test_explicit_modes_hold_with_the_switch_off(make_cluster):
+    cluster = make_cluster(hosts=["host1", "host2"], network_mode="tunnelled")
+    cluster.start()
+    assert cluster.network_mode == "tunnelled"
+    assert set(where_work_ran(cluster).values()) == {"host1", "host2"}
+
+
+def test_scale_up_and_down_and_a_killed_worker(multi_hosts, make_cluster):
+    cluster = make_cluster(hosts=["host1", "host2"], nanny=False)
+    cluster.start()
+    cluster.scale(4)
+    assert sorted(cluster.workers) == ["host1-0", "host1-2", "host2-1", "host2-3"]
+    assert set(where_work_ran(cluster).values()) == {"host1", "host2"}
+    client = cluster.get_client(timeout=10)
+    slow = client.map(lambda x: time.sleep(0.5) or x, range(16), pure=False)
+    victim = cluster.workers["host2-3"]
+    assert (
+        multi_hosts.run_in("host2", ["kill", "-s", "KILL", "--", f"-{victim['pid']}"]).wait() == 0
+    )
+    assert sorted(client.gather(slow)) == list(range(16))  # the cluster keeps serving
+    assert wait_until(lambda: "host2-3" not in cluster.workers, timeout=15)
+    cluster.scale(1)
+    assert list(cluster.workers) == ["host1-0"]
+    assert multi_hosts.processes("host2") == []  # scaled-down workers are stopped
+
+
+def test_master_that_cannot_start(make_cluster, multi_hosts):
+    cluster = make_cluster(scheduler_options=["--no-such-option"])
+    start = time.monotonic()
+    with pytest.raises(
+        MasterStartError, match=r"(?s)scheduler on localhost exited.*Unknown argument"
+    ):
+        cluster.start()
+    assert time.monotonic() - start < 10
+    assert local_leftovers(cluster.cluster_id) == []
+
+
+def test_master_that_never_listens(make_cluster, tmp_path):
+    python = tmp_path / "python-whose-scheduler-hangs"
+    python.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *dask_scheduler*) exec sleep 60;; esac\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    cluster = make_cluster(hosts=["host1"], python_executable={"localhost": str(python)})
+    start = time.monotonic()
+    with pytest.raises(MasterStartError, match="not up within 2 s"):
+        cluster.start_master(timeout=2)
+    assert time.monotonic() - start < 8
+    assert local_leftovers(cluster.cluster_id) == []
+
+
+def free_local_ports(count: int, start: int = 23000) -> list[int]:
+    """Free ports below the ephemeral range (outgoing connections cannot take them)."""
+    used = Runtime("localhost").used_ports()
+    return [p for p in range(start, start + 1000) if p not in used][:count]
+
+
+def test_master_ports(make_cluster):
+    cluster = make_cluster(hosts=["host1"])
+    a, b, c, d = free_local_ports(4)
+    with socket.create_server(("127.0.0.1", a)):
+        with pytest.raises(PortInUseError, match=str(a)):
+            cluster.start_master(master_port=a)
+        with pytest.raises(NoPortsLeftError):
+            cluster._master_launcher.start([a])
+        with socket.create_server(("0.0.0.0", b)):
+            remaining = cluster._master_launcher.start([a, b, c, d])
+    assert cluster.master_port == c and remaining == [a, b, d]
+
+
+def test_port_taken_between_probe_and_bind(make_cluster):
+    ports = free_local_ports(3, start=24000)
+    cluster = make_cluster(hosts=["host1"], ports=ports)
+    cluster.ensure_plan(cluster.ports)  # the probe: everything free
+    with socket.create_server(("0.0.0.0", ports[0])):  # then someone takes the first port
+        cluster._master_launcher.start(ports)
+        assert cluster.master_port == ports[1]
+
+
+def test_worker_ports_skip_taken_ones(multi_hosts, make_cluster):
+    blocker = multi_hosts.run_in(
+        "host1",
+        [
+            sys.executable,
+            "-c",
+            "import socket,time; s=socket.create_server(('0.0.0.0', 62000)); time.sleep(60)",
+        ],
+    )
+    try:
+        cluster = make_cluster(hosts=["host1"], ports=[62000, 62001, 62002, 62003], nanny=False)
+        assert wait_until(
+            lambda: not cluster.runtime_group.get_runtime("host1").has_free_port(62000)
+        )
+        cluster.start(master_port=62003)
+        assert cluster.workers["host1-0"]["address"].endswith(":62001")
+        assert cluster._worker_launcher.ports_per_host == {"host1": [62001]}
+    finally:
+        blocker.kill()
+        blocker.wait()
+
+
+def test_host_without_distributed_is_named(make_cluster, tmp_path):
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    bare.chmod(0o755)
+    cluster = make_cluster(hosts=["host1", "host2"], python_executable={"host2": str(bare)})
+    with pytest.raises(GroupError) as info:
+        cluster.start()
+    assert list(info.value.errors) == ["host2"]
+    assert isinstance(info.value.errors["host2"], RemoteEnvironmentError)
+    assert "dask.distributed is not importable" in str(info.value)
+
+
+def test_debug_output_logs_and_context_manager(multi_hosts, no_leftovers, capfd):
+    group = RuntimeGroup(hosts=["host1"], ssh_config_path=str(multi_hosts.ssh_config_path))
+    with DaskCluster(group, nanny=False) as cluster:
+        cluster.start(debug=True)
+        logs = cluster.get_logs()
+        assert set(logs) == {"scheduler", "host1-0"}
+        assert "Scheduler at" in logs["scheduler"] and "Registered to" in logs["host1-0"]
+        printed: list[str] = []
+
+        def printed_live() -> bool:
+            printed.append(capfd.readouterr().out)
+            return "Scheduler at" in "".join(printed) and "Registered to" in "".join(printed)
+
+        assert wait_until(printed_live, timeout=10)  # remote output reached our stdout
+    assert cluster.state == "stopped"
+    assert local_leftovers(cluster.cluster_id) == []
+
+
+def test_embedded_default_runs_on_this_machine(no_local_leaks):
+    cluster = DaskCluster(RuntimeGroup(runtimes=[Runtime("localhost")]), nanny=False)
+    try:
+        cluster.start()
+        assert cluster.network_mode == "direct"
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert set(where_work_ran(cluster).values()) == {socket.gethostname()}
+    finally:
+        cluster.cleanup()
+    assert local_leftovers(cluster.cluster_id) == []
+
+
+CONTROLLER = """
+import json, sys, time
+from lazycluster_tasks import RuntimeGroup
+from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
+group = RuntimeGroup(hosts=sys.argv[3:], ssh_config_path=sys.argv[1])
+cluster = DaskCluster(group, network_mode=sys.argv[2], death_timeout=4, idle_timeout=2)
+cluster.start()
+print(json.dumps(cluster.record()), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("mode", ["direct", "tunnelled"])
+def test_killed_controller_leaves_nothing_behind(multi_hosts, no_leftovers, mode):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONTROLLER, str(multi_hosts.ssh_config_path), mode, *HOSTS],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        cluster_id = json.loads(proc.stdout.readline())["cluster_id"]
+        assert all(multi_hosts.processes(h) for h in HOSTS)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    start = time.monotonic()
+    gone = wait_until(
+        lambda: not local_leftovers(cluster_id) and not multi_hosts.leftovers(), timeout=30
+    )
+    elapsed = time.monotonic() - start
+    print(f"{mode}: every process gone {elapsed:.1f} s after SIGKILL of the controller")
+    assert gone, (local_leftovers(cluster_id), multi_hosts.leftovers())
+    assert elapsed < 2 + 4 + 6  # idle timeout + death timeout + slack
+
+
+def test_teardown_from_the_record_alone(multi_hosts, no_leftovers):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONTROLLER, str(multi_hosts.ssh_config_path), "tunnelled", *HOSTS],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        record = json.loads(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert {p["host"] for p in record["processes"]} == {"localhost", *HOSTS}
+    assert "password" not in json.dumps(record)
+    start = time.monotonic()
+    report = teardown(record)
+    assert time.monotonic() - start < 4  # much sooner than the death timeout
+    assert set(report) == {CONTROLLER_KEY, *HOSTS}
+    assert multi_hosts.leftovers() == {} and local_leftovers(record["cluster_id"]) == []
+    folders = [f["working_dir"] for f in record["folders"].values()]
+    assert not any(os.path.exists(f) for f in folders)
+    assert set(teardown(record)) == set(report)  # idempotent

@@ -1,0 +1,222 @@
+"""Ports and tunnels on real SSH test hosts, with the SSH-only switch making tunnels necessary."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+
+import psutil
+import pytest
+
+from lazycluster_tasks import (
+    NoPortsLeftError,
+    PortInUseError,
+    Runtime,
+    RuntimeGroup,
+)
+from tests.conftest import ssh_runtime, wait_until
+
+ECHO_SERVER = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen()\n"
+    "while True:\n"
+    "    c, _ = s.accept(); c.sendall(b'hello from ' + socket.gethostname().encode()); c.close()\n"
+)
+
+
+def serve(hosts, name, port, address="127.0.0.1"):
+    """A tiny server inside a test host that greets with its hostname."""
+    proc = hosts.run_in(name, [sys.executable, "-c", ECHO_SERVER, address, str(port)])
+    probe = f"import socket; socket.create_connection(({address!r}, {port}), 1).close()"
+    assert wait_until(
+        lambda: hosts.run_in(name, [sys.executable, "-c", probe]).wait() == 0, timeout=10
+    )
+    return proc
+
+
+def fetch(port: int) -> str:
+    """A command for a host: print what 127.0.0.1:port sends."""
+    code = f"import socket; print(socket.create_connection(('127.0.0.1', {port})).recv(100))"
+    return f"{sys.executable} -c {code!r}"
+
+
+def greet(port: int, host: str = "127.0.0.1") -> bytes:
+    with socket.create_connection((host, port), timeout=5) as s:
+        return s.recv(100)
+
+
+@pytest.fixture
+def server(multi_hosts, no_leftovers):
+    """Start greeting servers in hosts; they are stopped before the leftover check."""
+    procs = []
+
+    def start(name, port, address="127.0.0.1"):
+        procs.append(serve(multi_hosts, name, port, address))
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_free_port_probes_take_one_round_trip(host1, test_hosts):
+    listener = test_hosts.run_in("host1", [sys.executable, "-c", ECHO_SERVER, "127.0.0.1", "7301"])
+    try:
+        assert wait_until(lambda: not host1.has_free_port(7301))
+        before = host1.connection.commands_run
+        assert host1.get_free_port([7301, 7302, *range(7400, 8400)]) == 7302
+        assert host1.connection.commands_run == before + 1
+        with pytest.raises(NoPortsLeftError):
+            host1.get_free_port([7301])
+        assert host1.has_free_port(7302)
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def test_local_runtime_ports_use_psutil():
+    runtime = Runtime("localhost")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert not runtime.has_free_port(port)
+        assert runtime.get_free_port([port, port + 1 if port < 65535 else port - 1]) != port
+    assert runtime.connection.commands_run == 0
+    with pytest.raises(ValueError, match="invalid port"):
+        runtime.has_free_port(70000)
+
+
+def test_group_free_port(multi_hosts, server, no_leftovers):
+    server("host2", 7311)
+    group = RuntimeGroup(hosts=["host1", "host2"], ssh_config_path=str(multi_hosts.ssh_config_path))
+    try:
+        assert not group.has_free_port(7311)
+        assert group.has_free_port(7311, exclude_hosts=["host2"])
+        assert group.get_free_port([7311, 7312]) == 7312
+        with socket.create_server(("127.0.0.1", 7312)):
+            assert group.get_free_port([7311, 7312, 7313], enforce_check_on_localhost=True) == 7313
+        with pytest.raises(NoPortsLeftError):
+            group.get_free_port([7311])
+    finally:
+        group.cleanup()
+
+
+def test_local_forward_reaches_a_port_only_ssh_can_reach(
+    ssh_only, server, no_leftovers, no_local_leaks
+):
+    server("host1", 7321)
+    runtime = ssh_runtime(ssh_only, "host1")
+    try:
+        address = ssh_only.host("host1").address
+        with pytest.raises(OSError):
+            socket.create_connection((address, 7321), timeout=2)
+        local_port = runtime.expose_port_from_runtime(7321)
+        assert greet(local_port) == b"hello from host1"
+        bound = {
+            c.laddr.ip
+            for c in psutil.Process().net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == local_port
+        }
+        assert bound == {"127.0.0.1"}
+        assert runtime.is_port_exposure_active(local_port)
+        assert [t.kind for t in runtime.tunnels] == ["-L"]
+        runtime.close_tunnel(local_port)
+        assert runtime.tunnels == []
+        with pytest.raises(OSError):
+            greet(local_port)
+    finally:
+        runtime.cleanup()
+
+
+def test_remote_forward_exposes_a_local_port_on_127_0_0_1(ssh_only, no_leftovers, no_local_leaks):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        thread = threading.Thread(target=lambda: _answer(listener, b"from the controller"))
+        thread.start()
+        runtime = ssh_runtime(ssh_only, "host2")
+        try:
+            remote_port = runtime.expose_port_to_runtime(port)
+            assert runtime.run(fetch(remote_port)).strip() == "b'from the controller'"
+            listening = runtime.run(f"cat /proc/net/tcp | grep -i ':{remote_port:04X} ' || true")
+            assert listening and all(
+                line.split()[1].startswith("0100007F") for line in listening.splitlines()
+            )
+        finally:
+            runtime.cleanup()
+            thread.join(5)
+
+
+def _answer(listener: socket.socket, payload: bytes) -> None:
+    listener.settimeout(10)
+    conn, _ = listener.accept()
+    with conn:
+        conn.sendall(payload)
+
+
+def test_taken_ports_are_reported(host1, test_hosts):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with pytest.raises(PortInUseError, match=str(port)):
+            host1.expose_port_from_runtime(22, port)
+    proc = test_hosts.run_in("host1", [sys.executable, "-c", ECHO_SERVER, "127.0.0.1", "7331"])
+    try:
+        assert wait_until(lambda: not host1.has_free_port(7331))
+        with pytest.raises(PortInUseError, match="7331 is already in use on host1"):
+            host1.expose_port_to_runtime(22, 7331)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_tunnels_come_back_after_the_connection_drops(
+    ssh_only, server, no_leftovers, no_local_leaks
+):
+    server("host3", 7341)
+    runtime = ssh_runtime(ssh_only, "host3")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        try:
+            local_port = runtime.expose_port_from_runtime(7341)
+            remote_port = runtime.expose_port_to_runtime(port)
+            assert ssh_only.kill_sessions("host3") >= 2  # the runtime's and the -L tunnel's
+            assert (
+                wait_until(lambda: not runtime.is_port_exposure_active(local_port), timeout=5)
+                or True
+            )
+            assert wait_until(lambda: all(t.is_active for t in runtime.tunnels), timeout=10), (
+                runtime.tunnels
+            )
+            assert greet(local_port) == b"hello from host3"
+            thread = threading.Thread(target=lambda: _answer(listener, b"back"))
+            thread.start()
+            assert runtime.run(fetch(remote_port)).strip() == "b'back'"
+            thread.join(5)
+        finally:
+            runtime.cleanup()
+
+
+def test_group_tunnels_connect_hosts_that_cannot_see_each_other(ssh_only, server, no_leftovers):
+    server("host1", 7351)
+    group = RuntimeGroup(
+        hosts=["host1", "host2", "host3"], ssh_config_path=str(ssh_only.ssh_config_path)
+    )
+    try:
+        port = group.expose_port_from_runtime_to_group("host1", 7351)
+        assert port == 7351
+        assert greet(port) == b"hello from host1"  # on this machine
+        for host in ("host2", "host3"):
+            out = group.get_runtime(host).run(fetch(port))
+            assert out.strip() == "b'hello from host1'"
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            local = listener.getsockname()[1]
+            assert group.expose_port_to_runtimes(local, exclude_hosts=["host3"]) == local
+            assert group.get_runtime("host1").is_port_exposure_active(local)
+            assert not group.get_runtime("host3").is_port_exposure_active(local)
+        with pytest.raises(ValueError, match="not in the group"):
+            group.expose_port_from_runtime_to_group("host9", 7351)
+    finally:
+        group.cleanup()
+    assert all(rt.tunnels == [] for rt in group.runtimes)
+    with pytest.raises(OSError):  # nothing listens on the group port any more
+        greet(7351)
