@@ -127,8 +127,8 @@ def start_detached(command: Sequence[str], cwd: str, log_file: str, pid_file: st
 #: ``live PGID`` succeeds while the process group has a member that is not a zombie (a killed
 #: process stays a zombie until its parent, often init, reaps it; that does not count as alive).
 LIVE_GROUP = (
-    'live() { ps -e -o pgid=,stat= | awk -v g="$1" \'$1 == g && $2 !~ /^Z/ {f = 1} '
-    "END {exit !f}'; }"
+    'live() { kill -0 -"$1" 2>/dev/null || return 1; '  # cheap exit: no member at all
+    "ps -e -o pgid=,stat= | awk -v g=\"$1\" '$1 == g && $2 !~ /^Z/ {f = 1} END {exit !f}'; }"
 )
 
 

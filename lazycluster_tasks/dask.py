@@ -9,12 +9,13 @@ every host at once (TERM, grace, KILL, verified), closes tunnels and removes the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,7 @@ class DaskOptions:
     #: Ports of this machine (e.g. a Prefect API) to expose as 127.0.0.1:<port> on every host.
     forward_ports: Sequence[int] = ()
     start_timeout: float = 120.0  # for all workers to register
-    stop_grace: float = 0.5  # seconds between TERM and KILL
+    stop_grace: float = 0.3  # seconds between TERM and KILL
 
 
 class DaskCluster(MasterWorkerCluster):
@@ -306,9 +307,8 @@ class DaskCluster(MasterWorkerCluster):
         for attempt in range(PORT_RETRIES + 1):
             specs = self._worker_specs(pending, ports, used)
             started = self._launch(specs, debug)
-            if self.plan.mode == "tunnelled":
-                self.route_worker_ports()
-            raced = self._wait_for_workers(started, self.options.start_timeout)
+            with self._routing():  # workers register meanwhile: they dial out, not in
+                raced = self._wait_for_workers(started, self.options.start_timeout)
             if not raced:
                 return used
             if attempt == PORT_RETRIES:
@@ -384,6 +384,29 @@ class DaskCluster(MasterWorkerCluster):
             lambda rt: [rt.expose_port_to_runtime(p, p) for p in todo],
         )
         self._routed.update(("", p) for p in todo)
+
+    @contextlib.contextmanager
+    def _routing(self) -> Iterator[None]:
+        """Tunnelled mode: route worker ports in the background of the block."""
+        if self.plan.mode != "tunnelled":
+            yield
+            return
+        errors: list[BaseException] = []
+
+        def route() -> None:
+            try:
+                self.route_worker_ports()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=route, name="lct-route-workers", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join()
+        if errors:
+            raise errors[0]
 
     def route_worker_ports(self) -> None:
         """Tunnelled mode: every worker (and nanny) port at 127.0.0.1 on this machine, every
@@ -477,6 +500,10 @@ class DaskCluster(MasterWorkerCluster):
         self._stop_processes([n for n, i in self._processes.items() if i.role == "worker"])
 
     # -- Dask-style surface ---------------------------------------------------------------
+
+    def monitor_client(self) -> Any:
+        """The controller's own client (kept by the cluster, do not close it)."""
+        return self._monitor()
 
     def _monitor(self) -> Any:
         """The controller's own client: it keeps the scheduler alive (see WATCH_PRELOAD)."""
@@ -604,8 +631,9 @@ class DaskCluster(MasterWorkerCluster):
         runtime.execute_task(task, execute_async=True, omit_on_join=True, debug=True)
 
     def _stop_processes(self, names: list[str], remove_folders: bool = False) -> None:
-        """Stop processes grouped by runtime, all runtimes at once; verify none survived.
-        ``remove_folders`` also removes the cluster folder on every runtime it may exist on."""
+        """Stop processes grouped by runtime, all runtimes at once, one round trip each; verify
+        none survived. ``remove_folders`` (cleanup) also removes the cluster folder — or the
+        whole working dir when it is a temporary one — in that same round trip."""
         jobs: dict[str, tuple[Runtime, list[ProcessInfo]]] = {}
         owners = [self.controller, *self._group.runtimes] if remove_folders else []
         for owner in owners:
@@ -619,22 +647,30 @@ class DaskCluster(MasterWorkerCluster):
         def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job
             folder = self.folder(runtime)
+            remove = None
+            if remove_folders:
+                remove = runtime.working_dir if runtime._working_dir_is_temp else folder
             marker = processes.folder_marker(folder)
-            left = processes.stop_processes(
-                runtime, infos, marker, self.options.stop_grace, folder if remove_folders else None
-            )
+            left = processes.stop_processes(runtime, infos, marker, self.options.stop_grace, remove)
+            if remove_folders and runtime._working_dir_is_temp:
+                runtime.forget_working_dir()  # removed here; its cleanup need not do it again
             if left:
                 raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
 
+        routed = [
+            (info.host, port)
+            for info in (self._processes.get(n) for n in names)
+            if info is not None
+            for port in info.ports
+            if (info.host, port) in self._routed
+        ]
         try:
             run_parallel("stop processes", jobs, stop)
         finally:
             for name in names:
-                info = self._processes.get(name)
-                for port in info.ports if info else []:
-                    if (info.host, port) in self._routed:  # type: ignore[union-attr]
-                        self._close_routes(info.host, port)  # type: ignore[union-attr]
                 self._forget(name)
+            if routed and not remove_folders:  # cleanup closes every tunnel anyway
+                self._close_routes(routed)
 
     def _key(self, runtime: Runtime) -> str:
         return CONTROLLER_KEY if runtime is self.controller else runtime.host
@@ -676,10 +712,16 @@ class DaskCluster(MasterWorkerCluster):
             "tunnels": tunnels,
         }
 
-    def _close_routes(self, host: str, port: int) -> None:
-        for runtime in self._group.runtimes:
-            runtime.close_tunnel(port)
-        self._routed.discard((host, port))
+    def _close_routes(self, routes: list[tuple[str, int]]) -> None:
+        """Close the forwards of these worker ports on every runtime (runtimes in parallel)."""
+        ports = {port for _, port in routes}
+
+        def close(runtime: Runtime) -> None:
+            for port in ports:
+                runtime.close_tunnel(port)
+
+        fan_out("close worker routes", self._group.runtimes, close)
+        self._routed -= set(routes)
 
     def _close_clients(self) -> None:
         if self._monitor_thread is not None:

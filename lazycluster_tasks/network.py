@@ -89,7 +89,9 @@ def _reachable(state: str | None) -> bool:
 
 
 def probe_host(runtime: Runtime, python: str, targets: dict[str, tuple[str, int]]) -> HostReport:
-    """Run the preflight probe on one host with the interpreter the cluster will use there."""
+    """Run the preflight probe on one host with the interpreter the cluster will use there
+    (its working dir is created first, so every host has one once the plan exists)."""
+    runtime.working_dir  # noqa: B018 - created here, in parallel with the other hosts
     args = json.dumps({"targets": targets, "timeout": PROBE_TIMEOUT})
     result = runtime.connection.run(commands.python_call(python, PROBE_SCRIPT, [args]))
     if result.exit_code == 127:

@@ -117,6 +117,12 @@ class Runtime:
             raise PathCreationError(path or "(temporary dir)", self._host, tail(result.output, 500))
         return created[0]
 
+    def forget_working_dir(self) -> None:
+        """Forget a temporary working dir that was removed by someone else (a cluster's
+        teardown folds the removal into its own round trip)."""
+        with self._lock:
+            self._working_dir = None
+
     def _remote_path(self, path: str) -> str:
         if path.startswith("~"):
             home = str(self.info.get("home") or "")

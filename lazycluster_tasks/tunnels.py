@@ -1,13 +1,14 @@
 """SSH port forwards as values you own: list them, check them, close them.
 
 * :class:`LocalForward` (``ssh -L``): our ``127.0.0.1:local_port`` -> the host's
-  ``127.0.0.1:remote_port``, built on sshtunnel with the runtime's connection settings and the
-  host key its own connection verified.
+  ``127.0.0.1:remote_port``: sshtunnel's listener and handlers, carried by the runtime's own
+  (already authenticated, host-key-verified) transport.
 * :class:`RemoteForward` (``ssh -R``): the host's ``127.0.0.1:remote_port`` -> our
   ``127.0.0.1:local_port``, over the runtime's own paramiko transport.
 
-Both ends bind 127.0.0.1. No process and no sleeping thread per tunnel: one keeper thread per
-Python process watches every open tunnel and re-establishes those a dropped connection broke.
+Both ends bind 127.0.0.1. One SSH connection per runtime carries all its tunnels; no process
+and no sleeping thread per tunnel: one keeper thread per Python process watches every open tunnel
+and re-establishes those a dropped connection broke.
 """
 
 from __future__ import annotations
@@ -28,12 +29,7 @@ from lazycluster_tasks.ssh import SSHConnection
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-#: Window and packet sizes of tunnel channels: paramiko's defaults (2 MiB, 32 KiB) cap throughput.
-WINDOW_SIZE = 16 * 2**20
-MAX_PACKET_SIZE = 2**17  # paramiko clamps to what the server accepts
 CHUNK = 2**18
-#: AES-GCM needs one pass instead of cipher + MAC; prefer it where the server offers it.
-FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 KEEPER_INTERVAL = 1.0
 #: Given to sshtunnel so that it does not attach console handlers to its and paramiko's loggers.
 _SSHTUNNEL_LOGGER = logging.getLogger("lazycluster_tasks.tunnels.sshtunnel")
@@ -73,15 +69,6 @@ def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
         chan.close()
         with contextlib.suppress(OSError):
             sock.close()
-
-
-def _tune(transport: paramiko.Transport) -> None:
-    transport.default_window_size = WINDOW_SIZE
-    transport.default_max_packet_size = MAX_PACKET_SIZE
-    options = transport.get_security_options()
-    available = tuple(options.ciphers)
-    preferred = tuple(c for c in FAST_CIPHERS if c in available)
-    options.ciphers = preferred + tuple(c for c in available if c not in preferred)
 
 
 class Tunnel:
@@ -131,13 +118,33 @@ class Tunnel:
         )
 
 
-class _FastForwarder(sshtunnel.SSHTunnelForwarder):
-    """sshtunnel with tuned window/cipher and a pump that moves large chunks."""
+class _SharedForwarder(sshtunnel.SSHTunnelForwarder):
+    """sshtunnel's local listener and handlers, carried by the runtime's own SSH transport.
 
-    def _get_transport(self) -> paramiko.Transport:
-        transport = super()._get_transport()
-        _tune(transport)
-        return transport
+    No second connection (and handshake) per tunnel: the runtime's transport is already
+    authenticated and its host key verified, so gateway login and auth are skipped, and stopping
+    the tunnel stops its listener but never closes the shared transport.
+    """
+
+    def __init__(self, connection: SSHConnection, **kwargs: Any) -> None:
+        self._lct_connection = connection
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def _consolidate_auth(*args: Any, **kwargs: Any) -> tuple[None, list[Any]]:
+        return None, []  # authentication happened on the runtime's connection
+
+    def _connect_to_gateway(self) -> None:
+        self._transport = self._lct_connection.transport()
+
+    def _stop_transport(self, force: bool = False) -> None:
+        for server in self._server_list:
+            server.shutdown()
+            server.server_close()
+        self.is_alive = False
+
+    def __del__(self) -> None:
+        pass  # LocalForward.close() stops it; the shared transport is not ours to close
 
     def _make_ssh_forward_handler_class(self, remote_address_: Any) -> Any:
         base = super()._make_ssh_forward_handler_class(remote_address_)
@@ -158,59 +165,58 @@ class LocalForward(Tunnel):
 
     def __init__(self, connection: SSHConnection, remote_port: int, local_port: int = 0) -> None:
         super().__init__(connection, local_port, remote_port)
-        self._requested_local = local_port
-        self._forwarder: _FastForwarder | None = None
+        self._forwarder: _SharedForwarder | None = None
         self._open()
+        connection.on_reconnect(self._on_reconnect)
         _keeper.add(self)
 
     def _open(self) -> None:
         s = self.connection.settings
-        host_key = self.connection.host_key()  # verified by the runtime's own connection
-        proxy = self.connection.open_socket()
-        pkeys = self.connection.private_keys()
         try:
-            forwarder = _FastForwarder(
-                (s.hostname, s.port),
+            forwarder = _SharedForwarder(
+                self.connection,
+                ssh_address_or_host=(s.hostname, s.port),
                 ssh_config_file=None,  # already resolved by the runtime
-                ssh_proxy=proxy,
-                ssh_username=s.username,
-                ssh_password=s.password,
-                ssh_pkey=pkeys[0] if pkeys else None,
-                ssh_host_key=host_key,
-                allow_agent=s.allow_agent,
+                allow_agent=False,
                 host_pkey_directories=[],
                 local_bind_address=(LOOPBACK, self.local_port),
                 remote_bind_address=(LOOPBACK, self.remote_port),
-                set_keepalive=15.0,
-                compression=False,
                 mute_exceptions=False,
                 logger=_SSHTUNNEL_LOGGER,
             )
-            forwarder.ssh_pkeys = pkeys + [k for k in forwarder.ssh_pkeys if k not in pkeys]
             forwarder.start()
         except Exception as exc:
-            if proxy is not None:
-                proxy.close()
             raise TunnelError(
                 f"cannot forward 127.0.0.1:{self.local_port or '*'} to "
                 f"{self.host}:127.0.0.1:{self.remote_port}: {exc}"
             ) from exc
         self._forwarder = forwarder
-        self.local_port = int(forwarder.local_bind_port)
+        self.local_port = int(forwarder.local_bind_port)  # the same port on every reopen
 
     @property
     def is_active(self) -> bool:
         f = self._forwarder
         return bool(f is not None and not self.closed and f.is_active and f.is_alive)
 
+    def _on_reconnect(self, transport: paramiko.Transport) -> None:
+        self._stop()  # its handlers hold the dead transport
+        try:
+            self._open()
+            self.last_error = None
+        except TunnelError as exc:
+            self.last_error = str(exc)
+            logger.warning("%s", exc)
+
     def _reopen(self) -> None:
-        self._stop()
-        self._open()
+        self.connection.transport()  # reconnecting reopens it through _on_reconnect
+        if not self.is_active:
+            self._stop()
+            self._open()
 
     def _stop(self) -> None:
         if self._forwarder is not None:
             with contextlib.suppress(Exception):
-                self._forwarder.stop(force=True)
+                self._forwarder.stop()
             self._forwarder = None
 
     def close(self) -> None:
@@ -218,6 +224,7 @@ class LocalForward(Tunnel):
             return
         self.closed = True
         _keeper.remove(self)
+        self.connection.remove_on_reconnect(self._on_reconnect)
         self._stop()
 
 
