@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 .PHONY: run test lint bench system-deps clean
 
 run: $(VENV)/.installed
-	$(BIN)/python -m flows.demo
+	$(BIN)/python -m flows.example_pipeline
 
 test: $(VENV)/.installed system-deps lint
 	$(BIN)/python -m pytest

@@ -1,5 +1,7 @@
 """lazycluster_tasks: Dask clusters on plain SSH hosts, launched and torn down by Prefect tasks."""
 
+from typing import Any
+
 from lazycluster_tasks.cluster import (
     MasterLauncher,
     MasterWorkerCluster,
@@ -36,6 +38,35 @@ from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.manager import RuntimeManager
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.task import RuntimeTask
+
+#: Names of the Prefect layer, imported on first use: the core works without importing prefect.
+PREFECT_NAMES = (
+    "ClusterHandle",
+    "ClusterRecord",
+    "HostGroupBlock",
+    "SSHSettingsBlock",
+    "check_runtimes",
+    "cleanup_cluster",
+    "cluster_lifecycle",
+    "dask_cluster",
+    "launch_master",
+    "launch_workers",
+    "setup_tunnels",
+    "teardown_cluster",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in PREFECT_NAMES:
+        from lazycluster_tasks import prefect
+
+        return getattr(prefect, name)
+    raise AttributeError(f"module 'lazycluster_tasks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *PREFECT_NAMES])
+
 
 __all__ = [
     "AuthenticationError",

@@ -15,6 +15,22 @@ from lazycluster_tasks.testing.hosts import TestHosts
 
 pytest_plugins = ["lazycluster_tasks.testing.pytest_plugin"]
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+os.environ.update(QUIET_ENV)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect API for the whole session (a test server: ~15 s to start)."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _execution_logs_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -1,0 +1,54 @@
+"""Serve the project's deployments from this process (no work pool needed).
+
+    prefect server start &                      # or point PREFECT_API_URL at your server
+    python -m deployments.serve host1 host2     # hosts for the scheduled pipeline
+    prefect deployment run example-pipeline/example-pipeline-nightly
+
+* ``example-pipeline/example-pipeline-nightly``: the example pipeline every night at 02:00 UTC on
+  the given hosts (none: this machine), parameters overridable per run;
+* ``cluster-lifecycle/cluster-lifecycle``: any compute job ("module:function") on a cluster;
+* ``teardown-cluster/teardown-cluster``: on demand, stop a cluster by id from its record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import cast
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+
+from flows.example_pipeline import example_pipeline
+from lazycluster_tasks.prefect.flows import cluster_lifecycle, teardown_cluster
+
+NIGHTLY = "0 2 * * *"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("hosts", nargs="*", help="SSH hosts for the pipeline (default: local)")
+    parser.add_argument("--workers-per-host", type=int, default=1)
+    parser.add_argument("--network-mode", default="auto", choices=["auto", "direct", "tunnelled"])
+    parser.add_argument("--ssh-config", default=os.environ.get("LAZYCLUSTER_SSH_CONFIG"))
+    parser.add_argument("--cron", default=NIGHTLY, help="schedule of the pipeline")
+    args = parser.parse_args(argv)
+    pipeline = example_pipeline.to_deployment(
+        name="example-pipeline-nightly",
+        cron=args.cron,
+        parameters={
+            "hosts": args.hosts or None,
+            "workers_per_host": args.workers_per_host,
+            "network_mode": args.network_mode,
+            "ssh_config_path": args.ssh_config,
+        },
+        tags=["lazycluster"],
+    )
+    lifecycle = cluster_lifecycle.to_deployment(name="cluster-lifecycle", tags=["lazycluster"])
+    teardown = teardown_cluster.to_deployment(name="teardown-cluster", tags=["lazycluster"])
+    serve(*(cast(RunnerDeployment, d) for d in (pipeline, lifecycle, teardown)))
+
+
+if __name__ == "__main__":
+    main()

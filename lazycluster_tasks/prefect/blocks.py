@@ -1,0 +1,99 @@
+"""Prefect blocks for SSH settings and host groups, usable as flow parameters by block name.
+
+Secrets are ``SecretStr``: hidden in ``repr``/``str``/``model_dump`` and in validation errors,
+stored encrypted by the Prefect API, revealed only by ``SSHSettingsBlock.connection_kwargs()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect.blocks.core import Block
+from pydantic import ConfigDict, Field, SecretStr, field_validator
+
+__all__ = ["HostGroupBlock", "SSHSettingsBlock"]
+
+
+class SSHSettingsBlock(Block):
+    """How to reach SSH hosts: user, key or password, known_hosts policy, jump host."""
+
+    _block_type_name = "Lazycluster SSH Settings"
+    _block_type_slug = "lazycluster-ssh-settings"
+    _description = "SSH credentials and connection options for lazycluster_tasks hosts."
+
+    # Never echo inputs (possibly secrets) in validation errors.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    user: str | None = Field(default=None, description="Login user (default: from ssh config).")
+    private_key: SecretStr | None = Field(default=None, description="Private key text.")
+    private_key_path: str | None = Field(default=None, description="Path to a private key file.")
+    password: SecretStr | None = Field(default=None, description="Login password.")
+    key_passphrase: SecretStr | None = Field(default=None, description="Private key passphrase.")
+    known_hosts_policy: Literal["reject", "auto-add"] = Field(
+        default="reject", description="What to do with hosts missing from known_hosts."
+    )
+    known_hosts_path: str | None = Field(default=None, description="known_hosts file to use.")
+    ssh_config_path: str | None = Field(default=None, description="OpenSSH config file to read.")
+    jump_host: str | None = Field(
+        default=None, description="ProxyJump spec, e.g. 'user@bastion:22'."
+    )
+    connect_timeout: float | None = Field(default=None, gt=0, description="Seconds to connect.")
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """The library's ``connection_kwargs`` for the fields that are set (secrets in plain)."""
+        values: dict[str, Any] = {
+            "username": self.user,
+            "private_key": _plain(self.private_key),
+            "key_filename": self.private_key_path,
+            "password": _plain(self.password),
+            "passphrase": _plain(self.key_passphrase),
+            # Always set: the block's default "reject" overrides StrictHostKeyChecking.
+            "host_key_policy": self.known_hosts_policy,
+            "known_hosts": self.known_hosts_path,
+            "proxy_jump": self.jump_host,
+            "connect_timeout": self.connect_timeout,
+        }
+        return {key: value for key, value in values.items() if value is not None}
+
+
+class HostGroupBlock(Block):
+    """A named set of hosts to run a Dask cluster on, with optional SSH settings."""
+
+    _block_type_name = "Lazycluster Host Group"
+    _block_type_slug = "lazycluster-host-group"
+    _description = "Hosts (SSH aliases) and worker options for a lazycluster_tasks Dask cluster."
+
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    hosts: list[str] = Field(description="SSH host aliases or names, one per entry.")
+    python_executable: str | dict[str, str] | None = Field(
+        default=None, description="Remote Python, for all hosts or per host name."
+    )
+    workers_per_host: int = Field(default=1, ge=1, description="Dask workers on each host.")
+    network_mode: Literal["auto", "direct", "tunnelled"] = Field(
+        default="auto", description="How workers reach the scheduler."
+    )
+    ssh: SSHSettingsBlock | None = Field(default=None, description="SSH settings for all hosts.")
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, hosts: list[str]) -> list[str]:
+        if not hosts:
+            raise ValueError("hosts must list at least one host")
+        for host in hosts:
+            if not host or any(c.isspace() for c in host):
+                raise ValueError(f"invalid host entry {host!r}: must be non-empty, no whitespace")
+        return hosts
+
+    def cluster_options(self) -> dict[str, Any]:
+        """Options for the cluster: workers per host, network mode, python executable if set."""
+        options: dict[str, Any] = {
+            "workers_per_host": self.workers_per_host,
+            "network_mode": self.network_mode,
+            "python_executable": self.python_executable,
+        }
+        return {key: value for key, value in options.items() if value is not None}
+
+
+def _plain(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None

@@ -1,0 +1,183 @@
+"""Flows and the ``dask_cluster`` context manager: a cluster around any compute job.
+
+``with dask_cluster(hosts=[...]) as cluster:`` inside a flow launches the scheduler and workers
+through the lifecycle tasks (so each step shows in the UI), yields a :class:`ClusterHandle`, and
+always cleans up: in ``finally`` for errors, and — when the process itself dies or the run is
+cancelled — in the ``on_crashed``/``on_cancellation`` hook :func:`teardown_hook`, which works
+from the persisted records alone and may run in another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow
+
+from lazycluster_tasks.dask import DaskCluster
+from lazycluster_tasks.prefect.blocks import HostGroupBlock
+from lazycluster_tasks.prefect.records import (
+    ClusterRecord,
+    clusters_of_run,
+    load_block,
+    load_record,
+)
+from lazycluster_tasks.prefect.tasks import (
+    cleanup_cluster,
+    launch_master,
+    launch_workers,
+    live_cluster,
+    setup_tunnels,
+    stop_cluster,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Where the cluster runs when no host is named: the embedded default, this machine.
+DEFAULT_HOSTS = ("localhost",)
+
+
+@dataclass
+class ClusterHandle:
+    """What a compute job gets: the record, a client, addresses, and a task runner."""
+
+    record: ClusterRecord
+    cluster: DaskCluster
+    _client: Any = field(default=None, repr=False)
+
+    @property
+    def scheduler_address(self) -> str:
+        return str(self.record.scheduler_address)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return self.record.dashboard_link
+
+    @property
+    def client(self) -> Any:
+        """A ``distributed.Client`` on the cluster (closed with the cluster)."""
+        if self._client is None:
+            self._client = self.cluster.get_client(timeout=30)
+        return self._client
+
+    def task_runner(self, **kwargs: Any) -> Any:
+        """A ``DaskTaskRunner`` on this cluster, for ``my_flow.with_options(task_runner=...)``."""
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=self.scheduler_address, **kwargs)
+
+
+@contextlib.contextmanager
+def dask_cluster(
+    hosts: Sequence[str] | None = None,
+    *,
+    host_group: str | None = None,
+    ssh_block: str | None = None,
+    ssh_config_path: str | None = None,
+    master_host: str | None = None,
+    workers: int | None = None,
+    **options: Any,
+) -> Iterator[ClusterHandle]:
+    """A Dask cluster on ``hosts`` (or a host group block) for the duration of the block.
+
+    ``options`` are DaskCluster options (``workers_per_host``, ``network_mode``,
+    ``threads_per_worker``, ``memory_limit``, ``resources``, ``env``, ...). Nothing is left
+    running on any host afterwards, whatever happens inside.
+    """
+    if host_group:
+        group = load_block(HostGroupBlock, host_group)
+        hosts = list(hosts or group.hosts)
+        options = {**group.cluster_options(), **options}
+    chosen = list(hosts or DEFAULT_HOSTS)
+    record = launch_master(
+        chosen,
+        ssh_config_path=ssh_config_path,
+        ssh_block=ssh_block,
+        host_group=host_group,
+        master_host=master_host,
+        options=options,
+    )
+    failed = True
+    try:
+        record = launch_workers(record, workers)
+        record = setup_tunnels(record)
+        cluster = live_cluster(record.cluster_id)
+        assert cluster is not None
+        yield ClusterHandle(record, cluster)
+        failed = False
+    finally:
+        try:
+            cleanup_cluster(record)
+        except Exception:
+            if not failed:
+                raise
+            logger.exception("cleanup of cluster %s failed", record.cluster_id)
+
+
+def teardown_hook(flow: Any, flow_run: Any, state: Any) -> None:
+    """``on_crashed``/``on_cancellation`` hook: stop every cluster the run launched, from the
+    persisted records (it may run in another process than the flow)."""
+    for cluster_id in clusters_of_run(str(flow_run.id)):
+        record = load_record(cluster_id)
+        if record is None:
+            continue
+        try:
+            stop_cluster(record, logger)
+        except Exception:
+            logger.exception("teardown of cluster %s failed", cluster_id)
+
+
+def resolve_job(job: str | Callable[..., Any]) -> Callable[..., Any]:
+    """A compute job: a callable, or ``"package.module:function"``."""
+    if callable(job):
+        return job
+    module_name, _, name = str(job).partition(":")
+    if not module_name or not name:
+        raise ValueError(f"job must be a callable or 'module:function', not {job!r}")
+    target = getattr(importlib.import_module(module_name), name, None)
+    if not callable(target):
+        raise ValueError(f"{job!r} does not name a callable")
+    return target
+
+
+@flow(name="cluster-lifecycle", on_crashed=[teardown_hook], on_cancellation=[teardown_hook])
+def cluster_lifecycle(
+    job: str | Callable[..., Any],
+    hosts: list[str] | None = None,
+    job_parameters: dict[str, Any] | None = None,
+    host_group: str | None = None,
+    ssh_block: str | None = None,
+    ssh_config_path: str | None = None,
+    master_host: str | None = None,
+    workers_per_host: int = 1,
+    network_mode: str = "auto",
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """Launch master -> launch workers -> tunnels -> run ``job(cluster, **job_parameters)`` ->
+    cleanup (always). ``job`` is ``"module:function"`` (or, called from Python, a callable)."""
+    function = resolve_job(job)
+    values: Mapping[str, Any] = {
+        "workers_per_host": workers_per_host,
+        "network_mode": network_mode,
+        **(options or {}),
+    }
+    with dask_cluster(
+        hosts,
+        host_group=host_group,
+        ssh_block=ssh_block,
+        ssh_config_path=ssh_config_path,
+        master_host=master_host,
+        **values,
+    ) as cluster:
+        return function(cluster, **(job_parameters or {}))
+
+
+@flow(name="teardown-cluster")
+def teardown_cluster(cluster_id: str) -> str:
+    """Stop a cluster from its persisted record (e.g. after its controller died). Idempotent."""
+    record = cleanup_cluster(cluster_id)
+    return "nothing to do" if record is None else f"cluster {cluster_id} stopped"

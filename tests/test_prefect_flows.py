@@ -1,0 +1,286 @@
+"""The Prefect layer against a real API and real SSH test hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentTaskRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+)
+
+from lazycluster_tasks.prefect import (
+    ClusterHandle,
+    SSHSettingsBlock,
+    cluster_lifecycle,
+    dask_cluster,
+    teardown_cluster,
+)
+from lazycluster_tasks.prefect.records import clusters_of_run, load_record
+from tests.conftest import ROOT, wait_until
+from tests.test_dask_cluster import local_leftovers
+
+pytestmark = pytest.mark.slow
+
+HOSTS = ["host1", "host2", "host3"]
+#: Remote workers import this test module's tasks from the shared checkout.
+WORKER_ENV = {"PYTHONPATH": ROOT}
+
+
+def hostnames(cluster: ClusterHandle) -> list[str]:
+    """A compute job: where every worker of the cluster runs."""
+    return sorted(cluster.client.run(socket.gethostname).values())
+
+
+def broken_job(cluster: ClusterHandle) -> None:
+    raise RuntimeError("the compute job failed on purpose")
+
+
+@pytest.fixture
+def hosts_cfg(multi_hosts, prefect_api, no_leftovers) -> str:
+    return str(multi_hosts.ssh_config_path)
+
+
+def test_lifecycle_runs_the_job_on_remote_workers(hosts_cfg):
+    result = cluster_lifecycle(
+        job=hostnames, hosts=HOSTS, ssh_config_path=hosts_cfg, options={"env": WORKER_ENV}
+    )
+    assert result == HOSTS
+
+
+def test_a_failing_job_fails_the_flow_and_still_tears_down(hosts_cfg, multi_hosts):
+    state = cluster_lifecycle(
+        job=broken_job, hosts=HOSTS[:2], ssh_config_path=hosts_cfg, return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        state.result()
+    assert multi_hosts.leftovers() == {}
+
+
+def test_transient_refusal_is_retried(hosts_cfg, multi_hosts):
+    multi_hosts.stop_sshd("host3")
+    restart = threading.Timer(1.5, multi_hosts.start_sshd, args=("host3",))
+    restart.start()
+    try:
+        state = cluster_lifecycle(
+            job=hostnames, hosts=HOSTS, ssh_config_path=hosts_cfg, return_state=True
+        )
+    finally:
+        restart.join()
+    assert state.is_completed(), state
+    assert state.result() == HOSTS
+    runs = task_runs_of(state.state_details.flow_run_id)
+    assert runs["launch-master"].run_count >= 2
+
+
+def test_authentication_failure_is_not_retried(hosts_cfg, tmp_path):
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    SSHSettingsBlock(private_key=key.read_text(), ssh_config_path=hosts_cfg).save(
+        "stranger", overwrite=True
+    )
+    start = time.monotonic()
+    state = cluster_lifecycle(
+        job=hostnames, hosts=["host1"], ssh_block="stranger", return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(Exception, match="authentication to host1"):
+        state.result()
+    assert time.monotonic() - start < 30
+    assert task_runs_of(state.state_details.flow_run_id)["launch-master"].run_count == 1
+
+
+def task_run_list(flow_run_id: Any) -> list[Any]:
+    with get_client(sync_client=True) as client:
+        return list(
+            client.read_task_runs(
+                task_run_filter=TaskRunFilter(
+                    flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])
+                )
+            )
+        )
+
+
+def task_runs_of(flow_run_id: Any) -> dict[str, Any]:
+    """Task runs of a flow run by task name (one run per name expected)."""
+    return {run.name.rsplit("-", 1)[0]: run for run in task_run_list(flow_run_id)}
+
+
+@task
+def where_am_i(i: int) -> str:
+    host = socket.gethostname()
+    get_run_logger().info("item %d computed on %s", i, host)
+    return host
+
+
+@flow
+def fan_out_items(addresses: list[str]) -> list[str]:
+    import dask
+
+    futures = []
+    for i, address in enumerate(addresses):
+        with dask.annotate(workers=[address], allow_other_workers=False):
+            futures.append(where_am_i.submit(i))
+    return [future.result() for future in futures]
+
+
+@flow
+def user_pipeline(ssh_config_path: str) -> list[str]:
+    with dask_cluster(HOSTS, ssh_config_path=ssh_config_path, env=WORKER_ENV) as cluster:
+        addresses = [w["address"] for w in cluster.cluster.workers.values()]
+        return fan_out_items.with_options(task_runner=cluster.task_runner())(addresses)
+
+
+def test_user_flow_runs_its_tasks_on_the_cluster_and_reports_to_the_api(hosts_cfg):
+    state = user_pipeline(hosts_cfg, return_state=True)
+    assert sorted(state.result()) == HOSTS
+    with get_client(sync_client=True) as client:
+        parent = state.state_details.flow_run_id
+        parent_tasks = [r.id for r in task_runs_of(parent).values()]
+        (inner,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=parent_tasks)
+            )
+        )
+        runs = [r for r in task_run_list(inner.id) if r.name.startswith("where_am_i")]
+        assert len(runs) == 3 and all(r.state.is_completed() for r in runs)
+        seen: set[str] = set()
+
+        def hosts_in_logs() -> bool:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[inner.id]))
+            )
+            seen.update(m.message.rsplit(" ", 1)[-1] for m in logs if "computed on" in m.message)
+            return seen == set(HOSTS)
+
+        # the workers' task runs reported to the API, each from its remote host
+        assert wait_until(hosts_in_logs, timeout=20), seen
+
+
+CONTROLLER = """
+import json, sys, time
+from prefect import flow
+from lazycluster_tasks.prefect import dask_cluster
+
+@flow
+def hold(config: str) -> None:
+    with dask_cluster(["host1", "host2"], ssh_config_path=config, network_mode="tunnelled") as c:
+        print(json.dumps({"cluster_id": c.record.cluster_id}), flush=True)
+        time.sleep(600)
+
+hold(sys.argv[1])
+"""
+
+
+def test_teardown_cluster_after_the_controller_was_killed(hosts_cfg, prefect_api, multi_hosts):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONTROLLER, hosts_cfg], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        line = proc.stdout.readline()
+        cluster_id = json.loads(line)["cluster_id"]
+        assert multi_hosts.processes("host1") and multi_hosts.processes("host2")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert load_record(cluster_id) is not None
+    assert teardown_cluster(cluster_id) == f"cluster {cluster_id} stopped"
+    assert multi_hosts.leftovers() == {} and local_leftovers(cluster_id) == []
+    assert load_record(cluster_id) is None
+    assert teardown_cluster(cluster_id) == "nothing to do"  # idempotent
+
+
+def test_no_secret_reaches_logs_artifacts_records_or_errors(hosts_cfg, multi_hosts, tmp_path):
+    key = tmp_path / "encrypted"
+    key.write_text(multi_hosts.identity_file.read_text())
+    key.chmod(0o600)
+    passphrase = "pass-phrase-s3cret-91e2"
+    subprocess.run(["ssh-keygen", "-q", "-p", "-N", passphrase, "-f", str(key)], check=True)
+    key_text = key.read_text()
+    key_line = key_text.splitlines()[2]  # a line of the key body
+    SSHSettingsBlock(
+        private_key=key_text, key_passphrase=passphrase, ssh_config_path=hosts_cfg
+    ).save("encrypted-key", overwrite=True)
+    ok = cluster_lifecycle(
+        job=hostnames, hosts=HOSTS[:2], ssh_block="encrypted-key", return_state=True
+    )
+    assert ok.result() == HOSTS[:2]
+    SSHSettingsBlock(
+        private_key=key_text, key_passphrase="wrong-" + passphrase, ssh_config_path=hosts_cfg
+    ).save("wrong-passphrase", overwrite=True)
+    failed = cluster_lifecycle(
+        job=hostnames, hosts=HOSTS[:1], ssh_block="wrong-passphrase", return_state=True
+    )
+    assert failed.is_failed()
+    produced = [str(failed.result(raise_on_failure=False))]
+    with get_client(sync_client=True) as client:
+        for state in (ok, failed):
+            run_ids = flow_run_tree(client, state.state_details.flow_run_id)
+            produced += [
+                line.message
+                for line in client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids))
+                )
+            ]
+            produced += [json.dumps(a.data, default=str) for a in client.read_artifacts()]
+            produced += [
+                str(r.state.message)
+                for r in client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids))
+                )
+            ]
+    produced.append(json.dumps(ok.result(), default=str))
+    text = "\n".join(produced)
+    assert "authentication" in text.lower() or "passphrase" in text.lower()
+    for secret in (passphrase, key_line):
+        assert secret not in text
+
+
+def flow_run_tree(client: Any, flow_run_id: Any) -> list[Any]:
+    ids = [flow_run_id]
+    tasks = [r.id for r in task_runs_of(flow_run_id).values()]
+    if tasks:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=tasks)
+            )
+        )
+        for child in children:
+            ids += flow_run_tree(client, child.id)
+    return ids
+
+
+def test_records_are_listed_under_the_flow_run(hosts_cfg):
+    seen: dict[str, Any] = {}
+
+    @flow
+    def peek(config: str) -> None:
+        from prefect.runtime import flow_run
+
+        with dask_cluster(["host1"], ssh_config_path=config) as cluster:
+            seen["run"] = flow_run.id
+            seen["ids"] = clusters_of_run(flow_run.id)
+            seen["cluster"] = cluster.record.cluster_id
+
+    peek(hosts_cfg)
+    assert seen["ids"] == [seen["cluster"]]
+    assert clusters_of_run(seen["run"]) == []  # forgotten after cleanup
+    assert wait_until(lambda: local_leftovers(seen["cluster"]) == [])
