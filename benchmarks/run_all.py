@@ -17,6 +17,8 @@ from benchmarks.common import print_table
 
 MODULES: list[str] = [
     "benchmarks.host_layer",
+    "benchmarks.cluster_layer",
+    "benchmarks.prefect_layer",
 ]
 
 

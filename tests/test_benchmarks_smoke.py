@@ -9,7 +9,7 @@ from typing import Any
 import psutil
 import pytest
 
-from benchmarks import common, host_layer
+from benchmarks import cluster_layer, common, host_layer
 from lazycluster_tasks.testing.hosts import NETNS_DIR, SSHD, TestHosts
 
 
@@ -82,3 +82,99 @@ def test_host_layer_benchmark_prints_its_tables(
     for row, target in zip(summary, targets, strict=True):
         assert row[-1] == ("PASS" if target.passed else "MISS")
     assert "targets met" in lines[-1]
+
+
+@pytest.fixture
+def cluster_built_hosts(monkeypatch: pytest.MonkeyPatch) -> list[TestHosts]:
+    """The TestHosts the cluster-layer benchmark builds for itself, recorded to be checked."""
+    built: list[TestHosts] = []
+    real = cluster_layer.TestHosts
+
+    def recording(*args: Any, **kwargs: Any) -> TestHosts:
+        hosts = real(*args, **kwargs)
+        built.append(hosts)
+        return hosts
+
+    monkeypatch.setattr(cluster_layer, "TestHosts", recording)
+    return built
+
+
+def _is_number(cell: str) -> bool:
+    return re.fullmatch(r"\d+(\.\d+)?", cell) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cluster_layer_benchmark_prints_its_tables(
+    capsys: pytest.CaptureFixture[str], cluster_built_hosts: list[TestHosts]
+) -> None:
+    if not os.path.exists(SSHD):
+        pytest.skip(f"{SSHD} not installed")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: tunnelled mode runs on SSH-only network-namespace hosts")
+
+    targets = cluster_layer.main(["--hosts", "2", "--repeat", "1", "--size-mb", "20"])
+    lines = capsys.readouterr().out.splitlines()
+
+    # it built its own hosts and left nothing: no process on them, no ssh, no namespace
+    [hosts] = cluster_built_hosts
+    common.leftover_check(hosts, grace=0)
+    assert _ssh_clients_of(hosts) == []
+    assert not hosts.base_dir.exists()
+    assert not [h.netns for h in hosts.hosts if h.netns and (NETNS_DIR / h.netns).exists()]
+
+    skipped = cluster_layer.sshcluster_unavailable() is not None
+    assert (cluster_layer.SSHCLUSTER_SKIPPED in lines) == skipped
+
+    start = _table(lines, cluster_layer.START_TITLE)
+    assert [row[:2] for row in start] == [["2", case] for case in cluster_layer.CASES]
+    for row in start:
+        assert len(row) == 7
+        if row[1] == cluster_layer.SSHCLUSTER and skipped:
+            assert row[2:] == ["skipped", "-", "-", "-", "0"]
+        else:  # every case ran, without a failed run
+            assert _is_number(row[2]) and _is_number(row[3]), row
+            assert row[4].endswith("x") and row[6] == "1", row
+    assert start[2][4] == "1.00x"  # the floor against itself
+
+    breakdown = _table(lines, cluster_layer.BREAKDOWN_TITLE)
+    cases = [cluster_layer.OURS_DIRECT, cluster_layer.OURS_TUNNELLED, cluster_layer.FLOOR]
+    assert [row[0] for row in breakdown] == [f"2 hosts, {case}" for case in cases]
+    assert all(len(row) == 1 + len(cluster_layer.BREAKDOWN_COLUMNS) for row in breakdown)
+    assert all(_is_number(row[-1]) for row in breakdown)
+
+    cleanup = _table(lines, cluster_layer.CLEANUP_TITLE)
+    assert [row[:2] for row in cleanup] == [["2", case] for case in cluster_layer.OURS_MODES]
+    assert all(_is_number(row[2]) and row[-1] == "none" for row in cleanup)
+    cleanup_phases = _table(lines, cluster_layer.CLEANUP_BREAKDOWN_TITLE)
+    assert [row[0] for row in cleanup_phases] == [f"2 hosts, {c}" for c in cluster_layer.OURS_MODES]
+
+    tunnel = _table(lines, cluster_layer.TUNNEL_TITLE)
+    assert len(tunnel) == 2 and all(len(row) == 5 and _is_number(row[1]) for row in tunnel)
+    assert tunnel[1][-1] == "1.00x"
+
+    summary = _table(lines, cluster_layer.SUMMARY_TITLE)
+    assert [row[0] for row in summary] == [t.name for t in targets]
+    assert len(targets) == 4 + 2 + 1  # start (2 modes x floor/SSHCluster), cleanup, tunnel
+    for row, target in zip(summary, targets, strict=True):
+        expected = "n/a" if target.value is None else ("PASS" if target.passed else "MISS")
+        assert row[-1] == expected
+        assert expected != "n/a" or (skipped and "SSHCluster" in target.name)
+    assert "targets met" in lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_prefect_layer_benchmark_prints_its_table(
+    prefect_api: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import prefect_layer
+
+    (summary,) = prefect_layer.main(["--hosts", "2", "--repeat", "1"])
+    name, added, fraction = summary
+    assert name == "lifecycle flow overhead" and fraction == pytest.approx(
+        added / (added / fraction)
+    )
+    out = capsys.readouterr().out
+    assert "plain DaskCluster start/job/cleanup" in out and "cluster_lifecycle flow" in out
+    assert "target: < 1 s or < 15 %" in out
