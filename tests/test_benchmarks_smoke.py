@@ -172,9 +172,7 @@ def test_prefect_layer_benchmark_prints_its_table(
 
     (summary,) = prefect_layer.main(["--hosts", "2", "--repeat", "1"])
     name, added, fraction = summary
-    assert name == "lifecycle flow overhead" and fraction == pytest.approx(
-        added / (added / fraction)
-    )
     out = capsys.readouterr().out
+    assert name == "lifecycle flow overhead"
     assert "plain DaskCluster start/job/cleanup" in out and "cluster_lifecycle flow" in out
-    assert "target: < 1 s or < 15 %" in out
+    assert f"{added:+.2f} s" in out and f"= {100 * fraction:.0f} %" in out
