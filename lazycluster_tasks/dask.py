@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import posixpath
+import shlex
 import threading
 import time
 import uuid
@@ -248,6 +249,7 @@ class DaskCluster(MasterWorkerCluster):
         if tunnelled:
             self._route_scheduler(runtime, port)
         self._follow_logs(runtime, [info], debug)
+        self._log_output([info], debug)
         self._connect_monitor()
         return info
 
@@ -310,6 +312,7 @@ class DaskCluster(MasterWorkerCluster):
             with self._routing():  # workers register meanwhile: they dial out, not in
                 raced = self._wait_for_workers(started, self.options.start_timeout)
             if not raced:
+                self._log_output(list(started.values()), debug)
                 return used
             if attempt == PORT_RETRIES:
                 break
@@ -623,12 +626,19 @@ class DaskCluster(MasterWorkerCluster):
             self._routed -= {(info.host, p) for p in info.ports}
 
     def _follow_logs(self, runtime: Runtime, infos: list[ProcessInfo], debug: bool) -> None:
-        """debug: print the processes' output live here; else log their first lines at debug."""
+        """debug: print the processes' output live on our stdout (until cleanup)."""
         if not debug:
             return
-        files = " ".join(f"'{i.log_file}'" for i in infos)
+        files = shlex.join(i.log_file for i in infos)
         task = RuntimeTask(f"follow-{infos[0].name}").run_command(f"exec tail -n +1 -F {files}")
         runtime.execute_task(task, execute_async=True, omit_on_join=True, debug=True)
+
+    def _log_output(self, infos: list[ProcessInfo], debug: bool) -> None:
+        """Without debug: the processes' startup output goes to our logger at debug level."""
+        if debug or not logger.isEnabledFor(logging.DEBUG):
+            return
+        for name, text in self._logs(infos).items():
+            logger.debug("[%s] %s", name, text.rstrip())
 
     def _stop_processes(self, names: list[str], remove_folders: bool = False) -> None:
         """Stop processes grouped by runtime, all runtimes at once, one round trip each; verify

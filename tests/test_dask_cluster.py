@@ -22,6 +22,7 @@ from lazycluster_tasks import (
     RemoteEnvironmentError,
     Runtime,
     RuntimeGroup,
+    WorkerStartError,
 )
 from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
 from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
@@ -302,3 +303,36 @@ def test_teardown_from_the_record_alone(multi_hosts, no_leftovers):
     folders = [f["working_dir"] for f in record["folders"].values()]
     assert not any(os.path.exists(f) for f in folders)
     assert set(teardown(record)) == set(report)  # idempotent
+
+
+def test_direct_mode_behind_an_ssh_only_switch_fails_clearly(ssh_only, make_cluster):
+    cluster = make_cluster(hosts=["host1", "host2"], network_mode="direct", start_timeout=8)
+    start = time.monotonic()
+    with pytest.raises(WorkerStartError) as info:
+        cluster.start()
+    assert time.monotonic() - start < 30
+    assert set(info.value.missing) >= {"host1", "host2"}  # each host named, with its log tail
+    assert "did not register within 8" in str(info.value)
+
+
+def test_options_reach_the_processes(make_cluster):
+    cluster = make_cluster(
+        hosts=["host1", "host2"],
+        workers_per_host=2,
+        memory_limit="1GiB",
+        resources=lambda rt: {"SLOT": 1, "BIG": 2} if rt.host == "host2" else {"SLOT": 1},
+        env={"LCT_MARK": "it's $(set)"},
+        worker_options=["--lifetime", "1h"],
+        scheduler_options=["--idle-timeout", "1h"],
+    )
+    cluster.start()
+    client = cluster.get_client(timeout=10)
+    info = client.scheduler_info(n_workers=-1)["workers"].values()
+    assert len(info) == 4 and {w["nthreads"] for w in info} == {1}
+    assert {w["memory_limit"] for w in info} == {2**30}
+    big = {w["name"] for w in info if w["resources"].get("BIG")}
+    assert big == {"host2-1", "host2-3"}
+    marks = client.run(lambda: __import__("os").environ.get("LCT_MARK"))
+    assert set(marks.values()) == {"it's $(set)"}
+    only_big = client.submit(socket.gethostname, resources={"BIG": 1}, pure=False)
+    assert only_big.result(timeout=30) == "host2"

@@ -145,7 +145,7 @@ def test_cli_registers_both_block_types(api_url: str) -> None:
     env = {**os.environ, **QUIET_ENV, "PREFECT_API_URL": api_url}
     prefect_cli = os.path.join(os.path.dirname(sys.executable), "prefect")
     done = subprocess.run(
-        [prefect_cli, "block", "register", "-m", "lazycluster_tasks.prefect.blocks"],
+        [prefect_cli, "block", "register", "-m", "lazycluster_tasks"],  # the package itself
         env=env,
         capture_output=True,
         text=True,

@@ -27,7 +27,9 @@ from prefect.client.schemas.filters import (
 
 from lazycluster_tasks.prefect import (
     ClusterHandle,
+    HostGroupBlock,
     SSHSettingsBlock,
+    check_runtimes,
     cluster_lifecycle,
     dask_cluster,
     teardown_cluster,
@@ -284,3 +286,29 @@ def test_records_are_listed_under_the_flow_run(hosts_cfg):
     assert seen["ids"] == [seen["cluster"]]
     assert clusters_of_run(seen["run"]) == []  # forgotten after cleanup
     assert wait_until(lambda: local_leftovers(seen["cluster"]) == [])
+
+
+def test_check_runtimes_and_a_host_group_block(hosts_cfg, multi_hosts):
+    @flow
+    def usable(hosts: list[str]) -> list[str]:
+        return check_runtimes(hosts, ssh_config_path=hosts_cfg, min_cpu_cores=1)
+
+    multi_hosts.stop_sshd("host4")
+    try:
+        assert usable(["host1", "host2", "host4"]) == ["host1", "host2"]
+    finally:
+        multi_hosts.start_sshd("host4")
+
+    HostGroupBlock(
+        hosts=["host2", "host3"],
+        workers_per_host=2,
+        network_mode="tunnelled",
+        ssh=SSHSettingsBlock(ssh_config_path=hosts_cfg),
+    ).save("pair", overwrite=True)
+
+    @flow
+    def on_group() -> tuple[str, list[str]]:
+        with dask_cluster(host_group="pair") as cluster:
+            return cluster.record.network_mode, sorted(w.host for w in cluster.record.workers)
+
+    assert on_group() == ("tunnelled", ["host2", "host2", "host3", "host3"])

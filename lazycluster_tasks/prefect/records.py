@@ -18,6 +18,7 @@ from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict, Field
 
 from lazycluster_tasks.dask import DaskCluster
+from lazycluster_tasks.processes import ProcessInfo
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +28,6 @@ class HostSpec(BaseModel):
     ssh_config_path: str | None = None
     connection_kwargs: dict[str, Any] = Field(default_factory=dict)
     python_executable: str | None = None
-
-
-class ProcessRecord(BaseModel):
-    host: str
-    name: str
-    role: str
-    pid: int
-    pid_file: str
-    log_file: str
-    ports: list[int] = Field(default_factory=list)
 
 
 class FolderRecord(BaseModel):
@@ -65,7 +56,7 @@ class ClusterRecord(BaseModel):
     scheduler_host: str | None = None
     scheduler_address: str | None = None
     dashboard_link: str | None = None
-    processes: list[ProcessRecord] = Field(default_factory=list)
+    processes: list[ProcessInfo] = Field(default_factory=list)  # the core's dataclass
     folders: dict[str, FolderRecord] = Field(default_factory=dict)
     tunnels: list[TunnelRecord] = Field(default_factory=list)
     ssh_block: str | None = None  # SSH settings block with the secrets, by name
@@ -85,7 +76,7 @@ class ClusterRecord(BaseModel):
         return self.model_dump(mode="json")
 
     @property
-    def workers(self) -> list[ProcessRecord]:
+    def workers(self) -> list[ProcessInfo]:
         return [p for p in self.processes if p.role == "worker"]
 
 

@@ -26,6 +26,10 @@ def test_hosts() -> Iterator[TestHosts]:
     hosts = TestHosts(count=int(os.environ.get("LCT_TEST_HOST_COUNT", "4")))
     with hosts:
         yield hosts
+        left = hosts.leftovers()  # the whole session must leave nothing on any host
+        if left:
+            hosts.kill_leftovers()
+            pytest.fail(f"processes left on test hosts at the end of the session: {left}")
 
 
 @pytest.fixture
