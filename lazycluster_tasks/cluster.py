@@ -168,15 +168,20 @@ class MasterWorkerCluster(RuntimeCluster):
         """Start the master on ``master_port`` or, by default, on ``DEFAULT_MASTER_PORT`` or the
         next free port of the cluster's list."""
         self._cleaned = False
-        if master_port is not None:
-            self._master_launcher.start(master_port, timeout, debug)
-            self._ports = [p for p in self._ports if p != master_port]
-            return
-        ports = [self.DEFAULT_MASTER_PORT] + [
-            p for p in self._ports if p != self.DEFAULT_MASTER_PORT
-        ]
+        ports = self._master_ports(master_port)
         remaining = self._master_launcher.start(ports, timeout, debug)
+        if master_port is not None:
+            remaining = [p for p in self._ports if p != master_port]
         self._ports = [p for p in remaining if p != self.DEFAULT_MASTER_PORT]
+
+    def _master_ports(self, master_port: int | None) -> list[int] | int:
+        """The given master port, or DEFAULT_MASTER_PORT followed by the cluster's list."""
+        if master_port is not None:
+            return master_port
+        return [
+            self.DEFAULT_MASTER_PORT,
+            *(p for p in self._ports if p != self.DEFAULT_MASTER_PORT),
+        ]
 
     def start_workers(self, count: int | None = None, debug: bool = False) -> None:
         """Start ``count`` workers (default: one per runtime)."""

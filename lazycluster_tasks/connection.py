@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from lazycluster_tasks import commands
-from lazycluster_tasks.errors import OperationTimeoutError
+from lazycluster_tasks.errors import OperationTimeoutError, TaskExecutionError
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +211,6 @@ class Connection(ABC):
         """Run one of our own commands and return its stdout; raise on a non-zero exit."""
         result = self.run(command, timeout=timeout)
         if not result.ok:
-            from lazycluster_tasks.errors import TaskExecutionError
-
             raise TaskExecutionError(
                 f"command failed on {self.host} with exit code {result.exit_code}: {command!r}\n"
                 f"{tail(result.output)}",

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 ADDRESS_IN_USE = ("Address already in use", "[Errno 98]")
 #: Key of this machine (the controller) in records, next to the host names.
 CONTROLLER_KEY = "(controller)"
-LIVENESS_INTERVAL = 1.0
+LIVENESS_INTERVAL = 2.0
 PORT_RETRIES = 3
 
 
@@ -145,8 +145,41 @@ class DaskCluster(MasterWorkerCluster):
         if worker_count is None:
             worker_count = self._group.runtime_count * self.options.workers_per_host
         self.state = "starting"
-        super().start(worker_count, master_port, debug)
+        try:
+            if not self._start_overlapped(worker_count, master_port, debug):
+                super().start(worker_count, master_port, debug)
+        except BaseException:
+            self.cleanup()
+            raise
         self.state = "running"
+
+    def _start_overlapped(self, count: int, master_port: int | None, debug: bool) -> bool:
+        """With our own launchers: start the workers while the scheduler boots (they retry
+        until it answers). False when the scheduler lost its port at bind time, after stopping
+        everything it started: the caller then starts the careful way, one after the other."""
+        master, workers = self._master_launcher, self._worker_launcher
+        if count == 0 or not isinstance(master, LocalMasterLauncher):
+            return False
+        if type(workers) is not RoundRobinLauncher:
+            return False
+        ports = self._master_ports(master_port)
+        runtime, info, remaining = master.launch(ports, debug)
+        if master_port is not None:  # a single port leaves the cluster's list as it was
+            remaining = [p for p in self._ports if p != master_port]
+        remaining = [p for p in remaining if p != self.DEFAULT_MASTER_PORT]
+        first_worker = self._next_worker
+        used: dict[str, list[int]] = {}
+        started = self._launch(self._worker_specs(self._place(count), remaining, used), debug)
+        if not self.await_scheduler(runtime, info, self.MASTER_START_TIMEOUT, debug):
+            self._stop_processes(list(started))
+            self._next_worker = first_worker
+            return False
+        master._port, master._process = self._scheduler_port, info
+        self._finish_workers(started, remaining, used, debug)
+        workers.add_ports(used)
+        taken = {p for host_ports in used.values() for p in host_ports}
+        self._ports = [p for p in remaining if p not in taken]
+        return True
 
     def cleanup(self) -> None:
         """Stop everything this cluster started, on every host at once; verify nothing is left."""
@@ -211,9 +244,14 @@ class DaskCluster(MasterWorkerCluster):
     def start_scheduler(
         self, runtime: Runtime, port: int, timeout: float, debug: bool
     ) -> ProcessInfo | None:
-        """Start the scheduler on ``runtime``; None when the port was taken at bind time."""
+        """Start the scheduler on ``runtime`` and wait until it is up; None when the port was
+        taken at bind time (the caller moves on to the next port)."""
+        info = self.launch_scheduler(runtime, port, debug)
+        return info if self.await_scheduler(runtime, info, timeout, debug) else None
+
+    def launch_scheduler(self, runtime: Runtime, port: int, debug: bool) -> ProcessInfo:
+        """Start the scheduler process, not waiting for it (see ``await_scheduler``)."""
         tunnelled = self.plan.mode == "tunnelled"
-        local = runtime is self.controller
         bind = "127.0.0.1" if tunnelled else self._address(runtime)
         folder = self.folder(runtime)
         spec = ProcessSpec(
@@ -225,15 +263,35 @@ class DaskCluster(MasterWorkerCluster):
         )
         (info,) = processes.start_processes(runtime, folder, [spec])
         self._register(runtime, info)
-        ready = f"{folder}/scheduler.json"
-        python = self._python(runtime)
-        state, waited = processes.wait_ready(runtime, python, ready, bind, port, info.pid, timeout)
+        self._scheduler_host = None if runtime is self.controller else runtime.host
+        self._scheduler_bind, self._scheduler_port = bind, port
+        self._reserve(self.port_scope(runtime), runtime is self.controller or tunnelled, [port])
+        self._follow_logs(runtime, [info], debug)
+        return info
+
+    def await_scheduler(
+        self, runtime: Runtime, info: ProcessInfo, timeout: float, debug: bool
+    ) -> bool:
+        """Wait until the scheduler wrote its file and its port answers. False when it lost its
+        port at bind time; MasterStartError when it exited otherwise or was not up in time."""
+        folder = self.folder(runtime)
+        bind, port = self._scheduler_bind or "", self._scheduler_port or 0
+        state, waited = processes.wait_ready(
+            runtime,
+            self._python(runtime),
+            f"{folder}/scheduler.json",
+            bind,
+            port,
+            info.pid,
+            timeout,
+        )
         if state != "up":
             log = processes.read_logs(runtime, [info], lines=None).get("scheduler", "")
             self._stop_processes(["scheduler"])
+            self._scheduler_port = self._scheduler_bind = None
             if state == "dead" and any(text in log for text in ADDRESS_IN_USE):
                 logger.info("port %s on %s was taken at bind time; trying the next", port, runtime)
-                return None
+                return False
             reason = "exited" if state == "dead" else f"was not up within {timeout} s"
             raise MasterStartError(
                 f"the Dask scheduler on {runtime.host} {reason}:\n{tail(log)}",
@@ -243,15 +301,13 @@ class DaskCluster(MasterWorkerCluster):
         logger.info(
             "scheduler up on %s port %s after %.2f s (pid %s)", runtime, port, waited, info.pid
         )
-        self._scheduler_host = None if local else runtime.host
-        self._scheduler_bind, self._scheduler_port = bind, port
-        self._reserve(self.port_scope(runtime), local or tunnelled, [port])
-        if tunnelled:
+        if self.plan.mode == "tunnelled":
+            # only now: a forward to a scheduler not listening yet would accept the workers'
+            # connections and drop them, which they do not retry (a refused one they do)
             self._route_scheduler(runtime, port)
-        self._follow_logs(runtime, [info], debug)
         self._log_output([info], debug)
         self._connect_monitor()
-        return info
+        return True
 
     def _route_scheduler(self, runtime: Runtime, port: int) -> None:
         """Tunnelled mode: the scheduler at 127.0.0.1:port on every node."""
@@ -291,35 +347,47 @@ class DaskCluster(MasterWorkerCluster):
     def start_workers_round_robin(
         self, count: int, ports: list[int], debug: bool
     ) -> dict[str, list[int]]:
-        """Start ``count`` more workers; returns host -> ports taken from ``ports``."""
+        """Start ``count`` more workers and wait until they registered; returns host -> the
+        worker ports taken from ``ports``."""
         if count == 0:
             return {}
-        if self.master_port is None:
+        if self.scheduler_address is None:
             raise ValueError("start the scheduler first")
         self.ensure_plan(ports)
+        used: dict[str, list[int]] = {}
+        started = self._launch(self._worker_specs(self._place(count), ports, used), debug)
+        self._finish_workers(started, ports, used, debug)
+        return used
+
+    def _place(self, count: int) -> dict[str, list[str]]:
+        """Round robin: host -> names of its next workers ("<host>-<index>")."""
         runtimes = self._group.runtimes
         placement: dict[str, list[str]] = {}
         first, self._next_worker = self._next_worker, self._next_worker + count
         for index in range(first, first + count):
             runtime = runtimes[index % len(runtimes)]
             placement.setdefault(runtime.host, []).append(f"{runtime.host}-{index}")
-        used: dict[str, list[int]] = {}
-        pending = placement
-        self._forward_to_hosts(self.options.forward_ports)
-        for attempt in range(PORT_RETRIES + 1):
-            specs = self._worker_specs(pending, ports, used)
-            started = self._launch(specs, debug)
+        return placement
+
+    def _finish_workers(
+        self,
+        started: dict[str, ProcessInfo],
+        ports: list[int],
+        used: dict[str, list[int]],
+        debug: bool,
+    ) -> None:
+        """Wait for the started workers; restart those that lost their port at bind time."""
+        for _ in range(PORT_RETRIES):
             with self._routing():  # workers register meanwhile: they dial out, not in
                 raced = self._wait_for_workers(started, self.options.start_timeout)
             if not raced:
                 self._log_output(list(started.values()), debug)
-                return used
-            if attempt == PORT_RETRIES:
-                break
-            pending = {}
+                return
+            pending: dict[str, list[str]] = {}
             for name in raced:
                 pending.setdefault(self._processes[name].host, []).append(name)
                 self._forget(name)
+            started = self._launch(self._worker_specs(pending, ports, used), debug)
         raise WorkerStartError(f"workers kept losing their ports to other processes: {raced}")
 
     def _worker_specs(
@@ -363,6 +431,8 @@ class DaskCluster(MasterWorkerCluster):
         return specs
 
     def _launch(self, specs: dict[str, list[ProcessSpec]], debug: bool) -> dict[str, ProcessInfo]:
+        """Start the workers of every host at once, one command per host."""
+        self._forward_to_hosts(self.options.forward_ports)
         runtimes = [self._group.get_runtime(h) for h in specs]
 
         def start(runtime: Runtime) -> list[ProcessInfo]:
@@ -438,8 +508,11 @@ class DaskCluster(MasterWorkerCluster):
         deadline = time.monotonic() + timeout
         pending = dict(started)
         next_check = time.monotonic() + LIVENESS_INTERVAL
+        known = -1
         while True:
-            registered = self._registered()
+            count = self._monitor().scheduler_info(n_workers=0)["n_workers"]  # cheap
+            registered = self._registered() if count != known else {}
+            known = count
             for name in [n for n in pending if n in registered]:
                 pending.pop(name)
                 logger.info("worker %s ready on %s", name, started[name].host)

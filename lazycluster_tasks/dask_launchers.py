@@ -21,6 +21,8 @@ from lazycluster_tasks.ports import as_port_list
 
 if TYPE_CHECKING:
     from lazycluster_tasks.dask import DaskCluster, DaskOptions
+    from lazycluster_tasks.processes import ProcessInfo
+    from lazycluster_tasks.runtime import Runtime
 
 SCHEDULER_MODULE = "distributed.cli.dask_scheduler"
 WORKER_MODULE = "distributed.cli.dask_worker"
@@ -140,20 +142,40 @@ def _port_order(ports: list[int] | int, used: set[int], where: str) -> tuple[boo
 class LocalMasterLauncher(_DaskLauncher, MasterLauncher):
     """The scheduler runs on this machine; remote workers reach it directly or by -R forwards."""
 
+    #: Where the scheduler runs: None is this machine.
+    host: str | None = None
+
     def start(self, ports: list[int] | int, timeout: int = 3, debug: bool = False) -> list[int]:
-        return self._start_on(None, ports, timeout, debug)
+        return self._start_on(self.host, ports, timeout, debug)
+
+    def launch(self, ports: list[int] | int, debug: bool) -> tuple[Runtime, ProcessInfo, list[int]]:
+        """Start the scheduler on the first free port without waiting for it (the cluster
+        awaits it); returns its runtime, its process and the ports left."""
+        cluster = self._dask()
+        candidates = as_port_list(ports)
+        runtime, single, order = self._choose(ports, candidates)
+        info = cluster.launch_scheduler(runtime, order[0], debug)
+        return runtime, info, [] if single else [p for p in candidates if p != order[0]]
+
+    def _choose(
+        self, ports: list[int] | int, candidates: list[int]
+    ) -> tuple[Runtime, bool, list[int]]:
+        cluster = self._dask()
+        plan = cluster.ensure_plan(candidates)
+        host = self.host
+        runtime = cluster.controller if host is None else cluster.runtime_group.get_runtime(host)
+        hosts = cluster.port_scope(runtime)
+        used = cluster.taken_ports(hosts, include_local=host is None or plan.mode == "tunnelled")
+        where = "here" if host is None else f"on {host}"
+        single, order = _port_order(ports, used, f"{where} (and on the hosts it must reach)")
+        return runtime, single, order
 
     def _start_on(
         self, host: str | None, ports: list[int] | int, timeout: float, debug: bool
     ) -> list[int]:
         cluster = self._dask()
         candidates = as_port_list(ports)
-        plan = cluster.ensure_plan(candidates)
-        runtime = cluster.controller if host is None else cluster.runtime_group.get_runtime(host)
-        hosts = cluster.port_scope(runtime)
-        used = cluster.taken_ports(hosts, include_local=host is None or plan.mode == "tunnelled")
-        where = "here" if host is None else f"on {host}"
-        single, order = _port_order(ports, used, f"{where} (and on the hosts it must reach)")
+        runtime, single, order = self._choose(ports, candidates)
         for port in order:
             info = cluster.start_scheduler(runtime, port, timeout, debug)
             if info is not None:
@@ -178,9 +200,6 @@ class RemoteMasterLauncher(LocalMasterLauncher):
         self.host = host or runtime_group.hosts[0]
         runtime_group.get_runtime(self.host)  # ValueError if not in the group
 
-    def start(self, ports: list[int] | int, timeout: int = 3, debug: bool = False) -> list[int]:
-        return self._start_on(self.host, ports, timeout, debug)
-
 
 class RoundRobinLauncher(_DaskLauncher, WorkerLauncher):
     """Worker ``i`` goes to runtime ``i mod n``; every host's workers start in one call, and
@@ -191,10 +210,13 @@ class RoundRobinLauncher(_DaskLauncher, WorkerLauncher):
     ) -> list[int]:
         cluster = self._dask()
         used = cluster.start_workers_round_robin(worker_count, list(ports), debug)
-        for host, host_ports in used.items():
-            self._ports_per_host.setdefault(host, []).extend(host_ports)
+        self.add_ports(used)
         taken = {p for host_ports in used.values() for p in host_ports}
         return [p for p in ports if p not in taken]
+
+    def add_ports(self, used: dict[str, list[int]]) -> None:
+        for host, host_ports in used.items():
+            self._ports_per_host.setdefault(host, []).extend(host_ports)
 
     def setup_worker_ssh_tunnels(self) -> None:
         """Done by the cluster as workers start (tunnelled mode); kept for API compatibility."""

@@ -102,10 +102,10 @@ def stop_processes(
 
 
 def alive(runtime: Runtime, infos: Sequence[ProcessInfo]) -> dict[str, bool]:
-    """Which of the processes still run (one round trip; zombies count as gone)."""
+    """Which of the processes still run (one round trip; a zombie leader counts as gone)."""
     if not infos:
         return {}
-    out = runtime.connection.check(commands.group_states({i.name: i.pid for i in infos}))
+    out = runtime.connection.check(commands.leader_states({i.name: i.pid for i in infos}))
     states = dict(line.split("=", 1) for line in out.split() if "=" in line)
     return {i.name: states.get(i.name) == "1" for i in infos}
 
@@ -132,19 +132,18 @@ def read_logs(
 
 
 #: Waits on the host until the ready file exists and the port accepts connections (up), the
-#: process group has no live member (dead), or the time is over (timeout).
+#: process group's leader is gone (dead), or the time is over (timeout).
 WAIT_READY_SCRIPT = """
 import os, socket, sys, time
 ready, host = sys.argv[1], sys.argv[2]
 port, pgid, limit = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 
-def member(pid):
+def running(pid):  # the group's leader runs and is no zombie: one read, no /proc scan
     try:
         with open("/proc/%s/stat" % pid) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-    return fields[0] != "Z" and int(fields[2]) == pgid
 
 start = time.monotonic()
 while True:
@@ -155,7 +154,7 @@ while True:
             break
         except OSError:
             pass
-    if not any(member(p) for p in os.listdir("/proc") if p.isdigit()):
+    if not running(pgid):
         state = "dead"
         break
     if time.monotonic() - start > limit:

@@ -283,7 +283,7 @@ class RemoteForward(Tunnel):
         try:
             sock = socket.create_connection((LOOPBACK, self.local_port), timeout=10)
         except OSError as exc:
-            logger.warning("%s: nothing answers on 127.0.0.1:%s: %s", self, self.local_port, exc)
+            logger.info("%s: nothing answers on 127.0.0.1:%s: %s", self, self.local_port, exc)
             chan.close()
             return
         sock.settimeout(None)
