@@ -110,6 +110,7 @@ class DaskCluster(MasterWorkerCluster):
         self._owners: dict[str, Runtime] = {}
         self._routed: set[tuple[str, int]] = set()
         self._next_worker = 0  # index of the next worker (names are "<host>-<index>")
+        self._begun: tuple[Runtime, ProcessInfo, list[int], int | None] | None = None
         #: Called with (registered, requested) as workers register (e.g. a progress artifact).
         self.on_progress: Callable[[int, int], None] | None = None
         self._client: Any = None
@@ -146,40 +147,63 @@ class DaskCluster(MasterWorkerCluster):
             worker_count = self._group.runtime_count * self.options.workers_per_host
         self.state = "starting"
         try:
-            if not self._start_overlapped(worker_count, master_port, debug):
+            if worker_count and self.begin(master_port, debug):
+                self.complete(worker_count, debug)
+            else:
                 super().start(worker_count, master_port, debug)
         except BaseException:
             self.cleanup()
             raise
         self.state = "running"
 
-    def _start_overlapped(self, count: int, master_port: int | None, debug: bool) -> bool:
-        """With our own launchers: start the workers while the scheduler boots (they retry
-        until it answers). False when the scheduler lost its port at bind time, after stopping
-        everything it started: the caller then starts the careful way, one after the other."""
-        master, workers = self._master_launcher, self._worker_launcher
-        if count == 0 or not isinstance(master, LocalMasterLauncher):
+    def begin(self, master_port: int | None = None, debug: bool = False) -> bool:
+        """First half of an overlapped start: launch the scheduler without waiting for it.
+
+        Only with this package's own launchers (True); others return False and start the seed's
+        way, ``start_master`` then ``start_workers``. Follow with :meth:`complete`.
+        """
+        master = self._master_launcher
+        if not isinstance(master, LocalMasterLauncher):
             return False
-        if type(workers) is not RoundRobinLauncher:
+        if type(self._worker_launcher) is not RoundRobinLauncher:
             return False
-        ports = self._master_ports(master_port)
-        runtime, info, remaining = master.launch(ports, debug)
+        self.state, self._cleaned = "starting", False
+        runtime, info, remaining = master.launch(self._master_ports(master_port), debug)
         if master_port is not None:  # a single port leaves the cluster's list as it was
             remaining = [p for p in self._ports if p != master_port]
         remaining = [p for p in remaining if p != self.DEFAULT_MASTER_PORT]
+        self._begun = (runtime, info, remaining, master_port)
+        return True
+
+    @property
+    def begun(self) -> bool:
+        """True between :meth:`begin` and :meth:`complete`."""
+        return self._begun is not None
+
+    def complete(self, count: int, debug: bool = False) -> None:
+        """Second half: start ``count`` workers while the scheduler boots (workers retry until
+        it answers), await the scheduler, then the workers. A scheduler that lost its port at
+        bind time makes it stop what it started and start one after the other instead."""
+        if self._begun is None:
+            raise ValueError("call begin() first")
+        runtime, info, remaining, master_port = self._begun
+        self._begun = None
+        master, workers = self._master_launcher, self._worker_launcher
+        assert isinstance(master, LocalMasterLauncher) and isinstance(workers, RoundRobinLauncher)
         first_worker = self._next_worker
         used: dict[str, list[int]] = {}
         started = self._launch(self._worker_specs(self._place(count), remaining, used), debug)
         if not self.await_scheduler(runtime, info, self.MASTER_START_TIMEOUT, debug):
             self._stop_processes(list(started))
             self._next_worker = first_worker
-            return False
+            self.start_master(master_port, self.MASTER_START_TIMEOUT, debug)
+            self.start_workers(count, debug)
+            return
         master._port, master._process = self._scheduler_port, info
         self._finish_workers(started, remaining, used, debug)
         workers.add_ports(used)
         taken = {p for host_ports in used.values() for p in host_ports}
         self._ports = [p for p in remaining if p not in taken]
-        return True
 
     def cleanup(self) -> None:
         """Stop everything this cluster started, on every host at once; verify nothing is left."""

@@ -215,7 +215,10 @@ def launch_master(
     options: Mapping[str, Any] | None = None,
     master_timeout: float = 60,
 ) -> ClusterRecord:
-    """Connect to the hosts, probe them, start the scheduler (here, or on ``master_host``)."""
+    """Connect to the hosts, probe them, start the scheduler (here, or on ``master_host``).
+
+    The scheduler is awaited by ``launch_workers`` (it boots while the workers start); with
+    custom launchers it is awaited here."""
     from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
 
     with core_logs() as log:
@@ -229,7 +232,9 @@ def launch_master(
         master = RemoteMasterLauncher(group, master_host) if master_host else None
         cluster = DaskCluster(group, master_launcher=master, **values)
         try:
-            cluster.start_master(timeout=int(master_timeout))
+            # the scheduler boots while launch_workers starts the workers (which awaits it)
+            if not cluster.begin():
+                cluster.start_master(timeout=int(master_timeout))
         except BaseException:
             cluster.cleanup()
             raise
@@ -240,7 +245,7 @@ def launch_master(
         )
         save_record(record)
         log.info(
-            "cluster %s: scheduler at %s (%s mode)",
+            "cluster %s: scheduler starting at %s (%s mode)",
             cluster.cluster_id,
             cluster.scheduler_address,
             cluster.network_mode,
@@ -261,12 +266,16 @@ def launch_workers(record: ClusterRecord, count: int | None = None) -> ClusterRe
         progress = WorkerProgress(target, key=artifact_key("workers", record.cluster_id))
         cluster.on_progress = progress.update
         try:
-            cluster.scale(target)
+            if cluster.begun:  # first call: workers start while the scheduler boots
+                cluster.complete(target)
+            else:  # a retry, or more workers later: start only what is missing
+                cluster.scale(target)
         finally:
             cluster.on_progress = None
         progress.update(len(cluster.workers), target)
+        # not persisted again: the record launch_master saved already names every folder, and
+        # a teardown stops whatever pid files those hold
         record = record.updated(cluster)
-        save_record(record)
         publish_hosts_table(record.core(), key=artifact_key("hosts", record.cluster_id))
         log.info("cluster %s: %d workers registered", record.cluster_id, len(record.workers))
         return record
