@@ -66,7 +66,9 @@ def ssh_runtime(hosts: TestHosts, name: str = "host1", **kwargs) -> Runtime:
 
 
 @pytest.fixture
-def host1(test_hosts: TestHosts, no_leftovers: TestHosts) -> Iterator[Runtime]:
+def host1(
+    test_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None
+) -> Iterator[Runtime]:
     """A Runtime on test host 1, cleaned up after the test."""
     runtime = ssh_runtime(test_hosts)
     try:
@@ -78,6 +80,7 @@ def host1(test_hosts: TestHosts, no_leftovers: TestHosts) -> Iterator[Runtime]:
 @pytest.fixture(params=["local", "ssh"])
 def any_runtime(request: pytest.FixtureRequest) -> Iterator[Runtime]:
     """The same test on the local runtime and on an SSH test host."""
+    request.getfixturevalue("no_local_leaks")
     if request.param == "local":
         runtime = Runtime("localhost")
     else:

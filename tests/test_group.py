@@ -19,7 +19,7 @@ from tests.conftest import ssh_runtime
 
 
 @pytest.fixture
-def group(multi_hosts, no_leftovers):
+def group(multi_hosts, no_leftovers, no_local_leaks):
     g = RuntimeGroup(runtimes=[ssh_runtime(multi_hosts, h.name) for h in multi_hosts.hosts])
     try:
         yield g
