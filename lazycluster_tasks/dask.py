@@ -45,6 +45,7 @@ from lazycluster_tasks.task import RuntimeTask
 logger = logging.getLogger(__name__)
 
 ADDRESS_IN_USE = ("Address already in use", "[Errno 98]")
+MISSING_DISTRIBUTED = "No module named 'distributed'"
 #: Key of this machine (the controller) in records, next to the host names.
 CONTROLLER_KEY = "(controller)"
 LIVENESS_INTERVAL = 2.0
@@ -563,6 +564,9 @@ class DaskCluster(MasterWorkerCluster):
             return raced
         failed = dead or list(pending)
         why = "exited" if dead else f"did not register within {timeout} s"
+        if any(MISSING_DISTRIBUTED in logs.get(n, "") for n in failed):
+            why += " (dask.distributed is not importable by their Python there; nothing is "
+            why += "installed for you)"
         details = {pending[n].host: f"{n}: {tail(logs.get(n, ''), 800)}" for n in failed}
         if "scheduler" in self._processes:
             scheduler_log = self._logs([self._processes["scheduler"]]).get("scheduler", "")

@@ -1,10 +1,12 @@
 """How cluster entities reach each other: one preflight probe per host, then a plan.
 
-The probe (run with the host's Python, one call per host, all hosts at once) reports whether
-``distributed`` is importable, the host's listening ports, and whether TCP connections to the
-controller and to the other hosts get through. "direct" needs every one of those paths; otherwise
-"tunnelled" routes everything over SSH forwards through the controller. A refused connection
-counts as reachable (the packet arrived; nothing listened), a timeout or an ICMP reject does not.
+In ``auto`` mode the probe (run with the host's Python, one call per host, all hosts at once)
+reports whether ``distributed`` is importable, the host's listening ports, and whether TCP
+connections to the controller and to the other hosts get through. "direct" needs every one of
+those paths; otherwise "tunnelled" routes everything over SSH forwards through the controller. A
+refused connection counts as reachable (the packet arrived; nothing listened), a timeout or an
+ICMP reject does not. With an explicit mode there is nothing to decide: a shell probe reads the
+ports and checks that the interpreter exists, booting no Python on the hosts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from lazycluster_tasks import commands
+from lazycluster_tasks.commands import q
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import GroupError, RemoteEnvironmentError
 from lazycluster_tasks.group import RuntimeGroup, fan_out
@@ -61,7 +64,7 @@ print(json.dumps(out))
 class HostReport:
     host: str
     python: str
-    distributed: bool
+    distributed: bool | None  # None: not checked (a worker without it fails at start, named)
     used_ports: set[int]
     reach: dict[str, str]
 
@@ -115,6 +118,20 @@ def probe_host(runtime: Runtime, python: str, targets: dict[str, tuple[str, int]
     )
 
 
+def quick_probe(runtime: Runtime, python: str, targets: dict[str, tuple[str, int]]) -> HostReport:
+    """The probe without Python (for an explicit network mode): ports and the interpreter's
+    presence only, so a big cluster does not boot one more interpreter per host."""
+    runtime.working_dir  # noqa: B018 - created here, in parallel with the other hosts
+    command = f"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; command -v {q(python)} >/dev/null"
+    result = runtime.connection.run(command)
+    if not result.ok:
+        raise RemoteEnvironmentError(
+            f"{runtime.host}: Python interpreter {python!r} not found; set python_executable",
+            host=runtime.host,
+        )
+    return HostReport(runtime.host, "", None, parse_proc_net_tcp(result.stdout), {})
+
+
 def _peer_address(runtime: Runtime) -> str | None:
     """The host's address as this machine reaches it (None through a jump host)."""
     connection = runtime.connection
@@ -151,8 +168,9 @@ def plan_network(
         raise ValueError(f"network_mode must be one of {NETWORK_MODES}, not {mode!r}")
     remote = [rt for rt in group.runtimes if not rt.is_local]
     local = [rt for rt in group.runtimes if rt.is_local]
+    probe = probe_host if mode == "auto" else quick_probe
     if not remote:
-        reports = fan_out("preflight", local, lambda rt: probe_host(rt, python(rt), {}))
+        reports = fan_out("preflight", local, lambda rt: probe(rt, python(rt), {}))
         _check_distributed(reports)
         return NetworkPlan(
             "direct",
@@ -182,7 +200,7 @@ def plan_network(
                         targets[rt.host][other.host] = (addresses[other.host], probe_port)
         here = {h: (a, probe_port) for h, a in peers.items() if a} if probing else {}
         reports = fan_out(
-            "preflight", group.runtimes, lambda rt: probe_host(rt, python(rt), targets[rt.host])
+            "preflight", group.runtimes, lambda rt: probe(rt, python(rt), targets[rt.host])
         )
         from_controller = _controller_probe(here)
     finally:
@@ -221,7 +239,7 @@ def _check_distributed(reports: dict[str, HostReport]) -> None:
             host=h,
         )
         for h, r in reports.items()
-        if not r.distributed
+        if r.distributed is False
     }
     if missing:
         raise GroupError(

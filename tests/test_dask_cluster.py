@@ -217,6 +217,18 @@ def test_host_without_distributed_is_named(make_cluster, tmp_path):
     assert "dask.distributed is not importable" in str(info.value)
 
 
+def test_host_without_distributed_is_named_in_an_explicit_mode(make_cluster, tmp_path):
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    bare.chmod(0o755)
+    cluster = make_cluster(
+        hosts=["host1", "host2"], network_mode="direct", python_executable={"host2": str(bare)}
+    )
+    with pytest.raises(WorkerStartError, match=r"dask\.distributed is not importable") as info:
+        cluster.start()
+    assert list(info.value.missing) == ["host2", "scheduler"]
+
+
 def test_debug_output_logs_and_context_manager(multi_hosts, no_leftovers, capfd):
     group = RuntimeGroup(hosts=["host1"], ssh_config_path=str(multi_hosts.ssh_config_path))
     with DaskCluster(group, nanny=False) as cluster:
