@@ -93,11 +93,9 @@ def remove_tree(path: str) -> str:
     return f"rm -rf -- {q(path)}"
 
 
-def make_tempdir(parent: str | None = None, prefix: str = "lazycluster-") -> str:
-    template = f"{prefix}XXXXXXXX"
-    if parent:
-        return f"mkdir -p -- {q(parent)} && mktemp -d -p {q(parent)} {q(template)}"
-    return f"mktemp -d -t {q(template)}"
+def make_tempdir(prefix: str = "lazycluster-") -> str:
+    """A fresh directory in the host's temp dir; prints its path."""
+    return f"mktemp -d -t {q(prefix + 'XXXXXXXX')}"
 
 
 def echo(message: str) -> str:

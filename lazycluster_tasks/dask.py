@@ -575,29 +575,37 @@ class DaskCluster(MasterWorkerCluster):
         names, hosts = ", ".join(failed), ", ".join(details)
         raise WorkerStartError(f"workers {names} {why} (hosts: {hosts}):\n{lines}", missing=details)
 
-    def _dead(self, infos: list[ProcessInfo]) -> list[str]:
-        by_host: dict[str, list[ProcessInfo]] = {}
+    def _by_runtime(self, infos: list[ProcessInfo]) -> dict[str, tuple[Runtime, list[ProcessInfo]]]:
+        """Processes grouped by the runtime that owns them, keyed as in records."""
+        jobs: dict[str, tuple[Runtime, list[ProcessInfo]]] = {}
         for info in infos:
-            by_host.setdefault(info.host, []).append(info)
-        runtimes = [self._owners[infos[0].name] for infos in by_host.values()]
-        states = fan_out("liveness", runtimes, lambda rt: processes.alive(rt, by_host[rt.host]))
+            owner = self._owners.get(info.name)
+            if owner is not None:
+                jobs.setdefault(self._key(owner), (owner, []))[1].append(info)
+        return jobs
+
+    def _dead(self, infos: list[ProcessInfo]) -> list[str]:
+        """Names of the processes that no longer run (all runtimes at once)."""
+        states = run_parallel(
+            "liveness", self._by_runtime(infos), lambda job: processes.alive(*job)
+        )
         return [name for result in states.values() for name, up in result.items() if not up]
 
     def _logs(
         self, infos: list[ProcessInfo], lines: int | None = processes.LOG_TAIL_LINES
     ) -> dict[str, str]:
-        by_runtime: dict[int, list[ProcessInfo]] = {}
-        owners: dict[int, Runtime] = {}
-        for info in infos:
-            owner = self._owners[info.name]
-            by_runtime.setdefault(id(owner), []).append(info)
-            owners[id(owner)] = owner
-        logs: dict[str, str] = {}
-        for key, owned in by_runtime.items():
+        """Each process's log (or its tail), all runtimes at once."""
+
+        def read(job: tuple[Runtime, list[ProcessInfo]]) -> dict[str, str]:
+            runtime, owned = job
             try:
-                logs.update(processes.read_logs(owners[key], owned, lines))
+                return processes.read_logs(runtime, owned, lines)
             except LazyclusterError as exc:
-                logs.update({i.name: f"(log unavailable: {exc})" for i in owned})
+                return {i.name: f"(log unavailable: {exc})" for i in owned}
+
+        logs: dict[str, str] = {}
+        for part in run_parallel("read logs", self._by_runtime(infos), read).values():
+            logs.update(part)
         return logs
 
     def stop_workers(self) -> None:
@@ -745,15 +753,12 @@ class DaskCluster(MasterWorkerCluster):
         """Stop processes grouped by runtime, all runtimes at once, one round trip each; verify
         none survived. ``remove_folders`` (cleanup) also removes the cluster folder — or the
         whole working dir when it is a temporary one — in that same round trip."""
-        jobs: dict[str, tuple[Runtime, list[ProcessInfo]]] = {}
+        infos = [self._processes[n] for n in names if n in self._processes]
+        jobs = self._by_runtime(infos)
         owners = [self.controller, *self._group.runtimes] if remove_folders else []
         for owner in owners:
             if owner._working_dir is not None:
-                jobs[self._key(owner)] = (owner, [])
-        for name in names:
-            info, runtime = self._processes.get(name), self._owners.get(name)
-            if info is not None and runtime is not None:
-                jobs.setdefault(self._key(runtime), (runtime, []))[1].append(info)
+                jobs.setdefault(self._key(owner), (owner, []))
 
         def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job
@@ -769,11 +774,7 @@ class DaskCluster(MasterWorkerCluster):
                 raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
 
         routed = [
-            (info.host, port)
-            for info in (self._processes.get(n) for n in names)
-            if info is not None
-            for port in info.ports
-            if (info.host, port) in self._routed
+            (i.host, port) for i in infos for port in i.ports if (i.host, port) in self._routed
         ]
         try:
             run_parallel("stop processes", jobs, stop)
