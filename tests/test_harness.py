@@ -330,3 +330,86 @@ def test_loopback_mode(monkeypatch: pytest.MonkeyPatch) -> None:
         hosts.kill_leftovers()
         assert wait_for(lambda: hosts.leftovers() == {})
     assert run_traces(hosts.run_id, hosts.base_dir) == []
+
+
+CLASSIFY = """
+import errno, socket, sys
+s = socket.socket()
+s.settimeout(float(sys.argv[3]))
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("open")
+except socket.timeout:
+    print("drop")
+except ConnectionRefusedError:
+    print("reset")
+except OSError as e:
+    print("icmp" if e.errno in (errno.EHOSTUNREACH, errno.EACCES, errno.EPERM) else e.errno)
+"""
+
+#: topology -> whether (controller->host, host->host, host->controller) are open
+EXPECTED_PATHS = {
+    "open": (True, True, True),
+    "isolated": (True, False, True),
+    "ssh-only": (False, False, False),
+    "no-connect-back": (True, True, False),
+}
+
+
+def classify_from(hosts: TestHosts, name: str | None, address: str, port: int) -> str:
+    argv = [sys.executable, "-c", CLASSIFY, address, str(port), "1.0"]
+    if name is None:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+    p = hosts.run_in(name, argv, stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=10)
+    return out.strip()
+
+
+@pytest.mark.parametrize("closed", ["drop", "reset", "icmp"])
+@pytest.mark.parametrize("topology", list(EXPECTED_PATHS))
+def test_network_shapes_answer_as_declared(
+    multi_hosts: TestHosts, topology: str, closed: str, no_leftovers: TestHosts
+) -> None:
+    if topology == "open" and closed != "icmp":
+        pytest.skip("an open network has no closed ports to answer")
+    h2 = multi_hosts.host("host2")
+    with (
+        listening(multi_hosts, "host2"),
+        socket.create_server((multi_hosts.controller_address, 0)) as srv,
+    ):
+        back = srv.getsockname()[1]
+        multi_hosts.set_network(topology, closed)
+        try:
+            seen = (
+                classify_from(multi_hosts, None, h2.address, PORT),
+                classify_from(multi_hosts, "host1", h2.address, PORT),
+                classify_from(multi_hosts, "host1", multi_hosts.controller_address, back),
+            )
+            assert ssh(multi_hosts, "host2", "true").returncode == 0  # SSH always passes
+        finally:
+            multi_hosts.set_network("open")
+    want = tuple("open" if ok else closed for ok in EXPECTED_PATHS[topology])
+    assert seen == want
+
+
+def test_cut_established_breaks_open_connections(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    h2 = multi_hosts.host("host2")
+    with listening(multi_hosts, "host2"), socket.create_connection((h2.address, PORT), 3) as c:
+        multi_hosts.set_network("ssh-only", "reset")  # new connections only
+        try:
+            c.sendall(b"x")  # still passes
+            multi_hosts.set_network("ssh-only", "reset", cut_established=True)
+            c.settimeout(3)
+            with pytest.raises(OSError):
+                for _ in range(50):
+                    c.sendall(b"x" * 1000)
+                    time.sleep(0.02)
+            assert ssh(multi_hosts, "host2", "true").returncode == 0
+        finally:
+            multi_hosts.set_network("open")
+    with pytest.raises(ValueError, match="topology"):
+        multi_hosts.set_network("closed")
+    with pytest.raises(ValueError, match="closed"):
+        multi_hosts.set_network("open", "silent")

@@ -36,6 +36,14 @@ NETNS_DIR = Path("/run/netns")
 MARKER_DIR = Path("/run")
 SSHD_NAMES = ("sshd", "sshd-session", "sshd-auth")
 MODE_ENV = "LCT_TEST_HOSTS_MODE"
+#: Which paths a test network leaves open (see TestHosts.set_network).
+TOPOLOGIES = ("open", "isolated", "ssh-only", "no-connect-back")
+#: How a closed port answers: nftables verdicts.
+CLOSED_STYLES = {
+    "drop": "drop",
+    "reset": "reject with tcp reset",
+    "icmp": "reject with icmpx type admin-prohibited",
+}
 
 
 @dataclass(frozen=True)
@@ -235,7 +243,7 @@ class TestHosts:
         self._own_base = False
         self._sshd: dict[str, subprocess.Popen[bytes]] = {}
         self._host_pubkey: dict[str, str] = {}
-        self._ssh_only = False
+        self._network: tuple[str, str, bool] = ("open", "icmp", False)
         self._allowed: dict[str, list[str] | None] = {}
         self._started = False
         self._stopped = False
@@ -581,12 +589,33 @@ class TestHosts:
         if not self.namespaced:
             raise RuntimeError(f"needs root: {what} works on network-namespace hosts only")
 
-    def ssh_only(self, enabled: bool = True) -> None:
-        """On: every host accepts and opens only TCP port 22 (others rejected, not dropped)."""
-        self._require_root("ssh_only")
-        self._ssh_only = enabled
+    def set_network(
+        self, topology: str = "open", closed: str = "icmp", cut_established: bool = False
+    ) -> None:
+        """Shape the test network as sites do. ``topology``: which paths are open —
+        ``open``; ``isolated`` (hosts reach the controller and vice versa, not each other except
+        on port 22); ``ssh-only`` (only port 22, either way); ``no-connect-back`` (hosts open no
+        connection to this machine). ``closed``: how a closed port answers — ``drop``
+        (silence), ``reset`` (TCP reset, what a port without listener says too) or ``icmp``
+        (ICMP admin-prohibited). ``cut_established`` also cuts connections already open (a
+        firewall closed mid-run), not only new ones; SSH itself is never cut."""
+        self._require_root("set_network")
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {TOPOLOGIES}, not {topology!r}")
+        if closed not in CLOSED_STYLES:
+            raise ValueError(f"closed must be one of {tuple(CLOSED_STYLES)}, not {closed!r}")
+        self._network = (topology, closed, cut_established)
         for h in self.hosts:
             self._apply_rules(h)
+
+    @property
+    def network(self) -> tuple[str, str, bool]:
+        """(topology, closed-port style, cut_established) in force."""
+        return self._network
+
+    def ssh_only(self, enabled: bool = True) -> None:
+        """On: every host accepts and opens only TCP port 22 (others rejected, not dropped)."""
+        self.set_network("ssh-only" if enabled else "open")
 
     def restrict_ssh(self, name: str, allowed_from: list[str] | None) -> None:
         """Host `name` accepts port 22 only from these hosts (or "controller"); None lifts it."""
@@ -602,24 +631,37 @@ class TestHosts:
         self._apply_rules(h)
 
     def _ruleset(self, name: str) -> str:
-        reject = "reject with icmpx type admin-prohibited"
+        topology, closed, cut = self._network
+        action = CLOSED_STYLES[closed]
         allowed = self._allowed.get(name)
-        inp, out = [], []
+        first, inp, out = [], [], []  # first: restrict_ssh, ahead of the SSH pass rules
         if allowed is not None:
             if allowed:
-                inp.append(f"tcp dport 22 ip saddr {{ {', '.join(allowed)} }} accept")
-            inp.append(f"tcp dport 22 {reject}")
-        if self._ssh_only:
-            inp += ["tcp dport 22 accept", reject]
-            out += ["tcp dport 22 accept", f"ct state new meta l4proto {{ tcp, udp }} {reject}"]
+                first.append(f"tcp dport 22 ip saddr {{ {', '.join(allowed)} }} accept")
+            first.append(f"tcp dport 22 {CLOSED_STYLES['icmp']}")
+        others = [h.address for h in self.hosts if h.name != name]
+        if topology == "isolated" and others:
+            inp.append(f"ip saddr {{ {', '.join(others)} }} tcp dport != 22 {action}")
+        elif topology == "ssh-only":
+            inp.append(f"tcp dport != 22 {action}")
+            out.append(f"tcp dport != 22 {action}")
+        elif topology == "no-connect-back":
+            out.append(f"ip daddr {self.controller_address} tcp dport != 22 {action}")
         # add+delete makes the delete safe when the table is absent; one file is one transaction
         text = "add table inet lct\ndelete table inet lct\n"
-        if not inp and not out:
+        if not (first or inp or out):
             return text
+        # open connections pass unless the rules are meant to cut them; SSH (either end at
+        # port 22) always passes
+        held = [] if cut else ["ct state established,related accept"]
+        ssh = ["tcp dport 22 accept", "tcp sport 22 accept"]
         text += "table inet lct {\n"
-        for chain, lo, rules in (("input", "iif", inp), ("output", "oif", out)):
+        for chain, lo, rules in (
+            ("input", "iif", held + first + ssh + inp),
+            ("output", "oif", held + ssh + out),
+        ):
             text += f"  chain {chain} {{\n    type filter hook {chain} priority 0; policy accept;\n"
-            text += f"    {lo} lo accept\n    ct state established,related accept\n"
+            text += f"    {lo} lo accept\n"
             text += "".join(f"    {r}\n" for r in rules) + "  }\n"
         return text + "}\n"
 
