@@ -14,15 +14,17 @@ from lazycluster_tasks.dask_launchers import (
     RemoteMasterLauncher,
     RoundRobinLauncher,
 )
-from lazycluster_tasks.environment import Environment
+from lazycluster_tasks.environment import Environment, ExecutionFileLogUtil, Timestamp
 from lazycluster_tasks.errors import (
     AuthenticationError,
+    ClusterLostError,
     GroupError,
     HostConnectionError,
     HostKeyError,
     InvalidRuntimeError,
     LazyclusterError,
     MasterStartError,
+    NetworkPathError,
     NoPortsLeftError,
     NoRuntimesDetectedError,
     OperationTimeoutError,
@@ -36,7 +38,7 @@ from lazycluster_tasks.errors import (
 )
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.manager import RuntimeManager
-from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.runtime import Runtime, RuntimeProcess
 from lazycluster_tasks.task import RuntimeTask
 
 #: Names of the Prefect layer, imported on first use: the core works without importing prefect.
@@ -70,9 +72,11 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AuthenticationError",
+    "ClusterLostError",
     "DaskCluster",
     "DaskOptions",
     "Environment",
+    "ExecutionFileLogUtil",
     "GroupError",
     "HostConnectionError",
     "HostKeyError",
@@ -82,6 +86,7 @@ __all__ = [
     "MasterLauncher",
     "MasterStartError",
     "MasterWorkerCluster",
+    "NetworkPathError",
     "NoPortsLeftError",
     "NoRuntimesDetectedError",
     "OperationTimeoutError",
@@ -94,8 +99,10 @@ __all__ = [
     "RuntimeCluster",
     "RuntimeGroup",
     "RuntimeManager",
+    "RuntimeProcess",
     "RuntimeTask",
     "TaskExecutionError",
+    "Timestamp",
     "TunnelError",
     "WorkerLauncher",
     "WorkerStartError",

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import posixpath
 import shlex
+import socket
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ from lazycluster_tasks.dask_launchers import (
 from lazycluster_tasks.errors import (
     LazyclusterError,
     MasterStartError,
+    NetworkPathError,
     WorkerStartError,
 )
 from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
@@ -50,6 +52,8 @@ MISSING_DISTRIBUTED = "No module named 'distributed'"
 CONTROLLER_KEY = "(controller)"
 LIVENESS_INTERVAL = 2.0
 PORT_RETRIES = 3
+#: Upper bound (s) of the end-to-end readiness check once every worker registered.
+PATH_CHECK_TIMEOUT = 30.0
 
 
 @dataclass
@@ -152,6 +156,8 @@ class DaskCluster(MasterWorkerCluster):
                 self.complete(worker_count, debug)
             else:
                 super().start(worker_count, master_port, debug)
+            if worker_count:
+                self.verify_paths()
         except BaseException:
             self.cleanup()
             raise
@@ -206,6 +212,86 @@ class DaskCluster(MasterWorkerCluster):
         taken = {p for host_ports in used.values() for p in host_ports}
         self._ports = [p for p in remaining if p not in taken]
 
+    def verify_paths(self, timeout: float | None = None) -> None:
+        """End-to-end readiness: a tiny task pinned to every worker with its result fetched here
+        through the scheduler, and a ring of tasks that makes each worker fetch the previous
+        one's result (worker -> worker, across hosts). Raises NetworkPathError naming every
+        path that failed within ``timeout`` (default: min(start_timeout, 30 s))."""
+        from distributed import as_completed
+
+        timeout = (
+            min(self.options.start_timeout, PATH_CHECK_TIMEOUT) if timeout is None else timeout
+        )
+        client = self._monitor()
+        known = client.scheduler_info(n_workers=-1)["workers"]
+        order = {name: i for i, name in enumerate(self._worker_names())}
+        ours = sorted(
+            ((str(info["name"]), address) for address, info in known.items()),
+            key=lambda item: order.get(item[0], len(order)),
+        )
+        ours = [(name, address) for name, address in ours if name in order]
+        if not ours:
+            return
+        started = time.monotonic()
+        first = {
+            name: client.submit(
+                socket.gethostname, workers=[address], allow_other_workers=False, pure=False
+            )
+            for name, address in ours
+        }
+        ring = {}
+        if len(ours) > 1:
+            for i, (name, _) in enumerate(ours):
+                target, address = ours[(i + 1) % len(ours)]
+                ring[(name, target)] = client.submit(
+                    len, first[name], workers=[address], allow_other_workers=False, pure=False
+                )
+        futures = [*first.values(), *ring.values()]
+        try:
+            with contextlib.suppress(TimeoutError):
+                for _ in as_completed(futures, timeout=timeout, loop=client.loop):
+                    pass
+            addresses = dict(ours)
+            here = "this machine" if self._scheduler_host is None else self._scheduler_host
+            failed: dict[str, str] = {}
+            for name, future in first.items():
+                where = f"{name} on {self._processes[name].host} ({addresses[name]})"
+                if future.status != "finished":
+                    failed[where] = f"ran no task within {timeout:.0f} s ({future.status})"
+                    continue
+                left = max(1.0, timeout - (time.monotonic() - started))
+                try:
+                    future.result(timeout=left)
+                except Exception as exc:
+                    failed[f"scheduler on {here} -> {where}"] = (
+                        f"its result could not be fetched ({type(exc).__name__})"
+                    )
+            for (source, target), future in ring.items():
+                if future.status != "finished" and first[source].status == "finished":
+                    failed[
+                        f"{target} on {self._processes[target].host} -> {source} on "
+                        f"{self._processes[source].host} ({addresses[source]})"
+                    ] = f"data not fetched within {timeout:.0f} s"
+        finally:
+            client.cancel(futures, force=True)
+        logger.info(
+            "end-to-end check: %d workers reached from here and from each other in %.2f s",
+            len(ours),
+            time.monotonic() - started,
+        )
+        if failed:
+            lines = "\n".join(f"  {path}: {why}" for path, why in failed.items())
+            hint = (
+                "network_mode='tunnelled' routes every path over SSH"
+                if self.network_mode == "direct"
+                else "check that sshd allows TCP forwarding (AllowTcpForwarding) on every host"
+            )
+            raise NetworkPathError(
+                f"the workers registered, but {len(failed)} path(s) the cluster needs are "
+                f"blocked ({self.network_mode} mode):\n{lines}\n{hint}",
+                failed,
+            )
+
     def cleanup(self) -> None:
         """Stop everything this cluster started, on every host at once; verify nothing is left."""
         if self._cleaned:
@@ -223,7 +309,7 @@ class DaskCluster(MasterWorkerCluster):
         with self._lock:
             if self._plan is None:
                 mode = self.options.network_mode
-                self._plan = plan_network(self._group, mode, ports[0], self._python)
+                self._plan = plan_network(self._group, mode, ports, self._python)
             return self._plan
 
     @property
@@ -701,6 +787,7 @@ class DaskCluster(MasterWorkerCluster):
         if n > len(running):
             self._refresh_ports()
             self.start_workers(n - len(running))
+            self.verify_paths()
         elif n < len(running):
             remove = running[n:]
             addresses = [registered[w]["address"] for w in remove]
@@ -813,6 +900,8 @@ class DaskCluster(MasterWorkerCluster):
             "cluster_id": self.cluster_id,
             "state": self.state,
             "network_mode": self.network_mode,
+            "network_paths": dict(self._plan.paths) if self._plan else {},
+            "network_reasons": list(self._plan.reasons) if self._plan else [],
             "hosts": [host_spec(rt) for rt in self._group.runtimes],
             "scheduler_host": self._scheduler_host,
             "scheduler_address": self.scheduler_address,

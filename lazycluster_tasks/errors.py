@@ -17,7 +17,9 @@ The tree::
     ├── NoPortsLeftError               none of the given ports is free
     ├── TunnelError                    a port forward could not be opened or was lost
     ├── MasterStartError               the cluster master did not come up in time
-    └── WorkerStartError               workers did not register in time
+    ├── WorkerStartError               workers did not register in time
+    │   └── NetworkPathError           a path the cluster needs is blocked (from, to, port)
+    └── ClusterLostError               a running cluster lost its scheduler, workers or paths
 
 ``transient`` marks the errors worth retrying (``is_transient`` answers for any exception).
 Built-in ``TimeoutError`` is also a base of ``OperationTimeoutError`` so generic code catches it.
@@ -33,6 +35,16 @@ class LazyclusterError(Exception):
     """Base of every error raised by lazycluster_tasks."""
 
     transient = False
+
+    @property
+    def msg(self) -> str:
+        """The message (lazycluster's attribute name)."""
+        return str(self.args[0]) if self.args else ""
+
+    @property
+    def predecessor_excp(self) -> BaseException | None:
+        """The exception this one was raised from (lazycluster's name for ``__cause__``)."""
+        return self.__cause__
 
 
 class InvalidRuntimeError(LazyclusterError):
@@ -97,6 +109,11 @@ class TaskExecutionError(LazyclusterError):
         self.command = command
         self.exit_code = exit_code
         self.output = output
+
+    @property
+    def task_step_index(self) -> int | None:
+        """The failed step's index (lazycluster's name for ``step_index``)."""
+        return self.step_index
 
 
 class PathCreationError(LazyclusterError):
@@ -170,6 +187,24 @@ class WorkerStartError(LazyclusterError):
     def __init__(self, message: str, missing: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.missing = dict(missing or {})
+
+
+class NetworkPathError(WorkerStartError):
+    """Workers registered, but a path between the cluster's parts is blocked; ``paths`` maps
+    "from -> to (address)" to what happened."""
+
+    def __init__(self, message: str, paths: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, missing=paths)
+        self.paths = dict(paths or {})
+
+
+class ClusterLostError(LazyclusterError):
+    """A running cluster lost its scheduler, its workers or a path between them; ``reason``
+    says what was seen, when."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def is_transient(error: BaseException) -> bool:

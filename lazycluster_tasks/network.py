@@ -1,20 +1,27 @@
 """How cluster entities reach each other: one preflight probe per host, then a plan.
 
-In ``auto`` mode the probe (run with the host's Python, one call per host, all hosts at once)
-reports whether ``distributed`` is importable, the host's listening ports, and whether TCP
-connections to the controller and to the other hosts get through. "direct" needs every one of
-those paths; otherwise "tunnelled" routes everything over SSH forwards through the controller. A
-refused connection counts as reachable (the packet arrived; nothing listened), a timeout or an
-ICMP reject does not. With an explicit mode there is nothing to decide: a shell probe reads the
-ports and checks that the interpreter exists, booting no Python on the hosts.
+In ``auto`` mode every path a direct cluster needs is measured, never inferred: each host's probe
+(its Python, one call per host, all hosts at once) opens a listener of its own and dials the
+listeners of the other hosts and of this machine, while this machine dials every host's. A path
+is open only when the handshake completes *and* the far end answers with this probe's nonce: a
+TCP reset (a firewall's or a closed port's), an ICMP reject and silence are all "blocked". A
+refused dial is retried until the window closes (the peer may not be listening yet), so a blocked
+path costs at most ``PROBE_WINDOW`` seconds, all paths at once. "direct" needs every path;
+otherwise "tunnelled" routes everything over SSH forwards through this machine. With an explicit
+mode there is nothing to decide: a shell probe reads the ports and checks that the interpreter
+exists, booting no Python on the hosts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import secrets
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +30,7 @@ from lazycluster_tasks.commands import q
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import GroupError, RemoteEnvironmentError
 from lazycluster_tasks.group import RuntimeGroup, fan_out
+from lazycluster_tasks.local import LocalConnection
 from lazycluster_tasks.ports import local_used_ports, parse_proc_net_tcp
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.ssh import SSHConnection
@@ -30,32 +38,95 @@ from lazycluster_tasks.ssh import SSHConnection
 logger = logging.getLogger(__name__)
 
 NETWORK_MODES = ("auto", "direct", "tunnelled")
-PROBE_TIMEOUT = 1.0
+#: Seconds a probe keeps dialing a path that does not answer with its nonce.
+PROBE_WINDOW = 2.0
+#: Extra seconds this machine keeps dialing: the hosts' probes start a little later.
+START_SLACK = 1.0
+#: Candidate ports a host's probe listener tries (the cluster's own ports, first free one).
+PROBE_PORTS = 4
+CONTROLLER = "controller"
 
+#: Runs on each host (and here, for this machine's own dials: see _dial_all).
 PROBE_SCRIPT = """
-import importlib.util, json, socket, sys, threading
+import errno, importlib.util, json, socket, sys, threading, time
 args = json.loads(sys.argv[1])
+start = time.monotonic()
+deadline = start + args["window"]
 out = {"distributed": importlib.util.find_spec("distributed") is not None,
-       "python": "%d.%d.%d" % sys.version_info[:3], "tcp": "", "reach": {}}
+       "python": "%d.%d.%d" % sys.version_info[:3], "tcp": "", "reach": {}, "port": None}
 for path in ("/proc/net/tcp", "/proc/net/tcp6"):
     try:
         with open(path) as handle:
             out["tcp"] += handle.read()
     except OSError:
         pass
-def probe(key, host, port):
+token = ("%s %s\\n" % (args["nonce"], args["me"])).encode()
+server = None
+for port in args["ports"]:
     try:
-        socket.create_connection((host, port), timeout=args["timeout"]).close()
-        out["reach"][key] = "open"
-    except ConnectionRefusedError:
-        out["reach"][key] = "refused"
+        server = socket.create_server(("", port), backlog=128)
+        out["port"] = port
+        break
     except OSError:
-        out["reach"][key] = "blocked"
-threads = [threading.Thread(target=probe, args=(k, h, p)) for k, (h, p) in args["targets"].items()]
+        pass
+seen = [0]
+def serve():
+    server.settimeout(0.05)
+    while seen[0] < args["expect"] and time.monotonic() < deadline:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            continue
+        try:
+            conn.sendall(token)
+        except OSError:
+            pass
+        conn.close()
+        seen[0] += 1
+def classify(exc):
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, socket.timeout):
+        return "silent"
+    return "rejected (%s)" % (errno.errorcode.get(exc.errno or 0) or exc)
+def dial(key, host, ports, want):
+    state = "no answer"
+    while True:
+        retry = False
+        for port in ports:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                with socket.create_connection((host, port), timeout=min(left, 1.0)) as conn:
+                    conn.settimeout(max(0.05, min(deadline - time.monotonic(), 1.0)))
+                    got = b""
+                    while not got.endswith(b"\\n") and len(got) < 200:
+                        part = conn.recv(200)
+                        if not part:
+                            break
+                        got += part
+                if got.decode(errors="replace").strip() == want:
+                    out["reach"][key] = "open"
+                    return
+                state = "another program answers"
+                retry = True
+            except OSError as exc:
+                state = classify(exc)
+                retry = retry or state == "refused"
+        if not retry or time.monotonic() >= deadline:
+            out["reach"][key] = state
+            return
+        time.sleep(0.05)
+threads = [threading.Thread(target=serve)] if server is not None else []
+threads += [threading.Thread(target=dial, args=(k, h, ps, "%s %s" % (args["nonce"], w)))
+            for k, (h, ps, w) in args["targets"].items()]
 for t in threads:
     t.start()
 for t in threads:
     t.join()
+if server is not None:
+    server.close()
 print(json.dumps(out))
 """
 
@@ -67,6 +138,7 @@ class HostReport:
     distributed: bool | None  # None: not checked (a worker without it fails at start, named)
     used_ports: set[int]
     reach: dict[str, str]
+    probe_port: int | None = None
 
 
 @dataclass
@@ -79,6 +151,9 @@ class NetworkPlan:
     used_ports: dict[str, set[int]] = field(default_factory=dict)  # host -> taken ports
     local_used: set[int] = field(default_factory=set)  # taken on this machine
     reasons: list[str] = field(default_factory=list)  # why tunnelled was chosen
+    #: "from -> to" -> "open" or why not, for every path measured (auto mode)
+    paths: dict[str, str] = field(default_factory=dict)
+    probe_seconds: float = 0.0
 
     def taken(self, hosts: Sequence[str], include_local: bool) -> set[int]:
         used = set(self.local_used) if include_local else set()
@@ -86,17 +161,26 @@ class NetworkPlan:
             used |= self.used_ports.get(host, set())
         return used
 
+    def summary(self) -> str:
+        """One line: the mode and why."""
+        if not self.paths:
+            return f"network mode {self.mode}" + (
+                f" ({'; '.join(self.reasons)})" if self.reasons else ""
+            )
+        if self.mode == "direct":
+            return f"network mode direct: all {len(self.paths)} paths open"
+        return f"network mode tunnelled: {'; '.join(self.reasons)}"
 
-def _reachable(state: str | None) -> bool:
-    return state in ("open", "refused")
 
-
-def probe_host(runtime: Runtime, python: str, targets: dict[str, tuple[str, int]]) -> HostReport:
+def probe_host(
+    runtime: Runtime, python: str, args: dict[str, object], timeout: float = 30.0
+) -> HostReport:
     """Run the preflight probe on one host with the interpreter the cluster will use there
     (its working dir is created first, so every host has one once the plan exists)."""
     runtime.working_dir  # noqa: B018 - created here, in parallel with the other hosts
-    args = json.dumps({"targets": targets, "timeout": PROBE_TIMEOUT})
-    result = runtime.connection.run(commands.python_call(python, PROBE_SCRIPT, [args]))
+    result = runtime.connection.run(
+        commands.python_call(python, PROBE_SCRIPT, [json.dumps(args)]), timeout=timeout
+    )
     if result.exit_code == 127:
         raise RemoteEnvironmentError(
             f"{runtime.host}: Python interpreter {python!r} not found; set python_executable",
@@ -115,6 +199,7 @@ def probe_host(runtime: Runtime, python: str, targets: dict[str, tuple[str, int]
         data["distributed"],
         parse_proc_net_tcp(data["tcp"]),
         data["reach"],
+        data.get("port"),
     )
 
 
@@ -140,37 +225,38 @@ def _peer_address(runtime: Runtime) -> str | None:
     return str(sock.getpeername()[0]) if isinstance(sock, socket.socket) else None
 
 
-def _controller_probe(targets: dict[str, tuple[str, int]]) -> dict[str, str]:
-    results: dict[str, str] = {}
-
-    def probe(key: str, address: tuple[str, int]) -> None:
-        try:
-            socket.create_connection(address, timeout=PROBE_TIMEOUT).close()
-            results[key] = "open"
-        except ConnectionRefusedError:
-            results[key] = "refused"
-        except OSError:
-            results[key] = "blocked"
-
-    threads = [threading.Thread(target=probe, args=item) for item in targets.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+def _dial_all(
+    targets: dict[str, tuple[str, list[int], str]], nonce: str, window: float
+) -> dict[str, str]:
+    """This machine's dials of the hosts' probe listeners: the same script, run here."""
+    args: dict[str, object] = {"nonce": nonce, "me": CONTROLLER, "ports": [], "expect": 0}
+    args |= {"targets": targets, "window": window}
+    line = commands.python_call(sys.executable, PROBE_SCRIPT, [json.dumps(args)])
+    with LocalConnection() as local:
+        result = local.run(line, timeout=window + 30)
+    try:
+        return dict(json.loads(result.stdout.strip().splitlines()[-1])["reach"])
+    except (ValueError, IndexError, KeyError):
+        return {h: f"probe failed here: {tail(result.output, 300)}" for h in targets}
 
 
 def plan_network(
-    group: RuntimeGroup, mode: str, probe_port: int, python: Callable[[Runtime], str]
+    group: RuntimeGroup,
+    mode: str,
+    probe_ports: Sequence[int],
+    python: Callable[[Runtime], str],
+    window: float = PROBE_WINDOW,
 ) -> NetworkPlan:
     """Probe every host once (concurrently) and decide how the cluster's entities connect."""
     if mode not in NETWORK_MODES:
         raise ValueError(f"network_mode must be one of {NETWORK_MODES}, not {mode!r}")
+    started = time.monotonic()
     remote = [rt for rt in group.runtimes if not rt.is_local]
     local = [rt for rt in group.runtimes if rt.is_local]
-    probe = probe_host if mode == "auto" else quick_probe
     if not remote:
-        reports = fan_out("preflight", local, lambda rt: probe(rt, python(rt), {}))
+        no_paths = {"nonce": "", "me": "", "ports": [], "targets": {}, "window": 0, "expect": 0}
+        probe = probe_host if mode == "auto" else _quick
+        reports = fan_out("preflight", local, lambda rt: probe(rt, python(rt), no_paths))
         _check_distributed(reports)
         return NetworkPlan(
             "direct",
@@ -178,6 +264,7 @@ def plan_network(
             {rt.host: "127.0.0.1" for rt in local},
             {h: r.used_ports for h, r in reports.items()},
             local_used_ports(),
+            probe_seconds=time.monotonic() - started,
         )
     peers = fan_out("connect", remote, _peer_address)
     first = remote[0].connection
@@ -188,47 +275,103 @@ def plan_network(
     reasons = [f"{h} is reached through a jump host" for h, a in peers.items() if not a]
     if mode == "direct" and reasons:
         raise ValueError(f"network_mode='direct' is impossible: {'; '.join(reasons)}")
-    probing = mode == "auto" and not reasons
-    listener = socket.create_server((controller, 0)) if probing else None
-    try:
-        targets: dict[str, dict[str, tuple[str, int]]] = {rt.host: {} for rt in group.runtimes}
-        if probing and listener is not None:
-            for rt in remote:
-                targets[rt.host]["controller"] = (controller, listener.getsockname()[1])
-                for other in remote:
-                    if other is not rt:
-                        targets[rt.host][other.host] = (addresses[other.host], probe_port)
-        here = {h: (a, probe_port) for h, a in peers.items() if a} if probing else {}
-        reports = fan_out(
-            "preflight", group.runtimes, lambda rt: probe(rt, python(rt), targets[rt.host])
+    if mode != "auto" or reasons:
+        reports = fan_out("preflight", group.runtimes, lambda rt: quick_probe(rt, python(rt), {}))
+        _check_distributed(reports)
+        resolved = "tunnelled" if mode == "tunnelled" or reasons else "direct"
+        plan = NetworkPlan(
+            resolved,
+            controller,
+            addresses,
+            {h: r.used_ports for h, r in reports.items()},
+            local_used_ports(),
+            reasons,
+            probe_seconds=time.monotonic() - started,
         )
-        from_controller = _controller_probe(here)
-    finally:
-        if listener is not None:
-            listener.close()
+        if reasons:
+            logger.info("%s", plan.summary())
+        return plan
+    nonce = secrets.token_hex(8)
+    ports = list(probe_ports)[:PROBE_PORTS]
+    hosts = [rt.host for rt in remote]
+    with socket.create_server((controller, 0)) as listener:
+        back = listener.getsockname()[1]
+        args = {
+            rt.host: {
+                "nonce": nonce,
+                "me": rt.host,
+                "ports": ports,
+                "window": window,
+                "expect": len(hosts),  # the other hosts and this machine
+                "targets": {
+                    CONTROLLER: (controller, [back], CONTROLLER),
+                    **{h: (addresses[h], ports, h) for h in hosts if h != rt.host},
+                },
+            }
+            for rt in remote
+        }
+        accepted = _serve(listener, nonce, len(hosts), started + window + START_SLACK)
+        dials: dict[str, str] = {}
+        dialer = threading.Thread(
+            target=lambda: dials.update(
+                _dial_all({h: (addresses[h], ports, h) for h in hosts}, nonce, window + START_SLACK)
+            ),
+            name="lct-probe-dials",
+        )
+        dialer.start()
+        try:
+            reports = fan_out(
+                "preflight", group.runtimes, lambda rt: probe_host(rt, python(rt), args[rt.host])
+            )
+        finally:
+            dialer.join()
+            accepted.join()
     _check_distributed(reports)
+    paths = {f"{CONTROLLER} -> {h}": dials.get(h, "not measured") for h in hosts}
     for host, report in reports.items():
-        reasons += [
-            f"{host} cannot reach {target} ({state})"
-            for target, state in report.reach.items()
-            if not _reachable(state)
-        ]
-    reasons += [
-        f"this machine cannot reach {host} ({state})"
-        for host, state in from_controller.items()
-        if not _reachable(state)
-    ]
-    resolved = "tunnelled" if mode == "tunnelled" or (mode == "auto" and reasons) else "direct"
-    if mode == "auto":
-        logger.info("network mode: %s%s", resolved, f" ({'; '.join(reasons)})" if reasons else "")
-    return NetworkPlan(
-        resolved,
+        if report.probe_port is None and host in hosts:
+            paths[f"{CONTROLLER} -> {host}"] = f"no probe port free among {ports}"
+        for target, state in report.reach.items():
+            paths[f"{host} -> {target}"] = state
+    for key, state in sorted(paths.items()):
+        if state != "open":
+            reasons.append(f"{key}: {state}")
+    plan = NetworkPlan(
+        "tunnelled" if reasons else "direct",
         controller,
         addresses,
         {h: r.used_ports for h, r in reports.items()},
         local_used_ports(),
         reasons,
+        paths,
+        time.monotonic() - started,
     )
+    logger.info("%s (probe %.2f s)", plan.summary(), plan.probe_seconds)
+    return plan
+
+
+def _serve(listener: socket.socket, nonce: str, expect: int, deadline: float) -> threading.Thread:
+    """Answer the hosts' dials of this machine with the nonce, in the background."""
+
+    def serve() -> None:
+        listener.settimeout(0.05)
+        seen = 0
+        while seen < expect and time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(f"{nonce} {CONTROLLER}\n".encode())
+            seen += 1
+
+    thread = threading.Thread(target=serve, name="lct-probe-listener")
+    thread.start()
+    return thread
+
+
+def _quick(runtime: Runtime, python: str, _args: object) -> HostReport:
+    return quick_probe(runtime, python, {})
 
 
 def _check_distributed(reports: dict[str, HostReport]) -> None:

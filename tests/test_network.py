@@ -1,0 +1,106 @@
+"""The preflight probe measures every path a direct cluster needs, in networks as sites build."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lazycluster_tasks import RuntimeGroup
+from lazycluster_tasks.network import CONTROLLER, PROBE_WINDOW, START_SLACK, plan_network
+from lazycluster_tasks.testing.hosts import TestHosts
+
+pytestmark = pytest.mark.multihost
+
+HOSTS = ["host1", "host2", "host3"]
+PORTS = [61000, 61001, 61002, 61003]
+#: topology -> paths expected blocked: (controller->host, host->host, host->controller)
+BLOCKED = {
+    "isolated": (False, True, False),
+    "ssh-only": (True, True, True),
+    "no-connect-back": (False, False, True),
+}
+
+
+def plan(hosts: TestHosts, names: list[str] = HOSTS):
+    group = RuntimeGroup(hosts=names, ssh_config_path=str(hosts.ssh_config_path))
+    try:
+        return plan_network(group, "auto", PORTS, lambda rt: sys.executable)
+    finally:
+        group.cleanup()
+
+
+def test_open_network_is_direct_with_every_path_measured(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None
+) -> None:
+    result = plan(multi_hosts)
+    assert result.mode == "direct", result.reasons
+    n = len(HOSTS)
+    assert len(result.paths) == n + n * (n - 1) + n  # here->host, host->host, host->here
+    assert set(result.paths.values()) == {"open"} and result.probe_seconds > 0
+    assert f"{CONTROLLER} -> host2" in result.paths and "host2 -> host3" in result.paths
+
+
+@pytest.mark.parametrize("closed", ["drop", "reset", "icmp"])
+@pytest.mark.parametrize("topology", list(BLOCKED))
+def test_blocked_paths_are_found_however_closed_ports_answer(
+    multi_hosts: TestHosts,
+    topology: str,
+    closed: str,
+    no_leftovers: TestHosts,
+    no_local_leaks: None,
+) -> None:
+    multi_hosts.set_network(topology, closed)
+    try:
+        start = time.monotonic()
+        result = plan(multi_hosts)
+        elapsed = time.monotonic() - start
+    finally:
+        multi_hosts.set_network("open")
+    assert result.mode == "tunnelled"
+    to_host, host_to_host, to_here = BLOCKED[topology]
+    for key, state in result.paths.items():
+        source, target = key.split(" -> ")
+        if source == CONTROLLER:
+            blocked = to_host
+        elif target == CONTROLLER:
+            blocked = to_here
+        else:
+            blocked = host_to_host
+        assert (state != "open") == blocked, (key, state)
+        assert any(key in reason for reason in result.reasons) == blocked
+    # a blocked path costs the probe window once, not once per path or per host
+    assert elapsed < PROBE_WINDOW + START_SLACK + 5
+
+
+def test_a_foreign_listener_is_not_a_path(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None
+) -> None:
+    """A port that answers, but not with the probe's nonce, proves nothing about the probe's
+    own path: here host2's probe finds every candidate port taken by another program."""
+    blocker = multi_hosts.run_in(
+        "host2",
+        [
+            sys.executable,
+            "-c",
+            "import socket, time\n"
+            f"s = [socket.create_server(('', p)) for p in {PORTS}]\n"
+            "print('ready', flush=True)\n"
+            "while True:\n"
+            "    for x in s: x.setblocking(False)\n"
+            "    time.sleep(30)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert blocker.stdout is not None and blocker.stdout.readline().strip() == "ready"
+        result = plan(multi_hosts, ["host1", "host2"])
+    finally:
+        blocker.kill()
+        blocker.wait()
+    assert result.mode == "tunnelled"
+    assert "no probe port free" in result.paths[f"{CONTROLLER} -> host2"]
+    assert result.paths["host1 -> host2"] != "open"
