@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := openssh-server iproute2 nftables
+SYSTEM_PACKAGES := openssh-server openssh-client iproute2 nftables
 
 # No telemetry from Prefect; a cold ephemeral API needs more than the default 20 s on 2 cores.
 export DO_NOT_TRACK := 1

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import paramiko
-
+from lazycluster_tasks import sshconfig
 from lazycluster_tasks.errors import GroupError, NoRuntimesDetectedError
-from lazycluster_tasks.group import RuntimeGroup, fan_out
+from lazycluster_tasks.group import RuntimeGroup, destination, fan_out
 from lazycluster_tasks.runtime import Runtime
-from lazycluster_tasks.ssh import DEFAULT_SSH_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -21,20 +18,12 @@ DISCOVERY_TIMEOUT = 5.0
 
 
 def config_hosts(ssh_config_path: str | None = None) -> list[str]:
-    """The concrete ``Host`` names of an OpenSSH config (no patterns), in file order."""
-    path = os.path.expanduser(ssh_config_path or DEFAULT_SSH_CONFIG)
-    if not os.path.exists(path):
-        if ssh_config_path is not None:
-            raise ValueError(f"ssh config file not found: {ssh_config_path!r}")
-        return []
-    names = paramiko.SSHConfig.from_path(path).get_hostnames()
-    ordered = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].lower() == "host":
-                ordered += [n for n in parts[1:] if n in names and n not in ordered]
-    return [n for n in ordered if not any(c in n for c in "*?!")]
+    """The hosts of an OpenSSH config, in file order, each once.
+
+    Included files are followed; a ``Host`` line with several names is one host, named
+    by its first pattern without wildcards or negation (see :mod:`lazycluster_tasks.sshconfig`).
+    """
+    return sshconfig.config_hosts(ssh_config_path)
 
 
 class RuntimeManager:
@@ -50,10 +39,24 @@ class RuntimeManager:
     ) -> None:
         self.ssh_config_path = ssh_config_path
         kwargs = {"connect_timeout": connect_timeout, **dict(connection_kwargs or {})}
-        candidates = [
-            Runtime(h, None, kwargs, ssh_config_path, python_executable=python_executable)
-            for h in config_hosts(ssh_config_path)
-        ]
+        candidates: list[Runtime] = []
+        seen: dict[str, str] = {}  # destination -> alias
+        for h in config_hosts(ssh_config_path):
+            rt = Runtime(h, None, kwargs, ssh_config_path, python_executable=python_executable)
+            where = destination(rt)
+            if where in seen:  # two Host blocks for one machine: probe and use it once
+                logger.warning(
+                    "%s and %s are the same host (%s): keeping %s, dropping %s",
+                    seen[where],
+                    h,
+                    where,
+                    seen[where],
+                    h,
+                )
+                rt.cleanup()
+                continue
+            seen[where] = h
+            candidates.append(rt)
         try:
             valid = fan_out("discovery", candidates, lambda rt: rt.is_valid_runtime())
         except GroupError as exc:  # is_valid_runtime does not raise; keep this honest anyway

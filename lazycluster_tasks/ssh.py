@@ -1,8 +1,12 @@
 """One paramiko connection per host: OpenSSH config, keys, known_hosts, jump hosts, run, SFTP.
 
-paramiko does not read ``~/.ssh/config`` by itself; :func:`resolve_settings` does, and
-``connection_kwargs`` override what it finds. The connection opens lazily, is shared by every
-command, transfer and tunnel of a runtime, and reopens transparently after a drop.
+paramiko does not read ``~/.ssh/config`` by itself; :func:`resolve_settings` does, through
+:mod:`lazycluster_tasks.sshconfig` (Include, ``Host *``, multi-pattern Host lines, Match: OpenSSH's
+``ssh -G``), and ``connection_kwargs`` override what it finds. Beyond paramiko: ProxyCommand
+(run as OpenSSH runs it, reaped on close), ``StrictHostKeyChecking accept-new`` (saved to
+known_hosts), CertificateFile (loaded onto the matching key), missing IdentityFiles skipped.
+The connection opens lazily, is shared by every command, transfer and tunnel of a runtime, and
+reopens transparently after a drop.
 """
 
 from __future__ import annotations
@@ -12,8 +16,13 @@ import io
 import logging
 import os
 import posixpath
+import pwd
+import re
+import signal
 import socket
 import stat
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +31,7 @@ from typing import Any
 
 import paramiko
 
+from lazycluster_tasks import sshconfig
 from lazycluster_tasks.connection import Connection, _Collector
 from lazycluster_tasks.errors import (
     AuthenticationError,
@@ -32,11 +42,13 @@ from lazycluster_tasks.errors import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SSH_CONFIG = "~/.ssh/config"
+DEFAULT_SSH_CONFIG = sshconfig.DEFAULT_SSH_CONFIG
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 KEEPALIVE_SECONDS = 15
-HOST_KEY_POLICIES = ("reject", "auto-add")
+#: How long a ProxyCommand gets to exit after SIGTERM before SIGKILL.
+PROXY_COMMAND_GRACE = 2.0
+HOST_KEY_POLICIES = ("reject", "auto-add", "accept-new")
 
 #: connection_kwargs we understand; anything else is a mistake worth naming.
 CONNECTION_KWARGS = frozenset(
@@ -62,7 +74,12 @@ CONNECTION_KWARGS = frozenset(
 
 @dataclass(frozen=True)
 class SSHSettings:
-    """Everything needed to open a connection to one host."""
+    """Everything needed to open a connection to one host.
+
+    ``host_key_policy``: ``reject`` (StrictHostKeyChecking yes/ask), ``auto-add`` (no: trust
+    in memory), ``accept-new`` (trust an unknown key and append it to the first known_hosts
+    file, as OpenSSH does; a changed key is still refused).
+    """
 
     alias: str
     hostname: str
@@ -79,15 +96,19 @@ class SSHSettings:
     allow_agent: bool = True
     look_for_keys: bool = True
     ssh_config_path: str | None = None
+    proxy_command: str | None = None  # with its %-tokens; expanded when connecting
+    certificate_files: tuple[str, ...] = ()
+    global_known_hosts: tuple[str, ...] = ()  # read, never written
+    hash_known_hosts: bool = False
 
-
-def _load_config(path: str | None) -> paramiko.SSHConfig | None:
-    expanded = os.path.expanduser(path or DEFAULT_SSH_CONFIG)
-    if not os.path.exists(expanded):
-        if path is not None:
-            raise ValueError(f"ssh config file not found: {path!r}")
-        return None
-    return paramiko.SSHConfig.from_path(expanded)
+    @property
+    def destination(self) -> str:
+        """``user@hostname:port`` (plus the route through jump hosts or a proxy command):
+        two settings with the same destination reach the same sshd."""
+        user = self.username or sshconfig._local_user()
+        where = f"{user}@{self.hostname.lower()}:{self.port}"
+        route = self.proxy_jump or self.proxy_command
+        return f"{where} via {route}" if route else where
 
 
 def resolve_settings(
@@ -95,7 +116,8 @@ def resolve_settings(
     ssh_config_path: str | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> SSHSettings:
-    """Resolve ``alias`` through the OpenSSH config, then apply ``connection_kwargs``."""
+    """Resolve ``alias`` through the OpenSSH config (:mod:`lazycluster_tasks.sshconfig`:
+    Include, ``Host *``, multi-pattern Host lines, Match), then apply ``connection_kwargs``."""
     if not isinstance(alias, str) or not alias.strip() or any(c.isspace() for c in alias):
         raise ValueError(f"invalid host name: {alias!r}")
     overrides = dict(overrides or {})
@@ -105,27 +127,71 @@ def resolve_settings(
             f"unknown connection_kwargs for {alias!r}: {', '.join(unknown)} "
             f"(known: {', '.join(sorted(CONNECTION_KWARGS))})"
         )
-    config = _load_config(ssh_config_path)
-    entry: dict[str, Any] = dict(config.lookup(alias)) if config else {"hostname": alias}
+    options = sshconfig.resolve(alias, ssh_config_path)
 
-    known = entry.get("userknownhostsfile", DEFAULT_KNOWN_HOSTS)
-    strict = str(entry.get("stricthostkeychecking", "yes")).lower()
-    identities_only = str(entry.get("identitiesonly", "no")).lower() == "yes"
+    def first(key: str, default: str | None = None) -> str | None:
+        values = options.get(key)
+        return values[0] if values else default
+
+    hostname = first("hostname", alias) or alias
+    port = int(first("port", "22") or 22)
+    username = first("user")
+
+    def expand(path: str) -> str:
+        return sshconfig.expand_tokens(
+            path, hostname=hostname, port=port, username=username, alias=alias
+        )
+
+    identities = options.get("identityfile", [])
+    if set(identities) <= sshconfig.OPENSSH_DEFAULT_IDENTITIES:
+        identities = []  # ssh -G lists its defaults; look_for_keys covers them
+    known = [p for v in options.get("userknownhostsfile", [DEFAULT_KNOWN_HOSTS]) for p in v.split()]
+    global_known = [p for v in options.get("globalknownhostsfile", []) for p in v.split()]
+    strict = (first("stricthostkeychecking", "yes") or "yes").lower()
+    identities_only = (first("identitiesonly", "no") or "no").lower() in ("yes", "true")
+    timeout = first("connecttimeout", "none") or "none"
     settings = SSHSettings(
         alias=alias,
-        hostname=entry.get("hostname", alias),
-        port=int(entry.get("port", 22)),
-        username=entry.get("user"),
-        key_filenames=tuple(os.path.expanduser(k) for k in entry.get("identityfile", [])),
-        proxy_jump=entry.get("proxyjump") if entry.get("proxyjump", "none") != "none" else None,
-        connect_timeout=float(entry.get("connecttimeout", DEFAULT_CONNECT_TIMEOUT)),
-        known_hosts=tuple(os.path.expanduser(p) for p in str(known).split()),
-        host_key_policy="auto-add" if strict in ("no", "off", "accept-new") else "reject",
+        hostname=hostname,
+        port=port,
+        username=username,
+        key_filenames=tuple(expand(k) for k in identities),
+        proxy_jump=_none(first("proxyjump")),
+        proxy_command=_none(first("proxycommand")),
+        connect_timeout=DEFAULT_CONNECT_TIMEOUT if timeout == "none" else float(timeout),
+        known_hosts=tuple(_home_path(p) for p in known),
+        global_known_hosts=tuple(_home_path(p) for p in global_known),
+        host_key_policy=_host_key_policy(strict),
+        hash_known_hosts=(first("hashknownhosts", "no") or "no").lower() in ("yes", "true"),
+        certificate_files=tuple(expand(c) for c in options.get("certificatefile", [])),
         allow_agent=not identities_only,
         look_for_keys=not identities_only,
         ssh_config_path=ssh_config_path,
     )
     return _apply_overrides(settings, overrides)
+
+
+def _none(value: str | None) -> str | None:
+    return None if value is None or value.lower() == "none" else value
+
+
+def _host_key_policy(strict: str) -> str:
+    if strict == "accept-new":
+        return "accept-new"
+    return "auto-add" if strict in ("no", "off", "false") else "reject"  # yes, true, ask
+
+
+def _home_path(path: str) -> str:
+    """``~`` as $HOME. ssh -G expands ``~`` with the passwd home; follow $HOME instead."""
+    path = os.path.expanduser(path)
+    try:
+        passwd_home = pwd.getpwuid(os.getuid()).pw_dir.rstrip("/")
+    except KeyError:
+        return path
+    home = os.path.expanduser("~").rstrip("/")
+    if passwd_home and home != passwd_home and path.startswith(passwd_home + "/"):
+        return home + path[len(passwd_home) :]
+    return path
 
 
 def _apply_overrides(settings: SSHSettings, kw: dict[str, Any]) -> SSHSettings:
@@ -235,16 +301,211 @@ def _tuned_transport(sock: Any, **kwargs: Any) -> paramiko.Transport:
     return transport
 
 
+#: Characters a %-token may bring into a ProxyCommand (it runs through the shell, as OpenSSH's).
+_SAFE_TOKEN = re.compile(r"[\w.:@\[\]%+-]*")
+
+
+def proxy_command_line(settings: SSHSettings) -> str:
+    """``settings.proxy_command`` with ``%h %p %r %n %%`` (and ``~``) expanded."""
+    assert settings.proxy_command is not None
+    for value in (settings.hostname, settings.username or "", settings.alias):
+        if not _SAFE_TOKEN.fullmatch(value):
+            raise InvalidRuntimeError(
+                f"{value!r} cannot go into the ProxyCommand of {settings.alias}: "
+                "it holds shell characters",
+                host=settings.alias,
+            )
+    return sshconfig.expand_tokens(
+        settings.proxy_command,
+        hostname=settings.hostname,
+        port=settings.port,
+        username=settings.username,
+        alias=settings.alias,
+    )
+
+
+class ProxyCommandSocket(paramiko.ProxyCommand):
+    """paramiko's ProxyCommand run like OpenSSH runs it (``/bin/sh -c 'exec <command>'``),
+    closed for good: SIGTERM, a bounded wait, SIGKILL, pipes closed, stderr kept for errors."""
+
+    def __init__(self, command_line: str) -> None:  # no super(): it would start the command
+        self.cmd = ["/bin/sh", "-c", f"exec {command_line}"]
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            bufsize=0,
+            start_new_session=True,  # a terminal's ^C must not kill the connection
+        )
+        self.timeout: float | None = None
+        self._close_lock = threading.Lock()
+        self._done = False
+        self._stderr_text: str | None = None
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._done:
+                return
+            self._done = True
+        proc = self.process
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(PROXY_COMMAND_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(PROXY_COMMAND_GRACE)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        self._stderr_text = self._read_stderr()  # paramiko may close us before we report
+        with contextlib.suppress(OSError):
+            self._stderr.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._done or self.process.returncode is not None
+
+    def stderr_tail(self, limit: int = 500, wait: float = 1.0) -> str:
+        """What the command wrote to stderr (after up to ``wait`` s for it to exit)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(wait)
+        text = self._stderr_text if self._stderr_text is not None else self._read_stderr()
+        return text.strip()[-limit:]
+
+    def _read_stderr(self) -> str:
+        try:
+            self._stderr.seek(0)
+            return str(self._stderr.read().decode(errors="replace"))
+        except (OSError, ValueError):
+            return ""
+
+
+_KNOWN_HOSTS_LOCK = threading.Lock()
+
+
+class AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
+    """StrictHostKeyChecking accept-new: trust an UNKNOWN key and save it to the first
+    known_hosts file (hashed when HashKnownHosts). A changed key never reaches a policy:
+    paramiko raises BadHostKeyException for it."""
+
+    def __init__(self, settings: SSHSettings) -> None:
+        self.settings = settings
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        if not self.settings.known_hosts:
+            logger.warning(
+                "accepted the new host key of %s (no known_hosts file to save it to)", hostname
+            )
+            return
+        path = self.settings.known_hosts[0]
+        name = paramiko.HostKeys.hash_host(hostname) if self.settings.hash_known_hosts else hostname
+        line = f"{name} {key.get_name()} {key.get_base64()}\n"
+        with _KNOWN_HOSTS_LOCK:
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            needs_newline = False
+            if os.path.exists(path) and os.path.getsize(path) > 0:
+                with open(path, "rb") as handle:
+                    handle.seek(-1, os.SEEK_END)
+                    needs_newline = handle.read(1) != b"\n"
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(("\n" if needs_newline else "") + line)
+        logger.warning(
+            "accepted the new host key of %s (%s %s) and saved it to %s",
+            hostname,
+            key.get_name(),
+            key.fingerprint,
+            path,
+        )
+
+
+def _host_key_policy_for(settings: SSHSettings) -> paramiko.MissingHostKeyPolicy:
+    if settings.host_key_policy == "auto-add":
+        return paramiko.AutoAddPolicy()
+    if settings.host_key_policy == "accept-new":
+        return AcceptNewPolicy(settings)
+    return paramiko.RejectPolicy()
+
+
+def _keys_with_certificates(
+    settings: SSHSettings, key_files: list[str]
+) -> tuple[paramiko.PKey | None, list[str]]:
+    """CertificateFile: the private key a certificate belongs to, with the certificate loaded
+    onto it (paramiko ``load_certificate``); the remaining key files."""
+    pkey = (
+        load_private_key(settings.private_key, settings.passphrase, settings.alias)
+        if settings.private_key
+        else None
+    )
+    certificates = [c for c in settings.certificate_files if os.path.exists(c)]
+    if not certificates:
+        return pkey, key_files
+    candidates: list[tuple[paramiko.PKey, str | None]] = [(pkey, None)] if pkey else []
+    for path in key_files:
+        try:
+            candidates.append((paramiko.PKey.from_path(path, settings.passphrase), path))
+        except (paramiko.SSHException, ValueError, OSError) as exc:
+            logger.debug("cannot load key %s: %s", path, exc)
+    for cert in certificates:
+        for key, key_path in candidates:
+            try:
+                key.load_certificate(cert)
+            except (ValueError, paramiko.SSHException, OSError):
+                continue
+            return key, [k for k in key_files if k != key_path]
+    logger.warning(
+        "no identity of %s matches its CertificateFile %s", settings.alias, ", ".join(certificates)
+    )
+    return pkey, key_files
+
+
 def _connect_client(settings: SSHSettings, sock: Any | None) -> paramiko.SSHClient:
     """Open and authenticate one SSHClient; translate failures into our errors."""
     client = paramiko.SSHClient()
-    for path in settings.known_hosts:
-        if os.path.exists(path):
+    for path in (*settings.global_known_hosts, *settings.known_hosts):
+        if os.path.isfile(path):
             client.load_host_keys(path)
-    if settings.host_key_policy == "auto-add":
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-    else:
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.set_missing_host_key_policy(_host_key_policy_for(settings))
+    key_files = [k for k in settings.key_filenames if os.path.exists(k)]
+    missing = set(settings.key_filenames) - set(key_files)
+    if missing:  # OpenSSH skips identity files that do not exist, and so do we
+        logger.debug("identity files of %s not found: %s", settings.alias, sorted(missing))
+    pkey, key_files = _keys_with_certificates(settings, key_files)
+    proxy: ProxyCommandSocket | None = None
+    if sock is None and settings.proxy_command:
+        proxy = sock = ProxyCommandSocket(proxy_command_line(settings))
+    try:
+        return _authenticate(client, settings, sock, pkey, key_files)
+    except InvalidRuntimeError as exc:
+        if proxy is None:
+            raise
+        detail = proxy.stderr_tail()
+        proxy.close()
+        if not detail:
+            raise
+        raise type(exc)(f"{exc} (ProxyCommand said: {detail})", host=settings.alias) from exc
+    except BaseException:
+        if proxy is not None:
+            proxy.close()
+        raise
+
+
+def _authenticate(
+    client: paramiko.SSHClient,
+    settings: SSHSettings,
+    sock: Any | None,
+    pkey: paramiko.PKey | None,
+    key_files: list[str],
+) -> paramiko.SSHClient:
     where = f"{settings.alias} ({settings.hostname}:{settings.port})"
     t = settings.connect_timeout
     try:
@@ -252,10 +513,8 @@ def _connect_client(settings: SSHSettings, sock: Any | None) -> paramiko.SSHClie
             settings.hostname,
             port=settings.port,
             username=settings.username,
-            key_filename=list(settings.key_filenames) or None,  # type: ignore[arg-type]
-            pkey=load_private_key(settings.private_key, settings.passphrase, settings.alias)
-            if settings.private_key
-            else None,
+            key_filename=key_files or None,  # type: ignore[arg-type]
+            pkey=pkey,
             password=settings.password,
             passphrase=settings.passphrase,
             timeout=t,
@@ -288,6 +547,12 @@ def _connect_client(settings: SSHSettings, sock: Any | None) -> paramiko.SSHClie
             raise HostKeyError(
                 f"host key of {where} is unknown: it is not in {files}. Add it (ssh-keyscan) "
                 f"or pass connection_kwargs={{'host_key_policy': 'auto-add'}} to trust it.",
+                host=settings.alias,
+            ) from None
+        if "No authentication methods available" in text:
+            raise AuthenticationError(
+                f"no key for {where}: no IdentityFile found, no ssh-agent key "
+                f"(SSH_AUTH_SOCK), no password",
                 host=settings.alias,
             ) from None
         if "private key file is encrypted" in text or "passphrase" in text.lower():
@@ -374,10 +639,13 @@ class SSHConnection(Connection):
             return str(sock.getsockname()[0])
         return None  # through a jump host
 
-    def open_socket(self) -> paramiko.Channel | None:
-        """A fresh stream to the host's sshd through the jump host (None: connect directly)."""
+    def open_socket(self) -> paramiko.Channel | ProxyCommandSocket | None:
+        """A fresh stream to the host's sshd through the jump host or a new ProxyCommand (the
+        caller closes it), or None: connect directly."""
         self.transport()
         if not self._jumps:
+            if self.settings.proxy_command:
+                return ProxyCommandSocket(proxy_command_line(self.settings))
             return None
         hops = jump_settings(self.settings)
         return self._jump_channel(self._jumps[-1], hops[-1], self.settings)
@@ -461,6 +729,11 @@ class SSHConnection(Connection):
             self._drop()
             self._on_reconnect.clear()
 
+    def reopen(self) -> None:
+        """Allow use again after :meth:`close` (the next command connects anew)."""
+        with self._lock:
+            self._closed = False
+
     def open_session(self) -> paramiko.Channel:
         """A new session channel; one reconnect if the connection turned out to be dead."""
         for attempt in (1, 2):
@@ -492,8 +765,11 @@ class SSHConnection(Connection):
                 chan.set_combine_stderr(True)
             chan.exec_command(line)
             if stdin is not None:
-                chan.sendall(stdin)
-                chan.shutdown_write()
+                try:
+                    chan.sendall(stdin)
+                    chan.shutdown_write()
+                except OSError:  # the command exited before reading it: its exit code tells
+                    logger.debug("%s: the command did not take its input", self.host)
             if not self._read(chan, chan.recv, stdout, deadline):
                 return None
             if stderr is not None and not self._read(chan, chan.recv_stderr, stderr, deadline):
