@@ -6,13 +6,14 @@ import logging
 import os
 import posixpath
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from lazycluster_tasks import ports as portlib
 from lazycluster_tasks.errors import GroupError, PortInUseError
-from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.runtime import Runtime, RuntimeProcess, check_path
+from lazycluster_tasks.ssh import SSHSettings
 from lazycluster_tasks.task import RuntimeTask
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,16 @@ def run_parallel(operation: str, jobs: Mapping[str, K], fn: Callable[[K], T]) ->
     if errors:
         raise GroupError(operation, results, errors)
     return results
+
+
+def destination(runtime: Runtime) -> str:
+    """Where a runtime's commands run: ``user@hostname:port`` (plus its route) for SSH
+    (resolved through the config, so two aliases of one machine compare equal); the host
+    name for local runtimes."""
+    settings = getattr(runtime.connection, "settings", None)
+    if isinstance(settings, SSHSettings):
+        return settings.destination
+    return f"local {runtime.host}"
 
 
 def fan_out(
@@ -87,11 +98,14 @@ class RuntimeGroup:
         assert runtimes is not None
         self._runtimes: dict[str, Runtime] = {}
         for runtime in runtimes:
-            self.add_runtime(runtime=runtime)
+            if not isinstance(runtime, Runtime):
+                raise ValueError(f"expected a Runtime, got {runtime!r}")
+            self._add(runtime, owned=hosts is not None)
         if working_dir is not None:
             for runtime in self._runtimes.values():
                 _set_working_dir(runtime, working_dir)
         self._info_thread: threading.Thread | None = None
+        self._group_tasks: list[RuntimeTask] = []  # started through the group, in order
 
     # -- membership -----------------------------------------------------------------------
 
@@ -116,13 +130,33 @@ class RuntimeGroup:
     def add_runtime(self, host: str | None = None, runtime: Runtime | None = None) -> None:
         if (host is None) == (runtime is None):
             raise ValueError("give exactly one of host or runtime")
+        owned = runtime is None
         if runtime is None:
             assert host is not None
             runtime = Runtime(host)
         if not isinstance(runtime, Runtime):
             raise ValueError(f"expected a Runtime, got {runtime!r}")
+        self._add(runtime, owned)
+
+    def _add(self, runtime: Runtime, owned: bool) -> None:
+        """Add ``runtime`` unless the group already reaches its destination (user@host:port)
+        under another alias: then log it and drop it (cleaned up if the group created it)."""
         if runtime.host in self._runtimes:
             raise ValueError(f"host {runtime.host!r} is already in the group")
+        where = destination(runtime)
+        for other in self._runtimes.values():
+            if destination(other) == where:
+                logger.warning(
+                    "%s and %s are the same host (%s): keeping %s, dropping %s",
+                    other.host,
+                    runtime.host,
+                    where,
+                    other.host,
+                    runtime.host,
+                )
+                if owned:
+                    runtime.cleanup()
+                return
         self._runtimes[runtime.host] = runtime
 
     def remove_runtime(self, host: str) -> None:
@@ -159,6 +193,23 @@ class RuntimeGroup:
             if (include is None or h in include) and h not in exclude
         }
 
+    # -- tasks' results and processes ----------------------------------------------------
+
+    @property
+    def function_returns(self) -> Iterator[Any]:
+        """The return values of the function steps of every task started through the group
+        (``execute_task``, ``execute_function``, ``send_file``, ``get_file``), in the order the
+        tasks were started; each task is waited for first and a failed one raises its error.
+
+        Tasks a runtime of the group ran directly are not included (ask that runtime)."""
+        for task in list(self._group_tasks):
+            yield from task.function_returns
+
+    @property
+    def task_processes(self) -> list[RuntimeProcess]:
+        """The async task processes of every runtime of the group."""
+        return [p for rt in self._runtimes.values() for p in rt.task_processes]
+
     # -- env ------------------------------------------------------------------------------
 
     def set_env_variables(self, env_variables: Mapping[str, Any]) -> None:
@@ -186,11 +237,14 @@ class RuntimeGroup:
             raise ValueError("give either host or broadcast=True, not both")
         if not broadcast:
             runtime = self.get_runtime(host)
-            return runtime.execute_task(task, execute_async, omit_on_join, debug)
+            started = runtime.execute_task(task, execute_async, omit_on_join, debug)
+            self._group_tasks.append(started)
+            return started
         tasks = {
             rt.host: rt.execute_task(task.copy(), True, omit_on_join, debug)
             for rt in self._runtimes.values()
         }
+        self._group_tasks.extend(tasks.values())
         if not execute_async:
             _join_all(task.name, tasks)
         return list(tasks.values())
@@ -230,6 +284,7 @@ class RuntimeGroup:
             target = os.path.join(base, runtime.host, name)
             task = RuntimeTask(f"get-{name}").get_file(remote_path, target)
             tasks[runtime.host] = runtime.execute_task(task, execute_async=True)
+            self._group_tasks.append(tasks[runtime.host])
         if not execute_async:
             _join_all(f"get_file {remote_path}", tasks)
         return list(tasks.values())
@@ -247,6 +302,8 @@ class RuntimeGroup:
             raise GroupError("join", ok, errors)
 
     def clear_tasks(self) -> None:
+        """Forget finished tasks, here and on every runtime (running ones are kept)."""
+        self._group_tasks = [t for t in self._group_tasks if t.is_alive]
         for runtime in self._runtimes.values():
             runtime.clear_tasks()
 
@@ -310,13 +367,20 @@ class RuntimeGroup:
     def expose_port_to_runtimes(
         self,
         local_port: int,
-        runtime_port: int | None = None,
+        runtime_port: int | list[int] | None = None,
         exclude_hosts: Iterable[str] | str | None = None,
     ) -> int:
         """Make our ``127.0.0.1:local_port`` reachable as ``127.0.0.1:runtime_port`` on every
-        host (default: the same port number). Returns the runtime port."""
-        port = local_port if runtime_port is None else runtime_port
+        host but ``exclude_hosts``. ``runtime_port``: a port (default: ``local_port``), or a
+        list to take the first port free on all those hosts from (NoPortsLeftError if none).
+        Returns the runtime port."""
         runtimes = self.get_runtimes(exclude_hosts=exclude_hosts).values()
+        if isinstance(runtime_port, list):
+            used = self.used_ports(exclude_hosts=exclude_hosts)
+            where = "on every host the port is exposed to"
+            port = portlib.first_free(portlib.as_port_list(runtime_port), used, where)
+        else:
+            port = local_port if runtime_port is None else runtime_port
         fan_out(
             f"expose port {local_port}",
             runtimes,
@@ -388,6 +452,7 @@ def _host_set(hosts: Iterable[str] | str | None) -> set[str] | None:
 
 
 def _set_working_dir(runtime: Runtime, working_dir: str) -> None:
+    check_path(working_dir, "working_dir")
     if runtime._working_dir is not None and runtime._requested_working_dir != working_dir:
         raise ValueError(f"{runtime.host} already uses working dir {runtime._working_dir!r}")
     runtime._requested_working_dir = working_dir

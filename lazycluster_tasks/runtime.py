@@ -7,7 +7,7 @@ import posixpath
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from lazycluster_tasks import commands, hostinfo
@@ -22,13 +22,57 @@ from lazycluster_tasks.errors import (
 )
 from lazycluster_tasks.local import LocalConnection, is_local_host
 from lazycluster_tasks.ssh import SSHConnection, resolve_settings
-from lazycluster_tasks.task import RuntimeTask
+from lazycluster_tasks.task import WORKING_DIR_ENV_VAR_NAME, RuntimeTask
 from lazycluster_tasks.tunnels import LocalForward, RemoteForward, Tunnel
 
 logger = logging.getLogger(__name__)
 
 #: How long cleanup waits for running tasks to end after killing their commands.
 CLEANUP_TIMEOUT = 10.0
+
+#: Process keys (lazycluster's scheme): ``<host>::task::<task name>`` for an async task,
+#: ``<host>::-L::<local port>::<runtime port>`` and ``<host>::-R::<runtime port>::<local port>``
+#: for port exposures.
+PROCESS_KEY_DELIMITER = "::"
+TASK_PROCESS_KIND = "task"
+PORT_FROM_RUNTIME = "-L"
+PORT_TO_RUNTIME = "-R"
+
+
+class RuntimeProcess:
+    """Something running in the background for a Runtime: an async task's thread or a tunnel.
+
+    Offers the verbs of lazycluster's ``multiprocessing.Process`` objects: ``is_alive()``,
+    ``terminate()`` (kills the task's running command / closes the tunnel) and ``join()``.
+    """
+
+    def __init__(self, key: str, target: RuntimeTask | Tunnel) -> None:
+        self.key = key
+        self.target = target
+
+    @property
+    def kind(self) -> str:
+        """``task``, ``-L`` (runtime port exposed here) or ``-R`` (local port exposed there)."""
+        return self.key.split(PROCESS_KEY_DELIMITER)[1]
+
+    def is_alive(self) -> bool:
+        if isinstance(self.target, RuntimeTask):
+            return self.target.is_alive
+        return not self.target.closed
+
+    def terminate(self) -> None:
+        if isinstance(self.target, RuntimeTask):
+            self.target.cleanup()
+        else:
+            self.target.close()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for a task's thread to end (a closed tunnel has nothing left to wait for)."""
+        if isinstance(self.target, RuntimeTask) and self.target.process is not None:
+            self.target.process.join(timeout)
+
+    def __repr__(self) -> str:
+        return f"RuntimeProcess({self.key!r}, alive={self.is_alive()})"
 
 
 class Runtime:
@@ -38,6 +82,11 @@ class Runtime:
     ``127.0.0.1`` run locally without SSH. ``python_executable`` is the interpreter used for
     functions on the host (default: the same path as this process's interpreter).
     """
+
+    #: The env variable holding the working dir on the host (set for every command).
+    WORKING_DIR_ENV_VAR_NAME = WORKING_DIR_ENV_VAR_NAME
+    #: The host name that runs locally without SSH (``127.0.0.1`` does too).
+    LOCALHOST = "localhost"
 
     def __init__(
         self,
@@ -50,6 +99,8 @@ class Runtime:
     ) -> None:
         if not isinstance(host, str) or not host.strip():
             raise ValueError(f"host must be a non-empty string, got {host!r}")
+        if working_dir is not None:
+            check_path(working_dir, "working_dir")
         if working_dir is not None and (
             not isinstance(working_dir, str) or not working_dir.strip()
         ):
@@ -63,6 +114,9 @@ class Runtime:
         else:
             settings = resolve_settings(host, ssh_config_path, self._connection_kwargs)
             self._connection = SSHConnection(settings)
+        self._init_state(working_dir, python_executable)
+
+    def _init_state(self, working_dir: str | None, python_executable: str | None) -> None:
         self.python_executable = python_executable or sys.executable
         self._requested_working_dir = working_dir
         self._working_dir: str | None = None
@@ -72,6 +126,19 @@ class Runtime:
         self._info: dict[str, Any] | None = None
         self._tunnels: list[Tunnel] = []
         self._lock = threading.RLock()
+
+    @classmethod
+    def _on_connection(cls, connection: Connection) -> Runtime:
+        """A runtime on someone else's open connection, working in its current dir (used by
+        ``RuntimeTask.execute``). It owns nothing: no temporary dir, no tunnels, and it never
+        closes the connection."""
+        runtime = cls.__new__(cls)
+        runtime._host = connection.host
+        runtime._connection_kwargs = {}
+        runtime._ssh_config_path = None
+        runtime._connection = connection
+        runtime._init_state(".", None)
+        return runtime
 
     # -- identity -------------------------------------------------------------------------
 
@@ -86,6 +153,10 @@ class Runtime:
     @property
     def is_local(self) -> bool:
         return self._connection.is_local
+
+    @property
+    def class_name(self) -> str:
+        return type(self).__name__
 
     def __repr__(self) -> str:
         return f"Runtime({self._host!r})"
@@ -102,6 +173,33 @@ class Runtime:
             if self._working_dir is None:
                 self._working_dir = self._make_working_dir()
             return self._working_dir
+
+    @working_dir.setter
+    def working_dir(self, working_dir: str) -> None:
+        """Create ``working_dir`` on the host (with its parents) and work there from now on.
+
+        A temporary working dir used so far is removed. Refused while tasks run.
+        """
+        if not isinstance(working_dir, str) or not working_dir.strip():
+            raise ValueError(f"working_dir must be a non-empty string, got {working_dir!r}")
+        check_path(working_dir, "working_dir")
+        with self._lock:
+            running = [t.name for t in self._tasks if t.is_alive]
+            if running:
+                raise ValueError(f"cannot move the working dir of {self._host}: {running} run")
+            previous, previous_is_temp = self._working_dir, self._working_dir_is_temp
+            requested = self._requested_working_dir
+            self._requested_working_dir = working_dir
+            try:
+                self._working_dir = self._make_working_dir()
+            except BaseException:
+                self._requested_working_dir = requested
+                raise
+            self._working_dir_is_temp = False
+            if previous_is_temp and previous and previous != self._working_dir:
+                result = self._connection.run(commands.remove_tree(previous))
+                if not result.ok:
+                    logger.warning("could not remove %s on %s", previous, self._host)
 
     def _make_working_dir(self) -> str:
         path = self._requested_working_dir
@@ -150,6 +248,74 @@ class Runtime:
     @property
     def alive_task_count(self) -> int:
         return sum(1 for t in self._tasks if t.is_alive)
+
+    @property
+    def alive_task_process_count(self) -> int:
+        """Async tasks still running here (what the least-busy placement compares)."""
+        return self.alive_task_count
+
+    @property
+    def alive_process_count(self) -> int:
+        """Async tasks still running plus open tunnels."""
+        return len(self.get_processes(only_alive=True))
+
+    @property
+    def task_processes(self) -> list[RuntimeProcess]:
+        """The background processes of the async tasks executed here, running or ended."""
+        return [p for p in self.get_processes().values() if p.kind == TASK_PROCESS_KIND]
+
+    @property
+    def function_returns(self) -> Iterator[Any]:
+        """The return values of every function step of the tasks executed here, in order
+        (each task is waited for first; a failed task raises its error)."""
+        for task in list(self._tasks):
+            yield from task.function_returns
+
+    @classmethod
+    def is_runtime_task_process(cls, process_key: str) -> bool:
+        """True when ``process_key`` names an async task's process."""
+        parts = str(process_key).split(PROCESS_KEY_DELIMITER)
+        return len(parts) >= 3 and parts[1] == TASK_PROCESS_KIND
+
+    @classmethod
+    def is_port_exposure_process(cls, process_key: str) -> bool:
+        """True when ``process_key`` names a tunnel (``-L`` or ``-R``)."""
+        parts = str(process_key).split(PROCESS_KEY_DELIMITER)
+        return len(parts) == 4 and parts[1] in (PORT_FROM_RUNTIME, PORT_TO_RUNTIME)
+
+    def get_processes(self, only_alive: bool = False) -> dict[str, RuntimeProcess]:
+        """Background processes by key: async tasks (``<host>::task::<name>``) and tunnels
+        (``<host>::-L::<local>::<runtime>``, ``<host>::-R::<runtime>::<local>``)."""
+        found: dict[str, RuntimeProcess] = {}
+        d = PROCESS_KEY_DELIMITER
+        with self._lock:
+            tasks, tunnels = list(self._tasks), list(self._tunnels)
+        for task in tasks:
+            if task.process is not None:
+                key = f"{self._host}{d}{TASK_PROCESS_KIND}{d}{task.name}"
+                found[key] = RuntimeProcess(key, task)
+        for tunnel in tunnels:
+            if isinstance(tunnel, LocalForward):
+                ends = f"{PORT_FROM_RUNTIME}{d}{tunnel.local_port}{d}{tunnel.remote_port}"
+            else:
+                ends = f"{PORT_TO_RUNTIME}{d}{tunnel.remote_port}{d}{tunnel.local_port}"
+            key = f"{self._host}{d}{ends}"
+            found[key] = RuntimeProcess(key, tunnel)
+        if only_alive:
+            return {k: p for k, p in found.items() if p.is_alive()}
+        return found
+
+    def get_process(self, key: str) -> RuntimeProcess:
+        """The process of ``key`` (see ``get_processes``); ValueError for an unknown key."""
+        processes = self.get_processes()
+        if key not in processes:
+            raise ValueError(f"unknown process key {key!r} on {self._host}")
+        return processes[key]
+
+    def stop_process(self, key: str) -> None:
+        """Stop the process of ``key``: kill its task's running command (no further step
+        starts), or close its tunnel. ValueError for an unknown key."""
+        self.get_process(key).terminate()
 
     def execute_task(
         self,
@@ -437,19 +603,31 @@ class Runtime:
             if self._working_dir_is_temp and self._working_dir:
                 try:
                     self._connection.run(commands.remove_tree(self._working_dir))
-                except LazyclusterError as exc:
+                    self._working_dir = None
+                except LazyclusterError as exc:  # kept: a later cleanup tries again
                     logger.warning("could not remove %s on %s: %s", self._working_dir, self, exc)
-                self._working_dir = None
             for tunnel in self._tunnels:
                 tunnel.close()
             self._tunnels = []
             self._connection.close()
+
+    def reopen(self) -> None:
+        """Make a cleaned-up runtime usable again (its connection opens on the next use), e.g.
+        to retry a cleanup that could not reach the host."""
+        self._connection.reopen()
 
     def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+def check_path(value: object, what: str) -> None:
+    """A path or name we put on a host: text without control characters (a newline would
+    silently become another path in the remote shell)."""
+    if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{what} contains a control character: {value!r}")
 
 
 def _home_relative(path: str) -> str:

@@ -17,7 +17,7 @@ import cloudpickle
 
 from lazycluster_tasks import commands
 from lazycluster_tasks.connection import tail
-from lazycluster_tasks.environment import Environment
+from lazycluster_tasks.environment import ExecutionFileLogUtil
 from lazycluster_tasks.errors import (
     LazyclusterError,
     OperationTimeoutError,
@@ -26,11 +26,16 @@ from lazycluster_tasks.errors import (
 )
 
 if TYPE_CHECKING:
+    from lazycluster_tasks.connection import Connection
     from lazycluster_tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 RESULT_MARK = "__LAZYCLUSTER_RESULT__:"
+#: How long ``RuntimeTask.cleanup`` keeps killing a running task's command until its thread ends.
+STOP_TIMEOUT = 10.0
+#: Every command and function sees its runtime's working dir under this name (as in lazycluster).
+WORKING_DIR_ENV_VAR_NAME = "WORKING_DIR"
 EXIT_NO_CLOUDPICKLE = 96
 
 #: Runs on the host: read (function, kwargs) from stdin, call it, print the pickled outcome.
@@ -166,14 +171,14 @@ class RuntimeTask:
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or f"task-{int(time.time() * 1000)}-{id(self) % 10000}"
-        self.env_variables: dict[str, str] = {}
+        self._env_variables: dict[str, str] = {}
         self.omit_on_join = False
         self._steps: list[_Step] = []
         self._reset()
 
     def _reset(self) -> None:
-        self.execution_log: list[str] = []
-        self.execution_log_file_path: str | None = None
+        self._execution_log: list[str] = []
+        self._execution_log_file_path: str | None = None
         self._returns: list[Any] = []
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -215,7 +220,28 @@ class RuntimeTask:
         self._steps.append(_FunctionStep(f"run_function: {name}", function, dict(func_kwargs)))
         return self
 
+    @property
+    def env_variables(self) -> dict[str, str]:
+        """Environment variables of this task's commands and functions (over the runtime's)."""
+        return self._env_variables
+
+    @env_variables.setter
+    def env_variables(self, env_variables: dict[str, Any]) -> None:
+        if not isinstance(env_variables, dict):
+            raise ValueError(f"env variables must be a dict, got {env_variables!r}")
+        self._env_variables = {commands.check_env_name(k): str(v) for k, v in env_variables.items()}
+
     # -- results --------------------------------------------------------------------------
+
+    @property
+    def execution_log(self) -> list[str]:
+        """One entry per executed step (its output); empty before the task ran."""
+        return self._execution_log
+
+    @property
+    def execution_log_file_path(self) -> str | None:
+        """The log file of the last execution; None before the task ran."""
+        return self._execution_log_file_path
 
     @property
     def function_returns(self) -> Iterator[Any]:
@@ -253,12 +279,39 @@ class RuntimeTask:
             print(entry)
 
     def cleanup(self) -> None:
-        """Stop this task: no further step starts, and its running command is killed."""
-        self._cancelled.set()
-        if self.is_alive and self._runtime is not None:
-            self._runtime._connection.kill_running(owner=self)
+        """Stop this task: no further step starts, and its running command is killed.
 
-    # -- execution (called by Runtime) ----------------------------------------------------
+        Returns once its thread ended (at most ``STOP_TIMEOUT`` seconds): the kill is repeated
+        for a command that was just starting when the first kill looked for it.
+        """
+        self._cancelled.set()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self._thread is not None and self.is_alive and self._runtime is not None:
+            self._runtime._connection.kill_running(owner=self)
+            self._thread.join(0.1)
+            if time.monotonic() >= deadline:
+                logger.warning("task %r still runs %s s after cleanup", self.name, STOP_TIMEOUT)
+                break
+
+    # -- execution ------------------------------------------------------------------------
+
+    def execute(self, connection: Runtime | Connection, debug: bool = False) -> None:
+        """Run the task now, in this thread, on ``connection``: a ``Runtime`` (in its working
+        dir, with its env variables) or a bare ``Connection`` (in that connection's current
+        dir, which is the home folder over SSH). Raises ``TaskExecutionError`` on a failed step.
+
+        ``debug=True`` prints the remote output as it arrives.
+        """
+        from lazycluster_tasks.connection import Connection
+        from lazycluster_tasks.runtime import Runtime
+
+        if isinstance(connection, Runtime):
+            runtime = connection
+        elif isinstance(connection, Connection):
+            runtime = Runtime._on_connection(connection)
+        else:
+            raise ValueError(f"expected a Runtime or a Connection, got {connection!r}")
+        self._start(runtime, False, debug)
 
     def copy(self) -> RuntimeTask:
         """An independent task with the same steps (for broadcasting to several hosts)."""
@@ -269,7 +322,7 @@ class RuntimeTask:
         return clone
 
     def _effective_env(self, runtime: Runtime) -> dict[str, str]:
-        env = {"WORKING_DIR": runtime.working_dir}
+        env = {WORKING_DIR_ENV_VAR_NAME: runtime.working_dir}
         env.update(runtime.env_variables)
         env.update(self.env_variables)
         return env
@@ -309,12 +362,9 @@ class RuntimeTask:
             self._error = exc  # surfaced by join()
 
     def _execute(self, runtime: Runtime, debug: bool) -> None:
-        log_dir = Environment.execution_log_dir(runtime.host)
-        os.makedirs(log_dir, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
-        self.execution_log_file_path = os.path.join(log_dir, f"{safe_name}_{stamp}.log")
-        with open(self.execution_log_file_path, "a", encoding="utf-8") as log_file:
+        log_file_util = ExecutionFileLogUtil(runtime.host, self.name)
+        self._execution_log_file_path = log_file_util.file_path
+        with open(self._execution_log_file_path, "a", encoding="utf-8") as log_file:
             for step in self._steps:
                 if self._cancelled.is_set():
                     raise TaskExecutionError(
