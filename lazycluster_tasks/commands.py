@@ -135,7 +135,7 @@ def stop_pid_files(pid_files: Sequence[str], marker: str, grace: float = 2.0) ->
 
     Only groups whose leader still mentions ``marker`` in its command line are signalled, so a
     pid reused by an unrelated process since is left alone. Prints ``left=<pgid>`` for any group
-    that survived SIGKILL.
+    that survived SIGKILL; then the files stay and the line exits non-zero.
     """
     if not pid_files:
         raise ValueError("no pid files given")
@@ -155,7 +155,10 @@ def _stop_groups(files: str, marker: str, grace: float) -> str:
         f'ids=; for f in {files}; do [ -r "$f" ] || continue; read p <"$f"; '
         'case "$p" in *[!0-9]*|"") continue;; esac; '
         f'ps -ww -o args= -p "$p" 2>/dev/null | grep -qF -- {q(marker)} && ids="$ids $p"; done; '
-        f"{_terminate_ids(grace)}; rm -f {files}"
+        f"{_terminate_ids(grace)}; "
+        # a survivor keeps its pid file (a later stop must still find it) and fails the line,
+        # so a folder removal chained with && keeps the folder too
+        f'if [ -n "$ids" ]; then false; else rm -f {files}; fi'
     )
 
 

@@ -131,6 +131,9 @@ class Connection(ABC):
     def is_local(self) -> bool:
         return False
 
+    def reopen(self) -> None:  # noqa: B027 - connections that cannot be closed for good keep it
+        """Allow use again after :meth:`close`."""
+
     # -- shared ---------------------------------------------------------------------------------
 
     def run(

@@ -32,6 +32,7 @@ from lazycluster_tasks.dask_launchers import (
     worker_argv,
 )
 from lazycluster_tasks.errors import (
+    GroupError,
     LazyclusterError,
     MasterStartError,
     NetworkPathError,
@@ -41,7 +42,7 @@ from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
 from lazycluster_tasks.network import NETWORK_MODES, NetworkPlan, plan_network
 from lazycluster_tasks.ports import free_ports
 from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
-from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.runtime import Runtime, check_path
 from lazycluster_tasks.task import RuntimeTask
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ LIVENESS_INTERVAL = 2.0
 PORT_RETRIES = 3
 #: Upper bound (s) of the end-to-end readiness check once every worker registered.
 PATH_CHECK_TIMEOUT = 30.0
+#: Seconds a question to the scheduler may take before it counts as unanswered.
+IDENTITY_TIMEOUT = 5.0
 
 
 @dataclass
@@ -105,8 +108,7 @@ class DaskCluster(MasterWorkerCluster):
         self.options = options or DaskOptions(**option_values)
         if options is not None and option_values:
             raise ValueError("give either options= or option keywords, not both")
-        if self.options.network_mode not in NETWORK_MODES:
-            raise ValueError(f"network_mode must be one of {NETWORK_MODES}")
+        _check_options(self.options)
         self.cluster_id = uuid.uuid4().hex[:12]
         self.controller = Runtime("localhost")
         self._plan: NetworkPlan | None = None
@@ -127,7 +129,9 @@ class DaskCluster(MasterWorkerCluster):
         self._lock = threading.RLock()
         self._client_lock = threading.Lock()
         self._monitor_thread: threading.Thread | None = None
-        self.state = "created"
+        self._state = "created"
+        #: Why a running cluster failed (None while it is healthy).
+        self.failure: str | None = None
         super().__init__(runtime_group, ports, master_launcher, worker_launcher)
         dask_launchers.attach(self._master_launcher, self)
         dask_launchers.attach(self._worker_launcher, self)
@@ -150,6 +154,7 @@ class DaskCluster(MasterWorkerCluster):
         returns once the scheduler has registered every worker."""
         if worker_count is None:
             worker_count = self._group.runtime_count * self.options.workers_per_host
+        _check_count("worker_count", worker_count)
         self.state = "starting"
         try:
             if worker_count and self.begin(master_port, debug):
@@ -296,11 +301,28 @@ class DaskCluster(MasterWorkerCluster):
         """Stop everything this cluster started, on every host at once; verify nothing is left."""
         if self._cleaned:
             return
+        if self._state == "cleanup failed":  # a retry: reach the hosts again
+            for runtime in self._group.runtimes:
+                runtime.reopen()
         self.state = "stopping"
         self._close_clients()
-        self._stop_processes(list(self._processes), remove_folders=True)
-        super().cleanup()
-        self.controller.cleanup()
+        error: BaseException | None = None
+        try:
+            self._stop_processes(list(self._processes), remove_folders=True)
+        except Exception as exc:  # hosts that failed keep their processes on record
+            error = exc
+        try:
+            super().cleanup()  # tunnels and connections, of every host
+        except Exception as exc:
+            error = error or exc
+        finally:
+            self.controller.cleanup()
+        if error is not None:
+            self._cleaned = False  # a later cleanup() or teardown(record) tries again
+            self.state = "cleanup failed"
+            left = sorted({i.host for i in self._processes.values()})
+            logger.error("cleanup incomplete: processes kept on record on %s", ", ".join(left))
+            raise error
         self.state = "stopped"
 
     # -- plan and ports (used by the launchers) ------------------------------------------
@@ -727,9 +749,42 @@ class DaskCluster(MasterWorkerCluster):
         self._monitor_thread = threading.Thread(target=connect, name="lct-monitor", daemon=True)
         self._monitor_thread.start()
 
-    def _registered(self) -> dict[str, dict[str, Any]]:
-        info = self._monitor().scheduler_info(n_workers=-1)
+    def _registered(self, timeout: float = IDENTITY_TIMEOUT) -> dict[str, dict[str, Any]]:
+        """Workers the scheduler lists (asked with a bounded wait, never the client's 30 s)."""
+        client = self._monitor()
+        info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=timeout)
         return {str(w.get("name")): {**w, "address": a} for a, w in info["workers"].items()}
+
+    @property
+    def state(self) -> str:
+        """created, starting, running, stopping, stopped, cleanup failed — or failed once the
+        scheduler of a running cluster is gone (see ``failure``)."""
+        if self._state == "running" and not self._scheduler_ok():
+            self._state = "failed"
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+
+    def _scheduler_ok(self) -> bool:
+        """Whether the scheduler still serves: free while the monitor client is connected;
+        otherwise one liveness round trip to the scheduler's host decides."""
+        client = self._client
+        if client is not None and client.status == "running":
+            return True
+        info = self._processes.get("scheduler")
+        if info is None:
+            self.failure = self.failure or "the scheduler is not running"
+            return False
+        try:
+            dead = bool(self._dead([info]))
+        except LazyclusterError as exc:
+            self.failure = f"the scheduler's host {info.host} cannot be reached: {exc}"
+            return False
+        if dead:
+            self.failure = f"the scheduler (pid {info.pid} on {info.host}) is gone"
+        return not dead
 
     def get_client(self, timeout: int = 2) -> Any:
         """A new ``distributed.Client`` connected to the scheduler (closed by cleanup)."""
@@ -744,10 +799,15 @@ class DaskCluster(MasterWorkerCluster):
 
     @property
     def workers(self) -> dict[str, dict[str, Any]]:
-        """Workers the scheduler currently knows: name -> host, pid, address."""
-        if self.scheduler_address is None:
+        """Workers the scheduler currently knows: name -> host, pid, address ({} once the
+        scheduler is gone: ``state`` then says "failed")."""
+        if self.scheduler_address is None or not self._scheduler_ok():
             return {}
-        registered = self._registered()
+        try:
+            registered = self._registered()
+        except (OSError, TimeoutError) as exc:
+            self.failure = f"the scheduler does not answer: {type(exc).__name__} {exc}"
+            return {}
         return {
             name: {
                 "host": self._processes[name].host,
@@ -778,8 +838,7 @@ class DaskCluster(MasterWorkerCluster):
     def scale(self, n: int) -> None:
         """Grow or shrink to ``n`` running workers; removed workers are retired (their data
         moved) and their processes stopped. Workers that died are cleared away first."""
-        if n < 0:
-            raise ValueError(f"worker count must be >= 0, not {n}")
+        _check_count("n", n)
         registered = self._registered()
         ours = self._worker_names()
         self._stop_processes([w for w in ours if w not in registered])
@@ -863,11 +922,17 @@ class DaskCluster(MasterWorkerCluster):
         routed = [
             (i.host, port) for i in infos for port in i.ports if (i.host, port) in self._routed
         ]
+        failed: set[str] = set()
         try:
             run_parallel("stop processes", jobs, stop)
+        except GroupError as exc:
+            failed = set(exc.errors)
+            raise
         finally:
-            for name in names:
-                self._forget(name)
+            for name in names:  # a host that failed keeps its processes on record
+                keeper = self._owners.get(name)
+                if keeper is None or self._key(keeper) not in failed:
+                    self._forget(name)
             if routed and not remove_folders:  # cleanup closes every tunnel anyway
                 self._close_routes(routed)
 
@@ -937,6 +1002,32 @@ class DaskCluster(MasterWorkerCluster):
         self._client = None
 
 
+def _check_options(options: DaskOptions) -> None:
+    """Refuse options that would start a useless or broken cluster, naming the option."""
+    if options.network_mode not in NETWORK_MODES:
+        raise ValueError(
+            f"network_mode must be one of {NETWORK_MODES}, not {options.network_mode!r}"
+        )
+    _check_count("workers_per_host", options.workers_per_host, minimum=1)
+    if options.threads_per_worker is not None:
+        _check_count("threads_per_worker", options.threads_per_worker, minimum=1)
+    for name in ("death_timeout", "idle_timeout", "start_timeout"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+    if isinstance(options.stop_grace, bool) or not options.stop_grace >= 0:
+        raise ValueError(f"stop_grace must be >= 0, not {options.stop_grace!r}")
+    for key in options.env:
+        check_path(key, "env name")
+        if "=" in key or not key:
+            raise ValueError(f"env name must be non-empty without '=': {key!r}")
+
+
+def _check_count(name: str, value: object, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")
+
+
 SECRET_KWARGS = ("password", "passphrase", "private_key")
 
 
@@ -977,9 +1068,9 @@ def teardown(
         try:
             command = commands.stop_folder(folder["folder"], grace)
             if folder.get("temporary"):
-                command += "; " + commands.remove_tree(folder["working_dir"])
+                command += " && " + commands.remove_tree(folder["working_dir"])
             else:
-                command += "; " + commands.remove_tree(folder["folder"])
+                command += " && " + commands.remove_tree(folder["folder"])
             result = runtime.connection.run(command, timeout=grace + 30)
             left = [line for line in result.stdout.split() if line.startswith("left=")]
             if left:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -54,12 +55,12 @@ class LocalConnection(Connection):
         for reader in readers:
             reader.start()
         if stdin is not None and proc.stdin is not None:
-            try:
-                proc.stdin.write(stdin)
-            except BrokenPipeError:
-                pass
-            finally:
-                proc.stdin.close()
+            # the command may exit before reading its input: its exit code tells, not the pipe
+            with contextlib.suppress(BrokenPipeError):
+                try:
+                    proc.stdin.write(stdin)
+                finally:
+                    proc.stdin.close()
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

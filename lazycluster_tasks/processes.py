@@ -91,13 +91,13 @@ def stop_processes(
     remove_folder: str | None = None,
 ) -> list[int]:
     """Stop the processes (TERM, grace, KILL, verified) and optionally remove their folder, in
-    one round trip; return the pgids that survived."""
+    one round trip; return the pgids that survived (their pid files and folder are kept)."""
     steps = [commands.stop_pid_files([i.pid_file for i in infos], marker, grace)] if infos else []
     if remove_folder:
         steps.append(commands.remove_tree(remove_folder))
     if not steps:
         return []
-    result = runtime.connection.run("; ".join(steps), timeout=grace + 30)
+    result = runtime.connection.run(" && ".join(steps), timeout=grace + 30)
     return [int(line[5:]) for line in result.stdout.split() if line.startswith("left=")]
 
 

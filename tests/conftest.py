@@ -32,6 +32,35 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield str(PREFECT_API_URL.value())
 
 
+TEMP_PATTERNS = ("lazycluster-*", "lct-*")
+
+
+def _temp_entries() -> set[str]:
+    import glob
+    import tempfile
+
+    base = tempfile.gettempdir()
+    return {p for pattern in TEMP_PATTERNS for p in glob.glob(os.path.join(base, pattern))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_temp_folders_left() -> Iterator[None]:
+    """The whole session must leave no folder of ours in the temp dir (hosts share it)."""
+    before = _temp_entries()
+    yield
+    deadline = time.monotonic() + 5
+    left = _temp_entries() - before
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = _temp_entries() - before
+    if left:
+        import shutil
+
+        for path in left:
+            shutil.rmtree(path, ignore_errors=True)
+        pytest.fail(f"temp folders left by the session (now removed): {sorted(left)}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _execution_logs_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     Environment.set_main_directory(str(tmp_path_factory.mktemp("lazycluster-main")))

@@ -279,7 +279,8 @@ def test_killed_controller_leaves_nothing_behind(multi_hosts, no_leftovers, mode
         text=True,
     )
     try:
-        cluster_id = json.loads(proc.stdout.readline())["cluster_id"]
+        record = json.loads(proc.stdout.readline())
+        cluster_id = record["cluster_id"]
         assert all(multi_hosts.processes(h) for h in HOSTS)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -292,6 +293,8 @@ def test_killed_controller_leaves_nothing_behind(multi_hosts, no_leftovers, mode
     print(f"{mode}: every process gone {elapsed:.1f} s after SIGKILL of the controller")
     assert gone, (local_leftovers(cluster_id), multi_hosts.leftovers())
     assert elapsed < 2 + 4 + 6  # idle timeout + death timeout + slack
+    teardown(record)  # the processes are gone; their folders go with the record
+    assert not any(os.path.exists(f["working_dir"]) for f in record["folders"].values())
 
 
 def test_teardown_from_the_record_alone(multi_hosts, no_leftovers):

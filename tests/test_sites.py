@@ -3,14 +3,20 @@ answer. In each, ``auto`` must pick a mode that works end to end and leave nothi
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 from lazycluster_tasks import RuntimeGroup
-from lazycluster_tasks.dask import DaskCluster
+from lazycluster_tasks.dask import DaskCluster, teardown
 from lazycluster_tasks.testing.hosts import TestHosts
-from tests.test_dask_cluster import local_leftovers
+from tests.conftest import wait_until
+from tests.test_dask_cluster import CONTROLLER, local_leftovers
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
@@ -56,3 +62,36 @@ def test_auto_mode_works_end_to_end(
         finally:
             multi_hosts.set_network("open")
     assert local_leftovers(cluster.cluster_id) == []
+
+
+@pytest.mark.parametrize("topology", ["open", "isolated", "ssh-only", "no-connect-back"])
+def test_killed_controller_leaves_nothing_in_any_topology(
+    multi_hosts: TestHosts, topology: str, no_leftovers: TestHosts
+) -> None:
+    """Scheduler idle timeout 2 s, worker death timeout 4 s: everything gone within their sum
+    and a few seconds, however the network is shaped."""
+    multi_hosts.set_network(topology, "reset")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CONTROLLER, str(multi_hosts.ssh_config_path), "auto", *HOSTS],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            record = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+            assert all(multi_hosts.processes(h) for h in HOSTS)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        start = time.monotonic()
+        gone = wait_until(
+            lambda: not local_leftovers(record["cluster_id"]) and not multi_hosts.leftovers(),
+            timeout=30,
+        )
+        elapsed = time.monotonic() - start
+    finally:
+        multi_hosts.set_network("open")
+    print(f"{topology} ({record['network_mode']}): all gone {elapsed:.1f} s after SIGKILL")
+    assert gone, (local_leftovers(record["cluster_id"]), multi_hosts.leftovers())
+    assert elapsed < 2 + 4 + 6
+    teardown(record)  # the processes are gone; their folders go with the record

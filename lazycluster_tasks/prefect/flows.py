@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from prefect import flow
 
 from lazycluster_tasks.dask import DaskCluster
+from lazycluster_tasks.errors import ClusterLostError
 from lazycluster_tasks.prefect.blocks import HostGroupBlock
 from lazycluster_tasks.prefect.records import (
     ClusterRecord,
@@ -34,6 +36,7 @@ from lazycluster_tasks.prefect.tasks import (
     setup_tunnels,
     stop_cluster,
 )
+from lazycluster_tasks.watch import ClusterWatch
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ def dask_cluster(
     ssh_config_path: str | None = None,
     master_host: str | None = None,
     workers: int | None = None,
+    timeout_seconds: float | None = None,
     **options: Any,
 ) -> Iterator[ClusterHandle]:
     """A Dask cluster on ``hosts`` (or a host group block) for the duration of the block.
@@ -87,7 +91,14 @@ def dask_cluster(
     ``options`` are DaskCluster options (``workers_per_host``, ``network_mode``,
     ``threads_per_worker``, ``memory_limit``, ``resources``, ``env``, ...). Nothing is left
     running on any host afterwards, whatever happens inside.
+
+    While the block runs, a :class:`~lazycluster_tasks.watch.ClusterWatch` checks the cluster;
+    a lost scheduler, lost workers or a cut path (or ``timeout_seconds`` passing) stops the
+    scheduler, so the job's pending work fails at once, and the block raises
+    :class:`~lazycluster_tasks.errors.ClusterLostError` with the reason.
     """
+    if timeout_seconds is not None and not timeout_seconds > 0:
+        raise ValueError(f"timeout_seconds must be > 0, not {timeout_seconds!r}")
     if host_group:
         group = load_block(HostGroupBlock, host_group)
         hosts = list(hosts or group.hosts)
@@ -107,7 +118,18 @@ def dask_cluster(
         record = setup_tunnels(record)
         cluster = live_cluster(record.cluster_id)
         assert cluster is not None
-        yield ClusterHandle(record, cluster)
+        deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+        with ClusterWatch(
+            cluster, on_lost=lambda _: cluster.stop_master(), deadline=deadline
+        ) as watch:
+            try:
+                yield ClusterHandle(record, cluster)
+            except BaseException as exc:
+                if watch.failure is None:
+                    raise
+                raise _lost(record, watch.failure) from exc
+        if watch.failure is not None:
+            raise _lost(record, watch.failure)
         failed = False
     finally:
         try:
@@ -116,6 +138,13 @@ def dask_cluster(
             if not failed:
                 raise
             logger.exception("cleanup of cluster %s failed", record.cluster_id)
+
+
+def _lost(record: ClusterRecord, reason: str) -> ClusterLostError:
+    logger.error("cluster %s lost: %s", record.cluster_id, reason)
+    return ClusterLostError(
+        f"cluster {record.cluster_id} was lost while the job ran: {reason}", reason
+    )
 
 
 def teardown_hook(flow: Any, flow_run: Any, state: Any) -> None:
@@ -156,9 +185,12 @@ def cluster_lifecycle(
     workers_per_host: int = 1,
     network_mode: str = "auto",
     options: dict[str, Any] | None = None,
+    timeout_seconds: float | None = None,
 ) -> Any:
     """Launch master -> launch workers -> tunnels -> run ``job(cluster, **job_parameters)`` ->
-    cleanup (always). ``job`` is ``"module:function"`` (or, called from Python, a callable)."""
+    cleanup (always). ``job`` is ``"module:function"`` (or, called from Python, a callable).
+    The run fails with the reason when the cluster is lost or the job runs longer than
+    ``timeout_seconds``."""
     function = resolve_job(job)
     values: Mapping[str, Any] = {
         "workers_per_host": workers_per_host,
@@ -171,6 +203,7 @@ def cluster_lifecycle(
         ssh_block=ssh_block,
         ssh_config_path=ssh_config_path,
         master_host=master_host,
+        timeout_seconds=timeout_seconds,
         **values,
     ) as cluster:
         return function(cluster, **(job_parameters or {}))

@@ -38,6 +38,9 @@ SSHD_NAMES = ("sshd", "sshd-session", "sshd-auth")
 MODE_ENV = "LCT_TEST_HOSTS_MODE"
 #: Which paths a test network leaves open (see TestHosts.set_network).
 TOPOLOGIES = ("open", "isolated", "ssh-only", "no-connect-back")
+#: Outgoing rules match connection attempts only (a SYN without ACK): the resets a host's
+#: firewall sends back must still leave it.
+SYN = "tcp flags & (syn | ack) == syn"
 #: How a closed port answers: nftables verdicts.
 CLOSED_STYLES = {
     "drop": "drop",
@@ -570,6 +573,16 @@ class TestHosts:
         self._launch_sshd(h)
         self._wait_listening(h)
 
+    def sessions(self, name: str) -> int:
+        """How many SSH sessions host `name` serves now (sshd children of its listener)."""
+        listener = self._listener(self.host(name).name)
+        if listener is None:
+            return 0
+        try:
+            return len([c for c in listener.children() if _is_sshd(c)])
+        except psutil.Error:
+            return 0
+
     def kill_sessions(self, name: str) -> int:
         """SIGKILL the sshd session processes under the listener; returns how many sessions."""
         listener = self._listener(self.host(name).name)
@@ -644,9 +657,9 @@ class TestHosts:
             inp.append(f"ip saddr {{ {', '.join(others)} }} tcp dport != 22 {action}")
         elif topology == "ssh-only":
             inp.append(f"tcp dport != 22 {action}")
-            out.append(f"tcp dport != 22 {action}")
+            out.append(f"{SYN} tcp dport != 22 {action}")
         elif topology == "no-connect-back":
-            out.append(f"ip daddr {self.controller_address} tcp dport != 22 {action}")
+            out.append(f"{SYN} ip daddr {self.controller_address} tcp dport != 22 {action}")
         # add+delete makes the delete safe when the table is absent; one file is one transaction
         text = "add table inet lct\ndelete table inet lct\n"
         if not (first or inp or out):

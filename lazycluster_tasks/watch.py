@@ -1,0 +1,149 @@
+"""Watching a running cluster: a lost scheduler, worker or path becomes an error, never a hang.
+
+:class:`ClusterWatch` checks a :class:`~lazycluster_tasks.dask.DaskCluster` from a background
+thread every ``interval`` seconds. Fatal (the first one ends the watch and calls ``on_lost``):
+the scheduler is gone or does not answer; every worker is gone; a registered worker cannot be
+reached from this machine (direct mode) or has sent no heartbeat for ``heartbeat_limit`` seconds
+(its path to the scheduler is cut); the optional deadline passed. A worker that simply died is
+logged and left to Dask, which reschedules its work on the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from lazycluster_tasks.errors import LazyclusterError
+
+if TYPE_CHECKING:
+    from lazycluster_tasks.dask import DaskCluster
+
+logger = logging.getLogger(__name__)
+
+INTERVAL = 2.0
+HEARTBEAT_LIMIT = 10.0
+CONNECT_TIMEOUT = 2.0
+
+
+class ClusterWatch:
+    """Health checks of a running cluster in a background thread (``start``/``stop``, or use
+    it as a context manager). ``failure`` holds the first fatal finding."""
+
+    def __init__(
+        self,
+        cluster: DaskCluster,
+        on_lost: Callable[[str], None] | None = None,
+        interval: float = INTERVAL,
+        heartbeat_limit: float = HEARTBEAT_LIMIT,
+        deadline: float | None = None,
+    ) -> None:
+        if interval <= 0 or heartbeat_limit <= 0:
+            raise ValueError("interval and heartbeat_limit must be > 0")
+        self.cluster = cluster
+        self.on_lost = on_lost
+        self.interval = interval
+        self.heartbeat_limit = heartbeat_limit
+        #: time.monotonic() after which the watched job counts as timed out (None: never)
+        self.deadline = deadline
+        self.failure: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._beats: dict[str, tuple[float, float]] = {}  # worker -> (last_seen, seen here at)
+        self._lost: set[str] = set()
+
+    def __enter__(self) -> ClusterWatch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> ClusterWatch:
+        self._thread = threading.Thread(target=self._run, name="lct-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.interval + 10)
+        self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                finding = self.check()
+            except Exception as exc:  # a broken check must not kill the watch silently
+                finding = f"the health check itself failed: {type(exc).__name__}: {exc}"
+            if finding is None or self._stop.is_set():
+                continue
+            self.failure = finding
+            logger.error("cluster %s lost: %s", self.cluster.cluster_id, finding)
+            if self.on_lost is not None:
+                try:
+                    self.on_lost(finding)
+                except Exception:
+                    logger.exception("reacting to the loss of cluster %s failed", self.cluster)
+            return
+
+    def check(self) -> str | None:
+        """One round of checks; the fatal finding, or None while the cluster is usable."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return "the job ran past its timeout"
+        cluster = self.cluster
+        if not cluster._scheduler_ok():
+            return cluster.failure or "the scheduler is gone"
+        try:
+            registered = cluster._registered()
+        except (OSError, TimeoutError, LazyclusterError) as exc:
+            return f"the scheduler at {cluster.scheduler_address} does not answer ({exc!r})"
+        ours = cluster._worker_names()
+        for name in ours:
+            if name not in registered and name not in self._lost:
+                self._lost.add(name)
+                logger.warning("worker %s lost (Dask reschedules its work)", name)
+        if ours and not any(name in registered for name in ours):
+            return f"every worker is gone ({', '.join(ours)})"
+        now = time.monotonic()
+        for name, info in registered.items():
+            if name not in ours:
+                continue
+            finding = self._heartbeat(name, info, now) or self._reachable(name, info)
+            if finding is not None:
+                return finding
+        return None
+
+    def _heartbeat(self, name: str, info: dict[str, Any], now: float) -> str | None:
+        """Stale heartbeats, measured on this machine's clock (hosts' clocks may differ)."""
+        seen = float(info.get("last_seen") or 0.0)
+        previous = self._beats.get(name)
+        if previous is None or previous[0] != seen:
+            self._beats[name] = (seen, now)
+            return None
+        silent = now - previous[1]
+        if silent > self.heartbeat_limit:
+            host = self.cluster._processes[name].host
+            return f"worker {name} on {host} sent no heartbeat for {silent:.0f} s (path cut?)"
+        return None
+
+    def _reachable(self, name: str, info: dict[str, Any]) -> str | None:
+        """Direct mode: this machine must reach the worker (tunnels have their own keeper)."""
+        if self.cluster.network_mode != "direct":
+            return None
+        address = urlparse(str(info["address"]))
+        if address.hostname is None or address.port is None:
+            return None
+        try:
+            socket.create_connection((address.hostname, address.port), CONNECT_TIMEOUT).close()
+        except OSError as exc:
+            host = self.cluster._processes[name].host
+            why = "no answer" if isinstance(exc, TimeoutError) else str(exc)
+            return (
+                f"this machine cannot reach worker {name} on {host} at "
+                f"{address.hostname}:{address.port} ({why})"
+            )
+        return None

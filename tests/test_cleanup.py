@@ -1,0 +1,118 @@
+"""Cleanup is honest and complete; bad input is refused; a dead scheduler shows at once."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from lazycluster_tasks import GroupError, Runtime, RuntimeGroup
+from lazycluster_tasks.dask import DaskCluster, teardown
+from lazycluster_tasks.testing.hosts import TestHosts
+from tests.conftest import wait_until
+from tests.test_dask_cluster import local_leftovers
+
+pytestmark = [pytest.mark.slow, pytest.mark.multihost]
+
+HOSTS = ["host1", "host2"]
+
+
+def cluster_on(hosts: TestHosts, names: list[str] = HOSTS, **options) -> DaskCluster:
+    group = RuntimeGroup(hosts=names, ssh_config_path=str(hosts.ssh_config_path))
+    return DaskCluster(group, threads_per_worker=1, nanny=False, **options)
+
+
+def test_cleanup_releases_every_connection(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None
+) -> None:
+    cluster = cluster_on(multi_hosts, network_mode="tunnelled")
+    cluster.start()
+    assert all(multi_hosts.sessions(h) >= 1 for h in HOSTS)
+    cluster.cleanup()
+    assert wait_until(lambda: all(multi_hosts.sessions(h) == 0 for h in HOSTS), timeout=5), {
+        h: multi_hosts.sessions(h) for h in HOSTS
+    }
+    assert cluster.state == "stopped"
+
+
+def test_a_host_that_cannot_be_cleaned_keeps_its_processes_on_record(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    cluster = cluster_on(multi_hosts, workers_per_host=2)
+    cluster.start()
+    on_host2 = {p["name"] for p in cluster.record()["processes"] if p["host"] == "host2"}
+    assert len(on_host2) == 2
+    # frozen, host2's workers cannot notice the scheduler going away and leave by themselves
+    for pid in [p["pid"] for p in cluster.record()["processes"] if p["host"] == "host2"]:
+        assert multi_hosts.run_in("host2", ["kill", "-STOP", "--", f"-{pid}"]).wait() == 0
+    assert multi_hosts.kill_sessions("host2") >= 1  # the cluster's connection is cut
+    multi_hosts.stop_sshd("host2")  # and cannot come back
+    try:
+        with pytest.raises(GroupError) as info:
+            cluster.cleanup()
+        assert list(info.value.errors) == ["host2"]
+        assert cluster.state == "cleanup failed"
+        kept = cluster.record()
+        assert {p["name"] for p in kept["processes"]} == on_host2  # host1's are verified gone
+        assert multi_hosts.processes("host1") == []
+        assert len(multi_hosts.processes("host2")) == 2  # really still there
+        with pytest.raises(GroupError):  # the record alone cannot claim success either
+            teardown(kept)
+    finally:
+        multi_hosts.start_sshd("host2")
+    cluster.cleanup()  # now it can: the processes it kept are stopped and verified
+    assert cluster.state == "stopped"
+    assert multi_hosts.processes("host2") == []
+    assert local_leftovers(cluster.cluster_id) == []
+    folders = [f["working_dir"] for f in kept["folders"].values() if f["temporary"]]
+    assert folders and not any(os.path.exists(f) for f in folders)
+
+
+def test_a_dead_scheduler_shows_within_seconds(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    cluster = cluster_on(multi_hosts)
+    try:
+        cluster.start()
+        assert cluster.state == "running" and len(cluster.workers) == 2
+        scheduler = next(p for p in cluster.record()["processes"] if p["name"] == "scheduler")
+        os.killpg(scheduler["pid"], 9)
+        start = time.monotonic()
+        assert wait_until(lambda: cluster.state == "failed", timeout=10)
+        assert cluster.workers == {}
+        assert time.monotonic() - start < 10
+        assert "scheduler" in (cluster.failure or "")
+    finally:
+        cluster.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"workers_per_host": 0}, "workers_per_host"),
+        ({"workers_per_host": -1}, "workers_per_host"),
+        ({"workers_per_host": 1.5}, "workers_per_host"),
+        ({"threads_per_worker": 0}, "threads_per_worker"),
+        ({"death_timeout": 0}, "death_timeout"),
+        ({"network_mode": "fast"}, "network_mode"),
+        ({"env": {"A\nB": "x"}}, "env name"),
+    ],
+)
+def test_bad_options_are_refused_by_name(options: dict, name: str) -> None:
+    group = RuntimeGroup(runtimes=[Runtime("localhost")])
+    with pytest.raises(ValueError, match=name):
+        DaskCluster(group, **options)
+
+
+def test_bad_counts_and_paths_are_refused_by_name(no_local_leaks: None) -> None:
+    cluster = DaskCluster(RuntimeGroup(runtimes=[Runtime("localhost")]))
+    with pytest.raises(ValueError, match="worker_count"):
+        cluster.start(worker_count=-1)
+    with pytest.raises(ValueError, match="n must be"):
+        cluster.scale(-2)
+    with pytest.raises(ValueError, match="control character"):
+        Runtime("localhost", working_dir="/tmp/a\nb")
+    with pytest.raises(ValueError, match="control character"):
+        RuntimeGroup(runtimes=[Runtime("localhost")], working_dir="/tmp/x\ty")
+    cluster.cleanup()
