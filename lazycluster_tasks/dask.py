@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import posixpath
+import re
 import shlex
 import socket
 import threading
@@ -675,7 +676,7 @@ class DaskCluster(MasterWorkerCluster):
         if any(MISSING_DISTRIBUTED in logs.get(n, "") for n in failed):
             why += " (dask.distributed is not importable by their Python there; nothing is "
             why += "installed for you)"
-        details = {pending[n].host: f"{n}: {tail(logs.get(n, ''), 800)}" for n in failed}
+        details = {pending[n].host: _failure_text(n, logs.get(n, "")) for n in failed}
         if "scheduler" in self._processes:
             scheduler_log = self._logs([self._processes["scheduler"]]).get("scheduler", "")
             details["scheduler"] = tail(scheduler_log, 800)
@@ -1000,6 +1001,22 @@ class DaskCluster(MasterWorkerCluster):
                     logger.debug("closing a client failed: %s", exc)
         self._user_clients = []
         self._client = None
+
+
+def first_error(log: str) -> str | None:
+    """The first line of a log that reports an error: usually the cause, where the last lines
+    show only what followed from it."""
+    for line in log.splitlines():
+        text = line.strip()
+        if re.search(r"\b\w*(Error|Exception)\b:|\berror:", text):
+            return text
+    return None
+
+
+def _failure_text(name: str, log: str) -> str:
+    cause = first_error(log)
+    head = f"{name}: first error: {cause}\n" if cause else f"{name}: "
+    return head + tail(log, 800)
 
 
 def _check_options(options: DaskOptions) -> None:

@@ -32,19 +32,23 @@ CLIENT_TIMEOUT_ENV = "LAZYCLUSTER_CLIENT_TIMEOUT"
 #: Scheduler preload (given as text): close the scheduler once no client has been connected for
 #: $LAZYCLUSTER_CLIENT_TIMEOUT seconds — the controller holds one for the cluster's lifetime, so
 #: a controller that died takes its scheduler with it; workers follow by their death timeout.
+#: Until the controller's first client arrives the wait is at least
+#: $LAZYCLUSTER_FIRST_CLIENT_GRACE seconds (30): a loaded controller may take longer than a short
+#: idle timeout to connect, and a scheduler that closed before then failed the whole start.
 WATCH_PRELOAD = """
 import asyncio, os, time
 
 def dask_setup(scheduler):
     limit = float(os.environ.get("LAZYCLUSTER_CLIENT_TIMEOUT", "60"))
+    first = max(limit, float(os.environ.get("LAZYCLUSTER_FIRST_CLIENT_GRACE", "30")))
 
     async def watch():
-        last = time.monotonic()
+        last, seen = time.monotonic(), False
         while scheduler.status.name not in ("closing", "closed"):
             await asyncio.sleep(0.5)
             if any(c != "fire-and-forget" for c in scheduler.clients):
-                last = time.monotonic()
-            elif time.monotonic() - last > limit:
+                last, seen = time.monotonic(), True
+            elif time.monotonic() - last > (limit if seen else first):
                 await scheduler.close(reason="lazycluster: no client connected")
                 return
 

@@ -113,7 +113,9 @@ def test_cluster_layer_benchmark_prints_its_tables(
     if os.geteuid() != 0:
         pytest.skip("needs root: tunnelled mode runs on SSH-only network-namespace hosts")
 
-    targets = cluster_layer.main(["--hosts", "2", "--repeat", "1", "--size-mb", "20"])
+    targets = cluster_layer.main(
+        ["--hosts", "2", "--repeat", "1", "--warmup", "0", "--size-mb", "20"]
+    )
     lines = capsys.readouterr().out.splitlines()
 
     # it built its own hosts and left nothing: no process on them, no ssh, no namespace
@@ -135,10 +137,11 @@ def test_cluster_layer_benchmark_prints_its_tables(
         else:  # every case ran, without a failed run
             assert _is_number(row[2]) and _is_number(row[3]), row
             assert row[4].endswith("x") and row[6] == "1", row
-    assert start[2][4] == "1.00x"  # the floor against itself
+    floor = cluster_layer.CASES.index(cluster_layer.FLOOR)
+    assert start[floor][4] == "1.00x"  # the floor against itself
 
     breakdown = _table(lines, cluster_layer.BREAKDOWN_TITLE)
-    cases = [cluster_layer.OURS_DIRECT, cluster_layer.OURS_TUNNELLED, cluster_layer.FLOOR]
+    cases = [*cluster_layer.OURS_MODES, cluster_layer.FLOOR]
     assert [row[0] for row in breakdown] == [f"2 hosts, {case}" for case in cases]
     assert all(len(row) == 1 + len(cluster_layer.BREAKDOWN_COLUMNS) for row in breakdown)
     assert all(_is_number(row[-1]) for row in breakdown)
@@ -155,7 +158,8 @@ def test_cluster_layer_benchmark_prints_its_tables(
 
     summary = _table(lines, cluster_layer.SUMMARY_TITLE)
     assert [row[0] for row in summary] == [t.name for t in targets]
-    assert len(targets) == 4 + 2 + 1  # start (2 modes x floor/SSHCluster), cleanup, tunnel
+    modes = len(cluster_layer.OURS_MODES)
+    assert len(targets) == 2 * modes + modes + 1  # start (x floor/SSHCluster), cleanup, tunnel
     for row, target in zip(summary, targets, strict=True):
         expected = "n/a" if target.value is None else ("PASS" if target.passed else "MISS")
         assert row[-1] == expected

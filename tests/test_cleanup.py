@@ -8,7 +8,7 @@ import time
 import pytest
 
 from lazycluster_tasks import GroupError, Runtime, RuntimeGroup
-from lazycluster_tasks.dask import DaskCluster, teardown
+from lazycluster_tasks.dask import DaskCluster, first_error, teardown
 from lazycluster_tasks.testing.hosts import TestHosts
 from tests.conftest import wait_until
 from tests.test_dask_cluster import local_leftovers
@@ -116,3 +116,17 @@ def test_bad_counts_and_paths_are_refused_by_name(no_local_leaks: None) -> None:
     with pytest.raises(ValueError, match="control character"):
         RuntimeGroup(runtimes=[Runtime("localhost")], working_dir="/tmp/x\ty")
     cluster.cleanup()
+
+
+def test_a_failed_worker_reports_its_first_error() -> None:
+    log = (
+        "2026-11-29 INFO - Start Nanny at: 'tcp://10.0.0.2:60002'\n"
+        "Traceback (most recent call last):\n"
+        "OSError: Timed out trying to connect to tcp://127.0.0.1:8786 after 30 s\n"
+        "The above exception was the direct cause of the following exception:\n"
+        "RuntimeError: Nanny failed to start.\n"
+    )
+    assert first_error(log) == (
+        "OSError: Timed out trying to connect to tcp://127.0.0.1:8786 after 30 s"
+    )
+    assert first_error("all fine\n") is None

@@ -20,7 +20,7 @@ from tests.test_dask_cluster import CONTROLLER, local_leftovers
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
-HOSTS = ["host1", "host2", "host3"]
+HOSTS = ["host1", "host2"]
 SHAPES = [("open", "icmp")] + [
     (topology, closed)
     for topology in ("isolated", "ssh-only", "no-connect-back")
