@@ -15,26 +15,29 @@ from lazycluster_tasks.errors import NoPortsLeftError
 #: Lists every TCP socket of the host's network namespace (IPv4 and IPv6) in one call.
 PROBE_COMMAND = "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null"
 
-_LISTEN = "0A"
+_TIME_WAIT = "06"
 
 
 def parse_proc_net_tcp(text: str) -> set[int]:
-    """Local ports of listening sockets in ``/proc/net/tcp`` format."""
+    """Local ports held by a socket in ``/proc/net/tcp`` format: listening ones and open
+    connections alike (a connection's ephemeral port, e.g. an sshd forward's, blocks a bind to
+    it as much as a listener); TIME_WAIT does not (servers bind with SO_REUSEADDR)."""
     ports = set()
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) < 4 or ":" not in fields[1] or fields[3] != _LISTEN:
+        if len(fields) < 4 or ":" not in fields[1] or fields[3] == _TIME_WAIT:
             continue
         ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
 
 
 def local_used_ports() -> set[int]:
-    """Ports with a listening TCP socket on this machine (any address)."""
+    """Ports held by a TCP socket on this machine (any address, any process): listeners and
+    open connections alike, TIME_WAIT excepted (see :func:`parse_proc_net_tcp`)."""
     return {
         c.laddr.port
         for c in psutil.net_connections(kind="tcp")
-        if c.status == psutil.CONN_LISTEN and c.laddr
+        if c.status != psutil.CONN_TIME_WAIT and c.laddr
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import pytest
 
 from lazycluster_tasks import RuntimeGroup
 from lazycluster_tasks.network import CONTROLLER, PROBE_WINDOW, START_SLACK, plan_network
+from lazycluster_tasks.ports import local_used_ports, parse_proc_net_tcp
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = pytest.mark.multihost
@@ -111,3 +113,19 @@ def test_a_foreign_listener_is_not_a_path(
     assert result.mode == "tunnelled"
     assert "no probe port free" in result.paths[f"{CONTROLLER} -> host2"]
     assert result.paths["host1 -> host2"] != "open"
+
+
+def test_ports_held_by_connections_count_as_taken() -> None:
+    """A connection's local port blocks a bind as much as a listener; TIME_WAIT does not."""
+    text = (
+        "  sl  local_address rem_address   st tx_queue rx_queue\n"
+        "   0: 0100007F:EA61 00000000:0000 0A 00000000:00000000\n"  # 60001 listening
+        "   1: 0100007F:EA64 0100007F:2262 01 00000000:00000000\n"  # 60004 established
+        "   2: 0100007F:EA65 0100007F:2262 06 00000000:00000000\n"  # 60005 time-wait
+        "   3: 0100007F:EA66 0100007F:2262 08 00000000:00000000\n"  # 60006 close-wait
+    )
+    assert parse_proc_net_tcp(text) == {60001, 60004, 60006}
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            assert client.getsockname()[1] in local_used_ports()

@@ -76,8 +76,17 @@ def write(path: Path, text: str) -> str:
     return str(path)
 
 
-def local_ssh_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.name() in ("ssh", "sh")]
+def local_ssh_children(alive: bool = False) -> list[psutil.Process]:
+    """ssh (or sh) processes under this one; ``alive``: zombies left out. Processes that exit
+    while they are listed are left out too."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.name() in ("ssh", "sh") and not (alive and p.status() == psutil.STATUS_ZOMBIE):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 # -- multi-pattern Host lines and de-duplication -------------------------------------------------
@@ -205,7 +214,7 @@ def test_proxy_reaches_a_host_only_its_jump_host_can_reach(
             assert any(p.name() == "ssh" for p in local_ssh_children())
     finally:
         runtime.cleanup()
-    assert not [p for p in local_ssh_children() if p.status() != psutil.STATUS_ZOMBIE]
+    assert not local_ssh_children(alive=True)
 
 
 def test_a_failing_proxy_command_is_named_and_reaped(

@@ -77,7 +77,7 @@ def cluster_markdown(record: Mapping[str, Any]) -> str:
     lines = [
         f"### Dask cluster `{record.get('cluster_id')}`",
         "",
-        f"- **network mode:** {record.get('network_mode')}",
+        f"- **network mode:** {record.get('network_mode')}{_mode_reason(record)}",
         f"- **state:** {record.get('state')}",
         f"- **scheduler:** `{record.get('scheduler_address') or 'none'}`",
         f"- **dashboard:** {f'[{dashboard}]({dashboard})' if dashboard else 'no dashboard'}",
@@ -94,6 +94,17 @@ def cluster_markdown(record: Mapping[str, Any]) -> str:
             cells = (t.get("host"), t.get("kind"), t.get("local_port"), t.get("remote_port"))
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mode_reason(record: Mapping[str, Any]) -> str:
+    """Why the mode was chosen, from the measured paths (auto mode)."""
+    paths = record.get("network_paths") or {}
+    reasons = record.get("network_reasons") or []
+    if reasons:
+        return " — " + "; ".join(_cell(r) for r in reasons[:6]) + (" …" if len(reasons) > 6 else "")
+    if paths:
+        return f" — all {len(paths)} measured paths open"
+    return ""
 
 
 def publish_cluster_markdown(record: Mapping[str, Any], key: str | None = None) -> UUID:

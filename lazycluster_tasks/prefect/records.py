@@ -59,6 +59,9 @@ class ClusterRecord(BaseModel):
     processes: list[ProcessInfo] = Field(default_factory=list)  # the core's dataclass
     folders: dict[str, FolderRecord] = Field(default_factory=dict)
     tunnels: list[TunnelRecord] = Field(default_factory=list)
+    #: "from -> to" -> "open" or why not, as the preflight probe measured them (auto mode)
+    network_paths: dict[str, str] = Field(default_factory=dict)
+    network_reasons: list[str] = Field(default_factory=list)  # why tunnelled was chosen
     ssh_block: str | None = None  # SSH settings block with the secrets, by name
     host_group: str | None = None  # host group block, by name
     flow_run_ids: list[str] = Field(default_factory=list)  # runs whose hooks tear it down
