@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 
 NETWORK_MODES = ("auto", "direct", "tunnelled")
 #: Seconds a probe keeps dialing a path that does not answer with its nonce.
-PROBE_WINDOW = 2.0
+PROBE_WINDOW = 1.5
 #: Extra seconds this machine keeps dialing: the hosts' probes start a little later.
-START_SLACK = 1.0
+START_SLACK = 0.5
 #: Candidate ports a host's probe listener tries (the cluster's own ports, first free one).
 PROBE_PORTS = 4
 CONTROLLER = "controller"
@@ -310,7 +310,8 @@ def plan_network(
             }
             for rt in remote
         }
-        accepted = _serve(listener, nonce, len(hosts), started + window + START_SLACK)
+        done = threading.Event()  # set once every host's probe returned: nobody dials us then
+        accepted = _serve(listener, nonce, len(hosts), started + window + START_SLACK, done)
         dials: dict[str, str] = {}
         dialer = threading.Thread(
             target=lambda: dials.update(
@@ -324,6 +325,7 @@ def plan_network(
                 "preflight", group.runtimes, lambda rt: probe_host(rt, python(rt), args[rt.host])
             )
         finally:
+            done.set()
             dialer.join()
             accepted.join()
     _check_distributed(reports)
@@ -350,13 +352,16 @@ def plan_network(
     return plan
 
 
-def _serve(listener: socket.socket, nonce: str, expect: int, deadline: float) -> threading.Thread:
-    """Answer the hosts' dials of this machine with the nonce, in the background."""
+def _serve(
+    listener: socket.socket, nonce: str, expect: int, deadline: float, done: threading.Event
+) -> threading.Thread:
+    """Answer the hosts' dials of this machine with the nonce, in the background, until every
+    host dialed, the deadline passed or ``done`` is set."""
 
     def serve() -> None:
         listener.settimeout(0.05)
         seen = 0
-        while seen < expect and time.monotonic() < deadline:
+        while seen < expect and time.monotonic() < deadline and not done.is_set():
             try:
                 conn, _ = listener.accept()
             except OSError:

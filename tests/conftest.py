@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from lazycluster_tasks import Environment, Runtime
+from lazycluster_tasks import Environment, Runtime, RuntimeGroup
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytest_plugins = ["lazycluster_tasks.testing.pytest_plugin"]
@@ -104,6 +104,16 @@ def host1(
         yield runtime
     finally:
         runtime.cleanup()
+
+
+@pytest.fixture
+def group(multi_hosts, no_leftovers, no_local_leaks):
+    """A RuntimeGroup of every test host, cleaned up after the test."""
+    g = RuntimeGroup(runtimes=[ssh_runtime(multi_hosts, h.name) for h in multi_hosts.hosts])
+    try:
+        yield g
+    finally:
+        g.cleanup()
 
 
 @pytest.fixture(params=["local", "ssh"])

@@ -15,16 +15,6 @@ from lazycluster_tasks import (
     RuntimeTask,
     TaskExecutionError,
 )
-from tests.conftest import ssh_runtime
-
-
-@pytest.fixture
-def group(multi_hosts, no_leftovers, no_local_leaks):
-    g = RuntimeGroup(runtimes=[ssh_runtime(multi_hosts, h.name) for h in multi_hosts.hosts])
-    try:
-        yield g
-    finally:
-        g.cleanup()
 
 
 def test_broadcast_runs_an_independent_copy_per_host(group):

@@ -34,7 +34,6 @@ from lazycluster_tasks import (
     TaskExecutionError,
     Timestamp,
 )
-from tests.conftest import ssh_runtime
 
 REQ = object()  # a parameter without default
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -442,15 +441,6 @@ def test_exceptions_keep_lazyclusters_tree_and_readable_context():
 
 
 # -- function_returns --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def group(multi_hosts, no_leftovers, no_local_leaks):
-    g = RuntimeGroup(runtimes=[ssh_runtime(multi_hosts, h.name) for h in multi_hosts.hosts])
-    try:
-        yield g
-    finally:
-        g.cleanup()
 
 
 def test_group_function_returns_iterates_every_group_task_in_start_order(group):
