@@ -49,6 +49,9 @@ from lazycluster_tasks.task import RuntimeTask
 logger = logging.getLogger(__name__)
 
 ADDRESS_IN_USE = ("Address already in use", "[Errno 98]")
+#: A worker whose first connection to the scheduler dropped while it registered (seen through
+#: busy SSH forwards): started again, like one that lost its port at bind time.
+DROPPED_AT_START = ("StreamClosedError", "Connection reset by peer")
 MISSING_DISTRIBUTED = "No module named 'distributed'"
 #: Key of this machine (the controller) in records, next to the host names.
 CONTROLLER_KEY = "(controller)"
@@ -665,11 +668,19 @@ class DaskCluster(MasterWorkerCluster):
     def _start_failure(
         self, pending: dict[str, ProcessInfo], dead: list[str], timeout: float, late: bool
     ) -> list[str]:
-        """Workers that lost their port at bind time are returned for a retry; anything else
-        raises WorkerStartError naming each host with the tail of its log."""
+        """Workers that lost their port at bind time or their first scheduler connection are
+        returned for a retry; anything else raises WorkerStartError naming each host with its
+        first error and the tail of its log."""
         logs = self._logs(list(pending.values()), lines=None)
-        raced = [n for n in dead if any(t in logs.get(n, "") for t in ADDRESS_IN_USE)]
+        raced = [n for n in dead if _retriable(logs.get(n, ""))]
         if raced and len(raced) == len(dead) and not late:
+            for name in raced:
+                logger.info(
+                    "worker %s on %s exited at start (%s); starting it again",
+                    name,
+                    pending[name].host,
+                    first_error(logs.get(name, "")),
+                )
             return raced
         failed = dead or list(pending)
         why = "exited" if dead else f"did not register within {timeout} s"
@@ -1001,6 +1012,12 @@ class DaskCluster(MasterWorkerCluster):
                     logger.debug("closing a client failed: %s", exc)
         self._user_clients = []
         self._client = None
+
+
+def _retriable(log: str) -> bool:
+    """A worker that lost its port at bind time, or its first connection to the scheduler."""
+    cause = first_error(log) or ""
+    return any(t in log for t in ADDRESS_IN_USE) or any(t in cause for t in DROPPED_AT_START)
 
 
 def first_error(log: str) -> str | None:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from lazycluster_tasks import GroupError, Runtime, RuntimeGroup
-from lazycluster_tasks.dask import DaskCluster, first_error, teardown
+from lazycluster_tasks.dask import DaskCluster, _retriable, first_error, teardown
 from lazycluster_tasks.testing.hosts import TestHosts
 from tests.conftest import wait_until
 from tests.test_dask_cluster import local_leftovers
@@ -130,3 +130,10 @@ def test_a_failed_worker_reports_its_first_error() -> None:
         "OSError: Timed out trying to connect to tcp://127.0.0.1:8786 after 30 s"
     )
     assert first_error("all fine\n") is None
+
+
+def test_workers_that_lost_their_first_connection_are_started_again() -> None:
+    dropped = "INFO - Start worker\ntornado.iostream.StreamClosedError: Stream is closed\n"
+    raced = "INFO - x\nOSError: [Errno 98] Address already in use\n"
+    broken = "ModuleNotFoundError: No module named 'distributed'\n"
+    assert _retriable(dropped) and _retriable(raced) and not _retriable(broken)
