@@ -232,13 +232,8 @@ class DaskCluster(MasterWorkerCluster):
             min(self.options.start_timeout, PATH_CHECK_TIMEOUT) if timeout is None else timeout
         )
         client = self._monitor()
-        known = client.scheduler_info(n_workers=-1)["workers"]
-        order = {name: i for i, name in enumerate(self._worker_names())}
-        ours = sorted(
-            ((str(info["name"]), address) for address, info in known.items()),
-            key=lambda item: order.get(item[0], len(order)),
-        )
-        ours = [(name, address) for name, address in ours if name in order]
+        registered = self._registered()  # bounded, unlike the client's own scheduler_info
+        ours = [(n, registered[n]["address"]) for n in self._worker_names() if n in registered]
         if not ours:
             return
         started = time.monotonic()
@@ -316,7 +311,10 @@ class DaskCluster(MasterWorkerCluster):
         except Exception as exc:  # hosts that failed keep their processes on record
             error = exc
         try:
-            super().cleanup()  # tunnels and connections, of every host
+            if error is None:
+                super().cleanup()  # the launchers (nothing left to stop), then every connection
+            else:  # the launchers would only try the failed hosts again: release, retry later
+                self._group.cleanup()
         except Exception as exc:
             error = error or exc
         finally:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from lazycluster_tasks import ports as portlib
 from lazycluster_tasks.errors import GroupError, PortInUseError
-from lazycluster_tasks.runtime import Runtime, RuntimeProcess, check_path
+from lazycluster_tasks.runtime import Runtime, RuntimeProcess, check_working_dir
 from lazycluster_tasks.ssh import SSHSettings
 from lazycluster_tasks.task import RuntimeTask
 
@@ -452,7 +452,7 @@ def _host_set(hosts: Iterable[str] | str | None) -> set[str] | None:
 
 
 def _set_working_dir(runtime: Runtime, working_dir: str) -> None:
-    check_path(working_dir, "working_dir")
+    check_working_dir(working_dir)
     if runtime._working_dir is not None and runtime._requested_working_dir != working_dir:
         raise ValueError(f"{runtime.host} already uses working dir {runtime._working_dir!r}")
     runtime._requested_working_dir = working_dir

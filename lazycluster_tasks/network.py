@@ -203,7 +203,7 @@ def probe_host(
     )
 
 
-def quick_probe(runtime: Runtime, python: str, targets: dict[str, tuple[str, int]]) -> HostReport:
+def quick_probe(runtime: Runtime, python: str) -> HostReport:
     """The probe without Python (for an explicit network mode): ports and the interpreter's
     presence only, so a big cluster does not boot one more interpreter per host."""
     runtime.working_dir  # noqa: B018 - created here, in parallel with the other hosts
@@ -255,8 +255,15 @@ def plan_network(
     local = [rt for rt in group.runtimes if rt.is_local]
     if not remote:
         no_paths = {"nonce": "", "me": "", "ports": [], "targets": {}, "window": 0, "expect": 0}
-        probe = probe_host if mode == "auto" else _quick
-        reports = fan_out("preflight", local, lambda rt: probe(rt, python(rt), no_paths))
+        reports = fan_out(
+            "preflight",
+            local,
+            lambda rt: (
+                probe_host(rt, python(rt), no_paths)
+                if mode == "auto"
+                else quick_probe(rt, python(rt))
+            ),
+        )
         _check_distributed(reports)
         return NetworkPlan(
             "direct",
@@ -276,7 +283,7 @@ def plan_network(
     if mode == "direct" and reasons:
         raise ValueError(f"network_mode='direct' is impossible: {'; '.join(reasons)}")
     if mode != "auto" or reasons:
-        reports = fan_out("preflight", group.runtimes, lambda rt: quick_probe(rt, python(rt), {}))
+        reports = fan_out("preflight", group.runtimes, lambda rt: quick_probe(rt, python(rt)))
         _check_distributed(reports)
         resolved = "tunnelled" if mode == "tunnelled" or reasons else "direct"
         plan = NetworkPlan(
@@ -373,10 +380,6 @@ def _serve(
     thread = threading.Thread(target=serve, name="lct-probe-listener")
     thread.start()
     return thread
-
-
-def _quick(runtime: Runtime, python: str, _args: object) -> HostReport:
-    return quick_probe(runtime, python, {})
 
 
 def _check_distributed(reports: dict[str, HostReport]) -> None:

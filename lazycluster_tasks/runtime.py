@@ -100,11 +100,7 @@ class Runtime:
         if not isinstance(host, str) or not host.strip():
             raise ValueError(f"host must be a non-empty string, got {host!r}")
         if working_dir is not None:
-            check_path(working_dir, "working_dir")
-        if working_dir is not None and (
-            not isinstance(working_dir, str) or not working_dir.strip()
-        ):
-            raise ValueError(f"working_dir must be a non-empty string, got {working_dir!r}")
+            check_working_dir(working_dir)
         self._host = host
         self._connection_kwargs = dict(connection_kwargs or {})
         self._ssh_config_path = ssh_config_path
@@ -180,9 +176,7 @@ class Runtime:
 
         A temporary working dir used so far is removed. Refused while tasks run.
         """
-        if not isinstance(working_dir, str) or not working_dir.strip():
-            raise ValueError(f"working_dir must be a non-empty string, got {working_dir!r}")
-        check_path(working_dir, "working_dir")
+        check_working_dir(working_dir)
         with self._lock:
             running = [t.name for t in self._tasks if t.is_alive]
             if running:
@@ -628,6 +622,13 @@ def check_path(value: object, what: str) -> None:
     silently become another path in the remote shell)."""
     if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError(f"{what} contains a control character: {value!r}")
+
+
+def check_working_dir(working_dir: object) -> None:
+    """A working dir must be a non-empty path without control characters."""
+    if not isinstance(working_dir, str) or not working_dir.strip():
+        raise ValueError(f"working_dir must be a non-empty string, got {working_dir!r}")
+    check_path(working_dir, "working_dir")
 
 
 def _home_relative(path: str) -> str:
