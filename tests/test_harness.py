@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +31,20 @@ s.bind(("0.0.0.0", int(sys.argv[1])))
 s.listen(50)
 print("ready", flush=True)
 time.sleep(60)
+"""
+
+ECHO = """
+import socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(50)
+print("ready", flush=True)
+def echo(c):
+    while data := c.recv(1024):
+        c.sendall(data)
+while True:
+    threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()
 """
 
 PROBE = """
@@ -70,13 +84,15 @@ def probe_from(hosts: TestHosts, name: str, address: str, port: int) -> int:
 
 
 @contextmanager
-def listening(hosts: TestHosts, name: str, port: int = PORT) -> Iterator[None]:
+def listening(
+    hosts: TestHosts, name: str, port: int = PORT, script: str = LISTEN
+) -> Iterator[subprocess.Popen[str]]:
     p = hosts.run_in(
-        name, [sys.executable, "-c", LISTEN, str(port)], stdout=subprocess.PIPE, text=True
+        name, [sys.executable, "-c", script, str(port)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        yield
+        yield p
     finally:
         p.kill()
         p.wait()
@@ -323,6 +339,8 @@ def test_loopback_mode(monkeypatch: pytest.MonkeyPatch) -> None:
         assert res.returncode == 0 and res.stdout == "ok\n", res.stderr
         with pytest.raises(RuntimeError, match="needs root"):
             hosts.ssh_only()
+        with pytest.raises(RuntimeError, match="needs root"):
+            hosts.cut_host("host1")
         client = subprocess.Popen(["ssh", "-F", str(hosts.ssh_config_path), "host1", "sleep 30"])
         assert wait_for(lambda: "host1" in hosts.leftovers())
         client.kill()
@@ -413,3 +431,86 @@ def test_cut_established_breaks_open_connections(
         multi_hosts.set_network("closed")
     with pytest.raises(ValueError, match="closed"):
         multi_hosts.set_network("open", "silent")
+
+
+Probe = tuple[str | None, str, int]  # (from host or None for this machine, address, port)
+
+
+def classify_all(hosts: TestHosts, probes: Sequence[Probe], timeout: float = 1.0) -> list[str]:
+    """classify_from for several (from host or None, address, port) at once: one timeout for all."""
+    procs = []
+    for name, address, port in probes:
+        argv = [sys.executable, "-c", CLASSIFY, address, str(port), str(timeout)]
+        if name is None:
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
+        else:
+            procs.append(hosts.run_in(name, argv, stdout=subprocess.PIPE, text=True))
+    return [p.communicate(timeout=10)[0].strip() for p in procs]
+
+
+@pytest.mark.timeout(30)
+def test_cut_host_drops_everything_until_restored(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    hosts, h2 = multi_hosts, multi_hosts.host("host2")
+    every_path: list[Probe] = [(None, h2.address, 22), (None, h2.address, PORT)]
+    every_path += [("host1", h2.address, 22), ("host1", h2.address, PORT)]
+    with (
+        listening(hosts, "host2", script=ECHO) as server,
+        socket.create_connection((h2.address, PORT), 3) as c,
+    ):
+        c.settimeout(3)
+        c.sendall(b"a")
+        assert c.recv(1) == b"a"
+        try:
+            hosts.cut_host("host2")
+            hosts.cut_host("host2")  # idempotent
+            assert hosts.cut_hosts == {"host2"}
+            c.sendall(b"b")  # the open connection carries nothing any more...
+            # silence everywhere, sshd's port included (stopped: it would refuse otherwise)
+            assert classify_all(hosts, every_path) == ["drop"] * 4
+            c.settimeout(0.1)
+            with pytest.raises(TimeoutError):  # ...no echo within the probes' second either
+                c.recv(1)
+            # its processes live on and still see themselves (loopback)
+            assert server.poll() is None
+            assert server.pid in [p.pid for p in hosts.processes("host2")]
+            assert classify_all(hosts, [("host2", "127.0.0.1", PORT)]) == ["open"]
+            # a new network shape keeps the cut host cut; the others get the shape
+            hosts.set_network("ssh-only", "reset")
+            assert classify_all(hosts, [(None, h2.address, 22), (None, h2.address, PORT)]) == [
+                "drop",
+                "drop",
+            ]
+            assert classify_all(hosts, [(None, hosts.host("host1").address, PORT)]) == ["reset"]
+        finally:
+            hosts.restore_host("host2")
+            hosts.restore_host("host2")  # idempotent
+        try:
+            assert hosts.cut_hosts == frozenset()
+            # back to the shape in force: SSH passes, other ports reset
+            assert classify_all(hosts, every_path[:2]) == ["open", "reset"]
+            res = ssh(hosts, "-o", "ProxyJump=host1", "host2", "hostname")
+            assert res.returncode == 0 and res.stdout.strip() == "host2", res.stderr
+        finally:
+            hosts.set_network("open")
+        assert classify_all(hosts, every_path) == ["open"] * 4  # the earlier listener
+        assert server.poll() is None
+        assert ssh(hosts, "host2", "hostname").stdout.strip() == "host2"
+    with pytest.raises(ValueError, match="no test host 'host9'"):
+        hosts.cut_host("host9")
+    with pytest.raises(ValueError, match="no test host 'host9'"):
+        hosts.restore_host("host9")
+
+
+@pytest.mark.timeout(30)
+def test_stop_while_a_host_is_cut(multi_hosts: TestHosts) -> None:
+    hosts = TestHosts(count=2)
+    with hosts:
+        sleeper = hosts.run_in("host2", ["sleep", "300"])
+        hosts.cut_host("host2")
+        assert sleeper.poll() is None
+        assert ssh(hosts, "host1", "true").returncode == 0  # the other host is untouched
+    assert sleeper.wait(timeout=1) == -9
+    assert run_traces(hosts.run_id, hosts.base_dir) == []
+    assert not hosts.base_dir.exists()

@@ -49,6 +49,13 @@ CLOSED_STYLES = {
 }
 
 
+class UnknownHostError(KeyError, ValueError):
+    """No test host of that name (a ValueError; a KeyError too, as it always was)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass(frozen=True)
 class TestHost:
     __test__ = False  # not a pytest test class
@@ -248,6 +255,7 @@ class TestHosts:
         self._host_pubkey: dict[str, str] = {}
         self._network: tuple[str, str, bool] = ("open", "icmp", False)
         self._allowed: dict[str, list[str] | None] = {}
+        self._cut: set[str] = set()  # hosts whose cable is pulled (cut_host)
         self._started = False
         self._stopped = False
         self._marked = False  # our owner marker exists: the run id is ours to destroy
@@ -467,7 +475,7 @@ class TestHosts:
         for h in self.hosts:
             if h.name == name:
                 return h
-        raise KeyError(f"no test host {name!r} (have {[h.name for h in self.hosts]})")
+        raise UnknownHostError(f"no test host {name!r} (have {[h.name for h in self.hosts]})")
 
     def _listener(self, name: str) -> psutil.Process | None:
         proc = self._sshd.get(name)
@@ -570,6 +578,8 @@ class TestHosts:
         h = self.host(name)
         if self._listener(name) is not None:
             return
+        if name in self._cut:  # it could never be seen listening
+            raise RuntimeError(f"{name} is cut off the network: restore_host({name!r}) first")
         self._launch_sshd(h)
         self._wait_listening(h)
 
@@ -643,7 +653,45 @@ class TestHosts:
             ]
         self._apply_rules(h)
 
+    def cut_host(self, name: str) -> None:
+        """Pull host `name`'s cable: every packet to and from it (any protocol, open
+        connections too, from this machine and from the other hosts) is dropped silently, and
+        its sshd listener is stopped. Its processes keep running and can still talk to each
+        other over loopback. ARP is still answered, so peers see timeouts as with a host behind
+        a router, never "no route to host". Stays cut across set_network/restrict_ssh until
+        restore_host. Idempotent."""
+        self.host(name)
+        self._require_root("cut_host")
+        self._cut.add(name)
+        self._apply_rules(self.host(name))  # silence first: the stopping sshd sends no reset
+        self.stop_sshd(name)
+
+    def restore_host(self, name: str) -> None:
+        """Plug host `name` back in: the current network shape again and its sshd listening
+        (waits for it). Idempotent."""
+        self.host(name)
+        self._require_root("restore_host")
+        self._cut.discard(name)
+        self._apply_rules(self.host(name))
+        self.start_sshd(name)
+
+    @property
+    def cut_hosts(self) -> frozenset[str]:
+        """Names of the hosts cut off the network now (cut_host)."""
+        return frozenset(self._cut)
+
     def _ruleset(self, name: str) -> str:
+        # add+delete makes the delete safe when the table is absent; one file is one transaction
+        text = "add table inet lct\ndelete table inet lct\n"
+        if name in self._cut:  # the pulled cable: nothing passes but the host's own loopback
+            chains = "".join(
+                f"  chain {chain} {{\n"
+                f"    type filter hook {chain} priority 0; policy drop;\n"
+                f"    {lo} lo accept\n"
+                "  }\n"
+                for chain, lo in (("input", "iif"), ("output", "oif"))
+            )
+            return text + "table inet lct {\n" + chains + "}\n"
         topology, closed, cut = self._network
         action = CLOSED_STYLES[closed]
         allowed = self._allowed.get(name)
@@ -660,8 +708,6 @@ class TestHosts:
             out.append(f"{SYN} tcp dport != 22 {action}")
         elif topology == "no-connect-back":
             out.append(f"{SYN} ip daddr {self.controller_address} tcp dport != 22 {action}")
-        # add+delete makes the delete safe when the table is absent; one file is one transaction
-        text = "add table inet lct\ndelete table inet lct\n"
         if not (first or inp or out):
             return text
         # open connections pass unless the rules are meant to cut them; SSH (either end at
