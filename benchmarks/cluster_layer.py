@@ -51,7 +51,15 @@ import distributed
 import paramiko
 import psutil
 
-from benchmarks.common import Timing, fmt_ratio, leftover_check, print_table
+from benchmarks.common import (
+    Timing,
+    exit_code,
+    failures,
+    fmt_ratio,
+    leftover_check,
+    print_table,
+    verdict,
+)
 from lazycluster_tasks import (
     DaskCluster,
     DaskOptions,
@@ -187,18 +195,20 @@ class TargetResult:
     unit: str = "x"
     higher_is_better: bool = False
     note: str = ""
+    failed: int = 0  # failed runs of the cases compared: any makes the target FAIL
 
     @property
     def passed(self) -> bool:
-        if self.value is None:
-            return False
-        return self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+        return self.status == "PASS"
 
     @property
     def status(self) -> str:
-        if self.value is None:
+        if self.value is None and not self.failed:
             return "n/a"
-        return "PASS" if self.passed else "MISS"
+        met = self.value is not None and (
+            self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+        )
+        return verdict(met, self.failed)
 
     def shown(self, value: float | None) -> str:
         if value is None:
@@ -649,8 +659,9 @@ def _secs(t: Timing | None, attr: str = "median") -> str:
 
 
 def _runs(r: CaseResult) -> str:
-    """Timed samples taken, and failed runs (warm-up included) if any."""
-    return f"{len(r.starts)}" + (f" +{len(r.errors)} failed" if r.errors else "")
+    """Failed runs of all runs (the timed ones, and a warm-up that failed)."""
+    runs = failures(len(r.errors), len(r.starts) + len(r.errors))
+    return runs + (", gave up" if r.given_up else "")
 
 
 def start_rows(all_results: dict[int, dict[str, CaseResult]]) -> list[list[str]]:
@@ -804,6 +815,7 @@ def start_targets(all_results: dict[int, dict[str, CaseResult]]) -> list[TargetR
                     _secs(floor),
                     _ratio(t, floor),
                     START_TARGET,
+                    failed=len(results[case].errors) + len(results[FLOOR].errors),
                 )
             )
             note = results[SSHCLUSTER].skipped or ""
@@ -815,6 +827,7 @@ def start_targets(all_results: dict[int, dict[str, CaseResult]]) -> list[TargetR
                     _ratio(t, sshc),
                     SSHCLUSTER_TARGET,
                     note="skipped" if note else "",
+                    failed=len(results[case].errors) + len(results[SSHCLUSTER].errors),
                 )
             )
     return targets
@@ -837,6 +850,7 @@ def cleanup_targets(all_results: dict[int, dict[str, CaseResult]]) -> list[Targe
                     value,
                     CLEANUP_TARGET_S,
                     unit="s",
+                    failed=len(r.errors),
                 )
             )
     return targets
@@ -1067,7 +1081,7 @@ def main(argv: Sequence[str] | None = None) -> list[TargetResult]:
 
     print_table(
         START_TITLE + f", {args.repeat} samples",
-        ["hosts", "case", "median s", "min s", "vs floor", "vs SSHCluster", "runs"],
+        ["hosts", "case", "median s", "min s", "vs floor", "vs SSHCluster", "failures"],
         start_rows(all_results),
     )
     print(
@@ -1135,4 +1149,4 @@ def main(argv: Sequence[str] | None = None) -> list[TargetResult]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main()))

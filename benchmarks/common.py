@@ -25,64 +25,133 @@ LEFTOVER_GRACE = 3.0
 
 # -- timing --------------------------------------------------------------------------------------
 
+#: Failed repetitions after which a case is not run again (each failure may cost its timeout).
+MAX_FAILURES = 3
+PASS, MISS, FAIL = "PASS", "MISS", "FAIL"
+
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall-clock samples of one operation, in milliseconds."""
+    """Wall-clock samples of one operation, in milliseconds, and its failed repetitions.
+
+    ``errors`` has one line per failed repetition (a failed warm-up included): those count as
+    runs and failures, never as samples, so the medians are over the successful repetitions
+    only and ``failures`` says what they leave out. ``not_run``: repetitions not tried after
+    :data:`MAX_FAILURES` failures. Without samples the statistics are NaN (shown as "-").
+    """
 
     samples: tuple[float, ...]
+    errors: tuple[str, ...] = ()
+    not_run: int = 0
 
     @property
     def median(self) -> float:
-        return statistics.median(self.samples)
+        return statistics.median(self.samples) if self.samples else math.nan
 
     @property
     def min(self) -> float:
-        return min(self.samples)
+        return min(self.samples, default=math.nan)
 
     @property
     def p90(self) -> float:
         """Nearest-rank 90th percentile."""
         ordered = sorted(self.samples)
-        return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+        return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)] if ordered else math.nan
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors)
+
+    @property
+    def runs(self) -> int:
+        return len(self.samples) + len(self.errors)
+
+    @property
+    def failures(self) -> str:
+        return failures(self.failed, self.runs, self.not_run)
 
     def __str__(self) -> str:
-        return f"median {self.median:.1f} ms, min {self.min:.1f} ms, p90 {self.p90:.1f} ms"
+        return (
+            f"median {fmt_ms(self.median)} ms, min {fmt_ms(self.min)} ms, "
+            f"p90 {fmt_ms(self.p90)} ms, failures {self.failures}"
+        )
 
 
-def _sample(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000.0
+def failures(failed: int, runs: int, not_run: int = 0) -> str:
+    """The failures cell of a case: ``1/5``, or ``3/3, 2 not run`` for a case given up."""
+    return f"{failed}/{runs}" + (f", {not_run} not run" if not_run else "")
+
+
+def verdict(met: bool, failed: int) -> str:
+    """FAIL when any repetition failed, whatever the medians of the others say; else PASS/MISS."""
+    if failed:
+        return FAIL
+    return PASS if met else MISS
+
+
+def exit_code(targets: Iterable[Any]) -> int:
+    """1 when a target (anything with a ``status``) failed, else 0: a MISS is a result."""
+    return 1 if any(t.status == FAIL for t in targets) else 0
+
+
+def _error_line(label: str, exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{label}: {type(exc).__name__}: {text[:300]}"
 
 
 def timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> Timing:
-    """Call ``fn`` ``warmup`` times untimed, then ``repeat`` times timed."""
-    if repeat < 1:
-        raise ValueError(f"repeat must be >= 1, not {repeat}")
-    for _ in range(warmup):
-        fn()
-    return Timing(tuple(_sample(fn) for _ in range(repeat)))
+    """Call ``fn`` ``warmup`` times untimed, then ``repeat`` times timed (see below)."""
+    return timeit_interleaved({"fn": fn}, repeat, warmup)["fn"]
 
 
 def timeit_interleaved(
-    fns: Mapping[str, Callable[[], object]], repeat: int, warmup: int = 1
+    fns: Mapping[str, Callable[[], object]],
+    repeat: int,
+    warmup: int = 1,
+    check: Callable[[], object] | None = None,
 ) -> dict[str, Timing]:
-    """Like :func:`timeit` for several operations, taking their samples in turn (A B A B …).
+    """Time several operations, taking their samples in turn (A B A B …) after ``warmup`` rounds.
 
     Interleaving spreads drift of the machine (other load, CPU frequency) over every operation
-    alike, so their ratio is fairer than with one block of samples after another.
+    alike, so their ratio is fairer than with one block of samples after another. A repetition
+    that raises is counted as failed (warm-up included) and the others go on; a case is not run
+    again after :data:`MAX_FAILURES` failures. ``check`` runs untimed after every repetition,
+    failed ones included; when it raises, the repetition failed. Each ``fn`` must bound its own
+    time (timeouts).
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, not {repeat}")
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
+    errors: dict[str, list[str]] = {name: [] for name in fns}
+    not_run = dict.fromkeys(fns, 0)
+    for round_no in range(-warmup, repeat):
+        label = "warm-up" if round_no < 0 else f"round {round_no + 1}/{repeat}"
         for name, fn in fns.items():
-            samples[name].append(_sample(fn))
-    return {name: Timing(tuple(values)) for name, values in samples.items()}
+            if len(errors[name]) >= MAX_FAILURES:
+                not_run[name] += 1
+                continue
+            error = None
+            start = time.perf_counter()
+            try:
+                fn()
+            except Exception as exc:
+                error = _error_line(label, exc)
+            elapsed = (time.perf_counter() - start) * 1000.0
+            try:
+                if check is not None:
+                    check()
+            except Exception as exc:
+                error = error or _error_line(label, exc)
+            if error is not None:
+                errors[name].append(error)
+            elif round_no >= 0:
+                samples[name].append(elapsed)
+    return {name: Timing(tuple(samples[name]), tuple(errors[name]), not_run[name]) for name in fns}
+
+
+def error_lines(timings: Mapping[str, Timing]) -> list[str]:
+    """One line per failed repetition, to print under the table that counted it."""
+    return [f"{name} failed in {error}" for name, t in timings.items() for error in t.errors]
 
 
 # -- OpenSSH multiplexing -------------------------------------------------------------------------
@@ -197,11 +266,11 @@ class OpenSSHMux:
 
 
 def fmt_ms(value: float) -> str:
-    return f"{value:.1f}"
+    return "-" if math.isnan(value) else f"{value:.1f}"
 
 
 def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}x"
+    return "-" if math.isnan(value) else f"{value:.2f}x"
 
 
 def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

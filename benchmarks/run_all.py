@@ -1,7 +1,9 @@
 """Run every benchmark in turn with its default options: ``python -m benchmarks.run_all``.
 
 Add a benchmark by appending its module name to ``MODULES``; the module needs a
-``main(argv: list[str] | None)`` that parses ``argv`` with argparse.
+``main(argv: list[str] | None)`` that parses ``argv`` with argparse and returns its targets
+(objects with a ``status``). A benchmark with a FAIL target (a failed repetition) is FAILED, one
+that raised is CRASHED; either makes the exit status 1. A MISS is a result, not a failure.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 import traceback
 from collections.abc import Sequence
 
-from benchmarks.common import print_table
+from benchmarks.common import exit_code, print_table
 
 MODULES: list[str] = [
     "benchmarks.host_layer",
@@ -43,8 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n===== {name} =====", flush=True)
         start = time.perf_counter()
         try:
-            importlib.import_module(name).main([])
-            status = "ok"
+            targets = importlib.import_module(name).main([])
+            status = "FAILED" if exit_code(targets) else "ok"
         except Exception:
             traceback.print_exc()
             status = "CRASHED"

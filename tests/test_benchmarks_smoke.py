@@ -1,16 +1,132 @@
-"""The host-layer benchmark runs end to end on 2 test hosts and prints every expected row."""
+"""The benchmarks count failed repetitions as failures, and run end to end on 2 test hosts."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import sys
+import types
 from typing import Any
 
 import psutil
 import pytest
 
-from benchmarks import cluster_layer, common, host_layer
+from benchmarks import cluster_layer, common, host_layer, prefect_layer, run_all
 from lazycluster_tasks.testing.hosts import NETNS_DIR, SSHD, TestHosts
+
+
+def _flaky(fail_on: set[int]) -> Any:
+    """A case that raises on the given calls (1-based) and succeeds on the others."""
+    calls = 0
+
+    def case() -> None:
+        nonlocal calls
+        calls += 1
+        if calls in fail_on:
+            raise RuntimeError(f"call {calls} failed")
+
+    return case
+
+
+def test_a_failed_repetition_is_counted_and_fails_the_target() -> None:
+    # warm-up = call 1, rounds = calls 2..4: call 3 fails
+    timings = common.timeit_interleaved({"flaky": _flaky({3}), "steady": _flaky(set())}, 3)
+    flaky, steady = timings["flaky"], timings["steady"]
+    assert (len(flaky.samples), flaky.failed, flaky.runs, flaky.failures) == (2, 1, 3, "1/3")
+    assert flaky.errors == ("round 2/3: RuntimeError: call 3 failed",)
+    assert common.error_lines({"flaky": flaky}) == [f"flaky failed in {flaky.errors[0]}"]
+    assert (steady.failures, len(steady.samples)) == ("0/3", 3)
+
+    # its median (of the successful runs) meets any limit, and still the target is FAIL
+    failing = host_layer.TargetResult("t", flaky, steady, limit=1e9)
+    assert failing.ratio <= failing.limit
+    assert (failing.status, failing.passed, failing.failed) == ("FAIL", False, 1)
+    clean = host_layer.TargetResult("t", steady, steady, limit=1e9)
+    assert (clean.status, clean.passed) == ("PASS", True)
+    assert host_layer.TargetResult("t", steady, steady, limit=0).status == "MISS"
+    assert common.exit_code([clean, failing]) == 1
+    assert common.exit_code([clean]) == 0
+
+    flow = prefect_layer.Target(flaky, steady)
+    assert flow.status == "FAIL" and prefect_layer.Target(steady, steady).status == "PASS"
+
+
+def test_a_failed_warm_up_or_check_counts_and_a_case_is_given_up() -> None:
+    checks: list[int] = []
+
+    def check() -> None:  # runs after every repetition, failed ones too; fails the 5th
+        checks.append(1)
+        if len(checks) == 5:  # after "warm" in round 2
+            raise RuntimeError("left behind")
+
+    timings = common.timeit_interleaved(
+        {"warm": _flaky({1}), "never": _flaky(set(range(1, 10)))}, repeat=4, check=check
+    )
+    assert len(checks) == 2 + 2 + 2 + 1 + 1  # warm-up and 2 rounds of both, then only "warm"
+    warm, never = timings["warm"], timings["never"]
+    assert warm.errors == (
+        "warm-up: RuntimeError: call 1 failed",
+        "round 2/4: RuntimeError: left behind",
+    )
+    assert (warm.failures, len(warm.samples)) == ("2/5", 3)
+    assert never.failed == common.MAX_FAILURES and never.not_run == 5 - common.MAX_FAILURES
+    assert never.failures == "3/3, 2 not run"
+    assert math.isnan(never.median) and common.fmt_ms(never.p90) == "-"
+    assert common.fmt_ratio(warm.median / never.median) == "-"
+
+
+def test_cluster_layer_counts_a_failed_start_as_failure() -> None:
+    results = {case: cluster_layer.CaseResult() for case in cluster_layer.CASES}
+    results[cluster_layer.FLOOR].starts = [2.0, 2.0, 2.0]
+    direct = results[cluster_layer.OURS_DIRECT]
+    direct.starts, direct.cleanups = [1.0, 1.0], [0.1, 0.1]
+    direct.errors = ["round 2/3: RuntimeError: start failed"]
+    ok = results[cluster_layer.OURS_TUNNELLED]
+    ok.starts, ok.cleanups = [1.0, 1.0, 1.0], [0.1, 0.1, 0.1]
+    results[cluster_layer.SSHCLUSTER].skipped = cluster_layer.SSHCLUSTER_SKIPPED
+    all_results = {2: results}
+
+    rows = {row[1]: row for row in cluster_layer.start_rows(all_results)}
+    # the median of the successful starts, and the failed one beside it
+    assert rows[cluster_layer.OURS_DIRECT][2:] == ["1.00", "1.00", "0.50x", "-", "1/3"]
+    assert rows[cluster_layer.OURS_TUNNELLED][-1] == "0/3"
+    assert rows[cluster_layer.OURS_AUTO_OPEN][2:] == ["FAILED", "-", "-", "-", "0/0"]
+    assert rows[cluster_layer.SSHCLUSTER][2:] == ["skipped", "-", "-", "-", "0/0"]
+
+    targets = {t.name: t for t in cluster_layer.start_targets(all_results)}
+    failing = targets["start ours direct, 2 hosts vs floor"]
+    assert failing.value == 0.5 and failing.status == "FAIL" and not failing.passed
+    assert targets["start ours tunnelled, 2 hosts vs floor"].status == "PASS"
+    assert targets["start ours auto, open, 2 hosts vs floor"].status == "n/a"
+    assert targets["start ours direct, 2 hosts vs SSHCluster"].status == "FAIL"
+    assert targets["start ours tunnelled, 2 hosts vs SSHCluster"].status == "n/a"
+
+    cleanups = {t.name: t.status for t in cluster_layer.cleanup_targets(all_results)}
+    assert cleanups["cleanup ours direct, 2 hosts (+ nothing left)"] == "FAIL"
+    assert cleanups["cleanup ours tunnelled, 2 hosts (+ nothing left)"] == "PASS"
+    assert common.exit_code(targets.values()) == 1
+
+
+def test_run_all_reports_a_failed_benchmark(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    verdicts = {"clean": ["PASS", "MISS"], "flaky": ["PASS", "FAIL"]}
+    for name, statuses in verdicts.items():
+        module = types.ModuleType(name)
+        targets = [types.SimpleNamespace(status=status) for status in statuses]
+        module.main = lambda argv, targets=targets: targets  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, f"benchmarks._{name}", module)
+
+    monkeypatch.setattr(run_all, "MODULES", ["benchmarks._clean"])
+    assert run_all.main([]) == 0
+    monkeypatch.setattr(run_all, "MODULES", ["benchmarks._clean", "benchmarks._flaky"])
+    assert run_all.main([]) == 1
+    table = _table(capsys.readouterr().out.splitlines()[-7:], "benchmarks run")
+    assert [(row[0], row[-1]) for row in table] == [
+        ("benchmarks._clean", "ok"),
+        ("benchmarks._flaky", "FAILED"),
+    ]
 
 
 @pytest.fixture
@@ -68,19 +184,26 @@ def test_host_layer_benchmark_prints_its_tables(
     names += ["broadcast to 1 host", "broadcast to 2 hosts"]
     assert [t.name for t in targets] == names
     assert all(len(t.ours.samples) == len(t.openssh.samples) == 2 for t in targets)
+    assert all(t.failed == 0 for t in targets)
 
     round_trip = _table(lines, host_layer.ROUND_TRIP_TITLE)
-    assert [row[0] for row in round_trip] == [host_layer.RUN, host_layer.ECHO, host_layer.OPENSSH]
-    assert all(len(row) == 5 and row[-1].endswith("x") for row in round_trip)
+    cases = [host_layer.RUN, host_layer.ECHO, host_layer.OPENSSH]
+    cases += [host_layer.PARAMIKO, host_layer.PARAMIKO_NODELAY]
+    assert [row[0] for row in round_trip] == cases
+    for row in round_trip:  # failures, then the ratios to OpenSSH and to both paramiko peers
+        assert len(row) == 8 and row[4] == "0/2", row
+        assert all(cell.endswith("x") for cell in row[5:]), row
+    assert [round_trip[i][5 + i - 2] for i in (2, 3, 4)] == ["1.00x"] * 3
 
     broadcast = _table(lines, host_layer.BROADCAST_TITLE)
     assert [row[0] for row in broadcast] == ["1", "2"]
-    assert all(len(row) == 6 and row[-1].endswith("x") for row in broadcast)
+    assert all(len(row) == 8 and row[5:7] == ["0/2", "0/2"] for row in broadcast)
+    assert all(row[-1].endswith("x") for row in broadcast)
 
     summary = _table(lines, host_layer.SUMMARY_TITLE)
     assert [row[0] for row in summary] == names
     for row, target in zip(summary, targets, strict=True):
-        assert row[-1] == ("PASS" if target.passed else "MISS")
+        assert row[-2:] == ["0/4", target.status] and target.status in ("PASS", "MISS")
     assert "targets met" in lines[-1]
 
 
@@ -133,10 +256,10 @@ def test_cluster_layer_benchmark_prints_its_tables(
     for row in start:
         assert len(row) == 7
         if row[1] == cluster_layer.SSHCLUSTER and skipped:
-            assert row[2:] == ["skipped", "-", "-", "-", "0"]
+            assert row[2:] == ["skipped", "-", "-", "-", "0/0"]
         else:  # every case ran, without a failed run
             assert _is_number(row[2]) and _is_number(row[3]), row
-            assert row[4].endswith("x") and row[6] == "1", row
+            assert row[4].endswith("x") and row[6] == "0/1", row
     floor = cluster_layer.CASES.index(cluster_layer.FLOOR)
     assert start[floor][4] == "1.00x"  # the floor against itself
 
@@ -161,9 +284,8 @@ def test_cluster_layer_benchmark_prints_its_tables(
     modes = len(cluster_layer.OURS_MODES)
     assert len(targets) == 2 * modes + modes + 1  # start (x floor/SSHCluster), cleanup, tunnel
     for row, target in zip(summary, targets, strict=True):
-        expected = "n/a" if target.value is None else ("PASS" if target.passed else "MISS")
-        assert row[-1] == expected
-        assert expected != "n/a" or (skipped and "SSHCluster" in target.name)
+        assert row[-1] == target.status and target.status != "FAIL"
+        assert target.status != "n/a" or (skipped and "SSHCluster" in target.name)
     assert "targets met" in lines[-1]
 
 
@@ -172,11 +294,19 @@ def test_cluster_layer_benchmark_prints_its_tables(
 def test_prefect_layer_benchmark_prints_its_table(
     prefect_api: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from benchmarks import prefect_layer
+    [target] = prefect_layer.main(["--hosts", "2", "--repeat", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert target.failed == 0 and target.status in ("PASS", "MISS")
+    assert "added" not in "\n".join(lines)  # no derived difference, each time as its own row
 
-    total, ours = prefect_layer.main(["--hosts", "2", "--repeat", "1"])
-    out = capsys.readouterr().out
-    assert total[0] == "lifecycle flow overhead" and ours[0] == "overhead beyond an empty flow"
-    assert "plain DaskCluster start/job/cleanup" in out and "an empty Prefect flow" in out
-    assert f"{total[1]:.2f} s = {100 * total[2]:.0f} %" in out
-    assert f"{ours[1]:.2f} s = {100 * ours[2]:.0f} %" in out
+    table = _table(lines, prefect_layer.TABLE_TITLE)
+    cases = [prefect_layer.PLAIN, prefect_layer.FLOW, prefect_layer.EMPTY, prefect_layer.WAIT]
+    assert [row[0] for row in table] == cases
+    for row in table:
+        assert _is_number(row[1]) and _is_number(row[2]) and row[3] == "0/1", row
+    wait, empty = float(table[3][1]), float(table[2][1])
+    assert 0 < wait <= empty  # measured inside the empty flow's runs
+
+    [summary] = _table(lines, prefect_layer.SUMMARY_TITLE)
+    assert summary[0] == target.name and summary[-2:] == ["0/2", target.status]
+    assert _is_number(summary[3])
