@@ -59,6 +59,10 @@ PREFECT_NAMES = (
 
 
 def __getattr__(name: str) -> Any:
+    if name == "LazySSHCluster":  # imported on use: it pulls in distributed.deploy
+        from lazycluster_tasks.ssh_cluster import LazySSHCluster
+
+        return LazySSHCluster
     if name in PREFECT_NAMES:
         from lazycluster_tasks import prefect
 
@@ -67,7 +71,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *PREFECT_NAMES])
+    return sorted([*globals(), *PREFECT_NAMES, "LazySSHCluster"])
 
 
 __all__ = [
@@ -81,6 +85,7 @@ __all__ = [
     "HostConnectionError",
     "HostKeyError",
     "InvalidRuntimeError",
+    "LazySSHCluster",
     "LazyclusterError",
     "LocalMasterLauncher",
     "MasterLauncher",

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,12 +37,14 @@ from lazycluster_tasks.errors import (
     LazyclusterError,
     MasterStartError,
     NetworkPathError,
+    NoPortsLeftError,
     WorkerStartError,
 )
 from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
 from lazycluster_tasks.network import NETWORK_MODES, NetworkPlan, plan_network
 from lazycluster_tasks.ports import free_ports
 from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
+from lazycluster_tasks.routing import DirectRouting, make_routing
 from lazycluster_tasks.runtime import Runtime, check_path
 from lazycluster_tasks.task import RuntimeTask
 
@@ -119,11 +121,13 @@ class DaskCluster(MasterWorkerCluster):
         self._reserved: dict[str, set[int]] = {}
         self._processes: dict[str, ProcessInfo] = {}
         self._owners: dict[str, Runtime] = {}
-        self._routed: set[tuple[str, int]] = set()
+        self._routes: DirectRouting | None = None
         self._next_worker = 0  # index of the next worker (names are "<host>-<index>")
         self._begun: tuple[Runtime, ProcessInfo, list[int], int | None] | None = None
         #: Called with (registered, requested) as workers register (e.g. a progress artifact).
         self.on_progress: Callable[[int, int], None] | None = None
+        #: Called once the scheduler answers (e.g. to let a Dask cluster object connect).
+        self.on_scheduler_up: Callable[[], None] | None = None
         self._client: Any = None
         self._user_clients: list[Any] = []
         self._scheduler_host: str | None = None  # None: this machine
@@ -200,20 +204,22 @@ class DaskCluster(MasterWorkerCluster):
         """Second half: start ``count`` workers while the scheduler boots (workers retry until
         it answers), await the scheduler, then the workers. A scheduler that lost its port at
         bind time makes it stop what it started and start one after the other instead."""
+        self.complete_named(self._place(count), debug)
+
+    def complete_named(self, placement: dict[str, list[str]], debug: bool = False) -> None:
+        """:meth:`complete` with the workers named: host -> names of its workers."""
         if self._begun is None:
             raise ValueError("call begin() first")
         runtime, info, remaining, master_port = self._begun
         self._begun = None
         master, workers = self._master_launcher, self._worker_launcher
         assert isinstance(master, LocalMasterLauncher) and isinstance(workers, RoundRobinLauncher)
-        first_worker = self._next_worker
         used: dict[str, list[int]] = {}
-        started = self._launch(self._worker_specs(self._place(count), remaining, used), debug)
+        started = self._launch(self._worker_specs(placement, remaining, used), debug)
         if not self.await_scheduler(runtime, info, self.MASTER_START_TIMEOUT, debug):
             self._stop_processes(list(started))
-            self._next_worker = first_worker
             self.start_master(master_port, self.MASTER_START_TIMEOUT, debug)
-            self.start_workers(count, debug)
+            self._ports = self._finish_named(placement, self._ports, debug)
             return
         master._port, master._process = self._scheduler_port, info
         self._finish_workers(started, remaining, used, debug)
@@ -285,11 +291,7 @@ class DaskCluster(MasterWorkerCluster):
         )
         if failed:
             lines = "\n".join(f"  {path}: {why}" for path, why in failed.items())
-            hint = (
-                "network_mode='tunnelled' routes every path over SSH"
-                if self.network_mode == "direct"
-                else "check that sshd allows TCP forwarding (AllowTcpForwarding) on every host"
-            )
+            hint = self.routing.hint
             raise NetworkPathError(
                 f"the workers registered, but {len(failed)} path(s) the cluster needs are "
                 f"blocked ({self.network_mode} mode):\n{lines}\n{hint}",
@@ -334,7 +336,15 @@ class DaskCluster(MasterWorkerCluster):
             if self._plan is None:
                 mode = self.options.network_mode
                 self._plan = plan_network(self._group, mode, ports, self._python)
+                self._routes = make_routing(self._plan, self._group, self.controller)
             return self._plan
+
+    @property
+    def routing(self) -> DirectRouting:
+        """How traffic is routed (direct or tunnelled), once the plan is made."""
+        if self._routes is None:
+            raise ValueError("the cluster has not been started")
+        return self._routes
 
     @property
     def plan(self) -> NetworkPlan:
@@ -349,9 +359,7 @@ class DaskCluster(MasterWorkerCluster):
 
     def port_scope(self, runtime: Runtime) -> list[str]:
         """Hosts whose ports must be free for a port bound on ``runtime``."""
-        if self.plan.mode == "tunnelled":
-            return self._group.hosts
-        return [runtime.host] if self._group.contains_runtime(runtime.host) else []
+        return self.routing.port_scope(runtime)
 
     def taken_ports(self, hosts: Sequence[str], include_local: bool) -> set[int]:
         used = self.plan.taken(hosts, include_local)
@@ -386,8 +394,7 @@ class DaskCluster(MasterWorkerCluster):
 
     def launch_scheduler(self, runtime: Runtime, port: int, debug: bool) -> ProcessInfo:
         """Start the scheduler process, not waiting for it (see ``await_scheduler``)."""
-        tunnelled = self.plan.mode == "tunnelled"
-        bind = "127.0.0.1" if tunnelled else self._address(runtime)
+        bind = self.routing.bind_address(runtime)
         folder = self.folder(runtime)
         spec = ProcessSpec(
             "scheduler",
@@ -400,7 +407,7 @@ class DaskCluster(MasterWorkerCluster):
         self._register(runtime, info)
         self._scheduler_host = None if runtime is self.controller else runtime.host
         self._scheduler_bind, self._scheduler_port = bind, port
-        self._reserve(self.port_scope(runtime), runtime is self.controller or tunnelled, [port])
+        self._reserve(self.port_scope(runtime), self.routing.needs_local_port(runtime), [port])
         self._follow_logs(runtime, [info], debug)
         return info
 
@@ -436,25 +443,12 @@ class DaskCluster(MasterWorkerCluster):
         logger.info(
             "scheduler up on %s port %s after %.2f s (pid %s)", runtime, port, waited, info.pid
         )
-        if self.plan.mode == "tunnelled":
-            # only now: a forward to a scheduler not listening yet would accept the workers'
-            # connections and drop them, which they do not retry (a refused one they do)
-            self._route_scheduler(runtime, port)
+        self.routing.route_scheduler(runtime, port)  # only now: it listens
         self._log_output([info], debug)
         self._connect_monitor()
+        if self.on_scheduler_up is not None:
+            self.on_scheduler_up()
         return True
-
-    def _route_scheduler(self, runtime: Runtime, port: int) -> None:
-        """Tunnelled mode: the scheduler at 127.0.0.1:port on every node."""
-        others = [rt for rt in self._group.runtimes if rt is not runtime and not rt.is_local]
-        if runtime is not self.controller and not runtime.is_local:
-            runtime.expose_port_from_runtime(port, port)
-        fan_out("route scheduler", others, lambda rt: rt.expose_port_to_runtime(port, port))
-
-    def _address(self, runtime: Runtime) -> str:
-        if runtime is self.controller:
-            return self.plan.controller_address
-        return self.plan.addresses[runtime.host]
 
     @property
     def scheduler_address(self) -> str | None:
@@ -462,7 +456,7 @@ class DaskCluster(MasterWorkerCluster):
         mode puts it on 127.0.0.1 everywhere, direct mode uses the address it is bound to)."""
         if self._scheduler_port is None or self._scheduler_bind is None:
             return None
-        host = "127.0.0.1" if self.plan.mode == "tunnelled" else self._scheduler_bind
+        host = self.routing.contact_host(self._scheduler_bind)
         return f"tcp://{host}:{self._scheduler_port}"
 
     def _scheduler_address_for(self, runtime: Runtime) -> str:
@@ -494,6 +488,38 @@ class DaskCluster(MasterWorkerCluster):
         self._finish_workers(started, ports, used, debug)
         return used
 
+    def _finish_named(
+        self, placement: dict[str, list[str]], ports: list[int], debug: bool
+    ) -> list[int]:
+        """Start the named workers and wait for them; returns ``ports`` without those taken."""
+        used: dict[str, list[int]] = {}
+        started = self._launch(self._worker_specs(placement, ports, used), debug)
+        self._finish_workers(started, ports, used, debug)
+        if isinstance(self._worker_launcher, RoundRobinLauncher):
+            self._worker_launcher.add_ports(used)
+        taken = {p for host_ports in used.values() for p in host_ports}
+        return [p for p in ports if p not in taken]
+
+    def start_named_workers(
+        self, placement: dict[str, list[str]], debug: bool = False
+    ) -> dict[str, str]:
+        """Start these workers (host -> names) and wait until they registered, all hosts at
+        once. Partial failure is data: returns name -> why, for each worker that did not come
+        up (its processes stopped); the others run."""
+        if self.scheduler_address is None:
+            raise ValueError("start the scheduler first")
+        self._refresh_ports()
+        try:
+            self._ports = self._finish_named(placement, self._ports, debug)
+            return {}
+        except (WorkerStartError, GroupError, NoPortsLeftError) as exc:
+            failure = exc
+        registered = self._registered()
+        names = [n for host_names in placement.values() for n in host_names]
+        failed = [n for n in names if n not in registered]
+        self._stop_processes([n for n in failed if n in self._processes])
+        return {name: str(failure) for name in failed}
+
     def _place(self, count: int) -> dict[str, list[str]]:
         """Round robin: host -> names of its next workers ("<host>-<index>")."""
         runtimes = self._group.runtimes
@@ -513,7 +539,8 @@ class DaskCluster(MasterWorkerCluster):
     ) -> None:
         """Wait for the started workers; restart those that lost their port at bind time."""
         for _ in range(PORT_RETRIES):
-            with self._routing():  # workers register meanwhile: they dial out, not in
+            # routed while they register: they dial out first
+            with self.routing.while_registering(self._worker_infos):
                 raced = self._wait_for_workers(started, self.options.start_timeout)
             if not raced:
                 self._log_output(list(started.values()), debug)
@@ -528,13 +555,13 @@ class DaskCluster(MasterWorkerCluster):
     def _worker_specs(
         self, placement: dict[str, list[str]], ports: list[int], used: dict[str, list[int]]
     ) -> dict[str, list[ProcessSpec]]:
-        tunnelled = self.plan.mode == "tunnelled"
+        routing = self.routing
         per_worker = 2 if self.options.nanny else 1
         specs: dict[str, list[ProcessSpec]] = {}
         for host, names in placement.items():
             runtime = self._group.get_runtime(host)
             scope = self.port_scope(runtime)
-            include_local = tunnelled or runtime.is_local
+            include_local = routing.needs_local_port(runtime)
             taken = self.taken_ports(scope, include_local)
             chosen = free_ports(ports, taken, per_worker * len(names), f"for workers on {host}")
             self._reserve(scope, include_local, chosen)
@@ -552,10 +579,10 @@ class DaskCluster(MasterWorkerCluster):
                         name,
                         folder,
                         self.options,
-                        address=self._address(runtime),
+                        address=routing.bind_address(runtime),
                         port=chosen[i * per_worker],
                         nanny_port=chosen[i * per_worker + 1] if self.options.nanny else None,
-                        tunnelled=tunnelled,
+                        loopback=routing.loopback,
                         resources=resources,
                     ),
                     env=dict(self.options.env),
@@ -567,7 +594,7 @@ class DaskCluster(MasterWorkerCluster):
 
     def _launch(self, specs: dict[str, list[ProcessSpec]], debug: bool) -> dict[str, ProcessInfo]:
         """Start the workers of every host at once, one command per host."""
-        self._forward_to_hosts(self.options.forward_ports)
+        self.routing.forward_to_hosts(self.options.forward_ports)
         runtimes = [self._group.get_runtime(h) for h in specs]
 
         def start(runtime: Runtime) -> list[ProcessInfo]:
@@ -580,62 +607,13 @@ class DaskCluster(MasterWorkerCluster):
         started = fan_out("start workers", runtimes, start)
         return {info.name: info for infos in started.values() for info in infos}
 
-    def _forward_to_hosts(self, local_ports: Sequence[int]) -> None:
-        """Make our 127.0.0.1:port reachable as 127.0.0.1:port on every remote host."""
-        todo = [p for p in local_ports if ("", p) not in self._routed]
-        if not todo:
-            return
-        remote = [rt for rt in self._group.runtimes if not rt.is_local]
-        fan_out(
-            "forward ports to hosts",
-            remote,
-            lambda rt: [rt.expose_port_to_runtime(p, p) for p in todo],
-        )
-        self._routed.update(("", p) for p in todo)
-
-    @contextlib.contextmanager
-    def _routing(self) -> Iterator[None]:
-        """Tunnelled mode: route worker ports in the background of the block."""
-        if self.plan.mode != "tunnelled":
-            yield
-            return
-        errors: list[BaseException] = []
-
-        def route() -> None:
-            try:
-                self.route_worker_ports()
-            except BaseException as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=route, name="lct-route-workers", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            thread.join()
-        if errors:
-            raise errors[0]
-
     def route_worker_ports(self) -> None:
-        """Tunnelled mode: every worker (and nanny) port at 127.0.0.1 on this machine, every
-        worker port at 127.0.0.1 on every other host — one forward batch per host, all at once."""
-        workers = [i for i in self._processes.values() if i.role == "worker"]
-        todo = [(i.host, p) for i in workers for p in i.ports if (i.host, p) not in self._routed]
-        if not todo:
-            return
-        worker_ports = {(i.host, i.ports[0]) for i in workers}
+        """Tunnelled mode: make every started worker reachable from every node."""
+        self.routing.route_workers(self._worker_infos())
 
-        def route(runtime: Runtime) -> None:
-            if not runtime.is_local:
-                for host, port in todo:
-                    if host == runtime.host:
-                        runtime.expose_port_from_runtime(port, port)
-            for host, port in todo:
-                if host != runtime.host and (host, port) in worker_ports and not runtime.is_local:
-                    runtime.expose_port_to_runtime(port, port)
-
-        fan_out("route worker ports", self._group.runtimes, route)
-        self._routed.update(todo)
+    def _worker_infos(self) -> list[ProcessInfo]:
+        with self._lock:
+            return [i for i in self._processes.values() if i.role == "worker"]
 
     def _wait_for_workers(self, started: dict[str, ProcessInfo], timeout: float) -> list[str]:
         """Wait until the scheduler lists every started worker. Returns the workers that died
@@ -725,6 +703,32 @@ class DaskCluster(MasterWorkerCluster):
         for part in run_parallel("read logs", self._by_runtime(infos), read).values():
             logs.update(part)
         return logs
+
+    def stop_named(self, names: Sequence[str]) -> None:
+        """Stop these processes (all hosts at once); a host that fails keeps them on record."""
+        self._stop_processes(list(names))
+
+    def reach(self, host: str, timeout: float) -> None:
+        """One bounded round trip to ``host``; raises when it does not answer."""
+        self._group.get_runtime(host).connection.check("true", timeout=timeout)
+
+    def liveness(self, names: Sequence[str], timeout: float) -> dict[str, str]:
+        """name -> "alive", "gone", or "unreachable: why" (each host asked once, bounded)."""
+        infos = [self._processes[n] for n in names if n in self._processes]
+        jobs = self._by_runtime(infos)
+
+        def ask(job: tuple[Runtime, list[ProcessInfo]]) -> dict[str, str]:
+            runtime, owned = job
+            try:
+                states = processes.alive(runtime, owned, timeout=timeout)
+            except LazyclusterError as exc:
+                return {i.name: f"unreachable: {exc}".splitlines()[0] for i in owned}
+            return {name: "alive" if up else "gone" for name, up in states.items()}
+
+        result = {n: "gone" for n in names if n not in self._processes}
+        for part in run_parallel("liveness", jobs, ask).values():
+            result.update(part)
+        return result
 
     def stop_workers(self) -> None:
         self._stop_processes([n for n, i in self._processes.items() if i.role == "worker"])
@@ -887,8 +891,8 @@ class DaskCluster(MasterWorkerCluster):
         with self._lock:
             info = self._processes.pop(name, None)
             self._owners.pop(name, None)
-        if info is not None:
-            self._routed -= {(info.host, p) for p in info.ports}
+        if info is not None and self._routes is not None:
+            self._routes.forget(info)
 
     def _follow_logs(self, runtime: Runtime, infos: list[ProcessInfo], debug: bool) -> None:
         """debug: print the processes' output live on our stdout (until cleanup)."""
@@ -929,9 +933,6 @@ class DaskCluster(MasterWorkerCluster):
             if left:
                 raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
 
-        routed = [
-            (i.host, port) for i in infos for port in i.ports if (i.host, port) in self._routed
-        ]
         failed: set[str] = set()
         try:
             run_parallel("stop processes", jobs, stop)
@@ -943,8 +944,18 @@ class DaskCluster(MasterWorkerCluster):
                 keeper = self._owners.get(name)
                 if keeper is None or self._key(keeper) not in failed:
                     self._forget(name)
-            if routed and not remove_folders:  # cleanup closes every tunnel anyway
-                self._close_routes(routed)
+            if self._routes is not None and not remove_folders:  # cleanup closes every tunnel
+                self._routes.unroute(infos)
+            self._release_ports([i for i in infos if i.name not in self._processes])
+
+    def _release_ports(self, stopped: list[ProcessInfo]) -> None:
+        """Ports of stopped workers (their forwards closed) serve the next workers."""
+        for info in stopped:
+            if info.role != "worker":
+                continue
+            for reserved in self._reserved.values():
+                reserved.difference_update(info.ports)
+            self._ports.extend(p for p in info.ports if p not in self._ports)
 
     def _key(self, runtime: Runtime) -> str:
         return CONTROLLER_KEY if runtime is self.controller else runtime.host
@@ -988,16 +999,9 @@ class DaskCluster(MasterWorkerCluster):
             "tunnels": tunnels,
         }
 
-    def _close_routes(self, routes: list[tuple[str, int]]) -> None:
-        """Close the forwards of these worker ports on every runtime (runtimes in parallel)."""
-        ports = {port for _, port in routes}
-
-        def close(runtime: Runtime) -> None:
-            for port in ports:
-                runtime.close_tunnel(port)
-
-        fan_out("close worker routes", self._group.runtimes, close)
-        self._routed -= set(routes)
+    def close_clients(self) -> None:
+        """Close the controller's client and those handed out (the cluster keeps running)."""
+        self._close_clients()
 
     def _close_clients(self) -> None:
         if self._monitor_thread is not None:

@@ -90,13 +90,13 @@ def worker_argv(
     address: str,
     port: int,
     nanny_port: int | None,
-    tunnelled: bool,
+    loopback: bool,
     resources: Mapping[str, float] | None = None,
 ) -> list[str]:
     """``dask worker`` with explicit addresses: the host's own address (direct) or 127.0.0.1 with
-    the same port on every node (tunnelled)."""
+    the same port on every node (``loopback``: tunnelled)."""
     argv = [python, "-m", WORKER_MODULE, scheduler_address, "--name", name]
-    if tunnelled:
+    if loopback:
         contact = f"tcp://127.0.0.1:{port}"
         argv += ["--listen-address", contact, "--contact-address", contact]
     else:
@@ -165,11 +165,11 @@ class LocalMasterLauncher(_DaskLauncher, MasterLauncher):
         self, ports: list[int] | int, candidates: list[int]
     ) -> tuple[Runtime, bool, list[int]]:
         cluster = self._dask()
-        plan = cluster.ensure_plan(candidates)
+        cluster.ensure_plan(candidates)
         host = self.host
         runtime = cluster.controller if host is None else cluster.runtime_group.get_runtime(host)
         hosts = cluster.port_scope(runtime)
-        used = cluster.taken_ports(hosts, include_local=host is None or plan.mode == "tunnelled")
+        used = cluster.taken_ports(hosts, include_local=cluster.routing.needs_local_port(runtime))
         where = "here" if host is None else f"on {host}"
         single, order = _port_order(ports, used, f"{where} (and on the hosts it must reach)")
         return runtime, single, order

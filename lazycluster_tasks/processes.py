@@ -101,11 +101,18 @@ def stop_processes(
     return [int(line[5:]) for line in result.stdout.split() if line.startswith("left=")]
 
 
-def alive(runtime: Runtime, infos: Sequence[ProcessInfo]) -> dict[str, bool]:
+def alive(
+    runtime: Runtime, infos: Sequence[ProcessInfo], timeout: float | None = None
+) -> dict[str, bool]:
     """Which of the processes still run (one round trip; a zombie leader counts as gone)."""
     if not infos:
         return {}
-    out = runtime.connection.check(commands.leader_states({i.name: i.pid for i in infos}))
+    line = commands.leader_states({i.name: i.pid for i in infos})
+    out = (
+        runtime.connection.check(line)
+        if timeout is None
+        else runtime.connection.check(line, timeout=timeout)
+    )
     states = dict(line.split("=", 1) for line in out.split() if "=" in line)
     return {i.name: states.get(i.name) == "1" for i in infos}
 

@@ -741,7 +741,14 @@ class SSHConnection(Connection):
             try:
                 return transport.open_session(timeout=self.settings.connect_timeout)
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                if attempt == 2 or transport.is_active():
+                # an open transport that lets a channel request time out is hung (the path
+                # was cut): dropped, so that this attempt or the next use connects anew
+                hung = transport.is_active() and "Timeout" in str(exc)
+                if hung:
+                    with self._lock:
+                        if self._client is not None and self._client.get_transport() is transport:
+                            self._drop()
+                if attempt == 2 or (transport.is_active() and not hung):
                     raise HostConnectionError(
                         f"cannot open a channel to {self.host}: {exc}", host=self.host
                     ) from exc

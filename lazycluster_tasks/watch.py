@@ -132,7 +132,7 @@ class ClusterWatch:
 
     def _reachable(self, name: str, info: dict[str, Any]) -> str | None:
         """Direct mode: this machine must reach the worker (tunnels have their own keeper)."""
-        if self.cluster.network_mode != "direct":
+        if self.cluster.routing.loopback:  # forwarded: reachable through this machine
             return None
         address = urlparse(str(info["address"]))
         if address.hostname is None or address.port is None:

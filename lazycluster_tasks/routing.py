@@ -1,0 +1,193 @@
+"""How cluster traffic finds its way, as an object: :class:`DirectRouting` or
+:class:`TunnelledRouting`, made from the network plan by :func:`make_routing`.
+
+A routing owns the addresses processes bind to and are contacted at, which hosts' ports a port
+must be free on, the SSH forwards it opens, and their closing. The cluster asks it; it never
+compares mode names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+from lazycluster_tasks.group import RuntimeGroup, fan_out
+from lazycluster_tasks.network import NetworkPlan
+from lazycluster_tasks.processes import ProcessInfo
+from lazycluster_tasks.runtime import Runtime
+
+LOOPBACK = "127.0.0.1"
+#: A route: (host, port) — the port of a process on that host ("" is this machine).
+Route = tuple[str, int]
+
+
+class DirectRouting:
+    """Every node dials every other node's own address; no forward but the ports this machine
+    exposes to the hosts (e.g. a Prefect API on its loopback)."""
+
+    name = "direct"
+    #: Every process is reachable at 127.0.0.1:<port> on every node.
+    loopback = False
+    #: What to try when a path the cluster needs is blocked.
+    hint = "network_mode='tunnelled' routes every path over SSH"
+
+    def __init__(self, plan: NetworkPlan, group: RuntimeGroup, controller: Runtime) -> None:
+        self.plan, self.group, self.controller = plan, group, controller
+        self.routed: set[Route] = set()
+        self._lock = threading.Lock()
+
+    def bind_address(self, runtime: Runtime) -> str:
+        """The address a process on ``runtime`` binds to."""
+        if runtime is self.controller:
+            return self.plan.controller_address
+        return self.plan.addresses[runtime.host]
+
+    def contact_host(self, bind: str) -> str:
+        """The host part other nodes use to reach a process bound to ``bind``."""
+        return bind
+
+    def port_scope(self, runtime: Runtime) -> list[str]:
+        """Hosts whose ports must be free for a port bound on ``runtime``."""
+        return [runtime.host] if self.group.contains_runtime(runtime.host) else []
+
+    def needs_local_port(self, runtime: Runtime) -> bool:
+        """Whether the port must also be free on this machine."""
+        return runtime is self.controller or runtime.is_local
+
+    def route_scheduler(self, runtime: Runtime, port: int) -> None:
+        """Make a listening scheduler reachable (nothing to do when direct)."""
+
+    def route_workers(self, workers: Sequence[ProcessInfo]) -> None:
+        """Make started workers reachable (nothing to do when direct)."""
+
+    @contextlib.contextmanager
+    def while_registering(self, workers: Callable[[], Sequence[ProcessInfo]]) -> Iterator[None]:
+        """Route the workers in the background while they register (they dial out first)."""
+        yield
+
+    def forward_to_hosts(self, local_ports: Sequence[int]) -> None:
+        """This machine's 127.0.0.1:port as 127.0.0.1:port on every remote host."""
+        with self._lock:
+            todo = [p for p in local_ports if ("", p) not in self.routed]
+            self.routed.update(("", p) for p in todo)
+        if not todo:
+            return
+        remote = [rt for rt in self.group.runtimes if not rt.is_local]
+        try:
+            fan_out(
+                "forward ports to hosts",
+                remote,
+                lambda rt: [rt.expose_port_to_runtime(p, p) for p in todo],
+            )
+        except BaseException:
+            with self._lock:
+                self.routed -= {("", p) for p in todo}
+            raise
+
+    def unroute(self, processes: Sequence[ProcessInfo]) -> None:
+        """Close the forwards of stopped processes' ports on every host."""
+        routes = {(i.host, p) for i in processes for p in i.ports} & self.routed
+        if not routes:
+            return
+        ports = {port for _, port in routes}
+
+        def close(runtime: Runtime) -> None:
+            for port in ports:
+                runtime.close_tunnel(port)
+
+        fan_out("close worker routes", self.group.runtimes, close)
+        with self._lock:
+            self.routed -= routes
+
+    def forget(self, process: ProcessInfo) -> None:
+        """A process no longer runs: its routes are no longer ours to close."""
+        with self._lock:
+            self.routed -= {(process.host, p) for p in process.ports}
+
+
+class TunnelledRouting(DirectRouting):
+    """Only SSH reaches the hosts: every process binds 127.0.0.1, and SSH forwards through this
+    machine put every scheduler and worker port at 127.0.0.1:<same port> on every node."""
+
+    name = "tunnelled"
+    loopback = True
+    hint = "check that sshd allows TCP forwarding (AllowTcpForwarding) on every host"
+
+    def bind_address(self, runtime: Runtime) -> str:
+        return LOOPBACK
+
+    def contact_host(self, bind: str) -> str:
+        return LOOPBACK
+
+    def port_scope(self, runtime: Runtime) -> list[str]:
+        return self.group.hosts  # the port is forwarded to every host
+
+    def needs_local_port(self, runtime: Runtime) -> bool:
+        return True  # and to this machine
+
+    def route_scheduler(self, runtime: Runtime, port: int) -> None:
+        """Only once it listens: a forward to a scheduler not listening yet would accept the
+        workers' connections and drop them, which they do not retry (a refused one they do)."""
+        others = [rt for rt in self.group.runtimes if rt is not runtime and not rt.is_local]
+        if runtime is not self.controller and not runtime.is_local:
+            runtime.expose_port_from_runtime(port, port)
+        fan_out("route scheduler", others, lambda rt: rt.expose_port_to_runtime(port, port))
+
+    def route_workers(self, workers: Sequence[ProcessInfo]) -> None:
+        """Every worker (and nanny) port at 127.0.0.1 here, every worker port at 127.0.0.1 on
+        every other host — one forward batch per host, all hosts at once."""
+        with self._lock:
+            todo = [(i.host, p) for i in workers for p in i.ports if (i.host, p) not in self.routed]
+            self.routed.update(todo)
+        if not todo:
+            return
+        try:
+            self._route(todo, {(i.host, i.ports[0]) for i in workers})
+        except BaseException:
+            with self._lock:
+                self.routed -= set(todo)
+            raise
+
+    def _route(self, todo: list[Route], worker_ports: set[Route]) -> None:
+
+        def route(runtime: Runtime) -> None:
+            if not runtime.is_local:
+                for host, port in todo:
+                    if host == runtime.host:
+                        runtime.expose_port_from_runtime(port, port)
+            for host, port in todo:
+                if host != runtime.host and (host, port) in worker_ports and not runtime.is_local:
+                    runtime.expose_port_to_runtime(port, port)
+
+        fan_out("route worker ports", self.group.runtimes, route)
+
+    @contextlib.contextmanager
+    def while_registering(self, workers: Callable[[], Sequence[ProcessInfo]]) -> Iterator[None]:
+        errors: list[BaseException] = []
+
+        def route() -> None:
+            try:
+                self.route_workers(workers())
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=route, name="lct-route-workers", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+
+ROUTINGS: dict[str, type[DirectRouting]] = {
+    DirectRouting.name: DirectRouting,
+    TunnelledRouting.name: TunnelledRouting,
+}
+
+
+def make_routing(plan: NetworkPlan, group: RuntimeGroup, controller: Runtime) -> DirectRouting:
+    """The routing the plan chose."""
+    return ROUTINGS[plan.mode](plan, group, controller)

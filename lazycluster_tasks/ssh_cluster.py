@@ -1,0 +1,639 @@
+"""LazySSHCluster: a ``distributed.deploy.SpecCluster`` on SSH hosts that replaces lost workers.
+
+One process object for the scheduler (:class:`SSHScheduler`) and one per worker
+(:class:`SSHWorker`), in the shape of ``distributed.deploy.ProcessInterface``. Both drive the
+machinery of :class:`~lazycluster_tasks.dask.DaskCluster`, which the cluster owns as its engine:
+the network probe and routing, detached processes with pid files, readiness, the record and the
+verified cleanup. Blocking SSH work runs in threads, never on the event loop.
+
+Placement follows capacity (``workers_per_host`` on every host); ``scale`` and ``adapt`` stay within
+it. Every second a check compares the scheduler's workers with the spec: a worker whose process
+exited, or whose host stopped answering, is replaced — on its own host once that answers again,
+or at once on another host with room — with a log line for each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from distributed.core import Status
+from distributed.deploy.spec import ProcessInterface, SpecCluster
+
+from lazycluster_tasks.dask import DaskCluster, DaskOptions
+from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
+from lazycluster_tasks.errors import WorkerStartError
+from lazycluster_tasks.group import RuntimeGroup
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two checks of the workers.
+HEAL_INTERVAL = 1.0
+#: A missing worker whose process group still runs may be restarting under its nanny.
+RESTART_GRACE = 20.0
+#: Seconds a host may take to answer a liveness question before it counts as unreachable.
+REACH_TIMEOUT = 5.0
+#: A host unreachable this long is reported as lost (it is still tried, less often).
+HOST_LOST_AFTER = 120.0
+#: The scheduler drops a worker whose heartbeats stopped this long (a host cut off the network).
+WORKER_TTL = 10.0
+
+
+class SSHScheduler(ProcessInterface):
+    """The scheduler process (here or on a host). Starting it also launches the cluster's first
+    workers, so they boot while the scheduler does; they are awaited by their SSHWorker."""
+
+    def __init__(self, launcher: WorkerLauncherLoop, initial: dict[str, list[str]]) -> None:
+        super().__init__()
+        self.launcher = launcher
+        self.initial = initial
+
+    async def start(self) -> None:
+        engine = self.launcher.engine
+        loop = asyncio.get_running_loop()
+        up = asyncio.Event()
+
+        def scheduler_up() -> None:
+            loop.call_soon_threadsafe(up.set)
+
+        engine.on_scheduler_up = scheduler_up
+        first = loop.run_in_executor(None, self.launcher.start_first, self.initial)
+        self.launcher.first = first
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(up.wait())
+        pending: list[asyncio.Future[Any]] = [waiter, first]
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not up.is_set():
+            await first  # raises why the scheduler did not come up
+        self.address = engine.scheduler_address
+        await super().start()
+
+    async def close(self) -> None:
+        """Stop everything the cluster still runs on every host and release the connections."""
+        try:
+            first = self.launcher.first
+            if first is not None and not first.done():
+                await asyncio.wait([first])
+            await asyncio.to_thread(self.launcher.engine.cleanup)
+        except Exception as exc:  # the engine keeps what it could not stop on record
+            self.launcher.cleanup_error = exc
+            logger.error("cluster cleanup incomplete: %s", exc)
+        await super().close()
+
+
+class SSHWorker(ProcessInterface):
+    """One Dask worker (with its nanny) on one host, named ``<host>-<n>``."""
+
+    def __init__(
+        self, scheduler: str, name: str, host: str, launcher: WorkerLauncherLoop, **_: Any
+    ) -> None:
+        super().__init__(scheduler, name)
+        self.name, self.host, self.launcher = name, host, launcher
+
+    async def start(self) -> None:
+        why = await self.launcher.start(self.name, self.host)
+        if why:
+            self.status = Status.failed
+            raise WorkerStartError(f"worker {self.name} on {self.host} did not start: {why}")
+        await super().start()
+
+    async def close(self) -> None:
+        await self.launcher.stop(self.name, self.host)
+        await super().close()
+
+    def __repr__(self) -> str:
+        return f"<SSHWorker {self.name} on {self.host}: {self.status.name}>"
+
+
+class WorkerLauncherLoop:
+    """Starts and stops worker processes for the process objects, off the event loop.
+
+    Workers that a SpecCluster opens in one step start as one batch: one command per host, all
+    hosts at once. Also keeps which hosts do not answer and the workers left on them."""
+
+    def __init__(self, engine: DaskCluster) -> None:
+        self.engine = engine
+        self.first: asyncio.Future[None] | None = (
+            None  # the first workers, started with the scheduler
+        )
+        self.first_names: set[str] = set()
+        self.cleanup_error: BaseException | None = None
+        self.down: dict[str, float] = {}  # host -> since when it has not answered
+        self.reported: set[str] = set()  # hosts reported lost for good
+        self.stale: dict[str, list[str]] = {}  # host -> workers to stop once it answers
+        self._batch: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
+        self._flush: asyncio.Future[None] | None = None
+
+    def start_first(self, placement: dict[str, list[str]]) -> None:
+        """(thread) Scheduler and first workers at once; then the end-to-end check."""
+        engine = self.engine
+        self.first_names = {n for names in placement.values() for n in names}
+        engine.state = "starting"
+        if not engine.begin():
+            raise ValueError("LazySSHCluster runs with its own launchers only")
+        engine.complete_named(placement)
+        if self.first_names:
+            engine.verify_paths()
+        engine.state = "running"
+
+    async def start(self, name: str, host: str) -> str | None:
+        """Start one worker (batched with its siblings); why it failed, or None."""
+        if name in self.first_names and self.first is not None:
+            self.first_names.discard(name)
+            await self.first  # raises when the cluster's start failed
+            return None
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._batch[name] = (host, future)
+        if self._flush is None:
+            self._flush = asyncio.ensure_future(self._start_batch())
+        return await future
+
+    async def _start_batch(self) -> None:
+        await asyncio.sleep(0)  # the other workers of this step join the batch
+        batch, self._batch, self._flush = self._batch, {}, None
+        placement: dict[str, list[str]] = {}
+        for name, (host, _) in batch.items():
+            placement.setdefault(host, []).append(name)
+        try:
+            failed = await asyncio.to_thread(self.engine.start_named_workers, placement)
+        except Exception as exc:
+            failed = {name: f"{type(exc).__name__}: {exc}" for name in batch}
+        for name, (_, future) in batch.items():
+            if not future.done():
+                future.set_result(failed.get(name))
+
+    async def stop(self, name: str, host: str) -> None:
+        """Stop one worker; on a host that does not answer it is stopped once it does."""
+        if host in self.down:
+            self.stale.setdefault(host, []).append(name)
+            return
+        try:
+            await asyncio.to_thread(self.engine.stop_named, [name])
+        except Exception as exc:
+            logger.warning(
+                "worker %s on %s not stopped yet (%s); trying again later", name, host, exc
+            )
+            self.down.setdefault(host, time.monotonic())
+            self.stale.setdefault(host, []).append(name)
+
+
+class LazySSHCluster(SpecCluster):
+    """A Dask cluster on SSH hosts, in the family of ``SSHCluster`` and dask-jobqueue.
+
+    ``LazySSHCluster(["h1", "h2"], workers_per_host=2)`` starts a scheduler here and two workers
+    on each host; ``Client(cluster)``, ``scale(n)``, ``adapt(minimum, maximum)``,
+    ``get_logs()``, ``dashboard_link``, ``close()``, ``async with`` and the notebook widget work
+    as with any ``distributed`` cluster, and ``DaskTaskRunner(cluster_class=
+    "lazycluster_tasks.LazySSHCluster", cluster_kwargs={...}, adapt_kwargs={...})`` runs a flow
+    on it. Every argument is plain data.
+
+    ``hosts``: SSH aliases or names (or ``host_group``, the name of a Prefect host group block);
+    ``ssh_config_path``, ``connection_kwargs`` or ``ssh_block`` say how to reach them.
+    ``n_workers``: first workers (default: hosts x ``workers_per_host``, the capacity).
+    ``prelaunch``: more worker processes started with the scheduler but joined to the cluster by
+    the next ``scale()`` (a step-by-step start, as the Prefect tasks do, loses no time).
+    ``scheduler_timeout``: seconds the scheduler has to come up (default 30).
+    ``scheduler_host``: a host to run the scheduler on (default: this machine).
+    ``python``: the interpreter on the hosts, one path or host -> path.
+    ``worker_ttl``: seconds after which the scheduler drops a silent worker (then replaced).
+    ``heal``: replace lost workers (default True). Other keywords are :class:`DaskOptions`
+    (``network_mode``, ``threads_per_worker``, ``memory_limit``, ``env``, ``resources``, ...).
+    """
+
+    def __init__(
+        self,
+        hosts: Sequence[str] | None = None,
+        *,
+        ssh_config_path: str | None = None,
+        connection_kwargs: Mapping[str, Any] | None = None,
+        host_group: str | None = None,
+        ssh_block: str | None = None,
+        n_workers: int | None = None,
+        prelaunch: int = 0,
+        workers_per_host: int = 1,
+        python: str | Mapping[str, str] | None = None,
+        scheduler_host: str | None = None,
+        ports: Sequence[int] | None = None,
+        scheduler_timeout: float | None = None,
+        worker_ttl: float = WORKER_TTL,
+        heal: bool = True,
+        prefect_api: bool | None = None,
+        asynchronous: bool = False,
+        loop: Any = None,
+        name: str | None = None,
+        silence_logs: int | bool = False,
+        **options: Any,
+    ) -> None:
+        hosts, config, kwargs, defaults = _resolve_blocks(
+            hosts, host_group, ssh_block, ssh_config_path, connection_kwargs
+        )
+        options = {**defaults, **options}
+        if python is not None:
+            options["python_executable"] = python
+        options["workers_per_host"] = workers_per_host
+        if isinstance(worker_ttl, bool) or not isinstance(worker_ttl, (int, float)):
+            raise ValueError(f"worker_ttl must be a number of seconds > 0, not {worker_ttl!r}")
+        if not worker_ttl > 0:
+            raise ValueError(f"worker_ttl must be a number of seconds > 0, not {worker_ttl!r}")
+        env = dict(options.pop("env", None) or {})
+        env.setdefault("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", f"{worker_ttl}s")
+        forwards = list(options.pop("forward_ports", ()) or ())
+        self._prefect = bool(prefect_api or (prefect_api is None and _in_prefect_run()))
+        if self._prefect:
+            prefect_env, prefect_ports = _prefect_worker_env()
+            env = {**prefect_env, **env}
+            forwards = [*prefect_ports, *forwards]
+        dask_options = DaskOptions(env=env, forward_ports=forwards, **options)
+        group = RuntimeGroup(hosts=list(hosts), ssh_config_path=config, connection_kwargs=kwargs)
+        master = RemoteMasterLauncher(group, scheduler_host) if scheduler_host else None
+        try:
+            engine = DaskCluster(
+                group, list(ports) if ports else None, master, options=dask_options
+            )
+        except BaseException:
+            group.cleanup()
+            raise
+        if scheduler_timeout is not None:
+            engine.MASTER_START_TIMEOUT = int(max(1, scheduler_timeout))
+        self.engine = engine
+        self.hosts = group.hosts
+        self.workers_per_host = workers_per_host
+        self.heal = heal
+        self.launcher = WorkerLauncherLoop(engine)
+        self._count = 0
+        self._seen: set[str] = set()
+        self._missing: dict[str, float] = {}
+        self._beats: dict[str, tuple[Any, float]] = {}  # name -> (scheduler's last_seen, when)
+        self.worker_ttl = float(worker_ttl)
+        self._lost_at: dict[str, float] = {}  # replacement name -> when its predecessor was lost
+        self._waiting: list[tuple[str, str, float]] = []  # (lost worker, its host, when)
+        self._healer: asyncio.Task[None] | None = None
+        first = self.capacity if n_workers is None else n_workers
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise ValueError(f"n_workers must be an integer >= 0, not {n_workers!r}")
+        if first > self.capacity:
+            raise ValueError(
+                f"n_workers={first} exceeds the capacity of {self.capacity} "
+                f"({len(self.hosts)} hosts x workers_per_host={workers_per_host})"
+            )
+        if isinstance(prelaunch, bool) or not isinstance(prelaunch, int) or prelaunch < 0:
+            raise ValueError(f"prelaunch must be an integer >= 0, not {prelaunch!r}")
+        if first + prelaunch > self.capacity:
+            raise ValueError(
+                f"n_workers + prelaunch = {first + prelaunch} exceeds the capacity of "
+                f"{self.capacity}"
+            )
+        workers: dict[str, Any] = {}
+        placement: dict[str, list[str]] = {}
+        #: started with the scheduler, adopted by the next scale() (see ``prelaunch``)
+        self._adoptable: list[dict[str, Any]] = []
+        for index in range(first + prelaunch):
+            spec = self._spec_on(self._place({**workers, **self._spec_of(self._adoptable)}))
+            if index < first:
+                workers.update(spec)
+            else:
+                self._adoptable.append(spec)
+            for worker, value in spec.items():
+                placement.setdefault(value["options"]["host"], []).append(worker)
+        scheduler = {
+            "cls": SSHScheduler,
+            "options": {"launcher": self.launcher, "initial": placement},
+        }
+        try:
+            super().__init__(
+                workers=workers,
+                scheduler=scheduler,
+                worker={"cls": SSHWorker, "options": {}},
+                asynchronous=asynchronous,
+                loop=loop,
+                name=name or f"LazySSHCluster-{engine.cluster_id}",
+                silence_logs=silence_logs,
+            )
+        except BaseException:
+            engine.cleanup()
+            raise
+        if self.launcher.cleanup_error is not None:
+            raise self.launcher.cleanup_error
+
+    # -- placement and capacity -----------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """How many workers the hosts take: hosts x workers_per_host."""
+        return len(self.hosts) * self.workers_per_host
+
+    def _place(self, specs: Mapping[str, Any], prefer: str | None = None) -> str | None:
+        """The host for one more worker: ``prefer`` if it has room, else the answering host
+        with the fewest workers; None when every answering host is full."""
+        load = {host: 0 for host in self.hosts}
+        for spec in specs.values():
+            load[spec["options"]["host"]] += 1
+        room = [
+            h for h in self.hosts if load[h] < self.workers_per_host and h not in self.launcher.down
+        ]
+        if prefer in room:
+            return prefer
+        return min(room, key=lambda h: load[h]) if room else None
+
+    def _spec_on(self, host: str | None) -> dict[str, Any]:
+        if host is None:
+            raise ValueError("no host has room for another worker")
+        name = f"{host}-{self._count}"
+        self._count += 1
+        return {name: {"cls": SSHWorker, "options": {"host": host, "launcher": self.launcher}}}
+
+    @staticmethod
+    def _spec_of(specs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {name: value for spec in specs for name, value in spec.items()}
+
+    def new_worker_spec(self) -> dict[str, Any]:
+        if self._adoptable:  # already started with the scheduler
+            return self._adoptable.pop(0)
+        return self._spec_on(self._place({**self.worker_spec, **self._spec_of(self._adoptable)}))
+
+    def wait_started(self) -> None:
+        """Block until every worker of the spec has started and registered (raises why one
+        did not); for sync code after ``scale(n)``."""
+        self.sync(self._correct_state)
+
+    def scale(self, n: int = 0, memory: Any = None, cores: Any = None) -> Any:
+        """Grow or shrink to ``n`` workers, at most the capacity (more is logged and capped)."""
+        if memory is not None or cores is not None:
+            n = max(n, *_wanted(self, memory, cores))
+        room = (
+            self.capacity
+            - sum(1 for h in self.hosts if h in self.launcher.down) * self.workers_per_host
+        )
+        if n > room:
+            logger.warning(
+                "%d workers asked for; the hosts that answer take %d (capacity %d: %d hosts x "
+                "workers_per_host=%d)",
+                n,
+                room,
+                self.capacity,
+                len(self.hosts),
+                self.workers_per_host,
+            )
+            n = room
+        return super().scale(n)
+
+    scale_up = scale
+
+    def adapt(  # type: ignore[override]
+        self, minimum: float = 0, maximum: float = math.inf, **kwargs: Any
+    ) -> Any:
+        """Dask's adaptive scaling, its maximum capped at the capacity."""
+        if maximum > self.capacity:
+            logger.info("adapt: maximum %s capped at the capacity of %d", maximum, self.capacity)
+            maximum = self.capacity
+        return super().adapt(minimum=min(minimum, maximum), maximum=maximum, **kwargs)
+
+    # -- what users read ------------------------------------------------------------------
+
+    @property
+    def dashboard_link(self) -> str:
+        """The dashboard as reachable from this machine (forwarded when the scheduler is remote)."""
+        return self.engine.dashboard_link or ""
+
+    def record(self) -> dict[str, Any]:
+        """This cluster as plain data for ``teardown(record)`` (see DaskCluster.record)."""
+        return self.engine.record()
+
+    @property
+    def network_mode(self) -> str:
+        return self.engine.network_mode
+
+    def close(self, timeout: float | None = None) -> Any:
+        result = super().close(timeout)
+        if self.launcher.cleanup_error is not None and not self.asynchronous:
+            error, self.launcher.cleanup_error = self.launcher.cleanup_error, None
+            raise error
+        return result
+
+    # -- self-healing ---------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        await super()._start()
+        if self.heal and self._healer is None:
+            self._healer = asyncio.ensure_future(self._heal_forever())
+
+    async def _close(self) -> None:
+        if self._healer is not None:
+            self._healer.cancel()
+            await asyncio.gather(self._healer, return_exceptions=True)
+        if self.status == Status.running and self._prefect:
+            await asyncio.to_thread(_flush_prefect_logs, self.engine)
+        if self.status in (Status.running, Status.failed):
+            # the engine's own client goes first: it would try to reconnect to a scheduler
+            # that SpecCluster is about to terminate
+            await asyncio.to_thread(self.engine.close_clients)
+        await super()._close()
+
+    async def _heal_forever(self) -> None:
+        while self.status == Status.running:
+            await asyncio.sleep(HEAL_INTERVAL)
+            try:
+                await self.heal_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("checking the workers failed: %s", exc, exc_info=True)
+
+    async def _registered(self) -> dict[str, dict[str, Any]]:
+        """name -> the scheduler's entry (address, last_seen), asked with a bounded wait."""
+        assert self.scheduler_comm is not None
+        info = await asyncio.wait_for(self.scheduler_comm.identity(n_workers=-1), REACH_TIMEOUT)
+        return {str(w.get("name")): {**w, "address": a} for a, w in info["workers"].items()}
+
+    async def heal_once(self) -> None:
+        """One check: find lost workers, retry unreachable hosts, start replacements.
+
+        Lost: gone from the scheduler and its process exited (or its host does not answer), or
+        silent (no heartbeat for ``worker_ttl``) on a host that does not answer, or missing
+        for longer than a nanny needs to restart it."""
+        now = time.monotonic()
+        registered = await self._registered()
+        for name, entry in registered.items():
+            beat = self._beats.get(name)
+            if beat is None or beat[0] != entry.get("last_seen"):
+                self._beats[name] = (entry.get("last_seen"), now)
+            if name in self.worker_spec and name not in self._seen:
+                self._seen.add(name)
+                if name in self._lost_at:
+                    logger.info(
+                        "worker %s ready on %s, %.1f s after the worker it replaces was lost",
+                        name,
+                        self.worker_spec[name]["options"]["host"],
+                        now - self._lost_at.pop(name),
+                    )
+        lost: dict[str, str] = {}
+        suspects: list[str] = []
+        for name in list(self.worker_spec):
+            worker = self.workers.get(name)
+            silent = name in registered and now - self._beats[name][1] > self.worker_ttl
+            if name in registered and not silent:
+                self._missing.pop(name, None)
+            elif worker is None:
+                if name in self._seen:
+                    lost[name] = "it left the scheduler"
+            elif worker.status in (Status.failed, Status.closed):
+                lost[name] = "its start failed"
+            elif worker.status == Status.running and name in self._seen:
+                self._missing.setdefault(name, now)
+                suspects.append(name)
+        if suspects:
+            states = await asyncio.to_thread(self.engine.liveness, suspects, REACH_TIMEOUT)
+            fresh = await self._registered()  # the check took time: who came back meanwhile
+            for name in suspects:
+                if name in fresh and fresh[name].get("last_seen") != self._beats[name][0]:
+                    continue
+                host = self.worker_spec[name]["options"]["host"]
+                state = states.get(name, "gone")
+                if state == "gone":
+                    lost[name] = "its process exited"
+                elif state.startswith("unreachable"):
+                    self._mark_down(host, state)
+                    lost[name] = f"its host {host} does not answer"
+                elif now - self._missing[name] > RESTART_GRACE:
+                    lost[name] = f"it has not come back within {RESTART_GRACE:.0f} s"
+        await self._retry_hosts(now)
+        for name, why in lost.items():
+            host = self.worker_spec.pop(name)["options"]["host"]
+            self._missing.pop(name, None)
+            self._beats.pop(name, None)
+            logger.warning("worker %s on %s lost: %s", name, host, why)
+            if name in registered and self.scheduler_comm is not None:  # silent: its tasks
+                # go to the other workers now
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self.scheduler_comm.unregister(
+                            address=registered[name]["address"],
+                            stimulus_id=f"lazycluster-lost-{name}-{time.time()}",
+                            close=False,
+                        ),
+                        REACH_TIMEOUT,
+                    )
+            self._waiting.append((name, host, now))
+        placed = self._place_waiting()
+        if lost or placed:
+            # shielded: closing the cluster cancels this check, never a start half done (the
+            # close waits for it, then stops what it started)
+            await asyncio.shield(self._correct_state())
+
+    def _mark_down(self, host: str, why: str) -> None:
+        if host not in self.launcher.down:
+            self.launcher.down[host] = time.monotonic()
+            logger.warning(
+                "host %s does not answer (%s); its workers go elsewhere or wait", host, why
+            )
+
+    async def _retry_hosts(self, now: float) -> None:
+        """Hosts that did not answer: stop what was left there once they do."""
+        for host, since in list(self.launcher.down.items()):
+            if now - since > HOST_LOST_AFTER and host not in self.launcher.reported:
+                self.launcher.reported.add(host)
+                logger.error(
+                    "host %s lost: no answer for %.0f s; the cluster runs on the other hosts",
+                    host,
+                    now - since,
+                )
+            stale = self.launcher.stale.get(host, [])
+            try:
+                await asyncio.to_thread(self.engine.reach, host, REACH_TIMEOUT)
+                if stale:
+                    await asyncio.to_thread(self.engine.stop_named, stale)
+            except Exception as exc:
+                logger.debug("host %s still does not answer: %s", host, exc)
+                continue
+            self.launcher.stale.pop(host, None)
+            del self.launcher.down[host]
+            self.launcher.reported.discard(host)
+            logger.info("host %s answers again after %.1f s", host, time.monotonic() - since)
+
+    def _place_waiting(self) -> int:
+        """Start a replacement for each lost worker where there is room (its host first)."""
+        placed = 0
+        for item in list(self._waiting):
+            name, host, when = item
+            target = self._place(self.worker_spec, prefer=host)
+            if target is None:
+                continue
+            self._waiting.remove(item)
+            spec = self._spec_on(target)
+            self.worker_spec.update(spec)
+            (new,) = spec
+            self._lost_at[new] = when
+            logger.info("worker %s starts on %s to replace %s", new, target, name)
+            placed += 1
+        return placed
+
+
+def _wanted(cluster: SpecCluster, memory: Any, cores: Any) -> list[int]:
+    """Worker counts that ``memory``/``cores`` ask for (as SpecCluster.scale computes them)."""
+    from dask.utils import parse_bytes
+
+    counts = [0]
+    if memory is not None:
+        counts.append(math.ceil(parse_bytes(memory) / cluster._memory_per_worker()))
+    if cores is not None:
+        counts.append(math.ceil(cores / cluster._threads_per_worker()))
+    return counts
+
+
+def _in_prefect_run() -> bool:
+    """Inside a Prefect flow or task run (checked without importing Prefect)."""
+    context = sys.modules.get("prefect.context")
+    if context is None:
+        return False
+    return bool(context.FlowRunContext.get() or context.TaskRunContext.get())
+
+
+def _prefect_worker_env() -> tuple[dict[str, str], list[int]]:
+    from lazycluster_tasks.prefect.tasks import worker_prefect_env  # the one bridge to Prefect
+
+    return worker_prefect_env()
+
+
+def _flush_prefect_logs(engine: DaskCluster) -> None:
+    """Before workers stop, they send the logs of the Prefect task runs they executed."""
+    from lazycluster_tasks.prefect.tasks import flush_worker_logs
+
+    flush_worker_logs(engine, logger)
+
+
+def _resolve_blocks(
+    hosts: Sequence[str] | None,
+    host_group: str | None,
+    ssh_block: str | None,
+    ssh_config_path: str | None,
+    connection_kwargs: Mapping[str, Any] | None,
+) -> tuple[list[str], str | None, dict[str, Any], dict[str, Any]]:
+    """Hosts, ssh config, connection kwargs and option defaults, from arguments or blocks."""
+    kwargs = dict(connection_kwargs or {})
+    defaults: dict[str, Any] = {}
+    if host_group or ssh_block:
+        from lazycluster_tasks.prefect.tasks import connection_kwargs as block_kwargs
+        from lazycluster_tasks.prefect.tasks import ssh_settings
+
+        if host_group:
+            from lazycluster_tasks.prefect.blocks import HostGroupBlock
+            from lazycluster_tasks.prefect.records import load_block
+
+            group = load_block(HostGroupBlock, host_group)
+            hosts = list(hosts or group.hosts)
+            defaults = {k: v for k, v in group.cluster_options().items() if k != "workers_per_host"}
+        kwargs = {**block_kwargs(ssh_block, host_group), **kwargs}
+        settings = ssh_settings(ssh_block, host_group)
+        if ssh_config_path is None and settings is not None:
+            ssh_config_path = settings.ssh_config_path
+    if isinstance(hosts, str):
+        raise ValueError(f"hosts must be a list of host names, not the string {hosts!r}")
+    if not hosts:
+        raise ValueError("give hosts=[...] (SSH aliases or names) or host_group='block name'")
+    return list(hosts), ssh_config_path, kwargs, defaults

@@ -1,0 +1,171 @@
+"""LazySSHCluster (a distributed SpecCluster) on real SSH test hosts: placement, scale, adapt,
+self-healing after a killed worker and a host cut off the network, and nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+from distributed import Client
+
+from lazycluster_tasks import LazySSHCluster
+from lazycluster_tasks.dask import teardown
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.slow
+
+HOSTS = ["host1", "host2", "host3"]
+
+
+@pytest.fixture
+def make_cluster(multi_hosts, no_leftovers, no_local_leaks):
+    clusters: list[LazySSHCluster] = []
+
+    def make(hosts=HOSTS, **kwargs) -> LazySSHCluster:
+        kwargs.setdefault("threads_per_worker", 1)
+        kwargs.setdefault("ssh_config_path", str(multi_hosts.ssh_config_path))
+        cluster = LazySSHCluster(hosts, **kwargs)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.close()
+
+
+def hosts_of(client: Client) -> dict[str, str]:
+    """worker name -> hostname where it runs (asked from the worker itself)."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    names = {address: w["name"] for address, w in info.items()}
+    return {names[a]: h for a, h in client.run(socket.gethostname).items()}
+
+
+def test_a_dask_cluster_on_the_hosts(make_cluster, multi_hosts):
+    cluster = make_cluster(workers_per_host=2, n_workers=4)
+    assert cluster.capacity == 6
+    with Client(cluster) as client:
+        client.wait_for_workers(4, timeout=30)
+        where = hosts_of(client)
+        assert sorted(where) == sorted(cluster.workers)
+        assert {h for h in where.values()} == {"host1", "host2", "host3"}
+        for name, host in where.items():
+            assert name.startswith(host + "-")  # placed where its name says
+        assert client.submit(lambda x: x + 1, 1).result(timeout=30) == 2
+        cluster.scale(9)  # more than the hosts take: capped at the capacity
+        client.wait_for_workers(6, timeout=60)
+        time.sleep(1)
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 6
+        assert sorted(hosts_of(client).values()).count("host1") == 2
+        cluster.scale(2)
+        assert wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, 30)
+        record = cluster.record()
+        logs = cluster.get_logs()
+        assert any("Scheduler" in key or "scheduler" in key.lower() for key in logs)
+    assert cluster.dashboard_link.startswith("http://127.0.0.1:")
+    cluster.close()
+    assert cluster.status.name == "closed"
+    assert multi_hosts.leftovers() == {}
+    assert teardown(record) == {k: f"{k}: stopped" for k in record["folders"]}  # idempotent
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="hosts"):
+        LazySSHCluster([])
+    with pytest.raises(ValueError, match="string"):
+        LazySSHCluster("host1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_workers=5 exceeds the capacity of 2"):
+        LazySSHCluster(["host1", "host2"], n_workers=5)
+    with pytest.raises(ValueError, match="network_mode"):
+        LazySSHCluster(["host1"], network_mode="fast")
+    with pytest.raises(ValueError, match="worker_ttl"):
+        LazySSHCluster(["host1"], worker_ttl=0)
+
+
+def test_asynchronous(make_cluster, multi_hosts):
+    async def run() -> str:
+        async with (
+            LazySSHCluster(
+                HOSTS[:2],
+                ssh_config_path=str(multi_hosts.ssh_config_path),
+                threads_per_worker=1,
+                asynchronous=True,
+            ) as cluster,
+            Client(cluster, asynchronous=True) as client,
+        ):
+            await client.wait_for_workers(2, timeout=30)
+            return await client.submit(socket.gethostname, pure=False)
+
+    assert asyncio.run(run()) in {"host1", "host2"}
+    assert multi_hosts.leftovers() == {}
+
+
+def test_adapt_grows_under_a_queue_and_shrinks_when_idle(make_cluster):
+    cluster = make_cluster(workers_per_host=2, n_workers=1)
+    cluster.adapt(minimum=1, maximum=6, interval="500ms", wait_count=2)
+    with Client(cluster) as client:
+        futures = client.map(lambda i: time.sleep(1.5) or i, range(24), pure=False)
+        peak = 0
+        deadline = time.monotonic() + 60
+        while not all(f.done() for f in futures) and time.monotonic() < deadline:
+            peak = max(peak, len(client.scheduler_info(n_workers=-1)["workers"]))
+            time.sleep(0.2)
+        assert sorted(client.gather(futures)) == list(range(24))
+        assert 4 <= peak <= 6  # grew, within the bound
+        # idle: back to the minimum within a few adapt intervals
+        assert wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 1, 30)
+
+
+def _worker_pid(cluster: LazySSHCluster, name: str) -> int:
+    return next(p.pid for p in cluster.engine._processes.values() if p.name == name)
+
+
+def test_a_killed_worker_is_replaced_and_the_job_completes(make_cluster, multi_hosts):
+    cluster = make_cluster()
+    with Client(cluster) as client:
+        client.wait_for_workers(3, timeout=30)
+        futures = client.map(lambda i: time.sleep(0.5) or i, range(24), pure=False)
+        victim = "host2-1"
+        assert victim in cluster.workers
+        time.sleep(1)
+        pid = _worker_pid(cluster, victim)
+        killed = time.monotonic()
+        assert victim in " ".join(psutil.Process(pid).cmdline())  # hosts share our pid space
+        os.killpg(pid, signal.SIGKILL)
+        assert sorted(client.gather(futures)) == list(range(24))
+        assert wait_until(
+            lambda: (
+                "host2" in hosts_of(client).values()
+                and len(client.scheduler_info(n_workers=-1)["workers"]) == 3
+            ),
+            30,
+        )
+        replaced = time.monotonic() - killed
+        assert victim not in cluster.worker_spec
+        assert replaced < 30
+
+
+def test_a_host_cut_off_for_20_s_gets_its_workers_back(make_cluster, multi_hosts, caplog):
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks.ssh_cluster")
+    cluster = make_cluster()
+    with Client(cluster) as client:
+        client.wait_for_workers(3, timeout=30)
+        futures = client.map(lambda i: time.sleep(1) or i, range(30), pure=False)
+        multi_hosts.cut_host("host3")
+        try:
+            time.sleep(20)
+        finally:
+            multi_hosts.restore_host("host3")
+        assert sorted(client.gather(futures, errors="raise")) == list(range(30))
+        assert wait_until(
+            lambda: sorted(hosts_of(client).values()) == ["host1", "host2", "host3"], 60
+        )
+    text = caplog.text
+    assert "worker host3-2 on host3 lost" in text  # silent for worker_ttl, its host unreachable
+    assert "host host3 answers again" in text
+    assert "starts on host3 to replace host3-2" in text  # back on its own host
