@@ -94,7 +94,20 @@ OURS_AUTO_OPEN = "ours auto, open"
 OURS_AUTO_SSH = "ours auto, SSH-only"
 FLOOR = "floor"
 SSHCLUSTER = "SSHCluster"
-CASES = (OURS_DIRECT, OURS_TUNNELLED, OURS_AUTO_OPEN, OURS_AUTO_SSH, FLOOR, SSHCLUSTER)
+SPEC_DIRECT = "LazySSHCluster direct"
+SPEC_TUNNELLED = "LazySSHCluster tunnelled"
+CASES = (
+    OURS_DIRECT,
+    OURS_TUNNELLED,
+    OURS_AUTO_OPEN,
+    OURS_AUTO_SSH,
+    SPEC_DIRECT,
+    SPEC_TUNNELLED,
+    FLOOR,
+    SSHCLUSTER,
+)
+#: the Dask-native class: case -> (mode, hosts SSH-only)
+SPEC_MODES = {SPEC_DIRECT: ("direct", False), SPEC_TUNNELLED: ("tunnelled", True)}
 #: case -> (mode asked for, hosts SSH-only, mode the cluster must end up in)
 OURS_MODES = {
     OURS_DIRECT: ("direct", False, "direct"),
@@ -102,6 +115,8 @@ OURS_MODES = {
     OURS_AUTO_OPEN: ("auto", False, "direct"),
     OURS_AUTO_SSH: ("auto", True, "tunnelled"),
 }
+#: every case of ours that is timed from start to cleanup
+TIMED_CASES = (*OURS_MODES, *SPEC_MODES)
 
 START_TITLE = "1. start until every worker is registered (seconds)"
 BREAKDOWN_TITLE = "1'. where the start time goes (medians, seconds)"
@@ -406,6 +421,45 @@ def run_ours(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
             th.ssh_only(False)
 
 
+def run_spec(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
+    """Time LazySSHCluster from construction until every worker is ready (it returns then,
+    readiness check included), and its close(); check what is left."""
+    from distributed import Client
+
+    from lazycluster_tasks.ssh_cluster import LazySSHCluster
+
+    mode, ssh_only = SPEC_MODES[case]
+    if ssh_only:
+        th.ssh_only(True)
+    try:
+        t0 = time.perf_counter()
+        cluster = LazySSHCluster(
+            hosts,
+            ssh_config_path=str(th.ssh_config_path),
+            network_mode=mode,
+            threads_per_worker=1,
+        )
+        started = time.perf_counter() - t0
+        try:
+            with Client(cluster, set_as_default=False) as client:
+                count = len(client.scheduler_info(n_workers=-1)["workers"])
+            if count != len(hosts):
+                raise RuntimeError(f"{count} workers registered, expected {len(hosts)}")
+        finally:
+            t1 = time.perf_counter()
+            cluster.close()
+            closed = time.perf_counter() - t1
+        left = [f"{h}: {p}" for h, procs in th.leftovers().items() for p in procs]
+        marker = f"lazycluster-{cluster.engine.cluster_id}"
+        left += [f"here: {p}" for p in _local_processes(marker)]
+        if left:
+            _kill_local(marker)
+        return RunOutcome(started, closed, left, {}, {"total": closed})
+    finally:
+        if ssh_only:
+            th.ssh_only(False)
+
+
 def _ssh(th: TestHosts, host: str, command: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["ssh", "-F", str(th.ssh_config_path), host, command],
@@ -463,7 +517,7 @@ def run_floor(th: TestHosts, hosts: list[TestHost], workdir: str) -> RunOutcome:
                 address=h.address,
                 port=FLOOR_WORKER_PORTS[0],
                 nanny_port=FLOOR_WORKER_PORTS[1],
-                tunnelled=False,
+                loopback=False,
             )
             q = shlex.quote
             command = (
@@ -618,6 +672,7 @@ def bench_start(
 
     runners: dict[str, Callable[[], RunOutcome]] = {
         **{case: functools.partial(run_ours, th, names, case) for case in OURS_MODES},
+        **{case: functools.partial(run_spec, th, names, case) for case in SPEC_MODES},
         FLOOR: lambda: run_floor(th, hosts, workdir),
         SSHCLUSTER: lambda: run_sshcluster(th, hosts),
     }
@@ -748,7 +803,7 @@ def breakdown_rows(all_results: dict[int, dict[str, CaseResult]]) -> list[list[s
 def cleanup_rows(all_results: dict[int, dict[str, CaseResult]]) -> list[list[str]]:
     rows = []
     for n, results in all_results.items():
-        for case in OURS_MODES:
+        for case in TIMED_CASES:
             r = results[case]
             t = r.cleanup
             left = f"{len(r.leftovers)} left" if r.leftovers else "none"
@@ -806,7 +861,7 @@ def start_targets(all_results: dict[int, dict[str, CaseResult]]) -> list[TargetR
     targets = []
     for n, results in all_results.items():
         floor, sshc = results[FLOOR].start, results[SSHCLUSTER].start
-        for case in OURS_MODES:
+        for case in TIMED_CASES:
             t = results[case].start
             targets.append(
                 TargetResult(
@@ -836,7 +891,7 @@ def start_targets(all_results: dict[int, dict[str, CaseResult]]) -> list[TargetR
 def cleanup_targets(all_results: dict[int, dict[str, CaseResult]]) -> list[TargetResult]:
     targets = []
     for n, results in all_results.items():
-        for case in OURS_MODES:
+        for case in TIMED_CASES:
             r = results[case]
             t = r.cleanup
             value = None if t is None else t.median / 1000
@@ -1118,7 +1173,7 @@ def main(argv: Sequence[str] | None = None) -> list[TargetResult]:
     for line in cleanup_references(all_results):
         print(line)
     for n, results in all_results.items():
-        for case in OURS_MODES:
+        for case in TIMED_CASES:
             for line in results[case].leftovers[:5]:
                 print(f"left after {case} cleanup at {n} hosts: {line}")
     print_table(

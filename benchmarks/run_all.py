@@ -20,6 +20,7 @@ from benchmarks.common import exit_code, print_table
 MODULES: list[str] = [
     "benchmarks.host_layer",
     "benchmarks.cluster_layer",
+    "benchmarks.healing",
     "benchmarks.prefect_layer",
 ]
 

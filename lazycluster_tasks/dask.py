@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazycluster_tasks import commands, dask_launchers, processes
+from lazycluster_tasks import dask_launchers, processes
 from lazycluster_tasks.cluster import MasterLauncher, MasterWorkerCluster, WorkerLauncher
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.dask_launchers import (
@@ -44,6 +44,14 @@ from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
 from lazycluster_tasks.network import NETWORK_MODES, NetworkPlan, plan_network
 from lazycluster_tasks.ports import free_ports
 from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
+from lazycluster_tasks.record import (
+    CONTROLLER_KEY,
+    ClusterRecord,
+    FolderRecord,
+    HostSpec,
+    TunnelRecord,
+    teardown,  # noqa: F401 - it was always importable from here
+)
 from lazycluster_tasks.routing import DirectRouting, make_routing
 from lazycluster_tasks.runtime import Runtime, check_path
 from lazycluster_tasks.task import RuntimeTask
@@ -55,8 +63,6 @@ ADDRESS_IN_USE = ("Address already in use", "[Errno 98]")
 #: busy SSH forwards): started again, like one that lost its port at bind time.
 DROPPED_AT_START = ("StreamClosedError", "Connection reset by peer")
 MISSING_DISTRIBUTED = "No module named 'distributed'"
-#: Key of this machine (the controller) in records, next to the host names.
-CONTROLLER_KEY = "(controller)"
 LIVENESS_INTERVAL = 2.0
 PORT_RETRIES = 3
 #: Upper bound (s) of the end-to-end readiness check once every worker registered.
@@ -960,44 +966,42 @@ class DaskCluster(MasterWorkerCluster):
     def _key(self, runtime: Runtime) -> str:
         return CONTROLLER_KEY if runtime is self.controller else runtime.host
 
-    def record(self) -> dict[str, Any]:
-        """This cluster as plain data: enough to find, show and stop it later (no secrets)."""
+    def record(self) -> ClusterRecord:
+        """This cluster as frozen plain data: enough to find, show and stop it later (no
+        secrets); ``teardown(record)`` stops it from that alone."""
         owners = [self.controller, *self._group.runtimes]
         folders = {
-            self._key(rt): {
-                "folder": self.folder(rt),
-                "working_dir": rt.working_dir,
-                "temporary": rt._working_dir_is_temp,
-            }
+            self._key(rt): FolderRecord(
+                folder=self.folder(rt),
+                working_dir=rt.working_dir,
+                temporary=rt._working_dir_is_temp,
+            )
             for rt in owners
             if rt._working_dir is not None
         }
         tunnels = [
-            {
-                "host": rt.host,
-                "kind": t.kind,
-                "local_port": t.local_port,
-                "remote_port": t.remote_port,
-            }
+            TunnelRecord(
+                host=rt.host, kind=t.kind, local_port=t.local_port, remote_port=t.remote_port
+            )
             for rt in self._group.runtimes
             for t in rt.tunnels
         ]
-        return {
-            "cluster_id": self.cluster_id,
-            "state": self.state,
-            "network_mode": self.network_mode,
-            "network_paths": dict(self._plan.paths) if self._plan else {},
-            "network_reasons": list(self._plan.reasons) if self._plan else [],
-            "hosts": [host_spec(rt) for rt in self._group.runtimes],
-            "scheduler_host": self._scheduler_host,
-            "scheduler_address": self.scheduler_address,
-            "dashboard_link": (
+        return ClusterRecord(
+            cluster_id=self.cluster_id,
+            state=self.state,
+            network_mode=self.network_mode,
+            network_paths=dict(self._plan.paths) if self._plan else {},
+            network_reasons=list(self._plan.reasons) if self._plan else [],
+            hosts=[HostSpec.of(rt) for rt in self._group.runtimes],
+            scheduler_host=self._scheduler_host,
+            scheduler_address=self.scheduler_address,
+            dashboard_link=(
                 f"http://127.0.0.1:{self._dashboard_port}/status" if self._dashboard_port else None
             ),
-            "processes": [info.to_dict() for info in self._processes.values()],
-            "folders": folders,
-            "tunnels": tunnels,
-        }
+            processes=list(self._processes.values()),
+            folders=folders,
+            tunnels=tunnels,
+        )
 
     def close_clients(self) -> None:
         """Close the controller's client and those handed out (the cluster keeps running)."""
@@ -1062,62 +1066,3 @@ def _check_options(options: DaskOptions) -> None:
 def _check_count(name: str, value: object, minimum: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")
-
-
-SECRET_KWARGS = ("password", "passphrase", "private_key")
-
-
-def host_spec(runtime: Runtime) -> dict[str, Any]:
-    """How to reach a runtime again later (no secrets: those come back from where they live)."""
-    kwargs = {k: v for k, v in runtime._connection_kwargs.items() if k not in SECRET_KWARGS}
-    return {
-        "name": runtime.host,
-        "ssh_config_path": runtime._ssh_config_path,
-        "connection_kwargs": kwargs,
-        "python_executable": runtime.python_executable,
-    }
-
-
-def teardown(
-    record: Mapping[str, Any],
-    connection_kwargs: Mapping[str, Any] | None = None,
-    grace: float = 0.5,
-) -> dict[str, str]:
-    """Stop a cluster from its record alone — from another process, after the controller died.
-
-    Every ``*.pid`` file in the cluster's folders is honoured (workers added after the record was
-    written included), the folders are removed, and temporary working dirs with them. Idempotent.
-    ``connection_kwargs`` adds secrets (password, key) the record does not hold. Returns a line
-    per host; hosts that cannot be reached are reported in a GroupError.
-    """
-    specs = {spec["name"]: spec for spec in record.get("hosts", [])}
-    jobs = {key: folder for key, folder in record.get("folders", {}).items()}
-
-    def stop(item: tuple[str, Mapping[str, Any]]) -> str:
-        key, folder = item
-        spec = specs.get(key, {"name": key})
-        if key == CONTROLLER_KEY or spec["name"] in ("localhost", "127.0.0.1"):
-            runtime = Runtime("localhost")
-        else:
-            kwargs = {**spec.get("connection_kwargs", {}), **dict(connection_kwargs or {})}
-            runtime = Runtime(spec["name"], None, kwargs, spec.get("ssh_config_path"))
-        try:
-            command = commands.stop_folder(folder["folder"], grace)
-            if folder.get("temporary"):
-                command += " && " + commands.remove_tree(folder["working_dir"])
-            else:
-                command += " && " + commands.remove_tree(folder["folder"])
-            result = runtime.connection.run(command, timeout=grace + 30)
-            left = [line for line in result.stdout.split() if line.startswith("left=")]
-            if left:
-                raise LazyclusterError(f"{key}: process groups survived SIGKILL: {left}")
-            return f"{key}: stopped"
-        finally:
-            runtime.cleanup()
-
-    results = run_parallel(
-        f"teardown of cluster {record.get('cluster_id')}",
-        {k: (k, f) for k, f in jobs.items()},
-        stop,
-    )
-    return results

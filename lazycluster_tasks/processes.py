@@ -93,8 +93,20 @@ def stop_processes(
     """Stop the processes (TERM, grace, KILL, verified) and optionally remove their folder, in
     one round trip; return the pgids that survived (their pid files and folder are kept)."""
     steps = [commands.stop_pid_files([i.pid_file for i in infos], marker, grace)] if infos else []
-    if remove_folder:
-        steps.append(commands.remove_tree(remove_folder))
+    return _stop(runtime, steps, grace, remove_folder)
+
+
+def stop_folder(runtime: Runtime, folder: str, grace: float, remove: str | None) -> None:
+    """Stop every process whose pid file is in ``folder`` (as stop_processes, found by their
+    pid files: a teardown from a record), then remove ``remove``; raise when one survived."""
+    left = _stop(runtime, [commands.stop_folder(folder, grace)], grace, remove)
+    if left:
+        raise LazyclusterError(f"{runtime.host}: process groups survived SIGKILL: {left}")
+
+
+def _stop(runtime: Runtime, steps: list[str], grace: float, remove: str | None) -> list[int]:
+    if remove:
+        steps = [*steps, commands.remove_tree(remove)]
     if not steps:
         return []
     result = runtime.connection.run(" && ".join(steps), timeout=grace + 30)

@@ -28,8 +28,9 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 
 from lazycluster_tasks.dask import DaskCluster, DaskOptions
 from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
-from lazycluster_tasks.errors import WorkerStartError
+from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
 from lazycluster_tasks.group import RuntimeGroup
+from lazycluster_tasks.record import ClusterRecord
 
 logger = logging.getLogger(__name__)
 
@@ -401,8 +402,8 @@ class LazySSHCluster(SpecCluster):
         """The dashboard as reachable from this machine (forwarded when the scheduler is remote)."""
         return self.engine.dashboard_link or ""
 
-    def record(self) -> dict[str, Any]:
-        """This cluster as plain data for ``teardown(record)`` (see DaskCluster.record)."""
+    def record(self) -> ClusterRecord:
+        """This cluster as frozen plain data, for ``teardown(record)``."""
         return self.engine.record()
 
     @property
@@ -419,7 +420,12 @@ class LazySSHCluster(SpecCluster):
     # -- self-healing ---------------------------------------------------------------------
 
     async def _start(self) -> None:
-        await super()._start()
+        try:
+            await super()._start()
+        except RuntimeError as exc:  # SpecCluster wraps why: callers (and retries) need it
+            if isinstance(exc.__cause__, LazyclusterError):
+                raise exc.__cause__ from None
+            raise
         if self.heal and self._healer is None:
             self._healer = asyncio.ensure_future(self._heal_forever())
 
@@ -427,13 +433,30 @@ class LazySSHCluster(SpecCluster):
         if self._healer is not None:
             self._healer.cancel()
             await asyncio.gather(self._healer, return_exceptions=True)
-        if self.status == Status.running and self._prefect:
-            await asyncio.to_thread(_flush_prefect_logs, self.engine)
-        if self.status in (Status.running, Status.failed):
+        orphaned = False  # the scheduler is gone (stopped by a watch, or died)
+        if self.status in (Status.running, Status.failed) and self.scheduler is not None:
+            orphaned = not await self._scheduler_answers()
+            if orphaned:
+                logger.info("the scheduler is gone: stopping the workers without it")
+                self.scheduler.status = Status.failed  # SpecCluster retires nothing through it
+                self.shutdown_scheduler = False  # nor waits to connect to it
+            elif self._prefect:
+                await asyncio.to_thread(_flush_prefect_logs, self.engine)
             # the engine's own client goes first: it would try to reconnect to a scheduler
             # that SpecCluster is about to terminate
             await asyncio.to_thread(self.engine.close_clients)
         await super()._close()
+        if orphaned and self.scheduler is not None:
+            await self.scheduler.close()  # the engine's cleanup, as after a normal close
+
+    async def _scheduler_answers(self) -> bool:
+        if self.engine.scheduler_address is None:  # stopped (e.g. by a ClusterWatch)
+            return False
+        try:
+            await asyncio.wait_for(self._registered(), REACH_TIMEOUT)
+        except (OSError, asyncio.TimeoutError, AssertionError):
+            return False
+        return True
 
     async def _heal_forever(self) -> None:
         while self.status == Status.running:

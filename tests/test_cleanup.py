@@ -41,10 +41,10 @@ def test_a_host_that_cannot_be_cleaned_keeps_its_processes_on_record(
 ) -> None:
     cluster = cluster_on(multi_hosts, workers_per_host=2)
     cluster.start()
-    on_host2 = {p["name"] for p in cluster.record()["processes"] if p["host"] == "host2"}
+    on_host2 = {p.name for p in cluster.record().processes if p.host == "host2"}
     assert len(on_host2) == 2
     # frozen, host2's workers cannot notice the scheduler going away and leave by themselves
-    for pid in [p["pid"] for p in cluster.record()["processes"] if p["host"] == "host2"]:
+    for pid in [p.pid for p in cluster.record().processes if p.host == "host2"]:
         assert multi_hosts.run_in("host2", ["kill", "-STOP", "--", f"-{pid}"]).wait() == 0
     assert multi_hosts.kill_sessions("host2") >= 1  # the cluster's connection is cut
     multi_hosts.stop_sshd("host2")  # and cannot come back
@@ -53,7 +53,7 @@ def test_a_host_that_cannot_be_cleaned_keeps_its_processes_on_record(
             cluster.cleanup()
         assert list(info.value.errors) == ["host2"]
         assert cluster.state == "cleanup failed"
-        kept = cluster.record()
+        kept = cluster.record().core()
         assert {p["name"] for p in kept["processes"]} == on_host2  # host1's are verified gone
         assert multi_hosts.processes("host1") == []
         assert len(multi_hosts.processes("host2")) == 2  # really still there
@@ -76,8 +76,8 @@ def test_a_dead_scheduler_shows_within_seconds(
     try:
         cluster.start()
         assert cluster.state == "running" and len(cluster.workers) == 2
-        scheduler = next(p for p in cluster.record()["processes"] if p["name"] == "scheduler")
-        os.killpg(scheduler["pid"], 9)
+        scheduler = next(p for p in cluster.record().processes if p.name == "scheduler")
+        os.killpg(scheduler.pid, 9)
         start = time.monotonic()
         assert wait_until(lambda: cluster.state == "failed", timeout=10)
         assert cluster.workers == {}

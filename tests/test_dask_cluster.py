@@ -266,7 +266,7 @@ from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
 group = RuntimeGroup(hosts=sys.argv[3:], ssh_config_path=sys.argv[1])
 cluster = DaskCluster(group, network_mode=sys.argv[2], death_timeout=4, idle_timeout=2)
 cluster.start()
-print(json.dumps(cluster.record()), flush=True)
+print(cluster.record().model_dump_json(), flush=True)
 time.sleep(600)
 """
 

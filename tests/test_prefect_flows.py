@@ -312,3 +312,50 @@ def test_check_runtimes_and_a_host_group_block(hosts_cfg, multi_hosts):
             return cluster.record.network_mode, sorted(w.host for w in cluster.record.workers)
 
     assert on_group() == ("tunnelled", ["host2", "host2", "host3", "host3"])
+
+
+@task
+def slow_where(i: int) -> str:
+    time.sleep(0.5)
+    return where_am_i.fn(i)
+
+
+@flow
+def mapped_items(count: int) -> list[str]:
+    return [future.result() for future in slow_where.map(range(count))]
+
+
+def test_dask_task_runner_starts_our_cluster_class_on_the_hosts(hosts_cfg, multi_hosts):
+    from prefect_dask import DaskTaskRunner
+
+    HostGroupBlock(hosts=HOSTS, ssh=SSHSettingsBlock(ssh_config_path=hosts_cfg)).save(
+        "runner-hosts", overwrite=True
+    )
+    runner = DaskTaskRunner(
+        cluster_class="lazycluster_tasks.LazySSHCluster",
+        cluster_kwargs={  # plain data, hosts and SSH settings by block name
+            "host_group": "runner-hosts",
+            "env": WORKER_ENV,
+            "threads_per_worker": 1,
+            "n_workers": 1,
+        },
+        adapt_kwargs={"minimum": 3, "maximum": 8},  # 8 is capped at the capacity, 3
+    )
+    state = mapped_items.with_options(task_runner=runner)(9, return_state=True)
+    hosts = state.result()
+    assert len(hosts) == 9 and set(hosts) <= set(HOSTS) and len(set(hosts)) >= 2
+    runs = [r for r in task_run_list(state.state_details.flow_run_id) if "slow_where" in r.name]
+    assert len(runs) == 9 and all(r.state.is_completed() for r in runs)
+    with get_client(sync_client=True) as client:
+        flow_run_id = state.state_details.flow_run_id
+        seen: set[str] = set()
+
+        def hosts_in_logs() -> bool:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+            seen.update(m.message.rsplit(" ", 1)[-1] for m in logs if "computed on" in m.message)
+            return seen == set(hosts)
+
+        assert wait_until(hosts_in_logs, timeout=20), seen  # sent by the remote workers
+    assert multi_hosts.leftovers() == {}  # the runner closed the cluster with the flow

@@ -42,7 +42,7 @@ def test_auto_mode_works_end_to_end(
     try:
         cluster.start()
         assert cluster.network_mode == ("direct" if topology == "open" else "tunnelled")
-        assert cluster.record()["network_paths"], "the record says which paths were measured"
+        assert cluster.record().network_paths, "the record says which paths were measured"
         workers = cluster.workers
         at = {w["host"]: w["address"] for w in workers.values()}
         client = cluster.get_client(timeout=10)

@@ -65,13 +65,15 @@ def test_a_dask_cluster_on_the_hosts(make_cluster, multi_hosts):
         cluster.scale(2)
         assert wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, 30)
         record = cluster.record()
+        assert "LazySSHCluster" in cluster._repr_html_()  # the notebook widget renders
+        assert record.network_mode == cluster.network_mode == "direct"
         logs = cluster.get_logs()
         assert any("Scheduler" in key or "scheduler" in key.lower() for key in logs)
     assert cluster.dashboard_link.startswith("http://127.0.0.1:")
     cluster.close()
     assert cluster.status.name == "closed"
     assert multi_hosts.leftovers() == {}
-    assert teardown(record) == {k: f"{k}: stopped" for k in record["folders"]}  # idempotent
+    assert teardown(record) == {k: f"{k}: stopped" for k in record.folders}  # idempotent
 
 
 def test_bad_arguments_are_named():

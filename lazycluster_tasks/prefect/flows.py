@@ -36,6 +36,7 @@ from lazycluster_tasks.prefect.tasks import (
     setup_tunnels,
     stop_cluster,
 )
+from lazycluster_tasks.ssh_cluster import LazySSHCluster
 from lazycluster_tasks.watch import ClusterWatch
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,19 @@ DEFAULT_HOSTS = ("localhost",)
 
 @dataclass
 class ClusterHandle:
-    """What a compute job gets: the record, a client, addresses, and a task runner."""
+    """What a compute job gets: the record, a client, addresses, and a task runner.
+
+    ``dask`` is the :class:`~lazycluster_tasks.LazySSHCluster` (for ``Client(handle.dask)``,
+    ``scale``, ``adapt``); ``cluster`` its engine, the seed API's DaskCluster (workers by name
+    with host and pid, logs)."""
 
     record: ClusterRecord
-    cluster: DaskCluster
+    dask: LazySSHCluster
     _client: Any = field(default=None, repr=False)
+
+    @property
+    def cluster(self) -> DaskCluster:
+        return self.dask.engine
 
     @property
     def scheduler_address(self) -> str:
@@ -111,19 +120,21 @@ def dask_cluster(
         host_group=host_group,
         master_host=master_host,
         options=options,
+        workers=workers,
     )
     failed = True
     try:
         record = launch_workers(record, workers)
         record = setup_tunnels(record)
-        cluster = live_cluster(record.cluster_id)
-        assert cluster is not None
+        dask = live_cluster(record.cluster_id)
+        assert dask is not None
+        engine = dask.engine
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         with ClusterWatch(
-            cluster, on_lost=lambda _: cluster.stop_master(), deadline=deadline
+            engine, on_lost=lambda _: engine.stop_master(), deadline=deadline
         ) as watch:
             try:
-                yield ClusterHandle(record, cluster)
+                yield ClusterHandle(record, dask)
             except BaseException as exc:
                 if watch.failure is None:
                     raise

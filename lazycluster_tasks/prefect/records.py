@@ -1,6 +1,7 @@
-"""ClusterRecord: a cluster as plain data, and where records are kept between processes.
+"""Where records are kept between processes: the core's ClusterRecord, persisted as it is.
 
-Tasks take and return records, never live clients. The record is persisted in the Prefect API
+Tasks take and return records (:class:`~lazycluster_tasks.record.ClusterRecord`), never live
+clients. The record is persisted in the Prefect API
 (a block document per cluster, and a variable per flow run listing its clusters), so a crash or
 cancellation hook running in another process, or the ``teardown_cluster`` flow, can find every
 process of a cluster and stop it. Records hold no secrets: those stay in the SSH settings block
@@ -11,76 +12,28 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prefect.blocks.core import Block
 from prefect.variables import Variable
-from pydantic import BaseModel, ConfigDict, Field
 
-from lazycluster_tasks.dask import DaskCluster
-from lazycluster_tasks.processes import ProcessInfo
+from lazycluster_tasks.record import ClusterRecord
+
+if TYPE_CHECKING:
+    from lazycluster_tasks.dask import DaskCluster
 
 logger = logging.getLogger(__name__)
 
 
-class HostSpec(BaseModel):
-    name: str
-    ssh_config_path: str | None = None
-    connection_kwargs: dict[str, Any] = Field(default_factory=dict)
-    python_executable: str | None = None
+def record_of(cluster: DaskCluster, **extra: Any) -> ClusterRecord:
+    """The cluster's record with the Prefect layer's fields (blocks, flow runs) set."""
+    return cluster.record().replace(**extra)
 
 
-class FolderRecord(BaseModel):
-    folder: str
-    working_dir: str
-    temporary: bool = False
-
-
-class TunnelRecord(BaseModel):
-    host: str
-    kind: str
-    local_port: int
-    remote_port: int
-
-
-class ClusterRecord(BaseModel):
-    """Everything known about a cluster: hosts, roles, ports, pids, pid files, tunnels, addresses,
-    network mode and state."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    cluster_id: str
-    state: str
-    network_mode: str
-    hosts: list[HostSpec]
-    scheduler_host: str | None = None
-    scheduler_address: str | None = None
-    dashboard_link: str | None = None
-    processes: list[ProcessInfo] = Field(default_factory=list)  # the core's dataclass
-    folders: dict[str, FolderRecord] = Field(default_factory=dict)
-    tunnels: list[TunnelRecord] = Field(default_factory=list)
-    #: "from -> to" -> "open" or why not, as the preflight probe measured them (auto mode)
-    network_paths: dict[str, str] = Field(default_factory=dict)
-    network_reasons: list[str] = Field(default_factory=list)  # why tunnelled was chosen
-    ssh_block: str | None = None  # SSH settings block with the secrets, by name
-    host_group: str | None = None  # host group block, by name
-    flow_run_ids: list[str] = Field(default_factory=list)  # runs whose hooks tear it down
-
-    @classmethod
-    def of(cls, cluster: DaskCluster, **extra: Any) -> ClusterRecord:
-        return cls.model_validate({**cluster.record(), **extra})
-
-    def updated(self, cluster: DaskCluster) -> ClusterRecord:
-        keep = {"ssh_block": self.ssh_block, "host_group": self.host_group}
-        return ClusterRecord.of(cluster, **keep, flow_run_ids=self.flow_run_ids)
-
-    def core(self) -> dict[str, Any]:
-        """The plain dict the core's ``teardown`` takes."""
-        return self.model_dump(mode="json")
-
-    @property
-    def workers(self) -> list[ProcessInfo]:
-        return [p for p in self.processes if p.role == "worker"]
+def updated(record: ClusterRecord, cluster: DaskCluster) -> ClusterRecord:
+    """A fresh record of the cluster, keeping the Prefect layer's fields of ``record``."""
+    keep = ("ssh_block", "host_group", "flow_run_ids")
+    return record_of(cluster, **{key: getattr(record, key) for key in keep})
 
 
 class ClusterRecordBlock(Block):

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from prefect import get_run_logger, task
@@ -21,9 +21,9 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import State
 
-from lazycluster_tasks.dask import DaskCluster, teardown
+from lazycluster_tasks.dask import teardown
 from lazycluster_tasks.errors import NoRuntimesDetectedError, TunnelError, is_transient
-from lazycluster_tasks.group import RuntimeGroup, fan_out
+from lazycluster_tasks.group import fan_out
 from lazycluster_tasks.manager import RuntimeManager
 from lazycluster_tasks.prefect.artifacts import (
     WorkerProgress,
@@ -37,13 +37,56 @@ from lazycluster_tasks.prefect.records import (
     forget_record,
     load_block,
     load_record,
+    record_of,
     save_record,
+    updated,
 )
 from lazycluster_tasks.runtime import Runtime
 
-#: Live clusters of this process, by id: later tasks of the same flow run reuse them.
-_LIVE: dict[str, DaskCluster] = {}
-_LIVE_LOCK = threading.Lock()
+if TYPE_CHECKING:
+    from lazycluster_tasks.dask import DaskCluster
+    from lazycluster_tasks.ssh_cluster import LazySSHCluster
+
+
+class LiveClusters:
+    """The clusters this process runs, by id: how the lifecycle tasks of one flow run share a
+    live cluster while passing only records between them.
+
+    Contract: ``launch_master`` adds the cluster it starts; ``launch_workers`` and
+    ``setup_tunnels`` find it here and fail with a clear error when it is not (they must run
+    in the process that ran ``launch_master``); ``cleanup_cluster`` takes it out and closes it.
+    A cluster that is not here (another process, a crashed controller) is stopped from its
+    persisted record instead. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._clusters: dict[str, LazySSHCluster] = {}
+        self._lock = threading.Lock()
+
+    def add(self, cluster: LazySSHCluster) -> None:
+        with self._lock:
+            self._clusters[cluster.engine.cluster_id] = cluster
+
+    def get(self, cluster_id: str) -> LazySSHCluster | None:
+        with self._lock:
+            return self._clusters.get(cluster_id)
+
+    def pop(self, cluster_id: str) -> LazySSHCluster | None:
+        with self._lock:
+            return self._clusters.pop(cluster_id, None)
+
+    def require(self, cluster_id: str) -> LazySSHCluster:
+        cluster = self.get(cluster_id)
+        if cluster is None:
+            raise ValueError(
+                f"cluster {cluster_id} is not running in this process: launch_workers and "
+                "setup_tunnels must run where launch_master ran (use cleanup_cluster to stop it)"
+            )
+        return cluster
+
+
+#: The one registry of this process (see LiveClusters for its contract).
+LIVE = LiveClusters()
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -159,9 +202,8 @@ def worker_prefect_env() -> tuple[dict[str, str], list[int]]:
     return env, []
 
 
-def live_cluster(cluster_id: str) -> DaskCluster | None:
-    with _LIVE_LOCK:
-        return _LIVE.get(cluster_id)
+def live_cluster(cluster_id: str) -> LazySSHCluster | None:
+    return LIVE.get(cluster_id)
 
 
 @task(name="check-runtimes", timeout_seconds=120, **LIFECYCLE)
@@ -214,41 +256,47 @@ def launch_master(
     master_host: str | None = None,
     options: Mapping[str, Any] | None = None,
     master_timeout: float = 60,
+    workers: int | None = None,
 ) -> ClusterRecord:
-    """Connect to the hosts, probe them, start the scheduler (here, or on ``master_host``).
+    """Connect to the hosts, probe them, start the scheduler (here, or on ``master_host``) as a
+    :class:`~lazycluster_tasks.LazySSHCluster` with no worker yet.
 
-    The scheduler is awaited by ``launch_workers`` (it boots while the workers start); with
-    custom launchers it is awaited here."""
-    from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
+    The ``workers`` processes that ``launch_workers`` will ask for (default: hosts x
+    workers_per_host) start with the scheduler and boot while it does; ``launch_workers``
+    adopts them. Returns when the scheduler answers."""
+    from lazycluster_tasks.ssh_cluster import LazySSHCluster
 
     with core_logs() as log:
         kwargs = connection_kwargs(ssh_block, host_group)
         config = _ssh_config_path(ssh_block, ssh_config_path, host_group)
-        group = RuntimeGroup(hosts=list(hosts), ssh_config_path=config, connection_kwargs=kwargs)
-        env, forwards = worker_prefect_env()
         values = dict(options or {})
-        values["env"] = {**env, **dict(values.get("env") or {})}
-        values["forward_ports"] = [*forwards, *values.get("forward_ports", ())]
-        master = RemoteMasterLauncher(group, master_host) if master_host else None
-        cluster = DaskCluster(group, master_launcher=master, **values)
-        try:
-            # the scheduler boots while launch_workers starts the workers (which awaits it)
-            if not cluster.begin():
-                cluster.start_master(timeout=int(master_timeout))
-        except BaseException:
-            cluster.cleanup()
-            raise
-        with _LIVE_LOCK:
-            _LIVE[cluster.cluster_id] = cluster
-        record = ClusterRecord.of(
-            cluster, ssh_block=ssh_block, host_group=host_group, flow_run_ids=flow_run_ids()
+        per_host = int(values.pop("workers_per_host", 1))
+        capacity = len(hosts) * per_host
+        cluster = LazySSHCluster(
+            list(hosts),
+            ssh_config_path=config,
+            connection_kwargs=kwargs,
+            n_workers=0,
+            prelaunch=min(capacity, capacity if workers is None else workers),
+            workers_per_host=per_host,
+            scheduler_host=master_host,
+            scheduler_timeout=master_timeout,
+            prefect_api=True,
+            **values,
+        )
+        LIVE.add(cluster)
+        record = record_of(
+            cluster.engine,
+            ssh_block=ssh_block,
+            host_group=host_group,
+            flow_run_ids=flow_run_ids(),
         )
         save_record(record)
         log.info(
-            "cluster %s: scheduler starting at %s (%s mode)",
-            cluster.cluster_id,
-            cluster.scheduler_address,
-            cluster.network_mode,
+            "cluster %s: scheduler up at %s (%s mode)",
+            record.cluster_id,
+            record.scheduler_address,
+            record.network_mode,
         )
         return record
 
@@ -258,24 +306,21 @@ def launch_workers(record: ClusterRecord, count: int | None = None) -> ClusterRe
     """Bring the cluster to ``count`` workers (default: hosts x workers_per_host), all hosts at
     once; a progress artifact moves as workers register. Safe to retry: it only starts what is
     missing."""
-    cluster = _require_live(record)
+    cluster = LIVE.require(record.cluster_id)
+    engine = cluster.engine
     with core_logs() as log:
-        target = count
-        if target is None:
-            target = cluster.runtime_group.runtime_count * cluster.options.workers_per_host
+        target = cluster.capacity if count is None else count
         progress = WorkerProgress(target, key=artifact_key("workers", record.cluster_id))
-        cluster.on_progress = progress.update
+        engine.on_progress = progress.update
         try:
-            if cluster.begun:  # first call: workers start while the scheduler boots
-                cluster.complete(target)
-            else:  # a retry, or more workers later: start only what is missing
-                cluster.scale(target)
+            cluster.scale(target)  # adopts the workers started with the scheduler first
+            cluster.wait_started()
         finally:
-            cluster.on_progress = None
-        progress.update(len(cluster.workers), target)
+            engine.on_progress = None
+        progress.update(len(engine.workers), target)
         # not persisted again: the record launch_master saved already names every folder, and
         # a teardown stops whatever pid files those hold
-        record = record.updated(cluster)
+        record = updated(record, engine)
         publish_hosts_table(record.core(), key=artifact_key("hosts", record.cluster_id))
         log.info("cluster %s: %d workers registered", record.cluster_id, len(record.workers))
         return record
@@ -284,10 +329,10 @@ def launch_workers(record: ClusterRecord, count: int | None = None) -> ClusterRe
 @task(name="setup-tunnels", timeout_seconds=120, **LIFECYCLE)
 def setup_tunnels(record: ClusterRecord) -> ClusterRecord:
     """Check every tunnel (re-opening broken ones) and make the dashboard reachable here."""
-    cluster = _require_live(record)
+    cluster = LIVE.require(record.cluster_id)
     with core_logs() as log:
         broken = []
-        for runtime in cluster.runtime_group.runtimes:
+        for runtime in cluster.engine.runtime_group.runtimes:
             for tunnel in runtime.tunnels:
                 try:
                     tunnel.check()
@@ -296,7 +341,9 @@ def setup_tunnels(record: ClusterRecord) -> ClusterRecord:
         if broken:
             raise TunnelError("; ".join(broken))
         link = cluster.dashboard_link
-        record = record.updated(cluster)  # display only: the persisted record has all it needs
+        record = updated(
+            record, cluster.engine
+        )  # display only: the persisted record has all it needs
         publish_cluster_markdown(record.core(), key=artifact_key("cluster", record.cluster_id))
         log.info(
             "cluster %s: %d tunnels up; dashboard %s",
@@ -345,16 +392,14 @@ def flush_worker_logs(cluster: DaskCluster, log: Any, timeout: float = 10) -> No
 def stop_cluster(record: ClusterRecord, log: Any) -> ClusterRecord:
     """Stop a cluster: the live object when it runs in this process, else from its record
     (connections rebuilt, secrets from its blocks). Forgets the persisted record."""
-    with _LIVE_LOCK:
-        cluster = _LIVE.pop(record.cluster_id, None)
+    cluster = LIVE.pop(record.cluster_id)
     if cluster is not None:
-        flush_worker_logs(cluster, log)
-        cluster.cleanup()
-        record = record.updated(cluster)
+        cluster.close()  # the workers flush their Prefect logs first
+        record = updated(record, cluster.engine)
     else:
         report = teardown(record.core(), connection_kwargs(record.ssh_block, record.host_group))
         log.info("cluster %s torn down from its record: %s", record.cluster_id, report)
-        record = record.model_copy(update={"state": "stopped"})
+        record = record.replace(state="stopped")
     forget_record(record)
     log.info("cluster %s: stopped, nothing left on any host", record.cluster_id)
     return record
@@ -374,13 +419,3 @@ def cleanup_cluster(record: ClusterRecord | str) -> ClusterRecord | None:
         record = stop_cluster(record, log)
         publish_hosts_table(record.core(), key=artifact_key("hosts", record.cluster_id))
         return record
-
-
-def _require_live(record: ClusterRecord) -> DaskCluster:
-    cluster = live_cluster(record.cluster_id)
-    if cluster is None:
-        raise ValueError(
-            f"cluster {record.cluster_id} is not running in this process: launch_workers and "
-            "setup_tunnels must run where launch_master ran (use cleanup_cluster to stop it)"
-        )
-    return cluster
