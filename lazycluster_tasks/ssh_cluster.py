@@ -64,6 +64,7 @@ class SSHScheduler(ProcessInterface):
             loop.call_soon_threadsafe(up.set)
 
         engine.on_scheduler_up = scheduler_up
+        self.launcher.first_names = {n for names in self.initial.values() for n in names}
         first = loop.run_in_executor(None, self.launcher.start_first, self.initial)
         self.launcher.first = first
         waiter: asyncio.Future[Any] = asyncio.ensure_future(up.wait())
@@ -120,9 +121,8 @@ class WorkerLauncherLoop:
 
     def __init__(self, engine: DaskCluster) -> None:
         self.engine = engine
-        self.first: asyncio.Future[None] | None = (
-            None  # the first workers, started with the scheduler
-        )
+        #: The first workers, started with the scheduler (and their names).
+        self.first: asyncio.Future[None] | None = None
         self.first_names: set[str] = set()
         self.cleanup_error: BaseException | None = None
         self.down: dict[str, float] = {}  # host -> since when it has not answered
@@ -134,7 +134,6 @@ class WorkerLauncherLoop:
     def start_first(self, placement: dict[str, list[str]]) -> None:
         """(thread) Scheduler and first workers at once; then the end-to-end check."""
         engine = self.engine
-        self.first_names = {n for names in placement.values() for n in names}
         engine.state = "starting"
         if not engine.begin():
             raise ValueError("LazySSHCluster runs with its own launchers only")

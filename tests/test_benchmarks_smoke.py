@@ -270,7 +270,7 @@ def test_cluster_layer_benchmark_prints_its_tables(
     assert all(_is_number(row[-1]) for row in breakdown)
 
     cleanup = _table(lines, cluster_layer.CLEANUP_TITLE)
-    assert [row[:2] for row in cleanup] == [["2", case] for case in cluster_layer.OURS_MODES]
+    assert [row[:2] for row in cleanup] == [["2", case] for case in cluster_layer.TIMED_CASES]
     assert all(_is_number(row[2]) and row[-1] == "none" for row in cleanup)
     cleanup_phases = _table(lines, cluster_layer.CLEANUP_BREAKDOWN_TITLE)
     assert [row[0] for row in cleanup_phases] == [f"2 hosts, {c}" for c in cluster_layer.OURS_MODES]
@@ -281,7 +281,7 @@ def test_cluster_layer_benchmark_prints_its_tables(
 
     summary = _table(lines, cluster_layer.SUMMARY_TITLE)
     assert [row[0] for row in summary] == [t.name for t in targets]
-    modes = len(cluster_layer.OURS_MODES)
+    modes = len(cluster_layer.TIMED_CASES)
     assert len(targets) == 2 * modes + modes + 1  # start (x floor/SSHCluster), cleanup, tunnel
     for row, target in zip(summary, targets, strict=True):
         assert row[-1] == target.status and target.status != "FAIL"
