@@ -128,6 +128,7 @@ class WorkerLauncherLoop:
         self.down: dict[str, float] = {}  # host -> since when it has not answered
         self.reported: set[str] = set()  # hosts reported lost for good
         self.stale: dict[str, list[str]] = {}  # host -> workers to stop once it answers
+        self.started: set[str] = set()  # workers that started and registered
         self._batch: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
         self._flush: asyncio.Future[None] | None = None
 
@@ -147,12 +148,16 @@ class WorkerLauncherLoop:
         if name in self.first_names and self.first is not None:
             self.first_names.discard(name)
             await self.first  # raises when the cluster's start failed
+            self.started.add(name)
             return None
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._batch[name] = (host, future)
         if self._flush is None:
             self._flush = asyncio.ensure_future(self._start_batch())
-        return await future
+        why = await future
+        if why is None:
+            self.started.add(name)
+        return why
 
     async def _start_batch(self) -> None:
         await asyncio.sleep(0)  # the other workers of this step join the batch
@@ -502,18 +507,19 @@ class LazySSHCluster(SpecCluster):
             if name in registered and not silent:
                 self._missing.pop(name, None)
             elif worker is None:
-                if name in self._seen:
+                if name in self.launcher.started:
                     lost[name] = "it left the scheduler"
             elif worker.status in (Status.failed, Status.closed):
                 lost[name] = "its start failed"
-            elif worker.status == Status.running and name in self._seen:
+            elif worker.status == Status.running and name in self.launcher.started:
                 self._missing.setdefault(name, now)
                 suspects.append(name)
         if suspects:
             states = await asyncio.to_thread(self.engine.liveness, suspects, REACH_TIMEOUT)
             fresh = await self._registered()  # the check took time: who came back meanwhile
             for name in suspects:
-                if name in fresh and fresh[name].get("last_seen") != self._beats[name][0]:
+                last = self._beats.get(name, (None, now))[0]
+                if name in fresh and fresh[name].get("last_seen") != last:
                     continue
                 host = self.worker_spec[name]["options"]["host"]
                 state = states.get(name, "gone")
