@@ -127,8 +127,9 @@ def _worker_pid(cluster: LazySSHCluster, name: str) -> int:
     return next(p.pid for p in cluster.engine._processes.values() if p.name == name)
 
 
-def test_a_killed_worker_is_replaced_and_the_job_completes(make_cluster, multi_hosts):
-    cluster = make_cluster()
+@pytest.mark.parametrize("mode", ["direct", "tunnelled"])
+def test_a_killed_worker_is_replaced_and_the_job_completes(make_cluster, multi_hosts, mode):
+    cluster = make_cluster(network_mode=mode)
     with Client(cluster) as client:
         client.wait_for_workers(3, timeout=30)
         futures = client.map(lambda i: time.sleep(0.5) or i, range(24), pure=False)
