@@ -514,7 +514,8 @@ class DaskCluster(MasterWorkerCluster):
         up (its processes stopped); the others run."""
         if self.scheduler_address is None:
             raise ValueError("start the scheduler first")
-        self._refresh_ports()
+        scope = {h for host in placement for h in self.port_scope(self._group.get_runtime(host))}
+        self._refresh_ports(sorted(scope))  # only where the new ports must be free
         try:
             self._ports = self._finish_named(placement, self._ports, debug)
             return {}
@@ -878,8 +879,16 @@ class DaskCluster(MasterWorkerCluster):
         names = [n for n, i in self._processes.items() if i.role == "worker"]
         return sorted(names, key=lambda name: int(name.rsplit("-", 1)[1]))
 
-    def _refresh_ports(self) -> None:
-        used = fan_out("port probe", self._group.runtimes, lambda rt: rt.used_ports())
+    def _refresh_ports(self, hosts: Sequence[str] | None = None) -> None:
+        """Probe the hosts' ports again (default: every host); a host that does not answer
+        keeps its last probe (its workers cannot start there anyway, and it must not stop
+        those elsewhere)."""
+        runtimes = [rt for rt in self._group.runtimes if hosts is None or rt.host in hosts]
+        try:
+            used = fan_out("port probe", runtimes, lambda rt: rt.used_ports())
+        except GroupError as exc:
+            logger.debug("port probe incomplete: %s", exc)
+            used = exc.results
         self.plan.used_ports.update(used)
 
     def get_logs(self) -> dict[str, str]:

@@ -279,6 +279,7 @@ class LazySSHCluster(SpecCluster):
         self._lost_at: dict[str, float] = {}  # replacement name -> when its predecessor was lost
         self._waiting: list[tuple[str, str, float]] = []  # (lost worker, its host, when)
         self._healer: asyncio.Task[None] | None = None
+        self._probes: dict[str, asyncio.Future[None]] = {}  # host -> its running probe
         first = self.capacity if n_workers is None else n_workers
         if isinstance(first, bool) or not isinstance(first, int) or first < 0:
             raise ValueError(f"n_workers must be an integer >= 0, not {n_workers!r}")
@@ -437,6 +438,9 @@ class LazySSHCluster(SpecCluster):
         if self._healer is not None:
             self._healer.cancel()
             await asyncio.gather(self._healer, return_exceptions=True)
+        for probe in self._probes.values():
+            probe.cancel()
+        await asyncio.gather(*self._probes.values(), return_exceptions=True)
         orphaned = False  # the scheduler is gone (stopped by a watch, or died)
         if self.status in (Status.running, Status.failed) and self.scheduler is not None:
             orphaned = not await self._scheduler_answers()
@@ -515,7 +519,13 @@ class LazySSHCluster(SpecCluster):
                 self._missing.setdefault(name, now)
                 suspects.append(name)
         if suspects:
-            states = await asyncio.to_thread(self.engine.liveness, suspects, REACH_TIMEOUT)
+            try:  # bounded here too: reconnecting to a cut host may take its connect timeout
+                states = await asyncio.wait_for(
+                    asyncio.to_thread(self.engine.liveness, suspects, REACH_TIMEOUT),
+                    REACH_TIMEOUT + 1,
+                )
+            except asyncio.TimeoutError:
+                states = {name: "unreachable: no answer in time" for name in suspects}
             fresh = await self._registered()  # the check took time: who came back meanwhile
             for name in suspects:
                 last = self._beats.get(name, (None, now))[0]
@@ -562,7 +572,8 @@ class LazySSHCluster(SpecCluster):
             )
 
     async def _retry_hosts(self, now: float) -> None:
-        """Hosts that did not answer: stop what was left there once they do."""
+        """Hosts that did not answer are asked again in the background (a connect attempt may
+        take its whole timeout), and reported lost after HOST_LOST_AFTER."""
         for host, since in list(self.launcher.down.items()):
             if now - since > HOST_LOST_AFTER and host not in self.launcher.reported:
                 self.launcher.reported.add(host)
@@ -571,18 +582,24 @@ class LazySSHCluster(SpecCluster):
                     host,
                     now - since,
                 )
-            stale = self.launcher.stale.get(host, [])
-            try:
-                await asyncio.to_thread(self.engine.reach, host, REACH_TIMEOUT)
-                if stale:
-                    await asyncio.to_thread(self.engine.stop_named, stale)
-            except Exception as exc:
-                logger.debug("host %s still does not answer: %s", host, exc)
-                continue
-            self.launcher.stale.pop(host, None)
-            del self.launcher.down[host]
-            self.launcher.reported.discard(host)
-            logger.info("host %s answers again after %.1f s", host, time.monotonic() - since)
+            probe = self._probes.get(host)
+            if probe is None or probe.done():
+                self._probes[host] = asyncio.ensure_future(self._probe_host(host, since))
+
+    async def _probe_host(self, host: str, since: float) -> None:
+        """Once ``host`` answers: stop what was left there, and place workers there again."""
+        stale = self.launcher.stale.get(host, [])
+        try:
+            await asyncio.to_thread(self.engine.reach, host, REACH_TIMEOUT)
+            if stale:
+                await asyncio.to_thread(self.engine.stop_named, stale)
+        except Exception as exc:
+            logger.debug("host %s still does not answer: %s", host, exc)
+            return
+        self.launcher.stale.pop(host, None)
+        self.launcher.down.pop(host, None)
+        self.launcher.reported.discard(host)
+        logger.info("host %s answers again after %.1f s", host, time.monotonic() - since)
 
     def _place_waiting(self) -> int:
         """Start a replacement for each lost worker where there is room (its host first)."""

@@ -171,3 +171,31 @@ def test_a_host_cut_off_for_20_s_gets_its_workers_back(make_cluster, multi_hosts
     assert "worker host3-2 on host3 lost" in text  # silent for worker_ttl, its host unreachable
     assert "host host3 answers again" in text
     assert "starts on host3 to replace host3-2" in text  # back on its own host
+
+
+def test_workers_of_a_host_that_stays_away_move_to_hosts_with_room(
+    make_cluster, multi_hosts, caplog
+):
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks.ssh_cluster")
+    cluster = make_cluster(workers_per_host=2, n_workers=3, worker_ttl=3)
+    with Client(cluster) as client:
+        client.wait_for_workers(3, timeout=30)
+        assert sorted(hosts_of(client).values()) == ["host1", "host2", "host3"]
+        futures = client.map(lambda i: time.sleep(0.5) or i, range(30), pure=False)
+        multi_hosts.cut_host("host3")
+        try:
+            assert sorted(client.gather(futures)) == list(range(30))
+
+            def names() -> list[str]:  # asks the scheduler only: host3's worker cannot answer
+                return [
+                    str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values()
+                ]
+
+            assert wait_until(
+                lambda: len(n := names()) == 3 and not any(x.startswith("host3-") for x in n), 40
+            ), names()
+        finally:
+            multi_hosts.restore_host("host3")
+    assert "host host3 does not answer" in caplog.text
+    moved = [r.getMessage() for r in caplog.records if "to replace host3-" in r.getMessage()]
+    assert moved and " on host3 " not in moved[0]  # placed on a host with room
