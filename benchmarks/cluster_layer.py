@@ -661,11 +661,19 @@ def sshcluster_layout(first: str) -> str:
 
 
 def bench_start(
-    th: TestHosts, n: int, repeat: int, warmup: int, workdir: str
+    th: TestHosts,
+    n: int,
+    repeat: int,
+    warmup: int,
+    workdir: str,
+    cases: Sequence[str] = CASES,
 ) -> dict[str, CaseResult]:
     hosts = th.hosts[:n]
     names = [h.name for h in hosts]
     results = {case: CaseResult() for case in CASES}
+    for case in CASES:
+        if case not in cases:
+            results[case].skipped = "not selected (--cases)"
     unavailable = sshcluster_unavailable()
     if unavailable:
         results[SSHCLUSTER].skipped = unavailable
@@ -808,7 +816,7 @@ def cleanup_rows(all_results: dict[int, dict[str, CaseResult]]) -> list[list[str
             t = r.cleanup
             left = f"{len(r.leftovers)} left" if r.leftovers else "none"
             if t is None:
-                rows.append([str(n), case, "FAILED", "-", "-", left])
+                rows.append([str(n), case, "skipped" if r.skipped else "FAILED", "-", "-", left])
                 continue
             rows.append([str(n), case, f"{t.median:.0f}", f"{t.min:.0f}", f"{t.p90:.0f}", left])
     return rows
@@ -1058,9 +1066,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, default=1, help="untimed rounds before the samples (default: 1)"
     )
+    parser.add_argument(
+        "--cases",
+        type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+        default=list(CASES),
+        help="comma-separated start cases to run (default: all; the floor is always needed)",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown or FLOOR not in args.cases:
+        parser.error(f"--cases: {unknown or 'the floor is needed'}; known: {', '.join(CASES)}")
     if args.size_mb < 1:
         parser.error("--size-mb must be >= 1")
     if args.warmup < 0:
@@ -1124,7 +1141,7 @@ def main(argv: Sequence[str] | None = None) -> list[TargetResult]:
             if not unavailable:
                 print(sshcluster_layout(th.hosts[0].name))
             for n in counts:
-                all_results[n] = bench_start(th, n, args.repeat, args.warmup, work)
+                all_results[n] = bench_start(th, n, args.repeat, args.warmup, work, args.cases)
             print(f"  tunnel: {args.size_mb} MiB x {args.repeat} per side ...", flush=True)
             tunnel_rows, tunnel_target = bench_tunnel(th, args.size_mb, args.repeat, args.warmup)
         finally:

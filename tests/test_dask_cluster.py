@@ -295,13 +295,13 @@ def test_teardown_from_the_record_alone(multi_hosts, no_leftovers):
 
 
 def test_direct_mode_behind_an_ssh_only_switch_fails_clearly(ssh_only, make_cluster):
-    cluster = make_cluster(hosts=["host1", "host2"], network_mode="direct", start_timeout=8)
+    cluster = make_cluster(hosts=["host1", "host2"], network_mode="direct", start_timeout=3)
     start = time.monotonic()
     with pytest.raises(WorkerStartError) as info:
         cluster.start()
     assert time.monotonic() - start < 30
     assert set(info.value.missing) >= {"host1", "host2"}  # each host named, with its log tail
-    assert "did not register within 8" in str(info.value)
+    assert "did not register within 3" in str(info.value)
 
 
 def test_options_reach_the_processes(make_cluster):
