@@ -280,6 +280,7 @@ class LazySSHCluster(SpecCluster):
         self._waiting: list[tuple[str, str, float]] = []  # (lost worker, its host, when)
         self._healer: asyncio.Task[None] | None = None
         self._probes: dict[str, asyncio.Future[None]] = {}  # host -> its running probe
+        self._stopping = False
         first = self.capacity if n_workers is None else n_workers
         if isinstance(first, bool) or not isinstance(first, int) or first < 0:
             raise ValueError(f"n_workers must be an integer >= 0, not {n_workers!r}")
@@ -435,12 +436,14 @@ class LazySSHCluster(SpecCluster):
             self._healer = asyncio.ensure_future(self._heal_forever())
 
     async def _close(self) -> None:
-        if self._healer is not None:
-            self._healer.cancel()
-            await asyncio.gather(self._healer, return_exceptions=True)
-        for probe in self._probes.values():
-            probe.cancel()
-        await asyncio.gather(*self._probes.values(), return_exceptions=True)
+        # the flag ends the checks even when a cancellation is lost (asyncio.wait_for in
+        # Python 3.11 can swallow one that arrives as its inner future completes)
+        self._stopping = True
+        tasks = [t for t in (self._healer, *self._probes.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=HEAL_INTERVAL + 2 * REACH_TIMEOUT + 2)
         orphaned = False  # the scheduler is gone (stopped by a watch, or died)
         if self.status in (Status.running, Status.failed) and self.scheduler is not None:
             orphaned = not await self._scheduler_answers()
@@ -467,7 +470,7 @@ class LazySSHCluster(SpecCluster):
         return True
 
     async def _heal_forever(self) -> None:
-        while self.status == Status.running:
+        while self.status == Status.running and not self._stopping:
             await asyncio.sleep(HEAL_INTERVAL)
             try:
                 await self.heal_once()

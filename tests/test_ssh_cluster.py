@@ -41,9 +41,10 @@ def make_cluster(multi_hosts, no_leftovers, no_local_leaks):
 
 def hosts_of(client: Client) -> dict[str, str]:
     """worker name -> hostname where it runs (asked from the worker itself)."""
+    ran = client.run(socket.gethostname)
     info = client.scheduler_info(n_workers=-1)["workers"]
     names = {address: w["name"] for address, w in info.items()}
-    return {names[a]: h for a, h in client.run(socket.gethostname).items()}
+    return {names[a]: h for a, h in ran.items() if a in names}  # the set may change meanwhile
 
 
 def test_a_dask_cluster_on_the_hosts(make_cluster, multi_hosts):
