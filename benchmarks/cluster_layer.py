@@ -378,6 +378,17 @@ class RunOutcome:
     cleanup_phases: dict[str, float] = field(default_factory=dict)
 
 
+def _leftovers(th: TestHosts, cluster_id: str) -> list[str]:
+    """What a cluster left on the hosts and here; the local ones are killed (the hosts'
+    leftovers by the caller)."""
+    left = [f"{h}: {p}" for h, procs in th.leftovers().items() for p in procs]
+    marker = f"lazycluster-{cluster_id}"
+    left += [f"here: {p}" for p in _local_processes(marker)]
+    if left:
+        _kill_local(marker)
+    return left
+
+
 def run_ours(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
     """Time DaskCluster.start (connections included) and cleanup; check what is left."""
     mode, ssh_only, expected = OURS_MODES[case]
@@ -408,11 +419,7 @@ def run_ours(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
                 t1 = time.perf_counter()
                 cluster.cleanup()
                 cleaned = time.perf_counter() - t1
-        left = [f"{h}: {p}" for h, procs in th.leftovers().items() for p in procs]
-        marker = f"lazycluster-{cluster.cluster_id}"
-        left += [f"here: {p}" for p in _local_processes(marker)]
-        if left:
-            _kill_local(marker)  # the hosts' leftovers are killed by the caller
+        left = _leftovers(th, cluster.cluster_id)
         stop_phases = stop_trace.summary([name for name, _, _ in CLEANUP_PHASES])
         stop_phases["total"] = cleaned
         return RunOutcome(started, cleaned, left, phases, stop_phases)
@@ -449,11 +456,7 @@ def run_spec(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
             t1 = time.perf_counter()
             cluster.close()
             closed = time.perf_counter() - t1
-        left = [f"{h}: {p}" for h, procs in th.leftovers().items() for p in procs]
-        marker = f"lazycluster-{cluster.engine.cluster_id}"
-        left += [f"here: {p}" for p in _local_processes(marker)]
-        if left:
-            _kill_local(marker)
+        left = _leftovers(th, cluster.engine.cluster_id)
         return RunOutcome(started, closed, left, {}, {"total": closed})
     finally:
         if ssh_only:

@@ -741,9 +741,14 @@ class SSHConnection(Connection):
             try:
                 return transport.open_session(timeout=self.settings.connect_timeout)
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                # an open transport that lets a channel request time out is hung (the path
-                # was cut): dropped, so that this attempt or the next use connects anew
-                hung = transport.is_active() and "Timeout" in str(exc)
+                # an open transport whose server did not answer a channel request in time is
+                # hung (the path was cut): dropped, so that this attempt or the next use
+                # connects anew. A refusal (ChannelException) is an answer: the link is fine.
+                hung = (
+                    transport.is_active()
+                    and isinstance(exc, paramiko.SSHException)
+                    and not isinstance(exc, paramiko.ChannelException)
+                )
                 if hung:
                     with self._lock:
                         if self._client is not None and self._client.get_transport() is transport:

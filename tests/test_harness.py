@@ -23,29 +23,28 @@ pytest_plugins = ["lazycluster_tasks.testing.pytest_plugin"]
 
 PORT = 8786  # hosts have their own port spaces, a fixed port is fine
 
-LISTEN = """
-import socket, sys, time
+#: A TCP server on port argv[1] that says "ready" once it listens; the scripts below end it.
+SERVER = """
+import socket, sys, threading, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", int(sys.argv[1])))
 s.listen(50)
 print("ready", flush=True)
-time.sleep(60)
 """
 
-ECHO = """
-import socket, sys, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(50)
-print("ready", flush=True)
+LISTEN = SERVER + "time.sleep(60)\n"
+
+ECHO = (
+    SERVER
+    + """
 def echo(c):
     while data := c.recv(1024):
         c.sendall(data)
 while True:
     threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()
 """
+)
 
 PROBE = """
 import socket, sys
