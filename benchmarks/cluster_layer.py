@@ -68,7 +68,8 @@ from lazycluster_tasks import (
     RuntimeGroup,
     network,
 )
-from lazycluster_tasks.dask_launchers import CLIENT_TIMEOUT_ENV, scheduler_argv, worker_argv
+from lazycluster_tasks.commands import CLIENT_TIMEOUT_ENV, scheduler_argv, worker_argv
+from lazycluster_tasks.routing import TunnelledRouting
 from lazycluster_tasks.testing.hosts import TestHost, TestHosts
 
 START_TARGET = 1.1  # ours / floor
@@ -126,23 +127,25 @@ TUNNEL_TITLE = "3. tunnel throughput to host1"
 SUMMARY_TITLE = "summary"
 SSHCLUSTER_SKIPPED = "SSHCluster: skipped (asyncssh not installed)"
 
-#: Phases of ``DaskCluster.start``: (name, owner, attribute). "network" is the module.
+#: Phases of ``DaskCluster.start``: (name, owner, attribute). "network" is the module, "engine"
+#: the cluster's Engine, "routing" the tunnelled routing class.
 START_PHASES = (
     ("connect", "network", "_peer_address"),
     ("probe", "network", "probe_host"),
-    ("plan", "cluster", "ensure_plan"),
-    ("scheduler", "cluster", "start_scheduler"),
-    ("sched routes", "cluster", "_route_scheduler"),
-    ("specs", "cluster", "_worker_specs"),
+    ("plan", "engine", "ensure_plan"),
+    ("scheduler", "engine", "_launch_scheduler"),
+    ("sched wait", "engine", "_await_scheduler"),
+    ("sched routes", "routing", "route_scheduler"),
+    ("specs", "engine", "_worker_specs"),
     ("working dirs", "Runtime", "_make_working_dir"),
-    ("launch", "cluster", "_launch"),
-    ("worker routes", "cluster", "route_worker_ports"),
-    ("register", "cluster", "_wait_for_workers"),
-    ("verify", "cluster", "verify_paths"),
+    ("launch", "engine", "_launch_workers"),
+    ("worker routes", "routing", "route_workers"),
+    ("register", "engine", "_wait_for_workers"),
+    ("verify", "engine", "verify_paths"),
 )
 CLEANUP_PHASES = (
-    ("close clients", "cluster", "_close_clients"),
-    ("stop processes", "cluster", "_stop_processes"),
+    ("close clients", "clients", "close"),
+    ("stop processes", "engine", "_stop"),
     ("group cleanup", "group", "cleanup"),
     ("controller", "controller", "cleanup"),
 )
@@ -396,14 +399,14 @@ def run_ours(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
         th.ssh_only(True)
     try:
         trace, stop_trace = PhaseTrace(), PhaseTrace()
-        modules = {"network": network, "Runtime": Runtime}
+        modules = {"network": network, "Runtime": Runtime, "routing": TunnelledRouting}
         with traced(trace, START_PHASES, modules):
             t0 = time.perf_counter()
             group = RuntimeGroup(hosts=hosts, ssh_config_path=str(th.ssh_config_path))
             cluster = DaskCluster(
                 group, network_mode=mode, workers_per_host=1, threads_per_worker=1
             )
-            with traced(trace, START_PHASES, {"cluster": cluster}):
+            with traced(trace, START_PHASES, {"engine": cluster.engine}):
                 cluster.start()  # cleans up itself when it fails
             started = time.perf_counter() - t0
         phases = trace.summary([name for name, _, _ in START_PHASES])
@@ -414,7 +417,13 @@ def run_ours(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
             if len(cluster.workers) != len(hosts):
                 raise RuntimeError(f"{len(cluster.workers)} workers, expected {len(hosts)}")
         finally:
-            owners = {"cluster": cluster, "group": group, "controller": cluster.controller}
+            engine = cluster.engine
+            owners = {
+                "engine": engine,
+                "clients": engine.clients,
+                "group": group,
+                "controller": engine.controller,
+            }
             with traced(stop_trace, CLEANUP_PHASES, owners):
                 t1 = time.perf_counter()
                 cluster.cleanup()

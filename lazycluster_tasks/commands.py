@@ -2,8 +2,8 @@
 
 Every value that goes into a line (paths, env values, host names, arguments) is quoted here with
 ``shlex.quote``; user commands given to ``RuntimeTask.run_command`` are the only text passed
-through as shell code, by design. Nothing in this module does I/O: each function returns a string
-and is tested as a string.
+through as shell code, by design. The Dask processes' argument lists are built here too. Nothing
+in this module does I/O: each function returns a string (or an argv) and is tested as such.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lazycluster_tasks.dask_options import DaskOptions
 
 #: Exit code of our wrappers when ``cd`` into the working directory fails.
 EXIT_NO_WORKDIR = 97
@@ -171,3 +175,102 @@ def leader_states(leaders: Mapping[str, int]) -> str:
         for name, pid in leaders.items()
     ]
     return "; ".join(checks) or "true"
+
+
+# -- Dask processes ---------------------------------------------------------------------
+
+SCHEDULER_MODULE = "distributed.cli.dask_scheduler"
+WORKER_MODULE = "distributed.cli.dask_worker"
+#: Seconds the scheduler lives on after its last client left (read by WATCH_PRELOAD).
+CLIENT_TIMEOUT_ENV = "LAZYCLUSTER_CLIENT_TIMEOUT"
+
+#: Scheduler preload (given as text): close the scheduler once no client has been connected for
+#: $LAZYCLUSTER_CLIENT_TIMEOUT seconds — the controller holds one for the cluster's lifetime, so
+#: a controller that died takes its scheduler with it; workers follow by their death timeout.
+#: Until the controller's first client arrives the wait is at least
+#: $LAZYCLUSTER_FIRST_CLIENT_GRACE seconds (30): a loaded controller may take longer than a short
+#: idle timeout to connect, and a scheduler that closed before then failed the whole start.
+WATCH_PRELOAD = """
+import asyncio, os, time
+
+def dask_setup(scheduler):
+    limit = float(os.environ.get("LAZYCLUSTER_CLIENT_TIMEOUT", "60"))
+    first = max(limit, float(os.environ.get("LAZYCLUSTER_FIRST_CLIENT_GRACE", "30")))
+
+    async def watch():
+        last, seen = time.monotonic(), False
+        while scheduler.status.name not in ("closing", "closed"):
+            await asyncio.sleep(0.5)
+            if any(c != "fire-and-forget" for c in scheduler.clients):
+                last, seen = time.monotonic(), True
+            elif time.monotonic() - last > (limit if seen else first):
+                await scheduler.close(reason="lazycluster: no client connected")
+                return
+
+    scheduler._lazycluster_watch = asyncio.ensure_future(watch())
+"""
+
+
+def scheduler_argv(
+    python: str, address: str, port: int, folder: str, options: DaskOptions
+) -> list[str]:
+    """``dask scheduler`` bound to ``address:port``, dashboard pinned to 127.0.0.1."""
+    argv = [
+        python,
+        "-m",
+        SCHEDULER_MODULE,
+        "--host",
+        address,
+        "--port",
+        str(port),
+        "--dashboard-address",
+        "127.0.0.1:0",
+        "--scheduler-file",  # written once the scheduler listens: our readiness signal
+        f"{folder}/scheduler.json",
+        "--preload",
+        WATCH_PRELOAD,
+    ]
+    if not options.dashboard:
+        argv.append("--no-dashboard")
+    return argv + list(options.scheduler_options)
+
+
+def worker_argv(
+    python: str,
+    scheduler_address: str,
+    name: str,
+    folder: str,
+    options: DaskOptions,
+    *,
+    address: str,
+    port: int,
+    nanny_port: int | None,
+    loopback: bool,
+    resources: Mapping[str, float] | None = None,
+) -> list[str]:
+    """``dask worker`` with explicit addresses: the host's own address (direct) or 127.0.0.1 with
+    the same port on every node (``loopback``: tunnelled)."""
+    argv = [python, "-m", WORKER_MODULE, scheduler_address, "--name", name]
+    if loopback:
+        contact = f"tcp://127.0.0.1:{port}"
+        argv += ["--listen-address", contact, "--contact-address", contact]
+    else:
+        argv += ["--host", address, "--worker-port", str(port)]
+    if options.nanny:
+        argv += ["--nanny", "--nanny-port", str(nanny_port)]
+    else:
+        argv.append("--no-nanny")
+    argv += [
+        "--no-dashboard",
+        "--death-timeout",
+        str(options.death_timeout),
+        "--local-directory",
+        f"{folder}/{name}",
+    ]
+    if options.threads_per_worker:
+        argv += ["--nthreads", str(options.threads_per_worker)]
+    if options.memory_limit is not None:
+        argv += ["--memory-limit", str(options.memory_limit)]
+    if resources:
+        argv += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
+    return argv + list(options.worker_options)

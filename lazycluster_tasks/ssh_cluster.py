@@ -2,9 +2,9 @@
 
 One process object for the scheduler (:class:`SSHScheduler`) and one per worker
 (:class:`SSHWorker`), in the shape of ``distributed.deploy.ProcessInterface``. Both drive the
-machinery of :class:`~lazycluster_tasks.dask.DaskCluster`, which the cluster owns as its engine:
-the network probe and routing, detached processes with pid files, readiness, the record and the
-verified cleanup. Blocking SSH work runs in threads, never on the event loop.
+cluster's :class:`~lazycluster_tasks.engine.Engine`: the network probe and routing, detached
+processes with pid files, readiness, the record and the verified cleanup. Blocking SSH work
+runs in threads, never on the event loop.
 
 Placement follows capacity (``workers_per_host`` on every host); ``scale`` and ``adapt`` stay within
 it. Every second a check compares the scheduler's workers with the spec: a worker whose process
@@ -26,10 +26,11 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 
-from lazycluster_tasks.dask import DaskCluster, DaskOptions
-from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
+from lazycluster_tasks.dask_options import DaskOptions
+from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
 from lazycluster_tasks.group import RuntimeGroup
+from lazycluster_tasks.ports import as_port_list
 from lazycluster_tasks.record import ClusterRecord
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ REACH_TIMEOUT = 5.0
 HOST_LOST_AFTER = 120.0
 #: The scheduler drops a worker whose heartbeats stopped this long (a host cut off the network).
 WORKER_TTL = 10.0
+#: The scheduler's first choice of port (Dask's), then the cluster's ports.
+SCHEDULER_PORT = 8786
+#: Default ports for the cluster's processes (lazycluster's range).
+PORTS = list(range(60001, 60200))
+#: Seconds the scheduler has to come up.
+SCHEDULER_TIMEOUT = 30.0
 
 
 class SSHScheduler(ProcessInterface):
@@ -119,8 +126,12 @@ class WorkerLauncherLoop:
     Workers that a SpecCluster opens in one step start as one batch: one command per host, all
     hosts at once. Also keeps which hosts do not answer and the workers left on them."""
 
-    def __init__(self, engine: DaskCluster) -> None:
+    def __init__(
+        self, engine: Engine, scheduler_host: str | None, scheduler_timeout: float
+    ) -> None:
         self.engine = engine
+        self.scheduler_host = scheduler_host
+        self.scheduler_timeout = scheduler_timeout
         #: The first workers, started with the scheduler (and their names).
         self.first: asyncio.Future[None] | None = None
         self.first_names: set[str] = set()
@@ -136,9 +147,13 @@ class WorkerLauncherLoop:
         """(thread) Scheduler and first workers at once; then the end-to-end check."""
         engine = self.engine
         engine.state = "starting"
-        if not engine.begin():
-            raise ValueError("LazySSHCluster runs with its own launchers only")
-        engine.complete_named(placement)
+        host = self.scheduler_host
+        engine.start(
+            placement,
+            scheduler_on=engine.controller if host is None else engine.runtime(host),
+            scheduler_ports=[SCHEDULER_PORT, *(p for p in engine.ports if p != SCHEDULER_PORT)],
+            timeout=self.scheduler_timeout,
+        )
         if self.first_names:
             engine.verify_paths()
         engine.state = "running"
@@ -166,7 +181,7 @@ class WorkerLauncherLoop:
         for name, (host, _) in batch.items():
             placement.setdefault(host, []).append(name)
         try:
-            failed = await asyncio.to_thread(self.engine.start_named_workers, placement)
+            failed = await asyncio.to_thread(self.engine.try_start_workers, placement)
         except Exception as exc:
             failed = {name: f"{type(exc).__name__}: {exc}" for name in batch}
         for name, (_, future) in batch.items():
@@ -179,7 +194,7 @@ class WorkerLauncherLoop:
             self.stale.setdefault(host, []).append(name)
             return
         try:
-            await asyncio.to_thread(self.engine.stop_named, [name])
+            await asyncio.to_thread(self.engine.stop, [name])
         except Exception as exc:
             logger.warning(
                 "worker %s on %s not stopped yet (%s); trying again later", name, host, exc
@@ -256,21 +271,19 @@ class LazySSHCluster(SpecCluster):
             forwards = [*prefect_ports, *forwards]
         dask_options = DaskOptions(env=env, forward_ports=forwards, **options)
         group = RuntimeGroup(hosts=list(hosts), ssh_config_path=config, connection_kwargs=kwargs)
-        master = RemoteMasterLauncher(group, scheduler_host) if scheduler_host else None
         try:
-            engine = DaskCluster(
-                group, list(ports) if ports else None, master, options=dask_options
-            )
+            if scheduler_host is not None:
+                group.get_runtime(scheduler_host)  # ValueError if not one of the hosts
+            engine = Engine(group, dask_options, as_port_list(list(ports)) if ports else PORTS)
         except BaseException:
             group.cleanup()
             raise
-        if scheduler_timeout is not None:
-            engine.MASTER_START_TIMEOUT = int(max(1, scheduler_timeout))
         self.engine = engine
         self.hosts = group.hosts
         self.workers_per_host = workers_per_host
         self.heal = heal
-        self.launcher = WorkerLauncherLoop(engine)
+        timeout = SCHEDULER_TIMEOUT if scheduler_timeout is None else scheduler_timeout
+        self.launcher = WorkerLauncherLoop(engine, scheduler_host, max(1.0, timeout))
         self._count = 0
         self._seen: set[str] = set()
         self._missing: dict[str, float] = {}
@@ -455,7 +468,7 @@ class LazySSHCluster(SpecCluster):
                 await asyncio.to_thread(_flush_prefect_logs, self.engine)
             # the engine's own client goes first: it would try to reconnect to a scheduler
             # that SpecCluster is about to terminate
-            await asyncio.to_thread(self.engine.close_clients)
+            await asyncio.to_thread(self.engine.clients.close)
         await super()._close()
         if orphaned and self.scheduler is not None:
             await self.scheduler.close()  # the engine's cleanup, as after a normal close
@@ -595,7 +608,7 @@ class LazySSHCluster(SpecCluster):
         try:
             await asyncio.to_thread(self.engine.reach, host, REACH_TIMEOUT)
             if stale:
-                await asyncio.to_thread(self.engine.stop_named, stale)
+                await asyncio.to_thread(self.engine.stop, stale)
         except Exception as exc:
             logger.debug("host %s still does not answer: %s", host, exc)
             return
@@ -648,7 +661,7 @@ def _prefect_worker_env() -> tuple[dict[str, str], list[int]]:
     return worker_prefect_env()
 
 
-def _flush_prefect_logs(engine: DaskCluster) -> None:
+def _flush_prefect_logs(engine: Engine) -> None:
     """Before workers stop, they send the logs of the Prefect task runs they executed."""
     from lazycluster_tasks.prefect.tasks import flush_worker_logs
 

@@ -1,11 +1,17 @@
 """Watching a running cluster: a lost scheduler, worker or path becomes an error, never a hang.
 
-:class:`ClusterWatch` checks a :class:`~lazycluster_tasks.dask.DaskCluster` from a background
-thread every ``interval`` seconds. Fatal (the first one ends the watch and calls ``on_lost``):
-the scheduler is gone or does not answer; every worker is gone; a registered worker cannot be
-reached from this machine (direct mode) or has sent no heartbeat for ``heartbeat_limit`` seconds
-(its path to the scheduler is cut); the optional deadline passed. A worker that simply died is
-logged and left to Dask, which reschedules its work on the others.
+:class:`ClusterWatch` checks a cluster's :class:`~lazycluster_tasks.engine.Engine` (or a
+:class:`~lazycluster_tasks.dask.DaskCluster`'s) from a background thread every ``interval``
+seconds. Fatal (the first one ends the watch and calls ``on_lost``): the scheduler is gone or
+does not answer; every worker is gone; a registered worker cannot be reached from this machine
+(direct mode) or has sent no heartbeat for ``heartbeat_limit`` seconds (its path to the
+scheduler is cut); the optional deadline passed. A worker that simply died is logged and left to
+Dask, which reschedules its work on the others.
+
+A cluster that replaces lost workers itself (``LazySSHCluster``, ``heals=True``) is watched with
+its own policy: a silent or unreachable worker is logged and left to the healing, and "every
+worker is gone" becomes fatal only after ``all_lost_after`` seconds (its hosts are reported lost
+by then).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.errors import LazyclusterError
 
 if TYPE_CHECKING:
@@ -27,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 INTERVAL = 2.0
 HEARTBEAT_LIMIT = 10.0
+#: With healing: seconds without any worker before the cluster counts as lost.
+ALL_LOST_AFTER = 120.0
 CONNECT_TIMEOUT = 2.0
 
 
@@ -36,15 +45,17 @@ class ClusterWatch:
 
     def __init__(
         self,
-        cluster: DaskCluster,
+        cluster: Engine | DaskCluster,
         on_lost: Callable[[str], None] | None = None,
         interval: float = INTERVAL,
         heartbeat_limit: float = HEARTBEAT_LIMIT,
         deadline: float | None = None,
+        heals: bool = False,
+        all_lost_after: float = ALL_LOST_AFTER,
     ) -> None:
         if interval <= 0 or heartbeat_limit <= 0:
             raise ValueError("interval and heartbeat_limit must be > 0")
-        self.cluster = cluster
+        self.cluster: Engine = cluster if isinstance(cluster, Engine) else cluster.engine
         self.on_lost = on_lost
         self.interval = interval
         self.heartbeat_limit = heartbeat_limit
@@ -55,6 +66,11 @@ class ClusterWatch:
         self._thread: threading.Thread | None = None
         self._beats: dict[str, tuple[float, float]] = {}  # worker -> (last_seen, seen here at)
         self._lost: set[str] = set()
+        #: lost workers are replaced by the cluster (only the whole cluster's loss is fatal)
+        self.heals = heals
+        self.all_lost_after = all_lost_after
+        self._none_since: float | None = None
+        self._left_to_healing: set[str] = set()
 
     def __enter__(self) -> ClusterWatch:
         return self.start()
@@ -95,26 +111,37 @@ class ClusterWatch:
         if self.deadline is not None and time.monotonic() > self.deadline:
             return "the job ran past its timeout"
         cluster = self.cluster
-        if not cluster._scheduler_ok():
+        if not cluster.scheduler_ok():
             return cluster.failure or "the scheduler is gone"
         try:
-            registered = cluster._registered()
+            registered = cluster.registered()
         except (OSError, TimeoutError, LazyclusterError) as exc:
             return f"the scheduler at {cluster.scheduler_address} does not answer ({exc!r})"
-        ours = cluster._worker_names()
+        ours = cluster.worker_names()
         for name in ours:
             if name not in registered and name not in self._lost:
                 self._lost.add(name)
                 logger.warning("worker %s lost (Dask reschedules its work)", name)
-        if ours and not any(name in registered for name in ours):
-            return f"every worker is gone ({', '.join(ours)})"
         now = time.monotonic()
+        if ours and not any(name in registered for name in ours):
+            if not self.heals:
+                return f"every worker is gone ({', '.join(ours)})"
+            self._none_since = self._none_since or now
+            if now - self._none_since > self.all_lost_after:
+                return f"no worker for {now - self._none_since:.0f} s ({', '.join(ours)} lost)"
+        else:
+            self._none_since = None
         for name, info in registered.items():
             if name not in ours:
                 continue
             finding = self._heartbeat(name, info, now) or self._reachable(name, info)
-            if finding is not None:
+            if finding is None:
+                continue
+            if not self.heals:
                 return finding
+            if name not in self._left_to_healing:
+                self._left_to_healing.add(name)
+                logger.warning("%s; left to the cluster's healing", finding)
         return None
 
     def _heartbeat(self, name: str, info: dict[str, Any], now: float) -> str | None:
@@ -126,7 +153,7 @@ class ClusterWatch:
             return None
         silent = now - previous[1]
         if silent > self.heartbeat_limit:
-            host = self.cluster._processes[name].host
+            host = self.cluster.host_of(name)
             return f"worker {name} on {host} sent no heartbeat for {silent:.0f} s (path cut?)"
         return None
 
@@ -140,7 +167,7 @@ class ClusterWatch:
         try:
             socket.create_connection((address.hostname, address.port), CONNECT_TIMEOUT).close()
         except OSError as exc:
-            host = self.cluster._processes[name].host
+            host = self.cluster.host_of(name)
             why = "no answer" if isinstance(exc, TimeoutError) else str(exc)
             return (
                 f"this machine cannot reach worker {name} on {host} at "

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from lazycluster_tasks import GroupError, Runtime, RuntimeGroup
-from lazycluster_tasks.dask import DaskCluster, _retriable, first_error, teardown
+from lazycluster_tasks.dask import DaskCluster, teardown
+from lazycluster_tasks.startup import first_error, retriable
 from lazycluster_tasks.testing.hosts import TestHosts
 from tests.conftest import wait_until
 from tests.test_dask_cluster import local_leftovers
@@ -136,4 +137,4 @@ def test_workers_that_lost_their_first_connection_are_started_again() -> None:
     dropped = "INFO - Start worker\ntornado.iostream.StreamClosedError: Stream is closed\n"
     raced = "INFO - x\nOSError: [Errno 98] Address already in use\n"
     broken = "ModuleNotFoundError: No module named 'distributed'\n"
-    assert _retriable(dropped) and _retriable(raced) and not _retriable(broken)
+    assert retriable(dropped) and retriable(raced) and not retriable(broken)

@@ -1,5 +1,6 @@
 """Command lines are pure strings: check them as strings and run them through a real /bin/sh."""
 
+import shlex
 import subprocess
 import time
 
@@ -8,6 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lazycluster_tasks import commands, hostinfo
+from lazycluster_tasks.commands import (
+    SCHEDULER_MODULE,
+    WATCH_PRELOAD,
+    WORKER_MODULE,
+    scheduler_argv,
+    worker_argv,
+)
+from lazycluster_tasks.dask_options import DaskOptions
 
 NASTY = ["a b", "it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "a;b", "x\ny", "*", "~", "-rf"]
 
@@ -120,3 +129,38 @@ def test_probe_script_runs_on_this_machine():
     result = sh(hostinfo.probe_script("/bin/does-not-exist"))
     info = hostinfo.parse_probe(result.stdout)
     assert info["cpu_cores"] >= 1 and info["memory"] > 0 and info["python_version"] is None
+
+
+def test_scheduler_argv_binds_where_asked_and_keeps_the_dashboard_local():
+    options = DaskOptions(scheduler_options=["--idle-timeout", "1h"])
+    argv = scheduler_argv("/py", "10.0.0.1", 8786, "/w/lazycluster-x", options)
+    assert argv[:3] == ["/py", "-m", SCHEDULER_MODULE]
+    line = shlex.join(argv)
+    assert "--host 10.0.0.1 --port 8786 --dashboard-address 127.0.0.1:0" in line
+    assert "--scheduler-file /w/lazycluster-x/scheduler.json" in line
+    assert argv[argv.index("--preload") + 1] == WATCH_PRELOAD
+    assert argv[-2:] == ["--idle-timeout", "1h"]
+    quiet = scheduler_argv("/py", "127.0.0.1", 1, "/w", DaskOptions(dashboard=False))
+    assert "--no-dashboard" in quiet
+
+
+def test_worker_argv_direct_and_loopback():
+    options = DaskOptions(threads_per_worker=2, memory_limit="1GiB", death_timeout=7)
+    direct = worker_argv(
+        "/py", "tcp://10.0.0.1:8786", "h1-0", "/w", options,
+        address="10.0.0.2", port=60001, nanny_port=60002, loopback=False,
+        resources={"GPU": 1, "SLOT": 2},
+    )  # fmt: skip
+    line = shlex.join(direct)
+    assert direct[:5] == ["/py", "-m", WORKER_MODULE, "tcp://10.0.0.1:8786", "--name"]
+    assert "--host 10.0.0.2 --worker-port 60001 --nanny --nanny-port 60002" in line
+    assert "--death-timeout 7 --local-directory /w/h1-0 --nthreads 2 --memory-limit 1GiB" in line
+    assert direct[direct.index("--resources") + 1] == "GPU=1 SLOT=2"
+    tunnelled = worker_argv(
+        "/py", "tcp://127.0.0.1:8786", "h1-1", "/w", DaskOptions(nanny=False),
+        address="127.0.0.1", port=60003, nanny_port=None, loopback=True,
+    )  # fmt: skip
+    line = shlex.join(tunnelled)
+    contact = "tcp://127.0.0.1:60003"
+    assert f"--listen-address {contact} --contact-address {contact} --no-nanny" in line
+    assert "--host" not in tunnelled and "--nthreads" not in tunnelled

@@ -16,6 +16,7 @@ from distributed import Client
 
 from lazycluster_tasks import LazySSHCluster
 from lazycluster_tasks.dask import teardown
+from lazycluster_tasks.watch import ClusterWatch
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
@@ -156,7 +157,9 @@ def test_a_killed_worker_is_replaced_and_the_job_completes(make_cluster, multi_h
 def test_a_host_cut_off_for_20_s_gets_its_workers_back(make_cluster, multi_hosts, caplog):
     caplog.set_level(logging.INFO, logger="lazycluster_tasks.ssh_cluster")
     cluster = make_cluster()
-    with Client(cluster) as client:
+    healing = ClusterWatch(cluster.engine, heals=True)  # the Prefect layer's policy
+    strict = ClusterWatch(cluster.engine, heals=False)  # the seed API's policy
+    with Client(cluster) as client, healing, strict:
         client.wait_for_workers(3, timeout=30)
         futures = client.map(lambda i: time.sleep(1) or i, range(30), pure=False)
         multi_hosts.cut_host("host3")
@@ -168,6 +171,8 @@ def test_a_host_cut_off_for_20_s_gets_its_workers_back(make_cluster, multi_hosts
         assert wait_until(
             lambda: sorted(hosts_of(client).values()) == ["host1", "host2", "host3"], 60
         )
+    assert healing.failure is None  # a run under the healing cluster goes on
+    assert strict.failure and "host3" in strict.failure  # without healing: fatal
     text = caplog.text
     assert "worker host3-2 on host3 lost" in text  # silent for worker_ttl, its host unreachable
     assert "host host3 answers again" in text

@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect import flow
 
-from lazycluster_tasks.dask import DaskCluster
+from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.errors import ClusterLostError
 from lazycluster_tasks.prefect.blocks import HostGroupBlock
 from lazycluster_tasks.prefect.records import (
@@ -50,15 +50,15 @@ class ClusterHandle:
     """What a compute job gets: the record, a client, addresses, and a task runner.
 
     ``dask`` is the :class:`~lazycluster_tasks.LazySSHCluster` (for ``Client(handle.dask)``,
-    ``scale``, ``adapt``); ``cluster`` its engine, the seed API's DaskCluster (workers by name
-    with host and pid, logs)."""
+    ``scale``, ``adapt``); ``cluster`` its :class:`~lazycluster_tasks.engine.Engine` (workers by
+    name with host and pid, logs)."""
 
     record: ClusterRecord
     dask: LazySSHCluster
     _client: Any = field(default=None, repr=False)
 
     @property
-    def cluster(self) -> DaskCluster:
+    def cluster(self) -> Engine:
         return self.dask.engine
 
     @property
@@ -73,7 +73,7 @@ class ClusterHandle:
     def client(self) -> Any:
         """A ``distributed.Client`` on the cluster (closed with the cluster)."""
         if self._client is None:
-            self._client = self.cluster.get_client(timeout=30)
+            self._client = self.cluster.clients.new(timeout=30)
         return self._client
 
     def task_runner(self, **kwargs: Any) -> Any:
@@ -97,7 +97,7 @@ def dask_cluster(
 ) -> Iterator[ClusterHandle]:
     """A Dask cluster on ``hosts`` (or a host group block) for the duration of the block.
 
-    ``options`` are DaskCluster options (``workers_per_host``, ``network_mode``,
+    ``options`` are DaskOptions (``workers_per_host``, ``network_mode``,
     ``threads_per_worker``, ``memory_limit``, ``resources``, ``env``, ...). Nothing is left
     running on any host afterwards, whatever happens inside.
 
@@ -131,7 +131,7 @@ def dask_cluster(
         engine = dask.engine
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         with ClusterWatch(
-            engine, on_lost=lambda _: engine.stop_master(), deadline=deadline
+            engine, on_lost=lambda _: engine.stop_scheduler(), deadline=deadline, heals=dask.heal
         ) as watch:
             try:
                 yield ClusterHandle(record, dask)

@@ -20,17 +20,17 @@ from prefect.variables import Variable
 from lazycluster_tasks.record import ClusterRecord
 
 if TYPE_CHECKING:
-    from lazycluster_tasks.dask import DaskCluster
+    from lazycluster_tasks.engine import Engine
 
 logger = logging.getLogger(__name__)
 
 
-def record_of(cluster: DaskCluster, **extra: Any) -> ClusterRecord:
+def record_of(cluster: Engine, **extra: Any) -> ClusterRecord:
     """The cluster's record with the Prefect layer's fields (blocks, flow runs) set."""
     return cluster.record().replace(**extra)
 
 
-def updated(record: ClusterRecord, cluster: DaskCluster) -> ClusterRecord:
+def updated(record: ClusterRecord, cluster: Engine) -> ClusterRecord:
     """A fresh record of the cluster, keeping the Prefect layer's fields of ``record``."""
     keep = ("ssh_block", "host_group", "flow_run_ids")
     return record_of(cluster, **{key: getattr(record, key) for key in keep})

@@ -44,7 +44,7 @@ from lazycluster_tasks.prefect.records import (
 from lazycluster_tasks.runtime import Runtime
 
 if TYPE_CHECKING:
-    from lazycluster_tasks.dask import DaskCluster
+    from lazycluster_tasks.engine import Engine
     from lazycluster_tasks.ssh_cluster import LazySSHCluster
 
 
@@ -332,7 +332,7 @@ def setup_tunnels(record: ClusterRecord) -> ClusterRecord:
     cluster = LIVE.require(record.cluster_id)
     with core_logs() as log:
         broken = []
-        for runtime in cluster.engine.runtime_group.runtimes:
+        for runtime in cluster.engine.group.runtimes:
             for tunnel in runtime.tunnels:
                 try:
                     tunnel.check()
@@ -370,7 +370,7 @@ def _log_flusher() -> Any:
     return flush  # a closure, so it is pickled by value: workers need not import us
 
 
-def flush_worker_logs(cluster: DaskCluster, log: Any, timeout: float = 10) -> None:
+def flush_worker_logs(cluster: Engine, log: Any, timeout: float = 10) -> None:
     """Before workers stop, have them send the logs of the task runs they executed."""
     if cluster.scheduler_address is None or not cluster.workers:
         return
@@ -378,7 +378,7 @@ def flush_worker_logs(cluster: DaskCluster, log: Any, timeout: float = 10) -> No
 
     def run() -> None:
         try:
-            cluster.monitor_client().run(_log_flusher())
+            cluster.clients.monitor().run(_log_flusher())
         except Exception as exc:
             log.warning("workers could not flush their Prefect logs: %s", exc)
         finally:

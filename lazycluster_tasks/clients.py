@@ -1,0 +1,86 @@
+"""The controller's Dask clients of one cluster: its own (monitor) and those it hands out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a question to the scheduler may take before it counts as unanswered.
+IDENTITY_TIMEOUT = 5.0
+
+
+class Clients:
+    """Clients of the scheduler at ``address()``. The monitor client is the controller's own:
+    it keeps an idle scheduler alive (``--idle-timeout``) while the controller lives."""
+
+    def __init__(self, address: Callable[[], str | None]) -> None:
+        self._address = address
+        self._monitor: Any = None
+        self._handed_out: list[Any] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def _scheduler(self) -> str:
+        address = self._address()
+        if address is None:  # Client(None) would start a local cluster in this process
+            raise ValueError("the scheduler is not running")
+        return address
+
+    def monitor(self) -> Any:
+        """The controller's own client (connected on first use; do not close it)."""
+        with self._lock:
+            if self._monitor is None:
+                from distributed import Client
+
+                self._monitor = Client(self._scheduler(), timeout=30, set_as_default=False)
+            return self._monitor
+
+    @property
+    def connected(self) -> bool:
+        """Whether the monitor client is connected right now (a free health signal)."""
+        client = self._monitor
+        return client is not None and client.status == "running"
+
+    def connect_in_background(self) -> None:
+        """Connect the monitor client in a thread (while workers start)."""
+
+        def connect() -> None:
+            try:
+                self.monitor()
+            except Exception as exc:  # the next monitor() call raises it where it matters
+                logger.debug("monitor client not connected yet: %s", exc)
+
+        self._thread = threading.Thread(target=connect, name="lct-monitor", daemon=True)
+        self._thread.start()
+
+    def registered(self, timeout: float = IDENTITY_TIMEOUT) -> dict[str, dict[str, Any]]:
+        """Workers the scheduler lists, by name (a bounded question, never the client's 30 s)."""
+        client = self.monitor()
+        info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=timeout)
+        return {str(w.get("name")): {**w, "address": a} for a, w in info["workers"].items()}
+
+    def new(self, timeout: float) -> Any:
+        """A new client for the caller (closed by :meth:`close`)."""
+        from distributed import Client
+
+        client = Client(self._scheduler(), timeout=timeout, set_as_default=False)
+        self._handed_out.append(client)
+        return client
+
+    def close(self) -> None:
+        """Close every client (the scheduler keeps running)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for client in [*self._handed_out, self._monitor]:
+            if client is not None:
+                try:
+                    client.close(timeout=2)
+                except Exception as exc:
+                    logger.debug("closing a client failed: %s", exc)
+        self._handed_out = []
+        self._monitor = None

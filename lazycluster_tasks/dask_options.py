@@ -1,0 +1,69 @@
+"""DaskOptions: how a cluster's scheduler and workers are run, checked before anything starts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lazycluster_tasks.network import NETWORK_MODES
+from lazycluster_tasks.runtime import Runtime, check_path
+
+
+@dataclass
+class DaskOptions:
+    """How the scheduler and workers are run (all optional)."""
+
+    network_mode: str = "auto"  # "auto", "direct" or "tunnelled"
+    workers_per_host: int = 1  # default worker count = runtimes x this
+    threads_per_worker: int | None = None  # None: Dask's default (the host's cores)
+    memory_limit: str | int | None = None  # None: Dask's default ("auto")
+    #: Worker resources, e.g. {"GPU": 1}, or a function of the runtime (per host).
+    resources: Mapping[str, float] | Callable[[Runtime], Mapping[str, float]] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    scheduler_options: Sequence[str] = ()
+    worker_options: Sequence[str] = ()
+    death_timeout: float = 60.0  # a worker without scheduler exits after this
+    idle_timeout: float = 60.0  # the scheduler exits this long after its last client left
+    nanny: bool = True
+    #: Interpreter on the hosts: one path for all, or host -> path (default: the runtime's).
+    python_executable: str | Mapping[str, str] | None = None
+    dashboard: bool = True
+    #: Ports of this machine (e.g. a Prefect API) to expose as 127.0.0.1:<port> on every host.
+    forward_ports: Sequence[int] = ()
+    start_timeout: float = 120.0  # for all workers to register
+    stop_grace: float = 0.3  # seconds between TERM and KILL
+
+    def python(self, runtime: Runtime) -> str:
+        """The interpreter that runs Dask on ``runtime``."""
+        choice = self.python_executable
+        if isinstance(choice, str):
+            return choice
+        if isinstance(choice, Mapping) and runtime.host in choice:
+            return choice[runtime.host]
+        return runtime.python_executable
+
+    def check(self) -> None:
+        """Refuse options that would start a useless or broken cluster, naming the option."""
+        if self.network_mode not in NETWORK_MODES:
+            raise ValueError(
+                f"network_mode must be one of {NETWORK_MODES}, not {self.network_mode!r}"
+            )
+        check_count("workers_per_host", self.workers_per_host, minimum=1)
+        if self.threads_per_worker is not None:
+            check_count("threads_per_worker", self.threads_per_worker, minimum=1)
+        for name in ("death_timeout", "idle_timeout", "start_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+        if isinstance(self.stop_grace, bool) or not self.stop_grace >= 0:
+            raise ValueError(f"stop_grace must be >= 0, not {self.stop_grace!r}")
+        for key in self.env:
+            check_path(key, "env name")
+            if "=" in key or not key:
+                raise ValueError(f"env name must be non-empty without '=': {key!r}")
+
+
+def check_count(name: str, value: object, minimum: int = 0) -> None:
+    """Refuse anything but an integer >= minimum (bools too), naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")

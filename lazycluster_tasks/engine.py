@@ -1,0 +1,781 @@
+"""Engine: the machinery under every cluster class — one start path, one stop path.
+
+Both :class:`~lazycluster_tasks.ssh_cluster.LazySSHCluster` and the seed API's
+:class:`~lazycluster_tasks.dask.DaskCluster` drive one Engine. It owns the network plan and
+routing, the port pool, the processes it started (by name: ``scheduler``, ``<host>-<n>``), the
+controller's clients and the record. Launch strategies only decide *where*; the engine does *how*:
+
+``start(placement, scheduler_on=..., scheduler_ports=...)`` launches the scheduler (when asked),
+launches the placed workers while it boots, awaits the scheduler (a port lost at bind time moves it
+to the next port), then awaits every worker. ``stop(names)`` and ``cleanup()`` stop process groups
+on all hosts at once and verify nothing survived.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import shlex
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lazycluster_tasks import processes, startup
+from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
+from lazycluster_tasks.commands import CLIENT_TIMEOUT_ENV, scheduler_argv, worker_argv
+from lazycluster_tasks.connection import tail
+from lazycluster_tasks.dask_options import DaskOptions
+from lazycluster_tasks.errors import (
+    GroupError,
+    LazyclusterError,
+    MasterStartError,
+    NetworkPathError,
+    NoPortsLeftError,
+    PortInUseError,
+    WorkerStartError,
+)
+from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
+from lazycluster_tasks.network import NetworkPlan, plan_network
+from lazycluster_tasks.paths_check import blocked_paths
+from lazycluster_tasks.ports import as_port_list, free_ports
+from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
+from lazycluster_tasks.record import (
+    CONTROLLER_KEY,
+    ClusterRecord,
+    FolderRecord,
+    HostSpec,
+    TunnelRecord,
+)
+from lazycluster_tasks.routing import DirectRouting, make_routing
+from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.task import RuntimeTask
+
+logger = logging.getLogger(__name__)
+
+LIVENESS_INTERVAL = 2.0
+PORT_RETRIES = 3
+#: Upper bound (s) of the end-to-end readiness check once every worker registered.
+PATH_CHECK_TIMEOUT = 30.0
+
+Jobs = dict[str, tuple[Runtime, list[ProcessInfo]]]
+
+
+class Engine:
+    """The processes of one Dask cluster on a RuntimeGroup, from start to verified cleanup."""
+
+    def __init__(self, group: RuntimeGroup, options: DaskOptions, ports: Sequence[int]) -> None:
+        options.check()
+        self.group = group
+        self.options = options
+        #: Candidate ports for the cluster's processes (lazycluster's list; shrinks as used).
+        self.ports = list(ports)
+        self.cluster_id = uuid.uuid4().hex[:12]
+        self.controller = Runtime("localhost")
+        #: Called with (registered, requested) as workers register (e.g. a progress artifact).
+        self.on_progress: Callable[[int, int], None] | None = None
+        #: Called once the scheduler answers (e.g. to let a Dask cluster object connect).
+        self.on_scheduler_up: Callable[[], None] | None = None
+        #: Why a running cluster failed (None while it is healthy).
+        self.failure: str | None = None
+        self.clients = Clients(lambda: self.scheduler_address)
+        self._plan: NetworkPlan | None = None
+        self._routes: DirectRouting | None = None
+        self._reserved: dict[str, set[int]] = {}  # host ("" = this machine) -> ports in use
+        self._processes: dict[str, ProcessInfo] = {}
+        self._owners: dict[str, Runtime] = {}
+        self._scheduler_host: str | None = None  # None: this machine
+        self._scheduler_bind: str | None = None
+        self._scheduler_port: int | None = None
+        self._dashboard_port: int | None = None
+        self._lock = threading.RLock()
+        self._state = "created"
+
+    def __repr__(self) -> str:
+        return f"Engine({self.cluster_id}, hosts={self.group.hosts}, state={self._state})"
+
+    # -- the plan -------------------------------------------------------------------------
+
+    def ensure_plan(self, ports: Sequence[int]) -> NetworkPlan:
+        """Probe the hosts once (python, distributed, ports, paths) and fix the routing."""
+        with self._lock:
+            if self._plan is None:
+                mode = self.options.network_mode
+                self._plan = plan_network(self.group, mode, list(ports), self.options.python)
+                self._routes = make_routing(self._plan, self.group, self.controller)
+            return self._plan
+
+    @property
+    def routing(self) -> DirectRouting:
+        """How traffic is routed (direct or tunnelled), once the plan is made."""
+        if self._routes is None:
+            raise ValueError("the cluster has not been started")
+        return self._routes
+
+    @property
+    def plan(self) -> NetworkPlan:
+        if self._plan is None:
+            raise ValueError("the cluster has not been started")
+        return self._plan
+
+    @property
+    def network_mode(self) -> str:
+        """The resolved mode ("direct" or "tunnelled"), or the requested one before start."""
+        return self._plan.mode if self._plan else self.options.network_mode
+
+    def folder(self, runtime: Runtime) -> str:
+        return posixpath.join(runtime.working_dir, f"lazycluster-{self.cluster_id}")
+
+    def _taken(self, runtime: Runtime) -> tuple[list[str], bool, set[int]]:
+        """For a port bound on ``runtime``: the hosts where it must be free, whether this
+        machine's too, and the ports taken there (probed or reserved by us)."""
+        scope = self.routing.port_scope(runtime)
+        local = self.routing.needs_local_port(runtime)
+        used = self.plan.taken(scope, local)
+        for host in [*scope, *([""] if local else [])]:
+            used |= self._reserved.get(host, set())
+        return scope, local, used
+
+    def _reserve(self, runtime: Runtime, ports: Sequence[int]) -> None:
+        scope = self.routing.port_scope(runtime)
+        local = self.routing.needs_local_port(runtime)
+        for host in [*scope, *([""] if local else [])]:
+            self._reserved.setdefault(host, set()).update(ports)
+
+    # -- the one start path ---------------------------------------------------------------
+
+    def start(
+        self,
+        placement: dict[str, list[str]],
+        *,
+        scheduler_on: Runtime | None = None,
+        scheduler_ports: list[int] | int | None = None,
+        timeout: float = 30.0,
+        ports: list[int] | None = None,
+        debug: bool = False,
+    ) -> dict[str, list[int]]:
+        """Start the workers of ``placement`` (host -> worker names) and, when
+        ``scheduler_ports`` is given, the scheduler on ``scheduler_on`` (default: this machine)
+        on the first of them that is free. Workers launch while the scheduler boots (they retry
+        its address). Returns once the scheduler and every worker answer: host -> the worker
+        ports taken from ``ports`` (default: the cluster's pool, which loses them)."""
+        new_scheduler = scheduler_ports is not None
+        if not new_scheduler and self.scheduler_address is None:
+            raise ValueError("start the scheduler first")
+        pool = self.ports if ports is None else ports
+        candidates = [] if scheduler_ports is None else as_port_list(scheduler_ports)
+        self.ensure_plan(candidates or pool)
+        used: dict[str, list[int]] = {}
+        started: dict[str, ProcessInfo] = {}
+        if scheduler_ports is not None:
+            runtime = scheduler_on or self.controller
+            order = self._scheduler_order(runtime, scheduler_ports)
+            info = self._launch_scheduler(runtime, order[0], debug)
+            if placement:
+                started = self._launch_workers(placement, pool, used, debug)
+            while not self._await_scheduler(runtime, info, timeout, debug):
+                self._stop(list(started))  # they were given the lost address
+                started, used = {}, {}
+                if isinstance(scheduler_ports, int):
+                    raise PortInUseError(scheduler_ports, runtime.host)
+                order.pop(0)
+                if not order:
+                    raise NoPortsLeftError(
+                        f"every free-looking port was taken when binding: {candidates}"
+                    )
+                info = self._launch_scheduler(runtime, order[0], debug)
+        if placement and not started:
+            started = self._launch_workers(placement, pool, used, debug)
+        if started:
+            self._finish_workers(started, pool, used, debug)
+        taken = {p for host_ports in used.values() for p in host_ports}
+        self.ports = [p for p in self.ports if p not in taken]
+        return used
+
+    def try_start_workers(self, placement: dict[str, list[str]]) -> dict[str, str]:
+        """:meth:`start` for more workers with partial failure as data: returns name -> why,
+        for each worker that did not come up (its processes stopped); the others run."""
+        scope = {h for host in placement for h in self.routing.port_scope(self.runtime(host))}
+        self._refresh_ports(sorted(scope))  # only where the new ports must be free
+        try:
+            self.start(placement)
+            return {}
+        except (WorkerStartError, GroupError, NoPortsLeftError) as exc:
+            failure = exc
+        registered = self.registered()
+        names = [n for host_names in placement.values() for n in host_names]
+        failed = [n for n in names if n not in registered]
+        self._stop([n for n in failed if n in self._processes])
+        return {name: str(failure) for name in failed}
+
+    def verify_paths(self, timeout: float | None = None) -> None:
+        """End-to-end readiness: every worker runs a task whose result reaches this machine, and
+        each fetches another's result. Raises NetworkPathError naming every path that failed
+        within ``timeout`` (default: min(start_timeout, 30 s))."""
+        if timeout is None:
+            timeout = min(self.options.start_timeout, PATH_CHECK_TIMEOUT)
+        registered = self.registered()
+        ours = {
+            n: (self._processes[n].host, registered[n]["address"])
+            for n in self.worker_names()
+            if n in registered
+        }
+        if not ours:
+            return
+        here = "this machine" if self._scheduler_host is None else self._scheduler_host
+        failed = blocked_paths(self.clients.monitor(), ours, timeout, here)
+        if failed:
+            lines = "\n".join(f"  {path}: {why}" for path, why in failed.items())
+            raise NetworkPathError(
+                f"the workers registered, but {len(failed)} path(s) the cluster needs are "
+                f"blocked ({self.network_mode} mode):\n{lines}\n{self.routing.hint}",
+                failed,
+            )
+
+    def runtime(self, host: str) -> Runtime:
+        return self.group.get_runtime(host)
+
+    # -- scheduler ------------------------------------------------------------------------
+
+    def _scheduler_order(self, runtime: Runtime, ports: list[int] | int) -> list[int]:
+        """The candidate ports free where the scheduler binds (and where it must be reached)."""
+        _, _, used = self._taken(runtime)
+        where = "here" if runtime is self.controller else f"on {runtime.host}"
+        where += " (and on the hosts it must reach)"
+        candidates = as_port_list(ports)
+        if isinstance(ports, int) and ports in used:
+            raise PortInUseError(ports, where)
+        order = [p for p in candidates if p not in used]
+        if not order:
+            raise NoPortsLeftError(f"none of the given ports is free {where}: {candidates}")
+        return order
+
+    def _launch_scheduler(self, runtime: Runtime, port: int, debug: bool) -> ProcessInfo:
+        bind = self.routing.bind_address(runtime)
+        folder = self.folder(runtime)
+        spec = ProcessSpec(
+            "scheduler",
+            scheduler_argv(self.options.python(runtime), bind, port, folder, self.options),
+            role="master",
+            env={CLIENT_TIMEOUT_ENV: str(self.options.idle_timeout), **self.options.env},
+            ports=[port],
+        )
+        (info,) = processes.start_processes(runtime, folder, [spec])
+        self._register(runtime, info)
+        self._scheduler_host = None if runtime is self.controller else runtime.host
+        self._scheduler_bind, self._scheduler_port = bind, port
+        self._reserve(runtime, [port])
+        self.ports = [p for p in self.ports if p != port]
+        self._follow_logs(runtime, [info], debug)
+        return info
+
+    def _await_scheduler(
+        self, runtime: Runtime, info: ProcessInfo, timeout: float, debug: bool
+    ) -> bool:
+        """Wait until the scheduler wrote its file and its port answers. False when it lost its
+        port at bind time; MasterStartError when it exited otherwise or was not up in time."""
+        bind, port = self._scheduler_bind or "", self._scheduler_port or 0
+        state, waited = processes.wait_ready(
+            runtime,
+            self.options.python(runtime),
+            f"{self.folder(runtime)}/scheduler.json",
+            bind,
+            port,
+            info.pid,
+            timeout,
+        )
+        if state != "up":
+            log = processes.read_logs(runtime, [info], lines=None).get("scheduler", "")
+            self._stop(["scheduler"])
+            self._scheduler_port = self._scheduler_bind = None
+            if state == "dead" and startup.lost_port(log):
+                logger.info("port %s on %s was taken at bind time; trying the next", port, runtime)
+                return False
+            reason = "exited" if state == "dead" else f"was not up within {timeout} s"
+            raise MasterStartError(
+                f"the Dask scheduler on {runtime.host} {reason}:\n{tail(log)}",
+                host=runtime.host,
+                output=tail(log),
+            )
+        logger.info(
+            "scheduler up on %s port %s after %.2f s (pid %s)", runtime, port, waited, info.pid
+        )
+        self.routing.route_scheduler(runtime, port)  # only now: it listens
+        self._log_output([info], debug)
+        self.clients.connect_in_background()
+        if self.on_scheduler_up is not None:
+            self.on_scheduler_up()
+        return True
+
+    @property
+    def scheduler_address(self) -> str | None:
+        """The scheduler's address as seen from this machine (and from every host: tunnelled
+        mode puts it on 127.0.0.1 everywhere, direct mode uses the address it is bound to)."""
+        if self._scheduler_port is None or self._scheduler_bind is None:
+            return None
+        host = self.routing.contact_host(self._scheduler_bind)
+        return f"tcp://{host}:{self._scheduler_port}"
+
+    @property
+    def scheduler_port(self) -> int | None:
+        return self._scheduler_port
+
+    @property
+    def scheduler_process(self) -> ProcessInfo | None:
+        return self._processes.get("scheduler")
+
+    def stop_scheduler(self) -> None:
+        if "scheduler" in self._processes:
+            self._stop(["scheduler"])
+        self._scheduler_port = self._scheduler_bind = None
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _launch_workers(
+        self,
+        placement: dict[str, list[str]],
+        pool: list[int],
+        used: dict[str, list[int]],
+        debug: bool,
+    ) -> dict[str, ProcessInfo]:
+        """Start the workers of every host at once, one command per host."""
+        specs = self._worker_specs(placement, pool, used)
+        self.routing.forward_to_hosts(self.options.forward_ports)
+
+        def start(runtime: Runtime) -> list[ProcessInfo]:
+            infos = processes.start_processes(runtime, self.folder(runtime), specs[runtime.host])
+            for info in infos:
+                self._register(runtime, info)
+            self._follow_logs(runtime, infos, debug)
+            return infos
+
+        started = fan_out("start workers", [self.runtime(h) for h in specs], start)
+        return {info.name: info for infos in started.values() for info in infos}
+
+    def _worker_specs(
+        self, placement: dict[str, list[str]], pool: list[int], used: dict[str, list[int]]
+    ) -> dict[str, list[ProcessSpec]]:
+        routing, options = self.routing, self.options
+        per_worker = 2 if options.nanny else 1
+        specs: dict[str, list[ProcessSpec]] = {}
+        for host, names in placement.items():
+            runtime = self.runtime(host)
+            _, _, taken = self._taken(runtime)
+            chosen = free_ports(pool, taken, per_worker * len(names), f"for workers on {host}")
+            self._reserve(runtime, chosen)
+            used.setdefault(host, []).extend(chosen[::per_worker])
+            resources = options.resources
+            if callable(resources):
+                resources = resources(runtime)
+            specs[host] = [
+                ProcessSpec(
+                    name,
+                    worker_argv(
+                        options.python(runtime),
+                        self.scheduler_address or "",
+                        name,
+                        self.folder(runtime),
+                        options,
+                        address=routing.bind_address(runtime),
+                        port=chosen[i * per_worker],
+                        nanny_port=chosen[i * per_worker + 1] if options.nanny else None,
+                        loopback=routing.loopback,
+                        resources=resources,
+                    ),
+                    env=dict(options.env),
+                    ports=chosen[i * per_worker : (i + 1) * per_worker],
+                )
+                for i, name in enumerate(names)
+            ]
+        return specs
+
+    def _finish_workers(
+        self,
+        started: dict[str, ProcessInfo],
+        pool: list[int],
+        used: dict[str, list[int]],
+        debug: bool,
+    ) -> None:
+        """Wait for the started workers; start again those that lost their port at bind time
+        or their first connection to the scheduler."""
+        for _ in range(PORT_RETRIES):
+            # routed while they register: they dial out first
+            with self.routing.while_registering(self.worker_processes):
+                raced = self._wait_for_workers(started, self.options.start_timeout)
+            if not raced:
+                self._log_output(list(started.values()), debug)
+                return
+            again: dict[str, list[str]] = {}
+            for name in raced:
+                again.setdefault(self._processes[name].host, []).append(name)
+                self._forget(name)
+            started = self._launch_workers(again, pool, used, debug)
+        raise WorkerStartError(f"workers kept losing their ports to other processes: {raced}")
+
+    def route_workers(self) -> None:
+        """Tunnelled mode: make every started worker reachable from every node."""
+        self.routing.route_workers(self.worker_processes())
+
+    def worker_processes(self) -> list[ProcessInfo]:
+        with self._lock:
+            return [i for i in self._processes.values() if i.role == "worker"]
+
+    def worker_names(self) -> list[str]:
+        """Our workers in the order they were started."""
+        names = [i.name for i in self.worker_processes()]
+        return sorted(names, key=lambda name: int(name.rsplit("-", 1)[1]))
+
+    def host_of(self, name: str) -> str:
+        return self._processes[name].host
+
+    def _wait_for_workers(self, started: dict[str, ProcessInfo], timeout: float) -> list[str]:
+        """Wait until the scheduler lists every started worker. Returns the workers to start
+        again (see ``startup.retriable``); raises WorkerStartError for other failures."""
+        deadline = time.monotonic() + timeout
+        pending = dict(started)
+        next_check = time.monotonic() + LIVENESS_INTERVAL
+        known = -1
+        while True:
+            count = self.clients.monitor().scheduler_info(n_workers=0)["n_workers"]  # cheap
+            registered = self.registered() if count != known else {}
+            known = count
+            for name in [n for n in pending if n in registered]:
+                pending.pop(name)
+                logger.info("worker %s ready on %s", name, started[name].host)
+                if self.on_progress is not None:
+                    self.on_progress(len(started) - len(pending), len(started))
+            now = time.monotonic()
+            if not pending:
+                return []
+            if now >= next_check or now >= deadline:
+                next_check = now + LIVENESS_INTERVAL
+                dead = self._dead(list(pending.values()))
+                if dead or now >= deadline:
+                    return self._start_failure(pending, dead, timeout, late=now >= deadline)
+            time.sleep(0.05)
+
+    def _start_failure(
+        self, pending: dict[str, ProcessInfo], dead: list[str], timeout: float, late: bool
+    ) -> list[str]:
+        logs = self._logs(list(pending.values()), lines=None)
+        raced = [n for n in dead if startup.retriable(logs.get(n, ""))]
+        if raced and len(raced) == len(dead) and not late:
+            for name in raced:
+                logger.info(
+                    "worker %s on %s exited at start (%s); starting it again",
+                    name,
+                    pending[name].host,
+                    startup.first_error(logs.get(name, "")),
+                )
+            return raced
+        failed = {n: pending[n].host for n in (dead or list(pending))}
+        scheduler = self._processes.get("scheduler")
+        scheduler_log = self._logs([scheduler]).get("scheduler", "") if scheduler else None
+        raise startup.worker_start_error(failed, logs, bool(dead), timeout, scheduler_log)
+
+    # -- questions to the hosts and the scheduler -----------------------------------------
+
+    def _by_runtime(self, infos: list[ProcessInfo]) -> Jobs:
+        """Processes grouped by the runtime that owns them, keyed as in records."""
+        jobs: Jobs = {}
+        for info in infos:
+            owner = self._owners.get(info.name)
+            if owner is not None:
+                jobs.setdefault(self._key(owner), (owner, []))[1].append(info)
+        return jobs
+
+    def _dead(self, infos: list[ProcessInfo]) -> list[str]:
+        """Names of the processes that no longer run (all runtimes at once)."""
+        states = run_parallel(
+            "liveness", self._by_runtime(infos), lambda job: processes.alive(*job)
+        )
+        return [name for result in states.values() for name, up in result.items() if not up]
+
+    def _logs(
+        self, infos: list[ProcessInfo], lines: int | None = processes.LOG_TAIL_LINES
+    ) -> dict[str, str]:
+        """Each process's log (or its tail), all runtimes at once."""
+
+        def read(job: tuple[Runtime, list[ProcessInfo]]) -> dict[str, str]:
+            runtime, owned = job
+            try:
+                return processes.read_logs(runtime, owned, lines)
+            except LazyclusterError as exc:
+                return {i.name: f"(log unavailable: {exc})" for i in owned}
+
+        logs: dict[str, str] = {}
+        for part in run_parallel("read logs", self._by_runtime(infos), read).values():
+            logs.update(part)
+        return logs
+
+    def get_logs(self) -> dict[str, str]:
+        """Every process's log by name ("scheduler", "<host>-<i>")."""
+        return self._logs(list(self._processes.values()), lines=None)
+
+    def reach(self, host: str, timeout: float) -> None:
+        """One bounded round trip to ``host``; raises when it does not answer."""
+        self.runtime(host).connection.check("true", timeout=timeout)
+
+    def liveness(self, names: Sequence[str], timeout: float) -> dict[str, str]:
+        """name -> "alive", "gone", or "unreachable: why" (each host asked once, bounded)."""
+        infos = [self._processes[n] for n in names if n in self._processes]
+
+        def ask(job: tuple[Runtime, list[ProcessInfo]]) -> dict[str, str]:
+            runtime, owned = job
+            try:
+                states = processes.alive(runtime, owned, timeout=timeout)
+            except LazyclusterError as exc:
+                return {i.name: f"unreachable: {exc}".splitlines()[0] for i in owned}
+            return {name: "alive" if up else "gone" for name, up in states.items()}
+
+        result = {n: "gone" for n in names if n not in self._processes}
+        for part in run_parallel("liveness", self._by_runtime(infos), ask).values():
+            result.update(part)
+        return result
+
+    def registered(self, timeout: float = IDENTITY_TIMEOUT) -> dict[str, dict[str, Any]]:
+        """Workers the scheduler lists, by name (a bounded question)."""
+        return self.clients.registered(timeout)
+
+    def scheduler_ok(self) -> bool:
+        """Whether the scheduler still serves: free while the monitor client is connected;
+        otherwise one liveness round trip to the scheduler's host decides."""
+        if self.clients.connected:
+            return True
+        info = self._processes.get("scheduler")
+        if info is None:
+            self.failure = self.failure or "the scheduler is not running"
+            return False
+        try:
+            dead = bool(self._dead([info]))
+        except LazyclusterError as exc:
+            self.failure = f"the scheduler's host {info.host} cannot be reached: {exc}"
+            return False
+        if dead:
+            self.failure = f"the scheduler (pid {info.pid} on {info.host}) is gone"
+        return not dead
+
+    @property
+    def state(self) -> str:
+        """created, starting, running, stopping, stopped, cleanup failed — or failed once the
+        scheduler of a running cluster is gone (see ``failure``)."""
+        if self._state == "running" and not self.scheduler_ok():
+            self._state = "failed"
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+
+    @property
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """Workers the scheduler currently knows: name -> host, pid, address ({} once the
+        scheduler is gone: ``state`` then says "failed")."""
+        if self.scheduler_address is None or not self.scheduler_ok():
+            return {}
+        try:
+            registered = self.registered()
+        except (OSError, TimeoutError) as exc:
+            self.failure = f"the scheduler does not answer: {type(exc).__name__} {exc}"
+            return {}
+        return {
+            name: {
+                "host": self._processes[name].host,
+                "pid": self._processes[name].pid,
+                "address": w["address"],
+            }
+            for name, w in registered.items()
+            if name in self._processes
+        }
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard, reachable from this machine (tunnelled when needed)."""
+        if self.scheduler_address is None or not self.options.dashboard:
+            return None
+        with self._lock:
+            if self._dashboard_port is None:
+                info = self.clients.monitor().scheduler_info(n_workers=0)
+                port = info.get("services", {}).get("dashboard")
+                if port is None:
+                    return None
+                if self._scheduler_host is not None:
+                    runtime = self.runtime(self._scheduler_host)
+                    port = runtime.expose_port_from_runtime(int(port))
+                self._dashboard_port = int(port)
+        return f"http://127.0.0.1:{self._dashboard_port}/status"
+
+    def _refresh_ports(self, hosts: Sequence[str] | None = None) -> None:
+        """Probe the hosts' ports again (default: every host); a host that does not answer
+        keeps its last probe (its workers cannot start there anyway, and it must not stop
+        those elsewhere)."""
+        runtimes = [rt for rt in self.group.runtimes if hosts is None or rt.host in hosts]
+        try:
+            used = fan_out("port probe", runtimes, lambda rt: rt.used_ports())
+        except GroupError as exc:
+            logger.debug("port probe incomplete: %s", exc)
+            used = exc.results
+        self.plan.used_ports.update(used)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _register(self, runtime: Runtime, info: ProcessInfo) -> None:
+        with self._lock:
+            self._processes[info.name] = info
+            self._owners[info.name] = runtime
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            info = self._processes.pop(name, None)
+            self._owners.pop(name, None)
+        if info is not None and self._routes is not None:
+            self._routes.forget(info)
+
+    def _follow_logs(self, runtime: Runtime, infos: list[ProcessInfo], debug: bool) -> None:
+        """debug: print the processes' output live on our stdout (until cleanup)."""
+        if not debug:
+            return
+        files = shlex.join(i.log_file for i in infos)
+        task = RuntimeTask(f"follow-{infos[0].name}").run_command(f"exec tail -n +1 -F {files}")
+        runtime.execute_task(task, execute_async=True, omit_on_join=True, debug=True)
+
+    def _log_output(self, infos: list[ProcessInfo], debug: bool) -> None:
+        """Without debug: the processes' startup output goes to our logger at debug level."""
+        if debug or not logger.isEnabledFor(logging.DEBUG):
+            return
+        for name, text in self._logs(infos).items():
+            logger.debug("[%s] %s", name, text.rstrip())
+
+    def _key(self, runtime: Runtime) -> str:
+        return CONTROLLER_KEY if runtime is self.controller else runtime.host
+
+    # -- the one stop path ----------------------------------------------------------------
+
+    def stop(self, names: Sequence[str]) -> None:
+        """Stop these processes (all hosts at once); a host that fails keeps them on record."""
+        self._stop(list(names))
+
+    def stop_workers(self) -> None:
+        self._stop([i.name for i in self.worker_processes()])
+
+    def _stop(self, names: list[str], remove_folders: bool = False) -> None:
+        """Stop processes grouped by runtime, all runtimes at once, one round trip each; verify
+        none survived. ``remove_folders`` (cleanup) also removes the cluster folder — or the
+        whole working dir when it is a temporary one — in that same round trip."""
+        infos = [self._processes[n] for n in names if n in self._processes]
+        jobs = self._by_runtime(infos)
+        if remove_folders:
+            for owner in [self.controller, *self.group.runtimes]:
+                if owner._working_dir is not None:
+                    jobs.setdefault(self._key(owner), (owner, []))
+
+        def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
+            runtime, infos = job
+            folder = self.folder(runtime)
+            remove = None
+            if remove_folders:
+                remove = runtime.working_dir if runtime._working_dir_is_temp else folder
+            marker = processes.folder_marker(folder)
+            left = processes.stop_processes(runtime, infos, marker, self.options.stop_grace, remove)
+            if remove_folders and runtime._working_dir_is_temp:
+                runtime.forget_working_dir()  # removed here; its cleanup need not do it again
+            if left:
+                raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
+
+        failed: set[str] = set()
+        try:
+            run_parallel("stop processes", jobs, stop)
+        except GroupError as exc:
+            failed = set(exc.errors)
+            raise
+        finally:
+            for name in names:  # a host that failed keeps its processes on record
+                keeper = self._owners.get(name)
+                if keeper is None or self._key(keeper) not in failed:
+                    self._forget(name)
+            if self._routes is not None and not remove_folders:  # cleanup closes every tunnel
+                self._routes.unroute(infos)
+            self._release_ports([i for i in infos if i.name not in self._processes])
+
+    def _release_ports(self, stopped: list[ProcessInfo]) -> None:
+        """Ports of stopped workers (their forwards closed) serve the next workers."""
+        for info in stopped:
+            if info.role != "worker":
+                continue
+            for reserved in self._reserved.values():
+                reserved.difference_update(info.ports)
+            self.ports.extend(p for p in info.ports if p not in self.ports)
+
+    def stop_all(self) -> None:
+        """Close the clients, stop every process on every host at once and remove the cluster
+        folders. Raises when a host failed; its processes stay on record for a retry."""
+        if self._state == "cleanup failed":  # a retry: reach the hosts again
+            for runtime in self.group.runtimes:
+                runtime.reopen()
+        self.state = "stopping"
+        self.clients.close()
+        self._stop(list(self._processes), remove_folders=True)
+
+    def cleanup(self) -> None:
+        """:meth:`stop_all`, then release every connection and tunnel; verified."""
+        error: BaseException | None = None
+        try:
+            self.stop_all()
+        except Exception as exc:  # hosts that failed keep their processes on record
+            error = exc
+        self.release(error)
+
+    def release(self, error: BaseException | None = None) -> None:
+        """Close the group's and this machine's connections; record the outcome of a stop."""
+        try:
+            self.group.cleanup()
+        except Exception as exc:
+            error = error or exc
+        finally:
+            self.controller.cleanup()
+        if error is not None:
+            self.state = "cleanup failed"
+            left = sorted({i.host for i in self._processes.values()})
+            logger.error("cleanup incomplete: processes kept on record on %s", ", ".join(left))
+            raise error
+        self.state = "stopped"
+
+    # -- the record -----------------------------------------------------------------------
+
+    def record(self) -> ClusterRecord:
+        """This cluster as frozen plain data: enough to find, show and stop it later (no
+        secrets); ``teardown(record)`` stops it from that alone."""
+        owners = [self.controller, *self.group.runtimes]
+        folders = {
+            self._key(rt): FolderRecord(
+                folder=self.folder(rt),
+                working_dir=rt.working_dir,
+                temporary=rt._working_dir_is_temp,
+            )
+            for rt in owners
+            if rt._working_dir is not None
+        }
+        tunnels = [
+            TunnelRecord(
+                host=rt.host, kind=t.kind, local_port=t.local_port, remote_port=t.remote_port
+            )
+            for rt in self.group.runtimes
+            for t in rt.tunnels
+        ]
+        return ClusterRecord(
+            cluster_id=self.cluster_id,
+            state=self.state,
+            network_mode=self.network_mode,
+            network_paths=dict(self._plan.paths) if self._plan else {},
+            network_reasons=list(self._plan.reasons) if self._plan else [],
+            hosts=[HostSpec.of(rt) for rt in self.group.runtimes],
+            scheduler_host=self._scheduler_host,
+            scheduler_address=self.scheduler_address,
+            dashboard_link=(
+                f"http://127.0.0.1:{self._dashboard_port}/status" if self._dashboard_port else None
+            ),
+            processes=list(self._processes.values()),
+            folders=folders,
+            tunnels=tunnels,
+        )

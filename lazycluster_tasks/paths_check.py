@@ -1,0 +1,72 @@
+"""The end-to-end readiness check: every path a started cluster needs carries a task's data."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def blocked_paths(
+    client: Any, workers: Mapping[str, tuple[str, str]], timeout: float, scheduler_at: str
+) -> dict[str, str]:
+    """Run a tiny task pinned to every worker (name -> (host, address)) and fetch its result
+    here through the scheduler; then a ring of tasks makes each worker fetch the previous one's
+    result (worker -> worker, across hosts). Returns path -> why, for each path that failed
+    within ``timeout`` seconds."""
+    from distributed import as_completed
+
+    ours = list(workers.items())
+    started = time.monotonic()
+    first = {
+        name: client.submit(
+            socket.gethostname, workers=[address], allow_other_workers=False, pure=False
+        )
+        for name, (_, address) in ours
+    }
+    ring = {}
+    if len(ours) > 1:
+        for i, (name, _) in enumerate(ours):
+            target, (_, address) = ours[(i + 1) % len(ours)]
+            ring[(name, target)] = client.submit(
+                len, first[name], workers=[address], allow_other_workers=False, pure=False
+            )
+    futures = [*first.values(), *ring.values()]
+    failed: dict[str, str] = {}
+    try:
+        with contextlib.suppress(TimeoutError):
+            for _ in as_completed(futures, timeout=timeout, loop=client.loop):
+                pass
+        for name, future in first.items():
+            host, address = workers[name]
+            where = f"{name} on {host} ({address})"
+            if future.status != "finished":
+                failed[where] = f"ran no task within {timeout:.0f} s ({future.status})"
+                continue
+            left = max(1.0, timeout - (time.monotonic() - started))
+            try:
+                future.result(timeout=left)
+            except Exception as exc:
+                failed[f"scheduler on {scheduler_at} -> {where}"] = (
+                    f"its result could not be fetched ({type(exc).__name__})"
+                )
+        for (source, target), future in ring.items():
+            if future.status != "finished" and first[source].status == "finished":
+                source_host, source_address = workers[source]
+                failed[
+                    f"{target} on {workers[target][0]} -> {source} on {source_host} "
+                    f"({source_address})"
+                ] = f"data not fetched within {timeout:.0f} s"
+    finally:
+        client.cancel(futures, force=True)
+    logger.info(
+        "end-to-end check: %d workers reached from here and from each other in %.2f s",
+        len(ours),
+        time.monotonic() - started,
+    )
+    return failed
