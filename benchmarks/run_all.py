@@ -21,6 +21,7 @@ MODULES: list[str] = [
     "benchmarks.host_layer",
     "benchmarks.cluster_layer",
     "benchmarks.healing",
+    "benchmarks.security",
     "benchmarks.prefect_layer",
 ]
 

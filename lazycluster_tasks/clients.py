@@ -17,8 +17,9 @@ class Clients:
     """Clients of the scheduler at ``address()``. The monitor client is the controller's own:
     it keeps an idle scheduler alive (``--idle-timeout``) while the controller lives."""
 
-    def __init__(self, address: Callable[[], str | None]) -> None:
+    def __init__(self, address: Callable[[], str | None], security: Any = None) -> None:
         self._address = address
+        self.security = security  # the cluster's distributed.Security (None: plain tcp)
         self._monitor: Any = None
         self._handed_out: list[Any] = []
         self._lock = threading.Lock()
@@ -36,7 +37,9 @@ class Clients:
             if self._monitor is None:
                 from distributed import Client
 
-                self._monitor = Client(self._scheduler(), timeout=30, set_as_default=False)
+                self._monitor = Client(
+                    self._scheduler(), timeout=30, set_as_default=False, security=self.security
+                )
             return self._monitor
 
     @property
@@ -67,7 +70,9 @@ class Clients:
         """A new client for the caller (closed by :meth:`close`)."""
         from distributed import Client
 
-        client = Client(self._scheduler(), timeout=timeout, set_as_default=False)
+        client = Client(
+            self._scheduler(), timeout=timeout, set_as_default=False, security=self.security
+        )
         self._handed_out.append(client)
         return client
 

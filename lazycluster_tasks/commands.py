@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lazycluster_tasks.dask_options import DaskOptions
+    from lazycluster_tasks.security import TLSPaths
 
 #: Exit code of our wrappers when ``cd`` into the working directory fails.
 EXIT_NO_WORKDIR = 97
@@ -111,19 +112,40 @@ def python_call(python: str, code: str, args: Sequence[str] = ()) -> str:
     return shlex.join([python, "-c", code, *map(str, args)])
 
 
-def start_detached(command: Sequence[str], cwd: str, log_file: str, pid_file: str) -> str:
+def start_detached(
+    command: Sequence[str], cwd: str, log_file: str, pid_file: str, env_file: str | None = None
+) -> str:
     """Start ``command`` (argv) detached in its own session; prints its pid (= its pgid).
+    ``env_file`` (relative to ``cwd``, see :func:`env_file`) is sourced first.
 
     ``;`` after ``cd`` on purpose: ``cd DIR && setsid … &`` would background a subshell that holds
     the SSH channel open.
     """
     if not command:
         raise ValueError("empty command")
+    run = f"setsid nohup {shlex.join(command)}"
+    if env_file is not None:
+        run = f"( . ./{q(env_file)} && exec {run} )"
     return (
         f"cd -- {q(cwd)} || exit {EXIT_NO_WORKDIR}; "
-        f"setsid nohup {shlex.join(command)} >{q(log_file)} 2>&1 </dev/null & "
+        f"{run} >{q(log_file)} 2>&1 </dev/null & "
         f'echo "$!" >{q(pid_file)}; echo "$!"'
     )
+
+
+def env_file(env: Mapping[str, object]) -> str:
+    """The text of a file that ``.`` (source) turns into exported variables."""
+    return "".join(f"export {check_env_name(k)}={q(v)}\n" for k, v in env.items())
+
+
+def private_folder(path: str) -> str:
+    """Create ``path`` (and parents) readable by the user only; later files too (umask)."""
+    return f"umask 077 && mkdir -p -- {q(path)}"
+
+
+def unpack_stdin(folder: str) -> str:
+    """Unpack a tar read from stdin into ``folder`` (modes as archived, owned by the user)."""
+    return f"tar -x -o -f - -C {q(folder)}"
 
 
 #: ``live PGID`` succeeds while the process group has a member that is not a zombie (a killed
@@ -212,9 +234,15 @@ def dask_setup(scheduler):
 
 
 def scheduler_argv(
-    python: str, address: str, port: int, folder: str, options: DaskOptions
+    python: str,
+    address: str,
+    port: int,
+    folder: str,
+    options: DaskOptions,
+    tls: TLSPaths | None = None,
 ) -> list[str]:
-    """``dask scheduler`` bound to ``address:port``, dashboard pinned to 127.0.0.1."""
+    """``dask scheduler`` bound to ``address:port``, dashboard pinned to 127.0.0.1; with
+    ``tls`` it speaks only ``tls://`` and requires client certificates."""
     argv = [
         python,
         "-m",
@@ -232,7 +260,23 @@ def scheduler_argv(
     ]
     if not options.dashboard:
         argv.append("--no-dashboard")
-    return argv + list(options.scheduler_options)
+    return argv + tls_args(tls) + list(options.scheduler_options)
+
+
+def tls_args(tls: TLSPaths | None) -> list[str]:
+    """Dask's TLS flags: file paths only, never their contents."""
+    if tls is None:
+        return []
+    return [
+        "--protocol",
+        "tls",
+        "--tls-ca-file",
+        tls.ca,
+        "--tls-cert",
+        tls.cert,
+        "--tls-key",
+        tls.key,
+    ]
 
 
 def worker_argv(
@@ -247,12 +291,13 @@ def worker_argv(
     nanny_port: int | None,
     loopback: bool,
     resources: Mapping[str, float] | None = None,
+    tls: TLSPaths | None = None,
 ) -> list[str]:
     """``dask worker`` with explicit addresses: the host's own address (direct) or 127.0.0.1 with
     the same port on every node (``loopback``: tunnelled)."""
     argv = [python, "-m", WORKER_MODULE, scheduler_address, "--name", name]
     if loopback:
-        contact = f"tcp://127.0.0.1:{port}"
+        contact = f"{'tls' if tls else 'tcp'}://127.0.0.1:{port}"
         argv += ["--listen-address", contact, "--contact-address", contact]
     else:
         argv += ["--host", address, "--worker-port", str(port)]
@@ -273,4 +318,4 @@ def worker_argv(
         argv += ["--memory-limit", str(options.memory_limit)]
     if resources:
         argv += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
-    return argv + list(options.worker_options)
+    return argv + tls_args(tls) + list(options.worker_options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lazycluster_tasks.network import NETWORK_MODES
 from lazycluster_tasks.runtime import Runtime, check_path
@@ -32,6 +33,9 @@ class DaskOptions:
     forward_ports: Sequence[int] = ()
     start_timeout: float = 120.0  # for all workers to register
     stop_grace: float = 0.3  # seconds between TERM and KILL
+    #: TLS between all processes: True makes fresh certificates per cluster; False turns it off
+    #: (warned); a ``distributed.Security`` brings the user's own.
+    security: Any = True
 
     def python(self, runtime: Runtime) -> str:
         """The interpreter that runs Dask on ``runtime``."""

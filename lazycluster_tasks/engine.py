@@ -50,6 +50,7 @@ from lazycluster_tasks.record import (
 )
 from lazycluster_tasks.routing import DirectRouting, make_routing
 from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.security import ClusterTLS, cluster_tls
 from lazycluster_tasks.task import RuntimeTask
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,11 @@ class Engine:
         self.on_scheduler_up: Callable[[], None] | None = None
         #: Why a running cluster failed (None while it is healthy).
         self.failure: str | None = None
-        self.clients = Clients(lambda: self.scheduler_address)
+        #: The cluster's certificates (None: security=False, plain tcp://).
+        self.tls: ClusterTLS | None = cluster_tls(options.security)
+        #: This machine's ``distributed.Security`` for the cluster (None without TLS).
+        self.security: Any = self.tls.security() if self.tls is not None else None
+        self.clients = Clients(lambda: self.scheduler_address, self.security)
         self._plan: NetworkPlan | None = None
         self._routes: DirectRouting | None = None
         self._reserved: dict[str, set[int]] = {}  # host ("" = this machine) -> ports in use
@@ -254,14 +259,16 @@ class Engine:
     def _launch_scheduler(self, runtime: Runtime, port: int, debug: bool) -> ProcessInfo:
         bind = self.routing.bind_address(runtime)
         folder = self.folder(runtime)
+        tls = self.tls.paths(folder, "master") if self.tls is not None else None
+        argv = scheduler_argv(self.options.python(runtime), bind, port, folder, self.options, tls)
         spec = ProcessSpec(
             "scheduler",
-            scheduler_argv(self.options.python(runtime), bind, port, folder, self.options),
+            argv,
             role="master",
             env={CLIENT_TIMEOUT_ENV: str(self.options.idle_timeout), **self.options.env},
             ports=[port],
         )
-        (info,) = processes.start_processes(runtime, folder, [spec])
+        (info,) = processes.start_processes(runtime, folder, [spec], self._files("master"))
         self._register(runtime, info)
         self._scheduler_host = None if runtime is self.controller else runtime.host
         self._scheduler_bind, self._scheduler_port = bind, port
@@ -315,7 +322,8 @@ class Engine:
         if self._scheduler_port is None or self._scheduler_bind is None:
             return None
         host = self.routing.contact_host(self._scheduler_bind)
-        return f"tcp://{host}:{self._scheduler_port}"
+        scheme = "tcp" if self.tls is None else "tls"
+        return f"{scheme}://{host}:{self._scheduler_port}"
 
     @property
     def scheduler_port(self) -> int | None:
@@ -344,7 +352,10 @@ class Engine:
         self.routing.forward_to_hosts(self.options.forward_ports)
 
         def start(runtime: Runtime) -> list[ProcessInfo]:
-            infos = processes.start_processes(runtime, self.folder(runtime), specs[runtime.host])
+            folder = self.folder(runtime)
+            infos = processes.start_processes(
+                runtime, folder, specs[runtime.host], self._files("worker")
+            )
             for info in infos:
                 self._register(runtime, info)
             self._follow_logs(runtime, infos, debug)
@@ -368,6 +379,8 @@ class Engine:
             resources = options.resources
             if callable(resources):
                 resources = resources(runtime)
+            folder = self.folder(runtime)
+            tls = self.tls.paths(folder, "worker") if self.tls is not None else None
             specs[host] = [
                 ProcessSpec(
                     name,
@@ -375,13 +388,14 @@ class Engine:
                         options.python(runtime),
                         self.scheduler_address or "",
                         name,
-                        self.folder(runtime),
+                        folder,
                         options,
                         address=routing.bind_address(runtime),
                         port=chosen[i * per_worker],
                         nanny_port=chosen[i * per_worker + 1] if options.nanny else None,
                         loopback=routing.loopback,
                         resources=resources,
+                        tls=tls,
                     ),
                     env=dict(options.env),
                     ports=chosen[i * per_worker : (i + 1) * per_worker],
@@ -646,6 +660,10 @@ class Engine:
             return
         for name, text in self._logs(infos).items():
             logger.debug("[%s] %s", name, text.rstrip())
+
+    def _files(self, role: str) -> dict[str, str]:
+        """Files a start delivers into the cluster folder (the role's certificates)."""
+        return self.tls.files(role) if self.tls is not None else {}
 
     def _key(self, runtime: Runtime) -> str:
         return CONTROLLER_KEY if runtime is self.controller else runtime.host

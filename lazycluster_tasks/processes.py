@@ -8,10 +8,12 @@ in a per-cluster folder under the runtime's working dir, so a cleanup from anoth
 
 from __future__ import annotations
 
+import io
 import logging
 import posixpath
 import secrets
-from collections.abc import Sequence
+import tarfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from lazycluster_tasks import commands
@@ -53,25 +55,39 @@ class ProcessInfo:
 
 
 def start_processes(
-    runtime: Runtime, folder: str, specs: Sequence[ProcessSpec]
+    runtime: Runtime,
+    folder: str,
+    specs: Sequence[ProcessSpec],
+    files: Mapping[str, str] | None = None,
 ) -> list[ProcessInfo]:
-    """Start every spec detached on ``runtime`` in one round trip; pids come back in order."""
+    """Start every spec detached on ``runtime`` in one round trip; pids come back in order.
+
+    ``files`` (path under ``folder`` -> text) and each process's environment travel in the
+    command's stdin and are written with mode 0600 (folders 0700, processes inherit umask 077):
+    no env value or file content is ever part of a command line."""
     if not specs:
         return []
-    lines = [commands.mkdir_p(folder)]
+    payload = dict(files or {})
+    lines = [commands.private_folder(folder)]
     infos = []
+    starts = []
     for spec in specs:
         log_file = posixpath.join(folder, f"{spec.name}.log")
         pid_file = posixpath.join(folder, f"{spec.name}.pid")
         env = {**runtime.env_variables, **spec.env}
-        argv = (
-            ["env", *(f"{commands.check_env_name(k)}={v}" for k, v in env.items())] if env else []
-        )
-        lines.append(commands.start_detached(argv + spec.argv, folder, log_file, pid_file))
+        env_file = None
+        if env:
+            env_file = f"{spec.name}.env"
+            payload[env_file] = commands.env_file(env)
+        starts.append(commands.start_detached(spec.argv, folder, log_file, pid_file, env_file))
         infos.append(
             ProcessInfo(runtime.host, spec.name, spec.role, 0, pid_file, log_file, spec.ports)
         )
-    result = runtime.connection.run(" && ".join(lines))
+    if payload:
+        lines.append(commands.unpack_stdin(folder))
+    result = runtime.connection.run(
+        " && ".join(lines + starts), stdin=_archive(payload) if payload else None
+    )
     pids = [int(x) for x in result.stdout.split() if x.isdigit()]
     if not result.ok or len(pids) != len(specs):
         raise LazyclusterError(
@@ -81,6 +97,27 @@ def start_processes(
     for info, pid in zip(infos, pids, strict=True):
         info.pid = pid
     return infos
+
+
+def _archive(files: Mapping[str, str]) -> bytes:
+    """A tar of the files: 0600 each, 0700 for the folders in between."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        folders = sorted({posixpath.dirname(p) for p in files} - {""})
+        for folder in folders:
+            if posixpath.isabs(folder) or ".." in folder.split("/"):
+                raise ValueError(f"file outside the cluster folder: {folder!r}")
+            entry = tarfile.TarInfo(folder)
+            entry.type, entry.mode = tarfile.DIRTYPE, 0o700
+            tar.addfile(entry)
+        for path, text in files.items():
+            if posixpath.isabs(path) or ".." in path.split("/"):
+                raise ValueError(f"file outside the cluster folder: {path!r}")
+            data = text.encode()
+            entry = tarfile.TarInfo(path)
+            entry.size, entry.mode = len(data), 0o600
+            tar.addfile(entry, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def stop_processes(

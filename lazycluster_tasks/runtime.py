@@ -202,7 +202,8 @@ class Runtime:
             self._working_dir_is_temp = True
         else:
             target = _home_relative(path)
-            command = f"mkdir -p -- {target} && cd -- {target} && pwd"
+            # folders we create are the user's alone (0700); existing ones are left as they are
+            command = f"(umask 077 && mkdir -p -- {target}) && cd -- {target} && pwd"
         result = self._connection.run(command)
         created = result.stdout.strip().splitlines()[-1:] if result.ok else []
         if not created:

@@ -334,6 +334,7 @@ class LazySSHCluster(SpecCluster):
                 loop=loop,
                 name=name or f"LazySSHCluster-{engine.cluster_id}",
                 silence_logs=silence_logs,
+                security=engine.security,
             )
         except BaseException:
             engine.cleanup()

@@ -1,14 +1,17 @@
 """Command lines are pure strings: check them as strings and run them through a real /bin/sh."""
 
+import os
 import shlex
+import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazycluster_tasks import commands, hostinfo
+from lazycluster_tasks import commands, hostinfo, processes
 from lazycluster_tasks.commands import (
     SCHEDULER_MODULE,
     WATCH_PRELOAD,
@@ -17,6 +20,7 @@ from lazycluster_tasks.commands import (
     worker_argv,
 )
 from lazycluster_tasks.dask_options import DaskOptions
+from lazycluster_tasks.security import TLSPaths
 
 NASTY = ["a b", "it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "a;b", "x\ny", "*", "~", "-rf"]
 
@@ -164,3 +168,53 @@ def test_worker_argv_direct_and_loopback():
     contact = "tcp://127.0.0.1:60003"
     assert f"--listen-address {contact} --contact-address {contact} --no-nanny" in line
     assert "--host" not in tunnelled and "--nthreads" not in tunnelled
+
+
+def test_tls_flags_name_files_only():
+    tls = TLSPaths("/w/tls/ca.pem", "/w/tls/worker-cert.pem", "/w/tls/worker-key.pem")
+    argv = worker_argv(
+        "/py", "tls://127.0.0.1:8786", "h1-0", "/w", DaskOptions(nanny=False),
+        address="127.0.0.1", port=60001, nanny_port=None, loopback=True, tls=tls,
+    )  # fmt: skip
+    line = shlex.join(argv)
+    assert "--listen-address tls://127.0.0.1:60001" in line
+    assert "--protocol tls --tls-ca-file /w/tls/ca.pem --tls-cert /w/tls/worker-cert.pem" in line
+    assert "--tls-key /w/tls/worker-key.pem" in line
+    scheduler = shlex.join(scheduler_argv("/py", "0.0.0.0", 1, "/w", DaskOptions(), tls))
+    assert "--protocol tls" in scheduler and "-----BEGIN" not in scheduler
+
+
+@given(st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,8}", fullmatch=True), st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    max_size=20), max_size=3))  # fmt: skip
+@settings(max_examples=25, deadline=None)
+def test_files_and_env_reach_a_detached_process_through_stdin_only(tmp_path_factory, env):
+    folder = str(tmp_path_factory.mktemp("start") / "lazycluster-x")
+    files = {
+        "tls/key.pem": "-----BEGIN PRIVATE KEY-----\nsecret\n",
+        "p.env": commands.env_file(env),
+    }
+    start = commands.start_detached(
+        ["/bin/sh", "-c", "env > seen.txt"], folder, f"{folder}/p.log", f"{folder}/p.pid", "p.env"
+    )
+    line = " && ".join([commands.private_folder(folder), commands.unpack_stdin(folder), start])
+    assert "secret" not in line and all(v not in line for v in env.values() if len(v) > 3)
+    done = subprocess.run(["/bin/sh", "-c", line], input=processes._archive(files), timeout=10)
+    assert done.returncode == 0
+    seen = Path(folder, "seen.txt")
+    deadline = time.monotonic() + 5
+    while not (seen.exists() and seen.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    text = seen.read_text()
+    for key, value in env.items():
+        assert f"{key}={value}" in text
+    assert Path(folder, "tls/key.pem").read_text() == files["tls/key.pem"]
+    modes = {p: stat.S_IMODE(os.stat(Path(folder, p)).st_mode) for p in ("", "tls", "tls/key.pem")}
+    assert modes == {"": 0o700, "tls": 0o700, "tls/key.pem": 0o600}
+
+
+def test_an_archive_cannot_write_outside_the_folder():
+    with pytest.raises(ValueError, match="outside"):
+        processes._archive({"../x": "y"})
+    with pytest.raises(ValueError, match="outside"):
+        processes._archive({"/etc/x": "y"})

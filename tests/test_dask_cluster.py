@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -283,7 +284,9 @@ def test_teardown_from_the_record_alone(multi_hosts, no_leftovers):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert {p["host"] for p in record["processes"]} == {"localhost", *HOSTS}
-    assert "password" not in json.dumps(record)
+    assert "password" not in json.dumps(record) and "PRIVATE KEY" not in json.dumps(record)
+    certificates = [Path(f["folder"], "tls") for f in record["folders"].values()]
+    assert all(any(c.glob("*-key.pem")) for c in certificates)  # TLS is on by default
     start = time.monotonic()
     report = teardown(record)
     assert time.monotonic() - start < 4  # much sooner than the death timeout

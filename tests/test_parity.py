@@ -590,9 +590,13 @@ def test_working_dir_setter_moves_the_runtime(any_runtime, tmp_path):
     assert Runtime.WORKING_DIR_ENV_VAR_NAME == "WORKING_DIR" and Runtime.LOCALHOST == "localhost"
     assert any_runtime.class_name == "Runtime"
     temp = any_runtime.working_dir
+    tmp_path.chmod(0o755)
     target = str(tmp_path / "new wd; $(x)" / "deeper")
     any_runtime.working_dir = target
     assert any_runtime.working_dir == target and os.path.isdir(target)
+    created = [target, os.path.dirname(target)]  # made by us: the user's alone
+    assert {os.stat(p).st_mode & 0o777 for p in created} == {0o700}
+    assert os.stat(tmp_path).st_mode & 0o777 == 0o755  # an existing parent: left as it was
     assert any_runtime.run("pwd; echo $WORKING_DIR").split("\n")[:2] == [target, target]
     probe = Runtime("localhost")
     assert not probe.connection.run(f"test -e {temp}").ok  # the temporary dir is gone

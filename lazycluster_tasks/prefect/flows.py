@@ -80,7 +80,9 @@ class ClusterHandle:
         """A ``DaskTaskRunner`` on this cluster, for ``my_flow.with_options(task_runner=...)``."""
         from prefect_dask import DaskTaskRunner
 
-        return DaskTaskRunner(address=self.scheduler_address, **kwargs)
+        client_kwargs = dict(kwargs.pop("client_kwargs", None) or {})
+        client_kwargs.setdefault("security", self.dask.security)  # the cluster's TLS
+        return DaskTaskRunner(address=self.scheduler_address, client_kwargs=client_kwargs, **kwargs)
 
 
 @contextlib.contextmanager

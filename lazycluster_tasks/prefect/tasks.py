@@ -197,9 +197,19 @@ def worker_prefect_env() -> tuple[dict[str, str], list[int]]:
     parts = urlsplit(api_url)
     if parts.hostname in LOOPBACK_HOSTS and parts.port:
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{parts.port}{parts.path}"
-        return env, [parts.port]
+        return {**env, **_credentials()}, [parts.port]
     env["PREFECT_API_URL"] = api_url
-    return env, []
+    return {**env, **_credentials()}, []
+
+
+def _credentials() -> dict[str, str]:
+    """The controller's Prefect credentials (Cloud API key, server auth string), for workers:
+    they travel to the hosts in a 0600 file, never on a command line."""
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    found = {"PREFECT_API_KEY": api.key, "PREFECT_API_AUTH_STRING": api.auth_string}
+    return {name: value.get_secret_value() for name, value in found.items() if value is not None}
 
 
 def live_cluster(cluster_id: str) -> LazySSHCluster | None:
