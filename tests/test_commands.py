@@ -187,7 +187,7 @@ def test_tls_flags_name_files_only():
 @given(st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,8}", fullmatch=True), st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
     max_size=20), max_size=3))  # fmt: skip
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 def test_files_and_env_reach_a_detached_process_through_stdin_only(tmp_path_factory, env):
     folder = str(tmp_path_factory.mktemp("start") / "lazycluster-x")
     files = {

@@ -94,7 +94,7 @@ def test_work_runs_on_every_host(multi_hosts, make_cluster, switch, master):
         assert ran_on == {f"{h}-{i}": h for i, h in enumerate(HOSTS)}
         assert {w["host"] for w in cluster.workers.values()} == set(HOSTS)
         if switch == "ssh-only":
-            assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+            assert cluster.scheduler_address.startswith("tls://127.0.0.1:")  # TLS by default
         with urllib.request.urlopen(
             cluster.dashboard_link.replace("/status", "/health"), timeout=10
         ) as r:
@@ -253,7 +253,7 @@ def test_embedded_default_runs_on_this_machine(no_local_leaks):
     try:
         cluster.start()
         assert cluster.network_mode == "direct"
-        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
         assert set(where_work_ran(cluster).values()) == {socket.gethostname()}
     finally:
         cluster.cleanup()

@@ -75,6 +75,9 @@ ours = json.loads(sys.stdin.read() or "null")  # the cluster's own (cert, key): 
 certs = {"own cert": (foreign.tls_client_cert, foreign.tls_client_key), "no cert": None}
 if ours:
     certs["the cluster's cert (control)"] = ours
+else:  # no TLS on the cluster: plain tcp is what an attacker uses
+    attempts = {k: v for k, v in attempts.items() if "plain" in k}
+    certs = {}
 for target, address in (("scheduler", scheduler), ("worker", worker)):
     for label, cert in certs.items():
         tls = "tls://" + host_port(address)
