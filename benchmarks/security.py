@@ -62,7 +62,7 @@ def sample(th: TestHosts, hosts: list[str], case: Case, mib: int, transfers: int
         security=case.tls,
         threads_per_worker=1,
     )
-    with cluster, Client(cluster, set_as_default=False) as client:
+    with cluster, Client(cluster) as client:  # the default client: wait() uses it
         case.starts.append(time.perf_counter() - t0)
         info = client.scheduler_info(n_workers=-1)["workers"]
         by_host = {str(w["name"]).rsplit("-", 1)[0]: a for a, w in info.items()}

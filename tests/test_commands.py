@@ -20,7 +20,7 @@ from lazycluster_tasks.commands import (
     worker_argv,
 )
 from lazycluster_tasks.dask_options import DaskOptions
-from lazycluster_tasks.security import TLSPaths
+from lazycluster_tasks.security import ClusterTLS, TLSPaths, cluster_tls
 
 NASTY = ["a b", "it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "a;b", "x\ny", "*", "~", "-rf"]
 
@@ -218,3 +218,32 @@ def test_an_archive_cannot_write_outside_the_folder():
         processes._archive({"../x": "y"})
     with pytest.raises(ValueError, match="outside"):
         processes._archive({"/etc/x": "y"})
+
+
+def test_a_users_own_security_is_delivered_or_referenced():
+    from distributed import Security
+
+    made = Security.temporary()  # PEM contents: delivered like ours
+    tls = ClusterTLS.from_security(made)
+    assert set(tls.files("worker")) == {"tls/ca.pem", "tls/worker-cert.pem", "tls/worker-key.pem"}
+    assert tls.paths("/w", "master").key == "/w/tls/master-key.pem"
+    assert "PRIVATE" not in repr(tls)
+    files = {"tls_worker_cert": "/etc/c.pem", "tls_worker_key": "/etc/k.pem"}
+    on_disk = Security(tls_ca_file="/etc/ca.pem", **files)
+    tls = ClusterTLS.from_security(on_disk)  # paths: already on every host, used as they are
+    assert tls.files("worker") == {}
+    assert tls.paths("/w", "worker") == TLSPaths("/etc/ca.pem", "/etc/c.pem", "/etc/k.pem")
+    with pytest.raises(ValueError, match="tls_ca_file"):
+        ClusterTLS.from_security(Security(**files))
+    with pytest.raises(ValueError, match="security must be"):
+        cluster_tls("yes")
+    assert cluster_tls(False) is None
+
+
+def test_workers_get_the_controllers_prefect_credentials():
+    from prefect.settings import PREFECT_API_KEY, temporary_settings
+
+    from lazycluster_tasks.prefect.tasks import _credentials
+
+    with temporary_settings(updates={PREFECT_API_KEY: "pnu_test"}):
+        assert _credentials() == {"PREFECT_API_KEY": "pnu_test"}
