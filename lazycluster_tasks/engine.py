@@ -19,7 +19,7 @@ import shlex
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from lazycluster_tasks import processes, startup
@@ -80,6 +80,8 @@ class Engine:
         self.on_scheduler_up: Callable[[], None] | None = None
         #: Why a running cluster failed (None while it is healthy).
         self.failure: str | None = None
+        #: Hosts that do not answer now (a healing cluster sets it): routes to them wait.
+        self.unreachable: Callable[[], Collection[str]] = tuple
         #: The cluster's certificates (None: security=False, plain tcp://).
         self.tls: ClusterTLS | None = cluster_tls(options.security)
         #: This machine's ``distributed.Security`` for the cluster (None without TLS).
@@ -109,6 +111,7 @@ class Engine:
                 mode = self.options.network_mode
                 self._plan = plan_network(self.group, mode, list(ports), self.options.python)
                 self._routes = make_routing(self._plan, self.group, self.controller)
+                self._routes.unreachable = lambda: self.unreachable()
             return self._plan
 
     @property
@@ -202,6 +205,7 @@ class Engine:
         """:meth:`start` for more workers with partial failure as data: returns name -> why,
         for each worker that did not come up (its processes stopped); the others run."""
         scope = {h for host in placement for h in self.routing.port_scope(self.runtime(host))}
+        scope -= set(self.unreachable())  # those keep their last probe: asking them would stall
         self._refresh_ports(sorted(scope))  # only where the new ports must be free
         try:
             self.start(placement)
@@ -426,6 +430,11 @@ class Engine:
                 self._forget(name)
             started = self._launch_workers(again, pool, used, debug)
         raise WorkerStartError(f"workers kept losing their ports to other processes: {raced}")
+
+    def reroute(self, host: str) -> None:
+        """``host`` answers again: give it the routes it missed."""
+        if self._routes is not None:
+            self._routes.reroute(host)
 
     def route_workers(self) -> None:
         """Tunnelled mode: make every started worker reachable from every node."""

@@ -9,13 +9,16 @@ compares mode names.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.network import NetworkPlan
 from lazycluster_tasks.processes import ProcessInfo
 from lazycluster_tasks.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 #: A route: (host, port) — the port of a process on that host ("" is this machine).
@@ -35,6 +38,11 @@ class DirectRouting:
     def __init__(self, plan: NetworkPlan, group: RuntimeGroup, controller: Runtime) -> None:
         self.plan, self.group, self.controller = plan, group, controller
         self.routed: set[Route] = set()
+        #: Hosts that do not answer now (set by a healing cluster): routes to them wait for
+        #: :meth:`reroute` instead of failing the workers started meanwhile elsewhere.
+        self.unreachable: Callable[[], Collection[str]] = tuple
+        self._missed: dict[str, set[Route]] = {}  # host -> routes it should get
+        self._to_close: dict[str, set[int]] = {}  # host -> ports whose forwards must go
         self._lock = threading.Lock()
 
     def bind_address(self, runtime: Runtime) -> str:
@@ -60,6 +68,9 @@ class DirectRouting:
 
     def route_workers(self, workers: Sequence[ProcessInfo]) -> None:
         """Make started workers reachable (nothing to do when direct)."""
+
+    def reroute(self, host: str) -> None:
+        """``host`` answers again: give it the routes it missed (nothing to do when direct)."""
 
     @contextlib.contextmanager
     def while_registering(self, workers: Callable[[], Sequence[ProcessInfo]]) -> Iterator[None]:
@@ -91,14 +102,19 @@ class DirectRouting:
         if not routes:
             return
         ports = {port for _, port in routes}
+        away = set(self.unreachable())
 
         def close(runtime: Runtime) -> None:
             for port in ports:
                 runtime.close_tunnel(port)
 
-        fan_out("close worker routes", self.group.runtimes, close)
         with self._lock:
             self.routed -= routes
+            for host in away:
+                self._missed.setdefault(host, set()).difference_update(routes)
+                self._to_close.setdefault(host, set()).update(ports)
+        reached = [rt for rt in self.group.runtimes if rt.host not in away]
+        fan_out("close worker routes", reached, close)
 
     def forget(self, process: ProcessInfo) -> None:
         """A process no longer runs: its routes are no longer ours to close."""
@@ -142,14 +158,42 @@ class TunnelledRouting(DirectRouting):
             self.routed.update(todo)
         if not todo:
             return
+        worker_ports = {(i.host, i.ports[0]) for i in workers}
+        away = set(self.unreachable())
+        with self._lock:
+            for host in away:  # routed once it answers (see reroute)
+                missed = {r for r in todo if r[0] != host and r in worker_ports}
+                self._missed.setdefault(host, set()).update(missed)
+        if away:
+            logger.info("routes to %s wait until it answers", ", ".join(sorted(away)))
         try:
-            self._route(todo, {(i.host, i.ports[0]) for i in workers})
+            self._route(
+                todo, worker_ports, [rt for rt in self.group.runtimes if rt.host not in away]
+            )
         except BaseException:
             with self._lock:
                 self.routed -= set(todo)
             raise
 
-    def _route(self, todo: list[Route], worker_ports: set[Route]) -> None:
+    def reroute(self, host: str) -> None:
+        """``host`` answers again: forward the worker ports it missed meanwhile and close those
+        of workers stopped meanwhile."""
+        with self._lock:
+            missed = self._missed.pop(host, set()) & self.routed
+            to_close = self._to_close.pop(host, set())
+        runtime = self.group.get_runtime(host)
+        for port in to_close:
+            runtime.close_tunnel(port)
+        for _, port in sorted(missed):
+            runtime.expose_port_to_runtime(port, port)
+        if missed or to_close:
+            logger.info(
+                "host %s: %d worker routes added, %d closed", host, len(missed), len(to_close)
+            )
+
+    def _route(
+        self, todo: list[Route], worker_ports: set[Route], runtimes: Sequence[Runtime]
+    ) -> None:
 
         def route(runtime: Runtime) -> None:
             if not runtime.is_local:
@@ -160,7 +204,7 @@ class TunnelledRouting(DirectRouting):
                 if host != runtime.host and (host, port) in worker_ports and not runtime.is_local:
                     runtime.expose_port_to_runtime(port, port)
 
-        fan_out("route worker ports", self.group.runtimes, route)
+        fan_out("route worker ports", list(runtimes), route)
 
     @contextlib.contextmanager
     def while_registering(self, workers: Callable[[], Sequence[ProcessInfo]]) -> Iterator[None]:

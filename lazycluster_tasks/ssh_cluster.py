@@ -284,6 +284,7 @@ class LazySSHCluster(SpecCluster):
         self.heal = heal
         timeout = SCHEDULER_TIMEOUT if scheduler_timeout is None else scheduler_timeout
         self.launcher = WorkerLauncherLoop(engine, scheduler_host, max(1.0, timeout))
+        engine.unreachable = lambda: set(self.launcher.down)
         self._count = 0
         self._seen: set[str] = set()
         self._missing: dict[str, float] = {}
@@ -610,6 +611,7 @@ class LazySSHCluster(SpecCluster):
             await asyncio.to_thread(self.engine.reach, host, REACH_TIMEOUT)
             if stale:
                 await asyncio.to_thread(self.engine.stop, stale)
+            await asyncio.to_thread(self.engine.reroute, host)  # tunnelled: what it missed
         except Exception as exc:
             logger.debug("host %s still does not answer: %s", host, exc)
             return
