@@ -222,6 +222,8 @@ class LazySSHCluster(SpecCluster):
     ``scheduler_host``: a host to run the scheduler on (default: this machine).
     ``python``: the interpreter on the hosts, one path or host -> path.
     ``worker_ttl``: seconds after which the scheduler drops a silent worker (then replaced).
+    ``host_lost_after``: seconds after which a host that does not answer is reported lost
+    (default 120; it is still asked, and used again once it answers).
     ``heal``: replace lost workers (default True). Other keywords are :class:`DaskOptions`
     (``network_mode``, ``threads_per_worker``, ``memory_limit``, ``env``, ``resources``, ...).
     """
@@ -242,6 +244,7 @@ class LazySSHCluster(SpecCluster):
         ports: Sequence[int] | None = None,
         scheduler_timeout: float | None = None,
         worker_ttl: float = WORKER_TTL,
+        host_lost_after: float = HOST_LOST_AFTER,
         heal: bool = True,
         prefect_api: bool | None = None,
         asynchronous: bool = False,
@@ -261,6 +264,10 @@ class LazySSHCluster(SpecCluster):
             raise ValueError(f"worker_ttl must be a number of seconds > 0, not {worker_ttl!r}")
         if not worker_ttl > 0:
             raise ValueError(f"worker_ttl must be a number of seconds > 0, not {worker_ttl!r}")
+        if isinstance(host_lost_after, bool) or not isinstance(host_lost_after, (int, float)):
+            raise ValueError(f"host_lost_after must be seconds > 0, not {host_lost_after!r}")
+        if not host_lost_after > 0:
+            raise ValueError(f"host_lost_after must be seconds > 0, not {host_lost_after!r}")
         env = dict(options.pop("env", None) or {})
         env.setdefault("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", f"{worker_ttl}s")
         forwards = list(options.pop("forward_ports", ()) or ())
@@ -290,6 +297,7 @@ class LazySSHCluster(SpecCluster):
         self._missing: dict[str, float] = {}
         self._beats: dict[str, tuple[Any, float]] = {}  # name -> (scheduler's last_seen, when)
         self.worker_ttl = float(worker_ttl)
+        self.host_lost_after = float(host_lost_after)
         self._lost_at: dict[str, float] = {}  # replacement name -> when its predecessor was lost
         self._waiting: list[tuple[str, str, float]] = []  # (lost worker, its host, when)
         self._healer: asyncio.Task[None] | None = None
@@ -591,9 +599,9 @@ class LazySSHCluster(SpecCluster):
 
     async def _retry_hosts(self, now: float) -> None:
         """Hosts that did not answer are asked again in the background (a connect attempt may
-        take its whole timeout), and reported lost after HOST_LOST_AFTER."""
+        take its whole timeout), and reported lost after ``host_lost_after`` seconds."""
         for host, since in list(self.launcher.down.items()):
-            if now - since > HOST_LOST_AFTER and host not in self.launcher.reported:
+            if now - since > self.host_lost_after and host not in self.launcher.reported:
                 self.launcher.reported.add(host)
                 logger.error(
                     "host %s lost: no answer for %.0f s; the cluster runs on the other hosts",

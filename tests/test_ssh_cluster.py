@@ -89,6 +89,10 @@ def test_bad_arguments_are_named():
         LazySSHCluster(["host1"], network_mode="fast")
     with pytest.raises(ValueError, match="worker_ttl"):
         LazySSHCluster(["host1"], worker_ttl=0)
+    with pytest.raises(ValueError, match="host_lost_after"):
+        LazySSHCluster(["host1"], host_lost_after=-1)
+    with pytest.raises(ValueError, match="security must be"):
+        LazySSHCluster(["host1"], security="yes")
 
 
 def test_asynchronous(make_cluster, multi_hosts):
@@ -185,7 +189,9 @@ def test_workers_of_a_host_that_stays_away_move_to_hosts_with_room(
     """Tunnelled (the host-cut test above is direct): the replacement's routes skip the absent
     host, which gets them once it answers again."""
     caplog.set_level(logging.INFO, logger="lazycluster_tasks")
-    cluster = make_cluster(workers_per_host=2, n_workers=3, worker_ttl=3, network_mode="tunnelled")
+    cluster = make_cluster(
+        workers_per_host=2, n_workers=3, worker_ttl=3, network_mode="tunnelled", host_lost_after=3
+    )
     with Client(cluster) as client:
         client.wait_for_workers(3, timeout=30)
         assert sorted(hosts_of(client).values()) == ["host1", "host2", "host3"]
@@ -202,6 +208,8 @@ def test_workers_of_a_host_that_stays_away_move_to_hosts_with_room(
             assert wait_until(
                 lambda: len(n := names()) == 3 and not any(x.startswith("host3-") for x in n), 40
             ), names()
+            lost = "host host3 lost: no answer for"  # reported; the cluster runs on the others
+            assert wait_until(lambda: lost in caplog.text, 10)
         finally:
             multi_hosts.restore_host("host3")
         assert wait_until(lambda: "host host3 answers again" in caplog.text, 30)
