@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -76,16 +77,32 @@ def test_a_failing_job_fails_the_flow_and_still_tears_down(hosts_cfg, multi_host
     assert multi_hosts.leftovers() == {}
 
 
+class _OnRetry(logging.Handler):
+    """Calls ``action`` once, when Prefect announces the first retry of a task run."""
+
+    def __init__(self, action) -> None:
+        super().__init__()
+        self.action, self.done = action, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Retry" in record.getMessage() and not self.done.is_set():
+            self.done.set()
+            self.action()
+
+
 def test_transient_refusal_is_retried(hosts_cfg, multi_hosts):
-    multi_hosts.stop_sshd("host3")
-    restart = threading.Timer(1.5, multi_hosts.start_sshd, args=("host3",))
-    restart.start()
+    multi_hosts.stop_sshd("host3")  # refused until the first attempt has failed
+    on_retry = _OnRetry(lambda: multi_hosts.start_sshd("host3"))
+    task_log = logging.getLogger("prefect.task_runs")
+    task_log.addHandler(on_retry)
     try:
         state = cluster_lifecycle(
             job=hostnames, hosts=HOSTS, ssh_config_path=hosts_cfg, return_state=True
         )
     finally:
-        restart.join()
+        task_log.removeHandler(on_retry)
+        if not on_retry.done.is_set():
+            multi_hosts.start_sshd("host3")
     assert state.is_completed(), state
     assert state.result() == HOSTS
     runs = task_runs_of(state.state_details.flow_run_id)

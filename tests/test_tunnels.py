@@ -14,6 +14,7 @@ from lazycluster_tasks import (
     PortInUseError,
     Runtime,
     RuntimeGroup,
+    tunnels,
 )
 from tests.conftest import ssh_runtime, wait_until
 
@@ -220,3 +221,64 @@ def test_group_tunnels_connect_hosts_that_cannot_see_each_other(ssh_only, server
     assert all(rt.tunnels == [] for rt in group.runtimes)
     with pytest.raises(OSError):  # nothing listens on the group port any more
         greet(7351)
+
+
+#: Echoes every connection's bytes back until the client half-closes (many at once).
+ECHO_ALL = """
+import asyncio, sys
+async def echo(reader, writer):
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+async def main():
+    server = await asyncio.start_server(echo, "127.0.0.1", int(sys.argv[1]), backlog=1024)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def test_hundreds_of_forwarded_connections_share_one_relay(
+    multi_hosts, no_leftovers, no_local_leaks
+):
+    """Past select()'s 1024 descriptors, with a bounded number of threads, every byte back."""
+    proc = multi_hosts.run_in("host1", [sys.executable, "-c", ECHO_ALL, "7333"])
+    runtime = ssh_runtime(multi_hosts, "host1")
+    peak = [threading.active_count()]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            peak[0] = max(peak[0], threading.active_count())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        probe = "import socket; socket.create_connection(('127.0.0.1', 7333), 1).close()"
+        assert wait_until(
+            lambda: multi_hosts.run_in("host1", [sys.executable, "-c", probe]).wait() == 0, 10
+        )
+        port = runtime.expose_port_from_runtime(7333)
+        before = threading.active_count()
+        sampler.start()
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(500)]
+        payloads = [bytes([i % 256]) * (4096 + i) for i in range(len(conns))]
+        for conn, payload in zip(conns, payloads, strict=True):
+            conn.sendall(payload)
+        assert psutil.Process().num_fds() > 1024  # beyond what select() can watch
+        for conn, payload in zip(conns, payloads, strict=True):
+            conn.shutdown(socket.SHUT_WR)
+            received = bytearray()
+            while chunk := conn.recv(1 << 16):
+                received += chunk
+            assert bytes(received) == payload
+            conn.close()
+        stop.set()
+        sampler.join()
+        print(f"threads: {before} before, at most {peak[0]} with 500 connections")
+        # the sampler, the relay and at most OPENERS channel openers: no thread per connection
+        assert peak[0] <= before + 2 + tunnels.OPENERS
+    finally:
+        stop.set()
+        runtime.cleanup()
+        proc.kill()
+        proc.wait()
