@@ -39,7 +39,7 @@ from lazycluster_tasks.errors import (
 from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
 from lazycluster_tasks.network import NetworkPlan, plan_network
 from lazycluster_tasks.paths_check import blocked_paths
-from lazycluster_tasks.ports import as_port_list, free_ports
+from lazycluster_tasks.ports import as_port_list, bindable_here, free_ports
 from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
 from lazycluster_tasks.record import (
     CONTROLLER_KEY,
@@ -376,8 +376,12 @@ class Engine:
         specs: dict[str, list[ProcessSpec]] = {}
         for host, names in placement.items():
             runtime = self.runtime(host)
-            _, _, taken = self._taken(runtime)
-            chosen = free_ports(pool, taken, per_worker * len(names), f"for workers on {host}")
+            _, local, taken = self._taken(runtime)
+            count, where = per_worker * len(names), f"for workers on {host}"
+            chosen = free_ports(pool, taken, count, where)
+            while local and (lost := [p for p in chosen if not bindable_here(p)]):
+                taken |= set(lost)  # taken here since the probe (an outgoing connection)
+                chosen = free_ports(pool, taken, count, where)
             self._reserve(runtime, chosen)
             used.setdefault(host, []).extend(chosen[::per_worker])
             resources = options.resources

@@ -6,6 +6,7 @@ therefore move on to the next port of their list when a bind fails.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Sequence
 
 import psutil
@@ -77,3 +78,16 @@ def _span(ports: Sequence[int]) -> str:
     if len(ports) > 6:
         return f"{ports[0]}…{ports[-1]} ({len(ports)} ports)"
     return ", ".join(map(str, ports))
+
+
+def bindable_here(port: int) -> bool:
+    """Whether 127.0.0.1:port can be bound on this machine right now. A probe's list misses
+    ports that outgoing connections took since (our default ports lie in Linux's ephemeral
+    range); a listener about to bind one asks this first."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -40,6 +40,7 @@ class _End:
         self.out = bytearray()
         self.eof_in = False  # nothing more will be read from it
         self.eof_out = False  # its writing side was shut down
+        self.events = 0  # what the selector watches it for now
         self.peer: _End
         self.pair: _Pair
 
@@ -116,9 +117,23 @@ class Relay:
         must not block)."""
         self._call(lambda: self._listen(server, on_accept))
 
-    def unlisten(self, server: socket.socket) -> None:
-        """Stop accepting on ``server`` and close it."""
-        self._call(lambda: self._unlisten(server))
+    def unlisten(self, server: socket.socket, timeout: float = 5.0) -> None:
+        """Stop accepting on ``server`` and close it; returns once it is closed (a connection
+        attempt after this is refused)."""
+        if threading.current_thread() is self._thread:
+            self._unlisten(server)
+            return
+        done = threading.Event()
+
+        def job() -> None:
+            try:
+                self._unlisten(server)
+            finally:
+                done.set()
+
+        self._call(job)
+        if not done.wait(timeout):
+            server.close()  # the loop is stuck: at least refuse new connections
 
     @property
     def active(self) -> bool:
@@ -229,14 +244,17 @@ class Relay:
                 events |= selectors.EVENT_READ
             if not end.is_channel and end.out:
                 events |= selectors.EVENT_WRITE
+            if events == end.events:
+                continue  # no system call when nothing changes (the common case)
             try:
-                if events:
-                    sel.modify(end.io, events, end) if _registered(sel, end.io) else sel.register(
-                        end.io, events, end
-                    )
-                elif _registered(sel, end.io):
+                if not end.events:
+                    sel.register(end.io, events, end)
+                elif events:
+                    sel.modify(end.io, events, end)
+                else:
                     sel.unregister(end.io)
-            except (ValueError, OSError):  # closed underneath us
+                end.events = events
+            except (KeyError, ValueError, OSError):  # closed underneath us
                 self._close(pair)
                 return
 
@@ -246,9 +264,10 @@ class Relay:
         self._pairs.discard(pair)
         sel = self._selector
         for end in (pair.chan, pair.sock):
-            if sel is not None and _registered(sel, end.io):
+            if sel is not None and end.events:
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     sel.unregister(end.io)
+                end.events = 0
             end.close()
         try:
             pair.on_close()
@@ -258,14 +277,6 @@ class Relay:
     def stats(self) -> tuple[int, int]:
         """(pairs, listeners) being relayed now."""
         return len(self._pairs), len(self._listeners)
-
-
-def _registered(sel: selectors.BaseSelector, io: Any) -> bool:
-    try:
-        sel.get_key(io)
-        return True
-    except (KeyError, ValueError):
-        return False
 
 
 #: The relay of this process.

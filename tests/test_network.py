@@ -11,7 +11,7 @@ import pytest
 
 from lazycluster_tasks import RuntimeGroup
 from lazycluster_tasks.network import CONTROLLER, PROBE_WINDOW, START_SLACK, plan_network
-from lazycluster_tasks.ports import local_used_ports, parse_proc_net_tcp
+from lazycluster_tasks.ports import bindable_here, local_used_ports, parse_proc_net_tcp
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = pytest.mark.multihost
@@ -129,3 +129,18 @@ def test_ports_held_by_connections_count_as_taken() -> None:
         port = server.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)) as client:
             assert client.getsockname()[1] in local_used_ports()
+
+
+def test_a_port_an_outgoing_connection_holds_is_not_bindable_here():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        try:
+            held = client.getsockname()[1]  # an ephemeral port, as our default ports can be
+            assert not bindable_here(held)
+            assert not bindable_here(server.getsockname()[1])
+        finally:
+            client.close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert bindable_here(free)
