@@ -171,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.prefect_layer", description=__doc__)
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     args = parser.parse_args(argv)
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
                 for name, runner in runners.items()
             },
             args.repeat,
-            warmup=1,  # API, imports, connections
+            warmup=args.warmup,  # API, imports, connections
             check=functools.partial(_after_each, th, pending, waits),
         )
         leftover_check(th)

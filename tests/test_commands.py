@@ -205,7 +205,7 @@ def test_files_and_env_reach_a_detached_process_through_stdin_only(tmp_path_fact
     deadline = time.monotonic() + 5
     while not (seen.exists() and seen.stat().st_size) and time.monotonic() < deadline:
         time.sleep(0.02)
-    text = seen.read_text()
+    text = seen.read_bytes().decode()  # as written: read_text() would turn "\r\n" into "\n"
     for key, value in env.items():
         assert f"{key}={value}" in text
     assert Path(folder, "tls/key.pem").read_text() == files["tls/key.pem"]

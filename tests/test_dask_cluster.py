@@ -82,8 +82,10 @@ def where_work_ran(cluster: DaskCluster) -> dict[str, str]:
     return {name: host for name, (_, host) in results.items()}
 
 
-@pytest.mark.parametrize("switch", ["open", "ssh-only"])
-@pytest.mark.parametrize("master", ["local", "remote"])
+@pytest.mark.parametrize(
+    ("master", "switch"),  # a local scheduler in the open network: most other tests
+    [("local", "ssh-only"), ("remote", "open"), ("remote", "ssh-only")],
+)
 def test_work_runs_on_every_host(multi_hosts, make_cluster, switch, master):
     multi_hosts.ssh_only(switch == "ssh-only")
     try:
