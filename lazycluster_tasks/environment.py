@@ -6,7 +6,7 @@ import logging
 import os
 import time
 
-THIRD_PARTY_LOGGERS = ("paramiko", "distributed", "asyncio")
+THIRD_PARTY_LOGGERS = ("paramiko", "sshtunnel", "distributed", "asyncio")
 
 
 class Environment:
@@ -38,7 +38,7 @@ class Environment:
 
     @classmethod
     def set_third_party_log_level(cls, log_level: int) -> None:
-        """Set the level of the loggers of paramiko, distributed and asyncio."""
+        """Set the level of the loggers of paramiko, sshtunnel, distributed and asyncio."""
         for name in THIRD_PARTY_LOGGERS:
             logging.getLogger(name).setLevel(log_level)
         cls.third_party_log_level = log_level

@@ -1,39 +1,80 @@
 """SSH port forwards as values you own: list them, check them, close them.
 
 * :class:`LocalForward` (``ssh -L``): our ``127.0.0.1:local_port`` -> the host's
-  ``127.0.0.1:remote_port``: a listener here; each connection opens a channel on the runtime's
-  own (already authenticated, host-key-verified) transport.
+  ``127.0.0.1:remote_port``: sshtunnel's listener and handlers, carried by the runtime's own
+  (already authenticated, host-key-verified) transport.
 * :class:`RemoteForward` (``ssh -R``): the host's ``127.0.0.1:remote_port`` -> our
   ``127.0.0.1:local_port``, over the runtime's own paramiko transport.
 
-Both ends bind 127.0.0.1. One SSH connection per runtime carries all its tunnels, and one relay
-loop (:mod:`lazycluster_tasks.relay`) carries the bytes of every forwarded connection: no process
-and no thread per tunnel or per connection. One keeper thread per Python process watches every
-open tunnel and re-establishes those a dropped connection broke.
+Both ends bind 127.0.0.1. One SSH connection per runtime carries all its tunnels; no process
+and no sleeping thread per tunnel: one keeper thread per Python process watches every open tunnel
+and re-establishes those a dropped connection broke.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import selectors
 import socket
 import threading
 from typing import Any
 
 import paramiko
+import sshtunnel
 
 from lazycluster_tasks.errors import TunnelError
-from lazycluster_tasks.relay import RELAY
 from lazycluster_tasks.ssh import SSHConnection
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+CHUNK = 2**18
 KEEPER_INTERVAL = 1.0
-#: Seconds to open a forwarded connection (a channel there, or our local port).
-OPEN_TIMEOUT = 10.0
-#: Threads that open channels for new -L connections at once.
-OPENERS = 8
+#: Given to sshtunnel so that it does not attach console handlers to its and paramiko's loggers.
+_SSHTUNNEL_LOGGER = logging.getLogger("lazycluster_tasks.tunnels.sshtunnel")
+
+
+def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
+    """Copy bytes both ways between a channel and a socket until both directions ended.
+
+    An end-of-file on one side is passed on as a half-close, so request/response protocols
+    that shut down their sending side still get the answer.
+    """
+    chan.settimeout(None)
+    open_ends: list[Any] = [sock, chan]
+    watch = selectors.DefaultSelector()  # epoll: no descriptor limit, unlike select()
+    for end in open_ends:
+        watch.register(end, selectors.EVENT_READ)
+    try:
+        while open_ends:
+            readable = [key.fileobj for key, _ in watch.select(5)]
+            if sock in readable:
+                data = sock.recv(CHUNK)
+                if data:
+                    chan.sendall(data)
+                else:
+                    chan.shutdown_write()
+                    open_ends.remove(sock)
+                    watch.unregister(sock)
+            if chan in readable:
+                data = chan.recv(CHUNK)
+                if data:
+                    sock.sendall(data)
+                else:
+                    sock.shutdown(socket.SHUT_WR)
+                    open_ends.remove(chan)
+                    watch.unregister(chan)
+            transport = chan.get_transport()
+            if not readable and (chan.closed or transport is None or not transport.is_active()):
+                break
+    except OSError:
+        pass
+    finally:
+        watch.close()
+        chan.close()
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 class Tunnel:
@@ -83,6 +124,46 @@ class Tunnel:
         )
 
 
+class _SharedForwarder(sshtunnel.SSHTunnelForwarder):
+    """sshtunnel's local listener and handlers, carried by the runtime's own SSH transport.
+
+    No second connection (and handshake) per tunnel: the runtime's transport is already
+    authenticated and its host key verified, so gateway login and auth are skipped, and stopping
+    the tunnel stops its listener but never closes the shared transport.
+    """
+
+    def __init__(self, connection: SSHConnection, **kwargs: Any) -> None:
+        self._lct_connection = connection
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def _consolidate_auth(*args: Any, **kwargs: Any) -> tuple[None, list[Any]]:
+        return None, []  # authentication happened on the runtime's connection
+
+    def _connect_to_gateway(self) -> None:
+        self._transport = self._lct_connection.transport()
+
+    def _stop_transport(self, force: bool = False) -> None:
+        for server in self._server_list:
+            server.shutdown()
+            server.server_close()
+        self.is_alive = False
+
+    def __del__(self) -> None:
+        pass  # LocalForward.close() stops it; the shared transport is not ours to close
+
+    def _make_ssh_forward_handler_class(self, remote_address_: Any) -> Any:
+        base = super()._make_ssh_forward_handler_class(remote_address_)
+
+        class Handler(base):  # type: ignore[misc, valid-type]
+            def _redirect(self, chan: paramiko.Channel) -> None:
+                sock = self.request
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                pump(chan, sock)
+
+        return Handler
+
+
 class LocalForward(Tunnel):
     """``ssh -L 127.0.0.1:local_port:127.0.0.1:remote_port host`` (0 = any free local port)."""
 
@@ -90,73 +171,67 @@ class LocalForward(Tunnel):
 
     def __init__(self, connection: SSHConnection, remote_port: int, local_port: int = 0) -> None:
         super().__init__(connection, local_port, remote_port)
-        self._server: socket.socket | None = None
-        self._channels: set[paramiko.Channel] = set()
-        self._lock = threading.Lock()
+        self._forwarder: _SharedForwarder | None = None
         self._open()
+        connection.on_reconnect(self._on_reconnect)
         _keeper.add(self)
 
     def _open(self) -> None:
+        s = self.connection.settings
         try:
-            server = socket.create_server((LOOPBACK, self.local_port), backlog=128)
-        except OSError as exc:
+            forwarder = _SharedForwarder(
+                self.connection,
+                ssh_address_or_host=(s.hostname, s.port),
+                ssh_config_file=None,  # already resolved by the runtime
+                allow_agent=False,
+                host_pkey_directories=[],
+                local_bind_address=(LOOPBACK, self.local_port),
+                remote_bind_address=(LOOPBACK, self.remote_port),
+                mute_exceptions=False,
+                logger=_SSHTUNNEL_LOGGER,
+            )
+            forwarder.start()
+        except Exception as exc:
             raise TunnelError(
                 f"cannot forward 127.0.0.1:{self.local_port or '*'} to "
                 f"{self.host}:127.0.0.1:{self.remote_port}: {exc}"
             ) from exc
-        self.local_port = int(server.getsockname()[1])  # the same port on every reopen
-        self._server = server
-        RELAY.listen(server, self._accepted)
-
-    def _accepted(self, conn: socket.socket) -> None:
-        """(relay loop) Opening a channel waits for the host: done by the openers."""
-        _openers.submit(lambda: self._connect(conn))
-
-    def _connect(self, conn: socket.socket) -> None:
-        try:
-            chan = self.connection.transport().open_channel(
-                "direct-tcpip",
-                (LOOPBACK, self.remote_port),
-                conn.getpeername(),
-                timeout=OPEN_TIMEOUT,
-            )
-        except Exception as exc:
-            logger.info("%s: cannot reach 127.0.0.1:%s there: %s", self, self.remote_port, exc)
-            conn.close()
-            return
-        with self._lock:
-            if self.closed:
-                chan.close()
-                conn.close()
-                return
-            self._channels.add(chan)
-        RELAY.add(chan, conn, lambda: self._discard(chan))
-
-    def _discard(self, chan: paramiko.Channel) -> None:
-        with self._lock:
-            self._channels.discard(chan)
+        self._forwarder = forwarder
+        self.local_port = int(forwarder.local_bind_port)  # the same port on every reopen
 
     @property
     def is_active(self) -> bool:
-        return bool(not self.closed and self._server is not None and self.connection.is_connected)
+        f = self._forwarder
+        return bool(f is not None and not self.closed and f.is_active and f.is_alive)
+
+    def _on_reconnect(self, transport: paramiko.Transport) -> None:
+        self._stop()  # its handlers hold the dead transport
+        try:
+            self._open()
+            self.last_error = None
+        except TunnelError as exc:
+            self.last_error = str(exc)
+            logger.warning("%s", exc)
 
     def _reopen(self) -> None:
-        self.connection.transport()  # new connections use the new transport
-        if self._server is None:
+        self.connection.transport()  # reconnecting reopens it through _on_reconnect
+        if not self.is_active:
+            self._stop()
             self._open()
+
+    def _stop(self) -> None:
+        if self._forwarder is not None:
+            with contextlib.suppress(Exception):
+                self._forwarder.stop()
+            self._forwarder = None
 
     def close(self) -> None:
         if self.closed:
             return
-        with self._lock:
-            self.closed = True
-            channels = list(self._channels)
+        self.closed = True
         _keeper.remove(self)
-        if self._server is not None:
-            RELAY.unlisten(self._server)
-            self._server = None
-        for chan in channels:
-            chan.close()
+        self.connection.remove_on_reconnect(self._on_reconnect)
+        self._stop()
 
 
 class RemoteForward(Tunnel):
@@ -211,21 +286,21 @@ class RemoteForward(Tunnel):
             self._open()
 
     def _accept(self, chan: paramiko.Channel) -> None:
-        """(paramiko's transport thread) Connect to our local port and hand both to the relay;
-        a local connect is answered at once (accepted or refused)."""
         try:
-            sock = socket.create_connection((LOOPBACK, self.local_port), timeout=OPEN_TIMEOUT)
+            sock = socket.create_connection((LOOPBACK, self.local_port), timeout=10)
         except OSError as exc:
             logger.info("%s: nothing answers on 127.0.0.1:%s: %s", self, self.local_port, exc)
             chan.close()
             return
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self._channels.add(chan)
-        RELAY.add(chan, sock, lambda: self._discard(chan))
-
-    def _discard(self, chan: paramiko.Channel) -> None:
-        with self._lock:
-            self._channels.discard(chan)
+        try:
+            pump(chan, sock)
+        finally:
+            with self._lock:
+                self._channels.discard(chan)
 
     def close(self) -> None:
         if self.closed:
@@ -264,40 +339,9 @@ class _Dispatcher:
         if forward is None:
             chan.close()
             return
-        forward._accept(chan)
-
-
-class _Openers:
-    """At most OPENERS threads open channels for new -L connections (a burst of connections
-    does not become a burst of threads); they exit when nothing waits."""
-
-    def __init__(self) -> None:
-        self._jobs: list[Any] = []
-        self._lock = threading.Lock()
-        self._threads = 0
-
-    def submit(self, job: Any) -> None:
-        with self._lock:
-            self._jobs.append(job)
-            if self._threads >= OPENERS:
-                return
-            self._threads += 1
-        threading.Thread(target=self._run, name="lct-open", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                if not self._jobs:
-                    self._threads -= 1
-                    return
-                job = self._jobs.pop(0)
-            try:
-                job()
-            except Exception:
-                logger.exception("opening a forwarded connection failed")
-
-
-_openers = _Openers()
+        threading.Thread(
+            target=forward._accept, args=(chan,), name=f"lct-fwd-{server[1]}", daemon=True
+        ).start()
 
 
 class _Keeper:

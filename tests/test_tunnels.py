@@ -14,7 +14,6 @@ from lazycluster_tasks import (
     PortInUseError,
     Runtime,
     RuntimeGroup,
-    tunnels,
 )
 from tests.conftest import ssh_runtime, wait_until
 
@@ -238,31 +237,18 @@ asyncio.run(main())
 """
 
 
-def test_hundreds_of_forwarded_connections_share_one_relay(
+def test_hundreds_of_forwarded_connections_past_the_select_limit(
     multi_hosts, no_leftovers, no_local_leaks
 ):
-    """Past select()'s 1024 descriptors, with a bounded number of threads, every byte back."""
+    """Past select()'s 1024 descriptors (the 16-host all-to-all crash): every byte comes back."""
     proc = multi_hosts.run_in("host1", [sys.executable, "-c", ECHO_ALL, "7333"])
     runtime = ssh_runtime(multi_hosts, "host1")
-    peak = [threading.active_count()]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.01):
-            peak[0] = max(peak[0], threading.active_count())
-
-    sampler = threading.Thread(target=sample, daemon=True)
     try:
         probe = "import socket; socket.create_connection(('127.0.0.1', 7333), 1).close()"
         assert wait_until(
             lambda: multi_hosts.run_in("host1", [sys.executable, "-c", probe]).wait() == 0, 10
         )
         port = runtime.expose_port_from_runtime(7333)
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as warm:  # connects SSH
-            warm.sendall(b"x")
-            assert warm.recv(1) == b"x"
-        before = threading.active_count()  # the SSH transport, the keeper and the relay run
-        sampler.start()
         conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(320)]
         payloads = [bytes([i % 256]) * (4096 + i) for i in range(len(conns))]
         for conn, payload in zip(conns, payloads, strict=True):
@@ -275,13 +261,7 @@ def test_hundreds_of_forwarded_connections_share_one_relay(
                 received += chunk
             assert bytes(received) == payload
             conn.close()
-        stop.set()
-        sampler.join()
-        print(f"threads: {before} before, at most {peak[0]} with {len(conns)} connections")
-        # the sampler and at most OPENERS channel openers: no thread per connection
-        assert peak[0] <= before + 1 + tunnels.OPENERS
     finally:
-        stop.set()
         runtime.cleanup()
         proc.kill()
         proc.wait()
