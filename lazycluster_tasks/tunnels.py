@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 CHUNK = 2**18
 KEEPER_INTERVAL = 1.0
+#: Connections a -L listener queues before accepting them (many workers connect at once).
+BACKLOG = 256
 #: Given to sshtunnel so that it does not attach console handlers to its and paramiko's loggers.
 _SSHTUNNEL_LOGGER = logging.getLogger("lazycluster_tasks.tunnels.sshtunnel")
 
@@ -151,6 +153,14 @@ class _SharedForwarder(sshtunnel.SSHTunnelForwarder):
 
     def __del__(self) -> None:
         pass  # LocalForward.close() stops it; the shared transport is not ours to close
+
+    def _make_ssh_forward_server_class(self, remote_address_: Any) -> Any:
+        base = super()._make_ssh_forward_server_class(remote_address_)
+
+        class Server(base):  # type: ignore[misc, valid-type]
+            request_queue_size = BACKLOG  # socketserver's 5 turns a burst into SYN retries
+
+        return Server
 
     def _make_ssh_forward_handler_class(self, remote_address_: Any) -> Any:
         base = super()._make_ssh_forward_handler_class(remote_address_)
