@@ -22,6 +22,7 @@ MODULES: list[str] = [
     "benchmarks.cluster_layer",
     "benchmarks.healing",
     "benchmarks.security",
+    "benchmarks.dataplane",
     "benchmarks.prefect_layer",
 ]
 
