@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from lazycluster_tasks.testing.hosts import TestHosts
+
+T = TypeVar("T")
 
 #: How long an OpenSSH master may take to accept clients.
 MASTER_START_TIMEOUT = 15.0
@@ -314,3 +316,19 @@ def leftover_check(th: TestHosts, grace: float = LEFTOVER_GRACE) -> None:
     if left:
         lines = "\n".join(f"  {host}: {proc}" for host, procs in left.items() for proc in procs)
         raise RuntimeError(f"processes left on test hosts:\n{lines}")
+
+
+def clean_sample(th: TestHosts, run: Callable[[], T]) -> tuple[T | None, str | None]:
+    """One sample on the test hosts: (its result, or None when it raised; what went wrong —
+    its exception or the processes it left on the hosts, or None). Leftovers are killed, so
+    the next sample starts clean."""
+    try:
+        value = run()
+    except Exception as exc:
+        th.kill_leftovers()
+        return None, f"{type(exc).__name__}: {exc}"
+    left = th.leftovers()
+    if left:
+        th.kill_leftovers()
+        return value, f"left on hosts: {left}"
+    return value, None

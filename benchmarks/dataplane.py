@@ -19,6 +19,7 @@ Run: ``python -m benchmarks.dataplane [--hosts 3,8,16] [--mib 4]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from benchmarks.common import leftover_check, print_table
+from benchmarks.common import clean_sample, leftover_check, print_table
 from lazycluster_tasks.testing.hosts import TestHosts
 
 MODES = ("direct", "tunnelled")
@@ -142,15 +143,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         for n in counts:
             for mode in MODES:
                 row = Row(n, mode)
-                try:
-                    row.values = run(th, n, mode, args.mib)
-                except Exception as exc:
-                    row.error = f"{type(exc).__name__}: {exc}"[:300]
-                    th.kill_leftovers()
-                left = th.leftovers()
-                if left:
-                    row.error = (row.error or "") + f" left on hosts: {left}"
-                    th.kill_leftovers()
+                values, error = clean_sample(th, functools.partial(run, th, n, mode, args.mib))
+                row.values, row.error = values or {}, error and error[:300]
                 print(f"  {row.name}: {row.error or row.values}", flush=True)
                 rows.append(row)
         leftover_check(th)

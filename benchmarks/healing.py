@@ -15,6 +15,7 @@ Run: ``python -m benchmarks.healing [--hosts 3,8] [--repeat N]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from benchmarks.common import leftover_check, print_table
+from benchmarks.common import clean_sample, leftover_check, print_table
 from lazycluster_tasks.testing.hosts import TestHosts
 
 TIMEOUT = 90.0
@@ -117,16 +118,11 @@ def run(th: TestHosts, n: int, repeat: int) -> list[Result]:
     results = [Result(f"replacement, {n} hosts"), Result(f"adapt, {n} hosts")]
     for round_no in range(repeat):
         for result, case in zip(results, (replacement, adapt), strict=True):
-            try:
-                sample = case(th, hosts)
-            except Exception as exc:
-                result.errors.append(f"round {round_no + 1}: {type(exc).__name__}: {exc}")
-                th.kill_leftovers()
+            sample, error = clean_sample(th, functools.partial(case, th, hosts))
+            if error is not None:
+                result.errors.append(f"round {round_no + 1}: {error}")
+            if sample is None:
                 continue
-            left = th.leftovers()
-            if left:
-                result.errors.append(f"round {round_no + 1}: left on hosts: {left}")
-                th.kill_leftovers()
             for key, value in sample.items():
                 result.samples.setdefault(key, []).append(value)
             shown = ", ".join(f"{k} {v:.2f} s" for k, v in sample.items())

@@ -15,6 +15,7 @@ Run: ``python -m benchmarks.security [--hosts 3] [--repeat 3] [--mib 64]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -22,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from benchmarks.common import leftover_check, print_table
+from benchmarks.common import clean_sample, leftover_check, print_table
 from lazycluster_tasks.testing.hosts import TestHosts
 
 MODES = ("direct", "tunnelled")
@@ -49,7 +50,7 @@ class Target:
     status: str
 
 
-def sample(th: TestHosts, hosts: list[str], case: Case, mib: int, transfers: int) -> None:
+def sample(th: TestHosts, hosts: list[str], case: Case, mib: int, transfers: int) -> bool:
     from distributed import Client, wait
 
     from lazycluster_tasks.ssh_cluster import LazySSHCluster
@@ -80,6 +81,7 @@ def sample(th: TestHosts, hosts: list[str], case: Case, mib: int, transfers: int
             rates.append(size / (1 << 20) / (time.perf_counter() - start))
             del block
         case.rates.append(statistics.median(rates))
+    return True  # the sample is in ``case``
 
 
 def main(argv: Sequence[str] | None = None) -> list[Target]:
@@ -96,16 +98,12 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
         hosts = [h.name for h in th.hosts[: max(args.hosts, 2)]]
         for round_no in range(args.repeat):
             for case in cases:  # interleaved: load drifts hit every case alike
-                try:
-                    sample(th, hosts, case, args.mib, args.transfers)
-                except Exception as exc:
-                    case.errors.append(f"round {round_no + 1}: {type(exc).__name__}: {exc}")
-                    th.kill_leftovers()
+                run = functools.partial(sample, th, hosts, case, args.mib, args.transfers)
+                done, error = clean_sample(th, run)
+                if error is not None:
+                    case.errors.append(f"round {round_no + 1}: {error}")
+                if done is None:
                     continue
-                left = th.leftovers()
-                if left:
-                    case.errors.append(f"round {round_no + 1}: left on hosts: {left}")
-                    th.kill_leftovers()
                 print(
                     f"  {case.name}, round {round_no + 1}: start {case.starts[-1]:.2f} s, "
                     f"worker->worker {case.rates[-1]:.0f} MiB/s",

@@ -101,18 +101,16 @@ def start_processes(
 
 def _archive(files: Mapping[str, str]) -> bytes:
     """A tar of the files: 0600 each, 0700 for the folders in between."""
+    outside = [p for p in files if posixpath.isabs(p) or ".." in p.split("/")]
+    if outside:
+        raise ValueError(f"file outside the cluster folder: {outside[0]!r}")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        folders = sorted({posixpath.dirname(p) for p in files} - {""})
-        for folder in folders:
-            if posixpath.isabs(folder) or ".." in folder.split("/"):
-                raise ValueError(f"file outside the cluster folder: {folder!r}")
+        for folder in sorted({posixpath.dirname(p) for p in files} - {""}):
             entry = tarfile.TarInfo(folder)
             entry.type, entry.mode = tarfile.DIRTYPE, 0o700
             tar.addfile(entry)
         for path, text in files.items():
-            if posixpath.isabs(path) or ".." in path.split("/"):
-                raise ValueError(f"file outside the cluster folder: {path!r}")
             data = text.encode()
             entry = tarfile.TarInfo(path)
             entry.size, entry.mode = len(data), 0o600

@@ -26,6 +26,7 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 
+from lazycluster_tasks.cluster import MasterWorkerCluster
 from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
@@ -48,7 +49,9 @@ WORKER_TTL = 10.0
 #: The scheduler's first choice of port (Dask's), then the cluster's ports.
 SCHEDULER_PORT = 8786
 #: Default ports for the cluster's processes (lazycluster's range).
-PORTS = list(range(60001, 60200))
+PORTS = list(
+    range(MasterWorkerCluster.DEFAULT_PORT_RANGE_START, MasterWorkerCluster.DEFAULT_PORT_RANGE_END)
+)
 #: Seconds the scheduler has to come up.
 SCHEDULER_TIMEOUT = 30.0
 
