@@ -322,8 +322,10 @@ class RemoteForward(Tunnel):
         if t is not None:
             _Dispatcher.of(t).routes.pop(self.remote_port, None)
             if t.is_active():
+                # not t.cancel_port_forward(): it also drops the transport's handler of
+                # incoming channels, so every other -R forward on that host would be refused
                 with contextlib.suppress(Exception):
-                    t.cancel_port_forward(LOOPBACK, self.remote_port)
+                    t.global_request("cancel-tcpip-forward", (LOOPBACK, self.remote_port))
         with self._lock:
             channels = list(self._channels)
         for chan in channels:

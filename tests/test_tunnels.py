@@ -147,6 +147,26 @@ def test_remote_forward_exposes_a_local_port_on_127_0_0_1(ssh_only, no_leftovers
             thread.join(5)
 
 
+def test_closing_one_remote_forward_keeps_the_others_of_that_host(
+    multi_hosts, no_leftovers, no_local_leaks
+):
+    """paramiko's cancel_port_forward() also drops the transport's handler of incoming
+    channels: every other -R on the host was refused afterwards (a stopped worker's route took
+    the scheduler's with it)."""
+    with socket.create_server(("127.0.0.1", 0)) as a, socket.create_server(("127.0.0.1", 0)) as b:
+        thread = threading.Thread(target=lambda: _answer(b, b"still here"))
+        thread.start()
+        runtime = ssh_runtime(multi_hosts, "host2")
+        try:
+            port_a = runtime.expose_port_to_runtime(a.getsockname()[1])
+            port_b = runtime.expose_port_to_runtime(b.getsockname()[1])
+            runtime.close_tunnel(port_a)
+            assert runtime.run(fetch(port_b)).strip() == "b'still here'"
+        finally:
+            runtime.cleanup()
+            thread.join(5)
+
+
 def _answer(listener: socket.socket, payload: bytes) -> None:
     listener.settimeout(10)
     conn, _ = listener.accept()
