@@ -374,7 +374,7 @@ class TestHosts:
             "AddressFamily inet\n"
             f"HostKey {key}\n"
             f"PidFile {d / 'sshd.pid'}\n"
-            f"AuthorizedKeysFile {self._authorized_keys}\n"
+            f"AuthorizedKeysFile {self._authorized_keys} .ssh/authorized_keys\n"
             "PasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\n"
             "PubkeyAuthentication yes\n"
@@ -427,6 +427,14 @@ class TestHosts:
                 steps.append(
                     f"mount --bind {shlex.quote(str(d / 'bashrc'))} {shlex.quote(str(bashrc))}"
                 )
+            # Each host has a ~/.ssh of its own, as separate machines do (host-to-host SSH
+            # authorizes its key there): the machine's own is hidden, never touched.
+            dot_ssh = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
+            dot_ssh.mkdir(mode=0o700, exist_ok=True)
+            (d / "dot-ssh").mkdir(mode=0o700, exist_ok=True)
+            steps.append(
+                f"mount --bind {shlex.quote(str(d / 'dot-ssh'))} {shlex.quote(str(dot_ssh))}"
+            )
             script = " && ".join([*steps, f"exec {shlex.join(sshd)}"])
             argv = [
                 "ip",
@@ -507,6 +515,11 @@ class TestHosts:
             for p in [me, *me.parents()]:
                 found.pop(p.pid, None)
         return [p for p in found.values() if p.pid != os.getpid() and not _is_sshd(p)]
+
+    def authorized_keys(self, name: str) -> str:
+        """The text of host ``name``'s ~/.ssh/authorized_keys ("" when there is none)."""
+        path = self._host_dir(name) / "dot-ssh" / "authorized_keys"
+        return path.read_text() if path.exists() else ""
 
     def leftovers(self) -> dict[str, list[str]]:
         out = {}
