@@ -77,13 +77,11 @@ def _terminate_ids(grace: float) -> str:
     steps = max(1, int(grace * 10))
     return (
         "for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
-        f'i=0; while [ -n "$ids" ] && [ $i -lt {steps} ]; do alive=; '
-        'for g in $ids; do live $g && alive="$alive $g"; done; '
-        'ids=$alive; [ -n "$ids" ] && sleep 0.1; i=$((i+1)); done; '
+        f'i=0; while [ -n "$ids" ] && [ $i -lt {steps} ]; do ids=$(live_ids); '
+        '[ -n "$ids" ] && sleep 0.1; i=$((i+1)); done; '
         "for g in $ids; do kill -KILL -$g 2>/dev/null; done; "
-        'i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do alive=; '
-        'for g in $ids; do live $g && alive="$alive $g"; done; '
-        'ids=$alive; [ -n "$ids" ] && sleep 0.05; i=$((i+1)); done; '
+        'i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do ids=$(live_ids); '
+        '[ -n "$ids" ] && sleep 0.05; i=$((i+1)); done; '
         'for g in $ids; do echo "left=$g"; done; true'
     )
 
@@ -148,11 +146,15 @@ def unpack_stdin(folder: str) -> str:
     return f"tar -x -o -f - -C {q(folder)}"
 
 
-#: ``live PGID`` succeeds while the process group has a member that is not a zombie (a killed
-#: process stays a zombie until its parent, often init, reaps it; that does not count as alive).
+#: ``live_ids`` prints the groups of ``$ids`` that have a member that is not a zombie (a killed
+#: process stays a zombie until its parent, often init, reaps it; that does not count as alive):
+#: ``kill -0`` first, then one process listing for all groups that still have members.
 LIVE_GROUP = (
-    'live() { kill -0 -"$1" 2>/dev/null || return 1; '  # cheap exit: no member at all
-    "ps -e -o pgid=,stat= | awk -v g=\"$1\" '$1 == g && $2 !~ /^Z/ {f = 1} END {exit !f}'; }"
+    'live_ids() { c=; for g in $ids; do kill -0 -"$g" 2>/dev/null && c="$c $g"; done; '
+    '[ -n "$c" ] || return 0; '
+    'ps -e -o pgid=,stat= | awk -v ids="$c" '
+    '\'BEGIN {n = split(ids, a, " "); for (i = 1; i <= n; i++) w[a[i]] = 1} '
+    '($1 in w) && $2 !~ /^Z/ && !s[$1]++ {printf " %s", $1}\'; }'
 )
 
 
@@ -178,9 +180,11 @@ def stop_folder(folder: str, grace: float = 2.0) -> str:
 def _stop_groups(files: str, marker: str, grace: float) -> str:
     return (
         f"{LIVE_GROUP}; "
-        f'ids=; for f in {files}; do [ -r "$f" ] || continue; read p <"$f"; '
-        'case "$p" in *[!0-9]*|"") continue;; esac; '
-        f'ps -ww -o args= -p "$p" 2>/dev/null | grep -qF -- {q(marker)} && ids="$ids $p"; done; '
+        f'ids=; pids=; for f in {files}; do [ -r "$f" ] || continue; read p <"$f"; '
+        'case "$p" in *[!0-9]*|"") continue;; esac; pids="$pids,$p"; done; '
+        # one process listing for all files (a listing is what costs on a busy host)
+        '[ -z "$pids" ] || ids=$(ps -ww -o pid=,args= -p "${pids#,}" 2>/dev/null '
+        f"| grep -F -- {q(marker)} | awk '{{printf \" %s\", $1}}'); "
         f"{_terminate_ids(grace)}; "
         # a survivor keeps its pid file (a later stop must still find it) and fails the line,
         # so a folder removal chained with && keeps the folder too
@@ -197,6 +201,142 @@ def leader_states(leaders: Mapping[str, int]) -> str:
         for name, pid in leaders.items()
     ]
     return "; ".join(checks) or "true"
+
+
+# -- host-to-host SSH links (tunnelled data plane) ---------------------------------------
+
+#: Where sshd looks for a user's keys by default (the peer key is authorized there).
+AUTHORIZED_KEYS = '"$HOME/.ssh/authorized_keys"'
+#: Ciphers the links offer, fastest first where the CPU has AES instructions.
+LINK_CIPHERS = (
+    "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr"
+)
+#: Seconds a link's master waits for the far sshd; silence after that many keep-alives ends it.
+LINK_CONNECT_TIMEOUT = 5
+LINK_ALIVE = (5, 3)  # ServerAliveInterval, ServerAliveCountMax
+
+
+def peer_marker(cluster_id: str) -> str:
+    """The comment that names a cluster's key in authorized_keys (what revoke_key removes)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", cluster_id):
+        raise ValueError(f"invalid cluster id {cluster_id!r}")
+    return f"lazycluster-link-{cluster_id}"
+
+
+def authorized_line(public_key: str, marker: str) -> str:
+    """An authorized_keys line that lets the key forward to the host's loopback and nothing
+    else: no shell, no command, no pty, no agent, no -R listener."""
+    parts = public_key.split()
+    if len(parts) < 2 or not re.fullmatch(r"[A-Za-z0-9+/=]+", parts[1]):
+        raise ValueError("not an OpenSSH public key")
+    return (
+        'restrict,port-forwarding,permitopen="127.0.0.1:*",command="/bin/false" '
+        f"{parts[0]} {parts[1]} {marker}"
+    )
+
+
+def _edit_authorized_keys(body: str) -> str:
+    # A subshell holding a lock on the file (flock where it exists: homes shared over NFS see
+    # every host edit at once); rewritten in place, so its mode, owner and links stay.
+    return (
+        f'( f={AUTHORIZED_KEYS}; t="$f.lazycluster.$$"; '
+        'exec 9>>"$f" || exit 1; '
+        "if command -v flock >/dev/null 2>&1; then flock -w 10 9 || exit 1; fi; "
+        f'{body} && cat "$t" >"$f"; s=$?; rm -f "$t"; exit $s )'
+    )
+
+
+def authorize_key(line: str, marker: str) -> str:
+    """Add ``line`` to the user's authorized_keys (replacing any line naming ``marker``)."""
+    return 'umask 077 && mkdir -p "$HOME/.ssh" && ' + _edit_authorized_keys(
+        f'{{ grep -vF -- {q(marker)} "$f" || true; echo {q(line)}; }} >"$t"'
+    )
+
+
+def revoke_key(marker: str) -> str:
+    """Remove every authorized_keys line naming ``marker``; succeeds when there is none."""
+    edit = _edit_authorized_keys(f'{{ grep -vF -- {q(marker)} "$f" || true; }} >"$t"')
+    return f"{{ ! grep -qsF -- {q(marker)} {AUTHORIZED_KEYS} || {edit}; }}"
+
+
+def link_master_argv(
+    control: str,
+    key_file: str,
+    known_hosts: str,
+    alias: str,
+    key_type: str,
+    user: str,
+    address: str,
+    port: int,
+) -> list[str]:
+    """An OpenSSH master connection to another host that carries forwards added later with
+    :func:`link_forwards`; it reads no ssh config and checks the far host's key strictly."""
+    algorithms = "rsa-sha2-512,rsa-sha2-256" if key_type == "ssh-rsa" else key_type
+    options = {
+        "IdentitiesOnly": "yes",
+        "IdentityAgent": "none",
+        "UserKnownHostsFile": known_hosts,
+        "GlobalKnownHostsFile": "/dev/null",
+        "StrictHostKeyChecking": "yes",
+        "HostKeyAlias": alias,
+        "HostKeyAlgorithms": algorithms,
+        "BatchMode": "yes",
+        "ConnectTimeout": str(LINK_CONNECT_TIMEOUT),
+        "ServerAliveInterval": str(LINK_ALIVE[0]),
+        "ServerAliveCountMax": str(LINK_ALIVE[1]),
+        "Ciphers": LINK_CIPHERS,
+        "Compression": "no",
+        "ControlPersist": "no",
+    }
+    argv = ["ssh", "-F", "/dev/null", "-N", "-M", "-S", control, "-i", key_file]
+    for name, value in options.items():
+        argv += ["-o", f"{name}={value}"]
+    return [*argv, "-p", str(int(port)), "-l", user, "--", address]
+
+
+#: Keeps a link master only while the cluster has a worker on its host: once one ran and none
+#: is left (the cluster stopped or its controller died), or none came within $1 seconds, the
+#: master is ended. Args: grace seconds, the cluster folder, then the master's argv.
+LINK_KEEPER = (
+    'grace=$1 folder=$2; shift 2; "$@" & m=$!; '
+    "trap 'kill $m 2>/dev/null; exit 0' TERM INT HUP; t=0 seen=0; "
+    "while kill -0 $m 2>/dev/null; do sleep 1; t=$((t+1)); live=0; "
+    'for f in "$folder"/*.pid; do case "$f" in */link-*) continue;; esac; '
+    'p=$(cat "$f" 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null && live=1 && break; '
+    "done; "
+    'if [ $live = 1 ]; then seen=1; elif [ $seen = 1 ] || [ $t -ge "$grace" ]; then '
+    "kill $m 2>/dev/null; fi; done; wait $m"
+)
+
+
+def link_keeper_argv(master: Sequence[str], folder: str, grace: float) -> list[str]:
+    """``master`` (see :func:`link_master_argv`) under :data:`LINK_KEEPER`."""
+    return ["sh", "-c", LINK_KEEPER, "lazycluster-link", str(int(grace)), folder, *master]
+
+
+def link_forwards(control: str, ports: Iterable[int], cancel: bool = False) -> str:
+    """Add (or cancel) 127.0.0.1:<port> here -> 127.0.0.1:<port> there on a link's master."""
+    specs = [f"127.0.0.1:{int(p)}:127.0.0.1:{int(p)}" for p in sorted(set(ports))]
+    if not specs:
+        raise ValueError("no ports given")
+    argv = ["ssh", "-F", "/dev/null", "-S", control, "-O", "cancel" if cancel else "forward"]
+    for spec in specs:
+        argv += ["-L", spec]
+    return shlex.join([*argv, "link"])
+
+
+def link_states(controls: Mapping[str, str], pids: Mapping[str, int], timeout: float) -> str:
+    """Wait (one deadline of ``timeout`` s for all) for each link's master to be up; print
+    ``name=1`` when it is, ``name=0`` when its process ended or time ran out."""
+    checks = [f"end=$(( $(date +%s) + {max(1, int(timeout))} ))"]
+    for name, control in controls.items():
+        check = shlex.join(["ssh", "-F", "/dev/null", "-S", control, "-O", "check", "link"])
+        checks.append(
+            f"while ! {check} 2>/dev/null && kill -0 {int(pids[name])} 2>/dev/null "
+            '&& [ "$(date +%s)" -lt "$end" ]; do sleep 0.1; done; '
+            f"if {check} 2>/dev/null; then echo {q(name + '=1')}; else echo {q(name + '=0')}; fi"
+        )
+    return "; ".join(checks)
 
 
 # -- Dask processes ---------------------------------------------------------------------

@@ -247,3 +247,90 @@ def test_workers_get_the_controllers_prefect_credentials():
 
     with temporary_settings(updates={PREFECT_API_KEY: "pnu_test"}):
         assert _credentials() == {"PREFECT_API_KEY": "pnu_test"}
+
+
+# -- host-to-host links --------------------------------------------------------------------
+
+
+def _in_home(home: Path, line: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["/bin/sh", "-c", line], env={**os.environ, "HOME": str(home)}, capture_output=True,
+        text=True, timeout=10,
+    )  # fmt: skip
+
+
+def test_a_clusters_key_is_authorized_once_and_revoked_alone(tmp_path):
+    from lazycluster_tasks.links import LinkKey
+
+    keys = tmp_path / ".ssh" / "authorized_keys"
+    key, marker = LinkKey.generate(), commands.peer_marker("abc123")
+    line = commands.authorized_line(key.public, marker)
+    options = 'restrict,port-forwarding,permitopen="127.0.0.1:*",command="/bin/false"'
+    assert line.startswith(options + " ssh-ed25519 ") and line.endswith(" " + marker)
+    assert _in_home(tmp_path, commands.revoke_key(marker)).returncode == 0  # nothing to revoke
+    assert not keys.exists()
+    assert _in_home(tmp_path, commands.authorize_key(line, marker)).returncode == 0
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o600  # made by us: the user's only
+    keys.write_text("ssh-ed25519 AAAAuser user@laptop\n" + keys.read_text())
+    keys.chmod(0o644)  # the user's own mode stays through our edits
+    for _ in range(2):  # idempotent: one line however often it is authorized
+        assert _in_home(tmp_path, commands.authorize_key(line, marker)).returncode == 0
+    assert keys.read_text().splitlines() == ["ssh-ed25519 AAAAuser user@laptop", line]
+    other = commands.authorized_line(LinkKey.generate().public, commands.peer_marker("zzz"))
+    assert _in_home(tmp_path, commands.authorize_key(other, "lazycluster-link-zzz")).returncode == 0
+    assert _in_home(tmp_path, commands.revoke_key(marker)).returncode == 0
+    assert keys.read_text().splitlines() == ["ssh-ed25519 AAAAuser user@laptop", other]
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o644
+    assert [p.name for p in keys.parent.iterdir()] == ["authorized_keys"]  # no temp file left
+
+
+def test_link_lines_refuse_bad_input_and_bind_loopback_only():
+    with pytest.raises(ValueError, match="cluster id"):
+        commands.peer_marker("a b")
+    with pytest.raises(ValueError, match="public key"):
+        commands.authorized_line('ssh-ed25519 AAAA" command="id', "m")
+    with pytest.raises(ValueError, match="no ports"):
+        commands.link_forwards("/f/link0.s", [])
+    forward = commands.link_forwards("/f d/link0.s", [41002, 41001, 41001])
+    assert forward == (
+        "ssh -F /dev/null -S '/f d/link0.s' -O forward "
+        "-L 127.0.0.1:41001:127.0.0.1:41001 -L 127.0.0.1:41002:127.0.0.1:41002 link"
+    )
+    argv = commands.link_master_argv(
+        "/f/link0.s", "/f/link/key", "/f/link/known_hosts", "lazycluster-h2", "ssh-rsa",
+        "me", "-oProxyCommand=x", 22,
+    )  # fmt: skip
+    assert argv[:4] == ["ssh", "-F", "/dev/null", "-N"]  # the host's ssh config is not read
+    assert argv[-2:] == ["--", "-oProxyCommand=x"]  # an address is never an option
+    for option in (
+        "StrictHostKeyChecking=yes",
+        "BatchMode=yes",
+        "IdentitiesOnly=yes",
+        "GlobalKnownHostsFile=/dev/null",
+        "HostKeyAlgorithms=rsa-sha2-512,rsa-sha2-256",
+    ):
+        assert option in argv  # fmt: skip
+
+
+def test_a_link_keeper_ends_its_master_once_the_last_worker_is_gone(tmp_path):
+    folder = tmp_path / "lazycluster-x"
+    folder.mkdir()
+    worker = subprocess.Popen(["sleep", "30"])
+    (folder / "host1-1.pid").write_text(f"{worker.pid}\n")
+    (folder / "link-host1-host2.pid").write_text(f"{os.getpid()}\n")  # links do not count
+    keeper = subprocess.Popen(
+        commands.link_keeper_argv(["sleep", "30"], str(folder), 60), start_new_session=True
+    )
+    try:
+        time.sleep(1.5)
+        assert keeper.poll() is None  # a worker runs: the link stays
+        worker.kill()
+        worker.wait()
+        assert keeper.wait(timeout=5) in (0, 143)  # master ended, keeper gone
+    finally:
+        for proc in (worker, keeper):
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9) if proc is keeper else proc.kill()
+                proc.wait()
+    lone = subprocess.Popen(commands.link_keeper_argv(["sleep", "30"], str(tmp_path), 1))
+    assert lone.wait(timeout=5) in (0, 143)  # no worker came within its grace: it ends
