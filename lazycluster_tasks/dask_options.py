@@ -36,6 +36,10 @@ class DaskOptions:
     #: TLS between all processes: True makes fresh certificates per cluster; False turns it off
     #: (warned); a ``distributed.Security`` brings the user's own.
     security: Any = True
+    #: Tunnelled mode: worker traffic crosses host-to-host SSH links (a key made for the
+    #: cluster, authorized on each host until cleanup) where a host reaches another's sshd;
+    #: False sends all of it through this machine.
+    host_links: bool = True
 
     def python(self, runtime: Runtime) -> str:
         """The interpreter that runs Dask on ``runtime``."""

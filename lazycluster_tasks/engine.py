@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from lazycluster_tasks import processes, startup
+from lazycluster_tasks import commands, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
 from lazycluster_tasks.commands import CLIENT_TIMEOUT_ENV, scheduler_argv, worker_argv
 from lazycluster_tasks.connection import tail
@@ -37,6 +37,7 @@ from lazycluster_tasks.errors import (
     WorkerStartError,
 )
 from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
+from lazycluster_tasks.links import Links
 from lazycluster_tasks.network import NetworkPlan, plan_network
 from lazycluster_tasks.paths_check import blocked_paths
 from lazycluster_tasks.ports import as_port_list, bindable_here, free_ports
@@ -48,7 +49,7 @@ from lazycluster_tasks.record import (
     HostSpec,
     TunnelRecord,
 )
-from lazycluster_tasks.routing import DirectRouting, make_routing
+from lazycluster_tasks.routing import DirectRouting, TunnelledRouting, make_routing
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.security import ClusterTLS, cluster_tls
 from lazycluster_tasks.task import RuntimeTask
@@ -112,6 +113,16 @@ class Engine:
                 self._plan = plan_network(self.group, mode, list(ports), self.options.python)
                 self._routes = make_routing(self._plan, self.group, self.controller)
                 self._routes.unreachable = lambda: self.unreachable()
+                if isinstance(self._routes, TunnelledRouting) and self.options.host_links:
+                    self._routes.use_links(
+                        Links(
+                            self.group.runtimes,
+                            self._plan.addresses,
+                            self.folder,
+                            commands.peer_marker(self.cluster_id),
+                            self._register,
+                        )
+                    )
             return self._plan
 
     @property
@@ -427,6 +438,7 @@ class Engine:
                 raced = self._wait_for_workers(started, self.options.start_timeout)
             if not raced:
                 self._log_output(list(started.values()), debug)
+                self.routing.workers_up()
                 return
             again: dict[str, list[str]] = {}
             for name in raced:
@@ -708,7 +720,12 @@ class Engine:
             if remove_folders:
                 remove = runtime.working_dir if runtime._working_dir_is_temp else folder
             marker = processes.folder_marker(folder)
-            left = processes.stop_processes(runtime, infos, marker, self.options.stop_grace, remove)
+            revoke = None
+            if remove_folders and not runtime.is_local:  # the links' key, if it was authorized
+                revoke = commands.peer_marker(self.cluster_id)
+            left = processes.stop_processes(
+                runtime, infos, marker, self.options.stop_grace, remove, revoke
+            )
             if remove_folders and runtime._working_dir_is_temp:
                 runtime.forget_working_dir()  # removed here; its cleanup need not do it again
             if left:
@@ -746,6 +763,8 @@ class Engine:
                 runtime.reopen()
         self.state = "stopping"
         self.clients.close()
+        if self._routes is not None:
+            self._routes.close()  # nothing is still being set up when the stop runs
         self._stop(list(self._processes), remove_folders=True)
 
     def cleanup(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lazycluster_tasks import processes
+from lazycluster_tasks import commands, processes
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.processes import ProcessInfo
 from lazycluster_tasks.runtime import Runtime
@@ -122,9 +122,10 @@ def teardown(
         else:
             kwargs = {**spec.connection_kwargs, **dict(connection_kwargs or {})}
             runtime = Runtime(spec.name, None, kwargs, spec.ssh_config_path)
+        revoke = None if runtime.is_local else commands.peer_marker(record.cluster_id)
         try:
             remove = folder.working_dir if folder.temporary else folder.folder
-            processes.stop_folder(runtime, folder.folder, grace, remove)
+            processes.stop_folder(runtime, folder.folder, grace, remove, revoke)
             return f"{key}: stopped"
         finally:
             runtime.cleanup()

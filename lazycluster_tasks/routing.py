@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 
 from lazycluster_tasks.group import RuntimeGroup, fan_out
+from lazycluster_tasks.links import Links
 from lazycluster_tasks.network import NetworkPlan
 from lazycluster_tasks.processes import ProcessInfo
 from lazycluster_tasks.runtime import Runtime
@@ -77,6 +78,9 @@ class DirectRouting:
         """Route the workers in the background while they register (they dial out first)."""
         yield
 
+    def workers_up(self) -> None:
+        """Started workers registered (nothing to do when direct)."""
+
     def forward_to_hosts(self, local_ports: Sequence[int]) -> None:
         """This machine's 127.0.0.1:port as 127.0.0.1:port on every remote host."""
         with self._lock:
@@ -105,8 +109,7 @@ class DirectRouting:
         away = set(self.unreachable())
 
         def close(runtime: Runtime) -> None:
-            for port in ports:
-                runtime.close_tunnel(port)
+            self._close(runtime, ports)
 
         with self._lock:
             self.routed -= routes
@@ -115,6 +118,13 @@ class DirectRouting:
                 self._to_close.setdefault(host, set()).update(ports)
         reached = [rt for rt in self.group.runtimes if rt.host not in away]
         fan_out("close worker routes", reached, close)
+
+    def _close(self, runtime: Runtime, ports: Collection[int]) -> None:
+        for port in ports:
+            runtime.close_tunnel(port)
+
+    def close(self) -> None:
+        """Before cleanup: nothing of the routing's own is still being set up."""
 
     def forget(self, process: ProcessInfo) -> None:
         """A process no longer runs: its routes are no longer ours to close."""
@@ -129,6 +139,23 @@ class TunnelledRouting(DirectRouting):
     name = "tunnelled"
     loopback = True
     hint = "check that sshd allows TCP forwarding (AllowTcpForwarding) on every host"
+
+    def __init__(self, plan: NetworkPlan, group: RuntimeGroup, controller: Runtime) -> None:
+        super().__init__(plan, group, controller)
+        #: Host-to-host SSH links for worker traffic (None: every route goes through here).
+        self.links: Links | None = None
+        self._relayed: dict[str, set[Route]] = {}  # host -> routes through this machine
+
+    def workers_up(self) -> None:
+        """Set the links up now, not earlier: a start does not share the hosts' CPUs with their
+        handshakes (until they are up, routes go through here)."""
+        if self.links is not None:
+            self.links.start()
+
+    def use_links(self, links: Links) -> None:
+        """Carry worker traffic over ``links`` where they come up."""
+        self.links = links
+        links.on_ready = self._all_onto_links
 
     def bind_address(self, runtime: Runtime) -> str:
         return LOOPBACK
@@ -182,10 +209,8 @@ class TunnelledRouting(DirectRouting):
             missed = self._missed.pop(host, set()) & self.routed
             to_close = self._to_close.pop(host, set())
         runtime = self.group.get_runtime(host)
-        for port in to_close:
-            runtime.close_tunnel(port)
-        for _, port in sorted(missed):
-            runtime.expose_port_to_runtime(port, port)
+        self._close(runtime, to_close)
+        self._to_host(runtime, sorted(missed))
         if missed or to_close:
             logger.info(
                 "host %s: %d worker routes added, %d closed", host, len(missed), len(to_close)
@@ -196,15 +221,68 @@ class TunnelledRouting(DirectRouting):
     ) -> None:
 
         def route(runtime: Runtime) -> None:
-            if not runtime.is_local:
-                for host, port in todo:
-                    if host == runtime.host:
-                        runtime.expose_port_from_runtime(port, port)
+            if runtime.is_local:
+                return
             for host, port in todo:
-                if host != runtime.host and (host, port) in worker_ports and not runtime.is_local:
-                    runtime.expose_port_to_runtime(port, port)
+                if host == runtime.host:
+                    runtime.expose_port_from_runtime(port, port)
+            others = [r for r in todo if r[0] != runtime.host and r in worker_ports]
+            self._to_host(runtime, others)
 
         fan_out("route worker ports", list(runtimes), route)
+
+    def _to_host(self, runtime: Runtime, routes: Collection[Route]) -> None:
+        """Put other hosts' worker ports at 127.0.0.1 on ``runtime``: through the host-to-host
+        link where one is up, else through this machine — also while the links are being set
+        up; :meth:`_onto_links` moves those routes once they are."""
+        if not routes:
+            return
+        links = self.links
+        carried: set[str] = set()
+        if links is not None and links.done:
+            by_target: dict[str, list[int]] = {}
+            for host, port in routes:
+                by_target.setdefault(host, []).append(port)
+            carried = links.forward(runtime, by_target)
+        relayed = {r for r in routes if r[0] not in carried}
+        for _, port in sorted(relayed):
+            runtime.expose_port_to_runtime(port, port)
+        if links is not None and relayed:
+            with self._lock:
+                self._relayed.setdefault(runtime.host, set()).update(relayed)
+            if links.done:  # they may have come up meanwhile
+                self._onto_links(runtime)
+
+    def _onto_links(self, runtime: Runtime) -> None:
+        """Move ``runtime``'s relayed routes whose pair has a link up onto it: the relay's
+        listener closes, the link's opens on the same port (a connection refused meanwhile is
+        retried by Dask; open ones finish on the relay)."""
+        assert self.links is not None
+        with self._lock:
+            mine = self._relayed.get(runtime.host, set())
+            todo = {r for r in mine if (runtime.host, r[0]) in self.links.up}
+            mine -= todo
+        if not todo:
+            return
+        for _, port in todo:
+            runtime.close_tunnel(port)
+        self._to_host(runtime, todo)
+
+    def _all_onto_links(self) -> None:
+        away = set(self.unreachable())
+        runtimes = [rt for rt in self.group.runtimes if not rt.is_local and rt.host not in away]
+        fan_out("move routes onto links", runtimes, self._onto_links)
+
+    def _close(self, runtime: Runtime, ports: Collection[int]) -> None:
+        linked = self.links.cancel(runtime, list(ports)) if self.links is not None else set()
+        with self._lock:
+            mine = self._relayed.get(runtime.host, set())
+            mine -= {r for r in mine if r[1] in ports}
+        super()._close(runtime, set(ports) - linked)
+
+    def close(self) -> None:
+        if self.links is not None:
+            self.links.close()
 
     @contextlib.contextmanager
     def while_registering(self, workers: Callable[[], Sequence[ProcessInfo]]) -> Iterator[None]:

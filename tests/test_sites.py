@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from lazycluster_tasks import RuntimeGroup
+from lazycluster_tasks import RuntimeGroup, commands
 from lazycluster_tasks.dask import DaskCluster, teardown
 from lazycluster_tasks.testing.hosts import TestHosts
 from tests.conftest import wait_until
@@ -94,4 +94,6 @@ def test_killed_controller_leaves_nothing_in_any_topology(
     print(f"{topology} ({record['network_mode']}): all gone {elapsed:.1f} s after SIGKILL")
     assert gone, (local_leftovers(record["cluster_id"]), multi_hosts.leftovers())
     assert elapsed < 2 + 4 + 6
-    teardown(record)  # the processes are gone; their folders go with the record
+    teardown(record)  # the processes are gone; their folders (and link key) go with the record
+    marker = commands.peer_marker(record["cluster_id"])
+    assert not any(marker in multi_hosts.authorized_keys(h) for h in HOSTS)

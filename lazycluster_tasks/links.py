@@ -1,0 +1,351 @@
+"""Host-to-host SSH links: the tunnelled data plane between workers, without this machine.
+
+Where only port 22 is open, a worker's port on host B is reached from host A through an OpenSSH
+master connection that A opens to B's sshd (one per pair of hosts), with one ``-L`` forward per
+worker port added to it as workers start. Bytes between workers then cross one SSH hop, encrypted
+by OpenSSH on the two hosts, instead of two hops through this machine's Python relays.
+
+The masters log in with a key made for the cluster (:class:`LinkKey`), delivered as 0600 files
+in the cluster folders and authorized in each host's ``~/.ssh/authorized_keys`` for the cluster's
+lifetime with options that allow forwarding to the host's loopback and nothing else. The far host's
+key is the one this machine verified for it. A pair whose link does not come up (a host that
+cannot reach the other's sshd, no ssh client, sshd reading keys from elsewhere) is named in the
+log and keeps the route through this machine. Masters are cluster processes (pid files in the
+cluster folder), so cleanup and ``teardown(record)`` stop them; both revoke the key.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from lazycluster_tasks import commands, processes
+from lazycluster_tasks.connection import tail
+from lazycluster_tasks.group import run_parallel
+from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
+from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.ssh import SSHConnection
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the set-up waits for all masters (they give up after LINK_CONNECT_TIMEOUT).
+SETUP_TIMEOUT = 15.0
+#: Longest control socket path OpenSSH accepts (sun_path is 108 bytes, minus its suffix).
+MAX_CONTROL_PATH = 90
+#: Links a host dials at once.
+LINK_BATCH = 4
+#: Seconds a link lives on a host where no worker of its cluster has started yet.
+KEEP_WITHOUT_WORKERS = 120
+KEY_FILE = "link/key"
+KNOWN_HOSTS = "link/known_hosts"
+Pair = tuple[str, str]  # (from host, to host)
+
+
+@dataclass(frozen=True)
+class LinkKey:
+    """An Ed25519 key pair made for one cluster (OpenSSH formats)."""
+
+    private: str
+    public: str
+
+    @classmethod
+    def generate(cls) -> LinkKey:
+        key = ed25519.Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        return cls(private.decode(), public.decode())
+
+
+@dataclass(frozen=True)
+class Peer:
+    """How the other hosts log in to one host: address, port, user and its verified key."""
+
+    host: str
+    address: str
+    port: int
+    user: str
+    key_type: str
+    key: str
+
+    @classmethod
+    def of(cls, runtime: Runtime, address: str | None) -> Peer | str:
+        """The host as a link target, or why it cannot be one."""
+        connection = runtime.connection
+        if not isinstance(connection, SSHConnection):
+            return "not reached over SSH"
+        if address is None:
+            return "reached through a jump host (its address is unknown to the others)"
+        sock = connection.transport().sock
+        if not isinstance(sock, socket.socket):
+            return "reached through a proxy (its address is unknown to the others)"
+        server_key = connection.transport().get_remote_server_key()
+        port = int(sock.getpeername()[1])
+        user = connection.transport().get_username() or ""
+        return cls(
+            runtime.host, address, port, user, server_key.get_name(), server_key.get_base64()
+        )
+
+    @property
+    def alias(self) -> str:
+        return f"lazycluster-{self.host}"
+
+
+def link_name(source: str, target: str) -> str:
+    return f"link-{source}-{target}"
+
+
+class Links:
+    """The links of one cluster: set up in the background, used pair by pair by the routing."""
+
+    def __init__(
+        self,
+        runtimes: Sequence[Runtime],
+        addresses: Mapping[str, str],
+        folder: Callable[[Runtime], str],
+        marker: str,
+        register: Callable[[Runtime, ProcessInfo], None],
+    ) -> None:
+        self.runtimes = [rt for rt in runtimes if not rt.is_local]
+        self.addresses = dict(addresses)
+        self.folder, self.marker, self.register = folder, marker, register
+        #: (from, to) -> control socket of a link that is up
+        self.up: dict[Pair, str] = {}
+        #: (from, to) -> why that pair goes through this machine
+        self.down: dict[Pair, str] = {}
+        self._forwarded: dict[Pair, set[int]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._ready = threading.Event()
+        #: Called in the set-up's thread once it ended (the routing moves routes onto links).
+        self.on_ready: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        """Set the links up in the background, once (they are needed when workers exchange
+        data, not to start: the scheduler and the workers' registration go through here)."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._setup_logged, name="lct-links", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        """The set-up ended: ``up`` and ``down`` name every pair."""
+        return self._ready.is_set()
+
+    def wait(self) -> None:
+        """Until the set-up ended (bounded: SETUP_TIMEOUT per batch of LINK_BATCH links)."""
+        self.start()
+        assert self._thread is not None
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    def close(self) -> None:
+        """Before cleanup: no batch starts any more; wait for the one running (bounded)."""
+        self._closing.set()
+        with self._lock:
+            thread, self._thread = self._thread, threading.Thread()  # start() is a no-op now
+        if thread is not None and thread.ident is not None:
+            thread.join()
+
+    def _setup_logged(self) -> None:
+        try:
+            self._setup()
+        except Exception as exc:  # every pair keeps the route through this machine
+            logger.warning("host-to-host links not set up (routes go through here): %s", exc)
+            for a in self.runtimes:
+                for b in self.runtimes:
+                    if a is not b and (a.host, b.host) not in self.up:
+                        self.down.setdefault((a.host, b.host), f"set-up failed: {exc}")
+        self._ready.set()
+        if self.on_ready is not None and not self._closing.is_set():
+            try:
+                self.on_ready()
+            except Exception as exc:  # the routes stay on this machine's relays
+                logger.warning("routes not moved onto host-to-host links: %s", exc)
+
+    def _setup(self) -> None:
+        if len(self.runtimes) < 2:
+            return
+        peers: dict[str, Peer] = {}
+        for rt in self.runtimes:
+            peer = Peer.of(rt, self.addresses.get(rt.host))
+            if isinstance(peer, Peer):
+                peers[rt.host] = peer
+            else:
+                for other in self.runtimes:
+                    if other is not rt:
+                        self.down[(other.host, rt.host)] = peer
+        if not peers:
+            return
+        key = LinkKey.generate()
+        line = commands.authorized_line(key.public, self.marker)
+        known = "".join(f"{p.alias} {p.key_type} {p.key}\n" for p in peers.values())
+        files = {KEY_FILE: key.private, KNOWN_HOSTS: known}
+        # 1. every target authorizes the key (before anyone dials it)
+        authorized = run_parallel(
+            "authorize link key",
+            {h: self._runtime(h) for h in peers},
+            lambda rt: rt.connection.run(commands.authorize_key(line, self.marker), timeout=30),
+        )
+        for host, result in authorized.items():
+            if not result.ok:
+                self._target_down(host, f"could not authorize the key: {tail(result.output, 200)}")
+                peers.pop(host)
+        # 2. every host starts its masters, 3. and reports which came up
+        jobs = {}
+        order = list(peers.values())
+        for index, rt in enumerate(self.runtimes):
+            # each host dials the others in its own rotation, LINK_BATCH at a time: no sshd
+            # gets every host's handshake at once (MaxStartups drops beyond 10 by default)
+            rotated = order[index % len(order) :] + order[: index % len(order)]
+            targets = [p for p in rotated if p.host != rt.host]
+            if targets:
+                jobs[rt.host] = (rt, targets)
+
+        def start(job: tuple[Runtime, list[Peer]]) -> None:
+            runtime, targets = job
+            sent = False
+            for first in range(0, len(targets), LINK_BATCH):
+                if self._closing.is_set():
+                    return
+                batch = targets[first : first + LINK_BATCH]
+                self._start(runtime, batch, first, {} if sent else files)
+                sent = True
+
+        run_parallel("start links", jobs, start)
+        if self.up:
+            logger.info(
+                "host-to-host SSH links up: %d of %d pairs",
+                len(self.up),
+                len(self.up) + len(self.down),
+            )
+
+    def _runtime(self, host: str) -> Runtime:
+        return next(rt for rt in self.runtimes if rt.host == host)
+
+    def _target_down(self, target: str, why: str) -> None:
+        for rt in self.runtimes:
+            if rt.host != target:
+                self.down[(rt.host, target)] = why
+
+    def _start(
+        self, runtime: Runtime, targets: list[Peer], offset: int, files: dict[str, str]
+    ) -> None:
+        folder = self.folder(runtime)
+        specs, pairs, controls = [], {}, {}
+        for index, peer in enumerate(targets, start=offset):
+            pair = (runtime.host, peer.host)
+            control = posixpath.join(folder, f"link{index}.s")
+            if len(control) > MAX_CONTROL_PATH:
+                self.down[pair] = f"control socket path too long: {control}"
+                continue
+            master = commands.link_master_argv(
+                control,
+                posixpath.join(folder, KEY_FILE),
+                posixpath.join(folder, KNOWN_HOSTS),
+                peer.alias,
+                peer.key_type,
+                peer.user,
+                peer.address,
+                peer.port,
+            )
+            argv = commands.link_keeper_argv(master, folder, KEEP_WITHOUT_WORKERS)
+            name = link_name(*pair)
+            specs.append(ProcessSpec(name, argv, role="link"))
+            pairs[name], controls[name] = pair, control
+        if not specs:
+            return
+        infos = processes.start_processes(runtime, folder, specs, files)
+        for info in infos:
+            self.register(runtime, info)
+        states = runtime.connection.run(
+            commands.link_states(controls, {i.name: i.pid for i in infos}, SETUP_TIMEOUT),
+            timeout=SETUP_TIMEOUT + 30,
+        )
+        up = {line[:-2] for line in states.stdout.split() if line.endswith("=1")}
+        failed = [i for i in infos if i.name not in up]
+        logs = processes.read_logs(runtime, failed) if failed else {}
+        for name, pair in pairs.items():
+            if name in up:
+                with self._lock:
+                    self.up[pair] = controls[name]
+                continue
+            why = " ".join(tail(logs.get(name, ""), 200).split()) or "did not come up"
+            self.down[pair] = why
+            logger.info("link %s -> %s not up (its routes go through here): %s", *pair, why)
+
+    # -- forwards -------------------------------------------------------------------------
+
+    def forward(self, runtime: Runtime, ports: Mapping[str, Sequence[int]]) -> set[str]:
+        """Forward each target host's ports to 127.0.0.1 on ``runtime`` through its link (one
+        round trip); return the target hosts whose link carried them — the others need the
+        route through this machine."""
+        todo = {t: list(p) for t, p in ports.items() if p and (runtime.host, t) in self.up}
+        if not todo:
+            return set()
+        lines = [
+            f"if {commands.link_forwards(self.up[(runtime.host, t)], p)} >/dev/null 2>&1; "
+            f"then echo {commands.q(t + '=1')}; else echo {commands.q(t + '=0')}; fi"
+            for t, p in todo.items()
+        ]
+        result = runtime.connection.run("; ".join(lines), timeout=30)
+        carried = {line[:-2] for line in result.stdout.split() if line.endswith("=1")}
+        with self._lock:
+            for target, port_list in todo.items():
+                pair = (runtime.host, target)
+                if target in carried:
+                    self._forwarded.setdefault(pair, set()).update(port_list)
+                else:  # its master ended (the far host went away): the controller routes
+                    self.up.pop(pair, None)
+                    self.down[pair] = "link ended"
+                    logger.info("link %s -> %s ended; its routes go through here", *pair)
+        return carried
+
+    def carried(self, runtime: Runtime) -> dict[str, set[int]]:
+        """Target host -> ports forwarded on ``runtime`` through links."""
+        with self._lock:
+            return {b: set(p) for (a, b), p in self._forwarded.items() if a == runtime.host}
+
+    def cancel(self, runtime: Runtime, ports: Sequence[int]) -> set[int]:
+        """Cancel the link forwards of these ports on ``runtime``; return the ports that were
+        link forwards (the rest are the controller's)."""
+        jobs: dict[str, set[int]] = {}
+        with self._lock:
+            for (a, b), forwarded in self._forwarded.items():
+                if a == runtime.host and forwarded & set(ports):
+                    jobs[b] = forwarded & set(ports)
+                    forwarded -= jobs[b]
+            controls = {b: self.up.get((runtime.host, b)) for b in jobs}
+        lines = [
+            commands.link_forwards(control, jobs[b], cancel=True) + " >/dev/null 2>&1"
+            for b, control in controls.items()
+            if control
+        ]
+        if lines:
+            runtime.connection.run("; ".join(lines) + "; true", timeout=30)
+        return {p for ports_ in jobs.values() for p in ports_}
+
+    def summary(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "links_up": len(self.up),
+                "links_down": len(self.down),
+                "link_forwards": sum(len(p) for p in self._forwarded.values()),
+            }

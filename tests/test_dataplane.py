@@ -1,0 +1,143 @@
+"""The tunnelled data plane: worker traffic between hosts over host-to-host SSH links where a
+host reaches another's sshd, through this machine where it does not; forwards grow with the
+workers, not with workers x hosts; nothing (no process, no authorized key) left after."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psutil
+import pytest
+from distributed import Client
+
+from lazycluster_tasks import commands
+from lazycluster_tasks.ssh_cluster import LazySSHCluster
+from lazycluster_tasks.testing.hosts import TestHosts
+
+pytestmark = [pytest.mark.multihost]
+
+HOSTS = ["host1", "host2", "host3"]
+MIB = 16
+
+
+# lambdas: pickled by value (a module function would be imported by name on the workers)
+_block = lambda n: __import__("random").Random(7).randbytes(n)  # noqa: E731
+_sha = lambda data: __import__("hashlib").sha256(data).hexdigest()  # noqa: E731
+
+
+def _bytes_through(cluster: LazySSHCluster, name: str) -> int:
+    """Bytes the ssh process of link ``name`` has moved (its read + write counters)."""
+    keeper = psutil.Process(cluster.engine._processes[name].pid)  # the hosts share our pids
+    (ssh,) = [p for p in keeper.children() if p.name() == "ssh"]
+    io = ssh.io_counters()
+    return int(io.read_chars + io.write_chars)
+
+
+@pytest.mark.parametrize("hosts_reach_sshd", [True, False])
+def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_sshd(
+    multi_hosts: TestHosts,
+    no_leftovers: TestHosts,
+    no_local_leaks: None,
+    hosts_reach_sshd: bool,
+    caplog,
+) -> None:
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks.links")
+    multi_hosts.set_network("ssh-only", "drop")
+    if not hosts_reach_sshd:  # only this machine may open SSH to the hosts
+        for h in HOSTS:
+            multi_hosts.restrict_ssh(h, ["controller"])
+    cluster = LazySSHCluster(
+        HOSTS,
+        ssh_config_path=str(multi_hosts.ssh_config_path),
+        network_mode="tunnelled",
+        threads_per_worker=1,
+    )
+    marker = commands.peer_marker(cluster.engine.cluster_id)
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(3, timeout=30)
+            links = cluster.engine.routing.links
+            assert links is not None
+            links.wait()
+            pairs = {(a, b) for a in HOSTS for b in HOSTS if a != b}
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            on = {str(w["name"]).split("-")[0]: a for a, w in workers.items()}  # host -> worker
+            runtimes = cluster.engine.group.runtimes
+            kinds = [t.kind for rt in runtimes for t in rt.tunnels]
+            if hosts_reach_sshd:
+                assert set(links.up) == pairs and not links.down
+                assert all(marker in multi_hosts.authorized_keys(h) for h in HOSTS)
+                # this machine: -L per worker and nanny, -R of the scheduler per host; no -R of
+                # a worker port (those are the links' -L on the hosts, one per worker per host)
+                assert kinds.count("-L") == 2 * len(on) and kinds.count("-R") == len(HOSTS)
+                assert links.summary()["link_forwards"] == len(pairs)
+                before = _bytes_through(cluster, "link-host2-host1")
+            else:  # no host reaches another's sshd: every pair named, routed through here
+                assert set(links.down) == pairs and not links.up
+                assert "link host1 -> host2 not up" in caplog.text
+                assert kinds.count("-R") == len(HOSTS) + len(pairs)
+            data = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
+            seen = [
+                client.submit(_sha, data, workers=[on[h]], allow_other_workers=False, pure=False)
+                for h in ("host2", "host3")
+            ]
+            assert client.gather(seen) == [_sha(_block(MIB << 20))] * 2
+            if hosts_reach_sshd:  # the bytes crossed host2's link to host1
+                assert _bytes_through(cluster, "link-host2-host1") - before >= MIB << 20
+    finally:
+        try:
+            cluster.close()
+        finally:
+            for h in HOSTS:
+                multi_hosts.restrict_ssh(h, None)
+            multi_hosts.set_network("open")
+    assert not any(marker in multi_hosts.authorized_keys(h) for h in HOSTS)
+    assert not [t for t in threading.enumerate() if t.name == "lct-links"]
+
+
+@pytest.mark.slow
+def test_forwards_and_threads_grow_with_the_workers_not_with_the_hosts_squared(
+    multi_hosts: TestHosts, no_local_leaks: None
+) -> None:
+    """Six hosts of their own (the session has four): this machine holds 2 x workers + hosts
+    forwards and a bounded number of threads, once the links carry every pair."""
+    with TestHosts(6) as six:
+        names = [h.name for h in six.hosts]
+        cluster = LazySSHCluster(
+            names,
+            ssh_config_path=str(six.ssh_config_path),
+            network_mode="tunnelled",
+            threads_per_worker=1,
+            workers_per_host=2,
+        )
+        try:
+            with Client(cluster) as client:
+                client.wait_for_workers(12, timeout=60)
+                links = cluster.engine.routing.links
+                assert links is not None
+                links.wait()
+                assert len(links.up) == 6 * 5 and not links.down
+                kinds = [t.kind for rt in cluster.engine.group.runtimes for t in rt.tunnels]
+                assert len(kinds) == 2 * 12 + 6  # -L per worker and nanny, -R per host
+                assert links.summary()["link_forwards"] == 12 * 5  # on the hosts, not here
+                assert threading.active_count() <= 4 * 12 + 24
+                workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+                ring = [
+                    client.submit(
+                        _sha,
+                        client.submit(_block, 1 << 20, workers=[w], pure=False),
+                        workers=[workers[(i + 1) % len(workers)]],
+                        allow_other_workers=False,
+                        pure=False,
+                    )
+                    for i, w in enumerate(workers)
+                ]
+                assert client.gather(ring) == [_sha(_block(1 << 20))] * len(workers)
+        finally:
+            cluster.close()
+        deadline = time.monotonic() + 3
+        while six.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not six.leftovers()
