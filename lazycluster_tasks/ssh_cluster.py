@@ -142,6 +142,8 @@ class WorkerLauncherLoop:
         self.down: dict[str, float] = {}  # host -> since when it has not answered
         self.reported: set[str] = set()  # hosts reported lost for good
         self.stale: dict[str, list[str]] = {}  # host -> workers to stop once it answers
+        #: The whole cluster closes: the scheduler's close stops every process at once.
+        self.closing = False
         self.started: set[str] = set()  # workers that started and registered
         self._batch: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
         self._flush: asyncio.Future[None] | None = None
@@ -193,6 +195,8 @@ class WorkerLauncherLoop:
 
     async def stop(self, name: str, host: str) -> None:
         """Stop one worker; on a host that does not answer it is stopped once it does."""
+        if self.closing:  # one cleanup for all: no per-worker stops and route closings first
+            return
         if host in self.down:
             self.stale.setdefault(host, []).append(name)
             return
@@ -482,6 +486,7 @@ class LazySSHCluster(SpecCluster):
             # the engine's own client goes first: it would try to reconnect to a scheduler
             # that SpecCluster is about to terminate
             await asyncio.to_thread(self.engine.clients.close)
+        self.launcher.closing = True
         await super()._close()
         if orphaned and self.scheduler is not None:
             await self.scheduler.close()  # the engine's cleanup, as after a normal close
