@@ -1,55 +1,74 @@
-"""The data plane at scale: what moving data between workers costs this machine.
+"""The data plane: moving data between workers, and what it costs this machine.
 
-For each host count (``--hosts 3,8,16``) and network mode (direct, tunnelled), on one fresh
-LazySSHCluster (one worker per host, one thread each):
+For each host count (``--hosts 3,8,16``), on one fresh cluster per case — LazySSHCluster direct,
+LazySSHCluster tunnelled (host-to-host SSH links; the test hosts reach each other's port 22) and
+``distributed.deploy.ssh.SSHCluster`` (direct; needs asyncssh) — one worker per host, one
+thread each:
 
-1. Forwards: SSH forwards the cluster holds (-L here, -R on the hosts), and this process's threads
-   and file descriptors once every worker is ready.
-2. All-to-all: every worker makes a block of ``--mib`` MiB; then every worker fetches every other
-   worker's block (n x (n-1) transfers at once). Time, MiB/s moved between workers, this
-   process's CPU seconds per GiB relayed (tunnelled bytes pass through it), and its peak threads
-   and file descriptors meanwhile.
-3. Cleanup: ``close()`` until it returns.
+1. Once every worker is ready (and, tunnelled, the links' set-up ended): SSH forwards this
+   machine holds (-L here, -R on the hosts), host-to-host links up, this process's threads and
+   file descriptors.
+2. Pair: worker 1 fetches a ``--pair-mib`` MiB block from worker 0 (``--repeat`` times, median).
+3. Ring: every worker fetches its neighbour's ``--mib`` MiB block at once (n transfers).
+4. All-to-all: every worker fetches every other's block (n x (n-1) transfers at once).
+   For 2-4: MiB/s moved between workers, this process's CPU seconds per GiB moved, its peak
+   threads and descriptors.
+5. Cleanup: ``close()`` until it returns.
 
-No targets yet (issue 10 sets them: tunnelled >= 0.5x direct, forwards O(workers)); every failed
-run is counted and fails the benchmark. Nothing may be left on any host.
-Run: ``python -m benchmarks.dataplane [--hosts 3,8,16] [--mib 4]``.
+Targets, per host count: tunnelled pair and ring throughput >= 0.5x direct's; this machine's
+forwards <= 2 x workers + hosts (one -L per worker and nanny, one -R of the scheduler per host:
+linear, no forward per worker per host); peak threads <= 4 x workers + 24. A failed run fails its
+case; nothing may be left on any host. All hosts share this machine's cores: every host's SSH
+encryption competes with every worker, which a site with its own CPUs per host does not see.
+Run: ``python -m benchmarks.dataplane [--hosts 3,8,16] [--mib 4] [--pair-mib 64]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import logging
-import os
+import statistics
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
-from benchmarks.common import clean_sample, leftover_check, print_table
+from benchmarks.common import FAIL, MISS, PASS, clean_sample, leftover_check, print_table
 from lazycluster_tasks.testing.hosts import TestHosts
 
-MODES = ("direct", "tunnelled")
+OURS = ("direct", "tunnelled")
+SSHCLUSTER = "SSHCluster"
+RATIO = 0.5  # tunnelled / direct
 TIMEOUT = 300.0
 
 
 @dataclass
 class Row:
     hosts: int
-    mode: str
+    case: str
     values: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
     @property
     def status(self) -> str:
-        return "FAIL" if self.error else "PASS"
+        return FAIL if self.error else PASS
 
     @property
     def name(self) -> str:
-        return f"{self.hosts} hosts, {self.mode}"
+        return f"{self.hosts} hosts, {self.case}"
+
+
+@dataclass
+class Target:
+    name: str
+    value: str
+    status: str
 
 
 class _Peak:
@@ -58,15 +77,15 @@ class _Peak:
     def __init__(self) -> None:
         self.threads = self.fds = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.wait(0.02):
-            self.threads = max(self.threads, threading.active_count() - 1)  # not ourselves
+            self.threads = max(self.threads, threading.active_count())
             self.fds = max(self.fds, me.num_fds())
 
     def __enter__(self) -> _Peak:
+        self._thread = threading.Thread(target=self._run, name="bench-peak")
         self._thread.start()
         return self
 
@@ -75,8 +94,74 @@ class _Peak:
         self._thread.join()
 
 
-def run(th: TestHosts, n: int, mode: str, mib: int) -> dict[str, str]:
-    from distributed import Client, wait
+def _block(n: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.cache
+def _expected(n: int, seed: int) -> str:
+    return _sha(_block(n, seed))
+
+
+def _moved(client: Any, transfers: list[tuple[str, str]], mib: int) -> float:
+    """Each (source, target): target fetches a fresh block made on source; all at once.
+    Returns seconds; checks every byte by digest."""
+    from distributed import wait
+
+    blocks = [
+        client.submit(_block, mib << 20, i, workers=[s], allow_other_workers=False, pure=False)
+        for i, (s, _) in enumerate(transfers)
+    ]
+    wait(blocks)  # made (where they are, not fetched here) before the clock starts
+    start = time.perf_counter()
+    seen = [
+        client.submit(_sha, b, workers=[t], allow_other_workers=False, pure=False)
+        for b, (_, t) in zip(blocks, transfers, strict=True)
+    ]
+    digests = client.gather(seen)
+    elapsed = time.perf_counter() - start
+    want = [_expected(mib << 20, i) for i in range(len(transfers))]
+    if digests != want:
+        raise RuntimeError("a worker received other bytes than were sent")
+    client.cancel(blocks + seen)
+    return elapsed
+
+
+def measure(client: Any, n: int, args: argparse.Namespace, out: dict[str, str]) -> None:
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    for size, count in ((args.pair_mib, 1), (args.mib, n * (n - 1))):
+        for seed in range(count):
+            _expected(size << 20, seed)  # the checks' own CPU is not counted below
+    me = psutil.Process()
+    moved_mib = 0.0
+    cpu0 = sum(me.cpu_times()[:2])
+    with _Peak() as peak:
+        pair = [_moved(client, [(workers[0], workers[1])], args.pair_mib)
+                for _ in range(args.repeat)]  # fmt: skip
+        moved_mib += args.pair_mib * args.repeat
+        ring = [(workers[i], workers[(i + 1) % n]) for i in range(n)]
+        ring_s = _moved(client, ring, args.mib)
+        moved_mib += args.mib * n
+        pairs = [(s, t) for s in workers for t in workers if s != t]
+        all_s = _moved(client, pairs, args.mib)
+        moved_mib += args.mib * len(pairs)
+    cpu = sum(me.cpu_times()[:2]) - cpu0
+    out["pair MiB/s"] = f"{args.pair_mib / statistics.median(pair):.0f}"
+    out["ring MiB/s"] = f"{args.mib * n / ring_s:.0f}"
+    out["all-to-all MiB/s"] = f"{args.mib * len(pairs) / all_s:.0f}"
+    out["ctrl CPU s/GiB"] = f"{cpu / (moved_mib / 1024):.2f}"
+    out["peak threads"] = str(peak.threads)
+    out["peak fds"] = str(peak.fds)
+
+
+def run_ours(th: TestHosts, n: int, mode: str, args: argparse.Namespace) -> dict[str, str]:
+    from distributed import Client
 
     from lazycluster_tasks.ssh_cluster import LazySSHCluster
 
@@ -88,42 +173,16 @@ def run(th: TestHosts, n: int, mode: str, mib: int) -> dict[str, str]:
     try:
         with Client(cluster) as client:
             client.wait_for_workers(n, timeout=60)
-            group = cluster.engine.group
-            forwards = sum(len(rt.tunnels) for rt in group.runtimes)
-            out["forwards"] = str(forwards)
+            links = getattr(cluster.engine.routing, "links", None)
+            if links is not None:
+                links.wait()  # their set-up follows the start, in the background
+                up, down = links.summary()["links_up"], links.summary()["links_down"]
+                out["links"] = f"{up}/{up + down}"
+            runtimes = cluster.engine.group.runtimes
+            out["forwards"] = str(sum(len(rt.tunnels) for rt in runtimes))
             out["threads ready"] = str(threading.active_count())
             out["fds ready"] = str(psutil.Process().num_fds())
-            workers = list(client.scheduler_info(n_workers=-1)["workers"])
-            blocks = {
-                w: client.submit(
-                    os.urandom, mib << 20, workers=[w], allow_other_workers=False, pure=False
-                )
-                for w in workers
-            }
-            wait(list(blocks.values()), timeout=60)
-            me = psutil.Process()
-            cpu0 = sum(me.cpu_times()[:2])
-            start = time.perf_counter()
-            with _Peak() as peak:
-                fetched = [
-                    client.submit(
-                        len, blocks[source], workers=[target], allow_other_workers=False,
-                        pure=False,
-                    )
-                    for target in workers
-                    for source in workers
-                    if source != target
-                ]  # fmt: skip
-                total = sum(client.gather(fetched))
-            elapsed = time.perf_counter() - start
-            cpu = sum(me.cpu_times()[:2]) - cpu0
-            if total != len(fetched) * (mib << 20):
-                raise RuntimeError(f"{total} bytes fetched, expected {len(fetched) * mib} MiB")
-            out["all-to-all s"] = f"{elapsed:.2f}"
-            out["MiB/s"] = f"{total / (1 << 20) / elapsed:.0f}"
-            out["ctrl CPU s/GiB"] = f"{cpu / (total / (1 << 30)):.1f}"
-            out["peak threads"] = str(peak.threads)
-            out["peak fds"] = str(peak.fds)
+            measure(client, n, args, out)
     finally:
         t0 = time.perf_counter()
         cluster.close()
@@ -131,34 +190,124 @@ def run(th: TestHosts, n: int, mode: str, mib: int) -> dict[str, str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> list[Row]:
+def run_sshcluster(th: TestHosts, n: int, args: argparse.Namespace) -> dict[str, str]:
+    from distributed import Client
+
+    from benchmarks.cluster_layer import _ssh_user
+    from lazycluster_tasks.testing.hosts import TestHost
+
+    from distributed.deploy.ssh import SSHCluster  # isort: skip
+
+    hosts: list[TestHost] = th.hosts[:n]
+    addresses = [h.address for h in hosts]
+    quiet = logging.getLogger("distributed.deploy.ssh")  # it relays every remote log line
+    quiet.setLevel(logging.WARNING)
+    cluster = SSHCluster(
+        [addresses[0], *addresses],
+        connect_options={
+            "known_hosts": str(th.known_hosts_path),
+            "client_keys": [str(th.identity_file)],
+            "username": _ssh_user(th, hosts[0].name),
+        },
+        worker_options={"nthreads": 1},
+        scheduler_options={"dashboard_address": ":0", "host": addresses[0]},
+        remote_python=sys.executable,
+    )
+    out: dict[str, str] = {"forwards": "0", "threads ready": str(threading.active_count())}
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(n, timeout=60)
+            out["fds ready"] = str(psutil.Process().num_fds())
+            measure(client, n, args, out)
+    finally:
+        t0 = time.perf_counter()
+        cluster.close()
+        out["cleanup s"] = f"{time.perf_counter() - t0:.2f}"
+        # its remote processes leave by themselves (no scheduler left) within seconds
+        deadline = time.monotonic() + 30
+        while th.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return out
+
+
+def targets(rows: list[Row]) -> list[Target]:
+    found: list[Target] = []
+    by = {(r.hosts, r.case): r for r in rows}
+
+    def number(row: Row | None, key: str) -> float | None:
+        if row is None or row.error or key not in row.values:
+            return None
+        return float(row.values[key])
+
+    for n in sorted({r.hosts for r in rows}):
+        direct, tunnelled = by.get((n, "direct")), by.get((n, "tunnelled"))
+        for key in ("pair MiB/s", "ring MiB/s"):
+            d, t = number(direct, key), number(tunnelled, key)
+            if d is None or t is None:
+                found.append(Target(f"{n} hosts: tunnelled {key} >= {RATIO}x direct", "-", FAIL))
+            else:
+                ok = t >= RATIO * d
+                found.append(Target(f"{n} hosts: tunnelled {key} >= {RATIO}x direct",
+                                    f"{t / d:.2f}x", PASS if ok else MISS))  # fmt: skip
+        forwards, threads = number(tunnelled, "forwards"), number(tunnelled, "peak threads")
+        bound = 2 * n + n  # one worker per host
+        limit = 4 * n + 24
+        for label, value, most in (
+            (f"forwards <= 2 x workers + hosts ({bound})", forwards, bound),
+            (f"peak threads <= 4 x workers + 24 ({limit})", threads, limit),
+        ):
+            status = FAIL if value is None else PASS if value <= most else MISS
+            shown = "-" if value is None else f"{value:.0f}"
+            found.append(Target(f"{n} hosts: tunnelled {label}", shown, status))
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> list[Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dataplane", description=__doc__)
     parser.add_argument("--hosts", default="3,8,16", help="host counts, comma-separated")
-    parser.add_argument("--mib", type=int, default=4)
+    parser.add_argument("--mib", type=int, default=4, help="block size of ring and all-to-all")
+    parser.add_argument("--pair-mib", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3, help="pair transfers (median)")
+    parser.add_argument("--no-sshcluster", action="store_true", help="skip SSHCluster")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.hosts.split(",")]
     logging.getLogger("distributed").setLevel(logging.ERROR)
+    cases: list[tuple[str, Callable[[TestHosts, int], dict[str, str]]]] = [
+        (mode, functools.partial(run_ours, mode=mode, args=args)) for mode in OURS
+    ]
+    try:
+        import asyncssh  # noqa: F401
+    except ImportError:
+        print("SSHCluster: skipped (asyncssh not installed: pip install -e '.[bench]')")
+    else:
+        if not args.no_sshcluster:
+            cases.append((SSHCLUSTER, functools.partial(run_sshcluster, args=args)))
     rows: list[Row] = []
     with TestHosts(max(counts)) as th:
         for n in counts:
-            for mode in MODES:
-                row = Row(n, mode)
-                values, error = clean_sample(th, functools.partial(run, th, n, mode, args.mib))
+            for case, run in cases:
+                row = Row(n, case)
+                values, error = clean_sample(th, functools.partial(run, th, n))
                 row.values, row.error = values or {}, error and error[:300]
                 print(f"  {row.name}: {row.error or row.values}", flush=True)
                 rows.append(row)
         leftover_check(th)
-    columns = ["forwards", "threads ready", "fds ready", "all-to-all s", "MiB/s",
-               "ctrl CPU s/GiB", "peak threads", "peak fds", "cleanup s"]  # fmt: skip
+    columns = ["forwards", "links", "threads ready", "fds ready", "pair MiB/s", "ring MiB/s",
+               "all-to-all MiB/s", "ctrl CPU s/GiB", "peak threads", "peak fds",
+               "cleanup s"]  # fmt: skip
     print_table(
-        f"data plane: all-to-all of {args.mib} MiB blocks, one worker per host",
+        f"data plane: one worker per host; pair {args.pair_mib} MiB (median of {args.repeat}), "
+        f"ring and all-to-all {args.mib} MiB blocks",
         ["case", *columns, "status"],
         [[r.name, *(r.values.get(c, "-") for c in columns), r.status] for r in rows],
     )
+    found = targets(rows)
+    print_table("data plane targets", ["target", "value", "status"],
+                [[t.name, t.value, t.status] for t in found])  # fmt: skip
     for row in rows:
         if row.error:
             print(f"{row.name} failed: {row.error}")
-    return rows
+    return [*rows, *found]
 
 
 if __name__ == "__main__":
