@@ -327,12 +327,15 @@ def link_forwards(control: str, ports: Iterable[int], cancel: bool = False) -> s
 
 def link_states(controls: Mapping[str, str], pids: Mapping[str, int], timeout: float) -> str:
     """Wait (one deadline of ``timeout`` s for all) for each link's master to be up; print
-    ``name=1`` when it is, ``name=0`` when its process ended or time ran out."""
+    ``name=1`` when it is, ``name=0`` when its process ended or time ran out. The wait also
+    ends with the SSH session that runs it (its parent): a controller that died leaves no
+    loop behind."""
     checks = [f"end=$(( $(date +%s) + {max(1, int(timeout))} ))"]
     for name, control in controls.items():
         check = shlex.join(["ssh", "-F", "/dev/null", "-S", control, "-O", "check", "link"])
         checks.append(
             f"while ! {check} 2>/dev/null && kill -0 {int(pids[name])} 2>/dev/null "
+            '&& kill -0 "$PPID" 2>/dev/null '
             '&& [ "$(date +%s)" -lt "$end" ]; do sleep 0.1; done; '
             f"if {check} 2>/dev/null; then echo {q(name + '=1')}; else echo {q(name + '=0')}; fi"
         )
