@@ -373,6 +373,11 @@ class Engine:
             )
             for info in infos:
                 self._register(runtime, info)
+            logger.info(
+                "started on %s: %s",
+                runtime.host,
+                ", ".join(f"{i.name} (pid {i.pid})" for i in infos),
+            )
             self._follow_logs(runtime, infos, debug)
             return infos
 
@@ -730,6 +735,8 @@ class Engine:
                 runtime.forget_working_dir()  # removed here; its cleanup need not do it again
             if left:
                 raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
+            if infos:
+                logger.info("stopped on %s: %s", runtime.host, ", ".join(i.name for i in infos))
 
         failed: set[str] = set()
         try:
@@ -819,6 +826,7 @@ class Engine:
             network_mode=self.network_mode,
             network_paths=dict(self._plan.paths) if self._plan else {},
             network_reasons=list(self._plan.reasons) if self._plan else [],
+            failure=self.failure,
             hosts=[HostSpec.of(rt) for rt in self.group.runtimes],
             scheduler_host=self._scheduler_host,
             scheduler_address=self.scheduler_address,

@@ -79,6 +79,7 @@ class ClusterRecord(_Frozen):
     #: "from -> to" -> "open" or why not, as the preflight probe measured them (auto mode)
     network_paths: dict[str, str] = Field(default_factory=dict)
     network_reasons: list[str] = Field(default_factory=list)  # why tunnelled was chosen
+    failure: str | None = None  # why a running cluster failed (None while healthy)
     #: Set by the Prefect layer: the blocks holding the secrets and the host group, by name,
     #: and the flow runs whose crash or cancellation hooks tear the cluster down.
     ssh_block: str | None = None

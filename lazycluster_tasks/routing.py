@@ -176,6 +176,7 @@ class TunnelledRouting(DirectRouting):
         if runtime is not self.controller and not runtime.is_local:
             runtime.expose_port_from_runtime(port, port)
         fan_out("route scheduler", others, lambda rt: rt.expose_port_to_runtime(port, port))
+        logger.info("tunnels up: the scheduler at 127.0.0.1:%d on %d hosts", port, len(others))
 
     def route_workers(self, workers: Sequence[ProcessInfo]) -> None:
         """Every worker (and nanny) port at 127.0.0.1 here, every worker port at 127.0.0.1 on
@@ -226,8 +227,15 @@ class TunnelledRouting(DirectRouting):
             for host, port in todo:
                 if host == runtime.host:
                     runtime.expose_port_from_runtime(port, port)
+            own = [str(port) for host, port in todo if host == runtime.host]
             others = [r for r in todo if r[0] != runtime.host and r in worker_ports]
             self._to_host(runtime, others)
+            logger.info(
+                "tunnels up for %s: its ports %s here, %d worker ports of other hosts there",
+                runtime.host,
+                ",".join(own) or "-",
+                len(others),
+            )
 
         fan_out("route worker ports", list(runtimes), route)
 

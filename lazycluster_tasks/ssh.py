@@ -615,6 +615,8 @@ class SSHConnection(Connection):
                 logger.info("reconnected to %s", self.host)
                 for callback in list(self._on_reconnect):
                     callback(transport)
+            else:
+                logger.info("connected to %s (%s)", self.host, self.settings.destination)
             return transport
 
     def on_reconnect(self, callback: Callable[[paramiko.Transport], None]) -> None:

@@ -33,8 +33,19 @@ CHUNK = 2**18
 KEEPER_INTERVAL = 1.0
 #: Connections a -L listener queues before accepting them (many workers connect at once).
 BACKLOG = 256
+
+
+class _Chatter(logging.Logger):
+    """sshtunnel's logger: its INFO lines (one per tunnel opened, connected, released) are
+    debug detail here — the cluster logs one line per host event itself."""
+
+    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+
 #: Given to sshtunnel so that it does not attach console handlers to its and paramiko's loggers.
-_SSHTUNNEL_LOGGER = logging.getLogger("lazycluster_tasks.tunnels.sshtunnel")
+_SSHTUNNEL_LOGGER = _Chatter("lazycluster_tasks.tunnels.sshtunnel")
+_SSHTUNNEL_LOGGER.parent = logger
 
 
 def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
