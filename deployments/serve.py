@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from typing import cast
 
@@ -21,7 +20,12 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.example_pipeline import example_pipeline
-from lazycluster_tasks.prefect.flows import cluster_lifecycle, teardown_cluster
+from lazycluster_tasks.prefect.flows import (
+    cluster_lifecycle,
+    teardown_cluster,
+    teardown_run_clusters,
+)
+from lazycluster_tasks.settings import settings
 
 NIGHTLY = "0 2 * * *"
 
@@ -31,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("hosts", nargs="*", help="SSH hosts for the pipeline (default: local)")
     parser.add_argument("--workers-per-host", type=int, default=1)
     parser.add_argument("--network-mode", default="auto", choices=["auto", "direct", "tunnelled"])
-    parser.add_argument("--ssh-config", default=os.environ.get("LAZYCLUSTER_SSH_CONFIG"))
+    parser.add_argument("--ssh-config", default=settings().ssh_config)
     parser.add_argument("--cron", default=NIGHTLY, help="schedule of the pipeline")
     args = parser.parse_args(argv)
     pipeline = example_pipeline.to_deployment(
@@ -47,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     lifecycle = cluster_lifecycle.to_deployment(name="cluster-lifecycle", tags=["lazycluster"])
     teardown = teardown_cluster.to_deployment(name="teardown-cluster", tags=["lazycluster"])
-    serve(*(cast(RunnerDeployment, d) for d in (pipeline, lifecycle, teardown)))
+    safety = teardown_run_clusters.to_deployment(name="teardown-run-clusters", tags=["lazycluster"])
+    serve(*(cast(RunnerDeployment, d) for d in (pipeline, lifecycle, teardown, safety)))
 
 
 if __name__ == "__main__":

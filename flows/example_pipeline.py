@@ -6,10 +6,13 @@ computation. With no hosts it runs on this machine (the embedded default)::
 
     python -m flows.example_pipeline                       # local runtime, ephemeral API
     python -m flows.example_pipeline host1 host2 host3     # hosts from ~/.ssh/config
+    python -m flows.example_pipeline --network-mode tunnelled --workers-per-host 2 \
+        --ssh-config ./ssh_config host1 host2
 """
 
 from __future__ import annotations
 
+import argparse
 import socket
 import sys
 from collections import Counter
@@ -17,8 +20,10 @@ from typing import Any, cast
 
 import cloudpickle
 from prefect import flow, task
+from prefect.settings import PREFECT_HOME, PREFECT_UI_URL
 
 from lazycluster_tasks.prefect import ClusterHandle, cluster_lifecycle
+from lazycluster_tasks.settings import settings
 
 # Workers need this module's code but need not have it installed: ship it by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -88,10 +93,38 @@ def example_pipeline(
 
 
 def main(argv: list[str]) -> None:
-    summary = example_pipeline(hosts=argv or None)
+    parser = argparse.ArgumentParser(prog="python -m flows.example_pipeline", description=__doc__)
+    parser.add_argument("hosts", nargs="*", help="SSH hosts (default: this machine)")
+    parser.add_argument("-n", type=int, default=12, help="numbers to square")
+    parser.add_argument("--workers-per-host", type=int, default=1)
+    parser.add_argument("--network-mode", default="auto", choices=["auto", "direct", "tunnelled"])
+    parser.add_argument("--ssh-config", default=settings().ssh_config, help="ssh config file")
+    args = parser.parse_args(argv)
+    state = example_pipeline(
+        hosts=args.hosts or None,
+        n=args.n,
+        workers_per_host=args.workers_per_host,
+        network_mode=args.network_mode,
+        ssh_config_path=args.ssh_config,
+        return_state=True,
+    )
+    summary = state.result()
     print("summary:", summary)
+    print(where_to_see(state))
     if not summary["checked"]:
         raise SystemExit("the cluster's results do not add up")
+
+
+def where_to_see(state: Any) -> str:
+    """Where the run just made can be looked at (its id; the UI's page when one is set)."""
+    run_id = state.state_details.flow_run_id
+    ui = PREFECT_UI_URL.value()
+    if ui:
+        return f"see the run: {ui}/runs/flow-run/{run_id}"
+    return (
+        f"flow run {run_id} is stored in {PREFECT_HOME.value()}; to see it, run "
+        f"`prefect server start` and open http://127.0.0.1:4200/runs/flow-run/{run_id}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """lazycluster_tasks: Dask clusters on plain SSH hosts, launched and torn down by Prefect tasks."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 from typing import Any
 
 from lazycluster_tasks.cluster import (
@@ -74,6 +76,11 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *PREFECT_NAMES, "LazySSHCluster"])
 
 
+try:
+    __version__ = _version("lazycluster-tasks")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
     "AuthenticationError",
     "ClusterLostError",
@@ -111,6 +118,7 @@ __all__ = [
     "TunnelError",
     "WorkerLauncher",
     "WorkerStartError",
+    "__version__",
     "is_transient",
     "teardown",
 ]

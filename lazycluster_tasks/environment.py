@@ -6,6 +6,8 @@ import logging
 import os
 import time
 
+from lazycluster_tasks.settings import settings
+
 THIRD_PARTY_LOGGERS = ("paramiko", "sshtunnel", "distributed", "asyncio")
 
 
@@ -13,9 +15,7 @@ class Environment:
     """Where execution logs go, and how loud third-party libraries are."""
 
     #: Folder for execution log files (``<main>/execution_log/<host>/<task>_<time>.log``).
-    main_directory: str = os.path.expanduser(
-        os.environ.get("LAZYCLUSTER_MAIN_DIR", "~/.lazycluster")
-    )
+    main_directory: str = settings().main_directory  # LAZYCLUSTER_MAIN_DIR
     #: The level last given to ``set_third_party_log_level`` (loggers keep their own otherwise).
     third_party_log_level: int | None = None
     #: Always False: nothing is ever installed on a host (see the README's API coverage).

@@ -30,7 +30,10 @@ def probe_script(python: str) -> str:
             '  [ -r "$f" ] && echo "mem_limit=$(cat "$f")" && break; done',
             'if command -v "$PY" >/dev/null 2>&1; then',
             '  echo "python_path=$(command -v "$PY")"',
-            '  echo "python=$("$PY" --version 2>&1)"; fi',
+            '  echo "python=$("$PY" --version 2>&1)"',
+            # the version without importing distributed (that takes a second)
+            '  "$PY" -c \'from importlib.metadata import version as v; '
+            'print("distributed=" + v("distributed"))\' 2>/dev/null; fi',
             "if command -v nvidia-smi >/dev/null 2>&1; then",
             "  nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed 's/^/gpu=/'; fi",
             "true",
@@ -83,6 +86,7 @@ def parse_probe(output: str) -> dict[str, object]:
         "memory": memory,
         "python_version": version,
         "python_executable": values.get("python_path"),
+        "distributed_version": values.get("distributed") or None,
         "gpus": gpus,
     }
 

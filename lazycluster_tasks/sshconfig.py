@@ -10,7 +10,8 @@ Two questions, two tools:
   ``ssh -G -F - <alias>`` prints the fully resolved configuration (first value wins, ``Host *``
   defaults, multi-pattern lines, ``Match``, ``ProxyJump``/``ProxyCommand`` precedence). It costs
   one short subprocess per alias (~10 ms), runs without a shell (argv list), and is bounded by
-  :data:`RESOLVE_TIMEOUT`. Without an ``ssh`` binary (or with ``LCT_SSH_CONFIG_RESOLVER=paramiko``)
+  :data:`RESOLVE_TIMEOUT`. Without an ``ssh`` binary (or with
+  ``LAZYCLUSTER_SSH_CONFIG_RESOLVER=paramiko``)
   paramiko's ``SSHConfig`` resolves instead; it honours ``Match`` host/originalhost/user/
   localuser/canonical/final/all, and any other criterion (``exec``: paramiko runs it through
   invoke, which reads our stdin; ``localnetwork``, ``tagged``...) is a ValueError that names the
@@ -48,6 +49,8 @@ from fnmatch import fnmatchcase
 
 import paramiko
 
+from lazycluster_tasks.settings import settings
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
@@ -56,7 +59,7 @@ RESOLVE_TIMEOUT = 10.0
 #: OpenSSH's READCONF_MAX_DEPTH.
 MAX_INCLUDE_DEPTH = 16
 #: ``openssh`` (``ssh -G``), ``paramiko``, or unset: ``ssh -G`` when ``ssh`` is installed.
-RESOLVER_ENV = "LCT_SSH_CONFIG_RESOLVER"
+RESOLVER_ENV = "LAZYCLUSTER_SSH_CONFIG_RESOLVER"
 RESOLVERS = ("openssh", "paramiko")
 #: Match criteria paramiko's SSHConfig evaluates (the fallback resolver).
 PARAMIKO_MATCH_CRITERIA = frozenset(
@@ -279,9 +282,12 @@ def config_hosts(ssh_config_path: str | None = None) -> list[str]:
 
 def resolver() -> str:
     """The resolver in use: ``openssh`` or ``paramiko``; see the module docstring."""
-    choice = os.environ.get(RESOLVER_ENV, "").strip().lower()
-    if choice and choice not in RESOLVERS:
-        raise ValueError(f"{RESOLVER_ENV} must be one of {RESOLVERS}, not {choice!r}")
+    try:
+        choice = settings().ssh_config_resolver
+    except ValueError:
+        raise ValueError(
+            f"{RESOLVER_ENV} must be one of {RESOLVERS}, not {os.environ.get(RESOLVER_ENV)!r}"
+        ) from None
     if choice:
         return choice
     return "openssh" if _ssh_binary() else "paramiko"

@@ -1,0 +1,51 @@
+"""Settings from the environment, in one model: every variable starts with ``LAZYCLUSTER_``.
+
+- ``LAZYCLUSTER_MAIN_DIR``: execution logs (lazycluster's ``Environment``); ``~/.lazycluster``
+- ``LAZYCLUSTER_SSH_CONFIG``: the ssh config of the CLI and the serve script (``~/.ssh/config``)
+- ``LAZYCLUSTER_SSH_CONFIG_RESOLVER``: ``openssh`` (``ssh -G``) or ``paramiko``; default:
+  openssh when an ``ssh`` binary is installed
+- ``LAZYCLUSTER_STATE_DIR``: records of clusters the CLI started; ``<main dir>/clusters``
+
+Read when asked (:func:`settings`), so a changed environment is seen by the next call. The
+variables the cluster's own processes read on the hosts (``LAZYCLUSTER_CLIENT_TIMEOUT``) are set
+by us for them, not settings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LAZYCLUSTER_", extra="ignore")
+
+    main_dir: str = "~/.lazycluster"
+    ssh_config: str | None = None
+    ssh_config_resolver: Literal["openssh", "paramiko"] | None = None
+    state_dir: str | None = None
+
+    @field_validator("ssh_config_resolver", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return value or None
+        return value
+
+    @property
+    def main_directory(self) -> str:
+        return os.path.abspath(os.path.expanduser(self.main_dir))
+
+    @property
+    def state_directory(self) -> str:
+        folder = self.state_dir or os.path.join(self.main_directory, "clusters")
+        return os.path.abspath(os.path.expanduser(folder))
+
+
+def settings() -> Settings:
+    """The settings as the environment has them now (a bad value raises, naming it)."""
+    return Settings()
