@@ -1,0 +1,509 @@
+"""The ``lazycluster`` command: ``hosts``, ``up``, ``status``, ``logs``, ``down``, ``exec``.
+
+Exit codes scripts can rely on: 0 done; 1 something failed on a host or in the cluster (each
+failure named on stderr); 2 bad input (an unknown host or cluster id, a bad option).
+
+``up --detach`` leaves a background process that owns the cluster (its connections, tunnels and
+the client that keeps the scheduler alive) and writes the cluster's record to the state folder
+(``LAZYCLUSTER_STATE_DIR``); ``status``, ``logs`` and ``down`` read it. ``down`` asks that
+process to close the cluster and falls back to ``teardown(record)`` when it is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import psutil
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lazycluster_tasks import __version__, processes
+from lazycluster_tasks.connection import tail
+from lazycluster_tasks.errors import GroupError
+from lazycluster_tasks.group import run_parallel
+from lazycluster_tasks.manager import config_hosts
+from lazycluster_tasks.network import NETWORK_MODES
+from lazycluster_tasks.record import ClusterRecord, HostSpec, teardown
+from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.settings import settings
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+#: Seconds a host may take to answer ``hosts`` and ``exec`` before it counts as unreachable.
+CONNECT_TIMEOUT = 5.0
+#: Seconds ``up --detach`` waits for the background process to report the cluster running.
+DETACH_TIMEOUT = 300.0
+#: Seconds ``down`` gives the background process to close the cluster before tearing down.
+DOWN_TIMEOUT = 60.0
+
+app = typer.Typer(
+    name="lazycluster",
+    help="Dask clusters on plain SSH hosts: look at hosts, start, inspect and stop clusters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+SshConfig = Annotated[
+    str | None,
+    typer.Option(
+        "--ssh-config",
+        "-F",
+        help="ssh config file (default: LAZYCLUSTER_SSH_CONFIG or ~/.ssh/config)",
+    ),
+]
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _config(path: str | None) -> str | None:
+    return path or settings().ssh_config
+
+
+def _known(hosts: list[str], config: str | None) -> list[str]:
+    """The hosts, each in the ssh config or resolvable; an unknown one is bad input."""
+    listed = set(config_hosts(config))
+    unknown = []
+    for host in hosts:
+        if host in listed or host in ("localhost", "127.0.0.1"):
+            continue
+        name = host.rsplit("@", 1)[-1]
+        try:
+            socket.getaddrinfo(name, None)
+        except (OSError, UnicodeError):
+            unknown.append(host)
+    if unknown:
+        where = config or "~/.ssh/config"
+        raise fail(
+            f"unknown host(s): {', '.join(unknown)} (not in {where}, not resolvable)", EXIT_USAGE
+        )
+    return hosts
+
+
+def _runtime(host: str, config: str | None) -> Runtime:
+    return Runtime(host, None, {"connect_timeout": CONNECT_TIMEOUT}, config)
+
+
+# -- hosts --------------------------------------------------------------------------------
+
+
+def _describe(runtime: Runtime) -> dict[str, Any]:
+    info = runtime.info
+    return {
+        "host": runtime.host,
+        "reachable": True,
+        "cores": info.get("cpu_cores"),
+        "memory_gib": round(int(info.get("memory") or 0) / 2**30, 1),
+        "gpus": info.get("gpus") or [],
+        "python": info.get("python_version"),
+        "distributed": info.get("distributed_version"),
+        "error": None,
+    }
+
+
+@app.command()
+def hosts(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="hosts (default: all in the config)")
+    ] = None,
+    ssh_config: SshConfig = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+) -> None:
+    """The hosts with their cores, memory, GPUs, Python and distributed, checked at once.
+    Exit 1 when a host does not answer."""
+    config = _config(ssh_config)
+    chosen = _known(names, config) if names else config_hosts(config)
+    if not chosen:
+        raise fail(f"no hosts in {config or '~/.ssh/config'}", EXIT_USAGE)
+    runtimes = {h: _runtime(h, config) for h in chosen}
+    try:
+        with err.status(f"checking {len(chosen)} hosts"):
+            try:
+                found = run_parallel("hosts", runtimes, _describe)
+                errors: dict[str, BaseException] = {}
+            except GroupError as exc:
+                found, errors = dict(exc.results), dict(exc.errors)
+    finally:
+        for rt in runtimes.values():
+            rt.cleanup()
+    rows = [
+        found.get(h)
+        or {"host": h, "reachable": False, "error": " ".join(str(errors.get(h)).split())[:200]}
+        for h in chosen
+    ]
+    if as_json:
+        out.print_json(json.dumps(rows))
+    else:
+        table = Table("host", "reachable", "cores", "memory GiB", "GPUs", "python", "distributed")
+        for row in rows:
+            if row["reachable"]:
+                table.add_row(
+                    row["host"],
+                    "yes",
+                    str(row["cores"]),
+                    str(row["memory_gib"]),
+                    str(len(row["gpus"])),
+                    row["python"] or "-",
+                    row["distributed"] or "not installed",
+                )
+            else:
+                table.add_row(row["host"], f"[red]no[/red]: {row['error']}", *["-"] * 5)
+        out.print(table)
+    if errors:
+        raise typer.Exit(EXIT_FAILED)
+
+
+# -- state of clusters started here ---------------------------------------------------------
+
+
+def _state_dir() -> Path:
+    folder = Path(settings().state_directory)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+def _state_file(cluster_id: str) -> Path:
+    return _state_dir() / f"{cluster_id}.json"
+
+
+def _write_state(cluster: Any, pid: int) -> None:
+    record: ClusterRecord = cluster.record()
+    state = {"pid": pid, "record": record.model_dump(mode="json")}
+    path = _state_file(record.cluster_id)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
+
+
+def _read_state(cluster_id: str) -> dict[str, Any]:
+    path = _state_file(cluster_id)
+    if not path.exists():
+        known = sorted(p.stem for p in _state_dir().glob("*.json"))
+        raise fail(f"no cluster {cluster_id!r} (known: {', '.join(known) or 'none'})", EXIT_USAGE)
+    return dict(json.loads(path.read_text()))
+
+
+def _owner_alive(state: dict[str, Any]) -> bool:
+    try:
+        proc = psutil.Process(int(state["pid"]))
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, KeyError, ValueError):
+        return False
+
+
+# -- up -------------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    names: Annotated[list[str], typer.Argument(help="hosts to run workers on")],
+    ssh_config: SshConfig = None,
+    workers_per_host: Annotated[int, typer.Option(min=1)] = 1,
+    network_mode: Annotated[str, typer.Option(help="auto, direct or tunnelled")] = "auto",
+    detach: Annotated[bool, typer.Option(help="return once running; `down ID` stops it")] = False,
+) -> None:
+    """Start a cluster: the scheduler here, workers on the hosts. Prints its id, the scheduler
+    address and the dashboard; stays until Ctrl-C (or returns with --detach)."""
+    if network_mode not in NETWORK_MODES:
+        raise fail(
+            f"--network-mode must be one of {', '.join(NETWORK_MODES)}, not {network_mode!r}",
+            EXIT_USAGE,
+        )
+    config = _config(ssh_config)
+    _known(names, config)
+    if detach:
+        _detach(names, config, workers_per_host, network_mode)
+        return
+    _serve(names, config, workers_per_host, network_mode, announce=True)
+
+
+def _serve(names: list[str], config: str | None, per_host: int, mode: str, announce: bool) -> None:
+    """Run the cluster in this process until SIGINT or SIGTERM, then close it."""
+    from lazycluster_tasks.ssh_cluster import LazySSHCluster
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with err.status(f"starting workers on {len(names)} hosts"):
+        try:
+            cluster = LazySSHCluster(
+                names,
+                ssh_config_path=config,
+                workers_per_host=per_host,
+                network_mode=mode,
+                idle_timeout=24 * 3600.0,  # this process is the cluster's client while it runs
+            )
+        except Exception as exc:
+            raise fail(f"the cluster did not start: {exc}") from None
+    try:
+        _write_state(cluster, os.getpid())
+        record = cluster.record()
+        if announce:
+            out.print(
+                f"cluster {record.cluster_id} running ({record.network_mode}): "
+                f"{len(record.workers)} workers on {len(names)} hosts"
+            )
+            out.print(f"scheduler {record.scheduler_address}")
+            out.print(f"dashboard {cluster.dashboard_link}")
+            out.print("Ctrl-C stops it")
+        while not stop.wait(5):
+            if cluster.status.name in ("closed", "failed"):
+                break
+            _write_state(cluster, os.getpid())  # workers added or replaced since
+    finally:
+        with err.status("stopping the cluster"):
+            cluster.close()
+        _state_file(cluster.engine.cluster_id).unlink(missing_ok=True)
+        if announce:
+            out.print(f"cluster {cluster.engine.cluster_id} stopped")
+
+
+def _detach(names: list[str], config: str | None, per_host: int, mode: str) -> None:
+    folder = _state_dir()
+    log = folder / f"up-{os.getpid()}-{int(time.time())}.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "lazycluster_tasks.cli",
+        "_serve",
+        "--workers-per-host",
+        str(per_host),
+        "--network-mode",
+        mode,
+        *(["--ssh-config", config] if config else []),
+        *names,
+    ]
+    before = {p.name for p in folder.glob("*.json")}
+    with open(log, "wb") as handle:
+        child = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=handle, stderr=handle, start_new_session=True
+        )
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    with err.status(f"starting workers on {len(names)} hosts (in the background)"):
+        while True:
+            new = [p for p in folder.glob("*.json") if p.name not in before]
+            mine = [p for p in new if json.loads(p.read_text()).get("pid") == child.pid]
+            if mine:
+                break
+            if child.poll() is not None or time.monotonic() > deadline:
+                if child.poll() is None:
+                    child.terminate()
+                    child.wait(30)
+                text = log.read_text(errors="replace")
+                log.unlink(missing_ok=True)
+                raise fail(f"the cluster did not start:\n{tail(text, 2000)}")
+            time.sleep(0.2)
+    log.unlink(missing_ok=True)
+    record = ClusterRecord.model_validate(json.loads(mine[0].read_text())["record"])
+    out.print(
+        f"cluster {record.cluster_id} running ({record.network_mode}): "
+        f"{len(record.workers)} workers on {len(names)} hosts"
+    )
+    out.print(f"scheduler {record.scheduler_address}")
+    out.print(f"dashboard {record.dashboard_link}")
+    out.print(f"`lazycluster down {record.cluster_id}` stops it")
+
+
+@app.command("_serve", hidden=True)
+def serve_detached(
+    names: list[str],
+    ssh_config: SshConfig = None,
+    workers_per_host: int = 1,
+    network_mode: str = "auto",
+) -> None:
+    """The background process of ``up --detach``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _serve(names, ssh_config, workers_per_host, network_mode, announce=False)
+
+
+# -- status, logs, down -----------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    cluster_id: Annotated[str | None, typer.Argument(help="one cluster (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Clusters started with `up`: their hosts, workers, scheduler and whether their process
+    still runs. Exit 1 when a cluster's process is gone (`down ID` cleans up after it)."""
+    ids = [cluster_id] if cluster_id else sorted(p.stem for p in _state_dir().glob("*.json"))
+    rows = []
+    for cid in ids:
+        state = _read_state(cid)
+        record = ClusterRecord.model_validate(state["record"])
+        rows.append(
+            {
+                "cluster_id": cid,
+                "state": "running" if _owner_alive(state) else "owner gone",
+                "network_mode": record.network_mode,
+                "hosts": [h.name for h in record.hosts],
+                "workers": len(record.workers),
+                "scheduler": record.scheduler_address,
+                "dashboard": record.dashboard_link,
+                "pid": state["pid"],
+            }
+        )
+    if as_json:
+        out.print_json(json.dumps(rows))
+    elif not rows:
+        out.print("no clusters")
+    else:
+        table = Table("cluster", "state", "mode", "hosts", "workers", "scheduler", "dashboard")
+        for r in rows:
+            table.add_row(
+                r["cluster_id"],
+                r["state"],
+                r["network_mode"],
+                ",".join(r["hosts"]),
+                str(r["workers"]),
+                r["scheduler"] or "-",
+                r["dashboard"] or "-",
+            )
+        out.print(table)
+    if any(r["state"] != "running" for r in rows):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def logs(
+    cluster_id: str,
+    lines: Annotated[int, typer.Option(min=1, help="last lines per process")] = 50,
+) -> None:
+    """The last lines of every process of a cluster, read from its hosts."""
+    record = ClusterRecord.model_validate(_read_state(cluster_id)["record"])
+    specs = {h.name: h for h in record.hosts}
+    by_host: dict[str, list[processes.ProcessInfo]] = {}
+    for info in record.processes:
+        by_host.setdefault(info.host, []).append(info)
+
+    def read(host: str) -> dict[str, str]:
+        spec = specs.get(host, HostSpec(name=host))
+        runtime = (
+            Runtime("localhost")
+            if host in ("localhost", "127.0.0.1")
+            else Runtime(host, None, spec.connection_kwargs, spec.ssh_config_path)
+        )
+        try:
+            return processes.read_logs(runtime, by_host[host], lines)
+        finally:
+            runtime.cleanup()
+
+    try:
+        found = run_parallel("logs", {h: h for h in by_host}, read)
+        errors: dict[str, BaseException] = {}
+    except GroupError as exc:
+        found, errors = dict(exc.results), dict(exc.errors)
+    for host in sorted(by_host):
+        for name, text in sorted(found.get(host, {}).items()):
+            out.print(f"--- {host} {name}", style="bold", highlight=False)
+            out.print(text.rstrip(), highlight=False, markup=False)
+        if host in errors:
+            err.print(f"--- {host}: logs not read: {errors[host]}", highlight=False)
+    if errors:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def down(cluster_id: str) -> None:
+    """Stop a cluster started with `up`: its process closes it; when that process is gone, the
+    record alone stops everything on the hosts. Exit 1 when a host could not be cleaned."""
+    state = _read_state(cluster_id)
+    if _owner_alive(state):
+        proc = psutil.Process(int(state["pid"]))
+        with err.status(f"stopping cluster {cluster_id}"):
+            proc.terminate()
+            try:
+                proc.wait(DOWN_TIMEOUT)
+            except psutil.TimeoutExpired:
+                err.print(
+                    f"its process {proc.pid} did not stop in {DOWN_TIMEOUT:.0f} s; "
+                    "tearing down from the record"
+                )
+                proc.kill()
+    path = _state_file(cluster_id)
+    if path.exists():  # the process did not finish its cleanup (or was gone): the record's turn
+        try:
+            with err.status(f"tearing down cluster {cluster_id} from its record"):
+                for line in teardown(state["record"]).values():
+                    out.print(line)
+        except GroupError as exc:
+            raise fail(f"teardown incomplete: {exc}") from None
+        path.unlink(missing_ok=True)
+    out.print(f"cluster {cluster_id} stopped")
+
+
+# -- exec -------------------------------------------------------------------------------------
+
+
+@app.command("exec")
+def exec_(
+    command: Annotated[str, typer.Argument(help="shell command run on each host")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", "-H", help="a host (repeat); default: every host in the config"),
+    ] = None,
+    ssh_config: SshConfig = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds per host")] = 300.0,
+) -> None:
+    """Run a command on hosts at once; each host's output and exit status. Exit 1 when it
+    failed (or could not run) on any host."""
+    config = _config(ssh_config)
+    chosen = _known(host, config) if host else config_hosts(config)
+    if not chosen:
+        raise fail(f"no hosts in {config or '~/.ssh/config'}", EXIT_USAGE)
+    runtimes = {h: _runtime(h, config) for h in chosen}
+    try:
+        try:
+            found = run_parallel(
+                "exec", runtimes, lambda rt: rt.connection.run(command, timeout=timeout)
+            )
+            errors: dict[str, BaseException] = {}
+        except GroupError as exc:
+            found, errors = dict(exc.results), dict(exc.errors)
+    finally:
+        for rt in runtimes.values():
+            rt.cleanup()
+    failed = bool(errors)
+    for h in chosen:
+        if h in errors:
+            err.print(
+                f"--- {h}: could not run: {' '.join(str(errors[h]).split())}", highlight=False
+            )
+            continue
+        result = found[h]
+        failed = failed or not result.ok
+        style = "bold" if result.ok else "bold red"
+        out.print(f"--- {h} (exit {result.exit_code})", style=style, highlight=False)
+        if result.output.strip():
+            out.print(result.output.rstrip(), highlight=False, markup=False)
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def version() -> None:
+    """The installed version."""
+    out.print(f"lazycluster-tasks {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

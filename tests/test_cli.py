@@ -1,0 +1,110 @@
+"""The ``lazycluster`` command end to end on the test hosts, run as users run it: a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lazycluster_tasks.testing.hosts import TestHosts
+
+pytestmark = [pytest.mark.multihost]
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lazycluster_tasks.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli_env(multi_hosts: TestHosts, tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LAZYCLUSTER_SSH_CONFIG": str(multi_hosts.ssh_config_path),
+        "LAZYCLUSTER_STATE_DIR": str(tmp_path / "state"),
+        "COLUMNS": "200",
+    }
+
+
+def test_the_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "lazycluster"
+    assert script.exists()
+    done = subprocess.run([str(script), "version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("lazycluster-tasks ")
+
+
+def test_hosts_up_status_logs_exec_down(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, cli_env: dict[str, str]
+) -> None:
+    found = _cli(cli_env, "hosts", "--json", "host1", "host2")
+    assert found.returncode == 0, found.stderr
+    rows = json.loads(found.stdout)
+    assert [r["host"] for r in rows] == ["host1", "host2"]
+    assert all(r["reachable"] and r["cores"] >= 1 and r["distributed"] for r in rows)
+    table = _cli(cli_env, "hosts", "host1")
+    assert table.returncode == 0 and "host1" in table.stdout and "distributed" in table.stdout
+
+    started = _cli(cli_env, "up", "--detach", "--network-mode", "tunnelled", "host1", "host2")
+    assert started.returncode == 0, started.stderr
+    (cluster_id,) = re.findall(r"cluster (\w+) running \(tunnelled\): 2 workers", started.stdout)
+    assert "scheduler tls://127.0.0.1:" in started.stdout
+    try:
+        status = _cli(cli_env, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        (row,) = json.loads(status.stdout)
+        assert (row["cluster_id"], row["state"], row["workers"]) == (cluster_id, "running", 2)
+        assert multi_hosts.processes("host1") and multi_hosts.processes("host2")
+
+        logs = _cli(cli_env, "logs", cluster_id, "--lines", "200")
+        assert logs.returncode == 0, logs.stderr
+        assert "--- host1 host1-0" in logs.stdout and "Registered to" in logs.stdout
+
+        ran = _cli(cli_env, "exec", "-H", "host1", "-H", "host2", "hostname")
+        assert ran.returncode == 0, ran.stderr
+        assert (
+            "--- host1 (exit 0)\nhost1" in ran.stdout and "--- host2 (exit 0)\nhost2" in ran.stdout
+        )
+        failing = _cli(cli_env, "exec", "-H", "host1", "echo no; exit 3")
+        assert failing.returncode == 1 and "--- host1 (exit 3)" in failing.stdout
+    finally:
+        stopped = _cli(cli_env, "down", cluster_id)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"cluster {cluster_id} stopped" in stopped.stdout
+    assert _cli(cli_env, "status").stdout.strip() == "no clusters"
+    unknown = _cli(cli_env, "down", cluster_id)
+    assert unknown.returncode == 2 and f"no cluster {cluster_id!r}" in unknown.stderr
+
+
+def test_clear_errors_for_bad_input_and_unreachable_hosts(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, cli_env: dict[str, str]
+) -> None:
+    unknown = _cli(cli_env, "hosts", "host1", "no-such-host.invalid")
+    assert unknown.returncode == 2
+    assert "unknown host(s): no-such-host.invalid" in unknown.stderr
+    bad = _cli(cli_env, "up", "--network-mode", "sideways", "host1")
+    assert bad.returncode == 2 and "--network-mode must be one of auto, direct, tunnelled" in (
+        bad.stderr
+    )
+    assert _cli(cli_env, "up", "--workers-per-host", "0", "host1").returncode == 2
+    multi_hosts.stop_sshd("host3")
+    try:
+        down = _cli(cli_env, "hosts", "--json", "host2", "host3")
+        assert down.returncode == 1
+        rows = {r["host"]: r for r in json.loads(down.stdout)}
+        assert rows["host2"]["reachable"] and not rows["host3"]["reachable"]
+        assert rows["host3"]["error"]
+        ran = _cli(cli_env, "exec", "-H", "host2", "-H", "host3", "true")
+        assert ran.returncode == 1
+        assert "--- host2 (exit 0)" in ran.stdout and "--- host3: could not run" in ran.stderr
+    finally:
+        multi_hosts.start_sshd("host3")
