@@ -20,7 +20,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from distributed.core import Status
@@ -306,6 +306,10 @@ class LazySSHCluster(SpecCluster):
         self.worker_ttl = float(worker_ttl)
         self.host_lost_after = float(host_lost_after)
         self._lost_at: dict[str, float] = {}  # replacement name -> when its predecessor was lost
+        self._replaces: dict[str, str] = {}  # replacement name -> the lost worker's name
+        #: Called with (event, details) on "worker-lost" and "worker-replaced" (e.g. to send
+        #: Prefect events); an exception from it is logged, never raised into the healing.
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
         self._waiting: list[tuple[str, str, float]] = []  # (lost worker, its host, when)
         self._healer: asyncio.Task[None] | None = None
         self._probes: dict[str, asyncio.Future[None]] = {}  # host -> its running probe
@@ -500,6 +504,14 @@ class LazySSHCluster(SpecCluster):
             return False
         return True
 
+    def _event(self, what: str, **details: Any) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(what, details)
+        except Exception as exc:
+            logger.warning("event %s not reported: %s", what, exc)
+
     async def _heal_forever(self) -> None:
         while self.status == Status.running and not self._stopping:
             await asyncio.sleep(HEAL_INTERVAL)
@@ -531,11 +543,20 @@ class LazySSHCluster(SpecCluster):
             if name in self.worker_spec and name not in self._seen:
                 self._seen.add(name)
                 if name in self._lost_at:
+                    host = self.worker_spec[name]["options"]["host"]
+                    after = now - self._lost_at.pop(name)
                     logger.info(
                         "worker %s ready on %s, %.1f s after the worker it replaces was lost",
                         name,
-                        self.worker_spec[name]["options"]["host"],
-                        now - self._lost_at.pop(name),
+                        host,
+                        after,
+                    )
+                    self._event(
+                        "worker-replaced",
+                        worker=name,
+                        host=host,
+                        replaces=self._replaces.pop(name, None),
+                        seconds_after_loss=round(after, 2),
                     )
         lost: dict[str, str] = {}
         suspects: list[str] = []
@@ -580,6 +601,7 @@ class LazySSHCluster(SpecCluster):
             self._missing.pop(name, None)
             self._beats.pop(name, None)
             logger.warning("worker %s on %s lost: %s", name, host, why)
+            self._event("worker-lost", worker=name, host=host, reason=why)
             if name in registered and self.scheduler_comm is not None:  # silent: its tasks
                 # go to the other workers now
                 with contextlib.suppress(Exception):
@@ -649,6 +671,7 @@ class LazySSHCluster(SpecCluster):
             self.worker_spec.update(spec)
             (new,) = spec
             self._lost_at[new] = when
+            self._replaces[new] = name
             logger.info("worker %s starts on %s to replace %s", new, target, name)
             placed += 1
         return placed

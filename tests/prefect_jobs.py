@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import time
 
-from lazycluster_tasks.prefect import ClusterHandle
+from prefect import flow
+
+from lazycluster_tasks.prefect import ClusterHandle, dask_cluster
 
 
 def hostnames(cluster: ClusterHandle) -> list[str]:
@@ -15,3 +17,11 @@ def hostnames(cluster: ClusterHandle) -> list[str]:
 def hold(cluster: ClusterHandle, seconds: float = 600) -> None:
     """Keep the cluster up (until the run is cancelled)."""
     time.sleep(seconds)
+
+
+@flow(name="lifecycle-without-hooks")
+def lifecycle_without_hooks(hosts: list[str], ssh_config_path: str) -> None:
+    """A cluster held by a flow with no crash or cancellation hook: what a killed process leaves
+    to the server-side safety net."""
+    with dask_cluster(hosts, ssh_config_path=ssh_config_path) as cluster:
+        hold(cluster)

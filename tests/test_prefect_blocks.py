@@ -24,6 +24,7 @@ from lazycluster_tasks.prefect.artifacts import (
     WorkerProgress,
     artifact_key,
     cluster_markdown,
+    flush,
     hosts_table,
     publish_cluster_markdown,
     publish_hosts_table,
@@ -395,6 +396,7 @@ def test_published_artifacts_read_back(api_url: str) -> None:
         worker = threading.Thread(target=progress.update, args=(3, 4))
         worker.start()
         worker.join()
+        assert flush()  # progress goes out in the background, in order
         return table_id, markdown_id, start
 
     table_id, markdown_id, start = publish()
@@ -430,6 +432,7 @@ def test_worker_progress_threads_and_zero_total(api_url: str) -> None:
         many.update(8, 8)  # the last word, whichever thread ran last
         none = WorkerProgress(total=0, key="no-workers")
         none.update(0, 0)
+        assert flush()
 
     track()
     assert read_artifact("many-workers").data == 100.0
@@ -441,6 +444,7 @@ def test_publish_inside_async_flow_is_synchronous(api_url: str) -> None:
     async def publish_async() -> tuple[Any, Any]:
         progress = WorkerProgress(total=2, key="async-workers")
         progress.update(1, 2)
+        assert flush()
         return publish_hosts_table(RECORD, key="async-hosts"), progress.artifact_id
 
     table_id, progress_id = asyncio.run(publish_async())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -20,10 +22,18 @@ from tests.test_dask_cluster import local_leftovers
 pytestmark = pytest.mark.slow
 
 SERVE = """
-from lazycluster_tasks.prefect.flows import cluster_lifecycle
-cluster_lifecycle.serve(name="under-test")
+from prefect import serve
+from lazycluster_tasks.prefect.flows import cluster_lifecycle, teardown_run_clusters
+from tests.prefect_jobs import lifecycle_without_hooks
+serve(
+    cluster_lifecycle.to_deployment(name="under-test"),
+    lifecycle_without_hooks.to_deployment(name="no-hooks"),
+    teardown_run_clusters.to_deployment(name="teardown-run-clusters"),
+)
 """
 DEPLOYMENT = "cluster-lifecycle/under-test"
+NO_HOOKS = "lifecycle-without-hooks/no-hooks"
+TEARDOWN = "teardown-run-clusters/teardown-run-clusters"
 
 
 @pytest.fixture
@@ -40,7 +50,8 @@ def served(prefect_api: str, multi_hosts, no_leftovers) -> Iterator[str]:
 
             def registered() -> bool:
                 try:
-                    client.read_deployment_by_name(DEPLOYMENT)
+                    for name in (DEPLOYMENT, NO_HOOKS, TEARDOWN):
+                        client.read_deployment_by_name(name)
                     return True
                 except Exception:
                     return False
@@ -94,3 +105,75 @@ def test_cancelled_run_ends_with_its_remote_processes_gone(served, multi_hosts):
     ), (multi_hosts.leftovers(), local_leftovers(cluster_id))
     print(f"cancelled run: hosts clean {time.monotonic() - start:.1f} s after the state change")
     assert clusters_of_run(run.id) == []  # the hook tore it down from its record
+
+
+def _events(client, prefix: str) -> list[dict]:
+    found = client._client.post(
+        "/events/filter", json={"filter": {"event": {"prefix": [prefix]}}, "limit": 50}
+    )
+    return list(found.json().get("events", []))
+
+
+def _flow_process(run_id) -> psutil.Process | None:
+    """The engine process the runner started for flow run ``run_id`` (not the scheduler it
+    started in turn, which inherited the run's id in its environment too)."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if "prefect.engine" in (proc.info["cmdline"] or []) and proc.environ().get(
+                "PREFECT__FLOW_RUN_ID"
+            ) == str(run_id):
+                return proc
+    return None
+
+
+def test_the_automation_tears_down_a_crashed_runs_cluster_when_no_hook_can_run(served, multi_hosts):
+    """The server-side safety net: the flow's process is killed (SIGKILL: no hook, no finally
+    runs); the Automation reacts to the run's Crashed event by running teardown-run-clusters."""
+    from deployments.automation import create
+
+    automation = create(TEARDOWN)
+    run = run_deployment(
+        NO_HOOKS,
+        parameters={"hosts": ["host1", "host2"], "ssh_config_path": served},
+        timeout=0,
+    )
+    try:
+        assert wait_until(lambda: clusters_of_run(run.id), timeout=120, interval=0.5)
+        (cluster_id,) = clusters_of_run(run.id)
+        assert wait_until(lambda: multi_hosts.processes("host1") and multi_hosts.processes("host2"))
+        with get_client(sync_client=True) as client:
+            assert wait_until(lambda: _events(client, "lazycluster.cluster.started"), 20)
+            process = _flow_process(run.id)
+            assert process is not None
+            process.kill()
+            assert wait_until(
+                lambda: client.read_flow_run(run.id).state.is_crashed(), timeout=60, interval=0.5
+            ), client.read_flow_run(run.id).state
+            start = time.monotonic()
+
+            def torn_down() -> list:
+                runs = client.read_flow_runs()
+                return [
+                    r for r in runs
+                    if r.parameters.get("flow_run") == f"prefect.flow-run.{run.id}"
+                    and r.state is not None and r.state.is_completed()
+                ]  # fmt: skip
+
+            assert wait_until(torn_down, timeout=60, interval=0.5)
+            # well before the scheduler's idle timeout or the workers' death timeout (60 s)
+            assert wait_until(lambda: not multi_hosts.leftovers(), timeout=10)
+            print(f"automation: hosts clean {time.monotonic() - start:.1f} s after Crashed")
+            (teardown_run,) = torn_down()
+            assert teardown_run.state.result() == [cluster_id]
+            assert wait_until(lambda: _events(client, "lazycluster.cluster.stopped"), 20)
+            stopped = _events(client, "lazycluster.cluster.stopped")
+            assert stopped[0]["resource"]["prefect.resource.id"] == (
+                f"lazycluster.cluster.{cluster_id}"
+            )
+            started = _events(client, "lazycluster.cluster.started")
+            related = {r["prefect.resource.id"] for r in started[0]["related"]}
+            assert {"lazycluster.host.host1", f"prefect.flow-run.{run.id}"} <= related
+        assert clusters_of_run(run.id) == []
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_automation(automation.id)

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -71,6 +72,10 @@ def test_a_dask_cluster_on_the_hosts(make_cluster, multi_hosts):
         assert record.network_mode == cluster.network_mode == "direct"
         logs = cluster.get_logs()
         assert any("Scheduler" in key or "scheduler" in key.lower() for key in logs)
+        # the dashboard opens (bokeh is a dependency): its status page, not "Dask needs bokeh"
+        with urllib.request.urlopen(cluster.dashboard_link, timeout=20) as page:
+            html = page.read().decode()
+        assert page.status == 200 and "bokeh" in html.lower() and "needs bokeh" not in html
     assert cluster.dashboard_link.startswith("http://127.0.0.1:")
     cluster.close()
     assert cluster.status.name == "closed"

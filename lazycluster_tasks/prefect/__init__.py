@@ -10,6 +10,7 @@ from lazycluster_tasks.prefect.flows import (
     dask_cluster,
     teardown_cluster,
     teardown_hook,
+    teardown_run_clusters,
 )
 from lazycluster_tasks.prefect.records import ClusterRecord, ClusterRecordBlock
 from lazycluster_tasks.prefect.tasks import (
@@ -35,4 +36,5 @@ __all__ = [
     "setup_tunnels",
     "teardown_cluster",
     "teardown_hook",
+    "teardown_run_clusters",
 ]

@@ -9,10 +9,13 @@ an un-awaited coroutine.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import re
+import socket
 import threading
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 from uuid import UUID
 
@@ -27,7 +30,9 @@ __all__ = [
     "WorkerProgress",
     "artifact_key",
     "cluster_markdown",
+    "flush",
     "hosts_table",
+    "later",
     "publish_cluster_markdown",
     "publish_hosts_table",
 ]
@@ -43,7 +48,8 @@ def artifact_key(*parts: str) -> str:
 
 
 def hosts_table(record: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per process: host, role, name, pid, ports (comma-joined) and the cluster state."""
+    """One row per process: host, role, name, pid, ports (comma-joined) and the cluster state
+    (a stopped cluster's record keeps the processes it had, so its last table is not empty)."""
     record = _scrub(record)
     return [
         {
@@ -78,8 +84,10 @@ def cluster_markdown(record: Mapping[str, Any]) -> str:
         f"### Dask cluster `{record.get('cluster_id')}`",
         "",
         f"- **network mode:** {record.get('network_mode')}{_mode_reason(record)}",
-        f"- **state:** {record.get('state')}",
-        f"- **scheduler:** `{record.get('scheduler_address') or 'none'}`",
+        f"- **state:** {state_text(record)}",
+        f"- **scheduler:** `{record.get('scheduler_address') or 'none'}` on "
+        f"{_cell(record.get('scheduler_host') or socket.gethostname() + ' (the flow run)')}",
+        f"- **hosts:** {', '.join(_cell(h.get('name')) for h in record.get('hosts') or [])}",
         f"- **dashboard:** {f'[{dashboard}]({dashboard})' if dashboard else 'no dashboard'}",
         "",
         "#### Tunnels",
@@ -96,6 +104,17 @@ def cluster_markdown(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def state_text(record: Mapping[str, Any]) -> str:
+    """The state as a reader wants it: "running with 4 workers", "failed: <why>", …"""
+    state = str(record.get("state"))
+    workers = [p for p in record.get("processes") or [] if p.get("role") == "worker"]
+    if state == "running":
+        return f"running with {len(workers)} worker{'s' if len(workers) != 1 else ''}"
+    if record.get("failure"):
+        return f"{state}: {_cell(record['failure'])}"
+    return state
+
+
 def _mode_reason(record: Mapping[str, Any]) -> str:
     """Why the mode was chosen, from the measured paths (auto mode)."""
     paths = record.get("network_paths") or {}
@@ -108,12 +127,34 @@ def _mode_reason(record: Mapping[str, Any]) -> str:
 
 
 def publish_cluster_markdown(record: Mapping[str, Any], key: str | None = None) -> UUID:
-    """Create a markdown artifact of :func:`cluster_markdown`."""
-    description = f"Dask cluster {record.get('cluster_id')}"
+    """Create a markdown artifact of :func:`cluster_markdown` in this run and, when this run is
+    a subflow's, a copy on the root flow run (what the user opens first)."""
+    description = f"Dask cluster {record.get('cluster_id')}: {state_text(record)}"
+    text = cluster_markdown(record)
     result = create_markdown_artifact(  # type: ignore[call-arg]
-        cluster_markdown(record), key=_key(key), description=description, _sync=True
+        text, key=_key(key), description=description, _sync=True
     )
+    _copy_to_root(text, description)
     return cast(UUID, result)
+
+
+def _copy_to_root(text: str, description: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.runtime import flow_run
+
+    try:
+        root, current = flow_run.root_flow_run_id, flow_run.id
+        if not root or root == current:
+            return
+        with get_client(sync_client=True) as client:
+            client.create_artifact(
+                ArtifactCreate(
+                    type="markdown", data=text, description=description, flow_run_id=UUID(root)
+                )
+            )
+    except Exception as exc:  # the run's own artifact exists; the copy is a convenience
+        logger.warning("cluster summary not copied to the root flow run: %s", exc)
 
 
 class WorkerProgress:
@@ -137,22 +178,72 @@ class WorkerProgress:
         self.artifact_id = cast(UUID, result)
 
     def update(self, registered: int, total: int) -> None:
-        """Set progress to ``100 * registered / total`` (100 when ``total`` is 0)."""
+        """Set progress to ``100 * registered / total`` (100 when ``total`` is 0); sent in the
+        background (:func:`flush` waits for it), so the registration wait never blocks on it."""
         progress = 100.0 if total <= 0 else min(100.0, max(0.0, 100.0 * registered / total))
         with self._lock:
             self.total = total
             if progress == self.progress:
                 return
-            try:
-                self._context.run(self._send, progress, f"{registered}/{total} workers registered")
-                self.progress = progress
-            except Exception as exc:
-                logger.warning("worker progress artifact not updated: %s", exc)
+            self.progress = progress
+            description = f"{registered}/{total} workers registered"
+            # queued under the lock: the API sees the values in the order they were set
+            _sender.send(lambda: self._context.run(self._send, progress, description))
 
     def _send(self, progress: float, description: str) -> None:
         update_progress_artifact(  # type: ignore[call-arg]
             self.artifact_id, progress, description=description, _sync=True
         )
+
+
+class _Sender:
+    """Artifacts off the critical path: one short-lived thread sends them in order, each in a
+    copy of its caller's context (so it attaches to the caller's run); ``flush`` waits."""
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[contextvars.Context, Callable[[], Any]]] = deque()
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+
+    def send(self, fn: Callable[[], Any]) -> None:
+        with self._lock:
+            self._queue.append((contextvars.copy_context(), fn))
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lct-artifacts", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._thread = None
+                    self._idle.set()
+                    return
+                context, fn = self._queue.popleft()
+            try:
+                context.run(fn)
+            except Exception as exc:  # an artifact is a report: never fail the cluster for it
+                logger.warning("artifact not published: %s", exc)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything sent is published (False: the timeout passed first)."""
+        return self._idle.wait(timeout)
+
+
+_sender = _Sender()
+
+
+def later(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Publish in the background, in order (e.g. ``later(publish_hosts_table, record)``)."""
+    _sender.send(functools.partial(fn, *args, **kwargs))
+
+
+def flush(timeout: float = 30.0) -> bool:
+    """Wait for the artifacts sent with :func:`later` (call before the run ends)."""
+    return _sender.flush(timeout)
 
 
 def _key(key: str | None) -> str | None:

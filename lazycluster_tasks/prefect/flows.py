@@ -227,3 +227,16 @@ def teardown_cluster(cluster_id: str) -> str:
     """Stop a cluster from its persisted record (e.g. after its controller died). Idempotent."""
     record = cleanup_cluster(cluster_id)
     return "nothing to do" if record is None else f"cluster {cluster_id} stopped"
+
+
+@flow(name="teardown-run-clusters", persist_result=True)
+def teardown_run_clusters(flow_run: str) -> list[str]:
+    """Stop every cluster that the flow run ``flow_run`` (an id, or the event resource id
+    ``prefect.flow-run.<id>``) launched: what the safety-net Automation runs when such a run
+    crashed or was cancelled. Idempotent; returns the clusters stopped."""
+    run_id = flow_run.removeprefix("prefect.flow-run.")
+    stopped = []
+    for cluster_id in clusters_of_run(run_id):
+        if cleanup_cluster(cluster_id) is not None:
+            stopped.append(cluster_id)
+    return stopped

@@ -25,12 +25,15 @@ from lazycluster_tasks.dask import teardown
 from lazycluster_tasks.errors import NoRuntimesDetectedError, TunnelError, is_transient
 from lazycluster_tasks.group import fan_out
 from lazycluster_tasks.manager import RuntimeManager
+from lazycluster_tasks.prefect import events
 from lazycluster_tasks.prefect.artifacts import (
     WorkerProgress,
     artifact_key,
+    later,
     publish_cluster_markdown,
     publish_hosts_table,
 )
+from lazycluster_tasks.prefect.artifacts import flush as flush_artifacts
 from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
 from lazycluster_tasks.prefect.records import (
     ClusterRecord,
@@ -302,6 +305,9 @@ def launch_master(
             flow_run_ids=flow_run_ids(),
         )
         save_record(record)
+        cluster.on_event = lambda what, details: events.emit(
+            what, updated(record, cluster.engine), details
+        )
         log.info(
             "cluster %s: scheduler up at %s (%s mode)",
             record.cluster_id,
@@ -331,7 +337,9 @@ def launch_workers(record: ClusterRecord, count: int | None = None) -> ClusterRe
         # not persisted again: the record launch_master saved already names every folder, and
         # a teardown stops whatever pid files those hold
         record = updated(record, engine)
-        publish_hosts_table(record.core(), key=artifact_key("hosts", record.cluster_id))
+        later(publish_hosts_table, record.core(), key=artifact_key("hosts", record.cluster_id))
+        later(publish_cluster_markdown, record.core(), artifact_key("cluster", record.cluster_id))
+        events.emit("started", record, {"workers": len(record.workers)})
         log.info("cluster %s: %d workers registered", record.cluster_id, len(record.workers))
         return record
 
@@ -354,7 +362,7 @@ def setup_tunnels(record: ClusterRecord) -> ClusterRecord:
         record = updated(
             record, cluster.engine
         )  # display only: the persisted record has all it needs
-        publish_cluster_markdown(record.core(), key=artifact_key("cluster", record.cluster_id))
+        later(publish_cluster_markdown, record.core(), artifact_key("cluster", record.cluster_id))
         log.info(
             "cluster %s: %d tunnels up; dashboard %s",
             record.cluster_id,
@@ -404,13 +412,25 @@ def stop_cluster(record: ClusterRecord, log: Any) -> ClusterRecord:
     (connections rebuilt, secrets from its blocks). Forgets the persisted record."""
     cluster = LIVE.pop(record.cluster_id)
     if cluster is not None:
-        cluster.close()  # the workers flush their Prefect logs first
+        had = updated(record, cluster.engine).processes
+        try:
+            cluster.close()  # the workers flush their Prefect logs first
+        except Exception as exc:  # hosts that failed keep their processes on record
+            events.emit("teardown-failed", updated(record, cluster.engine), {"error": str(exc)})
+            raise
         record = updated(record, cluster.engine)
+        if record.state == "stopped":  # what ran, for the final artifacts (not an empty table)
+            record = record.replace(processes=had)
     else:
-        report = teardown(record.core(), connection_kwargs(record.ssh_block, record.host_group))
+        try:
+            report = teardown(record.core(), connection_kwargs(record.ssh_block, record.host_group))
+        except Exception as exc:
+            events.emit("teardown-failed", record, {"error": str(exc)})
+            raise
         log.info("cluster %s torn down from its record: %s", record.cluster_id, report)
         record = record.replace(state="stopped")
     forget_record(record)
+    events.emit("stopped", record)
     log.info("cluster %s: stopped, nothing left on any host", record.cluster_id)
     return record
 
@@ -427,5 +447,8 @@ def cleanup_cluster(record: ClusterRecord | str) -> ClusterRecord | None:
                 return None
             record = loaded
         record = stop_cluster(record, log)
-        publish_hosts_table(record.core(), key=artifact_key("hosts", record.cluster_id))
+        later(publish_hosts_table, record.core(), key=artifact_key("hosts", record.cluster_id))
+        later(publish_cluster_markdown, record.core(), artifact_key("cluster", record.cluster_id))
+        if not flush_artifacts():
+            log.warning("cluster artifacts still being published after 30 s")
         return record
