@@ -295,12 +295,14 @@ def link_master_argv(
 
 
 #: Keeps a link master only while the cluster has a worker on its host: once one ran and none
-#: is left (the cluster stopped or its controller died), or none came within $1 seconds, the
-#: master is ended. Args: grace seconds, the cluster folder, then the master's argv.
+#: is left (the cluster stopped or its controller died), none came within $1 seconds, or the
+#: cluster folder is gone (a cleanup that ran while the link started), the master is ended.
+#: Args: grace seconds, the cluster folder, then the master's argv.
 LINK_KEEPER = (
     'grace=$1 folder=$2; shift 2; "$@" & m=$!; '
     "trap 'kill $m 2>/dev/null; exit 0' TERM INT HUP; t=0 seen=0; "
     "while kill -0 $m 2>/dev/null; do sleep 1; t=$((t+1)); live=0; "
+    '[ -d "$folder" ] || { kill $m 2>/dev/null; break; }; '
     'for f in "$folder"/*.pid; do case "$f" in */link-*) continue;; esac; '
     'p=$(cat "$f" 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null && live=1 && break; '
     "done; "

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 SETUP_TIMEOUT = 15.0
 #: Longest control socket path OpenSSH accepts (sun_path is 108 bytes, minus its suffix).
 MAX_CONTROL_PATH = 90
+#: Seconds a cleanup waits for a link set-up under way (then it goes on without it).
+CLOSE_WAIT = 2.0
 #: Links a host dials at once.
 LINK_BATCH = 4
 #: Seconds a link lives on a host where no worker of its cluster has started yet.
@@ -156,13 +158,15 @@ class Links:
         if self._thread.ident is not None:
             self._thread.join()
 
-    def close(self) -> None:
-        """Before cleanup: no batch starts any more; wait for the one running (bounded)."""
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Before cleanup: no batch starts any more; the one running gets ``wait`` seconds.
+        A master it starts after the cleanup ends by itself once the cluster folder is gone
+        (see commands.LINK_KEEPER); the cleanup closing the connections ends the set-up."""
         self._closing.set()
         with self._lock:
             thread, self._thread = self._thread, threading.Thread()  # start() is a no-op now
         if thread is not None and thread.ident is not None:
-            thread.join()
+            thread.join(wait)
 
     def _setup_logged(self) -> None:
         try:
@@ -273,6 +277,8 @@ class Links:
         if not specs:
             return
         infos = processes.start_processes(runtime, folder, specs, files)
+        if self._closing.is_set():
+            return  # the cleanup is under way: these end with the folder it removes
         for info in infos:
             self.register(runtime, info)
         states = runtime.connection.run(

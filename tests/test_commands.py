@@ -334,3 +334,6 @@ def test_a_link_keeper_ends_its_master_once_the_last_worker_is_gone(tmp_path):
                 proc.wait()
     lone = subprocess.Popen(commands.link_keeper_argv(["sleep", "30"], str(tmp_path), 1))
     assert lone.wait(timeout=5) in (0, 143)  # no worker came within its grace: it ends
+    gone = subprocess.Popen(commands.link_keeper_argv(["sleep", "30"], str(folder), 60))
+    folder.rename(tmp_path / "removed")  # a cleanup removed the cluster folder meanwhile
+    assert gone.wait(timeout=5) in (0, 143)

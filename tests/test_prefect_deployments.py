@@ -107,10 +107,13 @@ def test_cancelled_run_ends_with_its_remote_processes_gone(served, multi_hosts):
     assert clusters_of_run(run.id) == []  # the hook tore it down from its record
 
 
-def _events(client, prefix: str) -> list[dict]:
-    found = client._client.post(
-        "/events/filter", json={"filter": {"event": {"prefix": [prefix]}}, "limit": 50}
-    )
+def _events(client, what: str, cluster_id: str) -> list[dict]:
+    """The API's ``lazycluster.cluster.<what>`` events about cluster ``cluster_id``."""
+    query = {
+        "event": {"name": [f"lazycluster.cluster.{what}"]},
+        "resource": {"id": [f"lazycluster.cluster.{cluster_id}"]},
+    }
+    found = client._client.post("/events/filter", json={"filter": query, "limit": 50})
     return list(found.json().get("events", []))
 
 
@@ -142,7 +145,7 @@ def test_the_automation_tears_down_a_crashed_runs_cluster_when_no_hook_can_run(s
         (cluster_id,) = clusters_of_run(run.id)
         assert wait_until(lambda: multi_hosts.processes("host1") and multi_hosts.processes("host2"))
         with get_client(sync_client=True) as client:
-            assert wait_until(lambda: _events(client, "lazycluster.cluster.started"), 20)
+            assert wait_until(lambda: _events(client, "started", cluster_id), 20)
             process = _flow_process(run.id)
             assert process is not None
             process.kill()
@@ -165,12 +168,12 @@ def test_the_automation_tears_down_a_crashed_runs_cluster_when_no_hook_can_run(s
             print(f"automation: hosts clean {time.monotonic() - start:.1f} s after Crashed")
             (teardown_run,) = torn_down()
             assert teardown_run.state.result() == [cluster_id]
-            assert wait_until(lambda: _events(client, "lazycluster.cluster.stopped"), 20)
-            stopped = _events(client, "lazycluster.cluster.stopped")
+            assert wait_until(lambda: _events(client, "stopped", cluster_id), 20)
+            stopped = _events(client, "stopped", cluster_id)
             assert stopped[0]["resource"]["prefect.resource.id"] == (
                 f"lazycluster.cluster.{cluster_id}"
             )
-            started = _events(client, "lazycluster.cluster.started")
+            started = _events(client, "started", cluster_id)
             related = {r["prefect.resource.id"] for r in started[0]["related"]}
             assert {"lazycluster.host.host1", f"prefect.flow-run.{run.id}"} <= related
         assert clusters_of_run(run.id) == []
