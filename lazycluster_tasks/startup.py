@@ -10,8 +10,14 @@ from lazycluster_tasks.errors import WorkerStartError
 
 ADDRESS_IN_USE = ("Address already in use", "[Errno 98]")
 #: A worker whose first connection to the scheduler dropped while it registered (seen through
-#: busy SSH forwards): started again, like one that lost its port at bind time.
-DROPPED_AT_START = ("StreamClosedError", "Connection reset by peer")
+#: busy SSH forwards; with TLS it ends the handshake): started again, like one that lost its
+#: port at bind time.
+DROPPED_AT_START = (
+    "StreamClosedError",
+    "Connection reset by peer",
+    "UNEXPECTED_EOF_WHILE_READING",
+    "IOStream is not idle",
+)
 MISSING_DISTRIBUTED = "No module named 'distributed'"
 
 

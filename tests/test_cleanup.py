@@ -138,3 +138,5 @@ def test_workers_that_lost_their_first_connection_are_started_again() -> None:
     raced = "INFO - x\nOSError: [Errno 98] Address already in use\n"
     broken = "ModuleNotFoundError: No module named 'distributed'\n"
     assert retriable(dropped) and retriable(raced) and not retriable(broken)
+    tls = "ssl.SSLEOFError: [SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation\n"
+    assert retriable("INFO - Start worker\n" + tls)  # the TLS handshake's end of a drop

@@ -132,9 +132,10 @@ def _flow_process(run_id) -> psutil.Process | None:
 def test_the_automation_tears_down_a_crashed_runs_cluster_when_no_hook_can_run(served, multi_hosts):
     """The server-side safety net: the flow's process is killed (SIGKILL: no hook, no finally
     runs); the Automation reacts to the run's Crashed event by running teardown-run-clusters."""
-    from deployments.automation import create
+    from deployments.automation import NAME, SILENT_NAME, create
 
-    automation = create(TEARDOWN)
+    automations = create(TEARDOWN, heartbeat=30)
+    assert [a.name for a in automations] == [NAME, SILENT_NAME]  # both accepted by the API
     run = run_deployment(
         NO_HOOKS,
         parameters={"hosts": ["host1", "host2"], "ssh_config_path": served},
@@ -179,4 +180,5 @@ def test_the_automation_tears_down_a_crashed_runs_cluster_when_no_hook_can_run(s
         assert clusters_of_run(run.id) == []
     finally:
         with get_client(sync_client=True) as client:
-            client.delete_automation(automation.id)
+            for automation in automations:
+                client.delete_automation(automation.id)
