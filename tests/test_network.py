@@ -45,11 +45,12 @@ def test_open_network_is_direct_with_every_path_measured(
     assert f"{CONTROLLER} -> host2" in result.paths and "host2 -> host3" in result.paths
 
 
-#: every closed-port style where every path is blocked; the other topologies with resets, the
-#: style a refused-means-reachable probe got wrong (tests/test_sites.py runs the full matrix)
-SHAPES = [("ssh-only", c) for c in ("drop", "reset", "icmp")] + [
-    ("isolated", "reset"),
-    ("no-connect-back", "reset"),
+#: every topology that blocks a path x every way a closed port answers (tests/test_sites.py
+#: runs clusters end to end in a selection of them)
+SHAPES = [
+    (topology, closed)
+    for topology in ("isolated", "ssh-only", "no-connect-back")
+    for closed in ("drop", "reset", "icmp")
 ]
 
 
