@@ -30,7 +30,7 @@ from rich.table import Table
 
 from lazycluster_tasks import __version__, processes
 from lazycluster_tasks.connection import tail
-from lazycluster_tasks.errors import GroupError
+from lazycluster_tasks.errors import GroupError, LazyclusterError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.manager import config_hosts
 from lazycluster_tasks.network import NETWORK_MODES
@@ -51,6 +51,7 @@ app = typer.Typer(
     help="Dask clusters on plain SSH hosts: look at hosts, start, inspect and stop clusters.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
 out = Console()
@@ -502,7 +503,16 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """The console script: bad input from the library (a missing ssh config, a bad value) is
+    a clear error with exit 2, a failure on a host exit 1 — no traceback either way."""
+    try:
+        app()
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(EXIT_USAGE)
+    except LazyclusterError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

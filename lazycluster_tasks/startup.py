@@ -26,10 +26,17 @@ def lost_port(log: str) -> bool:
     return any(text in log for text in ADDRESS_IN_USE)
 
 
+#: A nanny whose first connection dropped while it started: its close path then fails Dask's
+#: own status assertion in Nanny.kill, which is the first error its log shows (seen in CI, the
+#: scheduler's side logging "Stream is closed" for that connection).
+NANNY_DROPPED_AT_START = "AssertionError: Status.starting"
+
+
 def retriable(log: str) -> bool:
     """A worker that lost its port at bind time, or its first connection to the scheduler."""
     cause = first_error(log) or ""
-    return lost_port(log) or any(t in cause for t in DROPPED_AT_START)
+    dropped = any(t in cause for t in DROPPED_AT_START) or cause == NANNY_DROPPED_AT_START
+    return lost_port(log) or dropped
 
 
 def first_error(log: str) -> str | None:

@@ -140,3 +140,4 @@ def test_workers_that_lost_their_first_connection_are_started_again() -> None:
     assert retriable(dropped) and retriable(raced) and not retriable(broken)
     tls = "ssl.SSLEOFError: [SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation\n"
     assert retriable("INFO - Start worker\n" + tls)  # the TLS handshake's end of a drop
+    assert retriable("INFO - Start Nanny\nAssertionError: Status.starting\n")

@@ -96,6 +96,9 @@ def test_clear_errors_for_bad_input_and_unreachable_hosts(
         bad.stderr
     )
     assert _cli(cli_env, "up", "--workers-per-host", "0", "host1").returncode == 2
+    missing = _cli(cli_env, "hosts", "--ssh-config", "/nonexistent/ssh_config", "host1")
+    assert missing.returncode == 2 and "ssh config file not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
     multi_hosts.stop_sshd("host3")
     try:
         down = _cli(cli_env, "hosts", "--json", "host2", "host3")
