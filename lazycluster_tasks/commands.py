@@ -352,6 +352,9 @@ SCHEDULER_MODULE = "distributed.cli.dask_scheduler"
 WORKER_MODULE = "distributed.cli.dask_worker"
 #: Seconds the scheduler lives on after its last client left (read by WATCH_PRELOAD).
 CLIENT_TIMEOUT_ENV = "LAZYCLUSTER_CLIENT_TIMEOUT"
+#: Where Dask servers put their scratch space ("dask-scratch-space"): the scheduler is given the
+#: cluster folder, so it goes with the folder (workers get ``--local-directory``).
+SCRATCH_ENV = "DASK_TEMPORARY_DIRECTORY"
 
 #: Scheduler preload (given as text): close the scheduler once no client has been connected for
 #: $LAZYCLUSTER_CLIENT_TIMEOUT seconds — the controller holds one for the cluster's lifetime, so

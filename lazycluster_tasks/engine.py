@@ -24,7 +24,12 @@ from typing import Any
 
 from lazycluster_tasks import commands, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
-from lazycluster_tasks.commands import CLIENT_TIMEOUT_ENV, scheduler_argv, worker_argv
+from lazycluster_tasks.commands import (
+    CLIENT_TIMEOUT_ENV,
+    SCRATCH_ENV,
+    scheduler_argv,
+    worker_argv,
+)
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.errors import (
@@ -280,7 +285,11 @@ class Engine:
             "scheduler",
             argv,
             role="master",
-            env={CLIENT_TIMEOUT_ENV: str(self.options.idle_timeout), **self.options.env},
+            env={
+                CLIENT_TIMEOUT_ENV: str(self.options.idle_timeout),
+                SCRATCH_ENV: folder,
+                **self.options.env,
+            },
             ports=[port],
         )
         (info,) = processes.start_processes(runtime, folder, [spec], self._files("master"))

@@ -49,6 +49,10 @@ CLOSED_STYLES = {
 }
 
 
+#: The key of :meth:`TestHosts.leftovers` for entries left in the hosts' temp dir.
+TEMP = "(hosts' temp dir)"
+
+
 class UnknownHostError(KeyError, ValueError):
     """No test host of that name (a ValueError; a KeyError too, as it always was)."""
 
@@ -326,6 +330,11 @@ class TestHosts:
         self.ssh_config_path = self.base_dir / "ssh_config"
         self.known_hosts_path = self.base_dir / "known_hosts"
         self.identity_file = self.base_dir / "id_ed25519"
+        # The hosts' temp dir (TMPDIR in every SSH session): what a test leaves there is
+        # visible, and nothing outside the run is ever taken for its leftovers.
+        self.tmp_dir = self.base_dir / "tmp"
+        self.tmp_dir.mkdir(mode=0o1777, exist_ok=True)
+        self.tmp_dir.chmod(0o1777)
         self._authorized_keys = self.base_dir / "authorized_keys"
         self._authorized_keys.write_text(_keygen(self.identity_file) + "\n")
         if os.geteuid() == 0:
@@ -389,6 +398,7 @@ class TestHosts:
             "X11Forwarding no\n"
             "PrintMotd no\n"
             "Subsystem sftp internal-sftp\n"
+            f"SetEnv TMPDIR={self.tmp_dir}\n"
         )
 
     def _write_client_files(self) -> None:
@@ -522,15 +532,33 @@ class TestHosts:
         return path.read_text() if path.exists() else ""
 
     def leftovers(self) -> dict[str, list[str]]:
+        """Processes still running on each host, and under ``TEMP`` what is left in the hosts'
+        temp dir; ``{}`` when the hosts are clean."""
         out = {}
         for h in self.hosts:
             items = [d for d in map(_describe, self.processes(h.name)) if d is not None]
             if items:
                 out[h.name] = items
+        files = self.leftover_files()
+        if files:
+            out[TEMP] = files
         return out
+
+    def leftover_files(self) -> list[str]:
+        """Entries left in the hosts' temp dir (``TMPDIR`` of their sessions)."""
+        try:
+            return sorted(str(p) for p in self.tmp_dir.iterdir())
+        except FileNotFoundError:
+            return []
 
     def kill_leftovers(self) -> None:
         _kill_and_wait([p for h in self.hosts for p in self.processes(h.name)])
+        for path in self.leftover_files():
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     # -- processes inside a host -----------------------------------------------------------------
 

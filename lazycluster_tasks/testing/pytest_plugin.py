@@ -29,7 +29,7 @@ def test_hosts() -> Iterator[TestHosts]:
         left = hosts.leftovers()  # the whole session must leave nothing on any host
         if left:
             hosts.kill_leftovers()
-            pytest.fail(f"processes left on test hosts at the end of the session: {left}")
+            pytest.fail(f"left on test hosts at the end of the session: {left}")
 
 
 @pytest.fixture
@@ -64,4 +64,4 @@ def no_leftovers(test_hosts: TestHosts) -> Iterator[TestHosts]:
     if left:
         test_hosts.kill_leftovers()
         lines = "\n".join(f"  {name}: {proc}" for name, procs in left.items() for proc in procs)
-        pytest.fail(f"processes left on test hosts (now killed):\n{lines}", pytrace=False)
+        pytest.fail(f"left on test hosts (now removed):\n{lines}", pytrace=False)
