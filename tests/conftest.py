@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -12,53 +14,77 @@ import pytest
 
 from lazycluster_tasks import Environment, Runtime, RuntimeGroup
 from lazycluster_tasks.testing.hosts import TestHosts
+from lazycluster_tasks.testing.prefect_server import PrefectServer
 
 pytest_plugins = ["lazycluster_tasks.testing.pytest_plugin"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The session's temp dir: this process and every process it starts (TMPDIR) use it, so what a
+#: test leaves is seen, and nothing of anyone else's in /tmp is ever looked at or removed.
+SESSION_TMP = tempfile.mkdtemp(prefix="lcts")
+os.environ["TMPDIR"] = SESSION_TMP
+tempfile.tempdir = SESSION_TMP
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+
+
 QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 os.environ.update(QUIET_ENV)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real Prefect API for the whole session (a test server: ~15 s to start)."""
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One real `prefect server start` (API, services, UI) for the whole session."""
+    with PrefectServer(tmp_path_factory.mktemp("prefect-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def prefect_api(
+    prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The session server's API URL, set for this process and for the processes it starts."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    os.environ["PREFECT_API_URL"] = prefect_server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
+            yield prefect_server.api_url
+            _drain_prefect_workers()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield str(PREFECT_API_URL.value())
 
+def _drain_prefect_workers() -> None:
+    """Send the logs and events still queued in this process before the server stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
 
-TEMP_PATTERNS = ("lazycluster-*", "lct-*")
-
-
-def _temp_entries() -> set[str]:
-    import glob
-    import tempfile
-
-    base = tempfile.gettempdir()
-    return {p for pattern in TEMP_PATTERNS for p in glob.glob(os.path.join(base, pattern))}
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=10)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_temp_folders_left() -> Iterator[None]:
-    """The whole session must leave no folder of ours in the temp dir (hosts share it)."""
-    before = _temp_entries()
+def _no_temp_files_left() -> Iterator[None]:
+    """Whatever this session's processes put in the temp dir (``SESSION_TMP``) must be gone by
+    its end; pytest's own tmp_path folders are the only exception. (Test hosts have a temp dir
+    of their own, checked with their processes.)"""
     yield
     deadline = time.monotonic() + 5
-    left = _temp_entries() - before
+    left = _session_tmp_entries()
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        left = _temp_entries() - before
+        left = _session_tmp_entries()
     if left:
-        import shutil
+        pytest.fail(f"left in the temp dir by the session: {left}")
 
-        for path in left:
-            shutil.rmtree(path, ignore_errors=True)
-        pytest.fail(f"temp folders left by the session (now removed): {sorted(left)}")
+
+def _session_tmp_entries() -> list[str]:
+    return sorted(p for p in os.listdir(SESSION_TMP) if not p.startswith("pytest-of-"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,6 +9,7 @@ network call underneath has its own socket-level timeout.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -111,16 +112,29 @@ LIFECYCLE: dict[str, Any] = {
 }
 
 
+def in_callers_context(fn: Any) -> Any:
+    """``fn`` made to run, in any thread, in a copy of the caller's context: the same Prefect
+    settings (API URL) and run. A thread of ours starts with an empty context; Prefect would
+    then use its global settings (no API URL: a temporary server of its own)."""
+    context = contextvars.copy_context()
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return context.copy().run(fn, *args, **kwargs)
+
+    return run
+
+
 class _RunLogHandler(logging.Handler):
     """Hands the core's log records to a Prefect run logger (from any thread)."""
 
     def __init__(self, run_logger: Any) -> None:
         super().__init__(logging.INFO)
         self.run_logger = run_logger
+        self._log = in_callers_context(run_logger.log)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.run_logger.log(record.levelno, record.getMessage())
+            self._log(record.levelno, record.getMessage())
         except Exception:
             self.handleError(record)
 
@@ -305,8 +319,8 @@ def launch_master(
             flow_run_ids=flow_run_ids(),
         )
         save_record(record)
-        cluster.on_event = lambda what, details: events.emit(
-            what, updated(record, cluster.engine), details
+        cluster.on_event = in_callers_context(
+            lambda what, details: events.emit(what, updated(record, cluster.engine), details)
         )
         log.info(
             "cluster %s: scheduler up at %s (%s mode)",
