@@ -11,7 +11,13 @@ from typing import Any, Literal
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 
-__all__ = ["HostGroupBlock", "SSHSettingsBlock"]
+__all__ = ["DOCUMENTATION_URL", "LOGO_URL", "HostGroupBlock", "SSHSettingsBlock"]
+
+#: The project's home (also ``[project.urls]`` in pyproject.toml; a test keeps them equal).
+PROJECT_URL = "https://github.com/lazycluster-tasks/lazycluster-tasks"
+DOCUMENTATION_URL = f"{PROJECT_URL}#readme"
+#: ``docs/logo.png`` of the repository: square, 256 px.
+LOGO_URL = f"{PROJECT_URL}/raw/main/docs/logo.png"
 
 
 class SSHSettingsBlock(Block):
@@ -20,6 +26,8 @@ class SSHSettingsBlock(Block):
     _block_type_name = "Lazycluster SSH Settings"
     _block_type_slug = "lazycluster-ssh-settings"
     _description = "SSH credentials and connection options for lazycluster_tasks hosts."
+    _documentation_url = DOCUMENTATION_URL  # type: ignore[assignment]
+    _logo_url = LOGO_URL  # type: ignore[assignment]
 
     # Never echo inputs (possibly secrets) in validation errors.
     model_config = ConfigDict(hide_input_in_errors=True)
@@ -62,6 +70,8 @@ class HostGroupBlock(Block):
     _block_type_name = "Lazycluster Host Group"
     _block_type_slug = "lazycluster-host-group"
     _description = "Hosts (SSH aliases) and worker options for a lazycluster_tasks Dask cluster."
+    _documentation_url = DOCUMENTATION_URL  # type: ignore[assignment]
+    _logo_url = LOGO_URL  # type: ignore[assignment]
 
     model_config = ConfigDict(hide_input_in_errors=True)
 
