@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := openssh-server openssh-client iproute2 nftables
+# chromium: the browser test drives Debian's headless Chromium (no browser download).
+SYSTEM_PACKAGES := openssh-server openssh-client iproute2 nftables chromium
 
 # No telemetry from Prefect; a cold ephemeral API needs more than the default 20 s on 2 cores.
 export DO_NOT_TRACK := 1
@@ -35,9 +36,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
 
-# Test hosts need sshd, ip and nft; installed with apt-get when running as root.
+# Test hosts need sshd, ip and nft, the browser test chromium; apt-get installs them as root.
 system-deps:
-	@if [ "$$(id -u)" = 0 ] && ! { [ -x /usr/sbin/sshd ] && command -v ip >/dev/null && command -v nft >/dev/null; }; then \
+	@if [ "$$(id -u)" = 0 ] && ! { [ -x /usr/sbin/sshd ] && command -v ip >/dev/null && command -v nft >/dev/null \
+		&& command -v chromium >/dev/null; }; then \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES) \
 		|| { apt-get update && apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); }; \

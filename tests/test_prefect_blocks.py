@@ -13,9 +13,13 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from prefect import flow
+from prefect import flow, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 from prefect.client.schemas.objects import Artifact
 from prefect.exceptions import ObjectNotFound
 from pydantic import SecretStr, ValidationError
@@ -418,6 +422,45 @@ def test_published_artifacts_read_back(api_url: str) -> None:
     assert progress.data == 75.0
     assert progress.description == "3/4 workers registered"
     assert progress.flow_run_id == table.flow_run_id
+
+
+def test_cluster_summary_is_copied_onto_the_root_flow_run(api_url: str) -> None:
+    """Published from a task of a subflow, the summary also sits on the root run's own page; a
+    flow run's own publication is not copied (once is enough)."""
+
+    @task
+    def in_task() -> None:
+        publish_cluster_markdown(RECORD, key="nested-summary")
+
+    @flow
+    def child() -> None:
+        in_task()
+
+    @flow
+    def own() -> None:
+        publish_cluster_markdown(RECORD)
+
+    @flow
+    def root() -> None:
+        child()
+
+    root_state, own_state = root(return_state=True), own(return_state=True)
+    assert root_state.is_completed() and own_state.is_completed()
+    on_root = artifacts_of_run(root_state.state_details.flow_run_id)
+    assert len(on_root) == 1, on_root  # the task's own artifact belongs to the subflow's run
+    assert on_root[0].task_run_id is None and on_root[0].type == "markdown"
+    assert on_root[0].data == cluster_markdown(RECORD)
+    assert on_root[0].description == "Dask cluster ab12cd34ef56: running with 1 worker"
+    assert read_artifact("nested-summary").flow_run_id != root_state.state_details.flow_run_id
+    assert len(artifacts_of_run(own_state.state_details.flow_run_id)) == 1
+
+
+def artifacts_of_run(flow_run_id: UUID | None) -> list[Artifact]:
+    assert flow_run_id is not None
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
 
 
 def test_worker_progress_threads_and_zero_total(api_url: str) -> None:

@@ -128,7 +128,8 @@ def _mode_reason(record: Mapping[str, Any]) -> str:
 
 def publish_cluster_markdown(record: Mapping[str, Any], key: str | None = None) -> UUID:
     """Create a markdown artifact of :func:`cluster_markdown` in this run and, when this run is
-    a subflow's, a copy on the root flow run (what the user opens first)."""
+    a task's or a subflow's, a copy on the root flow run itself (its page's "Flow run" artifacts:
+    what the user opens first)."""
     description = f"Dask cluster {record.get('cluster_id')}: {state_text(record)}"
     text = cluster_markdown(record)
     result = create_markdown_artifact(  # type: ignore[call-arg]
@@ -141,12 +142,12 @@ def publish_cluster_markdown(record: Mapping[str, Any], key: str | None = None) 
 def _copy_to_root(text: str, description: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
-    from prefect.runtime import flow_run
+    from prefect.runtime import flow_run, task_run
 
     try:
         root, current = flow_run.root_flow_run_id, flow_run.id
-        if not root or root == current:
-            return
+        if not root or (root == current and not task_run.id):
+            return  # not in a run, or already an artifact of the root flow run itself
         with get_client(sync_client=True) as client:
             client.create_artifact(
                 ArtifactCreate(
