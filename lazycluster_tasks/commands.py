@@ -352,9 +352,14 @@ SCHEDULER_MODULE = "distributed.cli.dask_scheduler"
 WORKER_MODULE = "distributed.cli.dask_worker"
 #: Seconds the scheduler lives on after its last client left (read by WATCH_PRELOAD).
 CLIENT_TIMEOUT_ENV = "LAZYCLUSTER_CLIENT_TIMEOUT"
-#: Where Dask servers put their scratch space ("dask-scratch-space"): the scheduler is given the
-#: cluster folder, so it goes with the folder (workers get ``--local-directory``).
-SCRATCH_ENV = "DASK_TEMPORARY_DIRECTORY"
+
+
+def server_env(folder: str, env: Mapping[str, str]) -> dict[str, str]:
+    """Environment of a scheduler or worker: its temp files (a text preload becomes a .py file
+    and a __pycache__, Dask's scratch space) go in the cluster folder and leave with it, never
+    in the host's /tmp. The user's ``env`` comes last and wins."""
+    return {"TMPDIR": folder, "DASK_TEMPORARY_DIRECTORY": folder, **env}
+
 
 #: Scheduler preload (given as text): close the scheduler once no client has been connected for
 #: $LAZYCLUSTER_CLIENT_TIMEOUT seconds — the controller holds one for the cluster's lifetime, so

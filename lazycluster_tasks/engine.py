@@ -26,8 +26,8 @@ from lazycluster_tasks import commands, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
 from lazycluster_tasks.commands import (
     CLIENT_TIMEOUT_ENV,
-    SCRATCH_ENV,
     scheduler_argv,
+    server_env,
     worker_argv,
 )
 from lazycluster_tasks.connection import tail
@@ -285,11 +285,9 @@ class Engine:
             "scheduler",
             argv,
             role="master",
-            env={
-                CLIENT_TIMEOUT_ENV: str(self.options.idle_timeout),
-                SCRATCH_ENV: folder,
-                **self.options.env,
-            },
+            env=server_env(
+                folder, {CLIENT_TIMEOUT_ENV: str(self.options.idle_timeout), **self.options.env}
+            ),
             ports=[port],
         )
         (info,) = processes.start_processes(runtime, folder, [spec], self._files("master"))
@@ -430,7 +428,7 @@ class Engine:
                         resources=resources,
                         tls=tls,
                     ),
-                    env=dict(options.env),
+                    env=server_env(folder, options.env),
                     ports=chosen[i * per_worker : (i + 1) * per_worker],
                 )
                 for i, name in enumerate(names)

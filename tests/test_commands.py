@@ -4,6 +4,7 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,6 +134,24 @@ def test_probe_script_runs_on_this_machine():
     result = sh(hostinfo.probe_script("/bin/does-not-exist"))
     info = hostinfo.parse_probe(result.stdout)
     assert info["cpu_cores"] >= 1 and info["memory"] > 0 and info["python_version"] is None
+
+
+def test_servers_keep_their_temp_files_in_the_cluster_folder(tmp_path):
+    probe = (
+        "import tempfile, dask; "
+        "print(tempfile.gettempdir(), dask.config.get('temporary-directory'))"
+    )
+    env = commands.server_env(str(tmp_path), {"USER_SET": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == [str(tmp_path), str(tmp_path)], done.stderr
+    assert env["USER_SET"] == "1"
+    assert commands.server_env("/f", {"TMPDIR": "/mine"})["TMPDIR"] == "/mine"  # the user wins
 
 
 def test_scheduler_argv_binds_where_asked_and_keeps_the_dashboard_local():
