@@ -21,13 +21,20 @@ pytest_plugins = ["lazycluster_tasks.testing.pytest_plugin"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The session's temp dir: this process and every process it starts (TMPDIR) use it, so what a
 #: test leaves is seen, and nothing of anyone else's in /tmp is ever looked at or removed.
-SESSION_TMP = tempfile.mkdtemp(prefix="lcts")
-os.environ["TMPDIR"] = SESSION_TMP
-tempfile.tempdir = SESSION_TMP
+#: Made when pytest starts (processes that import this module, e.g. to unpickle, make none).
+SESSION_TMP = ""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global SESSION_TMP
+    SESSION_TMP = tempfile.mkdtemp(prefix="lcts")
+    os.environ["TMPDIR"] = SESSION_TMP
+    tempfile.tempdir = SESSION_TMP
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+    if SESSION_TMP:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -74,13 +81,28 @@ def _no_temp_files_left() -> Iterator[None]:
     its end; pytest's own tmp_path folders are the only exception. (Test hosts have a temp dir
     of their own, checked with their processes.)"""
     yield
-    deadline = time.monotonic() + 5
-    left = _session_tmp_entries()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = _session_tmp_entries()
+    left = _wait_tmp_clean(set())
     if left:
         pytest.fail(f"left in the temp dir by the session: {left}")
+
+
+@pytest.fixture(autouse=True)
+def _no_temp_files_left_by_the_test() -> Iterator[None]:
+    """The same, test by test, so a leak names its test."""
+    before = set(_session_tmp_entries())
+    yield
+    left = _wait_tmp_clean(before)
+    if left:
+        pytest.fail(f"left in the temp dir by this test: {left}")
+
+
+def _wait_tmp_clean(before: set[str], grace: float = 3.0) -> list[str]:
+    deadline = time.monotonic() + grace
+    left = [p for p in _session_tmp_entries() if p not in before]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in _session_tmp_entries() if p not in before]
+    return left
 
 
 def _session_tmp_entries() -> list[str]:

@@ -67,7 +67,7 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
             runtimes = cluster.engine.group.runtimes
             kinds = [t.kind for rt in runtimes for t in rt.tunnels]
             if hosts_reach_sshd:
-                assert set(links.up) == pairs and not links.down
+                assert set(links.up) == pairs and not links.down, links.down
                 assert all(marker in multi_hosts.authorized_keys(h) for h in HOSTS)
                 # this machine: -L per worker and nanny, -R of the scheduler per host; no -R of
                 # a worker port (those are the links' -L on the hosts, one per worker per host)

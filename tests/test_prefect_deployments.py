@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -65,6 +66,16 @@ def served(prefect_api: str, multi_hosts, no_leftovers) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        _drop_empty_runner_storage()
+
+
+def _drop_empty_runner_storage() -> None:
+    """Prefect's Runner removes its own storage folder but keeps their parent, "runner_storage",
+    in the temp dir; it must be empty (anything in it would be a leak)."""
+    parent = os.path.join(tempfile.gettempdir(), "runner_storage")
+    if os.path.isdir(parent):
+        assert os.listdir(parent) == [], os.listdir(parent)
+        os.rmdir(parent)
 
 
 def test_triggered_run_completes(served):

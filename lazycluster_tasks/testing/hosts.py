@@ -321,7 +321,7 @@ class TestHosts:
 
     def _prepare_files(self) -> None:
         if self._base_arg is None:
-            self.base_dir = Path(tempfile.mkdtemp(prefix="lct-hosts-"))
+            self.base_dir = Path(tempfile.mkdtemp(prefix="lcth"))  # short: socket paths live below
             self._own_base = True
         else:
             self.base_dir = Path(self._base_arg).absolute()
@@ -332,7 +332,7 @@ class TestHosts:
         self.identity_file = self.base_dir / "id_ed25519"
         # The hosts' temp dir (TMPDIR in every SSH session): what a test leaves there is
         # visible, and nothing outside the run is ever taken for its leftovers.
-        self.tmp_dir = self.base_dir / "tmp"
+        self.tmp_dir = self.base_dir / "t"
         self.tmp_dir.mkdir(mode=0o1777, exist_ok=True)
         self.tmp_dir.chmod(0o1777)
         self._authorized_keys = self.base_dir / "authorized_keys"
@@ -534,14 +534,19 @@ class TestHosts:
     def leftovers(self) -> dict[str, list[str]]:
         """Processes still running on each host, and under ``TEMP`` what is left in the hosts'
         temp dir; ``{}`` when the hosts are clean."""
+        out = self.leftover_processes()
+        files = self.leftover_files()
+        if files:
+            out[TEMP] = files
+        return out
+
+    def leftover_processes(self) -> dict[str, list[str]]:
+        """Processes still running on each host (hosts with none are not listed)."""
         out = {}
         for h in self.hosts:
             items = [d for d in map(_describe, self.processes(h.name)) if d is not None]
             if items:
                 out[h.name] = items
-        files = self.leftover_files()
-        if files:
-            out[TEMP] = files
         return out
 
     def leftover_files(self) -> list[str]:
