@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -100,6 +101,20 @@ def _runtime(host: str, config: str | None) -> Runtime:
     return Runtime(host, None, {"connect_timeout": CONNECT_TIMEOUT}, config)
 
 
+def _on_hosts(
+    what: str, runtimes: dict[str, Runtime], fn: Callable[[str, Runtime], Any]
+) -> tuple[dict[str, Any], dict[str, BaseException]]:
+    """``fn(host, runtime)`` for every host at once: results and errors by host (partial
+    failure is data); the runtimes are released either way."""
+    try:
+        return run_parallel(what, {h: (h, rt) for h, rt in runtimes.items()}, lambda j: fn(*j)), {}
+    except GroupError as exc:
+        return dict(exc.results), dict(exc.errors)
+    finally:
+        for rt in runtimes.values():
+            rt.cleanup()
+
+
 # -- hosts --------------------------------------------------------------------------------
 
 
@@ -131,17 +146,10 @@ def hosts(
     chosen = _known(names, config) if names else config_hosts(config)
     if not chosen:
         raise fail(f"no hosts in {config or '~/.ssh/config'}", EXIT_USAGE)
-    runtimes = {h: _runtime(h, config) for h in chosen}
-    try:
-        with err.status(f"checking {len(chosen)} hosts"):
-            try:
-                found = run_parallel("hosts", runtimes, _describe)
-                errors: dict[str, BaseException] = {}
-            except GroupError as exc:
-                found, errors = dict(exc.results), dict(exc.errors)
-    finally:
-        for rt in runtimes.values():
-            rt.cleanup()
+    with err.status(f"checking {len(chosen)} hosts"):
+        found, errors = _on_hosts(
+            "hosts", {h: _runtime(h, config) for h in chosen}, lambda _, rt: _describe(rt)
+        )
     rows = [
         found.get(h)
         or {"host": h, "reachable": False, "error": " ".join(str(errors.get(h)).split())[:200]}
@@ -182,9 +190,14 @@ def _state_file(cluster_id: str) -> Path:
     return _state_dir() / f"{cluster_id}.json"
 
 
-def _write_state(cluster: Any, pid: int) -> None:
+def _write_state(cluster: Any, pid: int, blocks: Blocks) -> None:
     record: ClusterRecord = cluster.record()
-    state = {"pid": pid, "record": record.model_dump(mode="json")}
+    state = {
+        "pid": pid,
+        "record": record.model_dump(mode="json"),
+        "host_group": blocks[0],
+        "ssh_block": blocks[1],
+    }
     path = _state_file(record.cluster_id)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=1))
@@ -210,62 +223,131 @@ def _owner_alive(state: dict[str, Any]) -> bool:
 # -- up -------------------------------------------------------------------------------------
 
 
+Blocks = tuple[str | None, str | None]  # (host group, ssh settings) block names
+
+
 @app.command()
 def up(
-    names: Annotated[list[str], typer.Argument(help="hosts to run workers on")],
+    names: Annotated[
+        list[str] | None, typer.Argument(help="hosts to run workers on (or --host-group)")
+    ] = None,
     ssh_config: SshConfig = None,
-    workers_per_host: Annotated[int, typer.Option(min=1)] = 1,
-    network_mode: Annotated[str, typer.Option(help="auto, direct or tunnelled")] = "auto",
+    host_group: Annotated[
+        str | None, typer.Option(help="a Prefect host group block: its hosts and options")
+    ] = None,
+    ssh_block: Annotated[
+        str | None, typer.Option(help="a Prefect SSH settings block: how to log in")
+    ] = None,
+    workers_per_host: Annotated[
+        int | None, typer.Option(min=1, help="default: the host group's, else 1")
+    ] = None,
+    network_mode: Annotated[
+        str | None,
+        typer.Option(help="auto, direct or tunnelled (default: the host group's, else auto)"),
+    ] = None,
     detach: Annotated[bool, typer.Option(help="return once running; `down ID` stops it")] = False,
 ) -> None:
     """Start a cluster: the scheduler here, workers on the hosts. Prints its id, the scheduler
     address and the dashboard; stays until Ctrl-C (or returns with --detach)."""
-    if network_mode not in NETWORK_MODES:
+    if network_mode is not None and network_mode not in NETWORK_MODES:
         raise fail(
             f"--network-mode must be one of {', '.join(NETWORK_MODES)}, not {network_mode!r}",
             EXIT_USAGE,
         )
+    if not names and not host_group:
+        raise fail("give the hosts, or --host-group with a host group block", EXIT_USAGE)
+    _check_blocks(host_group, ssh_block)
     config = _config(ssh_config)
-    _known(names, config)
+    if names:
+        _known(names, config)
+    options = _cluster_options(names, config, (host_group, ssh_block), workers_per_host)
+    if network_mode is not None:
+        options["network_mode"] = network_mode
     if detach:
-        _detach(names, config, workers_per_host, network_mode)
+        _detach(options)
         return
-    _serve(names, config, workers_per_host, network_mode, announce=True)
+    _serve(options, announce=True)
 
 
-def _serve(names: list[str], config: str | None, per_host: int, mode: str, announce: bool) -> None:
+def _cluster_options(
+    names: list[str] | None, config: str | None, blocks: Blocks, per_host: int | None
+) -> dict[str, Any]:
+    """LazySSHCluster's arguments; what is not given comes from the blocks or defaults."""
+    given = {
+        "hosts": names or None,
+        "ssh_config_path": config,
+        "host_group": blocks[0],
+        "ssh_block": blocks[1],
+        "workers_per_host": per_host,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _check_blocks(host_group: str | None, ssh_block: str | None) -> None:
+    """Named blocks must exist (bad input, exit 2) and the Prefect API must answer (exit 1)."""
+    if not (host_group or ssh_block):
+        return
+    from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
+    from lazycluster_tasks.prefect.records import load_block
+
+    wanted: list[tuple[type[Any], str | None]] = [
+        (HostGroupBlock, host_group),
+        (SSHSettingsBlock, ssh_block),
+    ]
+    for cls, name in wanted:
+        if not name:
+            continue
+        try:
+            load_block(cls, name)
+        except ValueError as exc:
+            raise fail(f"no {cls._block_type_name} block {name!r}: {exc}", EXIT_USAGE) from None
+        except Exception as exc:
+            raise fail(f"{cls._block_type_name} block {name!r} not read: {exc}") from None
+
+
+def _block_kwargs(state: dict[str, Any]) -> dict[str, Any]:
+    """Login secrets from the blocks a cluster was started with (never in the state file)."""
+    host_group, ssh_block = state.get("host_group"), state.get("ssh_block")
+    if not (host_group or ssh_block):
+        return {}
+    from lazycluster_tasks.prefect.tasks import connection_kwargs
+
+    try:
+        return connection_kwargs(ssh_block, host_group)
+    except Exception as exc:
+        err.print(f"SSH settings of blocks not read ({exc}); trying without them")
+        return {}
+
+
+def _serve(options: dict[str, Any], announce: bool) -> None:
     """Run the cluster in this process until SIGINT or SIGTERM, then close it."""
     from lazycluster_tasks.ssh_cluster import LazySSHCluster
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with err.status(f"starting workers on {len(names)} hosts"):
+    where = f"{len(options['hosts'])} hosts" if "hosts" in options else options.get("host_group")
+    with err.status(f"starting workers on {where}"):
         try:
             cluster = LazySSHCluster(
-                names,
-                ssh_config_path=config,
-                workers_per_host=per_host,
-                network_mode=mode,
+                **options,
                 idle_timeout=24 * 3600.0,  # this process is the cluster's client while it runs
             )
         except Exception as exc:
             raise fail(f"the cluster did not start: {exc}") from None
+    blocks = (options.get("host_group"), options.get("ssh_block"))
     try:
-        _write_state(cluster, os.getpid())
+        _write_state(cluster, os.getpid(), blocks)
         record = cluster.record()
         if announce:
-            out.print(
-                f"cluster {record.cluster_id} running ({record.network_mode}): "
-                f"{len(record.workers)} workers on {len(names)} hosts"
-            )
+            out.print(_running(record))
             out.print(f"scheduler {record.scheduler_address}")
             out.print(f"dashboard {cluster.dashboard_link}")
             out.print("Ctrl-C stops it")
         while not stop.wait(5):
             if cluster.status.name in ("closed", "failed"):
                 break
-            _write_state(cluster, os.getpid())  # workers added or replaced since
+            _write_state(cluster, os.getpid(), blocks)  # workers added or replaced since
     finally:
         with err.status("stopping the cluster"):
             cluster.close()
@@ -274,28 +356,35 @@ def _serve(names: list[str], config: str | None, per_host: int, mode: str, annou
             out.print(f"cluster {cluster.engine.cluster_id} stopped")
 
 
-def _detach(names: list[str], config: str | None, per_host: int, mode: str) -> None:
+def _running(record: ClusterRecord) -> str:
+    return (
+        f"cluster {record.cluster_id} running ({record.network_mode}): "
+        f"{len(record.workers)} workers on {len(record.hosts)} hosts"
+    )
+
+
+def _detach(options: dict[str, Any]) -> None:
     folder = _state_dir()
     log = folder / f"up-{os.getpid()}-{int(time.time())}.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "lazycluster_tasks.cli",
-        "_serve",
-        "--workers-per-host",
-        str(per_host),
-        "--network-mode",
-        mode,
-        *(["--ssh-config", config] if config else []),
-        *names,
-    ]
+    flags = {
+        "ssh_config_path": "--ssh-config",
+        "host_group": "--host-group",
+        "ssh_block": "--ssh-block",
+        "workers_per_host": "--workers-per-host",
+        "network_mode": "--network-mode",
+    }
+    argv = [sys.executable, "-m", "lazycluster_tasks.cli", "_serve"]
+    for key, flag in flags.items():
+        if key in options:
+            argv += [flag, str(options[key])]
+    argv += list(options.get("hosts") or [])
     before = {p.name for p in folder.glob("*.json")}
     with open(log, "wb") as handle:
         child = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=handle, stderr=handle, start_new_session=True
         )
     deadline = time.monotonic() + DETACH_TIMEOUT
-    with err.status(f"starting workers on {len(names)} hosts (in the background)"):
+    with err.status("starting the cluster (in the background)"):
         while True:
             new = [p for p in folder.glob("*.json") if p.name not in before]
             mine = [p for p in new if json.loads(p.read_text()).get("pid") == child.pid]
@@ -311,10 +400,7 @@ def _detach(names: list[str], config: str | None, per_host: int, mode: str) -> N
             time.sleep(0.2)
     log.unlink(missing_ok=True)
     record = ClusterRecord.model_validate(json.loads(mine[0].read_text())["record"])
-    out.print(
-        f"cluster {record.cluster_id} running ({record.network_mode}): "
-        f"{len(record.workers)} workers on {len(names)} hosts"
-    )
+    out.print(_running(record))
     out.print(f"scheduler {record.scheduler_address}")
     out.print(f"dashboard {record.dashboard_link}")
     out.print(f"`lazycluster down {record.cluster_id}` stops it")
@@ -322,14 +408,19 @@ def _detach(names: list[str], config: str | None, per_host: int, mode: str) -> N
 
 @app.command("_serve", hidden=True)
 def serve_detached(
-    names: list[str],
+    names: Annotated[list[str] | None, typer.Argument()] = None,
     ssh_config: SshConfig = None,
-    workers_per_host: int = 1,
-    network_mode: str = "auto",
+    host_group: str | None = None,
+    ssh_block: str | None = None,
+    workers_per_host: int | None = None,
+    network_mode: str | None = None,
 ) -> None:
     """The background process of ``up --detach``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    _serve(names, ssh_config, workers_per_host, network_mode, announce=False)
+    options = _cluster_options(names, ssh_config, (host_group, ssh_block), workers_per_host)
+    if network_mode is not None:
+        options["network_mode"] = network_mode
+    _serve(options, announce=False)
 
 
 # -- status, logs, down -----------------------------------------------------------------------
@@ -386,29 +477,27 @@ def logs(
     lines: Annotated[int, typer.Option(min=1, help="last lines per process")] = 50,
 ) -> None:
     """The last lines of every process of a cluster, read from its hosts."""
-    record = ClusterRecord.model_validate(_read_state(cluster_id)["record"])
+    state = _read_state(cluster_id)
+    record = ClusterRecord.model_validate(state["record"])
     specs = {h.name: h for h in record.hosts}
     by_host: dict[str, list[processes.ProcessInfo]] = {}
     for info in record.processes:
         by_host.setdefault(info.host, []).append(info)
 
-    def read(host: str) -> dict[str, str]:
-        spec = specs.get(host, HostSpec(name=host))
-        runtime = (
-            Runtime("localhost")
-            if host in ("localhost", "127.0.0.1")
-            else Runtime(host, None, spec.connection_kwargs, spec.ssh_config_path)
-        )
-        try:
-            return processes.read_logs(runtime, by_host[host], lines)
-        finally:
-            runtime.cleanup()
+    secrets = _block_kwargs(state)
 
-    try:
-        found = run_parallel("logs", {h: h for h in by_host}, read)
-        errors: dict[str, BaseException] = {}
-    except GroupError as exc:
-        found, errors = dict(exc.results), dict(exc.errors)
+    def runtime(host: str) -> Runtime:
+        if host in ("localhost", "127.0.0.1"):
+            return Runtime("localhost")
+        spec = specs.get(host, HostSpec(name=host))
+        kwargs = {**spec.connection_kwargs, **secrets}
+        return Runtime(host, None, kwargs, spec.ssh_config_path)
+
+    found, errors = _on_hosts(
+        "logs",
+        {h: runtime(h) for h in by_host},
+        lambda host, rt: processes.read_logs(rt, by_host[host], lines),
+    )
     for host in sorted(by_host):
         for name, text in sorted(found.get(host, {}).items()):
             out.print(f"--- {host} {name}", style="bold", highlight=False)
@@ -440,7 +529,7 @@ def down(cluster_id: str) -> None:
     if path.exists():  # the process did not finish its cleanup (or was gone): the record's turn
         try:
             with err.status(f"tearing down cluster {cluster_id} from its record"):
-                for line in teardown(state["record"]).values():
+                for line in teardown(state["record"], _block_kwargs(state)).values():
                     out.print(line)
         except GroupError as exc:
             raise fail(f"teardown incomplete: {exc}") from None
@@ -467,18 +556,11 @@ def exec_(
     chosen = _known(host, config) if host else config_hosts(config)
     if not chosen:
         raise fail(f"no hosts in {config or '~/.ssh/config'}", EXIT_USAGE)
-    runtimes = {h: _runtime(h, config) for h in chosen}
-    try:
-        try:
-            found = run_parallel(
-                "exec", runtimes, lambda rt: rt.connection.run(command, timeout=timeout)
-            )
-            errors: dict[str, BaseException] = {}
-        except GroupError as exc:
-            found, errors = dict(exc.results), dict(exc.errors)
-    finally:
-        for rt in runtimes.values():
-            rt.cleanup()
+    found, errors = _on_hosts(
+        "exec",
+        {h: _runtime(h, config) for h in chosen},
+        lambda _, rt: rt.connection.run(command, timeout=timeout),
+    )
     failed = bool(errors)
     for h in chosen:
         if h in errors:

@@ -220,7 +220,8 @@ class LazySSHCluster(SpecCluster):
     "lazycluster_tasks.LazySSHCluster", cluster_kwargs={...}, adapt_kwargs={...})`` runs a flow
     on it. Every argument is plain data.
 
-    ``hosts``: SSH aliases or names (or ``host_group``, the name of a Prefect host group block);
+    ``hosts``: SSH aliases or names (or ``host_group``, the name of a Prefect host group block,
+    whose ``workers_per_host``, ``network_mode`` and ``python`` apply unless given here);
     ``ssh_config_path``, ``connection_kwargs`` or ``ssh_block`` say how to reach them.
     ``n_workers``: first workers (default: hosts x ``workers_per_host``, the capacity).
     ``prelaunch``: more worker processes started with the scheduler but joined to the cluster by
@@ -245,7 +246,7 @@ class LazySSHCluster(SpecCluster):
         ssh_block: str | None = None,
         n_workers: int | None = None,
         prelaunch: int = 0,
-        workers_per_host: int = 1,
+        workers_per_host: int | None = None,
         python: str | Mapping[str, str] | None = None,
         scheduler_host: str | None = None,
         ports: Sequence[int] | None = None,
@@ -263,6 +264,8 @@ class LazySSHCluster(SpecCluster):
         hosts, config, kwargs, defaults = _resolve_blocks(
             hosts, host_group, ssh_block, ssh_config_path, connection_kwargs
         )
+        if workers_per_host is None:  # the host group's, else one per host
+            workers_per_host = int(defaults.get("workers_per_host", 1))
         options = {**defaults, **options}
         if python is not None:
             options["python_executable"] = python
@@ -730,7 +733,7 @@ def _resolve_blocks(
 
             group = load_block(HostGroupBlock, host_group)
             hosts = list(hosts or group.hosts)
-            defaults = {k: v for k, v in group.cluster_options().items() if k != "workers_per_host"}
+            defaults = group.cluster_options()
         kwargs = {**block_kwargs(ssh_block, host_group), **kwargs}
         settings = ssh_settings(ssh_block, host_group)
         if ssh_config_path is None and settings is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = [pytest.mark.multihost]
@@ -44,7 +45,7 @@ def test_the_console_script_is_installed() -> None:
 
 
 def test_hosts_up_status_logs_exec_down(
-    multi_hosts: TestHosts, no_leftovers: TestHosts, cli_env: dict[str, str]
+    prefect_api: str, multi_hosts: TestHosts, no_leftovers: TestHosts, cli_env: dict[str, str]
 ) -> None:
     found = _cli(cli_env, "hosts", "--json", "host1", "host2")
     assert found.returncode == 0, found.stderr
@@ -54,15 +55,23 @@ def test_hosts_up_status_logs_exec_down(
     table = _cli(cli_env, "hosts", "host1")
     assert table.returncode == 0 and "host1" in table.stdout and "distributed" in table.stdout
 
-    started = _cli(cli_env, "up", "--detach", "--network-mode", "tunnelled", "host1", "host2")
+    # hosts, workers per host, network mode and ssh config all come from the host group block
+    ssh = SSHSettingsBlock(ssh_config_path=str(multi_hosts.ssh_config_path))
+    HostGroupBlock(
+        hosts=["host1", "host2"], workers_per_host=2, network_mode="tunnelled", ssh=ssh
+    ).save("cli-group", overwrite=True)
+    blocks_only = {k: v for k, v in cli_env.items() if k != "LAZYCLUSTER_SSH_CONFIG"}
+    started = _cli(blocks_only, "up", "--detach", "--host-group", "cli-group")
     assert started.returncode == 0, started.stderr
-    (cluster_id,) = re.findall(r"cluster (\w+) running \(tunnelled\): 2 workers", started.stdout)
+    (cluster_id,) = re.findall(
+        r"cluster (\w+) running \(tunnelled\): 4 workers on 2 hosts", started.stdout
+    )
     assert "scheduler tls://127.0.0.1:" in started.stdout
     try:
         status = _cli(cli_env, "status", "--json")
         assert status.returncode == 0, status.stderr
         (row,) = json.loads(status.stdout)
-        assert (row["cluster_id"], row["state"], row["workers"]) == (cluster_id, "running", 2)
+        assert (row["cluster_id"], row["state"], row["workers"]) == (cluster_id, "running", 4)
         assert multi_hosts.processes("host1") and multi_hosts.processes("host2")
 
         logs = _cli(cli_env, "logs", cluster_id, "--lines", "200")
@@ -86,7 +95,7 @@ def test_hosts_up_status_logs_exec_down(
 
 
 def test_clear_errors_for_bad_input_and_unreachable_hosts(
-    multi_hosts: TestHosts, no_leftovers: TestHosts, cli_env: dict[str, str]
+    prefect_api: str, multi_hosts: TestHosts, no_leftovers: TestHosts, cli_env: dict[str, str]
 ) -> None:
     unknown = _cli(cli_env, "hosts", "host1", "no-such-host.invalid")
     assert unknown.returncode == 2
@@ -96,6 +105,12 @@ def test_clear_errors_for_bad_input_and_unreachable_hosts(
         bad.stderr
     )
     assert _cli(cli_env, "up", "--workers-per-host", "0", "host1").returncode == 2
+    nothing = _cli(cli_env, "up")
+    assert nothing.returncode == 2 and "give the hosts, or --host-group" in nothing.stderr
+    no_group = _cli(cli_env, "up", "--host-group", "no-such-group")
+    assert no_group.returncode == 2 and "no Lazycluster Host Group block 'no-such-group'" in (
+        no_group.stderr
+    )
     missing = _cli(cli_env, "hosts", "--ssh-config", "/nonexistent/ssh_config", "host1")
     assert missing.returncode == 2 and "ssh config file not found" in missing.stderr
     assert "Traceback" not in missing.stderr
