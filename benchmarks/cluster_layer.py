@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import functools
 import importlib.util
-import logging
 import os
 import platform
 import shlex
@@ -53,11 +52,14 @@ import psutil
 
 from benchmarks.common import (
     Timing,
+    drop_sshcluster_files,
     exit_code,
     failures,
     fmt_ratio,
     leftover_check,
     print_table,
+    quiet_sshcluster,
+    start_sshcluster,
     verdict,
 )
 from lazycluster_tasks import (
@@ -319,7 +321,7 @@ def _wait_gone(th: TestHosts, marker: str | None, timeout: float) -> tuple[float
     Returns (seconds waited, whether everything left by itself)."""
     start = time.perf_counter()
     deadline = time.monotonic() + timeout
-    while th.leftovers() or (marker and _local_processes(marker)):
+    while th.leftover_processes() or (marker and _local_processes(marker)):
         if time.monotonic() > deadline:
             return time.perf_counter() - start, False
         time.sleep(0.05)
@@ -605,53 +607,34 @@ def sshcluster_unavailable() -> str | None:
     return None
 
 
-def _ssh_user(th: TestHosts, host: str) -> str:
-    config = paramiko.SSHConfig.from_path(str(th.ssh_config_path))
-    return str(config.lookup(host).get("user") or os.environ.get("USER", "root"))
-
-
 def run_sshcluster(th: TestHosts, hosts: list[TestHost]) -> RunOutcome:
     """SSHCluster with the scheduler on the first host and one worker on each host."""
     from distributed import Client
-    from distributed.deploy.ssh import SSHCluster
 
-    addresses = [h.address for h in hosts]
-    quiet = logging.getLogger("distributed.deploy.ssh")  # it relays every remote log line
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
-    try:
-        t0 = time.perf_counter()
-        cluster = SSHCluster(
-            [addresses[0], *addresses],
-            connect_options={
-                "known_hosts": str(th.known_hosts_path),
-                "client_keys": [str(th.identity_file)],
-                "username": _ssh_user(th, hosts[0].name),
-            },
-            worker_options={"nthreads": 1},
-            # "host": without it the scheduler binds 127.0.0.1 (see sshcluster_layout)
-            scheduler_options={"dashboard_address": ":0", "host": addresses[0]},
-            remote_python=sys.executable,
-        )
+    with quiet_sshcluster():
         try:
-            client = Client(cluster, set_as_default=False)
+            t0 = time.perf_counter()
+            cluster = start_sshcluster(th, [h.address for h in hosts])
             try:
-                client.wait_for_workers(len(hosts), timeout=START_TIMEOUT)
-                started = time.perf_counter() - t0
+                client = Client(cluster, set_as_default=False)
+                try:
+                    client.wait_for_workers(len(hosts), timeout=START_TIMEOUT)
+                    started = time.perf_counter() - t0
+                finally:
+                    client.close()
             finally:
-                client.close()
+                t1 = time.perf_counter()
+                cluster.close()
+                closed = time.perf_counter() - t1
+            outcome = RunOutcome(started, closed)
         finally:
-            t1 = time.perf_counter()
-            cluster.close()
-            closed = time.perf_counter() - t1
-        outcome = RunOutcome(started, closed)
-    finally:
-        quiet.setLevel(level)
-        # SSHCluster.close returns before its remote processes are gone; they leave by themselves
-        # within seconds (no scheduler left). Wait for it, so the next run has the cores to itself.
-        lingered, gone = _wait_gone(th, None, SETTLE_TIMEOUT)
-        if not gone:
-            th.kill_leftovers()
+            # SSHCluster.close returns before its remote processes are gone; they leave by
+            # themselves within seconds (no scheduler left). Wait for it, so the next run has the
+            # cores to itself; the files they leave are removed.
+            lingered, gone = _wait_gone(th, None, SETTLE_TIMEOUT)
+            if not gone:
+                th.kill_leftovers()
+            drop_sshcluster_files(th)
     if gone:
         outcome.phases["gone"] = lingered
     return outcome

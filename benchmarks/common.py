@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -332,3 +332,64 @@ def clean_sample(th: TestHosts, run: Callable[[], T]) -> tuple[T | None, str | N
         th.kill_leftovers()
         return value, f"left on hosts: {left}"
     return value, None
+
+
+# -- distributed's SSHCluster, as both benchmarks run it -----------------------------------------
+
+
+def ssh_user(th: TestHosts, host: str) -> str:
+    import os
+
+    import paramiko
+
+    config = paramiko.SSHConfig.from_path(str(th.ssh_config_path))
+    return str(config.lookup(host).get("user") or os.environ.get("USER", "root"))
+
+
+@contextlib.contextmanager
+def quiet_sshcluster() -> Iterator[None]:
+    """SSHCluster relays every remote log line at INFO; the tables are what we print."""
+    import logging
+
+    quiet = logging.getLogger("distributed.deploy.ssh")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
+
+
+def start_sshcluster(th: TestHosts, addresses: Sequence[str]) -> Any:
+    """``SSHCluster`` with the scheduler on the first host, bound to its address (without
+    ``host`` it binds 127.0.0.1 and no other host reaches it), and one worker (nanny, 1 thread)
+    on each host, the first included."""
+    import sys
+
+    from distributed.deploy.ssh import SSHCluster
+
+    first = th.hosts[[h.address for h in th.hosts].index(addresses[0])].name
+    return SSHCluster(
+        [addresses[0], *addresses],
+        connect_options={
+            "known_hosts": str(th.known_hosts_path),
+            "client_keys": [str(th.identity_file)],
+            "username": ssh_user(th, first),
+        },
+        worker_options={"nthreads": 1},
+        scheduler_options={"dashboard_address": ":0", "host": addresses[0]},
+        remote_python=sys.executable,
+    )
+
+
+def drop_sshcluster_files(th: TestHosts) -> list[str]:
+    """SSHCluster's processes leave files in the hosts' temp dir when they exit (Dask's
+    dask-scratch-space, the __pycache__ of a text preload): remove them and say which, so the
+    next case starts clean and the tables stay honest about it."""
+    left = th.leftover_files()
+    for path in left:
+        if Path(path).is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            Path(path).unlink(missing_ok=True)
+    return [Path(p).name for p in left]

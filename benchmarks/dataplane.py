@@ -30,7 +30,6 @@ import functools
 import hashlib
 import logging
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +38,17 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import FAIL, MISS, PASS, clean_sample, leftover_check, print_table
+from benchmarks.common import (
+    FAIL,
+    MISS,
+    PASS,
+    clean_sample,
+    drop_sshcluster_files,
+    leftover_check,
+    print_table,
+    quiet_sshcluster,
+    start_sshcluster,
+)
 from lazycluster_tasks.testing.hosts import TestHosts
 
 OURS = ("direct", "tunnelled")
@@ -184,49 +193,36 @@ def run_ours(th: TestHosts, n: int, mode: str, args: argparse.Namespace) -> dict
             out["fds ready"] = str(psutil.Process().num_fds())
             measure(client, n, args, out)
     finally:
-        t0 = time.perf_counter()
-        cluster.close()
-        out["cleanup s"] = f"{time.perf_counter() - t0:.2f}"
+        out["cleanup s"] = timed_close(cluster)
     return out
+
+
+def timed_close(cluster: Any) -> str:
+    """Close ``cluster``; the seconds it took, as the tables print them."""
+    t0 = time.perf_counter()
+    cluster.close()
+    return f"{time.perf_counter() - t0:.2f}"
 
 
 def run_sshcluster(th: TestHosts, n: int, args: argparse.Namespace) -> dict[str, str]:
     from distributed import Client
 
-    from benchmarks.cluster_layer import _ssh_user
-    from lazycluster_tasks.testing.hosts import TestHost
-
-    from distributed.deploy.ssh import SSHCluster  # isort: skip
-
-    hosts: list[TestHost] = th.hosts[:n]
-    addresses = [h.address for h in hosts]
-    quiet = logging.getLogger("distributed.deploy.ssh")  # it relays every remote log line
-    quiet.setLevel(logging.WARNING)
-    cluster = SSHCluster(
-        [addresses[0], *addresses],
-        connect_options={
-            "known_hosts": str(th.known_hosts_path),
-            "client_keys": [str(th.identity_file)],
-            "username": _ssh_user(th, hosts[0].name),
-        },
-        worker_options={"nthreads": 1},
-        scheduler_options={"dashboard_address": ":0", "host": addresses[0]},
-        remote_python=sys.executable,
-    )
-    out: dict[str, str] = {"forwards": "0", "threads ready": str(threading.active_count())}
-    try:
-        with Client(cluster) as client:
-            client.wait_for_workers(n, timeout=60)
-            out["fds ready"] = str(psutil.Process().num_fds())
-            measure(client, n, args, out)
-    finally:
-        t0 = time.perf_counter()
-        cluster.close()
-        out["cleanup s"] = f"{time.perf_counter() - t0:.2f}"
-        # its remote processes leave by themselves (no scheduler left) within seconds
-        deadline = time.monotonic() + 30
-        while th.leftovers() and time.monotonic() < deadline:
-            time.sleep(0.1)
+    out: dict[str, str] = {"forwards": "0"}
+    with quiet_sshcluster():
+        cluster = start_sshcluster(th, [h.address for h in th.hosts[:n]])
+        out["threads ready"] = str(threading.active_count())
+        try:
+            with Client(cluster) as client:
+                client.wait_for_workers(n, timeout=60)
+                out["fds ready"] = str(psutil.Process().num_fds())
+                measure(client, n, args, out)
+        finally:
+            out["cleanup s"] = timed_close(cluster)
+            # its remote processes leave by themselves (no scheduler left) within seconds
+            deadline = time.monotonic() + 30
+            while th.leftover_processes() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            drop_sshcluster_files(th)
     return out
 
 

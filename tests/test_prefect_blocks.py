@@ -33,7 +33,12 @@ from lazycluster_tasks.prefect.artifacts import (
     publish_cluster_markdown,
     publish_hosts_table,
 )
-from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
+from lazycluster_tasks.prefect.blocks import (
+    DOCUMENTATION_URL,
+    LOGO_URL,
+    HostGroupBlock,
+    SSHSettingsBlock,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +169,9 @@ def test_cli_registers_both_block_types(api_url: str) -> None:
     assert ssh_type.name == "Lazycluster SSH Settings"
     assert group_type.name == "Lazycluster Host Group"
     assert ssh_type.description and group_type.description
-    assert ssh_type.logo_url is None
+    for block_type in (ssh_type, group_type):  # what the UI's block catalog shows
+        assert str(block_type.logo_url) == LOGO_URL
+        assert str(block_type.documentation_url) == DOCUMENTATION_URL
 
 
 # -- blocks: mapping and validation (pure) ---------------------------------------------------
