@@ -70,7 +70,7 @@ from lazycluster_tasks import (
     RuntimeGroup,
     network,
 )
-from lazycluster_tasks.commands import CLIENT_TIMEOUT_ENV, scheduler_argv, worker_argv
+from lazycluster_tasks.commands import CLIENT_TIMEOUT_ENV, scheduler_argv, server_env, worker_argv
 from lazycluster_tasks.routing import TunnelledRouting
 from lazycluster_tasks.testing.hosts import TestHost, TestHosts
 
@@ -516,7 +516,11 @@ def run_floor(th: TestHosts, hosts: list[TestHost], workdir: str) -> RunOutcome:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, CLIENT_TIMEOUT_ENV: str(options.idle_timeout)},
+                # the same environment as ours (temp files in its folder)
+                env={
+                    **os.environ,
+                    **server_env(folder, {CLIENT_TIMEOUT_ENV: str(options.idle_timeout)}),
+                },
                 start_new_session=True,
             )
         launches = {}

@@ -23,7 +23,9 @@ class DaskOptions:
     env: Mapping[str, str] = field(default_factory=dict)
     scheduler_options: Sequence[str] = ()
     worker_options: Sequence[str] = ()
-    death_timeout: float = 60.0  # a worker without scheduler exits after this
+    #: A worker without scheduler exits after this; Dask also ends a worker that has not
+    #: started (registered) within it, so a few seconds fail starts on a loaded host.
+    death_timeout: float = 60.0
     idle_timeout: float = 60.0  # the scheduler exits this long after its last client left
     nanny: bool = True
     #: Interpreter on the hosts: one path for all, or host -> path (default: the runtime's).

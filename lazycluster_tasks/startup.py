@@ -26,9 +26,10 @@ def lost_port(log: str) -> bool:
     return any(text in log for text in ADDRESS_IN_USE)
 
 
-#: A nanny whose first connection dropped while it started: its close path then fails Dask's
-#: own status assertion in Nanny.kill, which is the first error its log shows (seen in CI, the
-#: scheduler's side logging "Stream is closed" for that connection).
+#: A nanny closed while it started: its close path then fails Dask's own status assertion in
+#: Nanny.kill, the first error its log shows. Seen in CI when the start took longer than the
+#: death timeout (which Dask also applies to a start: "failure-to-start-TimeoutError") and when
+#: its first connection dropped; started again once, like a worker whose connection dropped.
 NANNY_DROPPED_AT_START = "AssertionError: Status.starting"
 
 

@@ -27,7 +27,10 @@ SESSION_TMP = ""
 
 def pytest_configure(config: pytest.Config) -> None:
     global SESSION_TMP
-    SESSION_TMP = tempfile.mkdtemp(prefix="lcts")
+    # pytest-xdist workers inherit the controller's TMPDIR: each makes its own next to it (not
+    # inside: socket paths below it must stay short)
+    base = os.environ.setdefault("LCT_SESSION_BASE_TMP", tempfile.gettempdir())
+    SESSION_TMP = tempfile.mkdtemp(prefix="lcts", dir=base)
     os.environ["TMPDIR"] = SESSION_TMP
     tempfile.tempdir = SESSION_TMP
 

@@ -262,12 +262,14 @@ def test_embedded_default_runs_on_this_machine(no_local_leaks):
     assert local_leftovers(cluster.cluster_id) == []
 
 
+#: Dask's death timeout also bounds a nanny's start (its worker must have registered by then):
+#: 4 s failed starts on a loaded CI machine ("failure-to-start TimeoutError"); 8 s does not.
 CONTROLLER = """
 import json, sys, time
 from lazycluster_tasks import RuntimeGroup
 from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
 group = RuntimeGroup(hosts=sys.argv[3:], ssh_config_path=sys.argv[1])
-cluster = DaskCluster(group, network_mode=sys.argv[2], death_timeout=4, idle_timeout=2)
+cluster = DaskCluster(group, network_mode=sys.argv[2], death_timeout=8, idle_timeout=2)
 cluster.start()
 print(cluster.record().model_dump_json(), flush=True)
 time.sleep(600)
