@@ -16,6 +16,7 @@ from typing import Any
 
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.ports import as_port_list
+from lazycluster_tasks.settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ class MasterWorkerCluster(RuntimeCluster):
         self._ports = (
             as_port_list(ports)
             if ports is not None
-            else list(range(self.DEFAULT_PORT_RANGE_START, self.DEFAULT_PORT_RANGE_END))
+            else settings().port_list(
+                range(self.DEFAULT_PORT_RANGE_START, self.DEFAULT_PORT_RANGE_END)
+            )
         )
         master = master_launcher or self.default_master_launcher()
         workers = worker_launcher or self.default_worker_launcher()

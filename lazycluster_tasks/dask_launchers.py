@@ -41,6 +41,10 @@ class _DaskLauncher:
         return self._engine
 
 
+#: Seconds a scheduler is always given to come up (more when the caller's timeout is longer).
+MIN_MASTER_WAIT = 20.0
+
+
 class LocalMasterLauncher(_DaskLauncher, MasterLauncher):
     """The scheduler runs on this machine; remote workers reach it directly or by -R forwards."""
 
@@ -53,10 +57,14 @@ class LocalMasterLauncher(_DaskLauncher, MasterLauncher):
         return engine.controller if self.host is None else engine.runtime(self.host)
 
     def start(self, ports: list[int] | int, timeout: int = 3, debug: bool = False) -> list[int]:
-        """Start the scheduler on the first free port of ``ports``; returns the others."""
+        """Start the scheduler on the first free port of ``ports``; returns the others.
+
+        ``timeout`` (lazycluster's, 3 s by default) is a floor of :data:`MIN_MASTER_WAIT`: a
+        scheduler that loads its dashboard takes 2-3 s on an idle machine, more on a busy one."""
         engine = self._dask()
+        wait = max(float(timeout), MIN_MASTER_WAIT)
         engine.start(
-            {}, scheduler_on=self.runtime(), scheduler_ports=ports, timeout=timeout, debug=debug
+            {}, scheduler_on=self.runtime(), scheduler_ports=ports, timeout=wait, debug=debug
         )
         self.adopt()
         if isinstance(ports, int):

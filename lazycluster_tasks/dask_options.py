@@ -8,6 +8,7 @@ from typing import Any
 
 from lazycluster_tasks.network import NETWORK_MODES
 from lazycluster_tasks.runtime import Runtime, check_path
+from lazycluster_tasks.settings import settings
 
 
 @dataclass
@@ -30,7 +31,9 @@ class DaskOptions:
     nanny: bool = True
     #: Interpreter on the hosts: one path for all, or host -> path (default: the runtime's).
     python_executable: str | Mapping[str, str] | None = None
-    dashboard: bool = True
+    #: The scheduler's dashboard (bokeh: about 1 s of CPU at each start); default from
+    #: ``LAZYCLUSTER_DASHBOARD`` (on).
+    dashboard: bool = field(default_factory=lambda: settings().dashboard)
     #: Ports of this machine (e.g. a Prefect API) to expose as 127.0.0.1:<port> on every host.
     forward_ports: Sequence[int] = ()
     start_timeout: float = 120.0  # for all workers to register

@@ -5,6 +5,10 @@
 - ``LAZYCLUSTER_SSH_CONFIG_RESOLVER``: ``openssh`` (``ssh -G``) or ``paramiko``; default:
   openssh when an ``ssh`` binary is installed
 - ``LAZYCLUSTER_STATE_DIR``: records of clusters the CLI started; ``<main dir>/clusters``
+- ``LAZYCLUSTER_PORTS``: the ports a cluster uses when it is given none, ``first-last``
+  (default 60001-60199; e.g. what a site's firewall opens, or one range per user)
+- ``LAZYCLUSTER_DASHBOARD``: start the scheduler's dashboard unless a cluster says otherwise
+  (``true``; ``false`` saves bokeh's import, about 1 s of CPU, at every start)
 
 Read when asked (:func:`settings`), so a changed environment is seen by the next call. The
 variables the cluster's own processes read on the hosts (``LAZYCLUSTER_CLIENT_TIMEOUT``) are set
@@ -27,6 +31,27 @@ class Settings(BaseSettings):
     ssh_config: str | None = None
     ssh_config_resolver: Literal["openssh", "paramiko"] | None = None
     state_dir: str | None = None
+    dashboard: bool = True
+    ports: str | None = None
+
+    @field_validator("ports")
+    @classmethod
+    def _port_range(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        first, sep, last = value.strip().partition("-")
+        if not (sep and first.isdigit() and last.isdigit()):
+            raise ValueError(f"must be first-last, e.g. 60001-60199, not {value!r}")
+        if not 1 <= int(first) <= int(last) <= 65535:
+            raise ValueError(f"must be a range within 1-65535, not {value!r}")
+        return f"{int(first)}-{int(last)}"
+
+    def port_list(self, default: range) -> list[int]:
+        """The ports of ``LAZYCLUSTER_PORTS`` (inclusive), else ``default``."""
+        if self.ports is None:
+            return list(default)
+        first, last = map(int, self.ports.split("-"))
+        return list(range(first, last + 1))
 
     @field_validator("ssh_config_resolver", mode="before")
     @classmethod

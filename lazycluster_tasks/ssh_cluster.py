@@ -33,6 +33,7 @@ from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.ports import as_port_list
 from lazycluster_tasks.record import ClusterRecord
+from lazycluster_tasks.settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ WORKER_TTL = 10.0
 #: The scheduler's first choice of port (Dask's), then the cluster's ports.
 SCHEDULER_PORT = 8786
 #: Default ports for the cluster's processes (lazycluster's range).
-PORTS = list(
-    range(MasterWorkerCluster.DEFAULT_PORT_RANGE_START, MasterWorkerCluster.DEFAULT_PORT_RANGE_END)
+PORTS = range(
+    MasterWorkerCluster.DEFAULT_PORT_RANGE_START, MasterWorkerCluster.DEFAULT_PORT_RANGE_END
 )
 #: Seconds the scheduler has to come up.
 SCHEDULER_TIMEOUT = 30.0
@@ -291,7 +292,8 @@ class LazySSHCluster(SpecCluster):
         try:
             if scheduler_host is not None:
                 group.get_runtime(scheduler_host)  # ValueError if not one of the hosts
-            engine = Engine(group, dask_options, as_port_list(list(ports)) if ports else PORTS)
+            chosen = as_port_list(list(ports)) if ports else settings().port_list(PORTS)
+            engine = Engine(group, dask_options, chosen)
         except BaseException:
             group.cleanup()
             raise

@@ -42,6 +42,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 os.environ.update(QUIET_ENV)
+# Clusters start without the scheduler's dashboard unless a test asks for it (the tests of the
+# dashboard do): its bokeh import costs about 1 s of CPU at every start, on 2 shared cores.
+os.environ.setdefault("LAZYCLUSTER_DASHBOARD", "false")
+# Under pytest-xdist two sessions start clusters on this machine at once: each takes its own
+# default ports (in tunnelled mode a worker's port is also bound here, for its forward).
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    _first = 63000 + 200 * int(os.environ["PYTEST_XDIST_WORKER"][2:])
+    os.environ["LAZYCLUSTER_PORTS"] = f"{_first}-{_first + 199}"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
@@ -91,20 +99,22 @@ def _no_temp_files_left() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _no_temp_files_left_by_the_test() -> Iterator[None]:
-    """The same, test by test, so a leak names its test."""
+    """The same, test by test, so a leak names its test (test hosts made by a session fixture
+    during a test are that fixture's: their own stop removes them, the session checks it)."""
     before = set(_session_tmp_entries())
     yield
-    left = _wait_tmp_clean(before)
+    left = [p for p in _wait_tmp_clean(before) if not p.startswith("lcth")]
     if left:
         pytest.fail(f"left in the temp dir by this test: {left}")
 
 
 def _wait_tmp_clean(before: set[str], grace: float = 3.0) -> list[str]:
     deadline = time.monotonic() + grace
-    left = [p for p in _session_tmp_entries() if p not in before]
+    new = lambda: [p for p in _session_tmp_entries() if p not in before]  # noqa: E731
+    left = new()
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        left = [p for p in _session_tmp_entries() if p not in before]
+        left = new()
     return left
 
 

@@ -134,6 +134,7 @@ def test_the_ui_and_the_dashboard_tell_the_truth(
         hosts=["host1", "host2"],
         ssh_config_path=str(multi_hosts.ssh_config_path),
         network_mode="tunnelled",
+        options={"dashboard": True},
         return_state=True,
     )
     assert state.is_completed(), state

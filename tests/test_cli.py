@@ -57,21 +57,21 @@ def test_hosts_up_status_logs_exec_down(
 
     # hosts, workers per host, network mode and ssh config all come from the host group block
     ssh = SSHSettingsBlock(ssh_config_path=str(multi_hosts.ssh_config_path))
-    HostGroupBlock(
-        hosts=["host1", "host2"], workers_per_host=2, network_mode="tunnelled", ssh=ssh
-    ).save("cli-group", overwrite=True)
+    HostGroupBlock(hosts=["host1", "host2"], network_mode="tunnelled", ssh=ssh).save(
+        "cli-group", overwrite=True
+    )
     blocks_only = {k: v for k, v in cli_env.items() if k != "LAZYCLUSTER_SSH_CONFIG"}
     started = _cli(blocks_only, "up", "--detach", "--host-group", "cli-group")
     assert started.returncode == 0, started.stderr
     (cluster_id,) = re.findall(
-        r"cluster (\w+) running \(tunnelled\): 4 workers on 2 hosts", started.stdout
+        r"cluster (\w+) running \(tunnelled\): 2 workers on 2 hosts", started.stdout
     )
     assert "scheduler tls://127.0.0.1:" in started.stdout
     try:
         status = _cli(cli_env, "status", "--json")
         assert status.returncode == 0, status.stderr
         (row,) = json.loads(status.stdout)
-        assert (row["cluster_id"], row["state"], row["workers"]) == (cluster_id, "running", 4)
+        assert (row["cluster_id"], row["state"], row["workers"]) == (cluster_id, "running", 2)
         assert multi_hosts.processes("host1") and multi_hosts.processes("host2")
 
         logs = _cli(cli_env, "logs", cluster_id, "--lines", "200")

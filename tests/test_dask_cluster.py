@@ -24,6 +24,7 @@ from lazycluster_tasks import (
     Runtime,
     RuntimeGroup,
     WorkerStartError,
+    dask_launchers,
 )
 from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
 from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
@@ -89,7 +90,7 @@ def where_work_ran(cluster: DaskCluster) -> dict[str, str]:
 def test_work_runs_on_every_host(multi_hosts, make_cluster, switch, master):
     multi_hosts.ssh_only(switch == "ssh-only")
     try:
-        cluster = make_cluster(master_host="host2" if master == "remote" else None)
+        cluster = make_cluster(master_host="host2" if master == "remote" else None, dashboard=True)
         cluster.start()
         assert cluster.network_mode == ("tunnelled" if switch == "ssh-only" else "direct")
         ran_on = where_work_ran(cluster)
@@ -142,7 +143,8 @@ def test_master_that_cannot_start(make_cluster, multi_hosts):
     assert local_leftovers(cluster.cluster_id) == []
 
 
-def test_master_that_never_listens(make_cluster, tmp_path):
+def test_master_that_never_listens(make_cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(dask_launchers, "MIN_MASTER_WAIT", 2.0)  # lazycluster's short timeouts
     python = tmp_path / "python-whose-scheduler-hangs"
     python.write_text(
         "#!/bin/sh\n"

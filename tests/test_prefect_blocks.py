@@ -316,6 +316,18 @@ def test_host_group_with_nested_ssh_round_trips(api_url: str) -> None:
     assert ref.cluster_options() == {"workers_per_host": 1, "network_mode": "auto"}
 
 
+def test_a_host_group_gives_the_cluster_its_hosts_and_options(api_url: str) -> None:
+    from lazycluster_tasks.ssh_cluster import _resolve_blocks
+
+    ssh = SSHSettingsBlock(ssh_config_path="/x/config", user="u")
+    HostGroupBlock(hosts=["a", "b"], workers_per_host=3, network_mode="direct", ssh=ssh).save(
+        "resolved-group", overwrite=True
+    )
+    hosts, config, kwargs, defaults = _resolve_blocks(None, "resolved-group", None, None, None)
+    assert (hosts, config, kwargs["username"]) == (["a", "b"], "/x/config", "u")
+    assert defaults == {"workers_per_host": 3, "network_mode": "direct"}
+
+
 def test_blocks_load_by_name_as_flow_parameters(api_url: str) -> None:
     HostGroupBlock(hosts=["h1"], ssh=SSHSettingsBlock(user="dave")).save("group-param", True)
 
