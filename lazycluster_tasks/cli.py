@@ -256,8 +256,9 @@ def up(
         )
     if not names and not host_group:
         raise fail("give the hosts, or --host-group with a host group block", EXIT_USAGE)
-    _check_blocks(host_group, ssh_block)
-    config = _config(ssh_config)
+    # --ssh-config, else the blocks' ssh config, else LAZYCLUSTER_SSH_CONFIG
+    from_blocks = _check_blocks(host_group, ssh_block)
+    config = ssh_config or from_blocks or _config(None)
     if names:
         _known(names, config)
     options = _cluster_options(names, config, (host_group, ssh_block), workers_per_host)
@@ -283,26 +284,28 @@ def _cluster_options(
     return {key: value for key, value in given.items() if value is not None}
 
 
-def _check_blocks(host_group: str | None, ssh_block: str | None) -> None:
-    """Named blocks must exist (bad input, exit 2) and the Prefect API must answer (exit 1)."""
+def _check_blocks(host_group: str | None, ssh_block: str | None) -> str | None:
+    """Named blocks must exist (bad input, exit 2) and the Prefect API must answer (exit 1).
+    Returns the ssh config path their SSH settings name, if any."""
     if not (host_group or ssh_block):
-        return
+        return None
     from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
     from lazycluster_tasks.prefect.records import load_block
 
-    wanted: list[tuple[type[Any], str | None]] = [
-        (HostGroupBlock, host_group),
-        (SSHSettingsBlock, ssh_block),
-    ]
-    for cls, name in wanted:
+    found: dict[type[Any], Any] = {}
+    for cls, name in ((HostGroupBlock, host_group), (SSHSettingsBlock, ssh_block)):
         if not name:
             continue
         try:
-            load_block(cls, name)
+            found[cls] = load_block(cls, name)
         except ValueError as exc:
             raise fail(f"no {cls._block_type_name} block {name!r}: {exc}", EXIT_USAGE) from None
         except Exception as exc:
             raise fail(f"{cls._block_type_name} block {name!r} not read: {exc}") from None
+    group = found.get(HostGroupBlock)
+    # as the cluster picks them: an SSH settings block named directly, else the group's own
+    ssh = found.get(SSHSettingsBlock) or (group.ssh if group is not None else None)
+    return ssh.ssh_config_path if ssh is not None else None
 
 
 def _block_kwargs(state: dict[str, Any]) -> dict[str, Any]:

@@ -321,7 +321,7 @@ class Engine:
             if state == "dead" and startup.lost_port(log):
                 logger.info("port %s on %s was taken at bind time; trying the next", port, runtime)
                 return False
-            reason = "exited" if state == "dead" else f"was not up within {timeout} s"
+            reason = "exited" if state == "dead" else f"was not up within {timeout:g} s"
             raise MasterStartError(
                 f"the Dask scheduler on {runtime.host} {reason}:\n{tail(log)}",
                 host=runtime.host,

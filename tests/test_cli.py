@@ -60,8 +60,9 @@ def test_hosts_up_status_logs_exec_down(
     HostGroupBlock(hosts=["host1", "host2"], network_mode="tunnelled", ssh=ssh).save(
         "cli-group", overwrite=True
     )
-    blocks_only = {k: v for k, v in cli_env.items() if k != "LAZYCLUSTER_SSH_CONFIG"}
-    started = _cli(blocks_only, "up", "--detach", "--host-group", "cli-group")
+    # the block's ssh config wins over LAZYCLUSTER_SSH_CONFIG (here one that does not exist)
+    elsewhere = {**cli_env, "LAZYCLUSTER_SSH_CONFIG": "/nonexistent/ssh_config"}
+    started = _cli(elsewhere, "up", "--detach", "--host-group", "cli-group")
     assert started.returncode == 0, started.stderr
     (cluster_id,) = re.findall(
         r"cluster (\w+) running \(tunnelled\): 2 workers on 2 hosts", started.stdout
