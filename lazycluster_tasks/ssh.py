@@ -751,11 +751,14 @@ class SSHConnection(Connection):
                     and isinstance(exc, paramiko.SSHException)
                     and not isinstance(exc, paramiko.ChannelException)
                 )
-                if hung:
+                # EOF or a socket error: the connection is gone, even if the transport's thread
+                # has not noticed yet (is_active still True right after the server dropped it)
+                gone = isinstance(exc, (EOFError, OSError))
+                if hung or gone:
                     with self._lock:
                         if self._client is not None and self._client.get_transport() is transport:
                             self._drop()
-                if attempt == 2 or (transport.is_active() and not hung):
+                if attempt == 2 or (transport.is_active() and not hung and not gone):
                     raise HostConnectionError(
                         f"cannot open a channel to {self.host}: {exc}", host=self.host
                     ) from exc

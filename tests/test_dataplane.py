@@ -35,19 +35,22 @@ def _bytes_through(cluster: LazySSHCluster, name: str) -> int:
     return int(io.read_chars + io.write_chars)
 
 
-@pytest.mark.parametrize("hosts_reach_sshd", [True, False])
+@pytest.mark.parametrize("site", ["links", "blocked", "central-keys"])
 def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_sshd(
     multi_hosts: TestHosts,
     no_leftovers: TestHosts,
     no_local_leaks: None,
-    hosts_reach_sshd: bool,
+    site: str,
     caplog,
 ) -> None:
     caplog.set_level(logging.INFO, logger="lazycluster_tasks.links")
     multi_hosts.set_network("ssh-only", "drop")
-    if not hosts_reach_sshd:  # only this machine may open SSH to the hosts
+    if site == "blocked":  # only this machine may open SSH to the hosts
         for h in HOSTS:
             multi_hosts.restrict_ssh(h, ["controller"])
+    if site == "central-keys":  # sshd reads no ~/.ssh/authorized_keys: the link key is refused
+        multi_hosts.user_keys(False)
+    hosts_reach_sshd = site == "links"
     cluster = LazySSHCluster(
         HOSTS,
         ssh_config_path=str(multi_hosts.ssh_config_path),
@@ -74,7 +77,8 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
                 assert kinds.count("-L") == 2 * len(on) and kinds.count("-R") == len(HOSTS)
                 assert links.summary()["link_forwards"] == len(pairs)
                 before = _bytes_through(cluster, "link-host2-host1")
-            else:  # no host reaches another's sshd: every pair named, routed through here
+            else:  # no link can log in (port closed, key not read): every pair named and
+                # routed through here
                 assert set(links.down) == pairs and not links.up
                 assert "link host1 -> host2 not up" in caplog.text
                 assert kinds.count("-R") == len(HOSTS) + len(pairs)
@@ -93,6 +97,8 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
             for h in HOSTS:
                 multi_hosts.restrict_ssh(h, None)
             multi_hosts.set_network("open")
+            if site == "central-keys":
+                multi_hosts.user_keys(True)
     assert not any(marker in multi_hosts.authorized_keys(h) for h in HOSTS)
     assert not [t for t in threading.enumerate() if t.name == "lct-links"]
 

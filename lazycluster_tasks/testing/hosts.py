@@ -260,6 +260,7 @@ class TestHosts:
         self._network: tuple[str, str, bool] = ("open", "icmp", False)
         self._allowed: dict[str, list[str] | None] = {}
         self._cut: set[str] = set()  # hosts whose cable is pulled (cut_host)
+        self._user_keys = True  # sshd reads ~/.ssh/authorized_keys (user_keys)
         self._started = False
         self._stopped = False
         self._marked = False  # our owner marker exists: the run id is ours to destroy
@@ -374,16 +375,22 @@ class TestHosts:
         d.mkdir()
         key = d / "ssh_host_ed25519_key"
         self._host_pubkey[h.name] = _keygen(key)
+        self._write_config(h)
+
+    def _write_config(self, h: TestHost) -> None:
+        d = self._host_dir(h.name)
+        key = d / "ssh_host_ed25519_key"
         # A non-root sshd cannot read /etc/shadow and, without PAM, then refuses every account as
         # "locked"; with PAM it asks the setgid helper. As root PAM is not needed.
         use_pam = "no" if os.geteuid() == 0 else "yes"
+        user_keys = " .ssh/authorized_keys" if self._user_keys else ""
         (d / "sshd_config").write_text(
             f"Port {h.port}\n"
             f"ListenAddress {h.address}\n"
             "AddressFamily inet\n"
             f"HostKey {key}\n"
             f"PidFile {d / 'sshd.pid'}\n"
-            f"AuthorizedKeysFile {self._authorized_keys} .ssh/authorized_keys\n"
+            f"AuthorizedKeysFile {self._authorized_keys}{user_keys}\n"
             "PasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\n"
             "PubkeyAuthentication yes\n"
@@ -590,6 +597,15 @@ class TestHosts:
         return subprocess.Popen(argv, **popen_kwargs)
 
     # -- sshd faults -----------------------------------------------------------------------------
+
+    def user_keys(self, enabled: bool) -> None:
+        """Whether sshd reads the users' ~/.ssh/authorized_keys too (as by default), or only the
+        harness's own key file, as sites that manage keys centrally. Open sessions stay."""
+        self._user_keys = enabled
+        for h in self.hosts:
+            self._write_config(h)
+            self.stop_sshd(h.name)  # a new listener reads the new config
+            self.start_sshd(h.name)
 
     def _signal_listener(self, name: str, sig: int) -> None:
         listener = self._listener(self.host(name).name)
