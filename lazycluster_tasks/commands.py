@@ -329,6 +329,19 @@ def link_forwards(control: str, ports: Iterable[int], cancel: bool = False) -> s
     return shlex.join([*argv, "link"])
 
 
+def link_checks(controls: Mapping[str, str]) -> str:
+    """Print ``name=1`` for each link whose master answers on its control socket, ``name=0``
+    for one that does not (its master ended): one round trip for all of a host's links."""
+    lines = []
+    for name, control in controls.items():
+        check = shlex.join(["ssh", "-F", "/dev/null", "-S", control, "-O", "check", "link"])
+        lines.append(
+            f"if {check} >/dev/null 2>&1; then echo {q(name + '=1')}; "
+            f"else echo {q(name + '=0')}; fi"
+        )
+    return "; ".join(lines)
+
+
 def link_states(controls: Mapping[str, str], pids: Mapping[str, int], timeout: float) -> str:
     """Wait (one deadline of ``timeout`` s for all) for each link's master to be up; print
     ``name=1`` when it is, ``name=0`` when its process ended or time ran out. The wait also

@@ -10,7 +10,9 @@ in the cluster folders and authorized in each host's ``~/.ssh/authorized_keys`` 
 lifetime with options that allow forwarding to the host's loopback and nothing else. The far host's
 key is the one this machine verified for it. A pair whose link does not come up (a host that
 cannot reach the other's sshd, no ssh client, sshd reading keys from elsewhere) is named in the
-log and keeps the route through this machine. Masters are cluster processes (pid files in the
+log and keeps the route through this machine. While the cluster runs, every host is asked every
+few seconds whether its links' masters still answer (one round trip per host); the routes of a
+link that ended go through this machine again. Masters are cluster processes (pid files in the
 cluster folder), so cleanup and ``teardown(record)`` stop them; both revoke the key.
 """
 
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from lazycluster_tasks import commands, processes
 from lazycluster_tasks.connection import tail
+from lazycluster_tasks.errors import GroupError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
 from lazycluster_tasks.runtime import Runtime
@@ -43,6 +46,8 @@ MAX_CONTROL_PATH = 90
 CLOSE_WAIT = 2.0
 #: Links a host dials at once.
 LINK_BATCH = 4
+#: Seconds between health checks of the links that are up (one round trip per host).
+CHECK_INTERVAL = 5.0
 #: Seconds a link lives on a host where no worker of its cluster has started yet.
 KEEP_WITHOUT_WORKERS = 120
 KEY_FILE = "link/key"
@@ -132,8 +137,12 @@ class Links:
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._ready = threading.Event()
+        self._settled = threading.Event()  # set up, and the routes moved onto the links
         #: Called in the set-up's thread once it ended (the routing moves routes onto links).
         self.on_ready: Callable[[], None] | None = None
+        #: Called with the pairs whose link ended while running -> the ports it carried (the
+        #: routing puts them back through this machine).
+        self.on_lost: Callable[[dict[Pair, set[int]]], None] | None = None
 
     def start(self) -> None:
         """Set the links up in the background, once (they are needed when workers exchange
@@ -154,9 +163,12 @@ class Links:
     def wait(self) -> None:
         """Until the set-up ended (bounded: SETUP_TIMEOUT per batch of LINK_BATCH links)."""
         self.start()
-        assert self._thread is not None
-        if self._thread.ident is not None:
-            self._thread.join()
+        thread = self._thread
+        # the thread goes on checking the links once they are set up and the routes moved onto
+        # them: wait for that point
+        while not self._settled.wait(0.1):
+            if thread is None or not thread.is_alive():
+                return
 
     def close(self, wait: float = CLOSE_WAIT) -> None:
         """Before cleanup: no batch starts any more; the one running gets ``wait`` seconds.
@@ -183,6 +195,53 @@ class Links:
                 self.on_ready()
             except Exception as exc:  # the routes stay on this machine's relays
                 logger.warning("routes not moved onto host-to-host links: %s", exc)
+        self._settled.set()
+        while self.up and not self._closing.wait(CHECK_INTERVAL):
+            try:
+                lost = self.check()
+                if lost and self.on_lost is not None and not self._closing.is_set():
+                    self.on_lost(lost)
+            except Exception as exc:  # the next round asks again
+                logger.warning("host-to-host links not checked: %s", exc)
+
+    def check(self) -> dict[Pair, set[int]]:
+        """Ask every host with links up whether their masters still answer (at once, one
+        round trip each). A pair whose master ended is ``down`` ("link lost"); returns those
+        pairs with the ports their link carried. A host that does not answer is left to the
+        cluster's own watch."""
+        with self._lock:
+            by_host: dict[str, dict[str, Pair]] = {}
+            for pair in self.up:
+                by_host.setdefault(pair[0], {})[link_name(*pair)] = pair
+            controls = {
+                h: {n: self.up[p] for n, p in named.items()} for h, named in by_host.items()
+            }
+
+        def ask(runtime: Runtime) -> set[str]:
+            result = runtime.connection.run(
+                commands.link_checks(controls[runtime.host]), timeout=30
+            )
+            return {line[:-2] for line in result.stdout.split() if line.endswith("=0")}
+
+        jobs = {h: self._runtime(h) for h in controls}
+        try:
+            answers = run_parallel("check links", jobs, ask)
+        except GroupError as exc:
+            answers = dict(exc.results)
+        lost: dict[Pair, set[int]] = {}
+        with self._lock:
+            for host, ended in answers.items():
+                for name in ended:
+                    pair = by_host[host][name]
+                    if self.up.pop(pair, None) is None:
+                        continue
+                    self.down[pair] = "link lost"
+                    lost[pair] = self._forwarded.pop(pair, set())
+        for pair, ports in lost.items():
+            logger.warning(
+                "link %s -> %s lost; its %d routes go through here again", *pair, len(ports)
+            )
+        return lost
 
     def _setup(self) -> None:
         if len(self.runtimes) < 2:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.links import Links
@@ -156,6 +156,22 @@ class TunnelledRouting(DirectRouting):
         """Carry worker traffic over ``links`` where they come up."""
         self.links = links
         links.on_ready = self._all_onto_links
+        links.on_lost = self._off_links
+
+    def _off_links(self, lost: Mapping[tuple[str, str], Collection[int]]) -> None:
+        """Routes of links that ended go through this machine again (their listeners on the
+        host ended with the link's master, so the relay can take the ports)."""
+        for (host, target), ports in lost.items():
+            runtime = self.group.get_runtime(host)
+            routes = {(target, port) for port in ports}
+            for _, port in sorted(routes):
+                try:
+                    runtime.expose_port_to_runtime(port, port)
+                except Exception as exc:  # named; Dask's own retries see the refusal
+                    logger.warning("route %s:%s not put back through here: %s", host, port, exc)
+                    routes.discard((target, port))
+            with self._lock:
+                self._relayed.setdefault(host, set()).update(routes)
 
     def bind_address(self, runtime: Runtime) -> str:
         return LOOPBACK

@@ -303,6 +303,13 @@ def test_a_clusters_key_is_authorized_once_and_revoked_alone(tmp_path):
     assert [p.name for p in keys.parent.iterdir()] == ["authorized_keys"]  # no temp file left
 
 
+def test_link_checks_name_each_link_and_say_whether_its_master_answers(tmp_path):
+    # no master listens on these sockets (one path with a space): both answer 0, by name
+    gone = {"link-a-b": str(tmp_path / "link0.s"), "link-a c": str(tmp_path / "x y.s")}
+    done = sh(commands.link_checks(gone))
+    assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["link-a-b=0", "link-a c=0"]
+
+
 def test_link_lines_refuse_bad_input_and_bind_loopback_only():
     with pytest.raises(ValueError, match="cluster id"):
         commands.peer_marker("a b")

@@ -15,6 +15,7 @@ from distributed import Client
 from lazycluster_tasks import commands
 from lazycluster_tasks.ssh_cluster import LazySSHCluster
 from lazycluster_tasks.testing.hosts import TestHosts
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.multihost]
 
@@ -90,6 +91,19 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
             assert client.gather(seen) == [_sha(_block(MIB << 20))] * 2
             if hosts_reach_sshd:  # the bytes crossed host2's link to host1
                 assert _bytes_through(cluster, "link-host2-host1") - before >= MIB << 20
+                # that link's master ends while running: the health check finds it and its
+                # routes go through this machine again
+                keeper = psutil.Process(cluster.engine._processes["link-host2-host1"].pid)
+                (master,) = [p for p in keeper.children() if p.name() == "ssh"]
+                master.kill()
+                assert wait_until(lambda: ("host2", "host1") in links.down, timeout=20)
+                assert links.down[("host2", "host1")] == "link lost"
+                assert "link host2 -> host1 lost" in caplog.text
+                again = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
+                moved = client.submit(
+                    _sha, again, workers=[on["host2"]], allow_other_workers=False, pure=False
+                )
+                assert moved.result(timeout=60) == _sha(_block(MIB << 20))
     finally:
         try:
             cluster.close()
