@@ -30,7 +30,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from lazycluster_tasks import commands, processes
 from lazycluster_tasks.connection import tail
-from lazycluster_tasks.errors import GroupError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
 from lazycluster_tasks.runtime import Runtime
@@ -48,6 +47,8 @@ CLOSE_WAIT = 2.0
 LINK_BATCH = 4
 #: Seconds between health checks of the links that are up (one round trip per host).
 CHECK_INTERVAL = 5.0
+#: Seconds a host has to answer a health check.
+CHECK_TIMEOUT = 10.0
 #: Seconds a link lives on a host where no worker of its cluster has started yet.
 KEEP_WITHOUT_WORKERS = 120
 KEY_FILE = "link/key"
@@ -205,8 +206,8 @@ class Links:
                 logger.warning("host-to-host links not checked: %s", exc)
 
     def check(self) -> dict[Pair, set[int]]:
-        """Ask every host with links up whether their masters still answer (at once, one
-        round trip each). A pair whose master ended is ``down`` ("link lost"); returns those
+        """Ask every host with links up whether their masters still answer (one round trip
+        each). A pair whose master ended is ``down`` ("link lost"); returns those
         pairs with the ports their link carried. A host that does not answer is left to the
         cluster's own watch."""
         with self._lock:
@@ -217,17 +218,19 @@ class Links:
                 h: {n: self.up[p] for n, p in named.items()} for h, named in by_host.items()
             }
 
-        def ask(runtime: Runtime) -> set[str]:
-            result = runtime.connection.run(
-                commands.link_checks(controls[runtime.host]), timeout=30
-            )
-            return {line[:-2] for line in result.stdout.split() if line.endswith("=0")}
-
-        jobs = {h: self._runtime(h) for h in controls}
-        try:
-            answers = run_parallel("check links", jobs, ask)
-        except GroupError as exc:
-            answers = dict(exc.results)
+        # host after host, in this thread: a check adds no thread to this process
+        answers: dict[str, set[str]] = {}
+        for host, named in controls.items():
+            if self._closing.is_set():
+                break
+            try:
+                result = self._runtime(host).connection.run(
+                    commands.link_checks(named), timeout=CHECK_TIMEOUT
+                )
+            except Exception as exc:  # the cluster's own watch deals with a host away
+                logger.debug("links of %s not checked: %s", host, exc)
+                continue
+            answers[host] = {line[:-2] for line in result.stdout.split() if line.endswith("=0")}
         lost: dict[Pair, set[int]] = {}
         with self._lock:
             for host, ended in answers.items():
