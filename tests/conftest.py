@@ -103,14 +103,20 @@ def _no_temp_files_left_by_the_test() -> Iterator[None]:
     during a test are that fixture's: their own stop removes them, the session checks it)."""
     before = set(_session_tmp_entries())
     yield
-    left = [p for p in _wait_tmp_clean(before) if not p.startswith("lcth")]
+    left = _wait_tmp_clean(before, ignore="lcth")
     if left:
         pytest.fail(f"left in the temp dir by this test: {left}")
 
 
-def _wait_tmp_clean(before: set[str], grace: float = 3.0) -> list[str]:
+def _wait_tmp_clean(before: set[str], grace: float = 3.0, ignore: str | None = None) -> list[str]:
+    """New entries still there after ``grace`` s; those starting with ``ignore`` never count
+    (nor are waited for)."""
     deadline = time.monotonic() + grace
-    new = lambda: [p for p in _session_tmp_entries() if p not in before]  # noqa: E731
+    new = lambda: [  # noqa: E731
+        p
+        for p in _session_tmp_entries()
+        if p not in before and not (ignore and p.startswith(ignore))
+    ]
     left = new()
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
