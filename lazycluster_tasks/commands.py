@@ -73,15 +73,23 @@ def kill_group(pgids: Iterable[int], grace: float = 2.0) -> str:
 
 
 def _terminate_ids(grace: float) -> str:
-    """Shell that TERMs the groups in $ids, waits, KILLs the rest, and reports survivors."""
-    steps = max(1, int(grace * 10))
+    """Shell that TERMs the groups in $ids, waits, KILLs the rest, and reports survivors.
+
+    The grace is wall-clock time (a ``sleep`` in the background), not a count of polls: the
+    processes just signalled make each poll slow on a busy host. Polls in the grace use
+    ``kill -0`` only; after KILL, :data:`LIVE_GROUP` tells a survivor from a zombie that its
+    parent (often init) has not reaped yet — some inits take a second or more.
+    """
     return (
+        'signalled() { c=; for g in $ids; do kill -0 -"$g" 2>/dev/null && c="$c $g"; done; '
+        'printf "%s" "$c"; }; '
         "for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
-        f'i=0; while [ -n "$ids" ] && [ $i -lt {steps} ]; do ids=$(live_ids); '
-        '[ -n "$ids" ] && sleep 0.1; i=$((i+1)); done; '
+        f"sleep {max(0.0, float(grace)):g} & t=$!; "
+        'while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do ids=$(signalled); '
+        '[ -n "$ids" ] && sleep 0.05; done; kill $t 2>/dev/null; '
         "for g in $ids; do kill -KILL -$g 2>/dev/null; done; "
-        'i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do ids=$(live_ids); '
-        '[ -n "$ids" ] && sleep 0.05; i=$((i+1)); done; '
+        'i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do sleep 0.05; ids=$(live_ids); '
+        "i=$((i+1)); done; "
         'for g in $ids; do echo "left=$g"; done; true'
     )
 
@@ -147,14 +155,31 @@ def unpack_stdin(folder: str) -> str:
 
 
 #: ``live_ids`` prints the groups of ``$ids`` that have a member that is not a zombie (a killed
-#: process stays a zombie until its parent, often init, reaps it; that does not count as alive):
-#: ``kill -0`` first, then one process listing for all groups that still have members.
+#: process stays a zombie until its parent, often init, reaps it; that does not count as alive).
+#: ``kill -0`` first; a group whose leader runs (its /proc entry, read by the shell itself) is
+#: alive; only groups whose leader ended but that still have members need a process listing,
+#: which scans every process of the machine (slow on a busy one, e.g. many hosts sharing a PID
+#: space) — and hosts without /proc.
 LIVE_GROUP = (
-    'live_ids() { c=; for g in $ids; do kill -0 -"$g" 2>/dev/null && c="$c $g"; done; '
-    '[ -n "$c" ] || return 0; '
-    'ps -e -o pgid=,stat= | awk -v ids="$c" '
+    'live_ids() { c=; s=; for g in $ids; do kill -0 -"$g" 2>/dev/null || continue; st=; '
+    '{ read -r st <"/proc/$g/stat"; } 2>/dev/null; '
+    'case "${st##*) }" in ""|Z*) s="$s $g";; *) c="$c $g";; esac; done; '
+    'printf "%s" "$c"; [ -n "$s" ] || return 0; '
+    'ps -e -o pgid=,stat= | awk -v ids="$s" '
     '\'BEGIN {n = split(ids, a, " "); for (i = 1; i <= n; i++) w[a[i]] = 1} '
     '($1 in w) && $2 !~ /^Z/ && !s[$1]++ {printf " %s", $1}\'; }'
+)
+
+#: ``marked_ids`` reads pids from ``$pids`` (comma-separated) and sets ``$ids`` to those whose
+#: command line mentions ``$marker``: one ``grep`` over their /proc entries where there is
+#: /proc (no listing of every process), else one ``ps`` for all.
+MARKED_IDS = (
+    'marked_ids() { ids=; [ -n "$pids" ] || return 0; if [ -r /proc/self/cmdline ]; then '
+    'set --; for p in $(printf "%s" "$pids" | tr "," " "); do set -- "$@" "/proc/$p/cmdline"; '
+    'done; ids=$(grep -alF -- "$marker" "$@" 2>/dev/null '
+    "| awk -F/ '{printf \" %s\", $3}'); "
+    'else ids=$(ps -ww -o pid=,args= -p "${pids#,}" 2>/dev/null '
+    '| grep -F -- "$marker" | awk \'{printf " %s", $1}\'); fi; }'
 )
 
 
@@ -179,12 +204,10 @@ def stop_folder(folder: str, grace: float = 2.0) -> str:
 
 def _stop_groups(files: str, marker: str, grace: float) -> str:
     return (
-        f"{LIVE_GROUP}; "
-        f'ids=; pids=; for f in {files}; do [ -r "$f" ] || continue; read p <"$f"; '
+        f"{LIVE_GROUP}; {MARKED_IDS}; marker={q(marker)}; "
+        f'pids=; for f in {files}; do [ -r "$f" ] || continue; read p <"$f"; '
         'case "$p" in *[!0-9]*|"") continue;; esac; pids="$pids,$p"; done; '
-        # one process listing for all files (a listing is what costs on a busy host)
-        '[ -z "$pids" ] || ids=$(ps -ww -o pid=,args= -p "${pids#,}" 2>/dev/null '
-        f"| grep -F -- {q(marker)} | awk '{{printf \" %s\", $1}}'); "
+        "marked_ids; "
         f"{_terminate_ids(grace)}; "
         # a survivor keeps its pid file (a later stop must still find it) and fails the line,
         # so a folder removal chained with && keeps the folder too
