@@ -12,8 +12,10 @@ key is the one this machine verified for it. A pair whose link does not come up 
 cannot reach the other's sshd, no ssh client, sshd reading keys from elsewhere) is named in the
 log and keeps the route through this machine. While the cluster runs, every host is asked every
 few seconds whether its links' masters still answer (one round trip per host); the routes of a
-link that ended go through this machine again. Masters are cluster processes (pid files in the
-cluster folder), so cleanup and ``teardown(record)`` stop them; both revoke the key.
+link that ended go through this machine again, and the link is dialled again once both its hosts
+answer (at once, then after longer and longer pauses while it fails); when it is up, its routes
+move back onto it. Masters are cluster processes (pid files in the cluster folder), so cleanup
+and ``teardown(record)`` stop them; both revoke the key.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import posixpath
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +52,9 @@ LINK_BATCH = 4
 CHECK_INTERVAL = 5.0
 #: Seconds a host has to answer a health check.
 CHECK_TIMEOUT = 10.0
+#: Seconds before a failed reopen of a lost link is tried again: the first pause, and the
+#: longest (each failure doubles it).
+REOPEN_PAUSE = (5.0, 60.0)
 #: Seconds a link lives on a host where no worker of its cluster has started yet.
 KEEP_WITHOUT_WORKERS = 120
 KEY_FILE = "link/key"
@@ -134,13 +140,20 @@ class Links:
         #: (from, to) -> why that pair goes through this machine
         self.down: dict[Pair, str] = {}
         self._forwarded: dict[Pair, set[int]] = {}
+        self._peers: dict[str, Peer] = {}
+        self._names: dict[Pair, str] = {}  # pair -> its current master's process name
+        #: lost pairs to dial again -> (pause after the next failure, earliest next try)
+        self._retry: dict[Pair, tuple[float, float]] = {}
+        self._answered: set[str] = set()  # hosts that answered the last check
+        self._serial = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._ready = threading.Event()
         self._settled = threading.Event()  # set up, and the routes moved onto the links
-        #: Called in the set-up's thread once it ended (the routing moves routes onto links).
-        self.on_ready: Callable[[], None] | None = None
+        #: Called in the links' thread once links came up: after the set-up, and after a lost
+        #: link was reopened (the routing moves routes onto links).
+        self.on_up: Callable[[], None] | None = None
         #: Called with the pairs whose link ended while running -> the ports it carried (the
         #: routing puts them back through this machine).
         self.on_lost: Callable[[dict[Pair, set[int]]], None] | None = None
@@ -191,29 +204,34 @@ class Links:
                     if a is not b and (a.host, b.host) not in self.up:
                         self.down.setdefault((a.host, b.host), f"set-up failed: {exc}")
         self._ready.set()
-        if self.on_ready is not None and not self._closing.is_set():
-            try:
-                self.on_ready()
-            except Exception as exc:  # the routes stay on this machine's relays
-                logger.warning("routes not moved onto host-to-host links: %s", exc)
+        self._links_up()
         self._settled.set()
-        while self.up and not self._closing.wait(CHECK_INTERVAL):
+        while (self.up or self._retry) and not self._closing.wait(CHECK_INTERVAL):
             try:
                 lost = self.check()
                 if lost and self.on_lost is not None and not self._closing.is_set():
                     self.on_lost(lost)
+                if self.reopen():
+                    self._links_up()
             except Exception as exc:  # the next round asks again
                 logger.warning("host-to-host links not checked: %s", exc)
 
+    def _links_up(self) -> None:
+        if self.on_up is not None and not self._closing.is_set():
+            try:
+                self.on_up()
+            except Exception as exc:  # the routes stay on this machine's relays
+                logger.warning("routes not moved onto host-to-host links: %s", exc)
+
     def check(self) -> dict[Pair, set[int]]:
-        """Ask every host with links up whether their masters still answer (one round trip
-        each). A pair whose master ended is ``down`` ("link lost"); returns those
-        pairs with the ports their link carried. A host that does not answer is left to the
-        cluster's own watch."""
+        """Ask every host of the links whether their masters still answer (one round trip
+        each). A pair whose master ended is ``down`` ("link lost") and will be dialled again
+        (see :meth:`reopen`); returns those pairs with the ports their link carried. A host
+        that does not answer is left to the cluster's own watch."""
         with self._lock:
-            by_host: dict[str, dict[str, Pair]] = {}
+            by_host: dict[str, dict[str, Pair]] = {h: {} for h in self._peers}
             for pair in self.up:
-                by_host.setdefault(pair[0], {})[link_name(*pair)] = pair
+                by_host.setdefault(pair[0], {})[self._names[pair]] = pair
             controls = {
                 h: {n: self.up[p] for n, p in named.items()} for h, named in by_host.items()
             }
@@ -225,7 +243,7 @@ class Links:
                 break
             try:
                 result = self._runtime(host).connection.run(
-                    commands.link_checks(named), timeout=CHECK_TIMEOUT
+                    commands.link_checks(named) or "true", timeout=CHECK_TIMEOUT
                 )
             except Exception as exc:  # the cluster's own watch deals with a host away
                 logger.debug("links of %s not checked: %s", host, exc)
@@ -233,6 +251,7 @@ class Links:
             answers[host] = {line[:-2] for line in result.stdout.split() if line.endswith("=0")}
         lost: dict[Pair, set[int]] = {}
         with self._lock:
+            self._answered = set(answers)
             for host, ended in answers.items():
                 for name in ended:
                     pair = by_host[host][name]
@@ -240,11 +259,49 @@ class Links:
                         continue
                     self.down[pair] = "link lost"
                     lost[pair] = self._forwarded.pop(pair, set())
+                    self._retry.setdefault(pair, (REOPEN_PAUSE[0], 0.0))
         for pair, ports in lost.items():
             logger.warning(
                 "link %s -> %s lost; its %d routes go through here again", *pair, len(ports)
             )
         return lost
+
+    def reopen(self) -> list[Pair]:
+        """Dial lost links again whose two hosts answered the last check and whose pause is
+        over (each host's in one batch, host after host in this thread); returns the pairs
+        that are up again. One that fails waits twice as long before the next try."""
+        now = time.monotonic()
+        with self._lock:
+            due: dict[str, list[Pair]] = {}
+            for pair, (_, after) in self._retry.items():
+                if after <= now and set(pair) <= self._answered:
+                    due.setdefault(pair[0], []).append(pair)
+        back: list[Pair] = []
+        for source, pairs in due.items():
+            for first in range(0, len(pairs), LINK_BATCH):
+                if self._closing.is_set():
+                    return back
+                batch = pairs[first : first + LINK_BATCH]
+                try:
+                    self._start(self._runtime(source), [self._peers[b] for _, b in batch], {})
+                except Exception as exc:  # tried again after the pause
+                    for pair in batch:
+                        self.down[pair] = f"link lost; not reopened: {exc}"
+                with self._lock:
+                    for pair in batch:
+                        pause, _ = self._retry.pop(pair)
+                        if pair in self.up:
+                            back.append(pair)
+                            logger.info("link %s -> %s up again", *pair)
+                            continue
+                        self._retry[pair] = (min(2 * pause, REOPEN_PAUSE[1]), now + pause)
+                        logger.info(
+                            "link %s -> %s not reopened (next try in %.0f s): %s",
+                            *pair,
+                            pause,
+                            self.down.get(pair, "?"),
+                        )
+        return back
 
     def _setup(self) -> None:
         if len(self.runtimes) < 2:
@@ -260,6 +317,7 @@ class Links:
                         self.down[(other.host, rt.host)] = peer
         if not peers:
             return
+        self._peers = peers
         key = LinkKey.generate()
         line = commands.authorized_line(key.public, self.marker)
         known = "".join(f"{p.alias} {p.key_type} {p.key}\n" for p in peers.values())
@@ -292,7 +350,7 @@ class Links:
                 if self._closing.is_set():
                     return
                 batch = targets[first : first + LINK_BATCH]
-                self._start(runtime, batch, first, {} if sent else files)
+                self._start(runtime, batch, {} if sent else files)
                 sent = True
 
         run_parallel("start links", jobs, start)
@@ -311,14 +369,16 @@ class Links:
             if rt.host != target:
                 self.down[(rt.host, target)] = why
 
-    def _start(
-        self, runtime: Runtime, targets: list[Peer], offset: int, files: dict[str, str]
-    ) -> None:
+    def _start(self, runtime: Runtime, targets: list[Peer], files: dict[str, str]) -> None:
         folder = self.folder(runtime)
         specs, pairs, controls = [], {}, {}
-        for index, peer in enumerate(targets, start=offset):
+        for peer in targets:
             pair = (runtime.host, peer.host)
-            control = posixpath.join(folder, f"link{index}.s")
+            with self._lock:
+                self._serial += 1
+                serial = self._serial
+            # a fresh socket each time: a killed master leaves its file behind
+            control = posixpath.join(folder, f"link{serial}.s")
             if len(control) > MAX_CONTROL_PATH:
                 self.down[pair] = f"control socket path too long: {control}"
                 continue
@@ -333,7 +393,7 @@ class Links:
                 peer.port,
             )
             argv = commands.link_keeper_argv(master, folder, KEEP_WITHOUT_WORKERS)
-            name = link_name(*pair)
+            name = link_name(*pair) if pair not in self._names else f"{link_name(*pair)}-{serial}"
             specs.append(ProcessSpec(name, argv, role="link"))
             pairs[name], controls[name] = pair, control
         if not specs:
@@ -354,6 +414,7 @@ class Links:
             if name in up:
                 with self._lock:
                     self.up[pair] = controls[name]
+                    self._names[pair] = name
                 continue
             why = " ".join(tail(logs.get(name, ""), 200).split()) or "did not come up"
             self.down[pair] = why
@@ -380,11 +441,18 @@ class Links:
                 pair = (runtime.host, target)
                 if target in carried:
                     self._forwarded.setdefault(pair, set()).update(port_list)
-                else:  # its master ended (the far host went away): the controller routes
-                    self.up.pop(pair, None)
-                    self.down[pair] = "link ended"
-                    logger.info("link %s -> %s ended; its routes go through here", *pair)
+                else:  # these go through here; whether the master ended is the check's to say
+                    logger.info(
+                        "link %s -> %s did not take ports %s; they go through here",
+                        *pair,
+                        ",".join(map(str, port_list)),
+                    )
         return carried
+
+    def process(self, pair: Pair) -> str | None:
+        """The process name of the pair's current link master (None: never up)."""
+        with self._lock:
+            return self._names.get(pair)
 
     def carried(self, runtime: Runtime) -> dict[str, set[int]]:
         """Target host -> ports forwarded on ``runtime`` through links."""

@@ -71,7 +71,16 @@ class DirectRouting:
         """Make started workers reachable (nothing to do when direct)."""
 
     def reroute(self, host: str) -> None:
-        """``host`` answers again: give it the routes it missed (nothing to do when direct)."""
+        """``host`` answers again: its forwards must work before anything is placed there."""
+        self._tunnels_up(self.group.get_runtime(host))
+
+    @staticmethod
+    def _tunnels_up(runtime: Runtime) -> None:
+        """Re-establish the runtime's forwards that a dropped connection broke; TunnelError when
+        one cannot be yet (e.g. the host's sshd still holds the port for the dead session)."""
+        for tunnel in list(runtime.tunnels):
+            if not tunnel.closed and not tunnel.is_active:
+                tunnel.check()
 
     @contextlib.contextmanager
     def while_registering(self, workers: Callable[[], Sequence[ProcessInfo]]) -> Iterator[None]:
@@ -155,7 +164,7 @@ class TunnelledRouting(DirectRouting):
     def use_links(self, links: Links) -> None:
         """Carry worker traffic over ``links`` where they come up."""
         self.links = links
-        links.on_ready = self._all_onto_links
+        links.on_up = self._all_onto_links
         links.on_lost = self._off_links
 
     def _off_links(self, lost: Mapping[tuple[str, str], Collection[int]]) -> None:
@@ -222,10 +231,11 @@ class TunnelledRouting(DirectRouting):
     def reroute(self, host: str) -> None:
         """``host`` answers again: forward the worker ports it missed meanwhile and close those
         of workers stopped meanwhile."""
+        runtime = self.group.get_runtime(host)
+        self._tunnels_up(runtime)  # the scheduler's route first: a worker started there needs it
         with self._lock:
             missed = self._missed.pop(host, set()) & self.routed
             to_close = self._to_close.pop(host, set())
-        runtime = self.group.get_runtime(host)
         self._close(runtime, to_close)
         self._to_host(runtime, sorted(missed))
         if missed or to_close:

@@ -13,6 +13,7 @@ import pytest
 from distributed import Client
 
 from lazycluster_tasks import commands
+from lazycluster_tasks import links as links_module
 from lazycluster_tasks.ssh_cluster import LazySSHCluster
 from lazycluster_tasks.testing.hosts import TestHosts
 from tests.conftest import wait_until
@@ -28,11 +29,17 @@ _block = lambda n: __import__("random").Random(7).randbytes(n)  # noqa: E731
 _sha = lambda data: __import__("hashlib").sha256(data).hexdigest()  # noqa: E731
 
 
-def _bytes_through(cluster: LazySSHCluster, name: str) -> int:
-    """Bytes the ssh process of link ``name`` has moved (its read + write counters)."""
-    keeper = psutil.Process(cluster.engine._processes[name].pid)  # the hosts share our pids
+def _link_master(cluster: LazySSHCluster, name: str | None) -> psutil.Process:
+    """The ssh process of link process ``name`` (the hosts share our PID space)."""
+    assert name is not None
+    keeper = psutil.Process(cluster.engine._processes[name].pid)
     (ssh,) = [p for p in keeper.children() if p.name() == "ssh"]
-    io = ssh.io_counters()
+    return ssh
+
+
+def _bytes_through(cluster: LazySSHCluster, name: str | None) -> int:
+    """Bytes the ssh process of link ``name`` has moved (its read + write counters)."""
+    io = _link_master(cluster, name).io_counters()
     return int(io.read_chars + io.write_chars)
 
 
@@ -43,8 +50,12 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
     no_local_leaks: None,
     site: str,
     caplog,
+    monkeypatch,
 ) -> None:
     caplog.set_level(logging.INFO, logger="lazycluster_tasks.links")
+    # checks and tries to reopen a lost link every second (5 s by default)
+    monkeypatch.setattr(links_module, "CHECK_INTERVAL", 1.0)
+    monkeypatch.setattr(links_module, "REOPEN_PAUSE", (1.0, 60.0))
     multi_hosts.set_network("ssh-only", "drop")
     if site == "blocked":  # only this machine may open SSH to the hosts
         for h in HOSTS:
@@ -91,19 +102,34 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
             assert client.gather(seen) == [_sha(_block(MIB << 20))] * 2
             if hosts_reach_sshd:  # the bytes crossed host2's link to host1
                 assert _bytes_through(cluster, "link-host2-host1") - before >= MIB << 20
-                # that link's master ends while running: the health check finds it and its
-                # routes go through this machine again
-                keeper = psutil.Process(cluster.engine._processes["link-host2-host1"].pid)
-                (master,) = [p for p in keeper.children() if p.name() == "ssh"]
-                master.kill()
-                assert wait_until(lambda: ("host2", "host1") in links.down, timeout=20)
-                assert links.down[("host2", "host1")] == "link lost"
+                # that link's master ends while running, and host2 cannot dial host1 for a
+                # while: the health check finds it, its routes go through this machine again
+                # and the link is dialled again, in vain until the path is back
+                pair = ("host2", "host1")
+                multi_hosts.restrict_ssh("host1", ["controller", "host3"])
+                _link_master(cluster, links.process(pair)).kill()
+                assert wait_until(lambda: pair in links.down, timeout=20)
+                assert links.down[pair].startswith("link lost")
                 assert "link host2 -> host1 lost" in caplog.text
                 again = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
                 moved = client.submit(
                     _sha, again, workers=[on["host2"]], allow_other_workers=False, pure=False
                 )
                 assert moved.result(timeout=60) == _sha(_block(MIB << 20))
+                assert wait_until(lambda: "host2 -> host1 not reopened" in caplog.text, 20)
+                # the path is back: the link is up again and carries the route once more
+                multi_hosts.restrict_ssh("host1", None)
+                assert wait_until(lambda: pair in links.up, timeout=30), links.down.get(pair)
+                assert "link host2 -> host1 up again" in caplog.text
+                name = links.process(pair)
+                assert name != "link-host2-host1"  # a new master
+                before = _bytes_through(cluster, name)
+                third = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
+                moved = client.submit(
+                    _sha, third, workers=[on["host2"]], allow_other_workers=False, pure=False
+                )
+                assert moved.result(timeout=60) == _sha(_block(MIB << 20))
+                assert _bytes_through(cluster, name) - before >= MIB << 20
     finally:
         try:
             cluster.close()
