@@ -1,14 +1,16 @@
 """SSH port forwards as values you own: list them, check them, close them.
 
 * :class:`LocalForward` (``ssh -L``): our ``127.0.0.1:local_port`` -> the host's
-  ``127.0.0.1:remote_port``: sshtunnel's listener and handlers, carried by the runtime's own
-  (already authenticated, host-key-verified) transport.
+  ``127.0.0.1:remote_port``: a listener of ours; each connection it accepts gets a
+  ``direct-tcpip`` channel on the runtime's own (authenticated, host-key-verified) transport.
 * :class:`RemoteForward` (``ssh -R``): the host's ``127.0.0.1:remote_port`` -> our
   ``127.0.0.1:local_port``, over the runtime's own paramiko transport.
 
-Both ends bind 127.0.0.1. One SSH connection per runtime carries all its tunnels; no process
-and no sleeping thread per tunnel: one keeper thread per Python process watches every open tunnel
-and re-establishes those a dropped connection broke.
+Both ends bind 127.0.0.1. One SSH connection per runtime carries all its tunnels. Threads: one
+accepts on every -L listener of this process, one keeper watches every open tunnel and
+re-establishes those a dropped connection broke (both exit when no tunnel is open), and each
+forwarded connection is pumped by a thread of its own while it is open; an idle forward costs
+no thread.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import logging
 import selectors
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
-import sshtunnel
 
 from lazycluster_tasks.errors import TunnelError
 from lazycluster_tasks.ssh import SSHConnection
@@ -31,21 +33,10 @@ logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 CHUNK = 2**18
 KEEPER_INTERVAL = 1.0
+#: Seconds a -L connection waits for the host to open its channel.
+CHANNEL_TIMEOUT = 15.0
 #: Connections a -L listener queues before accepting them (many workers connect at once).
 BACKLOG = 256
-
-
-class _Chatter(logging.Logger):
-    """sshtunnel's logger: its INFO lines (one per tunnel opened, connected, released) are
-    debug detail here — the cluster logs one line per host event itself."""
-
-    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
-        self.debug(msg, *args, **kwargs)
-
-
-#: Given to sshtunnel so that it does not attach console handlers to its and paramiko's loggers.
-_SSHTUNNEL_LOGGER = _Chatter("lazycluster_tasks.tunnels.sshtunnel")
-_SSHTUNNEL_LOGGER.parent = logger
 
 
 def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
@@ -137,122 +128,94 @@ class Tunnel:
         )
 
 
-class _SharedForwarder(sshtunnel.SSHTunnelForwarder):
-    """sshtunnel's local listener and handlers, carried by the runtime's own SSH transport.
-
-    No second connection (and handshake) per tunnel: the runtime's transport is already
-    authenticated and its host key verified, so gateway login and auth are skipped, and stopping
-    the tunnel stops its listener but never closes the shared transport.
-    """
-
-    def __init__(self, connection: SSHConnection, **kwargs: Any) -> None:
-        self._lct_connection = connection
-        super().__init__(**kwargs)
-
-    @staticmethod
-    def _consolidate_auth(*args: Any, **kwargs: Any) -> tuple[None, list[Any]]:
-        return None, []  # authentication happened on the runtime's connection
-
-    def _connect_to_gateway(self) -> None:
-        self._transport = self._lct_connection.transport()
-
-    def _stop_transport(self, force: bool = False) -> None:
-        for server in self._server_list:
-            server.shutdown()
-            server.server_close()
-        self.is_alive = False
-
-    def __del__(self) -> None:
-        pass  # LocalForward.close() stops it; the shared transport is not ours to close
-
-    def _make_ssh_forward_server_class(self, remote_address_: Any) -> Any:
-        base = super()._make_ssh_forward_server_class(remote_address_)
-
-        class Server(base):  # type: ignore[misc, valid-type]
-            request_queue_size = BACKLOG  # socketserver's 5 turns a burst into SYN retries
-
-        return Server
-
-    def _make_ssh_forward_handler_class(self, remote_address_: Any) -> Any:
-        base = super()._make_ssh_forward_handler_class(remote_address_)
-
-        class Handler(base):  # type: ignore[misc, valid-type]
-            def _redirect(self, chan: paramiko.Channel) -> None:
-                sock = self.request
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                pump(chan, sock)
-
-        return Handler
-
-
 class LocalForward(Tunnel):
-    """``ssh -L 127.0.0.1:local_port:127.0.0.1:remote_port host`` (0 = any free local port)."""
+    """``ssh -L 127.0.0.1:local_port:127.0.0.1:remote_port host`` (0 = any free local port).
+
+    The listener outlives dropped connections: a connection accepted after a drop gets its
+    channel on the reconnected transport, on the same port.
+    """
 
     kind = "-L"
 
     def __init__(self, connection: SSHConnection, remote_port: int, local_port: int = 0) -> None:
         super().__init__(connection, local_port, remote_port)
-        self._forwarder: _SharedForwarder | None = None
+        self._listener: socket.socket | None = None
+        self._channels: set[paramiko.Channel] = set()
+        self._lock = threading.Lock()
         self._open()
-        connection.on_reconnect(self._on_reconnect)
         _keeper.add(self)
 
     def _open(self) -> None:
-        s = self.connection.settings
+        where = f"127.0.0.1:{self.local_port or '*'} to {self.host}:127.0.0.1:{self.remote_port}"
         try:
-            forwarder = _SharedForwarder(
-                self.connection,
-                ssh_address_or_host=(s.hostname, s.port),
-                ssh_config_file=None,  # already resolved by the runtime
-                allow_agent=False,
-                host_pkey_directories=[],
-                local_bind_address=(LOOPBACK, self.local_port),
-                remote_bind_address=(LOOPBACK, self.remote_port),
-                mute_exceptions=False,
-                logger=_SSHTUNNEL_LOGGER,
-            )
-            forwarder.start()
+            self.connection.transport()  # a host that does not answer fails here, not later
         except Exception as exc:
-            raise TunnelError(
-                f"cannot forward 127.0.0.1:{self.local_port or '*'} to "
-                f"{self.host}:127.0.0.1:{self.remote_port}: {exc}"
-            ) from exc
-        self._forwarder = forwarder
-        self.local_port = int(forwarder.local_bind_port)  # the same port on every reopen
+            raise TunnelError(f"cannot forward {where}: {exc}") from exc
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((LOOPBACK, self.local_port))
+            listener.listen(BACKLOG)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            raise TunnelError(f"cannot forward {where}: {exc}") from exc
+        self._listener = listener
+        self.local_port = int(listener.getsockname()[1])
+        _acceptor.add(listener, self._accept)
 
     @property
     def is_active(self) -> bool:
-        f = self._forwarder
-        return bool(f is not None and not self.closed and f.is_active and f.is_alive)
-
-    def _on_reconnect(self, transport: paramiko.Transport) -> None:
-        self._stop()  # its handlers hold the dead transport
-        try:
-            self._open()
-            self.last_error = None
-        except TunnelError as exc:
-            self.last_error = str(exc)
-            logger.warning("%s", exc)
+        return bool(not self.closed and self._listener is not None and self.connection.is_connected)
 
     def _reopen(self) -> None:
-        self.connection.transport()  # reconnecting reopens it through _on_reconnect
-        if not self.is_active:
-            self._stop()
-            self._open()
+        self.connection.transport()  # the listener stayed; connections need a live transport
 
-    def _stop(self) -> None:
-        if self._forwarder is not None:
-            with contextlib.suppress(Exception):
-                self._forwarder.stop()
-            self._forwarder = None
+    def _accept(self, client: socket.socket) -> None:
+        threading.Thread(
+            target=self._serve, args=(client,), name=f"lct-fwd-L{self.local_port}", daemon=True
+        ).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            client.setblocking(True)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            chan = self.connection.transport().open_channel(
+                "direct-tcpip",
+                (LOOPBACK, self.remote_port),
+                client.getpeername(),
+                timeout=CHANNEL_TIMEOUT,
+            )
+        except Exception as exc:  # the connecting side sees its connection closed
+            logger.info("%s: no channel to the host's port: %s", self, exc)
+            with contextlib.suppress(OSError):
+                client.close()
+            return
+        with self._lock:
+            if self.closed:
+                chan.close()
+                client.close()
+                return
+            self._channels.add(chan)
+        try:
+            pump(chan, client)
+        finally:
+            with self._lock:
+                self._channels.discard(chan)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         _keeper.remove(self)
-        self.connection.remove_on_reconnect(self._on_reconnect)
-        self._stop()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            _acceptor.remove(listener)
+            listener.close()
+        with self._lock:
+            channels = list(self._channels)
+        for chan in channels:
+            chan.close()
 
 
 class RemoteForward(Tunnel):
@@ -367,6 +330,89 @@ class _Dispatcher:
         ).start()
 
 
+class _Acceptor:
+    """One thread accepts on every -L listener of this process (an epoll selector: no limit on
+    descriptors); it exits when no listener is left and starts again with the next one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: dict[socket.socket, Callable[[socket.socket], None]] = {}
+        self._wake: socket.socket | None = None  # the running thread's wake-up end
+
+    def add(self, listener: socket.socket, on_accept: Callable[[socket.socket], None]) -> None:
+        with self._lock:
+            self._listeners[listener] = on_accept
+            if self._wake is None:
+                wake, self._wake = socket.socketpair()
+                threading.Thread(
+                    target=self._run, args=(wake,), name="lct-tunnel-accept", daemon=True
+                ).start()
+            else:
+                self._poke()
+
+    def remove(self, listener: socket.socket) -> None:
+        """Before the listener is closed: the thread stops watching it."""
+        with self._lock:
+            if self._listeners.pop(listener, None) is not None:
+                self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            with contextlib.suppress(OSError):
+                self._wake.send(b"x")
+
+    def _run(self, wake: socket.socket) -> None:
+        watch = selectors.DefaultSelector()
+        watch.register(wake, selectors.EVENT_READ)
+        watched: dict[socket.socket, Callable[[socket.socket], None]] = {}
+        try:
+            while True:
+                with self._lock:
+                    if not self._listeners:
+                        own, self._wake = self._wake, None
+                        if own is not None:
+                            own.close()
+                        return
+                    current = dict(self._listeners)
+                for listener in [s for s in watched if s not in current]:
+                    with contextlib.suppress(KeyError, ValueError):
+                        watch.unregister(listener)
+                    del watched[listener]
+                for listener, on_accept in current.items():
+                    if listener not in watched:
+                        try:
+                            watch.register(listener, selectors.EVENT_READ)
+                        except (OSError, ValueError):  # closed meanwhile
+                            continue
+                        watched[listener] = on_accept
+                for key, _ in watch.select():
+                    if key.fileobj is wake:
+                        with contextlib.suppress(OSError):
+                            wake.recv(4096)
+                        continue
+                    ready = key.fileobj
+                    if isinstance(ready, socket.socket):
+                        self._accept_all(ready, watched.get(ready))
+        finally:
+            watch.close()
+            wake.close()
+
+    @staticmethod
+    def _accept_all(
+        listener: socket.socket, on_accept: Callable[[socket.socket], None] | None
+    ) -> None:
+        while on_accept is not None:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # nothing more to accept (or the listener closed meanwhile)
+                return
+            try:
+                on_accept(client)
+            except Exception as exc:  # e.g. no thread to spare: this connection is refused
+                logger.warning("forwarded connection dropped: %s", exc)
+                client.close()
+
+
 class _Keeper:
     """One thread for all tunnels of this process; it exits when no tunnel is open."""
 
@@ -410,4 +456,5 @@ class _Keeper:
                     logger.warning("%s", exc)
 
 
+_acceptor = _Acceptor()
 _keeper = _Keeper()
