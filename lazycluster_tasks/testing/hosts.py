@@ -32,6 +32,10 @@ import psutil
 log = logging.getLogger(__name__)
 
 SSHD = "/usr/sbin/sshd"
+#: Each namespaced host's sshd runs under tini as a child subreaper: the processes its sessions
+#: leave detached are reaped as soon as they end, as a host's init (systemd) does. Without it
+#: they fall to this machine's PID 1, which may reap them seconds later (this VM's does).
+REAPER = shutil.which("tini")
 NETNS_DIR = Path("/run/netns")
 MARKER_DIR = Path("/run")
 SSHD_NAMES = ("sshd", "sshd-session", "sshd-auth")
@@ -452,7 +456,8 @@ class TestHosts:
             steps.append(
                 f"mount --bind {shlex.quote(str(d / 'dot-ssh'))} {shlex.quote(str(dot_ssh))}"
             )
-            script = " && ".join([*steps, f"exec {shlex.join(sshd)}"])
+            served = [REAPER, "-s", "--", *sshd] if REAPER else sshd
+            script = " && ".join([*steps, f"exec {shlex.join(served)}"])
             argv = [
                 "ip",
                 "netns",
@@ -503,11 +508,15 @@ class TestHosts:
         raise UnknownHostError(f"no test host {name!r} (have {[h.name for h in self.hosts]})")
 
     def _listener(self, name: str) -> psutil.Process | None:
+        """The listening sshd of host ``name`` (under its reaper, if it has one)."""
         proc = self._sshd.get(name)
         if proc is None or proc.poll() is not None:
             return None
         try:
-            return psutil.Process(proc.pid)
+            top = psutil.Process(proc.pid)
+            if _is_sshd(top):
+                return top
+            return next((c for c in top.children() if _is_sshd(c)), None)
         except psutil.Error:
             return None
 
@@ -531,7 +540,9 @@ class TestHosts:
             me = psutil.Process()
             for p in [me, *me.parents()]:
                 found.pop(p.pid, None)
-        return [p for p in found.values() if p.pid != os.getpid() and not _is_sshd(p)]
+        reaper = self._sshd.get(name)
+        skip = {os.getpid(), reaper.pid if reaper is not None else -1}
+        return [p for p in found.values() if p.pid not in skip and not _is_sshd(p)]
 
     def authorized_keys(self, name: str) -> str:
         """The text of host ``name``'s ~/.ssh/authorized_keys ("" when there is none)."""
@@ -626,9 +637,11 @@ class TestHosts:
         proc = self._sshd.get(name)
         if proc is None or proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-            os.kill(proc.pid, signal.SIGCONT)  # in case it was paused
+        listener = self._listener(name)
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            proc.terminate()  # the reaper passes it on to sshd, and ends with it
+            if listener is not None:
+                listener.send_signal(signal.SIGCONT)  # in case it was paused
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
