@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from lazycluster_tasks import commands, processes
-from lazycluster_tasks.connection import tail
+from lazycluster_tasks.connection import CommandResult, tail
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
 from lazycluster_tasks.runtime import Runtime
@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds the set-up waits for all masters (they give up after LINK_CONNECT_TIMEOUT).
 SETUP_TIMEOUT = 15.0
-#: Longest control socket path OpenSSH accepts (sun_path is 108 bytes, minus its suffix).
-MAX_CONTROL_PATH = 90
 #: Seconds a cleanup waits for a link set-up under way (then it goes on without it).
 CLOSE_WAIT = 2.0
 #: Links a host dials at once.
@@ -242,8 +240,8 @@ class Links:
             if self._closing.is_set():
                 break
             try:
-                result = self._runtime(host).connection.run(
-                    commands.link_checks(named) or "true", timeout=CHECK_TIMEOUT
+                result = self._run(
+                    self._runtime(host), commands.link_checks(named) or "true", CHECK_TIMEOUT
                 )
             except Exception as exc:  # the cluster's own watch deals with a host away
                 logger.debug("links of %s not checked: %s", host, exc)
@@ -377,11 +375,9 @@ class Links:
             with self._lock:
                 self._serial += 1
                 serial = self._serial
-            # a fresh socket each time: a killed master leaves its file behind
-            control = posixpath.join(folder, f"link{serial}.s")
-            if len(control) > MAX_CONTROL_PATH:
-                self.down[pair] = f"control socket path too long: {control}"
-                continue
+            # a fresh socket each time (a killed master leaves its file behind), relative to
+            # the cluster folder: however deep the folder, the path fits a socket address
+            control = f"link{serial}.s"
             master = commands.link_master_argv(
                 control,
                 posixpath.join(folder, KEY_FILE),
@@ -403,9 +399,10 @@ class Links:
             return  # the cleanup is under way: these end with the folder it removes
         for info in infos:
             self.register(runtime, info)
-        states = runtime.connection.run(
+        states = self._run(
+            runtime,
             commands.link_states(controls, {i.name: i.pid for i in infos}, SETUP_TIMEOUT),
-            timeout=SETUP_TIMEOUT + 30,
+            SETUP_TIMEOUT + 30,
         )
         up = {line[:-2] for line in states.stdout.split() if line.endswith("=1")}
         failed = [i for i in infos if i.name not in up]
@@ -434,7 +431,7 @@ class Links:
             f"then echo {commands.q(t + '=1')}; else echo {commands.q(t + '=0')}; fi"
             for t, p in todo.items()
         ]
-        result = runtime.connection.run("; ".join(lines), timeout=30)
+        result = self._run(runtime, "; ".join(lines), 30)
         carried = {line[:-2] for line in result.stdout.split() if line.endswith("=1")}
         with self._lock:
             for target, port_list in todo.items():
@@ -448,6 +445,11 @@ class Links:
                         ",".join(map(str, port_list)),
                     )
         return carried
+
+    def _run(self, runtime: Runtime, line: str, timeout: float) -> CommandResult:
+        """Run ``line`` in the runtime's cluster folder, where the control sockets are (their
+        paths are relative to it)."""
+        return runtime.connection.run(line, timeout=timeout, working_dir=self.folder(runtime))
 
     def process(self, pair: Pair) -> str | None:
         """The process name of the pair's current link master (None: never up)."""
@@ -475,7 +477,7 @@ class Links:
             if control
         ]
         if lines:
-            runtime.connection.run("; ".join(lines) + "; true", timeout=30)
+            self._run(runtime, "; ".join(lines) + "; true", 30)
         return {p for ports_ in jobs.values() for p in ports_}
 
     def summary(self) -> dict[str, int]:

@@ -5,6 +5,7 @@ workers, not with workers x hosts; nothing (no process, no authorized key) left 
 from __future__ import annotations
 
 import logging
+import posixpath
 import threading
 import time
 
@@ -12,8 +13,11 @@ import psutil
 import pytest
 from distributed import Client
 
-from lazycluster_tasks import commands
+from lazycluster_tasks import commands, processes
 from lazycluster_tasks import links as links_module
+from lazycluster_tasks.group import RuntimeGroup
+from lazycluster_tasks.processes import ProcessInfo
+from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.ssh_cluster import LazySSHCluster
 from lazycluster_tasks.testing.hosts import TestHosts
 from tests.conftest import wait_until
@@ -141,6 +145,42 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
                 multi_hosts.user_keys(True)
     assert not any(marker in multi_hosts.authorized_keys(h) for h in HOSTS)
     assert not [t for t in threading.enumerate() if t.name == "lct-links"]
+
+
+def test_links_come_up_under_a_folder_deeper_than_a_socket_path_allows(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """A cluster folder longer than a socket address (108 bytes): the control sockets are
+    named relative to it, so the links still come up."""
+    group = RuntimeGroup(hosts=["host1", "host2"], ssh_config_path=str(multi_hosts.ssh_config_path))
+
+    def deep(rt: Runtime) -> str:
+        return posixpath.join(rt.working_dir, "d" * 60, "e" * 60, "lazycluster-deep")
+
+    started: dict[str, list[ProcessInfo]] = {}
+    marker = commands.peer_marker("deep")
+    addresses = {h.name: h.address for h in multi_hosts.hosts}
+    links = links_module.Links(
+        group.runtimes,
+        addresses,
+        deep,
+        marker,
+        lambda rt, i: started.setdefault(rt.host, []).append(i),
+    )
+    try:
+        links.start()
+        links.wait()
+        assert all(len(deep(rt)) > 108 for rt in group.runtimes)
+        assert set(links.up) == {("host1", "host2"), ("host2", "host1")}, links.down
+        assert links.check() == {}  # and they answer on their sockets
+    finally:
+        links.close()
+        for rt in group.runtimes:
+            processes.stop_processes(
+                rt, started.get(rt.host, []), processes.folder_marker(deep(rt)), 0.3, None, marker
+            )
+        group.cleanup()
+    assert not any(marker in multi_hosts.authorized_keys(h) for h in ("host1", "host2"))
 
 
 @pytest.mark.slow
