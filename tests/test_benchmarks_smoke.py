@@ -321,3 +321,26 @@ def test_prefect_layer_benchmark_prints_its_table(
     assert float(summary[1][3]) == pytest.approx(
         plain + empty + prefect_layer.OWN_SECONDS, abs=0.02
     )
+
+
+def test_dataplane_targets_compare_within_a_host_count() -> None:
+    from benchmarks import dataplane
+
+    def row(case: str, **values: float) -> dataplane.Row:
+        return dataplane.Row(3, case, {k.replace("_", " "): str(v) for k, v in values.items()})
+
+    rows = [
+        row("direct", **{"pair MiB/s": 100, "ring MiB/s": 100}),
+        row(
+            "tunnelled",
+            **{"pair MiB/s": 60, "ring MiB/s": 40, "forwards": 9, "peak threads": 20},
+            cleanup_s=1.5,
+        ),
+    ]
+    found = {t.name: (t.value, t.status) for t in dataplane.targets(rows)}
+    assert found["3 hosts: tunnelled pair MiB/s >= 0.5x direct"] == ("0.60x", common.PASS)
+    assert found["3 hosts: tunnelled ring MiB/s >= 0.5x direct"] == ("0.40x", common.MISS)
+    assert found["3 hosts: tunnelled forwards <= 2 x workers + hosts (9)"] == ("9", common.PASS)
+    assert found["3 hosts: tunnelled cleanup s <= 1"] == ("1.5", common.MISS)
+    rows[1].error = "boom"  # a failed case fails every target it would feed
+    assert {t.status for t in dataplane.targets(rows)} == {common.FAIL}
