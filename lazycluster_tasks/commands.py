@@ -215,15 +215,24 @@ def _stop_groups(files: str, marker: str, grace: float) -> str:
     )
 
 
+#: ``running PID`` succeeds when the process runs and is no zombie: its /proc entry, read by the
+#: shell itself (no process started: checks of hundreds of processes cost nothing), or
+#: ``kill -0`` where there is no /proc.
+RUNNING = (
+    'running() { [ -n "$1" ] || return 1; st=; { read -r st <"/proc/$1/stat"; } 2>/dev/null; '
+    'if [ -n "$st" ]; then case "${st##*) }" in Z*) return 1;; esac; return 0; fi; '
+    '[ ! -r /proc/self/stat ] && kill -0 "$1" 2>/dev/null; }'
+)
+
+
 def leader_states(leaders: Mapping[str, int]) -> str:
     """Print ``name=1`` for each named process whose leader (pid) runs and is no zombie, else
-    ``name=0`` (a cheap check: no process listing)."""
+    ``name=0`` (a cheap check: no process listing, no process started)."""
     checks = [
-        f"if [ -r /proc/{int(pid)}/stat ] && ! grep -q '^[0-9]* (.*) Z ' /proc/{int(pid)}/stat; "
-        f"then echo {q(name + '=1')}; else echo {q(name + '=0')}; fi"
+        f"if running {int(pid)}; then echo {q(name + '=1')}; else echo {q(name + '=0')}; fi"
         for name, pid in leaders.items()
     ]
-    return "; ".join(checks) or "true"
+    return "; ".join([RUNNING, *checks]) if checks else "true"
 
 
 # -- host-to-host SSH links (tunnelled data plane) ---------------------------------------
@@ -320,9 +329,10 @@ def link_master_argv(
 #: Keeps a link master only while the cluster has a worker on its host: once one ran and none
 #: is left (the cluster stopped or its controller died), none came within $1 seconds, or the
 #: cluster folder is gone (a cleanup that ran while the link started), the master is ended.
-#: Args: grace seconds, the cluster folder, then the master's argv.
+#: It looks every $2 seconds and writes the master's pid to the file $3 (see link_alive).
+#: Args: grace seconds, pause seconds, the pid file, the cluster folder, then the master's argv.
 LINK_KEEPER = (
-    'grace=$1 folder=$2; shift 2; "$@" & m=$!; '
+    'grace=$1 pause=$2 mfile=$3 folder=$4; shift 4; "$@" & m=$!; echo "$m" >"$mfile"; '
     "trap 'kill $m 2>/dev/null; exit 0' TERM INT HUP; t=0 seen=0; "
     # builtins only but sleep: hundreds of idle links must cost no CPU
     "while kill -0 $m 2>/dev/null; do live=0; "
@@ -332,13 +342,30 @@ LINK_KEEPER = (
     '[ -n "$p" ] && kill -0 "$p" 2>/dev/null && live=1 && break; '
     "done; "
     'if [ $live = 1 ]; then seen=1; elif [ $seen = 1 ] || [ $t -ge "$grace" ]; then '
-    "kill $m 2>/dev/null; break; fi; sleep 2; t=$((t+2)); done; wait $m"
+    'kill $m 2>/dev/null; break; fi; sleep "$pause"; t=$((t+pause)); done; wait $m'
 )
+#: Seconds between a link keeper's looks (hundreds of idle links: one short look each).
+LINK_KEEPER_PAUSE = 5
 
 
-def link_keeper_argv(master: Sequence[str], folder: str, grace: float) -> list[str]:
-    """``master`` (see :func:`link_master_argv`) under :data:`LINK_KEEPER`."""
-    return ["sh", "-c", LINK_KEEPER, "lazycluster-link", str(int(grace)), folder, *master]
+def link_keeper_argv(
+    master: Sequence[str], folder: str, grace: float, pid_file: str, pause: int = LINK_KEEPER_PAUSE
+) -> list[str]:
+    """``master`` (see :func:`link_master_argv`) under :data:`LINK_KEEPER`; the master's pid
+    goes to ``pid_file``."""
+    args = [str(int(grace)), str(int(pause)), pid_file, folder]
+    return ["sh", "-c", LINK_KEEPER, "lazycluster-link", *args, *master]
+
+
+def link_alive(pid_files: Mapping[str, str]) -> str:
+    """Print ``name=1`` for each link whose master (its pid in the named file) runs, ``name=0``
+    for one that ended: one round trip for all of a host's links, no process started."""
+    lines = [
+        f"m=; {{ read -r m <{q(path)}; }} 2>/dev/null; "
+        f'if running "$m"; then echo {q(name + "=1")}; else echo {q(name + "=0")}; fi'
+        for name, path in pid_files.items()
+    ]
+    return "; ".join([RUNNING, *lines]) if lines else "true"
 
 
 def link_forwards(control: str, ports: Iterable[int], cancel: bool = False) -> str:
@@ -350,19 +377,6 @@ def link_forwards(control: str, ports: Iterable[int], cancel: bool = False) -> s
     for spec in specs:
         argv += ["-L", spec]
     return shlex.join([*argv, "link"])
-
-
-def link_checks(controls: Mapping[str, str]) -> str:
-    """Print ``name=1`` for each link whose master answers on its control socket, ``name=0``
-    for one that does not (its master ended): one round trip for all of a host's links."""
-    lines = []
-    for name, control in controls.items():
-        check = shlex.join(["ssh", "-F", "/dev/null", "-S", control, "-O", "check", "link"])
-        lines.append(
-            f"if {check} >/dev/null 2>&1; then echo {q(name + '=1')}; "
-            f"else echo {q(name + '=0')}; fi"
-        )
-    return "; ".join(lines)
 
 
 def link_states(controls: Mapping[str, str], pids: Mapping[str, int], timeout: float) -> str:

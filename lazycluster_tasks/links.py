@@ -11,7 +11,7 @@ lifetime with options that allow forwarding to the host's loopback and nothing e
 key is the one this machine verified for it. A pair whose link does not come up (a host that
 cannot reach the other's sshd, no ssh client, sshd reading keys from elsewhere) is named in the
 log and keeps the route through this machine. While the cluster runs, every host is asked every
-few seconds whether its links' masters still answer (one round trip per host); the routes of a
+few seconds whether its links' masters still run (one round trip per host); the routes of a
 link that ended go through this machine again, and the link is dialled again once both its hosts
 answer (at once, then after longer and longer pauses while it fails); when it is up, its routes
 move back onto it. Masters are cluster processes (pid files in the cluster folder), so cleanup
@@ -119,6 +119,11 @@ def link_name(source: str, target: str) -> str:
     return f"link-{source}-{target}"
 
 
+def master_pid_file(name: str) -> str:
+    """Where link process ``name``'s keeper writes its master's pid (relative to the folder)."""
+    return f"{name}.m"
+
+
 class Links:
     """The links of one cluster: set up in the background, used pair by pair by the routing."""
 
@@ -222,27 +227,23 @@ class Links:
                 logger.warning("routes not moved onto host-to-host links: %s", exc)
 
     def check(self) -> dict[Pair, set[int]]:
-        """Ask every host of the links whether their masters still answer (one round trip
-        each). A pair whose master ended is ``down`` ("link lost") and will be dialled again
-        (see :meth:`reopen`); returns those pairs with the ports their link carried. A host
-        that does not answer is left to the cluster's own watch."""
+        """Ask every host of the links whether their masters still run (one round trip each,
+        no process started there). A pair whose master ended is ``down`` ("link lost") and
+        will be dialled again (see :meth:`reopen`); returns those pairs with the ports their
+        link carried. A host that does not answer is left to the cluster's own watch."""
         with self._lock:
             by_host: dict[str, dict[str, Pair]] = {h: {} for h in self._peers}
             for pair in self.up:
                 by_host.setdefault(pair[0], {})[self._names[pair]] = pair
-            controls = {
-                h: {n: self.up[p] for n, p in named.items()} for h, named in by_host.items()
-            }
+            masters = {h: {n: master_pid_file(n) for n in named} for h, named in by_host.items()}
 
         # host after host, in this thread: a check adds no thread to this process
         answers: dict[str, set[str]] = {}
-        for host, named in controls.items():
+        for host, named in masters.items():
             if self._closing.is_set():
                 break
             try:
-                result = self._run(
-                    self._runtime(host), commands.link_checks(named) or "true", CHECK_TIMEOUT
-                )
+                result = self._run(self._runtime(host), commands.link_alive(named), CHECK_TIMEOUT)
             except Exception as exc:  # the cluster's own watch deals with a host away
                 logger.debug("links of %s not checked: %s", host, exc)
                 continue
@@ -388,8 +389,10 @@ class Links:
                 peer.address,
                 peer.port,
             )
-            argv = commands.link_keeper_argv(master, folder, KEEP_WITHOUT_WORKERS)
             name = link_name(*pair) if pair not in self._names else f"{link_name(*pair)}-{serial}"
+            argv = commands.link_keeper_argv(
+                master, folder, KEEP_WITHOUT_WORKERS, master_pid_file(name)
+            )
             specs.append(ProcessSpec(name, argv, role="link"))
             pairs[name], controls[name] = pair, control
         if not specs:

@@ -363,11 +363,39 @@ def test_a_clusters_key_is_authorized_once_and_revoked_alone(tmp_path):
     assert [p.name for p in keys.parent.iterdir()] == ["authorized_keys"]  # no temp file left
 
 
-def test_link_checks_name_each_link_and_say_whether_its_master_answers(tmp_path):
-    # no master listens on these sockets (one path with a space): both answer 0, by name
-    gone = {"link-a-b": str(tmp_path / "link0.s"), "link-a c": str(tmp_path / "x y.s")}
-    done = sh(commands.link_checks(gone))
-    assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["link-a-b=0", "link-a c=0"]
+def test_link_alive_names_each_link_and_says_whether_its_master_runs(tmp_path):
+    master = subprocess.Popen(["sleep", "30"])
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    zombie = subprocess.Popen(["true"])  # ended, not reaped yet: not running
+    assert wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+    files = {}
+    for name, pid in (("link-a-b", master.pid), ("link-a c", ended.pid), ("z", zombie.pid)):
+        files[name] = str(tmp_path / f"{name}.m")  # one path with a space
+        Path(files[name]).write_text(f"{pid}\n")
+    files["never"] = str(tmp_path / "missing.m")  # its keeper wrote no pid (yet)
+    try:
+        done = sh(commands.link_alive(files))
+        assert done.returncode == 0
+        assert done.stdout.splitlines() == ["link-a-b=1", "link-a c=0", "z=0", "never=0"]
+    finally:
+        master.kill()
+        master.wait()
+        zombie.wait()
+    assert commands.link_alive({}) == "true"
+
+
+def test_leader_states_tell_running_from_ended_and_zombie():
+    running = subprocess.Popen(["sleep", "30"])
+    zombie = subprocess.Popen(["true"])
+    assert wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+    try:
+        done = sh(commands.leader_states({"r": running.pid, "z": zombie.pid, "gone": 2**22 + 7}))
+        assert done.stdout.split() == ["r=1", "z=0", "gone=0"]
+    finally:
+        running.kill()
+        running.wait()
+        zombie.wait()
 
 
 def test_link_lines_refuse_bad_input_and_bind_loopback_only():
@@ -405,11 +433,14 @@ def test_a_link_keeper_ends_its_master_once_the_last_worker_is_gone(tmp_path):
     (folder / "host1-1.pid").write_text(f"{worker.pid}\n")
     (folder / "link-host1-host2.pid").write_text(f"{os.getpid()}\n")  # links do not count
     keeper = subprocess.Popen(
-        commands.link_keeper_argv(["sleep", "30"], str(folder), 60), start_new_session=True
+        commands.link_keeper_argv(["sleep", "30"], str(folder), 60, str(folder / "l.m"), pause=1),
+        start_new_session=True,
     )
     try:
         time.sleep(1.5)
         assert keeper.poll() is None  # a worker runs: the link stays
+        master = int((folder / "l.m").read_text())  # the keeper wrote its master's pid
+        assert psutil.Process(master).cmdline() == ["sleep", "30"]
         worker.kill()
         worker.wait()
         assert keeper.wait(timeout=5) in (0, 143)  # master ended, keeper gone
@@ -418,8 +449,12 @@ def test_a_link_keeper_ends_its_master_once_the_last_worker_is_gone(tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, 9) if proc is keeper else proc.kill()
                 proc.wait()
-    lone = subprocess.Popen(commands.link_keeper_argv(["sleep", "30"], str(tmp_path), 1))
+    lone = subprocess.Popen(
+        commands.link_keeper_argv(["sleep", "30"], str(tmp_path), 1, str(tmp_path / "m"), pause=1)
+    )
     assert lone.wait(timeout=5) in (0, 143)  # no worker came within its grace: it ends
-    gone = subprocess.Popen(commands.link_keeper_argv(["sleep", "30"], str(folder), 60))
+    gone = subprocess.Popen(
+        commands.link_keeper_argv(["sleep", "30"], str(folder), 60, str(tmp_path / "m"), pause=1)
+    )
     folder.rename(tmp_path / "removed")  # a cleanup removed the cluster folder meanwhile
     assert gone.wait(timeout=5) in (0, 143)
