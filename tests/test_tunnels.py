@@ -263,17 +263,19 @@ def test_hundreds_of_forwarded_connections_past_the_select_limit(
     """Past select()'s 1024 descriptors (the 16-host all-to-all crash): every byte comes back."""
     proc = multi_hosts.run_in("host1", [sys.executable, "-c", ECHO_ALL, "7333"])
     runtime = ssh_runtime(multi_hosts, "host1")
+    conns: list[socket.socket] = []
     try:
         probe = "import socket; socket.create_connection(('127.0.0.1', 7333), 1).close()"
         assert wait_until(
             lambda: multi_hosts.run_in("host1", [sys.executable, "-c", probe]).wait() == 0, 10
         )
         port = runtime.expose_port_from_runtime(7333)
-        conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(320)]
+        conns += [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(320)]
         payloads = [bytes([i % 256]) * (4096 + i) for i in range(len(conns))]
         for conn, payload in zip(conns, payloads, strict=True):
             conn.sendall(payload)
-        assert psutil.Process().num_fds() > 1024  # beyond what select() can watch
+        # beyond what select() can watch, once every connection is being pumped
+        assert wait_until(lambda: psutil.Process().num_fds() > 1024, 20)
         for conn, payload in zip(conns, payloads, strict=True):
             conn.shutdown(socket.SHUT_WR)
             received = bytearray()
@@ -282,6 +284,8 @@ def test_hundreds_of_forwarded_connections_past_the_select_limit(
             assert bytes(received) == payload
             conn.close()
     finally:
+        for conn in conns:
+            conn.close()
         runtime.cleanup()
         proc.kill()
         proc.wait()
