@@ -344,8 +344,9 @@ LINK_KEEPER = (
     'if [ $live = 1 ]; then seen=1; elif [ $seen = 1 ] || [ $t -ge "$grace" ]; then '
     'kill $m 2>/dev/null; break; fi; sleep "$pause"; t=$((t+pause)); done; wait $m'
 )
-#: Seconds between a link keeper's looks (hundreds of idle links: one short look each).
-LINK_KEEPER_PAUSE = 5
+#: Seconds between a link keeper's looks (each a few builtins and a sleep; a link whose
+#: controller died ends within this after its last worker).
+LINK_KEEPER_PAUSE = 2
 
 
 def link_keeper_argv(
