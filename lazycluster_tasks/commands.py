@@ -154,6 +154,10 @@ def unpack_stdin(folder: str) -> str:
     return f"tar -x -o -f - -C {q(folder)}"
 
 
+#: ``proc_state PID`` sets ``$st`` to the process's state letter and what follows it in its
+#: /proc entry, read by the shell itself (no process started); empty when there is none.
+PROC_STATE = 'proc_state() { st=; { read -r st <"/proc/$1/stat"; } 2>/dev/null; st=${st##*) }; }'
+
 #: ``live_ids`` prints the groups of ``$ids`` that have a member that is not a zombie (a killed
 #: process stays a zombie until its parent, often init, reaps it; that does not count as alive).
 #: ``kill -0`` first; a group whose leader runs (its /proc entry, read by the shell itself) is
@@ -161,9 +165,9 @@ def unpack_stdin(folder: str) -> str:
 #: which scans every process of the machine (slow on a busy one, e.g. many hosts sharing a PID
 #: space) — and hosts without /proc.
 LIVE_GROUP = (
-    'live_ids() { c=; s=; for g in $ids; do kill -0 -"$g" 2>/dev/null || continue; st=; '
-    '{ read -r st <"/proc/$g/stat"; } 2>/dev/null; '
-    'case "${st##*) }" in ""|Z*) s="$s $g";; *) c="$c $g";; esac; done; '
+    f"{PROC_STATE}; "
+    'live_ids() { c=; s=; for g in $ids; do kill -0 -"$g" 2>/dev/null || continue; '
+    'proc_state "$g"; case "$st" in ""|Z*) s="$s $g";; *) c="$c $g";; esac; done; '
     'printf "%s" "$c"; [ -n "$s" ] || return 0; '
     'ps -e -o pgid=,stat= | awk -v ids="$s" '
     '\'BEGIN {n = split(ids, a, " "); for (i = 1; i <= n; i++) w[a[i]] = 1} '
@@ -219,9 +223,9 @@ def _stop_groups(files: str, marker: str, grace: float) -> str:
 #: shell itself (no process started: checks of hundreds of processes cost nothing), or
 #: ``kill -0`` where there is no /proc.
 RUNNING = (
-    'running() { [ -n "$1" ] || return 1; st=; { read -r st <"/proc/$1/stat"; } 2>/dev/null; '
-    'if [ -n "$st" ]; then case "${st##*) }" in Z*) return 1;; esac; return 0; fi; '
-    '[ ! -r /proc/self/stat ] && kill -0 "$1" 2>/dev/null; }'
+    f"{PROC_STATE}; "
+    'running() { [ -n "$1" ] || return 1; proc_state "$1"; case "$st" in Z*) return 1;; '
+    '"") [ ! -r /proc/self/stat ] && kill -0 "$1" 2>/dev/null;; *) return 0;; esac; }'
 )
 
 

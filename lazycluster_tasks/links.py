@@ -119,6 +119,11 @@ def link_name(source: str, target: str) -> str:
     return f"link-{source}-{target}"
 
 
+def _named(result: CommandResult, value: str) -> set[str]:
+    """The names a host answered ``name=<value>`` for (the lines the commands' checks print)."""
+    return {line[: -len(value) - 1] for line in result.stdout.split() if line.endswith("=" + value)}
+
+
 def master_pid_file(name: str) -> str:
     """Where link process ``name``'s keeper writes its master's pid (relative to the folder)."""
     return f"{name}.m"
@@ -247,7 +252,7 @@ class Links:
             except Exception as exc:  # the cluster's own watch deals with a host away
                 logger.debug("links of %s not checked: %s", host, exc)
                 continue
-            answers[host] = {line[:-2] for line in result.stdout.split() if line.endswith("=0")}
+            answers[host] = _named(result, "0")
         lost: dict[Pair, set[int]] = {}
         with self._lock:
             self._answered = set(answers)
@@ -407,7 +412,7 @@ class Links:
             commands.link_states(controls, {i.name: i.pid for i in infos}, SETUP_TIMEOUT),
             SETUP_TIMEOUT + 30,
         )
-        up = {line[:-2] for line in states.stdout.split() if line.endswith("=1")}
+        up = _named(states, "1")
         failed = [i for i in infos if i.name not in up]
         logs = processes.read_logs(runtime, failed) if failed else {}
         for name, pair in pairs.items():
@@ -435,7 +440,7 @@ class Links:
             for t, p in todo.items()
         ]
         result = self._run(runtime, "; ".join(lines), 30)
-        carried = {line[:-2] for line in result.stdout.split() if line.endswith("=1")}
+        carried = _named(result, "1")
         with self._lock:
             for target, port_list in todo.items():
                 pair = (runtime.host, target)

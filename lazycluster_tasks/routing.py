@@ -78,9 +78,8 @@ class DirectRouting:
     def _tunnels_up(runtime: Runtime) -> None:
         """Re-establish the runtime's forwards that a dropped connection broke; TunnelError when
         one cannot be yet (e.g. the host's sshd still holds the port for the dead session)."""
-        for tunnel in list(runtime.tunnels):
-            if not tunnel.closed and not tunnel.is_active:
-                tunnel.check()
+        for tunnel in runtime.tunnels:
+            tunnel.check()
 
     @contextlib.contextmanager
     def while_registering(self, workers: Callable[[], Sequence[ProcessInfo]]) -> Iterator[None]:

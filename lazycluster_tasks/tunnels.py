@@ -93,10 +93,33 @@ class Tunnel:
         self.remote_port = remote_port
         self.closed = False
         self.last_error: str | None = None
+        self._channels: set[paramiko.Channel] = set()  # its connections being pumped
+        self._lock = threading.Lock()
 
     @property
     def is_active(self) -> bool:
         raise NotImplementedError
+
+    def _carry(self, chan: paramiko.Channel, sock: socket.socket) -> None:
+        """Pump one forwarded connection until it ends; close() ends it too."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            if self.closed:
+                chan.close()
+                sock.close()
+                return
+            self._channels.add(chan)
+        try:
+            pump(chan, sock)
+        finally:
+            with self._lock:
+                self._channels.discard(chan)
+
+    def _close_channels(self) -> None:
+        with self._lock:
+            channels = list(self._channels)
+        for chan in channels:
+            chan.close()
 
     def _reopen(self) -> None:
         raise NotImplementedError
@@ -140,8 +163,6 @@ class LocalForward(Tunnel):
     def __init__(self, connection: SSHConnection, remote_port: int, local_port: int = 0) -> None:
         super().__init__(connection, local_port, remote_port)
         self._listener: socket.socket | None = None
-        self._channels: set[paramiko.Channel] = set()
-        self._lock = threading.Lock()
         self._open()
         _keeper.add(self)
 
@@ -179,7 +200,6 @@ class LocalForward(Tunnel):
     def _serve(self, client: socket.socket) -> None:
         try:
             client.setblocking(True)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             chan = self.connection.transport().open_channel(
                 "direct-tcpip",
                 (LOOPBACK, self.remote_port),
@@ -191,17 +211,7 @@ class LocalForward(Tunnel):
             with contextlib.suppress(OSError):
                 client.close()
             return
-        with self._lock:
-            if self.closed:
-                chan.close()
-                client.close()
-                return
-            self._channels.add(chan)
-        try:
-            pump(chan, client)
-        finally:
-            with self._lock:
-                self._channels.discard(chan)
+        self._carry(chan, client)
 
     def close(self) -> None:
         if self.closed:
@@ -212,10 +222,7 @@ class LocalForward(Tunnel):
         if listener is not None:
             _acceptor.remove(listener)
             listener.close()
-        with self._lock:
-            channels = list(self._channels)
-        for chan in channels:
-            chan.close()
+        self._close_channels()
 
 
 class RemoteForward(Tunnel):
@@ -226,8 +233,6 @@ class RemoteForward(Tunnel):
     def __init__(self, connection: SSHConnection, local_port: int, remote_port: int = 0) -> None:
         super().__init__(connection, local_port, remote_port)
         self._transport: paramiko.Transport | None = None
-        self._channels: set[paramiko.Channel] = set()
-        self._lock = threading.Lock()
         self._open()
         connection.on_reconnect(self._on_reconnect)
         _keeper.add(self)
@@ -277,14 +282,7 @@ class RemoteForward(Tunnel):
             chan.close()
             return
         sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self._lock:
-            self._channels.add(chan)
-        try:
-            pump(chan, sock)
-        finally:
-            with self._lock:
-                self._channels.discard(chan)
+        self._carry(chan, sock)
 
     def close(self) -> None:
         if self.closed:
@@ -300,10 +298,7 @@ class RemoteForward(Tunnel):
                 # incoming channels, so every other -R forward on that host would be refused
                 with contextlib.suppress(Exception):
                     t.global_request("cancel-tcpip-forward", (LOOPBACK, self.remote_port))
-        with self._lock:
-            channels = list(self._channels)
-        for chan in channels:
-            chan.close()
+        self._close_channels()
 
 
 class _Dispatcher:
