@@ -10,7 +10,8 @@ Both ends bind 127.0.0.1. One SSH connection per runtime carries all its tunnels
 accepts on every -L listener of this process, one keeper watches every open tunnel and
 re-establishes those a dropped connection broke (both exit when no tunnel is open), and each
 forwarded connection is pumped by a thread of its own while it is open; an idle forward costs
-no thread.
+no thread. A -R forward re-established after a lost connection takes its port back from the
+host's sshd, which may still hold it for the dead session.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +39,11 @@ KEEPER_INTERVAL = 1.0
 CHANNEL_TIMEOUT = 15.0
 #: Connections a -L listener queues before accepting them (many workers connect at once).
 BACKLOG = 256
+#: Seconds a re-established -R forward keeps asking for its port while a dead session of ours
+#: may still hold it on the host (see RemoteForward._take_back).
+TAKE_BACK_TIMEOUT = 5.0
+#: Seconds a host has to answer a request for a -R forward.
+REQUEST_TIMEOUT = 20.0
 
 
 def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
@@ -95,6 +102,9 @@ class Tunnel:
         self.last_error: str | None = None
         self._channels: set[paramiko.Channel] = set()  # its connections being pumped
         self._lock = threading.Lock()
+        #: One re-establishment at a time (the keeper, a reconnect and a caller's check may
+        #: all find the tunnel down at once); taken after the connection's own lock.
+        self._reopening = threading.Lock()
 
     @property
     def is_active(self) -> bool:
@@ -121,7 +131,7 @@ class Tunnel:
         for chan in channels:
             chan.close()
 
-    def _reopen(self) -> None:
+    def _reopen(self, transport: paramiko.Transport) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -133,9 +143,13 @@ class Tunnel:
             return False
         if self.is_active:
             return True
-        logger.info("tunnel %s is down; re-establishing", self)
         try:
-            self._reopen()
+            transport = self.connection.transport()  # a reconnect re-establishes it already
+            with self._reopening:
+                if self.is_active or self.closed:
+                    return not self.closed
+                logger.info("tunnel %s is down; re-establishing", self)
+                self._reopen(transport)
         except Exception as exc:
             self.last_error = str(exc)
             raise TunnelError(
@@ -189,8 +203,8 @@ class LocalForward(Tunnel):
     def is_active(self) -> bool:
         return bool(not self.closed and self._listener is not None and self.connection.is_connected)
 
-    def _reopen(self) -> None:
-        self.connection.transport()  # the listener stayed; connections need a live transport
+    def _reopen(self, transport: paramiko.Transport) -> None:
+        """Nothing to do: the listener stayed, and connections take the live transport."""
 
     def _accept(self, client: socket.socket) -> None:
         threading.Thread(
@@ -237,11 +251,16 @@ class RemoteForward(Tunnel):
         connection.on_reconnect(self._on_reconnect)
         _keeper.add(self)
 
-    def _open(self, transport: paramiko.Transport | None = None) -> None:
+    def _open(self, transport: paramiko.Transport | None = None, take_back: bool = False) -> None:
         transport = transport or self.connection.transport()
         dispatcher = _Dispatcher.of(transport)
         try:
-            port = transport.request_port_forward(LOOPBACK, self.remote_port, dispatcher)
+            try:
+                port = dispatcher.request(transport, self.remote_port)
+            except paramiko.SSHException:
+                if not take_back:
+                    raise
+                port = self._take_back(transport)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise TunnelError(
                 f"{self.host} refused to forward its 127.0.0.1:{self.remote_port or '*'} to our "
@@ -251,13 +270,42 @@ class RemoteForward(Tunnel):
         dispatcher.routes[self.remote_port] = self
         self._transport = transport
 
+    def _take_back(self, transport: paramiko.Transport) -> int:
+        """Our port on the host, which a session of ours that died with the path may still
+        hold: an idle sshd sends nothing, so it learns of the loss only when it next writes.
+        A connection to the port makes it write (it offers the connection to its lost peer),
+        the reset that answers ends it, and the port is free. Bounded by TAKE_BACK_TIMEOUT."""
+        dispatcher = _Dispatcher.of(transport)
+        deadline = time.monotonic() + TAKE_BACK_TIMEOUT
+        pause = 0.1
+        while True:
+            with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
+                transport.open_channel(
+                    "direct-tcpip", (LOOPBACK, self.remote_port), (LOOPBACK, 0), timeout=pause * 5
+                ).close()
+            time.sleep(pause)
+            try:
+                port = dispatcher.request(transport, self.remote_port)
+            except paramiko.SSHException:
+                if time.monotonic() + pause > deadline:
+                    raise
+            else:
+                logger.info("%s: port %d taken back from a lost session", self.host, port)
+                return port
+            pause = min(2 * pause, 1.0)
+
     def _on_reconnect(self, transport: paramiko.Transport) -> None:
-        try:
-            self._open(transport)
-            self.last_error = None
-        except TunnelError as exc:
-            self.last_error = str(exc)
-            logger.warning("%s", exc)
+        """Called under the connection's lock: one request, no take-back (the keeper does
+        that, without holding every command to the host)."""
+        with self._reopening:
+            if self.closed:
+                return
+            try:
+                self._open(transport)
+                self.last_error = None
+            except TunnelError as exc:
+                self.last_error = str(exc)
+                logger.info("%s; taken back by the next check", exc)
 
     @property
     def is_active(self) -> bool:
@@ -269,10 +317,8 @@ class RemoteForward(Tunnel):
             and _Dispatcher.of(t).routes.get(self.remote_port) is self
         )
 
-    def _reopen(self) -> None:
-        self.connection.transport()  # reconnecting calls _on_reconnect
-        if not self.is_active:
-            self._open()
+    def _reopen(self, transport: paramiko.Transport) -> None:
+        self._open(transport, take_back=True)
 
     def _accept(self, chan: paramiko.Channel) -> None:
         try:
@@ -294,10 +340,8 @@ class RemoteForward(Tunnel):
         if t is not None:
             _Dispatcher.of(t).routes.pop(self.remote_port, None)
             if t.is_active():
-                # not t.cancel_port_forward(): it also drops the transport's handler of
-                # incoming channels, so every other -R forward on that host would be refused
                 with contextlib.suppress(Exception):
-                    t.global_request("cancel-tcpip-forward", (LOOPBACK, self.remote_port))
+                    _Dispatcher.cancel(t, self.remote_port)
         self._close_channels()
 
 
@@ -306,6 +350,43 @@ class _Dispatcher:
 
     def __init__(self) -> None:
         self.routes: dict[int, RemoteForward] = {}
+        #: paramiko hands a global request's answer to whichever request waits last: one
+        #: request at a time per transport, or an answer reaches the wrong forward
+        self._requests = threading.Lock()
+
+    def request(self, transport: paramiko.Transport, port: int) -> int:
+        """Ask the host to listen on its 127.0.0.1:``port`` for us; returns the port.
+        paramiko.SSHException when it refuses, or when it does not answer within
+        REQUEST_TIMEOUT (paramiko would wait as long as the connection looks open: the
+        connection is dropped instead, as a hung one)."""
+        fired: list[bool] = []
+
+        def hung() -> None:
+            fired.append(True)
+            transport.close()
+
+        with self._requests:
+            watchdog = threading.Timer(REQUEST_TIMEOUT, hung)
+            watchdog.name, watchdog.daemon = "lct-forward-request", True
+            watchdog.start()
+            try:
+                return int(transport.request_port_forward(LOOPBACK, port, self))
+            except paramiko.SSHException:
+                if fired:
+                    raise paramiko.SSHException(
+                        f"no answer in {REQUEST_TIMEOUT:.0f} s; connection dropped"
+                    ) from None
+                raise
+            finally:
+                watchdog.cancel()
+
+    @staticmethod
+    def cancel(transport: paramiko.Transport, port: int) -> None:
+        """Ask the host to stop listening on its 127.0.0.1:``port`` for us, without waiting
+        for its answer (a closing forward has no use for it). Not
+        transport.cancel_port_forward(): that also drops the transport's handler of incoming
+        channels, so every other -R forward on the host would be refused."""
+        transport.global_request("cancel-tcpip-forward", (LOOPBACK, port), wait=False)
 
     @classmethod
     def of(cls, transport: paramiko.Transport) -> _Dispatcher:

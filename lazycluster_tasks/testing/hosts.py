@@ -750,6 +750,19 @@ class TestHosts:
         self._apply_rules(self.host(name))
         self.start_sshd(name)
 
+    def forget_connections(self, name: str) -> int:
+        """While host ``name`` is cut: this machine drops its TCP connections to the host's
+        sshd without the host learning of it (the reset is lost on the cut path), as a machine
+        does that stopped retrying during a long outage. The host's sshd keeps those sessions
+        until it next sends something. Returns how many connections were dropped."""
+        host = self.host(name)
+        if name not in self._cut:
+            raise RuntimeError(f"forget_connections({name!r}): cut the host first")
+        match = ["dst", host.address, "dport", "=", "22"]
+        count = subprocess.run(["ss", "-Htn", *match], capture_output=True, text=True, check=True)
+        subprocess.run(["ss", "-HtnK", *match], capture_output=True, check=True)
+        return len(count.stdout.splitlines())
+
     @property
     def cut_hosts(self) -> frozenset[str]:
         """Names of the hosts cut off the network now (cut_host)."""
