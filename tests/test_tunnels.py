@@ -7,6 +7,7 @@ import contextlib
 import socket
 import sys
 import threading
+import time
 
 import psutil
 import pytest
@@ -17,6 +18,8 @@ from lazycluster_tasks import (
     PortInUseError,
     Runtime,
     RuntimeGroup,
+    TunnelError,
+    tunnels,
 )
 from tests.conftest import ssh_runtime, wait_until
 
@@ -343,3 +346,25 @@ def test_remote_forwards_requested_at_once_each_get_their_own_port(
             thread.start()
             assert runtime.run(fetch(port)).strip() == repr(payload)
             thread.join(5)
+
+
+def test_a_forward_request_to_a_host_that_went_silent_fails_in_bounded_time(
+    multi_hosts, monkeypatch, no_leftovers, no_local_leaks
+):
+    """paramiko waits for a request's answer as long as the connection looks open, which a cut
+    path does for minutes: the request gives up, names the host, and drops the connection."""
+    monkeypatch.setattr(tunnels, "REQUEST_TIMEOUT", 2.0)
+    runtime = ssh_runtime(multi_hosts, "host4")
+    try:
+        runtime.run("true")
+        multi_hosts.cut_host("host4")
+        try:
+            start = time.monotonic()
+            with pytest.raises(TunnelError, match=r"host4 .*no answer in 2 s"):
+                runtime.expose_port_to_runtime(9)
+            assert time.monotonic() - start < 10
+            assert not runtime.connection.is_connected
+        finally:
+            multi_hosts.restore_host("host4")
+    finally:
+        runtime.cleanup()
