@@ -303,7 +303,8 @@ class Engine:
         self, runtime: Runtime, info: ProcessInfo, timeout: float, debug: bool
     ) -> bool:
         """Wait until the scheduler wrote its file and its port answers. False when it lost its
-        port at bind time; MasterStartError when it exited otherwise or was not up in time."""
+        port at bind time or a forward of it found that port taken; MasterStartError when it
+        exited otherwise or was not up in time."""
         bind, port = self._scheduler_bind or "", self._scheduler_port or 0
         state, waited = processes.wait_ready(
             runtime,
@@ -330,7 +331,15 @@ class Engine:
         logger.info(
             "scheduler up on %s port %s after %.2f s (pid %s)", runtime, port, waited, info.pid
         )
-        self.routing.route_scheduler(runtime, port)  # only now: it listens
+        try:
+            self.routing.route_scheduler(runtime, port)  # only now: it listens
+        except (PortInUseError, GroupError) as exc:
+            if not _port_taken(exc):
+                raise
+            logger.info("port %s was taken on the scheduler's route since the probe", port)
+            self._stop(["scheduler"])
+            self._scheduler_port = self._scheduler_bind = None
+            return False
         self._log_output([info], debug)
         self.clients.connect_in_background()
         if self.on_scheduler_up is not None:
@@ -844,3 +853,10 @@ class Engine:
             folders=folders,
             tunnels=tunnels,
         )
+
+
+def _port_taken(exc: BaseException) -> bool:
+    """The error only says a port was taken (on one host, or on each that failed)."""
+    if isinstance(exc, GroupError):
+        return all(isinstance(e, PortInUseError) for e in exc.errors.values())
+    return isinstance(exc, PortInUseError)

@@ -197,9 +197,14 @@ class TunnelledRouting(DirectRouting):
         """Only once it listens: a forward to a scheduler not listening yet would accept the
         workers' connections and drop them, which they do not retry (a refused one they do)."""
         others = [rt for rt in self.group.runtimes if rt is not runtime and not rt.is_local]
-        if runtime is not self.controller and not runtime.is_local:
-            runtime.expose_port_from_runtime(port, port)
-        fan_out("route scheduler", others, lambda rt: rt.expose_port_to_runtime(port, port))
+        try:
+            if runtime is not self.controller and not runtime.is_local:
+                runtime.expose_port_from_runtime(port, port)
+            fan_out("route scheduler", others, lambda rt: rt.expose_port_to_runtime(port, port))
+        except BaseException:  # none of its forwards stays open
+            for rt in [runtime, *others]:
+                rt.close_tunnel(port)
+            raise
         logger.info("tunnels up: the scheduler at 127.0.0.1:%d on %d hosts", port, len(others))
 
     def route_workers(self, workers: Sequence[ProcessInfo]) -> None:

@@ -188,6 +188,34 @@ def test_port_taken_between_probe_and_bind(make_cluster):
         assert cluster.master_port == ports[1]
 
 
+def test_scheduler_port_taken_here_before_its_forward(make_cluster, monkeypatch):
+    """Tunnelled, with the scheduler on a host: its port must be free here too, for the
+    forward. Taken here between the probe and the forward, the next port is used, and no
+    forward of the first stays open."""
+    ports = free_local_ports(8, start=24100)
+    monkeypatch.setattr(DaskCluster, "DEFAULT_MASTER_PORT", ports[0])
+    cluster = make_cluster(master_host="host2", network_mode="tunnelled", ports=ports[1:])
+    cluster.ensure_plan(ports)  # the probe: everything free
+    routing = cluster.engine.routing
+    real, taken = routing.route_scheduler, []
+
+    def someone_takes_it_first(runtime, port):
+        if not taken:
+            taken.append(socket.create_server(("127.0.0.1", port)))
+        real(runtime, port)
+
+    monkeypatch.setattr(routing, "route_scheduler", someone_takes_it_first)
+    try:
+        cluster.start(worker_count=2)
+        assert cluster.master_port == ports[1]
+        assert [t for rt in cluster.runtime_group.runtimes for t in rt.tunnels
+                if ports[0] in (t.local_port, t.remote_port)] == []  # fmt: skip
+        assert sorted(where_work_ran(cluster).values()) == ["host1", "host2"]
+    finally:
+        for listener in taken:
+            listener.close()
+
+
 def test_worker_ports_skip_taken_ones(multi_hosts, make_cluster):
     blocker = multi_hosts.run_in(
         "host1",
