@@ -304,7 +304,8 @@ def test_a_remote_forward_comes_back_after_the_path_was_cut(
     carry connections again."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
-        runtime = ssh_runtime(multi_hosts, "host3")
+        # the cut is noticed when a command gets no channel within the connect timeout
+        runtime = ssh_runtime(multi_hosts, "host3", connection_kwargs={"connect_timeout": 3})
         try:
             remote_port = runtime.expose_port_to_runtime(port)
             (tunnel,) = runtime.tunnels
