@@ -97,7 +97,10 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
                 # routed through here
                 assert set(links.down) == pairs and not links.up
                 assert "link host1 -> host2 not up" in caplog.text
-                assert kinds.count("-R") == len(HOSTS) + len(pairs)
+                assert kinds.count("-R") == len(HOSTS) + len(pairs), (
+                    [rt.tunnels for rt in runtimes],
+                    sorted(str(w["name"]) for w in workers.values()),
+                )
             data = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
             seen = [
                 client.submit(_sha, data, workers=[on[h]], allow_other_workers=False, pure=False)
