@@ -53,11 +53,46 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+#: Fixtures of the session's Prefect server.
+PREFECT_FIXTURES = {"prefect_api", "prefect_server"}
+#: The session's Prefect server, launched once the collection shows a test of it: it boots
+#: (about 20 s, most of it migrating its database) while the tests before that one run.
+_prefect: PrefectServer | None = None
+
+
+def _launch_prefect() -> PrefectServer:
+    global _prefect
+    if _prefect is None:
+        _prefect = PrefectServer(tempfile.mkdtemp(prefix="prefect-server", dir=SESSION_TMP))
+        _prefect.launch()
+    return _prefect
+
+
+def _stop_prefect() -> None:
+    """The server and its home (database, log) go before the session's temp dir is checked."""
+    global _prefect
+    server, _prefect = _prefect, None
+    if server is not None:
+        server.stop()
+        shutil.rmtree(server.home, ignore_errors=True)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    config = session.config
+    runs_tests = hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("dsession")
+    if not runs_tests or config.option.collectonly:
+        return
+    if any(PREFECT_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
+        _launch_prefect()
+
+
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+def prefect_server() -> Iterator[PrefectServer]:
     """One real `prefect server start` (API, services, UI) for the whole session."""
-    with PrefectServer(tmp_path_factory.mktemp("prefect-server")) as server:
-        yield server
+    try:
+        yield _launch_prefect().wait_healthy()
+    finally:
+        _stop_prefect()
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +127,7 @@ def _no_temp_files_left() -> Iterator[None]:
     its end; pytest's own tmp_path folders are the only exception. (Test hosts have a temp dir
     of their own, checked with their processes.)"""
     yield
+    _stop_prefect()  # launched for tests that this session did not run, perhaps
     left = _wait_tmp_clean(set())
     if left:
         pytest.fail(f"left in the temp dir by the session: {left}")

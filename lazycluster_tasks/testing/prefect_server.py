@@ -36,6 +36,7 @@ class PrefectServer:
         self.api_url = f"{self.ui_url}/api"
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
+        self._launched = 0.0
         self._log = self.home / "server.log"
 
     def env(self) -> dict[str, str]:
@@ -51,6 +52,15 @@ class PrefectServer:
         }
 
     def start(self) -> PrefectServer:
+        """Launch the server and wait until its API is healthy."""
+        self.launch()
+        return self.wait_healthy()
+
+    def launch(self) -> PrefectServer:
+        """Launch the server without waiting for it (it boots while the caller goes on; see
+        :meth:`wait_healthy`). A second call does nothing."""
+        if self._process is not None:
+            return self
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self._log, "wb") as log:
             self._process = subprocess.Popen(
@@ -62,6 +72,12 @@ class PrefectServer:
                 start_new_session=True,
                 cwd=tempfile.gettempdir(),
             )
+        self._launched = time.monotonic()
+        return self
+
+    def wait_healthy(self) -> PrefectServer:
+        """Until the launched server's API answers (stopped, and an error, when it exits or
+        is not healthy within ``startup_timeout`` of its launch)."""
         try:
             self._wait_healthy()
         except BaseException:
@@ -70,7 +86,7 @@ class PrefectServer:
         return self
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
+        deadline = self._launched + self.startup_timeout
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
