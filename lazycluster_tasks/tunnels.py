@@ -76,6 +76,8 @@ def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
                     sock.shutdown(socket.SHUT_WR)
                     open_ends.remove(chan)
                     watch.unregister(chan)
+            if chan not in open_ends and chan.closed:
+                break  # the far end closed the channel: what our side still sends has no way
             transport = chan.get_transport()
             if not readable and (chan.closed or transport is None or not transport.is_active()):
                 break
@@ -100,7 +102,8 @@ class Tunnel:
         self.remote_port = remote_port
         self.closed = False
         self.last_error: str | None = None
-        self._channels: set[paramiko.Channel] = set()  # its connections being pumped
+        #: its connections being pumped: channel -> our socket
+        self._channels: dict[paramiko.Channel, socket.socket] = {}
         self._lock = threading.Lock()
         #: One re-establishment at a time (the keeper, a reconnect and a caller's check may
         #: all find the tunnel down at once); taken after the connection's own lock.
@@ -118,18 +121,22 @@ class Tunnel:
                 chan.close()
                 sock.close()
                 return
-            self._channels.add(chan)
+            self._channels[chan] = sock
         try:
             pump(chan, sock)
         finally:
             with self._lock:
-                self._channels.discard(chan)
+                self._channels.pop(chan, None)
 
     def _close_channels(self) -> None:
+        """End every connection now: the channel closes, and our socket reads end-of-file (its
+        pump then ends at once, not at its next timeout)."""
         with self._lock:
-            channels = list(self._channels)
-        for chan in channels:
+            pairs = list(self._channels.items())
+        for chan, sock in pairs:
             chan.close()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _reopen(self, transport: paramiko.Transport) -> None:
         raise NotImplementedError
