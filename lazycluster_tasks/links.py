@@ -10,7 +10,8 @@ in the cluster folders and authorized in each host's ``~/.ssh/authorized_keys`` 
 lifetime with options that allow forwarding to the host's loopback and nothing else. The far host's
 key is the one this machine verified for it. A pair whose link does not come up (a host that
 cannot reach the other's sshd, no ssh client, sshd reading keys from elsewhere) is named in the
-log and keeps the route through this machine. While the cluster runs, every host is asked every
+log and keeps the route through this machine; the pairs of a host that did not answer during the
+set-up are dialled once it answers again. While the cluster runs, every host is asked every
 few seconds whether its links' masters still run (one round trip per host); the routes of a
 link that ended go through this machine again, and the link is dialled again once both its hosts
 answer (at once, then after longer and longer pauses while it fails); when it is up, its routes
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from lazycluster_tasks import commands, processes
 from lazycluster_tasks.connection import CommandResult, tail
+from lazycluster_tasks.errors import GroupError, LazyclusterError, is_transient
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
 from lazycluster_tasks.runtime import Runtime
@@ -153,6 +155,9 @@ class Links:
         #: lost pairs to dial again -> (pause after the next failure, earliest next try)
         self._retry: dict[Pair, tuple[float, float]] = {}
         self._answered: set[str] = set()  # hosts that answered the last check
+        self._key: LinkKey | None = None
+        self._authorized: set[str] = set()  # targets whose authorized_keys has the key
+        self._sent: dict[str, str] = {}  # host -> the known_hosts text its folder has
         self._serial = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -237,7 +242,7 @@ class Links:
         will be dialled again (see :meth:`reopen`); returns those pairs with the ports their
         link carried. A host that does not answer is left to the cluster's own watch."""
         with self._lock:
-            by_host: dict[str, dict[str, Pair]] = {h: {} for h in self._peers}
+            by_host: dict[str, dict[str, Pair]] = {rt.host: {} for rt in self.runtimes}
             for pair in self.up:
                 by_host.setdefault(pair[0], {})[self._names[pair]] = pair
             masters = {h: {n: master_pid_file(n) for n in named} for h, named in by_host.items()}
@@ -287,10 +292,12 @@ class Links:
                     return back
                 batch = pairs[first : first + LINK_BATCH]
                 try:
-                    self._start(self._runtime(source), [self._peers[b] for _, b in batch], {})
+                    targets = [self._ready_target(b) for _, b in batch]
+                    self._start(self._runtime(source), targets, self._files_for(source))
                 except Exception as exc:  # tried again after the pause
                     for pair in batch:
-                        self.down[pair] = f"link lost; not reopened: {exc}"
+                        lost = "link lost; " if pair in self._names else ""  # was up once
+                        self.down[pair] = f"{lost}not reopened: {exc}"
                 with self._lock:
                     for pair in batch:
                         pause, _ = self._retry.pop(pair)
@@ -310,60 +317,112 @@ class Links:
     def _setup(self) -> None:
         if len(self.runtimes) < 2:
             return
+        away: dict[str, BaseException] = {}  # hosts that did not answer: tried again later
         peers: dict[str, Peer] = {}
         for rt in self.runtimes:
-            peer = Peer.of(rt, self.addresses.get(rt.host))
+            try:
+                peer = Peer.of(rt, self.addresses.get(rt.host))
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                away[rt.host] = exc
+                continue
             if isinstance(peer, Peer):
                 peers[rt.host] = peer
             else:
                 for other in self.runtimes:
                     if other is not rt:
                         self.down[(other.host, rt.host)] = peer
-        if not peers:
-            return
         self._peers = peers
-        key = LinkKey.generate()
-        line = commands.authorized_line(key.public, self.marker)
-        known = "".join(f"{p.alias} {p.key_type} {p.key}\n" for p in peers.values())
-        files = {KEY_FILE: key.private, KNOWN_HOSTS: known}
+        self._key = LinkKey.generate()
         # 1. every target authorizes the key (before anyone dials it)
-        authorized = run_parallel(
-            "authorize link key",
-            {h: self._runtime(h) for h in peers},
-            lambda rt: rt.connection.run(commands.authorize_key(line, self.marker), timeout=30),
-        )
-        for host, result in authorized.items():
-            if not result.ok:
-                self._target_down(host, f"could not authorize the key: {tail(result.output, 200)}")
-                peers.pop(host)
+        try:
+            authorized = run_parallel(
+                "authorize link key", {h: self._runtime(h) for h in peers}, self._authorize
+            )
+        except GroupError as exc:  # a refusal is named (the pairs to it keep the relay)
+            authorized = exc.results
+            away.update((h, e) for h, e in exc.errors.items() if is_transient(e))
+        for host in set(peers) - set(authorized):
+            peers.pop(host)
         # 2. every host starts its masters, 3. and reports which came up
         jobs = {}
         order = list(peers.values())
         for index, rt in enumerate(self.runtimes):
             # each host dials the others in its own rotation, LINK_BATCH at a time: no sshd
             # gets every host's handshake at once (MaxStartups drops beyond 10 by default)
-            rotated = order[index % len(order) :] + order[: index % len(order)]
+            rotated = order[index % len(order) :] + order[: index % len(order)] if order else []
             targets = [p for p in rotated if p.host != rt.host]
-            if targets:
+            if targets and rt.host not in away:
                 jobs[rt.host] = (rt, targets)
 
         def start(job: tuple[Runtime, list[Peer]]) -> None:
             runtime, targets = job
-            sent = False
             for first in range(0, len(targets), LINK_BATCH):
                 if self._closing.is_set():
                     return
                 batch = targets[first : first + LINK_BATCH]
-                self._start(runtime, batch, {} if sent else files)
-                sent = True
+                self._start(runtime, batch, self._files_for(runtime.host))
 
-        run_parallel("start links", jobs, start)
+        try:
+            run_parallel("start links", jobs, start)
+        except GroupError as exc:
+            if not all(is_transient(e) for e in exc.errors.values()):
+                raise
+            away.update(exc.errors)
+        self._retry_away(away)
         if self.up:
             logger.info(
                 "host-to-host SSH links up: %d of %d pairs",
                 len(self.up),
                 len(self.up) + len(self.down),
             )
+
+    def _retry_away(self, away: Mapping[str, BaseException]) -> None:
+        """The pairs of hosts that did not answer during the set-up are dialled again once both
+        answer a check (a host cut off for a while still gets its links)."""
+        for host, exc in away.items():
+            why = f"{host} did not answer during the set-up: {' '.join(str(exc).split())}"
+            logger.info("links of %s not set up (tried again once it answers): %s", host, why)
+            for rt in self.runtimes:
+                for pair in ((host, rt.host), (rt.host, host)):
+                    target_ok = pair[1] in self._peers or pair[1] in away  # else never one
+                    if rt.host != host and pair not in self.up and target_ok:
+                        self.down[pair] = why
+                        self._retry.setdefault(pair, (REOPEN_PAUSE[0], 0.0))
+
+    def _authorize(self, runtime: Runtime) -> None:
+        """``runtime``'s host lets the cluster's key in (for forwards to its loopback only)."""
+        assert self._key is not None
+        line = commands.authorized_line(self._key.public, self.marker)
+        result = runtime.connection.run(commands.authorize_key(line, self.marker), timeout=30)
+        if not result.ok:
+            why = f"could not authorize the key: {tail(result.output, 200)}"
+            self._target_down(runtime.host, why)
+            raise LazyclusterError(why)
+        self._authorized.add(runtime.host)
+
+    def _ready_target(self, host: str) -> Peer:
+        """``host`` as a link target for a reopen: its address and key known, the key
+        authorized there (a host away during the set-up has neither yet)."""
+        peer = self._peers.get(host)
+        if peer is None:
+            found = Peer.of(self._runtime(host), self.addresses.get(host))
+            if isinstance(found, str):
+                raise LazyclusterError(found)
+            peer = self._peers[host] = found
+        if host not in self._authorized:
+            self._authorize(self._runtime(host))
+        return peer
+
+    def _files_for(self, host: str) -> dict[str, str]:
+        """The key and known_hosts to deliver with ``host``'s next masters (none when its
+        folder has them and knows every target)."""
+        assert self._key is not None
+        known = "".join(f"{p.alias} {p.key_type} {p.key}\n" for p in self._peers.values())
+        if self._sent.get(host) == known:
+            return {}
+        return {KEY_FILE: self._key.private, KNOWN_HOSTS: known}
 
     def _runtime(self, host: str) -> Runtime:
         return next(rt for rt in self.runtimes if rt.host == host)
@@ -403,6 +462,8 @@ class Links:
         if not specs:
             return
         infos = processes.start_processes(runtime, folder, specs, files)
+        if KNOWN_HOSTS in files:
+            self._sent[runtime.host] = files[KNOWN_HOSTS]
         if self._closing.is_set():
             return  # the cleanup is under way: these end with the folder it removes
         for info in infos:

@@ -186,6 +186,60 @@ def test_links_come_up_under_a_folder_deeper_than_a_socket_path_allows(
     assert not any(marker in multi_hosts.authorized_keys(h) for h in ("host1", "host2"))
 
 
+def test_links_of_a_host_away_at_set_up_come_up_once_it_answers(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, monkeypatch, caplog
+) -> None:
+    """A host cut off while the links are set up: its pairs keep the relay and are named,
+    the other pairs come up, and its own are dialled once it answers again (before, they kept
+    the relay for the cluster's lifetime)."""
+    monkeypatch.setattr(links_module, "CHECK_INTERVAL", 1.0)
+    monkeypatch.setattr(links_module, "REOPEN_PAUSE", (1.0, 60.0))
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks.links")
+    hosts = ["host1", "host2", "host3"]
+    group = RuntimeGroup(
+        hosts=hosts,
+        ssh_config_path=str(multi_hosts.ssh_config_path),
+        connection_kwargs={"connect_timeout": 3},  # a cut is noticed within 3 s
+    )
+
+    def folder(rt: Runtime) -> str:
+        return posixpath.join(rt.working_dir, "lazycluster-away")
+
+    for rt in group.runtimes:
+        folder(rt)  # the working dirs exist before the cut
+    started: dict[str, list[ProcessInfo]] = {}
+    marker = commands.peer_marker("away")
+    links = links_module.Links(
+        group.runtimes,
+        {h.name: h.address for h in multi_hosts.hosts},
+        folder,
+        marker,
+        lambda rt, i: started.setdefault(rt.host, []).append(i),
+    )
+    pairs = {(a, b) for a in hosts for b in hosts if a != b}
+    away = {p for p in pairs if "host3" in p}
+    try:
+        multi_hosts.cut_host("host3")
+        try:
+            links.start()
+            links.wait()
+            assert set(links.up) == pairs - away, links.down
+            assert all("host3 did not answer" in links.down[p] for p in away), links.down
+        finally:
+            multi_hosts.restore_host("host3")
+        assert wait_until(lambda: set(links.up) == pairs, 40), links.down
+        assert "host3 -> host1 up again" in caplog.text
+        assert marker in multi_hosts.authorized_keys("host3")
+    finally:
+        links.close()
+        for rt in group.runtimes:
+            processes.stop_processes(
+                rt, started.get(rt.host, []), processes.folder_marker(folder(rt)), 0.3, None, marker
+            )
+        group.cleanup()
+    assert not any(marker in multi_hosts.authorized_keys(h) for h in hosts)
+
+
 @pytest.mark.slow
 def test_forwards_and_threads_grow_with_the_workers_not_with_the_hosts_squared(
     multi_hosts: TestHosts, no_local_leaks: None
