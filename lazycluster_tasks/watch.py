@@ -2,11 +2,12 @@
 
 :class:`ClusterWatch` checks a cluster's :class:`~lazycluster_tasks.engine.Engine` (or a
 :class:`~lazycluster_tasks.dask.DaskCluster`'s) from a background thread every ``interval``
-seconds. Fatal (the first one ends the watch and calls ``on_lost``): the scheduler is gone or
-does not answer; every worker is gone; a registered worker cannot be reached from this machine
-(direct mode) or has sent no heartbeat for ``heartbeat_limit`` seconds (its path to the
-scheduler is cut); the optional deadline passed. A worker that simply died is logged and left to
-Dask, which reschedules its work on the others.
+seconds. Fatal (the first one ends the watch and calls ``on_lost``): the scheduler is gone, or
+has not answered for ``unanswered_limit`` seconds (a busy one answers late: on 2 shared cores a
+scheduler can miss a 5 s question now and then); every worker is gone; a registered worker
+cannot be reached from this machine (direct mode) or has sent no heartbeat for
+``heartbeat_limit`` seconds (its path to the scheduler is cut); the optional deadline passed.
+A worker that simply died is logged and left to Dask, which reschedules its work on the others.
 
 A cluster that replaces lost workers itself (``LazySSHCluster``, ``heals=True``) is watched with
 its own policy: a silent or unreachable worker is logged and left to the healing, and "every
@@ -37,6 +38,8 @@ HEARTBEAT_LIMIT = 10.0
 #: With healing: seconds without any worker before the cluster counts as lost.
 ALL_LOST_AFTER = 120.0
 CONNECT_TIMEOUT = 2.0
+#: Seconds the scheduler may leave the checks unanswered before it counts as lost.
+UNANSWERED_LIMIT = 20.0
 
 
 class ClusterWatch:
@@ -52,6 +55,7 @@ class ClusterWatch:
         deadline: float | None = None,
         heals: bool = False,
         all_lost_after: float = ALL_LOST_AFTER,
+        unanswered_limit: float = UNANSWERED_LIMIT,
     ) -> None:
         if interval <= 0 or heartbeat_limit <= 0:
             raise ValueError("interval and heartbeat_limit must be > 0")
@@ -70,6 +74,8 @@ class ClusterWatch:
         self.heals = heals
         self.all_lost_after = all_lost_after
         self._none_since: float | None = None
+        self.unanswered_limit = unanswered_limit
+        self._unanswered_since: float | None = None  # first check the scheduler left unanswered
         self._left_to_healing: set[str] = set()
 
     def __enter__(self) -> ClusterWatch:
@@ -116,7 +122,21 @@ class ClusterWatch:
         try:
             registered = cluster.registered()
         except (OSError, TimeoutError, LazyclusterError) as exc:
-            return f"the scheduler at {cluster.scheduler_address} does not answer ({exc!r})"
+            now = time.monotonic()
+            since = self._unanswered_since = self._unanswered_since or now
+            if now - since >= self.unanswered_limit:
+                return (
+                    f"the scheduler at {cluster.scheduler_address} does not answer ({exc!r}; "
+                    f"asked for {now - since:.0f} s)"
+                )
+            logger.warning(
+                "the scheduler at %s does not answer (%r); asked again until %.0f s passed",
+                cluster.scheduler_address,
+                exc,
+                self.unanswered_limit,
+            )
+            return None
+        self._unanswered_since = None
         ours = cluster.worker_names()
         for name in ours:
             if name not in registered and name not in self._lost:

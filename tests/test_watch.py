@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -58,6 +60,19 @@ def test_the_watch_finds_nothing_on_a_healthy_cluster_and_a_lost_scheduler(
         watch.deadline = time.monotonic() - 1
         assert watch.check() == "the job ran past its timeout"
         watch.deadline = None
+        # a scheduler that answers nothing for a while (here: stopped) is busy, not lost,
+        # until the limit has passed; then it is lost
+        busy = ClusterWatch(cluster, unanswered_limit=4)
+        info = cluster.engine.scheduler_process
+        assert info is not None
+        scheduler = info.pid
+        os.killpg(scheduler, signal.SIGSTOP)
+        try:
+            assert busy.check() is None  # took the question's 5 s
+            assert "does not answer" in (busy.check() or "")
+        finally:
+            os.killpg(scheduler, signal.SIGCONT)
+        assert busy.check() is None  # answers again
         cluster.stop_master()
         assert "scheduler" in (watch.check() or "")
     finally:
