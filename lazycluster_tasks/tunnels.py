@@ -67,7 +67,7 @@ def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
                 else:
                     chan.shutdown_write()
                     open_ends.remove(sock)
-                    watch.unregister(sock)
+                    _unwatch(watch, sock)
             if chan in readable:
                 data = chan.recv(CHUNK)
                 if data:
@@ -75,9 +75,9 @@ def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
                 else:
                     sock.shutdown(socket.SHUT_WR)
                     open_ends.remove(chan)
-                    watch.unregister(chan)
-            if chan not in open_ends and chan.closed:
-                break  # the far end closed the channel: what our side still sends has no way
+                    _unwatch(watch, chan)
+            if chan.closed and not chan.recv_ready():
+                break  # closed (by the far end, or by our close) with nothing left to pass on
             transport = chan.get_transport()
             if not readable and (chan.closed or transport is None or not transport.is_active()):
                 break
@@ -88,6 +88,13 @@ def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
         chan.close()
         with contextlib.suppress(OSError):
             sock.close()
+
+
+def _unwatch(watch: selectors.BaseSelector, end: Any) -> None:
+    """Stop watching ``end``; a channel closed meanwhile (by the tunnel's close) answers
+    fileno() with a new descriptor, unknown to the selector: nothing to unregister then."""
+    with contextlib.suppress(KeyError, ValueError):
+        watch.unregister(end)
 
 
 class Tunnel:
