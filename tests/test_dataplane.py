@@ -4,10 +4,12 @@ workers, not with workers x hosts; nothing (no process, no authorized key) left 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
@@ -150,6 +152,31 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
     assert not [t for t in threading.enumerate() if t.name == "lct-links"]
 
 
+@contextlib.contextmanager
+def _bare_links(
+    hosts: TestHosts, group: RuntimeGroup, folder: Callable[[Runtime], str], marker: str
+) -> Iterator[links_module.Links]:
+    """Links over ``group`` without a cluster; on exit their masters are stopped, the key
+    revoked and the group cleaned up."""
+    started: dict[str, list[ProcessInfo]] = {}
+    links = links_module.Links(
+        group.runtimes,
+        {h.name: h.address for h in hosts.hosts},
+        folder,
+        marker,
+        lambda rt, i: started.setdefault(rt.host, []).append(i),
+    )
+    try:
+        yield links
+    finally:
+        links.close()
+        for rt in group.runtimes:
+            processes.stop_processes(
+                rt, started.get(rt.host, []), processes.folder_marker(folder(rt)), 0.3, None, marker
+            )
+        group.cleanup()
+
+
 def test_links_come_up_under_a_folder_deeper_than_a_socket_path_allows(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
@@ -160,29 +187,13 @@ def test_links_come_up_under_a_folder_deeper_than_a_socket_path_allows(
     def deep(rt: Runtime) -> str:
         return posixpath.join(rt.working_dir, "d" * 60, "e" * 60, "lazycluster-deep")
 
-    started: dict[str, list[ProcessInfo]] = {}
     marker = commands.peer_marker("deep")
-    addresses = {h.name: h.address for h in multi_hosts.hosts}
-    links = links_module.Links(
-        group.runtimes,
-        addresses,
-        deep,
-        marker,
-        lambda rt, i: started.setdefault(rt.host, []).append(i),
-    )
-    try:
+    with _bare_links(multi_hosts, group, deep, marker) as links:
         links.start()
         links.wait()
         assert all(len(deep(rt)) > 108 for rt in group.runtimes)
         assert set(links.up) == {("host1", "host2"), ("host2", "host1")}, links.down
         assert links.check() == {}  # and they answer on their sockets
-    finally:
-        links.close()
-        for rt in group.runtimes:
-            processes.stop_processes(
-                rt, started.get(rt.host, []), processes.folder_marker(deep(rt)), 0.3, None, marker
-            )
-        group.cleanup()
     assert not any(marker in multi_hosts.authorized_keys(h) for h in ("host1", "host2"))
 
 
@@ -207,18 +218,10 @@ def test_links_of_a_host_away_at_set_up_come_up_once_it_answers(
 
     for rt in group.runtimes:
         folder(rt)  # the working dirs exist before the cut
-    started: dict[str, list[ProcessInfo]] = {}
     marker = commands.peer_marker("away")
-    links = links_module.Links(
-        group.runtimes,
-        {h.name: h.address for h in multi_hosts.hosts},
-        folder,
-        marker,
-        lambda rt, i: started.setdefault(rt.host, []).append(i),
-    )
     pairs = {(a, b) for a in hosts for b in hosts if a != b}
     away = {p for p in pairs if "host3" in p}
-    try:
+    with _bare_links(multi_hosts, group, folder, marker) as links:
         multi_hosts.cut_host("host3")
         try:
             links.start()
@@ -230,13 +233,6 @@ def test_links_of_a_host_away_at_set_up_come_up_once_it_answers(
         assert wait_until(lambda: set(links.up) == pairs, 40), links.down
         assert "host3 -> host1 up again" in caplog.text
         assert marker in multi_hosts.authorized_keys("host3")
-    finally:
-        links.close()
-        for rt in group.runtimes:
-            processes.stop_processes(
-                rt, started.get(rt.host, []), processes.folder_marker(folder(rt)), 0.3, None, marker
-            )
-        group.cleanup()
     assert not any(marker in multi_hosts.authorized_keys(h) for h in hosts)
 
 

@@ -180,6 +180,17 @@ def _answer(listener: socket.socket, payload: bytes) -> None:
         conn.sendall(payload)
 
 
+def _fetched(runtime: Runtime, port: int, listener: socket.socket, payload: bytes) -> str:
+    """What the host reads from its 127.0.0.1:port while ``listener`` here answers ``payload``
+    (through a -R forward)."""
+    thread = threading.Thread(target=_answer, args=(listener, payload))
+    thread.start()
+    try:
+        return runtime.run(fetch(port)).strip()
+    finally:
+        thread.join(5)
+
+
 def test_taken_ports_are_reported(host1, test_hosts):
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
@@ -212,10 +223,7 @@ def test_tunnels_come_back_after_the_connection_drops(
                 runtime.tunnels
             )
             assert greet(local_port) == b"hello from host3"
-            thread = threading.Thread(target=lambda: _answer(listener, b"back"))
-            thread.start()
-            assert runtime.run(fetch(remote_port)).strip() == "b'back'"
-            thread.join(5)
+            assert _fetched(runtime, remote_port, listener, b"back") == "b'back'"
         finally:
             runtime.cleanup()
 
@@ -318,10 +326,7 @@ def test_a_remote_forward_comes_back_after_the_path_was_cut(
                 multi_hosts.restore_host("host3")
             assert wait_until(lambda: tunnel.is_active, timeout=20), tunnel.last_error
             assert tunnel.remote_port == remote_port
-            thread = threading.Thread(target=lambda: _answer(listener, b"back"))
-            thread.start()
-            assert runtime.run(fetch(remote_port)).strip() == "b'back'"
-            thread.join(5)
+            assert _fetched(runtime, remote_port, listener, b"back") == "b'back'"
         finally:
             runtime.cleanup()
 
@@ -343,10 +348,7 @@ def test_remote_forwards_requested_at_once_each_get_their_own_port(
         assert len(set(ports)) == len(ports), ports
         for listener, port in zip(listeners[:3], ports[:3], strict=True):  # each its own listener
             payload = f"listener {listener.getsockname()[1]}".encode()
-            thread = threading.Thread(target=_answer, args=(listener, payload))
-            thread.start()
-            assert runtime.run(fetch(port)).strip() == repr(payload)
-            thread.join(5)
+            assert _fetched(runtime, port, listener, payload) == repr(payload)
 
 
 def test_a_forward_request_to_a_host_that_went_silent_fails_in_bounded_time(
