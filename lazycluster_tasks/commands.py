@@ -330,41 +330,41 @@ def link_master_argv(
     return [*argv, "-p", str(int(port)), "-l", user, "--", address]
 
 
-#: Keeps a link master only while the cluster has a worker on its host: once one ran and none
-#: is left (the cluster stopped or its controller died), none came within $1 seconds, or the
-#: cluster folder is gone (a cleanup that ran while the link started), the master is ended.
-#: It looks every $2 seconds and writes the master's pid to the file $3 (see link_alive).
-#: Args: grace seconds, pause seconds, the pid file, the cluster folder, then the master's argv.
-LINK_KEEPER = (
-    'grace=$1 pause=$2 mfile=$3 folder=$4; shift 4; "$@" & m=$!; echo "$m" >"$mfile"; '
-    "trap 'kill $m 2>/dev/null; exit 0' TERM INT HUP; t=0 seen=0; "
-    # builtins only but sleep: hundreds of idle links must cost no CPU
-    "while kill -0 $m 2>/dev/null; do live=0; "
-    '[ -d "$folder" ] || { kill $m 2>/dev/null; break; }; '
-    'for f in "$folder"/*.pid; do case "$f" in */link-*) continue;; esac; '
-    'p=; { read -r p <"$f"; } 2>/dev/null; '
-    '[ -n "$p" ] && kill -0 "$p" 2>/dev/null && live=1 && break; '
-    "done; "
-    'if [ $live = 1 ]; then seen=1; elif [ $seen = 1 ] || [ $t -ge "$grace" ]; then '
-    'kill $m 2>/dev/null; break; fi; sleep "$pause"; t=$((t+pause)); done; wait $m'
+#: One per host and cluster: ends the host's link masters once the cluster has no worker there
+#: (one ran and none is left: the cluster stopped or its controller died), none came within $1
+#: seconds, or the cluster folder is gone. It looks every $2 seconds (builtins only, then one
+#: ``sleep``: idle links cost no CPU), knows the masters by their pid files (``link-*.pid``) and
+#: ends only a process whose command line names the folder (a reused pid is left alone).
+#: Args: grace seconds, pause seconds, the cluster folder.
+LINK_WATCH = (
+    "grace=$1 pause=$2 folder=$3; t=0 seen=0 ms=; "
+    'while [ -d "$folder" ]; do live=0 ms=; '
+    'for f in "$folder"/*.pid; do p=; { read -r p <"$f"; } 2>/dev/null; '
+    'case "$p" in *[!0-9]*|"") continue;; esac; '
+    'case "$f" in */link-watch-*) continue;; */link-*) ms="$ms $p"; continue;; esac; '
+    '[ $live = 1 ] || { kill -0 "$p" 2>/dev/null && live=1; }; done; '
+    'if [ $live = 1 ]; then seen=1; elif [ $seen = 1 ] || [ $t -ge "$grace" ]; then break; fi; '
+    'sleep "$pause"; t=$((t+pause)); done; '
+    'for p in $ms; do if [ -r "/proc/$p/cmdline" ]; then '
+    'grep -qaF -- "$folder" "/proc/$p/cmdline" 2>/dev/null || continue; fi; '
+    'kill -TERM -"$p" 2>/dev/null; done; true'
 )
-#: Seconds between a link keeper's looks (each a few builtins and a sleep; a link whose
-#: controller died ends within this after its last worker).
-LINK_KEEPER_PAUSE = 2
+#: Seconds between a link watch's looks (a link whose controller died ends within this after
+#: its host's last worker).
+LINK_WATCH_PAUSE = 2
 
 
-def link_keeper_argv(
-    master: Sequence[str], folder: str, grace: float, pid_file: str, pause: int = LINK_KEEPER_PAUSE
-) -> list[str]:
-    """``master`` (see :func:`link_master_argv`) under :data:`LINK_KEEPER`; the master's pid
-    goes to ``pid_file``."""
-    args = [str(int(grace)), str(int(pause)), pid_file, folder]
-    return ["sh", "-c", LINK_KEEPER, "lazycluster-link", *args, *master]
+def link_watch_argv(folder: str, grace: float, pause: int = LINK_WATCH_PAUSE) -> list[str]:
+    """The :data:`LINK_WATCH` of ``folder``'s links on one host (the folder ends with ``/``:
+    its command line holds the cluster's process marker, so stops find it)."""
+    args = [str(int(grace)), str(int(pause)), folder.rstrip("/") + "/"]
+    return ["sh", "-c", LINK_WATCH, "lazycluster-link-watch", *args]
 
 
 def link_alive(pid_files: Mapping[str, str]) -> str:
-    """Print ``name=1`` for each link whose master (its pid in the named file) runs, ``name=0``
-    for one that ended: one round trip for all of a host's links, no process started."""
+    """Print ``name=1`` for each link process (a master, a watch) whose pid, in the named file,
+    runs, ``name=0`` for one that ended: one round trip for all of a host's links, no process
+    started."""
     lines = [
         f"m=; {{ read -r m <{q(path)}; }} 2>/dev/null; "
         f'if running "$m"; then echo {q(name + "=1")}; else echo {q(name + "=0")}; fi'

@@ -16,7 +16,9 @@ few seconds whether its links' masters still run (one round trip per host); the 
 link that ended go through this machine again, and the link is dialled again once both its hosts
 answer (at once, then after longer and longer pauses while it fails); when it is up, its routes
 move back onto it. Masters are cluster processes (pid files in the cluster folder), so cleanup
-and ``teardown(record)`` stop them; both revoke the key.
+and ``teardown(record)`` stop them; both revoke the key. One watch per host (see
+commands.LINK_WATCH) ends the host's masters once the cluster has no worker there (its controller
+died, say).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from lazycluster_tasks import commands, processes
-from lazycluster_tasks.connection import CommandResult, tail
+from lazycluster_tasks.connection import INTERNAL_TIMEOUT, CommandResult, tail
 from lazycluster_tasks.errors import GroupError, LazyclusterError, is_transient
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
@@ -44,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds the set-up waits for all masters (they give up after LINK_CONNECT_TIMEOUT).
 SETUP_TIMEOUT = 15.0
+#: Seconds the start of a host's link processes may take (one round trip, the commands' bound).
+START_TIMEOUT = INTERNAL_TIMEOUT
 #: Seconds a cleanup waits for a link set-up under way (then it goes on without it).
 CLOSE_WAIT = 2.0
 #: Links a host dials at once.
@@ -126,9 +130,9 @@ def _named(result: CommandResult, value: str) -> set[str]:
     return {line[: -len(value) - 1] for line in result.stdout.split() if line.endswith("=" + value)}
 
 
-def master_pid_file(name: str) -> str:
-    """Where link process ``name``'s keeper writes its master's pid (relative to the folder)."""
-    return f"{name}.m"
+def pid_file(name: str) -> str:
+    """Link process ``name``'s pid file, relative to the cluster folder."""
+    return f"{name}.pid"
 
 
 class Links:
@@ -158,8 +162,11 @@ class Links:
         self._key: LinkKey | None = None
         self._authorized: set[str] = set()  # targets whose authorized_keys has the key
         self._sent: dict[str, str] = {}  # host -> the known_hosts text its folder has
+        self._watches: dict[str, str] = {}  # host -> the name of its link watch that runs
         self._serial = 0
         self._lock = threading.Lock()
+        #: held while link processes start and are registered: after close() no more start
+        self._starting = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._ready = threading.Event()
@@ -198,12 +205,16 @@ class Links:
                 return
 
     def close(self, wait: float = CLOSE_WAIT) -> None:
-        """Before cleanup: no batch starts any more; the one running gets ``wait`` seconds.
-        A master it starts after the cleanup ends by itself once the cluster folder is gone
-        (see commands.LINK_KEEPER); the cleanup closing the connections ends the set-up."""
+        """Before cleanup: no link process starts any more (one being started is registered
+        first, so the cleanup stops it); the set-up under way gets ``wait`` seconds, and the
+        cleanup closing the connections ends it."""
         self._closing.set()
         with self._lock:
             thread, self._thread = self._thread, threading.Thread()  # start() is a no-op now
+        if self._starting.acquire(timeout=START_TIMEOUT + 5):
+            self._starting.release()
+        else:
+            logger.warning("a link start did not end within %.0f s", START_TIMEOUT + 5)
         if thread is not None and thread.ident is not None:
             thread.join(wait)
 
@@ -245,7 +256,11 @@ class Links:
             by_host: dict[str, dict[str, Pair]] = {rt.host: {} for rt in self.runtimes}
             for pair in self.up:
                 by_host.setdefault(pair[0], {})[self._names[pair]] = pair
-            masters = {h: {n: master_pid_file(n) for n in named} for h, named in by_host.items()}
+            watches = {h: w for h, w in self._watches.items() if by_host.get(h)}
+            masters = {
+                h: {n: pid_file(n) for n in [*named, *([watches[h]] if h in watches else [])]}
+                for h, named in by_host.items()
+            }
 
         # host after host, in this thread: a check adds no thread to this process
         answers: dict[str, set[str]] = {}
@@ -259,9 +274,15 @@ class Links:
                 continue
             answers[host] = _named(result, "0")
         lost: dict[Pair, set[int]] = {}
+        unwatched = []
         with self._lock:
             self._answered = set(answers)
             for host, ended in answers.items():
+                if watches.get(host) in ended:
+                    del self._watches[host]
+                    ended = ended - {watches[host]}
+                    if set(by_host[host]) - ended:  # links that go on: they get a new watch
+                        unwatched.append(host)
                 for name in ended:
                     pair = by_host[host][name]
                     if self.up.pop(pair, None) is None:
@@ -273,6 +294,11 @@ class Links:
             logger.warning(
                 "link %s -> %s lost; its %d routes go through here again", *pair, len(ports)
             )
+        for host in unwatched:
+            try:
+                self._start(self._runtime(host), [], {})
+            except Exception as exc:  # the next check tries again
+                logger.warning("link watch on %s not started: %s", host, exc)
         return lost
 
     def reopen(self) -> list[Pair]:
@@ -424,6 +450,11 @@ class Links:
             return {}
         return {KEY_FILE: self._key.private, KNOWN_HOSTS: known}
 
+    def _next_serial(self) -> int:
+        with self._lock:
+            self._serial += 1
+            return self._serial
+
     def _runtime(self, host: str) -> Runtime:
         return next(rt for rt in self.runtimes if rt.host == host)
 
@@ -433,13 +464,13 @@ class Links:
                 self.down[(rt.host, target)] = why
 
     def _start(self, runtime: Runtime, targets: list[Peer], files: dict[str, str]) -> None:
-        folder = self.folder(runtime)
+        """Start masters to ``targets`` on ``runtime`` (and its link watch, unless one runs
+        there) in one round trip, register them, and wait until they are up."""
+        host, folder = runtime.host, self.folder(runtime)
         specs, pairs, controls = [], {}, {}
         for peer in targets:
-            pair = (runtime.host, peer.host)
-            with self._lock:
-                self._serial += 1
-                serial = self._serial
+            pair = (host, peer.host)
+            serial = self._next_serial()
             # a fresh socket each time (a killed master leaves its file behind), relative to
             # the cluster folder: however deep the folder, the path fits a socket address
             control = f"link{serial}.s"
@@ -454,20 +485,28 @@ class Links:
                 peer.port,
             )
             name = link_name(*pair) if pair not in self._names else f"{link_name(*pair)}-{serial}"
-            argv = commands.link_keeper_argv(
-                master, folder, KEEP_WITHOUT_WORKERS, master_pid_file(name)
-            )
-            specs.append(ProcessSpec(name, argv, role="link"))
+            specs.append(ProcessSpec(name, master, role="link"))
             pairs[name], controls[name] = pair, control
+        watch = None
+        if host not in self._watches:
+            watch = f"link-watch-{self._next_serial()}"
+            argv = commands.link_watch_argv(folder, KEEP_WITHOUT_WORKERS)
+            specs.append(ProcessSpec(watch, argv, role="link"))
         if not specs:
             return
-        infos = processes.start_processes(runtime, folder, specs, files)
+        with self._starting:  # close() waits for this: whatever starts is registered
+            if self._closing.is_set():
+                return
+            infos = processes.start_processes(runtime, folder, specs, files)
+            for info in infos:
+                self.register(runtime, info)
         if KNOWN_HOSTS in files:
-            self._sent[runtime.host] = files[KNOWN_HOSTS]
-        if self._closing.is_set():
-            return  # the cleanup is under way: these end with the folder it removes
-        for info in infos:
-            self.register(runtime, info)
+            self._sent[host] = files[KNOWN_HOSTS]
+        if watch is not None:
+            self._watches[host] = watch
+        infos = [i for i in infos if i.name in pairs]
+        if not infos:
+            return
         states = self._run(
             runtime,
             commands.link_states(controls, {i.name: i.pid for i in infos}, SETUP_TIMEOUT),

@@ -2,6 +2,8 @@
 
 import os
 import shlex
+import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -426,35 +428,69 @@ def test_link_lines_refuse_bad_input_and_bind_loopback_only():
         assert option in argv  # fmt: skip
 
 
-def test_a_link_keeper_ends_its_master_once_the_last_worker_is_gone(tmp_path):
+def _link_process(folder: Path, name: str, names_folder: bool = True) -> subprocess.Popen:
+    """A process in its own group, as a link master is, with its pid file in ``folder``; its
+    command line names the folder unless ``names_folder`` is false (a pid reused since)."""
+    argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+    key = f"{folder}/link/key"  # a master's command line names its key file in the folder
+    proc = subprocess.Popen([*argv, key] if names_folder else argv, start_new_session=True)
+    (folder / f"{name}.pid").write_text(f"{proc.pid}\n")
+    return proc
+
+
+def test_a_link_watch_ends_its_hosts_masters_once_the_last_worker_is_gone(tmp_path):
     folder = tmp_path / "lazycluster-x"
     folder.mkdir()
     worker = subprocess.Popen(["sleep", "30"])
     (folder / "host1-1.pid").write_text(f"{worker.pid}\n")
-    (folder / "link-host1-host2.pid").write_text(f"{os.getpid()}\n")  # links do not count
-    keeper = subprocess.Popen(
-        commands.link_keeper_argv(["sleep", "30"], str(folder), 60, str(folder / "l.m"), pause=1),
-        start_new_session=True,
-    )
+    masters = [_link_process(folder, f"link-host1-host{i}") for i in (2, 3)]
+    stranger = _link_process(folder, "link-host1-host4", names_folder=False)
+    argv = commands.link_watch_argv(str(folder), 60, pause=1)
+    assert processes.folder_marker(str(folder)) in argv  # a cleanup's stop finds it
+    watch = subprocess.Popen(argv, start_new_session=True)
+    (folder / "link-watch-1.pid").write_text(f"{watch.pid}\n")  # not a master, not a worker
+    procs = [worker, *masters, stranger, watch]
     try:
         time.sleep(1.5)
-        assert keeper.poll() is None  # a worker runs: the link stays
-        master = int((folder / "l.m").read_text())  # the keeper wrote its master's pid
-        assert psutil.Process(master).cmdline() == ["sleep", "30"]
+        assert [p.poll() for p in (watch, *masters)] == [None, None, None]  # a worker runs
         worker.kill()
         worker.wait()
-        assert keeper.wait(timeout=5) in (0, 143)  # master ended, keeper gone
+        assert watch.wait(timeout=5) == 0
+        assert [m.wait(timeout=5) for m in masters] == [-signal.SIGTERM] * 2
+        assert stranger.poll() is None  # its command line does not name the folder
     finally:
-        for proc in (worker, keeper):
+        for proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, 9) if proc is keeper else proc.kill()
-                proc.wait()
-    lone = subprocess.Popen(
-        commands.link_keeper_argv(["sleep", "30"], str(tmp_path), 1, str(tmp_path / "m"), pause=1)
-    )
-    assert lone.wait(timeout=5) in (0, 143)  # no worker came within its grace: it ends
-    gone = subprocess.Popen(
-        commands.link_keeper_argv(["sleep", "30"], str(folder), 60, str(tmp_path / "m"), pause=1)
-    )
-    folder.rename(tmp_path / "removed")  # a cleanup removed the cluster folder meanwhile
-    assert gone.wait(timeout=5) in (0, 143)
+                proc.kill()
+            proc.wait()
+
+
+def test_a_link_watch_ends_when_no_worker_comes_or_the_folder_goes(tmp_path):
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    master = _link_process(lonely, "link-a-b")
+    watch = subprocess.Popen(commands.link_watch_argv(str(lonely), 1, pause=1))
+    try:
+        assert watch.wait(timeout=5) == 0  # no worker came within its grace
+        assert master.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        for proc in (master, watch):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    folder = tmp_path / "lazycluster-y"
+    folder.mkdir()
+    (folder / "host1-1.pid").write_text(f"{os.getpid()}\n")  # a worker runs
+    master = _link_process(folder, "link-a-b")
+    watch = subprocess.Popen(commands.link_watch_argv(str(folder), 60, pause=1))
+    try:
+        time.sleep(1.5)
+        assert watch.poll() is None
+        shutil.rmtree(folder)  # a cleanup removed the cluster folder meanwhile
+        assert watch.wait(timeout=5) == 0
+        assert master.wait(timeout=5) == -signal.SIGTERM  # the one it knew is ended
+    finally:
+        for proc in (master, watch):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

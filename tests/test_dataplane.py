@@ -38,9 +38,9 @@ _sha = lambda data: __import__("hashlib").sha256(data).hexdigest()  # noqa: E731
 def _link_master(cluster: LazySSHCluster, name: str | None) -> psutil.Process:
     """The ssh process of link process ``name`` (the hosts share our PID space)."""
     assert name is not None
-    keeper = psutil.Process(cluster.engine._processes[name].pid)
-    (ssh,) = [p for p in keeper.children() if p.name() == "ssh"]
-    return ssh
+    master = psutil.Process(cluster.engine._processes[name].pid)
+    assert master.name() == "ssh"
+    return master
 
 
 def _bytes_through(cluster: LazySSHCluster, name: str | None) -> int:
@@ -195,6 +195,47 @@ def test_links_come_up_under_a_folder_deeper_than_a_socket_path_allows(
         assert set(links.up) == {("host1", "host2"), ("host2", "host1")}, links.down
         assert links.check() == {}  # and they answer on their sockets
     assert not any(marker in multi_hosts.authorized_keys(h) for h in ("host1", "host2"))
+
+
+def test_a_host_whose_last_worker_is_gone_ends_its_links_by_itself(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """What a controller that died leaves: workers that end without a cleanup. The host's link
+    watch then ends its masters (one watch per host, no process per link)."""
+    group = RuntimeGroup(hosts=["host1", "host2"], ssh_config_path=str(multi_hosts.ssh_config_path))
+
+    def folder(rt: Runtime) -> str:
+        return posixpath.join(rt.working_dir, "lazycluster-watched")
+
+    marker = commands.peer_marker("watched")
+    with _bare_links(multi_hosts, group, folder, marker) as links:
+        workers = {
+            rt.host: processes.start_processes(  # its command line names the folder
+                rt, folder(rt), [processes.ProcessSpec(f"{rt.host}-0", _sleeper(folder(rt)))]
+            )
+            for rt in group.runtimes
+        }
+        links.start()
+        links.wait()
+        assert set(links.up) == {("host1", "host2"), ("host2", "host1")}, links.down
+        names = [n for rt in group.runtimes for n in _process_names(multi_hosts, rt.host)]
+        assert sum("lazycluster-link-watch" in n for n in names) == 2  # one per host
+        host1 = group.runtimes[0]
+        processes.stop_processes(host1, workers["host1"], processes.folder_marker(folder(host1)))
+        lost: dict = {}
+        assert wait_until(lambda: bool(lost.update(links.check()) or lost), 10)
+        assert set(lost) == {("host1", "host2")}  # host2 still has its worker
+        assert set(links.up) == {("host2", "host1")}
+        for rt in group.runtimes:
+            processes.stop_processes(rt, workers[rt.host], processes.folder_marker(folder(rt)))
+
+
+def _sleeper(folder: str) -> list[str]:
+    return ["sh", "-c", "sleep 120; :", processes.folder_marker(folder)]
+
+
+def _process_names(hosts: TestHosts, host: str) -> list[str]:
+    return [" ".join(p.cmdline()) for p in hosts.processes(host)]
 
 
 def test_links_of_a_host_away_at_set_up_come_up_once_it_answers(
