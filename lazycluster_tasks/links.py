@@ -500,10 +500,11 @@ class Links:
             infos = processes.start_processes(runtime, folder, specs, files)
             for info in infos:
                 self.register(runtime, info)
-        if KNOWN_HOSTS in files:
-            self._sent[host] = files[KNOWN_HOSTS]
-        if watch is not None:
-            self._watches[host] = watch
+        with self._lock:
+            if KNOWN_HOSTS in files:
+                self._sent[host] = files[KNOWN_HOSTS]
+            if watch is not None:
+                self._watches[host] = watch
         infos = [i for i in infos if i.name in pairs]
         if not infos:
             return

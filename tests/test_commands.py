@@ -373,9 +373,9 @@ def test_link_alive_names_each_link_and_says_whether_its_master_runs(tmp_path):
     assert wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
     files = {}
     for name, pid in (("link-a-b", master.pid), ("link-a c", ended.pid), ("z", zombie.pid)):
-        files[name] = str(tmp_path / f"{name}.m")  # one path with a space
+        files[name] = str(tmp_path / f"{name}.pid")  # one path with a space
         Path(files[name]).write_text(f"{pid}\n")
-    files["never"] = str(tmp_path / "missing.m")  # its keeper wrote no pid (yet)
+    files["never"] = str(tmp_path / "missing.pid")  # not started (yet)
     try:
         done = sh(commands.link_alive(files))
         assert done.returncode == 0
