@@ -15,6 +15,9 @@ thread each:
    For 2-4: MiB/s moved between workers, this process's CPU seconds per GiB moved, its peak
    threads and descriptors.
 5. Cleanup: ``close()`` until it returns.
+Also: seconds from creating the cluster until every worker registered (``start s``) and,
+tunnelled, until the links' set-up ended (``links up s``; the cluster is usable before, with
+worker traffic through this machine).
 
 Targets, per host count: tunnelled pair and ring throughput >= 0.5x direct's; this machine's
 forwards <= 2 x workers + hosts (one -L per worker and nanny, one -R of the scheduler per host:
@@ -179,6 +182,7 @@ def run_ours(th: TestHosts, n: int, mode: str, args: argparse.Namespace) -> dict
     from lazycluster_tasks.ssh_cluster import LazySSHCluster
 
     hosts = [h.name for h in th.hosts[:n]]
+    t0 = time.perf_counter()
     cluster = LazySSHCluster(
         hosts, ssh_config_path=str(th.ssh_config_path), network_mode=mode, threads_per_worker=1
     )
@@ -186,9 +190,11 @@ def run_ours(th: TestHosts, n: int, mode: str, args: argparse.Namespace) -> dict
     try:
         with Client(cluster) as client:
             client.wait_for_workers(n, timeout=60)
+            out["start s"] = f"{time.perf_counter() - t0:.1f}"
             links = getattr(cluster.engine.routing, "links", None)
             if links is not None:
                 links.wait()  # their set-up follows the start, in the background
+                out["links up s"] = f"{time.perf_counter() - t0:.1f}"
                 up, down = links.summary()["links_up"], links.summary()["links_down"]
                 out["links"] = f"{up}/{up + down}"
             runtimes = cluster.engine.group.runtimes
@@ -213,11 +219,13 @@ def run_sshcluster(th: TestHosts, n: int, args: argparse.Namespace) -> dict[str,
 
     out: dict[str, str] = {"forwards": "0"}
     with quiet_sshcluster():
+        t0 = time.perf_counter()
         cluster = start_sshcluster(th, [h.address for h in th.hosts[:n]])
         out["threads ready"] = str(threading.active_count())
         try:
             with Client(cluster) as client:
                 client.wait_for_workers(n, timeout=60)
+                out["start s"] = f"{time.perf_counter() - t0:.1f}"
                 out["fds ready"] = str(psutil.Process().num_fds())
                 measure(client, n, args, out)
         finally:
@@ -294,9 +302,9 @@ def main(argv: Sequence[str] | None = None) -> list[Any]:
                 print(f"  {row.name}: {row.error or row.values}", flush=True)
                 rows.append(row)
         leftover_check(th)
-    columns = ["forwards", "links", "threads ready", "fds ready", "pair MiB/s", "ring MiB/s",
-               "all-to-all MiB/s", "ctrl CPU s/GiB", "peak threads", "peak fds",
-               "cleanup s"]  # fmt: skip
+    columns = ["start s", "links up s", "forwards", "links", "threads ready", "fds ready",
+               "pair MiB/s", "ring MiB/s", "all-to-all MiB/s", "ctrl CPU s/GiB", "peak threads",
+               "peak fds", "cleanup s"]  # fmt: skip
     print_table(
         f"data plane: one worker per host; pair {args.pair_mib} MiB and ring {args.mib} MiB "
         f"blocks (medians of {args.repeat}), all-to-all {args.mib} MiB blocks",
