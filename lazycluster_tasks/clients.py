@@ -83,9 +83,26 @@ class Clients:
             self._thread = None
         for client in [*self._handed_out, self._monitor]:
             if client is not None:
-                try:
-                    client.close(timeout=2)
-                except Exception as exc:
-                    logger.debug("closing a client failed: %s", exc)
+                _close(client)
         self._handed_out = []
         self._monitor = None
+
+
+def _close(client: Any) -> None:
+    """Close ``client``, also when its connection to the scheduler failed with an error.
+
+    distributed's ``close()`` awaits the task that read the scheduler's messages and raises
+    what ended it (seen: a TLS reconnect failing with "IOStream is not idle"); the client then
+    stays half open, its IO thread running, and its ``__del__`` tries again at some later
+    moment. That task has ended and has nothing more to say: it is let go and the close runs
+    once more."""
+    for attempt in (1, 2):
+        try:
+            client.close(timeout=2)
+            return
+        except Exception as exc:
+            logger.debug("closing a client failed (try %d): %s", attempt, exc)
+            reader = getattr(client, "_handle_report_task", None)
+            if reader is not None and reader.done():
+                client._handle_report_task = None
+    logger.warning("a Dask client did not close: %s", client)

@@ -141,3 +141,38 @@ def test_workers_that_lost_their_first_connection_are_started_again() -> None:
     tls = "ssl.SSLEOFError: [SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation\n"
     assert retriable("INFO - Start worker\n" + tls)  # the TLS handshake's end of a drop
     assert retriable("INFO - Start Nanny\nAssertionError: Status.starting\n")
+
+
+def test_a_client_whose_scheduler_connection_failed_is_still_closed(
+    no_local_leaks: None, tmp_path
+) -> None:
+    """distributed's close() re-raises the error that ended a client's reader of the
+    scheduler's messages (seen in a full run: a TLS reconnect, "IOStream is not idle"); the
+    client stayed half open with its IO thread, and its __del__ later closed it again."""
+    import dask
+    from distributed import LocalCluster
+
+    from lazycluster_tasks.clients import Clients
+
+    with (
+        dask.config.set({"temporary-directory": str(tmp_path)}),
+        LocalCluster(n_workers=0, processes=False, dashboard_address=None) as local,
+    ):
+        clients = Clients(lambda: local.scheduler_address)
+        client = clients.new(timeout=10)
+
+        async def reader_failed() -> None:
+            raise ValueError("IOStream is not idle; cannot convert to SSL")
+
+        async def replace_reader() -> None:
+            import asyncio
+
+            task = asyncio.ensure_future(reader_failed())
+            await asyncio.wait([task])
+            client._handle_report_task = task
+
+        client.sync(replace_reader)
+        with pytest.raises(ValueError, match="not idle"):
+            client.close(timeout=2)  # what distributed does alone
+        clients.close()
+        assert client.status == "closed"
