@@ -36,6 +36,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    # also after an internal error, which skips the session fixtures' teardown (seen: a
+    # crashed run left its Prefect server running)
+    _stop_prefect()
     if SESSION_TMP:
         shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
