@@ -736,19 +736,18 @@ class Engine:
 
         def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job
-            folder = self.folder(runtime)
-            remove = None
-            if remove_folders:
+            folder, grace = self.folder(runtime), self.options.stop_grace
+            if remove_folders:  # every pid file there: those of a start whose answer was lost too
                 remove = runtime.working_dir if runtime._working_dir_is_temp else folder
-            marker = processes.folder_marker(folder)
-            revoke = None
-            if remove_folders and not runtime.is_local:  # the links' key, if it was authorized
-                revoke = commands.peer_marker(self.cluster_id)
-            left = processes.stop_processes(
-                runtime, infos, marker, self.options.stop_grace, remove, revoke
-            )
-            if remove_folders and runtime._working_dir_is_temp:
-                runtime.forget_working_dir()  # removed here; its cleanup need not do it again
+                # the links' key, if it was authorized
+                revoke = None if runtime.is_local else commands.peer_marker(self.cluster_id)
+                left = processes.stop_folder(runtime, folder, grace, remove, revoke)
+                if runtime._working_dir_is_temp:
+                    runtime.forget_working_dir()  # removed here; its cleanup need not do it again
+            else:
+                left = processes.stop_processes(
+                    runtime, infos, processes.folder_marker(folder), grace
+                )
             if left:
                 raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
             if infos:

@@ -119,31 +119,24 @@ def _archive(files: Mapping[str, str]) -> bytes:
 
 
 def stop_processes(
-    runtime: Runtime,
-    infos: Sequence[ProcessInfo],
-    marker: str,
-    grace: float = 2.0,
-    remove_folder: str | None = None,
-    revoke: str | None = None,
+    runtime: Runtime, infos: Sequence[ProcessInfo], marker: str, grace: float = 2.0
 ) -> list[int]:
-    """Stop the processes (TERM, grace, KILL, verified) and optionally remove their folder, in
-    one round trip; return the pgids that survived (their pid files and folder are kept).
-    ``revoke``: first remove the authorized_keys lines naming this marker (a cluster's key)."""
-    steps = [commands.revoke_key(revoke)] if revoke else []
-    if infos:
-        steps.append(commands.stop_pid_files([i.pid_file for i in infos], marker, grace))
-    return _stop(runtime, steps, grace, remove_folder)
+    """Stop the processes (TERM, grace, KILL, verified) in one round trip; return the pgids
+    that survived (their pid files are kept)."""
+    if not infos:
+        return []
+    steps = [commands.stop_pid_files([i.pid_file for i in infos], marker, grace)]
+    return _stop(runtime, steps, grace, None)
 
 
 def stop_folder(
     runtime: Runtime, folder: str, grace: float, remove: str | None, revoke: str | None = None
-) -> None:
+) -> list[int]:
     """Stop every process whose pid file is in ``folder`` (as stop_processes, found by their
-    pid files: a teardown from a record), then remove ``remove``; raise when one survived."""
+    pid files: those on record and any whose start's answer was lost), then remove ``remove``;
+    return the pgids that survived."""
     steps = [commands.revoke_key(revoke)] if revoke else []
-    left = _stop(runtime, [*steps, commands.stop_folder(folder, grace)], grace, remove)
-    if left:
-        raise LazyclusterError(f"{runtime.host}: process groups survived SIGKILL: {left}")
+    return _stop(runtime, [*steps, commands.stop_folder(folder, grace)], grace, remove)
 
 
 def _stop(runtime: Runtime, steps: list[str], grace: float, remove: str | None) -> list[int]:

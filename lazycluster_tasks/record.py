@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lazycluster_tasks import commands, processes
+from lazycluster_tasks.errors import LazyclusterError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.processes import ProcessInfo
 from lazycluster_tasks.runtime import Runtime
@@ -126,7 +127,9 @@ def teardown(
         revoke = None if runtime.is_local else commands.peer_marker(record.cluster_id)
         try:
             remove = folder.working_dir if folder.temporary else folder.folder
-            processes.stop_folder(runtime, folder.folder, grace, remove, revoke)
+            left = processes.stop_folder(runtime, folder.folder, grace, remove, revoke)
+            if left:
+                raise LazyclusterError(f"{runtime.host}: process groups survived SIGKILL: {left}")
             return f"{key}: stopped"
         finally:
             runtime.cleanup()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lazycluster_tasks import GroupError, Runtime, RuntimeGroup
+from lazycluster_tasks import GroupError, Runtime, RuntimeGroup, processes
 from lazycluster_tasks.dask import DaskCluster, teardown
 from lazycluster_tasks.startup import first_error, retriable
 from lazycluster_tasks.testing.hosts import TestHosts
@@ -35,6 +35,25 @@ def test_cleanup_releases_every_connection(
         h: multi_hosts.sessions(h) for h in HOSTS
     }
     assert cluster.state == "stopped"
+
+
+def test_cleanup_also_stops_a_process_whose_start_was_never_answered(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """A start whose answer was lost (a path cut while it ran) leaves a process of the cluster
+    that is on no record: the cleanup finds it by its pid file in the cluster folder."""
+    cluster = cluster_on(multi_hosts)
+    cluster.start()
+    try:
+        host1 = cluster.engine.group.runtimes[0]
+        folder = cluster.engine.folder(host1)
+        argv = ["sh", "-c", "sleep 300; :", processes.folder_marker(folder)]
+        (stray,) = processes.start_processes(host1, folder, [processes.ProcessSpec("stray", argv)])
+        assert "stray" not in {p.name for p in cluster.record().processes}
+        assert stray.pid in {p.pid for p in multi_hosts.processes("host1")}
+    finally:
+        cluster.cleanup()
+    assert multi_hosts.processes("host1") == []  # no_leftovers checks it again, after a wait
 
 
 def test_a_host_that_cannot_be_cleaned_keeps_its_processes_on_record(
