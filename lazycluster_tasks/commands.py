@@ -337,17 +337,17 @@ def link_master_argv(
 #: ends only a process whose command line names the folder (a reused pid is left alone).
 #: Args: grace seconds, pause seconds, the cluster folder.
 LINK_WATCH = (
-    "grace=$1 pause=$2 folder=$3; t=0 seen=0 ms=; "
-    'while [ -d "$folder" ]; do live=0 ms=; '
+    f"{MARKED_IDS}; "
+    "grace=$1 pause=$2 folder=$3; t=0 seen=0 pids=; "
+    'while [ -d "$folder" ]; do live=0 pids=; '
     'for f in "$folder"/*.pid; do p=; { read -r p <"$f"; } 2>/dev/null; '
     'case "$p" in *[!0-9]*|"") continue;; esac; '
-    'case "$f" in */link-watch-*) continue;; */link-*) ms="$ms $p"; continue;; esac; '
+    'case "$f" in */link-watch-*) continue;; */link-*) pids="$pids,$p"; continue;; esac; '
     '[ $live = 1 ] || { kill -0 "$p" 2>/dev/null && live=1; }; done; '
     'if [ $live = 1 ]; then seen=1; elif [ $seen = 1 ] || [ $t -ge "$grace" ]; then break; fi; '
     'sleep "$pause"; t=$((t+pause)); done; '
-    'for p in $ms; do if [ -r "/proc/$p/cmdline" ]; then '
-    'grep -qaF -- "$folder" "/proc/$p/cmdline" 2>/dev/null || continue; fi; '
-    'kill -TERM -"$p" 2>/dev/null; done; true'
+    # the masters it last saw, those whose command line names the folder (the stops' check)
+    'marker=$folder; marked_ids; for g in $ids; do kill -TERM -"$g" 2>/dev/null; done; true'
 )
 #: Seconds between a link watch's looks (a link whose controller died ends within this after
 #: its host's last worker).

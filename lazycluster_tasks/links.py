@@ -156,6 +156,9 @@ class Links:
         self._forwarded: dict[Pair, set[int]] = {}
         self._peers: dict[str, Peer] = {}
         self._names: dict[Pair, str] = {}  # pair -> its current master's process name
+        #: names given to link processes: a start whose answer was lost may have started them,
+        #: so a name is never given twice (a pid file is never overwritten)
+        self._given: set[str] = set()
         #: lost pairs to dial again -> (pause after the next failure, earliest next try)
         self._retry: dict[Pair, tuple[float, float]] = {}
         self._answered: set[str] = set()  # hosts that answered the last check
@@ -257,10 +260,9 @@ class Links:
             for pair in self.up:
                 by_host.setdefault(pair[0], {})[self._names[pair]] = pair
             watches = {h: w for h, w in self._watches.items() if by_host.get(h)}
-            masters = {
-                h: {n: pid_file(n) for n in [*named, *([watches[h]] if h in watches else [])]}
-                for h, named in by_host.items()
-            }
+            masters = {h: {n: pid_file(n) for n in named} for h, named in by_host.items()}
+            for host, watch in watches.items():  # asked with the masters it watches
+                masters[host][watch] = pid_file(watch)
 
         # host after host, in this thread: a check adds no thread to this process
         answers: dict[str, set[str]] = {}
@@ -322,8 +324,7 @@ class Links:
                     self._start(self._runtime(source), targets, self._files_for(source))
                 except Exception as exc:  # tried again after the pause
                     for pair in batch:
-                        lost = "link lost; " if pair in self._names else ""  # was up once
-                        self.down[pair] = f"{lost}not reopened: {exc}"
+                        self.down[pair] = self._why_down(pair, f"not reopened: {exc}")
                 with self._lock:
                     for pair in batch:
                         pause, _ = self._retry.pop(pair)
@@ -450,6 +451,10 @@ class Links:
             return {}
         return {KEY_FILE: self._key.private, KNOWN_HOSTS: known}
 
+    def _why_down(self, pair: Pair, why: str) -> str:
+        """Why ``pair`` is down; a pair that was up once says its link was lost first."""
+        return f"link lost; {why}" if pair in self._names else why
+
     def _next_serial(self) -> int:
         with self._lock:
             self._serial += 1
@@ -484,7 +489,9 @@ class Links:
                 peer.address,
                 peer.port,
             )
-            name = link_name(*pair) if pair not in self._names else f"{link_name(*pair)}-{serial}"
+            name = link_name(*pair)
+            name = name if name not in self._given else f"{name}-{serial}"
+            self._given.add(name)
             specs.append(ProcessSpec(name, master, role="link"))
             pairs[name], controls[name] = pair, control
         watch = None
@@ -523,7 +530,7 @@ class Links:
                     self._names[pair] = name
                 continue
             why = " ".join(tail(logs.get(name, ""), 200).split()) or "did not come up"
-            self.down[pair] = why
+            self.down[pair] = self._why_down(pair, why)
             logger.info("link %s -> %s not up (its routes go through here): %s", *pair, why)
 
     # -- forwards -------------------------------------------------------------------------

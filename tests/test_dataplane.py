@@ -189,6 +189,30 @@ def test_links_come_up_under_a_folder_deeper_than_a_socket_path_allows(
     assert not any(marker in multi_hosts.authorized_keys(h) for h in ("host1", "host2"))
 
 
+def test_a_pair_dialled_again_never_reuses_a_pid_file(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """A start whose answer was lost may have started its master: the pair dialled again gets
+    a master of another name, whose pid file does not hide the first's from the cleanup."""
+    group = RuntimeGroup(hosts=["host1", "host2"], ssh_config_path=str(multi_hosts.ssh_config_path))
+
+    def folder(rt: Runtime) -> str:
+        return posixpath.join(rt.working_dir, "lazycluster-redial")
+
+    with _bare_links(multi_hosts, group, folder, commands.peer_marker("redial")) as links:
+        links.start()
+        links.wait()
+        assert ("host1", "host2") in links.up, links.down
+        # the state a start whose answer never came leaves: its master runs, on no record
+        first = links._names.pop(("host1", "host2"))
+        del links.up[("host1", "host2")]
+        links._start(group.runtimes[0], [links._peers["host2"]], {})
+        assert links._names[("host1", "host2")] != first
+        masters = [n for n in _process_names(multi_hosts, "host1") if n.startswith("ssh ")]
+        assert len(masters) == 2, masters
+    # the links' exit stops every pid file in the folder; no_leftovers finds none left
+
+
 def test_a_host_whose_last_worker_is_gone_ends_its_links_by_itself(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
