@@ -260,13 +260,14 @@ def peer_marker(cluster_id: str) -> str:
 
 
 def authorized_line(public_key: str, marker: str) -> str:
-    """An authorized_keys line that lets the key forward to the host's loopback and nothing
-    else: no shell, no command, no pty, no agent, no -R listener."""
+    """An authorized_keys line that lets the key forward to and listen on the host's loopback
+    and nothing else: no shell, no command, no pty, no agent."""
     parts = public_key.split()
     if len(parts) < 2 or not re.fullmatch(r"[A-Za-z0-9+/=]+", parts[1]):
         raise ValueError("not an OpenSSH public key")
     return (
-        'restrict,port-forwarding,permitopen="127.0.0.1:*",command="/bin/false" '
+        'restrict,port-forwarding,permitopen="127.0.0.1:*",permitlisten="127.0.0.1:*",'
+        'command="/bin/false" '
         f"{parts[0]} {parts[1]} {marker}"
     )
 
@@ -373,14 +374,17 @@ def link_alive(pid_files: Mapping[str, str]) -> str:
     return "; ".join([RUNNING, *lines]) if lines else "true"
 
 
-def link_forwards(control: str, ports: Iterable[int], cancel: bool = False) -> str:
-    """Add (or cancel) 127.0.0.1:<port> here -> 127.0.0.1:<port> there on a link's master."""
+def link_forwards(
+    control: str, ports: Iterable[int], cancel: bool = False, reverse: bool = False
+) -> str:
+    """Add (or cancel) 127.0.0.1:<port> here -> 127.0.0.1:<port> there on a link's master;
+    ``reverse``: there -> here (``-R``: the far host's traffic to this one, on the same link)."""
     specs = [f"127.0.0.1:{int(p)}:127.0.0.1:{int(p)}" for p in sorted(set(ports))]
     if not specs:
         raise ValueError("no ports given")
     argv = ["ssh", "-F", "/dev/null", "-S", control, "-O", "cancel" if cancel else "forward"]
     for spec in specs:
-        argv += ["-L", spec]
+        argv += ["-R" if reverse else "-L", spec]
     return shlex.join([*argv, "link"])
 
 

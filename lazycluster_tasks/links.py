@@ -1,13 +1,15 @@
 """Host-to-host SSH links: the tunnelled data plane between workers, without this machine.
 
 Where only port 22 is open, a worker's port on host B is reached from host A through an OpenSSH
-master connection that A opens to B's sshd (one per pair of hosts), with one ``-L`` forward per
-worker port added to it as workers start. Bytes between workers then cross one SSH hop, encrypted
-by OpenSSH on the two hosts, instead of two hops through this machine's Python relays.
+master connection between the two hosts: one per pair of hosts, which one of them dials (see
+:func:`link_plan`), with a forward per worker port added to it as workers start — ``-L`` for the
+dialling host's traffic, ``-R`` for the other's. Bytes between workers then cross one SSH hop,
+encrypted by OpenSSH on the two hosts, instead of two hops through this machine's Python relays.
 
 The masters log in with a key made for the cluster (:class:`LinkKey`), delivered as 0600 files
 in the cluster folders and authorized in each host's ``~/.ssh/authorized_keys`` for the cluster's
-lifetime with options that allow forwarding to the host's loopback and nothing else. The far host's
+lifetime with options that allow forwarding to and listening on the host's loopback and nothing
+else. The far host's
 key is the one this machine verified for it. A pair whose link does not come up (a host that
 cannot reach the other's sshd, no ssh client, sshd reading keys from elsewhere) is named in the
 log and keeps the route through this machine; the pairs of a host that did not answer during the
@@ -28,7 +30,7 @@ import posixpath
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
@@ -63,7 +65,8 @@ REOPEN_PAUSE = (5.0, 60.0)
 KEEP_WITHOUT_WORKERS = 120
 KEY_FILE = "link/key"
 KNOWN_HOSTS = "link/known_hosts"
-Pair = tuple[str, str]  # (from host, to host)
+Pair = tuple[str, str]  # (from host, to host): the direction of workers' traffic
+Link = tuple[str, str]  # (dialling host, dialled host): one master, both directions
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,24 @@ def link_name(source: str, target: str) -> str:
     return f"link-{source}-{target}"
 
 
+def link_plan(hosts: Sequence[str], targets: Collection[str]) -> dict[str, list[str]]:
+    """Which host dials which: one link per pair of hosts, each host dialling about half of
+    the others, the nearest first in the ring of ``hosts`` (so no sshd gets every handshake at
+    once). Only a host in ``targets`` can be dialled: its pairs are dialled by the other host
+    where need be; a pair with neither host in ``targets`` has no link."""
+    n = len(hosts)
+    plan: dict[str, list[str]] = {h: [] for h in hosts}
+    for i, a in enumerate(hosts):
+        for step in range(1, n):
+            j = (i + step) % n
+            if step > n - step or (step == n - step and i > j):
+                continue  # the other host's half of the ring
+            dialler, far = (a, hosts[j]) if hosts[j] in targets else (hosts[j], a)
+            if far in targets:
+                plan[dialler].append(far)
+    return plan
+
+
 def _named(result: CommandResult, value: str) -> set[str]:
     """The names a host answered ``name=<value>`` for (the lines the commands' checks print)."""
     return {line[: -len(value) - 1] for line in result.stdout.split() if line.endswith("=" + value)}
@@ -155,12 +176,13 @@ class Links:
         self.down: dict[Pair, str] = {}
         self._forwarded: dict[Pair, set[int]] = {}
         self._peers: dict[str, Peer] = {}
-        self._names: dict[Pair, str] = {}  # pair -> its current master's process name
+        self._via: dict[Pair, Link] = {}  # pair -> the link that carries it (both ways)
+        self._names: dict[Link, str] = {}  # link -> its current master's process name
         #: names given to link processes: a start whose answer was lost may have started them,
         #: so a name is never given twice (a pid file is never overwritten)
         self._given: set[str] = set()
-        #: lost pairs to dial again -> (pause after the next failure, earliest next try)
-        self._retry: dict[Pair, tuple[float, float]] = {}
+        #: lost links to dial again -> (pause after the next failure, earliest next try)
+        self._retry: dict[Link, tuple[float, float]] = {}
         self._answered: set[str] = set()  # hosts that answered the last check
         self._key: LinkKey | None = None
         self._authorized: set[str] = set()  # targets whose authorized_keys has the key
@@ -252,13 +274,14 @@ class Links:
 
     def check(self) -> dict[Pair, set[int]]:
         """Ask every host of the links whether their masters still run (one round trip each,
-        no process started there). A pair whose master ended is ``down`` ("link lost") and
-        will be dialled again (see :meth:`reopen`); returns those pairs with the ports their
-        link carried. A host that does not answer is left to the cluster's own watch."""
+        no process started there). The pairs of a link whose master ended are ``down`` ("link
+        lost") and the link will be dialled again (see :meth:`reopen`); returns those pairs with
+        the ports the link carried for them. A host that does not answer is left to the
+        cluster's own watch."""
         with self._lock:
-            by_host: dict[str, dict[str, Pair]] = {rt.host: {} for rt in self.runtimes}
-            for pair in self.up:
-                by_host.setdefault(pair[0], {})[self._names[pair]] = pair
+            by_host: dict[str, dict[str, Link]] = {rt.host: {} for rt in self.runtimes}
+            for link in {self._via[pair] for pair in self.up}:
+                by_host[link[0]][self._names[link]] = link
             watches = {h: w for h, w in self._watches.items() if by_host.get(h)}
             masters = {h: {n: pid_file(n) for n in named} for h, named in by_host.items()}
             for host, watch in watches.items():  # asked with the masters it watches
@@ -276,26 +299,27 @@ class Links:
                 continue
             answers[host] = _named(result, "0")
         lost: dict[Pair, set[int]] = {}
+        ended: list[Link] = []
         unwatched = []
         with self._lock:
             self._answered = set(answers)
-            for host, ended in answers.items():
-                if watches.get(host) in ended:
+            for host, names in answers.items():
+                if watches.get(host) in names:
                     del self._watches[host]
-                    ended = ended - {watches[host]}
-                    if set(by_host[host]) - ended:  # links that go on: they get a new watch
+                    names = names - {watches[host]}
+                    if set(by_host[host]) - names:  # links that go on: they get a new watch
                         unwatched.append(host)
-                for name in ended:
-                    pair = by_host[host][name]
-                    if self.up.pop(pair, None) is None:
-                        continue
-                    self.down[pair] = "link lost"
-                    lost[pair] = self._forwarded.pop(pair, set())
-                    self._retry.setdefault(pair, (REOPEN_PAUSE[0], 0.0))
-        for pair, ports in lost.items():
-            logger.warning(
-                "link %s -> %s lost; its %d routes go through here again", *pair, len(ports)
-            )
+                for name in names:
+                    link = by_host[host][name]
+                    for pair in (link, link[::-1]):
+                        if self.up.pop(pair, None) is not None:
+                            self.down[pair] = "link lost"
+                            lost[pair] = self._forwarded.pop(pair, set())
+                    ended.append(link)
+                    self._retry.setdefault(link, (REOPEN_PAUSE[0], 0.0))
+        for link in ended:
+            ports = len(lost.get(link, ())) + len(lost.get(link[::-1], ()))
+            logger.warning("link %s -> %s lost; its %d routes go through here again", *link, ports)
         for host in unwatched:
             try:
                 self._start(self._runtime(host), [], {})
@@ -309,35 +333,35 @@ class Links:
         that are up again. One that fails waits twice as long before the next try."""
         now = time.monotonic()
         with self._lock:
-            due: dict[str, list[Pair]] = {}
-            for pair, (_, after) in self._retry.items():
-                if after <= now and set(pair) <= self._answered:
-                    due.setdefault(pair[0], []).append(pair)
+            due: dict[str, list[Link]] = {}
+            for link, (_, after) in self._retry.items():
+                if after <= now and set(link) <= self._answered:
+                    due.setdefault(link[0], []).append(link)
         back: list[Pair] = []
-        for source, pairs in due.items():
-            for first in range(0, len(pairs), LINK_BATCH):
+        for source, links in due.items():
+            for first in range(0, len(links), LINK_BATCH):
                 if self._closing.is_set():
                     return back
-                batch = pairs[first : first + LINK_BATCH]
+                batch = links[first : first + LINK_BATCH]
                 try:
                     targets = [self._ready_target(b) for _, b in batch]
                     self._start(self._runtime(source), targets, self._files_for(source))
                 except Exception as exc:  # tried again after the pause
-                    for pair in batch:
-                        self.down[pair] = self._why_down(pair, f"not reopened: {exc}")
+                    for link in batch:
+                        self._link_down(link, f"not reopened: {exc}")
                 with self._lock:
-                    for pair in batch:
-                        pause, _ = self._retry.pop(pair)
-                        if pair in self.up:
-                            back.append(pair)
-                            logger.info("link %s -> %s up again", *pair)
+                    for link in batch:
+                        pause, _ = self._retry.pop(link)
+                        if link in self.up:
+                            back += [link, link[::-1]]
+                            logger.info("link %s -> %s up again", *link)
                             continue
-                        self._retry[pair] = (min(2 * pause, REOPEN_PAUSE[1]), now + pause)
+                        self._retry[link] = (min(2 * pause, REOPEN_PAUSE[1]), now + pause)
                         logger.info(
                             "link %s -> %s not reopened (next try in %.0f s): %s",
-                            *pair,
+                            *link,
                             pause,
-                            self.down.get(pair, "?"),
+                            self.down.get(link, "?"),
                         )
         return back
 
@@ -346,6 +370,7 @@ class Links:
             return
         away: dict[str, BaseException] = {}  # hosts that did not answer: tried again later
         peers: dict[str, Peer] = {}
+        why_not: dict[str, str] = {}  # host -> why it cannot be dialled
         for rt in self.runtimes:
             try:
                 peer = Peer.of(rt, self.addresses.get(rt.host))
@@ -357,12 +382,10 @@ class Links:
             if isinstance(peer, Peer):
                 peers[rt.host] = peer
             else:
-                for other in self.runtimes:
-                    if other is not rt:
-                        self.down[(other.host, rt.host)] = peer
+                why_not[rt.host] = peer
         self._peers = peers
         self._key = LinkKey.generate()
-        # 1. every target authorizes the key (before anyone dials it)
+        # 1. every host that can be dialled authorizes the key (before anyone dials it)
         try:
             authorized = run_parallel(
                 "authorize link key", {h: self._runtime(h) for h in peers}, self._authorize
@@ -370,16 +393,55 @@ class Links:
         except GroupError as exc:  # a refusal is named (the pairs to it keep the relay)
             authorized = exc.results
             away.update((h, e) for h, e in exc.errors.items() if is_transient(e))
+            why_not.update(
+                (h, f"could not authorize the key: {e}")
+                for h, e in exc.errors.items()
+                if not is_transient(e)
+            )
         for host in set(peers) - set(authorized):
             peers.pop(host)
-        # 2. every host starts its masters, 3. and reports which came up
+        # 2. one link per pair: every host starts its masters, 3. and reports which came up
+        hosts = [rt.host for rt in self.runtimes]
+        plan = link_plan(hosts, set(peers) | set(away))
+        for dialler, fars in plan.items():
+            for far in fars:
+                self._via[(dialler, far)] = self._via[(far, dialler)] = (dialler, far)
+        for a in hosts:  # pairs without a link: why neither host can be dialled
+            for b in hosts:
+                if a != b and (a, b) not in self._via:
+                    self.down[(a, b)] = why_not.get(b) or why_not.get(a) or "no link"
+        self._start_planned(plan, peers, away)
+        # a link that did not come up is dialled once from its other host (one that cannot
+        # reach the other's sshd may be reachable from it)
+        again: dict[str, list[str]] = {}
+        for dialler, fars in plan.items():
+            for far in fars:
+                link = (dialler, far)
+                if link not in self.up and dialler in peers and not {dialler, far} & set(away):
+                    self._via[link] = self._via[link[::-1]] = link[::-1]
+                    again.setdefault(far, []).append(dialler)
+        if again:
+            logger.info("links dialled from their other host: %d", sum(map(len, again.values())))
+            self._start_planned(again, peers, away)
+        self._retry_away(away)
+        if self.up:
+            logger.info(
+                "host-to-host SSH links up: %d of %d pairs",
+                len(self.up),
+                len(self.up) + len(self.down),
+            )
+
+    def _start_planned(
+        self,
+        plan: Mapping[str, list[str]],
+        peers: Mapping[str, Peer],
+        away: dict[str, BaseException],
+    ) -> None:
+        """Each host of ``plan`` dials its hosts, LINK_BATCH at a time, all hosts at once; a
+        host that does not answer is added to ``away``."""
         jobs = {}
-        order = list(peers.values())
-        for index, rt in enumerate(self.runtimes):
-            # each host dials the others in its own rotation, LINK_BATCH at a time: no sshd
-            # gets every host's handshake at once (MaxStartups drops beyond 10 by default)
-            rotated = order[index % len(order) :] + order[: index % len(order)] if order else []
-            targets = [p for p in rotated if p.host != rt.host]
+        for rt in self.runtimes:
+            targets = [peers[f] for f in plan.get(rt.host, []) if f in peers]
             if targets and rt.host not in away:
                 jobs[rt.host] = (rt, targets)
 
@@ -397,26 +459,18 @@ class Links:
             if not all(is_transient(e) for e in exc.errors.values()):
                 raise
             away.update(exc.errors)
-        self._retry_away(away)
-        if self.up:
-            logger.info(
-                "host-to-host SSH links up: %d of %d pairs",
-                len(self.up),
-                len(self.up) + len(self.down),
-            )
 
     def _retry_away(self, away: Mapping[str, BaseException]) -> None:
-        """The pairs of hosts that did not answer during the set-up are dialled again once both
-        answer a check (a host cut off for a while still gets its links)."""
+        """The links of hosts that did not answer during the set-up are dialled once both
+        hosts answer a check (a host cut off for a while still gets its links)."""
         for host, exc in away.items():
             why = f"{host} did not answer during the set-up: {' '.join(str(exc).split())}"
             logger.info("links of %s not set up (tried again once it answers): %s", host, why)
             for rt in self.runtimes:
-                for pair in ((host, rt.host), (rt.host, host)):
-                    target_ok = pair[1] in self._peers or pair[1] in away  # else never one
-                    if rt.host != host and pair not in self.up and target_ok:
-                        self.down[pair] = why
-                        self._retry.setdefault(pair, (REOPEN_PAUSE[0], 0.0))
+                link = self._via.get((host, rt.host))
+                if rt.host != host and link is not None and link not in self.up:
+                    self.down[link] = self.down[link[::-1]] = why
+                    self._retry.setdefault(link, (REOPEN_PAUSE[0], 0.0))
 
     def _authorize(self, runtime: Runtime) -> None:
         """``runtime``'s host lets the cluster's key in (for forwards to its loopback only)."""
@@ -424,9 +478,7 @@ class Links:
         line = commands.authorized_line(self._key.public, self.marker)
         result = runtime.connection.run(commands.authorize_key(line, self.marker), timeout=30)
         if not result.ok:
-            why = f"could not authorize the key: {tail(result.output, 200)}"
-            self._target_down(runtime.host, why)
-            raise LazyclusterError(why)
+            raise LazyclusterError(f"could not authorize the key: {tail(result.output, 200)}")
         self._authorized.add(runtime.host)
 
     def _ready_target(self, host: str) -> Peer:
@@ -451,9 +503,11 @@ class Links:
             return {}
         return {KEY_FILE: self._key.private, KNOWN_HOSTS: known}
 
-    def _why_down(self, pair: Pair, why: str) -> str:
-        """Why ``pair`` is down; a pair that was up once says its link was lost first."""
-        return f"link lost; {why}" if pair in self._names else why
+    def _link_down(self, link: Link, why: str) -> None:
+        """Both pairs of ``link`` are down for ``why``; a link that was up once says it was
+        lost first."""
+        why = f"link lost; {why}" if link in self._names else why
+        self.down[link] = self.down[link[::-1]] = why
 
     def _next_serial(self) -> int:
         with self._lock:
@@ -463,18 +517,13 @@ class Links:
     def _runtime(self, host: str) -> Runtime:
         return next(rt for rt in self.runtimes if rt.host == host)
 
-    def _target_down(self, target: str, why: str) -> None:
-        for rt in self.runtimes:
-            if rt.host != target:
-                self.down[(rt.host, target)] = why
-
     def _start(self, runtime: Runtime, targets: list[Peer], files: dict[str, str]) -> None:
         """Start masters to ``targets`` on ``runtime`` (and its link watch, unless one runs
         there) in one round trip, register them, and wait until they are up."""
         host, folder = runtime.host, self.folder(runtime)
-        specs, pairs, controls = [], {}, {}
+        specs, links, controls = [], {}, {}
         for peer in targets:
-            pair = (host, peer.host)
+            link = (host, peer.host)
             serial = self._next_serial()
             # a fresh socket each time (a killed master leaves its file behind), relative to
             # the cluster folder: however deep the folder, the path fits a socket address
@@ -489,11 +538,11 @@ class Links:
                 peer.address,
                 peer.port,
             )
-            name = link_name(*pair)
+            name = link_name(*link)
             name = name if name not in self._given else f"{name}-{serial}"
             self._given.add(name)
             specs.append(ProcessSpec(name, master, role="link"))
-            pairs[name], controls[name] = pair, control
+            links[name], controls[name] = link, control
         watch = None
         if host not in self._watches:
             watch = f"link-watch-{self._next_serial()}"
@@ -512,7 +561,7 @@ class Links:
                 self._sent[host] = files[KNOWN_HOSTS]
             if watch is not None:
                 self._watches[host] = watch
-        infos = [i for i in infos if i.name in pairs]
+        infos = [i for i in infos if i.name in links]
         if not infos:
             return
         states = self._run(
@@ -523,32 +572,27 @@ class Links:
         up = _named(states, "1")
         failed = [i for i in infos if i.name not in up]
         logs = processes.read_logs(runtime, failed) if failed else {}
-        for name, pair in pairs.items():
+        for name, link in links.items():
             if name in up:
                 with self._lock:
-                    self.up[pair] = controls[name]
-                    self._names[pair] = name
+                    for pair in (link, link[::-1]):
+                        self.up[pair] = controls[name]
+                        self.down.pop(pair, None)
+                    self._names[link] = name
                 continue
             why = " ".join(tail(logs.get(name, ""), 200).split()) or "did not come up"
-            self.down[pair] = self._why_down(pair, why)
-            logger.info("link %s -> %s not up (its routes go through here): %s", *pair, why)
+            self._link_down(link, why)
+            logger.info("link %s -> %s not up (its routes go through here): %s", *link, why)
 
     # -- forwards -------------------------------------------------------------------------
 
     def forward(self, runtime: Runtime, ports: Mapping[str, Sequence[int]]) -> set[str]:
-        """Forward each target host's ports to 127.0.0.1 on ``runtime`` through its link (one
-        round trip); return the target hosts whose link carried them — the others need the
-        route through this machine."""
-        todo = {t: list(p) for t, p in ports.items() if p and (runtime.host, t) in self.up}
-        if not todo:
-            return set()
-        lines = [
-            f"if {commands.link_forwards(self.up[(runtime.host, t)], p)} >/dev/null 2>&1; "
-            f"then echo {commands.q(t + '=1')}; else echo {commands.q(t + '=0')}; fi"
-            for t, p in todo.items()
-        ]
-        result = self._run(runtime, "; ".join(lines), 30)
-        carried = _named(result, "1")
+        """Forward each target host's ports to 127.0.0.1 on ``runtime`` through the link of the
+        two hosts (one round trip per host whose master is used); return the target hosts
+        whose link carried them — the others need the route through this machine."""
+        with self._lock:
+            todo = {t: list(p) for t, p in ports.items() if p and (runtime.host, t) in self.up}
+        carried = self._on_masters(runtime.host, todo)
         with self._lock:
             for target, port_list in todo.items():
                 pair = (runtime.host, target)
@@ -562,15 +606,50 @@ class Links:
                     )
         return carried
 
+    def _on_masters(
+        self, host: str, ports: Mapping[str, Sequence[int]], cancel: bool = False
+    ) -> set[str]:
+        """Add (or cancel) the forwards of each target's ports to 127.0.0.1 on ``host`` on the
+        masters of their links: ``-L`` where ``host`` dialled the link, ``-R`` where the target
+        did (run there). Returns the targets whose forwards were taken; a host that does not
+        answer takes none."""
+        lines: dict[str, list[str]] = {}  # the host of the master -> its lines
+        with self._lock:
+            for target, port_list in ports.items():
+                pair = (host, target)
+                control, link = self.up.get(pair), self._via.get(pair)
+                if control is None or link is None:
+                    continue
+                forward = commands.link_forwards(control, port_list, cancel, link[0] != host)
+                lines.setdefault(link[0], []).append(
+                    f"if {forward} >/dev/null 2>&1; then echo {commands.q(target + '=1')}; "
+                    f"else echo {commands.q(target + '=0')}; fi"
+                )
+        taken: set[str] = set()
+        for master_host, script in lines.items():
+            try:
+                result = self._run(self._runtime(master_host), "; ".join(script), 30)
+            except Exception as exc:  # those routes go through here
+                logger.warning("link forwards on %s not changed: %s", master_host, exc)
+                continue
+            taken |= _named(result, "1")
+        return taken
+
     def _run(self, runtime: Runtime, line: str, timeout: float) -> CommandResult:
         """Run ``line`` in the runtime's cluster folder, where the control sockets are (their
         paths are relative to it)."""
         return runtime.connection.run(line, timeout=timeout, working_dir=self.folder(runtime))
 
     def process(self, pair: Pair) -> str | None:
-        """The process name of the pair's current link master (None: never up)."""
+        """The process name of the master of the pair's link (None: never up)."""
         with self._lock:
-            return self._names.get(pair)
+            link = self._via.get(pair)
+            return self._names.get(link) if link is not None else None
+
+    def link_of(self, pair: Pair) -> Link | None:
+        """The link that carries ``pair``: (the host that dialled it, the host it dialled)."""
+        with self._lock:
+            return self._via.get(pair)
 
     def carried(self, runtime: Runtime) -> dict[str, set[int]]:
         """Target host -> ports forwarded on ``runtime`` through links."""
@@ -586,14 +665,7 @@ class Links:
                 if a == runtime.host and forwarded & set(ports):
                     jobs[b] = forwarded & set(ports)
                     forwarded -= jobs[b]
-            controls = {b: self.up.get((runtime.host, b)) for b in jobs}
-        lines = [
-            commands.link_forwards(control, jobs[b], cancel=True) + " >/dev/null 2>&1"
-            for b, control in controls.items()
-            if control
-        ]
-        if lines:
-            self._run(runtime, "; ".join(lines) + "; true", 30)
+        self._on_masters(runtime.host, {b: sorted(p) for b, p in jobs.items()}, cancel=True)
         return {p for ports_ in jobs.values() for p in ports_}
 
     def summary(self) -> dict[str, int]:

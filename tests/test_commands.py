@@ -346,7 +346,10 @@ def test_a_clusters_key_is_authorized_once_and_revoked_alone(tmp_path):
     keys = tmp_path / ".ssh" / "authorized_keys"
     key, marker = LinkKey.generate(), commands.peer_marker("abc123")
     line = commands.authorized_line(key.public, marker)
-    options = 'restrict,port-forwarding,permitopen="127.0.0.1:*",command="/bin/false"'
+    options = (
+        'restrict,port-forwarding,permitopen="127.0.0.1:*",permitlisten="127.0.0.1:*",'
+        'command="/bin/false"'
+    )
     assert line.startswith(options + " ssh-ed25519 ") and line.endswith(" " + marker)
     assert _in_home(tmp_path, commands.revoke_key(marker)).returncode == 0  # nothing to revoke
     assert not keys.exists()
@@ -412,6 +415,11 @@ def test_link_lines_refuse_bad_input_and_bind_loopback_only():
         "ssh -F /dev/null -S '/f d/link0.s' -O forward "
         "-L 127.0.0.1:41001:127.0.0.1:41001 -L 127.0.0.1:41002:127.0.0.1:41002 link"
     )
+    reverse = commands.link_forwards("/f/link0.s", [41001], cancel=True, reverse=True)
+    assert (
+        reverse
+        == "ssh -F /dev/null -S /f/link0.s -O cancel -R 127.0.0.1:41001:127.0.0.1:41001 link"
+    )
     argv = commands.link_master_argv(
         "/f/link0.s", "/f/link/key", "/f/link/known_hosts", "lazycluster-h2", "ssh-rsa",
         "me", "-oProxyCommand=x", 22,
@@ -426,6 +434,27 @@ def test_link_lines_refuse_bad_input_and_bind_loopback_only():
         "HostKeyAlgorithms=rsa-sha2-512,rsa-sha2-256",
     ):
         assert option in argv  # fmt: skip
+
+
+def test_one_link_per_pair_of_hosts_each_host_dialling_half_of_the_others():
+    from lazycluster_tasks.links import link_plan
+
+    for n in (2, 3, 4, 7, 16):
+        hosts = [f"h{i}" for i in range(n)]
+        plan = link_plan(hosts, set(hosts))
+        links = [(a, b) for a, fars in plan.items() for b in fars]
+        every = [(a, b) for i, a in enumerate(hosts) for b in hosts[i + 1 :]]
+        pairs = sorted(tuple(sorted(x)) for x in links)
+        assert pairs == sorted(tuple(sorted(x)) for x in every), n  # each pair once
+        assert {len(f) for f in plan.values()} <= {(n - 1) // 2, n // 2}, (n, plan)
+        # each dials the hosts that follow it in the ring, nearest first
+        assert all(f == [hosts[(i + k) % n] for k in range(1, len(f) + 1)]
+                   for i, f in enumerate(plan.values()))  # fmt: skip
+    # a host that cannot be dialled dials all its pairs itself; two such hosts have no link
+    plan = link_plan(["a", "b", "c", "d"], {"a", "b"})
+    assert sorted((x, y) for x, f in plan.items() for y in f) == [
+        ("a", "b"), ("c", "a"), ("c", "b"), ("d", "a"), ("d", "b"),
+    ]  # fmt: skip
 
 
 def _link_process(folder: Path, name: str, names_folder: bool = True) -> subprocess.Popen:

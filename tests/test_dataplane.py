@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import posixpath
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -93,7 +94,14 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
                 # a worker port (those are the links' -L on the hosts, one per worker per host)
                 assert kinds.count("-L") == 2 * len(on) and kinds.count("-R") == len(HOSTS)
                 assert links.summary()["link_forwards"] == len(pairs)
-                before = _bytes_through(cluster, "link-host2-host1")
+                # one link per pair of hosts: host2's traffic to host1 takes the link host1
+                # dialled (a -R forward on it)
+                pair = ("host2", "host1")
+                dialler, far = links.link_of(pair) or pair
+                assert links.link_of(pair[::-1]) == (dialler, far)
+                first = links.process(pair)
+                assert first == f"link-{dialler}-{far}"
+                before = _bytes_through(cluster, first)
             else:  # no link can log in (port closed, key not read): every pair named and
                 # routed through here
                 assert set(links.down) == pairs and not links.up
@@ -108,29 +116,31 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
                 for h in ("host2", "host3")
             ]
             assert client.gather(seen) == [_sha(_block(MIB << 20))] * 2
-            if hosts_reach_sshd:  # the bytes crossed host2's link to host1
-                assert _bytes_through(cluster, "link-host2-host1") - before >= MIB << 20
-                # that link's master ends while running, and host2 cannot dial host1 for a
-                # while: the health check finds it, its routes go through this machine again
-                # and the link is dialled again, in vain until the path is back
-                pair = ("host2", "host1")
-                multi_hosts.restrict_ssh("host1", ["controller", "host3"])
-                _link_master(cluster, links.process(pair)).kill()
+            if hosts_reach_sshd:  # the bytes crossed the link of host1 and host2
+                assert _bytes_through(cluster, first) - before >= MIB << 20
+                # that link's master ends while running, and its host cannot dial the other
+                # for a while: the health check finds it, its routes go through this machine
+                # again and the link is dialled again, in vain until the path is back
+                third_host = ({"host1", "host2", "host3"} - {dialler, far}).pop()
+                multi_hosts.restrict_ssh(far, ["controller", third_host])
+                _link_master(cluster, first).kill()
                 assert wait_until(lambda: pair in links.down, timeout=20)
                 assert links.down[pair].startswith("link lost")
-                assert "link host2 -> host1 lost" in caplog.text
+                assert links.down[pair[::-1]].startswith("link lost")  # one link, both ways
+                assert f"link {dialler} -> {far} lost" in caplog.text
                 again = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
                 moved = client.submit(
                     _sha, again, workers=[on["host2"]], allow_other_workers=False, pure=False
                 )
                 assert moved.result(timeout=60) == _sha(_block(MIB << 20))
-                assert wait_until(lambda: "host2 -> host1 not reopened" in caplog.text, 20)
+                reopened = f"{dialler} -> {far} not reopened"
+                assert wait_until(lambda: reopened in caplog.text, 20)
                 # the path is back: the link is up again and carries the route once more
-                multi_hosts.restrict_ssh("host1", None)
+                multi_hosts.restrict_ssh(far, None)
                 assert wait_until(lambda: pair in links.up, timeout=30), links.down.get(pair)
-                assert "link host2 -> host1 up again" in caplog.text
+                assert f"link {dialler} -> {far} up again" in caplog.text
                 name = links.process(pair)
-                assert name != "link-host2-host1"  # a new master
+                assert name != first  # a new master
                 before = _bytes_through(cluster, name)
                 third = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
                 moved = client.submit(
@@ -189,6 +199,45 @@ def test_links_come_up_under_a_folder_deeper_than_a_socket_path_allows(
     assert not any(marker in multi_hosts.authorized_keys(h) for h in ("host1", "host2"))
 
 
+def test_the_link_key_only_forwards_to_and_listens_on_loopback(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """Whoever reads the cluster's key from a host's folder can reach the other hosts'
+    127.0.0.1 ports through their sshd, as the links do, and nothing else: no command, no
+    forward to another address, no listener beyond loopback."""
+    group = RuntimeGroup(hosts=["host1", "host2"], ssh_config_path=str(multi_hosts.ssh_config_path))
+
+    def folder(rt: Runtime) -> str:
+        return posixpath.join(rt.working_dir, "lazycluster-keyuse")
+
+    with _bare_links(multi_hosts, group, folder, commands.peer_marker("keyuse")) as links:
+        links.start()
+        links.wait()
+        assert set(links.up) == {("host1", "host2"), ("host2", "host1")}, links.down
+        key = posixpath.join(folder(group.runtimes[0]), links_module.KEY_FILE)
+        host2 = multi_hosts.host("host2").address
+        base = ["ssh", "-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes",
+                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5",
+                "-o", "ExitOnForwardFailure=yes", "-l", "root"]  # fmt: skip
+
+        def ssh(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [*base, *args], capture_output=True, text=True, timeout=20, stdin=subprocess.PIPE
+            )
+
+        # what a link does: the host's loopback (let through; nothing listens on that port)
+        loopback = ssh("-W", "127.0.0.1:22", host2)
+        assert "connect failed: Connection refused" in loopback.stderr, loopback.stderr
+        assert "prohibited" not in loopback.stderr
+        command = ssh(host2, "echo ran-$((6*7))")
+        assert "ran-42" not in command.stdout and command.returncode != 0
+        elsewhere = ssh("-W", f"{multi_hosts.host('host1').address}:22", host2)
+        assert not elsewhere.stdout and "prohibited" in elsewhere.stderr, elsewhere.stderr
+        wide = ssh("-N", "-R", "0.0.0.0:47123:127.0.0.1:22", host2)
+        assert wide.returncode != 0 and "forwarding failed" in wide.stderr, wide.stderr
+
+
 def test_a_pair_dialled_again_never_reuses_a_pid_file(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
@@ -204,8 +253,9 @@ def test_a_pair_dialled_again_never_reuses_a_pid_file(
         links.wait()
         assert ("host1", "host2") in links.up, links.down
         # the state a start whose answer never came leaves: its master runs, on no record
+        assert links.link_of(("host2", "host1")) == ("host1", "host2")  # host1 dials
         first = links._names.pop(("host1", "host2"))
-        del links.up[("host1", "host2")]
+        del links.up[("host1", "host2")], links.up[("host2", "host1")]
         links._start(group.runtimes[0], [links._peers["host2"]], {})
         assert links._names[("host1", "host2")] != first
         masters = [n for n in _process_names(multi_hosts, "host1") if n.startswith("ssh ")]
@@ -217,8 +267,9 @@ def test_a_host_whose_last_worker_is_gone_ends_its_links_by_itself(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
     """What a controller that died leaves: workers that end without a cleanup. The host's link
-    watch then ends its masters (one watch per host, no process per link)."""
-    group = RuntimeGroup(hosts=["host1", "host2"], ssh_config_path=str(multi_hosts.ssh_config_path))
+    watch then ends the masters it dialled (one watch per host, no process per link)."""
+    hosts = ["host1", "host2", "host3"]
+    group = RuntimeGroup(hosts=hosts, ssh_config_path=str(multi_hosts.ssh_config_path))
 
     def folder(rt: Runtime) -> str:
         return posixpath.join(rt.working_dir, "lazycluster-watched")
@@ -233,15 +284,18 @@ def test_a_host_whose_last_worker_is_gone_ends_its_links_by_itself(
         }
         links.start()
         links.wait()
-        assert set(links.up) == {("host1", "host2"), ("host2", "host1")}, links.down
+        pairs = {(a, b) for a in hosts for b in hosts if a != b}
+        assert set(links.up) == pairs, links.down
         names = [n for rt in group.runtimes for n in _process_names(multi_hosts, rt.host)]
-        assert sum("lazycluster-link-watch" in n for n in names) == 2  # one per host
+        assert sum("lazycluster-link-watch" in n for n in names) == 3  # one per host
+        assert sum(n.startswith("ssh ") for n in names) == 3  # one master per pair of hosts
         host1 = group.runtimes[0]
         processes.stop_processes(host1, workers["host1"], processes.folder_marker(folder(host1)))
         lost: dict = {}
         assert wait_until(lambda: bool(lost.update(links.check()) or lost), 10)
-        assert set(lost) == {("host1", "host2")}  # host2 still has its worker
-        assert set(links.up) == {("host2", "host1")}
+        # host1 dialled host2: that link ended; host3 dialled host1 and still has its worker
+        assert set(lost) == {("host1", "host2"), ("host2", "host1")}
+        assert set(links.up) == pairs - set(lost)
         for rt in group.runtimes:
             processes.stop_processes(rt, workers[rt.host], processes.folder_marker(folder(rt)))
 
