@@ -238,6 +238,28 @@ def test_the_link_key_only_forwards_to_and_listens_on_loopback(
         assert wide.returncode != 0 and "forwarding failed" in wide.stderr, wide.stderr
 
 
+def test_a_link_that_cannot_be_dialled_one_way_is_dialled_the_other(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """host1 cannot reach host2's sshd, host2 can reach host1's: the link host1 was to dial
+    is dialled by host2, and carries both directions."""
+    group = RuntimeGroup(hosts=["host1", "host2"], ssh_config_path=str(multi_hosts.ssh_config_path))
+
+    def folder(rt: Runtime) -> str:
+        return posixpath.join(rt.working_dir, "lazycluster-oneway")
+
+    multi_hosts.restrict_ssh("host2", ["controller"])
+    try:
+        with _bare_links(multi_hosts, group, folder, commands.peer_marker("oneway")) as links:
+            links.start()
+            links.wait()
+            assert set(links.up) == {("host1", "host2"), ("host2", "host1")}, links.down
+            assert links.link_of(("host1", "host2")) == ("host2", "host1")
+            assert links.process(("host1", "host2")) == "link-host2-host1"
+    finally:
+        multi_hosts.restrict_ssh("host2", None)
+
+
 def test_a_pair_dialled_again_never_reuses_a_pid_file(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
