@@ -81,14 +81,15 @@ def _terminate_ids(grace: float) -> str:
     parent (often init) has not reaped yet — some inits take a second or more.
     """
     return (
+        # sets $ids to the groups that still have a process (no subshell: polls cost no fork)
         'signalled() { c=; for g in $ids; do kill -0 -"$g" 2>/dev/null && c="$c $g"; done; '
-        'printf "%s" "$c"; }; '
+        "ids=$c; }; "
         "for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
         f"sleep {max(0.0, float(grace)):g} & t=$!; "
-        'while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do ids=$(signalled); '
+        'while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do signalled; '
         '[ -n "$ids" ] && sleep 0.05; done; kill $t 2>/dev/null; '
         "for g in $ids; do kill -KILL -$g 2>/dev/null; done; "
-        'i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do sleep 0.05; ids=$(live_ids); '
+        'i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do sleep 0.05; live_ids; '
         "i=$((i+1)); done; "
         'for g in $ids; do echo "left=$g"; done; true'
     )
@@ -158,7 +159,7 @@ def unpack_stdin(folder: str) -> str:
 #: /proc entry, read by the shell itself (no process started); empty when there is none.
 PROC_STATE = 'proc_state() { st=; { read -r st <"/proc/$1/stat"; } 2>/dev/null; st=${st##*) }; }'
 
-#: ``live_ids`` prints the groups of ``$ids`` that have a member that is not a zombie (a killed
+#: ``live_ids`` keeps in ``$ids`` the groups that have a member that is not a zombie (a killed
 #: process stays a zombie until its parent, often init, reaps it; that does not count as alive).
 #: ``kill -0`` first; a group whose leader runs (its /proc entry, read by the shell itself) is
 #: alive; only groups whose leader ended but that still have members need a process listing,
@@ -168,20 +169,21 @@ LIVE_GROUP = (
     f"{PROC_STATE}; "
     'live_ids() { c=; s=; for g in $ids; do kill -0 -"$g" 2>/dev/null || continue; '
     'proc_state "$g"; case "$st" in ""|Z*) s="$s $g";; *) c="$c $g";; esac; done; '
-    'printf "%s" "$c"; [ -n "$s" ] || return 0; '
-    'ps -e -o pgid=,stat= | awk -v ids="$s" '
+    'ids=$c; [ -n "$s" ] || return 0; '
+    'ids="$ids$(ps -e -o pgid=,stat= | awk -v ids="$s" '
     '\'BEGIN {n = split(ids, a, " "); for (i = 1; i <= n; i++) w[a[i]] = 1} '
-    '($1 in w) && $2 !~ /^Z/ && !s[$1]++ {printf " %s", $1}\'; }'
+    '($1 in w) && $2 !~ /^Z/ && !s[$1]++ {printf " %s", $1}\')"; }'
 )
 
 #: ``marked_ids`` reads pids from ``$pids`` (comma-separated) and sets ``$ids`` to those whose
-#: command line mentions ``$marker``: one ``grep`` over their /proc entries where there is
-#: /proc (no listing of every process), else one ``ps`` for all.
+#: command line mentions ``$marker``: read by the shell itself where there is /proc (``read``
+#: drops the NULs between arguments; no process started), else one ``ps`` for all.
 MARKED_IDS = (
     'marked_ids() { ids=; [ -n "$pids" ] || return 0; if [ -r /proc/self/cmdline ]; then '
-    'set --; for p in $(printf "%s" "$pids" | tr "," " "); do set -- "$@" "/proc/$p/cmdline"; '
-    'done; ids=$(grep -alF -- "$marker" "$@" 2>/dev/null '
-    "| awk -F/ '{printf \" %s\", $3}'); "
+    "set -f; o=$IFS; IFS=,; set -- $pids; IFS=$o; set +f; "
+    'for p in "$@"; do [ -n "$p" ] || continue; l=; '
+    '{ read -r l <"/proc/$p/cmdline"; } 2>/dev/null; '
+    'case "$l" in *"$marker"*) ids="$ids $p";; esac; done; '
     'else ids=$(ps -ww -o pid=,args= -p "${pids#,}" 2>/dev/null '
     '| grep -F -- "$marker" | awk \'{printf " %s", $1}\'); fi; }'
 )

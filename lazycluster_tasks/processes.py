@@ -125,8 +125,8 @@ def stop_processes(
     that survived (their pid files are kept)."""
     if not infos:
         return []
-    steps = [commands.stop_pid_files([i.pid_file for i in infos], marker, grace)]
-    return _stop(runtime, steps, grace, None)
+    pid_files = [i.pid_file for i in infos]
+    return _stop(runtime, commands.stop_pid_files(pid_files, marker, grace), grace)
 
 
 def stop_folder(
@@ -134,18 +134,26 @@ def stop_folder(
 ) -> list[int]:
     """Stop every process whose pid file is in ``folder`` (as stop_processes, found by their
     pid files: those on record and any whose start's answer was lost), then remove ``remove``;
-    return the pgids that survived."""
-    steps = [commands.revoke_key(revoke)] if revoke else []
-    return _stop(runtime, [*steps, commands.stop_folder(folder, grace)], grace, remove)
+    return the pgids that survived. ``revoke``: also remove the authorized_keys lines naming
+    this marker (a cluster's key), after the stop (the sooner the TERM, the less the processes
+    cost), even when one survived."""
+    return _stop(runtime, commands.stop_folder(folder, grace), grace, remove, revoke)
 
 
-def _stop(runtime: Runtime, steps: list[str], grace: float, remove: str | None) -> list[int]:
-    if remove:
-        steps = [*steps, commands.remove_tree(remove)]
-    if not steps:
-        return []
-    result = runtime.connection.run(" && ".join(steps), timeout=grace + 30)
-    return [int(line[5:]) for line in result.stdout.split() if line.startswith("left=")]
+def _stop(
+    runtime: Runtime, stop: str, grace: float, remove: str | None = None, revoke: str | None = None
+) -> list[int]:
+    line = f"{stop}; s=$?"
+    if revoke:
+        line += f"; {commands.revoke_key(revoke)} || s=$?"
+    if remove:  # only when every process is gone: a survivor keeps its folder and pid file
+        line += f"; [ $s != 0 ] || {commands.remove_tree(remove)} || s=$?"
+    result = runtime.connection.run(f"{line}; exit $s", timeout=grace + 30)
+    left = [int(x[5:]) for x in result.stdout.split() if x.startswith("left=")]
+    if not result.ok and not left:
+        why = tail(result.output, 300)
+        raise LazyclusterError(f"cleanup on {runtime.host} failed (exit {result.exit_code}): {why}")
+    return left
 
 
 def alive(
