@@ -37,7 +37,9 @@ class DaskOptions:
     #: Ports of this machine (e.g. a Prefect API) to expose as 127.0.0.1:<port> on every host.
     forward_ports: Sequence[int] = ()
     start_timeout: float = 120.0  # for all workers to register
-    stop_grace: float = 0.3  # seconds between TERM and KILL
+    #: seconds between TERM and KILL (at the close of a LazySSHCluster whose scheduler has told
+    #: every worker to close, what is left is killed at once)
+    stop_grace: float = 0.3
     #: TLS between all processes: True makes fresh certificates per cluster; False turns it off
     #: (warned); a ``distributed.Security`` brings the user's own.
     security: Any = True

@@ -723,10 +723,14 @@ class Engine:
     def stop_workers(self) -> None:
         self._stop([i.name for i in self.worker_processes()])
 
-    def _stop(self, names: list[str], remove_folders: bool = False) -> None:
+    def _stop(
+        self, names: list[str], remove_folders: bool = False, grace: float | None = None
+    ) -> None:
         """Stop processes grouped by runtime, all runtimes at once, one round trip each; verify
         none survived. ``remove_folders`` (cleanup) also removes the cluster folder — or the
-        whole working dir when it is a temporary one — in that same round trip."""
+        whole working dir when it is a temporary one — in that same round trip. ``grace``:
+        seconds between TERM and KILL (default: the options' ``stop_grace``)."""
+        grace = self.options.stop_grace if grace is None else grace
         infos = [self._processes[n] for n in names if n in self._processes]
         jobs = self._by_runtime(infos)
         if remove_folders:
@@ -736,7 +740,7 @@ class Engine:
 
         def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job
-            folder, grace = self.folder(runtime), self.options.stop_grace
+            folder = self.folder(runtime)
             if remove_folders:  # every pid file there: those of a start whose answer was lost too
                 remove = runtime.working_dir if runtime._working_dir_is_temp else folder
                 # the links' key, if it was authorized
@@ -777,9 +781,10 @@ class Engine:
                 reserved.difference_update(info.ports)
             self.ports.extend(p for p in info.ports if p not in self.ports)
 
-    def stop_all(self) -> None:
+    def stop_all(self, grace: float | None = None) -> None:
         """Close the clients, stop every process on every host at once and remove the cluster
-        folders. Raises when a host failed; its processes stay on record for a retry."""
+        folders. Raises when a host failed; its processes stay on record for a retry.
+        ``grace``: as for :meth:`_stop`."""
         if self._state == "cleanup failed":  # a retry: reach the hosts again
             for runtime in self.group.runtimes:
                 runtime.reopen()
@@ -787,13 +792,13 @@ class Engine:
         self.clients.close()
         if self._routes is not None:
             self._routes.close()  # nothing is still being set up when the stop runs
-        self._stop(list(self._processes), remove_folders=True)
+        self._stop(list(self._processes), remove_folders=True, grace=grace)
 
-    def cleanup(self) -> None:
+    def cleanup(self, grace: float | None = None) -> None:
         """:meth:`stop_all`, then release every connection and tunnel; verified."""
         error: BaseException | None = None
         try:
-            self.stop_all()
+            self.stop_all(grace)
         except Exception as exc:  # hosts that failed keep their processes on record
             error = exc
         self.release(error)

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from distributed import Client
 
-from lazycluster_tasks import LazySSHCluster
+from lazycluster_tasks import LazySSHCluster, processes
 from lazycluster_tasks.dask import teardown
 from lazycluster_tasks.watch import ClusterWatch
 from tests.conftest import wait_until
@@ -236,3 +236,22 @@ def test_workers_of_a_host_that_stays_away_move_to_hosts_with_room(
         fetched = client.submit(len, data, workers=[newcomer], allow_other_workers=False)
         assert fetched.result(timeout=30) == 1 << 20
     assert "host host3 does not answer" in caplog.text
+
+
+def test_the_close_kills_what_is_left_once_the_scheduler_told_the_workers_to_close(
+    make_cluster, multi_hosts
+):
+    """After SpecCluster's terminate every worker was told to close: the cleanup kills what is
+    left at once (as SSHCluster's close does), not after ``stop_grace``. A process that ignores
+    TERM would hold a 60 s grace; the close ends it at once."""
+    cluster = make_cluster(stop_grace=60)
+    with Client(cluster) as client:
+        client.wait_for_workers(3, timeout=30)
+    host1 = cluster.engine.group.runtimes[0]
+    folder = cluster.engine.folder(host1)
+    argv = ["sh", "-c", "trap '' TERM; sleep 300; :", processes.folder_marker(folder)]
+    (stubborn,) = processes.start_processes(host1, folder, [processes.ProcessSpec("tough", argv)])
+    started = time.monotonic()
+    cluster.close()
+    assert time.monotonic() - started < 30  # the 60 s grace was not waited for
+    assert stubborn.pid not in {p.pid for p in multi_hosts.processes("host1")}
