@@ -9,18 +9,17 @@ encrypted by OpenSSH on the two hosts, instead of two hops through this machine'
 The masters log in with a key made for the cluster (:class:`LinkKey`), delivered as 0600 files
 in the cluster folders and authorized in each host's ``~/.ssh/authorized_keys`` for the cluster's
 lifetime with options that allow forwarding to and listening on the host's loopback and nothing
-else. The far host's
-key is the one this machine verified for it. A pair whose link does not come up (a host that
-cannot reach the other's sshd, no ssh client, sshd reading keys from elsewhere) is named in the
-log and keeps the route through this machine; the pairs of a host that did not answer during the
-set-up are dialled once it answers again. While the cluster runs, every host is asked every
-few seconds whether its links' masters still run (one round trip per host); the routes of a
-link that ended go through this machine again, and the link is dialled again once both its hosts
-answer (at once, then after longer and longer pauses while it fails); when it is up, its routes
-move back onto it. Masters are cluster processes (pid files in the cluster folder), so cleanup
-and ``teardown(record)`` stop them; both revoke the key. One watch per host (see
-commands.LINK_WATCH) ends the host's masters once the cluster has no worker there (its controller
-died, say).
+else. The far host's key is the one this machine verified for it. A pair whose link does not
+come up (a host that cannot reach the other's sshd, no ssh client, sshd reading keys from
+elsewhere) is named in the log and keeps the route through this machine; the links of a host
+that did not answer during the set-up are dialled once it answers again. While the cluster
+runs, every host is asked every few seconds whether its links' masters still run (one round
+trip per host); the routes of a link that ended go through this machine again, and the link is
+dialled again once both its hosts answer (at once, then after longer and longer pauses while it
+fails); when it is up, its routes move back onto it. Masters are cluster processes (pid files in
+the cluster folder), so cleanup and ``teardown(record)`` stop them; both revoke the key. One
+watch per host (see commands.LINK_WATCH) ends the masters a host dialled once the cluster has no
+worker there (its controller died, say).
 """
 
 from __future__ import annotations
