@@ -780,7 +780,7 @@ class SSHConnection(Connection):
         try:
             if stderr is None:
                 chan.set_combine_stderr(True)
-            chan.exec_command(line)
+            self._exec(chan, line)
             if stdin is not None:
                 try:
                     chan.sendall(stdin)
@@ -801,6 +801,42 @@ class SSHConnection(Connection):
             return chan.recv_exit_status()
         finally:
             chan.close()
+
+    def _exec(self, chan: paramiko.Channel, line: str) -> None:
+        """Ask the host to run ``line`` on ``chan``, its answer bounded by the connect timeout.
+
+        paramiko's ``exec_command`` waits for the answer without a timeout: a path cut after the
+        channel opened would hang the command. This is that request, with the wait bounded."""
+        message = paramiko.Message()
+        message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+        message.add_int(chan.remote_chanid)
+        message.add_string("exec")
+        message.add_boolean(True)
+        message.add_string(line)
+        chan._event_pending()  # type: ignore[attr-defined]  # paramiko internals, stable since 1.x
+        transport = chan.get_transport()
+        transport._send_user_message(message)  # type: ignore[attr-defined]
+        wait = self.settings.connect_timeout
+        if not chan.event.wait(wait):  # hung: the next use connects anew
+            with self._lock:
+                if self._client is not None and self._client.get_transport() is transport:
+                    self._drop()
+            raise HostConnectionError(
+                f"{self.host} did not answer a request to run a command within {wait:g} s "
+                "(the connection is dropped)",
+                host=self.host,
+            )
+        if chan.event_ready:
+            return
+        if not transport.is_active():
+            raise HostConnectionError(
+                f"connection to {self.host} dropped before a command started", host=self.host
+            )
+        raise HostConnectionError(
+            f"{self.host} refused to run a command (its sshd closed the session: it could not "
+            "start a process there, or allows no more sessions on one connection)",
+            host=self.host,
+        )
 
     def _read(
         self,

@@ -229,6 +229,33 @@ def test_connection_dropped_mid_session_reconnects(host1, test_hosts):
     assert host1.connection.connect_count == 2
 
 
+def test_a_host_that_cannot_start_a_process_is_a_clear_transient_error(host1, test_hosts):
+    assert host1.echo("one") == "one"
+    with test_hosts.process_limit("host1"):
+        with pytest.raises(HostConnectionError, match="host1 refused to run a command") as info:
+            host1.echo("two")
+        assert info.value.transient
+    assert host1.echo("three") == "three"  # the same connection serves again
+    assert host1.connection.connect_count == 1
+
+
+def test_a_request_to_run_a_command_that_gets_no_answer_is_bounded(host1, test_hosts):
+    connection = host1.connection
+    assert host1.echo("one") == "one"
+    session = next(p for p in test_hosts._listener("host1").children())
+    channel = connection.open_session()
+    session.suspend()  # the channel is open; its sshd will not answer the request
+    try:
+        start = time.monotonic()
+        with pytest.raises(HostConnectionError, match="did not answer a request to run"):
+            connection._exec(channel, "true")
+        assert time.monotonic() - start < connection.settings.connect_timeout + 2
+    finally:
+        session.resume()
+    assert host1.echo("two") == "two"  # on a new connection: the hung one was dropped
+    assert connection.connect_count == 2
+
+
 def test_unknown_host_key_is_refused(test_hosts, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -657,6 +658,33 @@ class TestHosts:
             raise RuntimeError(f"{name} is cut off the network: restore_host({name!r}) first")
         self._launch_sshd(h)
         self._wait_listening(h)
+
+    @contextlib.contextmanager
+    def process_limit(self, name: str) -> Iterator[None]:
+        """While in the block, the SSH sessions host ``name`` serves now cannot start a process
+        (a site at its process limit): they are put in a cgroup whose pids limit is what they
+        already run. New sessions are not limited."""
+        self._require_root("a process limit")
+        root = Path("/sys/fs/cgroup/pids")
+        if not (root / "cgroup.procs").exists():
+            raise RuntimeError("a process limit needs cgroup v1's pids controller")
+        listener = self._listener(self.host(name).name)
+        if listener is None:
+            raise RuntimeError(f"sshd of {name} is not running")
+        group = root / f"lcth-{os.getpid()}-{name}"
+        group.mkdir()
+        try:
+            for session in listener.children():
+                for proc in [session, *session.children(recursive=True)]:
+                    with contextlib.suppress(OSError):
+                        (group / "cgroup.procs").write_text(str(proc.pid))
+            (group / "pids.max").write_text((group / "pids.current").read_text())
+            yield
+        finally:
+            for pid in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (root / "cgroup.procs").write_text(pid)
+            group.rmdir()
 
     def sessions(self, name: str) -> int:
         """How many SSH sessions host `name` serves now (sshd children of its listener)."""
