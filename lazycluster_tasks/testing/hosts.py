@@ -389,6 +389,8 @@ class TestHosts:
         # "locked"; with PAM it asks the setgid helper. As root PAM is not needed.
         use_pam = "no" if os.geteuid() == 0 else "yes"
         user_keys = " .ssh/authorized_keys" if self._user_keys else ""
+        # sshd's own limits stay at their defaults (MaxSessions 10 per connection, MaxStartups
+        # 10:30:100 handshakes at once), as on the sites users have
         (d / "sshd_config").write_text(
             f"Port {h.port}\n"
             f"ListenAddress {h.address}\n"
@@ -404,8 +406,6 @@ class TestHosts:
             "StrictModes no\n"
             "AllowTcpForwarding yes\n"
             "GatewayPorts no\n"
-            "MaxSessions 100\n"
-            "MaxStartups 100:30:200\n"
             "LogLevel ERROR\n"
             "X11Forwarding no\n"
             "PrintMotd no\n"
