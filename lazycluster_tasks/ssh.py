@@ -38,6 +38,7 @@ from lazycluster_tasks.errors import (
     HostConnectionError,
     HostKeyError,
     InvalidRuntimeError,
+    OperationTimeoutError,
 )
 
 logger = logging.getLogger(__name__)
@@ -594,6 +595,12 @@ class SSHConnection(Connection):
         self._on_reconnect: list[Callable[[paramiko.Transport], None]] = []
         self._closed = False
         self.connect_count = 0
+        # session channels our commands hold, and how many ended: a host that refuses one more
+        # (sshd's MaxSessions per connection, 10 by default) gets it once one of them ends
+        self._sessions = 0
+        self._sessions_ended = 0
+        self._session_limit: int | None = None  # learnt from the host's first refusal
+        self._sessions_cv = threading.Condition()
 
     # -- connection --------------------------------------------------------------------------
 
@@ -740,16 +747,23 @@ class SSHConnection(Connection):
         """A new session channel; one reconnect if the connection turned out to be dead."""
         for attempt in (1, 2):
             transport = self.transport()
+            timeout = self.settings.connect_timeout
+            start = time.monotonic()
             try:
-                return transport.open_session(timeout=self.settings.connect_timeout)
+                return transport.open_session(timeout=timeout)
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 # an open transport whose server did not answer a channel request in time is
                 # hung (the path was cut): dropped, so that this attempt or the next use
-                # connects anew. A refusal (ChannelException) is an answer: the link is fine.
+                # connects anew. A refusal is an answer: the link is fine. (paramiko keeps a
+                # refusal's ChannelException per connection, not per request: with requests in
+                # flight at once another may take it, and this one gets a bare SSHException.)
+                answered = isinstance(exc, paramiko.ChannelException) or (
+                    time.monotonic() - start < timeout
+                )
                 hung = (
                     transport.is_active()
                     and isinstance(exc, paramiko.SSHException)
-                    and not isinstance(exc, paramiko.ChannelException)
+                    and not answered
                 )
                 # EOF or a socket error: the connection is gone, even if the transport's thread
                 # has not noticed yet (is_active still True right after the server dropped it)
@@ -776,7 +790,7 @@ class SSHConnection(Connection):
         stdin: bytes | None,
     ) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        chan = self.open_session()
+        chan = self._session(deadline)
         try:
             if stderr is None:
                 chan.set_combine_stderr(True)
@@ -801,6 +815,47 @@ class SSHConnection(Connection):
             return chan.recv_exit_status()
         finally:
             chan.close()
+            with self._sessions_cv:
+                self._sessions -= 1
+                self._sessions_ended += 1
+                self._sessions_cv.notify_all()
+
+    def _session(self, deadline: float | None) -> paramiko.Channel:
+        """A session channel for a command. When the host refuses one while commands of ours
+        hold others (its sshd allows so many sessions per connection: MaxSessions, 10 by
+        default), the command waits until one of them ends, within its own timeout; from then
+        on no more than that many are asked for at once."""
+        while True:
+            with self._sessions_cv:
+                while self._session_limit is not None and self._sessions >= self._session_limit:
+                    self._wait_for_a_session(deadline)
+                self._sessions += 1  # counted from the request on: requests go out at once
+                ended = self._sessions_ended
+            try:
+                return self.open_session()
+            except HostConnectionError as exc:
+                with self._sessions_cv:
+                    self._sessions -= 1
+                    held = self._sessions
+                    refused = isinstance(exc.__cause__, paramiko.SSHException) and self.is_connected
+                    if held == 0 or not refused:
+                        raise
+                    if self._session_limit is None or held < self._session_limit:
+                        logger.info("%s refused a session with %d of ours open", self.host, held)
+                        self._session_limit = held
+                    while self._sessions_ended == ended and self._sessions:
+                        self._wait_for_a_session(deadline)
+
+    def _wait_for_a_session(self, deadline: float | None) -> None:
+        """(holding the condition) Wait for a session of ours to end, at most a second."""
+        left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if left <= 0:
+            raise OperationTimeoutError(
+                f"{self.host} allows no more sessions on one connection (sshd's MaxSessions) "
+                f"and none of the {self._sessions} commands running there ended in time",
+                host=self.host,
+            )
+        self._sessions_cv.wait(left)
 
     def _exec(self, chan: paramiko.Channel, line: str) -> None:
         """Ask the host to run ``line`` on ``chan``, its answer bounded by the connect timeout.

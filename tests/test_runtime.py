@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import stat
 import time
@@ -237,6 +238,23 @@ def test_a_host_that_cannot_start_a_process_is_a_clear_transient_error(host1, te
         assert info.value.transient
     assert host1.echo("three") == "three"  # the same connection serves again
     assert host1.connection.connect_count == 1
+
+
+def test_more_commands_at_once_than_sshd_allows_sessions_take_turns(host1):
+    # the test hosts' sshd keeps its default MaxSessions (10 per connection)
+    with concurrent.futures.ThreadPoolExecutor(14) as pool:
+        runs = [
+            pool.submit(host1.connection.run, f"sleep 0.5; echo {i}", timeout=30) for i in range(14)
+        ]
+        assert [r.result().stdout for r in runs] == [f"{i}\n" for i in range(14)]
+    assert host1.connection.connect_count == 1
+    # a command whose turn does not come within its timeout says why
+    with concurrent.futures.ThreadPoolExecutor(11) as pool:
+        slow = [pool.submit(host1.connection.run, "sleep 3", timeout=30) for _ in range(10)]
+        time.sleep(0.5)
+        with pytest.raises(OperationTimeoutError, match="allows no more sessions"):
+            host1.connection.run("echo late", timeout=1)
+        assert all(s.result().ok for s in slow)
 
 
 def test_a_request_to_run_a_command_that_gets_no_answer_is_bounded(host1, test_hosts):
