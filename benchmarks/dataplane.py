@@ -133,12 +133,13 @@ def _moved(client: Any, transfers: list[tuple[str, str]], mib: int) -> float:
         client.submit(_block, mib << 20, i, workers=[s], allow_other_workers=False, pure=False)
         for i, (s, _) in enumerate(transfers)
     ]
-    wait(blocks)  # made (where they are, not fetched here) before the clock starts
+    wait(blocks, timeout=TIMEOUT)  # made (where they are, not fetched here) before the clock starts
     start = time.perf_counter()
     seen = [
         client.submit(_sha, b, workers=[t], allow_other_workers=False, pure=False)
         for b, (_, t) in zip(blocks, transfers, strict=True)
     ]
+    wait(seen, timeout=TIMEOUT)  # a lost worker is an error of its case, not a hang
     digests = client.gather(seen)
     elapsed = time.perf_counter() - start
     want = [_expected(mib << 20, i) for i in range(len(transfers))]

@@ -78,19 +78,26 @@ def _terminate_ids(grace: float) -> str:
     The grace is wall-clock time (a ``sleep`` in the background), not a count of polls: the
     processes just signalled make each poll slow on a busy host. Polls in the grace use
     ``kill -0`` only; after KILL, :data:`LIVE_GROUP` tells a survivor from a zombie that its
-    parent (often init) has not reaped yet — some inits take a second or more.
+    parent (often init) has not reaped yet — some inits take a second or more. A grace of 0
+    KILLs at once (no TERM that nothing waits for). The first check after KILL comes before
+    any pause: most groups are gone by then.
     """
+    term = ""
+    if grace > 0:
+        term = (
+            # sets $ids to the groups that still have a process (no subshell: no fork per poll)
+            'signalled() { c=; for g in $ids; do kill -0 -"$g" 2>/dev/null && c="$c $g"; done; '
+            "ids=$c; }; "
+            "for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
+            f"sleep {float(grace):g} & t=$!; "
+            'while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do signalled; '
+            '[ -n "$ids" ] && sleep 0.05; done; kill $t 2>/dev/null; '
+        )
     return (
-        # sets $ids to the groups that still have a process (no subshell: polls cost no fork)
-        'signalled() { c=; for g in $ids; do kill -0 -"$g" 2>/dev/null && c="$c $g"; done; '
-        "ids=$c; }; "
-        "for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
-        f"sleep {max(0.0, float(grace)):g} & t=$!; "
-        'while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do signalled; '
-        '[ -n "$ids" ] && sleep 0.05; done; kill $t 2>/dev/null; '
-        "for g in $ids; do kill -KILL -$g 2>/dev/null; done; "
-        'i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do sleep 0.05; live_ids; '
-        "i=$((i+1)); done; "
+        f"{term}for g in $ids; do kill -KILL -$g 2>/dev/null; done; "
+        # quick checks first (no process listing), then the scan too
+        'live_ids quick; i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do sleep 0.05; '
+        "if [ $i -lt 4 ]; then live_ids quick; else live_ids; fi; i=$((i+1)); done; "
         'for g in $ids; do echo "left=$g"; done; true'
     )
 
@@ -164,12 +171,13 @@ PROC_STATE = 'proc_state() { st=; { read -r st <"/proc/$1/stat"; } 2>/dev/null; 
 #: ``kill -0`` first; a group whose leader runs (its /proc entry, read by the shell itself) is
 #: alive; only groups whose leader ended but that still have members need a process listing,
 #: which scans every process of the machine (slow on a busy one, e.g. many hosts sharing a PID
-#: space) — and hosts without /proc.
+#: space) — and hosts without /proc. ``live_ids quick`` skips that scan and keeps those groups
+#: (their reaper usually takes them within milliseconds; the scan is for one that does not).
 LIVE_GROUP = (
     f"{PROC_STATE}; "
     'live_ids() { c=; s=; for g in $ids; do kill -0 -"$g" 2>/dev/null || continue; '
     'proc_state "$g"; case "$st" in ""|Z*) s="$s $g";; *) c="$c $g";; esac; done; '
-    'ids=$c; [ -n "$s" ] || return 0; '
+    'ids=$c; [ -n "$s" ] || return 0; [ "$1" != quick ] || { ids="$ids$s"; return 0; }; '
     'ids="$ids$(ps -e -o pgid=,stat= | awk -v ids="$s" '
     '\'BEGIN {n = split(ids, a, " "); for (i = 1; i <= n; i++) w[a[i]] = 1} '
     '($1 in w) && $2 !~ /^Z/ && !s[$1]++ {printf " %s", $1}\')"; }'

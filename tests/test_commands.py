@@ -87,6 +87,18 @@ def test_kill_group_escalates_to_sigkill():
     assert proc.wait(timeout=5) == -9
 
 
+def test_kill_group_without_a_grace_kills_at_once():
+    # a group that would exit on TERM: with a grace of 0 it gets KILL, not TERM
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", "trap 'exit 3' TERM; while :; do sleep 0.05; done"],
+        start_new_session=True,
+    )
+    time.sleep(0.2)  # let the shell install its trap
+    result = sh(commands.kill_group([proc.pid], grace=0))
+    assert result.returncode == 0 and result.stdout == ""
+    assert proc.wait(timeout=5) == -9
+
+
 def _group_members(pgid: int) -> list[int]:
     """Processes of a group that are not zombies."""
     return [
