@@ -252,9 +252,16 @@ class Engine:
         failed = blocked_paths(self.clients.monitor(), ours, timeout, here)
         if failed:
             lines = "\n".join(f"  {path}: {why}" for path, why in failed.items())
+            refused = {
+                f"  {rt.host}: {t.refused}"
+                for rt in self.group.runtimes
+                for t in rt.tunnels
+                if t.refused
+            }
+            hint = "\n".join(["measured:", *sorted(refused)]) if refused else self.routing.hint
             raise NetworkPathError(
                 f"the workers registered, but {len(failed)} path(s) the cluster needs are "
-                f"blocked ({self.network_mode} mode):\n{lines}\n{self.routing.hint}",
+                f"blocked ({self.network_mode} mode):\n{lines}\n{hint}",
                 failed,
             )
 

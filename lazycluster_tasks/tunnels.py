@@ -28,6 +28,7 @@ from typing import Any
 import paramiko
 
 from lazycluster_tasks.errors import TunnelError
+from lazycluster_tasks.ports import PROBE_COMMAND, parse_proc_net_tcp
 from lazycluster_tasks.ssh import SSHConnection
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class Tunnel:
         self.remote_port = remote_port
         self.closed = False
         self.last_error: str | None = None
+        #: Set when the host's sshd refused to forward a connection by its policy (measured)
+        self.refused: str | None = None
         #: its connections being pumped: channel -> our socket
         self._channels: dict[paramiko.Channel, socket.socket] = {}
         self._lock = threading.Lock()
@@ -235,6 +238,13 @@ class LocalForward(Tunnel):
                 timeout=CHANNEL_TIMEOUT,
             )
         except Exception as exc:  # the connecting side sees its connection closed
+            if isinstance(exc, paramiko.ChannelException) and exc.code == 1:  # prohibited
+                if self.refused is None:
+                    logger.warning("%s: the host's sshd refused the forward: %s", self, exc)
+                self.refused = (
+                    f"its sshd refused to forward connections to its 127.0.0.1:"
+                    f"{self.remote_port} ({exc.text}: AllowTcpForwarding or PermitOpen forbid it)"
+                )
             logger.info("%s: no channel to the host's port: %s", self, exc)
             with contextlib.suppress(OSError):
                 client.close()
@@ -276,13 +286,30 @@ class RemoteForward(Tunnel):
                     raise
                 port = self._take_back(transport)
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            why = self._why_denied() if transport.is_active() else "the connection dropped"
             raise TunnelError(
                 f"{self.host} refused to forward its 127.0.0.1:{self.remote_port or '*'} to our "
-                f"127.0.0.1:{self.local_port} (port taken there?): {exc}"
+                f"127.0.0.1:{self.local_port}: {why} ({exc})"
             ) from exc
         self.remote_port = int(port)
         dispatcher.routes[self.remote_port] = self
         self._transport = transport
+
+    def _why_denied(self) -> str:
+        """Why the host's sshd denied the forward, measured: the port is taken there, or it is
+        free and the sshd's policy forbids it (its answer does not say which)."""
+        policy = "its sshd forbids remote forwards (AllowTcpForwarding, PermitListen)"
+        if not self.remote_port:
+            return policy
+        try:
+            listing = self.connection.run(PROBE_COMMAND, timeout=10).stdout
+        except Exception:  # the denial's own message goes with the error
+            return f"port {self.remote_port} is taken there, or {policy}"
+        if not listing.strip():  # no /proc/net/tcp there: not measured
+            return f"port {self.remote_port} is taken there, or {policy}"
+        if self.remote_port in parse_proc_net_tcp(listing):
+            return f"port {self.remote_port} is taken there"
+        return f"port {self.remote_port} is free there: {policy}"
 
     def _take_back(self, transport: paramiko.Transport) -> int:
         """Our port on the host, which a session of ours that died with the path may still

@@ -4,6 +4,7 @@ answer. In each, ``auto`` must pick a mode that works end to end and leave nothi
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from lazycluster_tasks import RuntimeGroup, commands
+from lazycluster_tasks import LazyclusterError, RuntimeGroup, commands
 from lazycluster_tasks.dask import DaskCluster, teardown
 from lazycluster_tasks.testing.hosts import TestHosts
 from tests.conftest import wait_until
@@ -64,6 +65,34 @@ def test_auto_mode_works_end_to_end(
         try:
             cluster.cleanup()
         finally:
+            multi_hosts.set_network("open")
+    assert local_leftovers(cluster.cluster_id) == []
+
+
+@pytest.mark.parametrize("allowed", ["no", "local", "remote"])
+def test_a_host_whose_sshd_refuses_forwarding_is_named_when_only_ssh_is_open(
+    multi_hosts: TestHosts, allowed: str, no_leftovers: TestHosts, no_local_leaks: None
+) -> None:
+    # hardened sites set AllowTcpForwarding: where only SSH is open the cluster needs both -L
+    # and -R on every host, so the start fails, naming the host and the setting, in bounded time
+    multi_hosts.set_network("ssh-only", "drop")
+    multi_hosts.tcp_forwarding("host2", allowed)
+    group = RuntimeGroup(hosts=HOSTS, ssh_config_path=str(multi_hosts.ssh_config_path))
+    cluster = DaskCluster(group, threads_per_worker=1, nanny=False)
+    try:
+        began = time.monotonic()
+        with pytest.raises(LazyclusterError) as info:
+            cluster.start()
+        assert time.monotonic() - began < 90
+        # the host named with what its sshd did, not only a hint to check every host
+        assert re.search(r"host2: .*(forbids|refused).*AllowTcpForwarding", str(info.value)), (
+            info.value
+        )
+    finally:
+        try:
+            cluster.cleanup()
+        finally:
+            multi_hosts.tcp_forwarding("host2", "yes")
             multi_hosts.set_network("open")
     assert local_leftovers(cluster.cluster_id) == []
 

@@ -206,6 +206,26 @@ def test_taken_ports_are_reported(host1, test_hosts):
         proc.wait()
 
 
+def test_a_denied_remote_forward_says_what_was_measured(multi_hosts, no_leftovers):
+    # sshd's denial does not say why: the port is looked up on the host
+    proc = multi_hosts.run_in("host3", [sys.executable, "-c", ECHO_SERVER, "127.0.0.1", "7332"])
+    runtime = ssh_runtime(multi_hosts, "host3")
+    try:
+        assert wait_until(lambda: not runtime.has_free_port(7332))
+        with pytest.raises(TunnelError, match="port 7332 is taken there"):
+            tunnels.RemoteForward(runtime.connection, 22, 7332)
+        runtime.cleanup()
+        multi_hosts.tcp_forwarding("host3", "local")  # -L only, as some sites set it
+        runtime = ssh_runtime(multi_hosts, "host3")
+        with pytest.raises(TunnelError, match="port 7333 is free there: its sshd forbids"):
+            tunnels.RemoteForward(runtime.connection, 22, 7333)
+    finally:
+        runtime.cleanup()
+        multi_hosts.tcp_forwarding("host3", "yes")
+        proc.kill()
+        proc.wait()
+
+
 def test_tunnels_come_back_after_the_connection_drops(
     ssh_only, server, no_leftovers, no_local_leaks
 ):

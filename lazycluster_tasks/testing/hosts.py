@@ -266,6 +266,7 @@ class TestHosts:
         self._allowed: dict[str, list[str] | None] = {}
         self._cut: set[str] = set()  # hosts whose cable is pulled (cut_host)
         self._user_keys = True  # sshd reads ~/.ssh/authorized_keys (user_keys)
+        self._forwarding: dict[str, str] = {}  # host -> its AllowTcpForwarding (tcp_forwarding)
         self._started = False
         self._stopped = False
         self._marked = False  # our owner marker exists: the run id is ours to destroy
@@ -404,7 +405,7 @@ class TestHosts:
             "PermitRootLogin prohibit-password\n"
             f"UsePAM {use_pam}\n"
             "StrictModes no\n"
-            "AllowTcpForwarding yes\n"
+            f"AllowTcpForwarding {self._forwarding.get(h.name, 'yes')}\n"
             "GatewayPorts no\n"
             "LogLevel ERROR\n"
             "X11Forwarding no\n"
@@ -618,6 +619,17 @@ class TestHosts:
             self._write_config(h)
             self.stop_sshd(h.name)  # a new listener reads the new config
             self.start_sshd(h.name)
+
+    def tcp_forwarding(self, name: str, allowed: str = "yes") -> None:
+        """Host ``name``'s sshd ``AllowTcpForwarding``: ``yes`` (the default), ``no``, ``local``
+        (-L only) or ``remote`` (-R only), as hardened sites set it. Open sessions keep theirs."""
+        if allowed not in ("yes", "no", "local", "remote", "all"):
+            raise ValueError(f"AllowTcpForwarding takes yes, no, local, remote or all: {allowed!r}")
+        h = self.host(name)
+        self._forwarding[h.name] = allowed
+        self._write_config(h)
+        self.stop_sshd(h.name)  # a new listener reads the new config
+        self.start_sshd(h.name)
 
     def _signal_listener(self, name: str, sig: int) -> None:
         listener = self._listener(self.host(name).name)
