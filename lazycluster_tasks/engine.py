@@ -249,16 +249,22 @@ class Engine:
         if not ours:
             return
         here = "this machine" if self._scheduler_host is None else self._scheduler_host
-        failed = blocked_paths(self.clients.monitor(), ours, timeout, here)
-        if failed:
-            lines = "\n".join(f"  {path}: {why}" for path, why in failed.items())
-            refused = {
+
+        def refused() -> set[str]:  # forwards a host's sshd refused: those paths cannot work
+            return {
                 f"  {rt.host}: {t.refused}"
                 for rt in self.group.runtimes
                 for t in rt.tunnels
                 if t.refused
             }
-            hint = "\n".join(["measured:", *sorted(refused)]) if refused else self.routing.hint
+
+        failed = blocked_paths(
+            self.clients.monitor(), ours, timeout, here, give_up=lambda: bool(refused())
+        )
+        if failed:
+            lines = "\n".join(f"  {path}: {why}" for path, why in failed.items())
+            seen = refused()
+            hint = "\n".join(["measured:", *sorted(seen)]) if seen else self.routing.hint
             raise NetworkPathError(
                 f"the workers registered, but {len(failed)} path(s) the cluster needs are "
                 f"blocked ({self.network_mode} mode):\n{lines}\n{hint}",

@@ -6,19 +6,24 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
 def blocked_paths(
-    client: Any, workers: Mapping[str, tuple[str, str]], timeout: float, scheduler_at: str
+    client: Any,
+    workers: Mapping[str, tuple[str, str]],
+    timeout: float,
+    scheduler_at: str,
+    give_up: Callable[[], bool] | None = None,
 ) -> dict[str, str]:
     """Run a tiny task pinned to every worker (name -> (host, address)) and fetch its result
     here through the scheduler; then a ring of tasks makes each worker fetch the previous one's
     result (worker -> worker, across hosts). Returns path -> why, for each path that failed
-    within ``timeout`` seconds."""
+    within ``timeout`` seconds — or sooner, once ``give_up()`` says a path is known to fail
+    (checked every half second)."""
     from distributed import as_completed
 
     ours = list(workers.items())
@@ -39,16 +44,24 @@ def blocked_paths(
     futures = [*first.values(), *ring.values()]
     failed: dict[str, str] = {}
     try:
-        with contextlib.suppress(TimeoutError):
-            for _ in as_completed(futures, timeout=timeout, loop=client.loop):
-                pass
+        deadline = started + timeout
+        while any(f.status == "pending" for f in futures) and time.monotonic() < deadline:
+            if give_up is not None and give_up():
+                deadline = time.monotonic()
+                break
+            pending = [f for f in futures if f.status == "pending"]
+            step = max(0.01, min(0.5, deadline - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                for _ in as_completed(pending, timeout=step, loop=client.loop):
+                    pass
+        waited = time.monotonic() - started
         for name, future in first.items():
             host, address = workers[name]
             where = f"{name} on {host} ({address})"
             if future.status != "finished":
-                failed[where] = f"ran no task within {timeout:.0f} s ({future.status})"
+                failed[where] = f"ran no task within {waited:.0f} s ({future.status})"
                 continue
-            left = max(1.0, timeout - (time.monotonic() - started))
+            left = max(1.0, deadline - time.monotonic())
             try:
                 future.result(timeout=left)
             except Exception as exc:
@@ -61,7 +74,7 @@ def blocked_paths(
                 failed[
                     f"{target} on {workers[target][0]} -> {source} on {source_host} "
                     f"({source_address})"
-                ] = f"data not fetched within {timeout:.0f} s"
+                ] = f"data not fetched within {waited:.0f} s"
     finally:
         client.cancel(futures, force=True)
     logger.info(
