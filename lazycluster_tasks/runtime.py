@@ -597,7 +597,7 @@ class Runtime:
         with self._lock:
             if self._working_dir_is_temp and self._working_dir:
                 try:
-                    self._connection.run(commands.remove_tree(self._working_dir))
+                    self._connection.check(commands.remove_tree(self._working_dir))
                     self._working_dir = None
                 except LazyclusterError as exc:  # kept: a later cleanup tries again
                     logger.warning("could not remove %s on %s: %s", self._working_dir, self, exc)

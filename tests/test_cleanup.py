@@ -89,6 +89,31 @@ def test_a_host_that_cannot_be_cleaned_keeps_its_processes_on_record(
     assert folders and not any(os.path.exists(f) for f in folders)
 
 
+def test_a_cleanup_that_cannot_remove_a_folder_names_the_host_and_a_retry_ends_it(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """The processes stop, but the folder stays (read-only there): the cleanup is an error for
+    that host, not a success, and keeps its record; once it can, a retry removes the folder."""
+    cluster = cluster_on(multi_hosts)
+    cluster.start()
+    host2 = cluster.engine.group.get_runtime("host2")
+    working_dir = host2.working_dir  # temporary: the cleanup removes all of it
+    readonly = ["mount", "--bind", "-o", "ro", working_dir, working_dir]
+    assert multi_hosts.run_in("host2", readonly).wait() == 0
+    try:
+        with pytest.raises(GroupError, match="Read-only file system") as info:
+            cluster.cleanup()
+        assert list(info.value.errors) == ["host2"]
+        assert cluster.state == "cleanup failed"
+        assert multi_hosts.processes("host2") == []  # stopped all the same
+        assert multi_hosts.run_in("host2", ["test", "-d", working_dir]).wait() == 0
+    finally:
+        assert multi_hosts.run_in("host2", ["umount", working_dir]).wait() == 0
+    cluster.cleanup()
+    assert cluster.state == "stopped"
+    assert multi_hosts.run_in("host2", ["test", "-e", working_dir]).wait() != 0
+
+
 def test_a_dead_scheduler_shows_within_seconds(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
