@@ -43,6 +43,19 @@ from lazycluster_tasks.errors import (
 
 logger = logging.getLogger(__name__)
 
+
+class _HandledRefusals(logging.Filter):
+    """paramiko logs every refused channel open at ERROR, yet the caller handles and reports it
+    (a session that waits its turn, a forward to a port that is closed): logged at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "open FAILED" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+logging.getLogger("paramiko.transport").addFilter(_HandledRefusals())
+
 DEFAULT_SSH_CONFIG = sshconfig.DEFAULT_SSH_CONFIG
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 DEFAULT_CONNECT_TIMEOUT = 10.0

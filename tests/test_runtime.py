@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import stat
 import time
@@ -240,14 +241,17 @@ def test_a_host_that_cannot_start_a_process_is_a_clear_transient_error(host1, te
     assert host1.connection.connect_count == 1
 
 
-def test_more_commands_at_once_than_sshd_allows_sessions_take_turns(host1):
+def test_more_commands_at_once_than_sshd_allows_sessions_take_turns(host1, caplog):
     # the test hosts' sshd keeps its default MaxSessions (10 per connection)
+    caplog.set_level(logging.DEBUG, logger="paramiko.transport")
     with concurrent.futures.ThreadPoolExecutor(14) as pool:
         runs = [
             pool.submit(host1.connection.run, f"sleep 0.5; echo {i}", timeout=30) for i in range(14)
         ]
         assert [r.result().stdout for r in runs] == [f"{i}\n" for i in range(14)]
     assert host1.connection.connect_count == 1
+    refusals = [r for r in caplog.records if "open FAILED" in r.getMessage()]
+    assert refusals and all(r.levelno == logging.DEBUG for r in refusals)  # handled: no ERROR
     # a command whose turn does not come within its timeout says why
     with concurrent.futures.ThreadPoolExecutor(11) as pool:
         slow = [pool.submit(host1.connection.run, "sleep 3", timeout=30) for _ in range(10)]
