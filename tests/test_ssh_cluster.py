@@ -4,6 +4,7 @@ self-healing after a killed worker and a host cut off the network, and nothing l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -255,3 +256,25 @@ def test_the_close_kills_what_is_left_once_the_scheduler_told_the_workers_to_clo
     cluster.close()
     assert time.monotonic() - started < 30  # the 60 s grace was not waited for
     assert stubborn.pid not in {p.pid for p in multi_hosts.processes("host1")}
+
+
+def test_a_close_whose_scheduler_is_gone_gives_what_is_left_its_grace(make_cluster, multi_hosts):
+    """No scheduler told the workers to close: the cleanup sends TERM and waits ``stop_grace``
+    before KILL. A process that exits on TERM leaves a mark; a KILL at once would leave none."""
+    cluster = make_cluster(stop_grace=10)
+    with Client(cluster) as client:
+        client.wait_for_workers(3, timeout=30)
+    host1 = cluster.engine.group.runtimes[0]
+    folder = cluster.engine.folder(host1)
+    mark = f"{multi_hosts.tmp_dir}/termed-{cluster.engine.cluster_id}"
+    script = f"trap 'touch {mark}; exit 0' TERM; while :; do sleep 0.1; done; :"
+    argv = ["sh", "-c", script, processes.folder_marker(folder)]
+    processes.start_processes(host1, folder, [processes.ProcessSpec("polite", argv)])
+    scheduler = next(p for p in cluster.engine._processes.values() if p.role == "master")
+    os.killpg(scheduler.pid, signal.SIGKILL)  # this machine's: hosts share our pid space
+    try:
+        cluster.close()
+        assert os.path.exists(mark)  # it got TERM and the time to act on it
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(mark)
