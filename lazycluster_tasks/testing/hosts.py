@@ -677,9 +677,15 @@ class TestHosts:
         (a site at its process limit): they are put in a cgroup whose pids limit is what they
         already run. New sessions are not limited."""
         self._require_root("a process limit")
-        root = Path("/sys/fs/cgroup/pids")
-        if not (root / "cgroup.procs").exists():
-            raise RuntimeError("a process limit needs cgroup v1's pids controller")
+        root = Path("/sys/fs/cgroup/pids")  # cgroup v1
+        if not (root / "cgroup.procs").exists():  # v2: the pids controller given to children
+            root = Path("/sys/fs/cgroup")
+            enabled = root / "cgroup.subtree_control"
+            if not enabled.exists() or "pids" not in enabled.read_text().split():
+                raise RuntimeError(
+                    "a process limit needs the pids cgroup controller (cgroup v1's, or enabled "
+                    "in /sys/fs/cgroup/cgroup.subtree_control)"
+                )
         listener = self._listener(self.host(name).name)
         if listener is None:
             raise RuntimeError(f"sshd of {name} is not running")
