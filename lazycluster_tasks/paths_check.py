@@ -45,11 +45,12 @@ def blocked_paths(
     failed: dict[str, str] = {}
     try:
         deadline = started + timeout
-        while any(f.status == "pending" for f in futures) and time.monotonic() < deadline:
+        while (pending := [f for f in futures if f.status == "pending"]) and (
+            time.monotonic() < deadline
+        ):
             if give_up is not None and give_up():
                 deadline = time.monotonic()
                 break
-            pending = [f for f in futures if f.status == "pending"]
             step = max(0.01, min(0.5, deadline - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 for _ in as_completed(pending, timeout=step, loop=client.loop):

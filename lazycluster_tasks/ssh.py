@@ -751,6 +751,13 @@ class SSHConnection(Connection):
             self._drop()
             self._on_reconnect.clear()
 
+    def _drop_if_current(self, transport: paramiko.Transport) -> None:
+        """Drop the connection if ``transport`` is still its own (a hung or dead one: the next
+        use connects anew); a reconnect another thread made meanwhile is kept."""
+        with self._lock:
+            if self._client is not None and self._client.get_transport() is transport:
+                self._drop()
+
     def reopen(self) -> None:
         """Allow use again after :meth:`close` (the next command connects anew)."""
         with self._lock:
@@ -782,9 +789,7 @@ class SSHConnection(Connection):
                 # has not noticed yet (is_active still True right after the server dropped it)
                 gone = isinstance(exc, (EOFError, OSError))
                 if hung or gone:
-                    with self._lock:
-                        if self._client is not None and self._client.get_transport() is transport:
-                            self._drop()
+                    self._drop_if_current(transport)
                 if attempt == 2 or (transport.is_active() and not hung and not gone):
                     raise HostConnectionError(
                         f"cannot open a channel to {self.host}: {exc}", host=self.host
@@ -886,9 +891,7 @@ class SSHConnection(Connection):
         transport._send_user_message(message)  # type: ignore[attr-defined]
         wait = self.settings.connect_timeout
         if not chan.event.wait(wait):  # hung: the next use connects anew
-            with self._lock:
-                if self._client is not None and self._client.get_transport() is transport:
-                    self._drop()
+            self._drop_if_current(transport)
             raise HostConnectionError(
                 f"{self.host} did not answer a request to run a command within {wait:g} s "
                 "(the connection is dropped)",

@@ -238,7 +238,8 @@ class LocalForward(Tunnel):
                 timeout=CHANNEL_TIMEOUT,
             )
         except Exception as exc:  # the connecting side sees its connection closed
-            if isinstance(exc, paramiko.ChannelException) and exc.code == 1:  # prohibited
+            prohibited = paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            if isinstance(exc, paramiko.ChannelException) and exc.code == prohibited:
                 if self.refused is None:
                     logger.warning("%s: the host's sshd refused the forward: %s", self, exc)
                 self.refused = (

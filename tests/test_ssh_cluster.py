@@ -4,9 +4,9 @@ self-healing after a killed worker and a host cut off the network, and nothing l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
+import shlex
 import signal
 import socket
 import time
@@ -267,14 +267,15 @@ def test_a_close_whose_scheduler_is_gone_gives_what_is_left_its_grace(make_clust
     host1 = cluster.engine.group.runtimes[0]
     folder = cluster.engine.folder(host1)
     mark = f"{multi_hosts.tmp_dir}/termed-{cluster.engine.cluster_id}"
-    script = f"trap 'touch {mark}; exit 0' TERM; while :; do sleep 0.1; done; :"
+    on_term = f"touch {shlex.quote(mark)}; exit 0"
+    script = f"trap {shlex.quote(on_term)} TERM; while :; do sleep 0.1; done; :"
     argv = ["sh", "-c", script, processes.folder_marker(folder)]
     processes.start_processes(host1, folder, [processes.ProcessSpec("polite", argv)])
     scheduler = next(p for p in cluster.engine._processes.values() if p.role == "master")
     os.killpg(scheduler.pid, signal.SIGKILL)  # this machine's: hosts share our pid space
     try:
         cluster.close()
-        assert os.path.exists(mark)  # it got TERM and the time to act on it
+        # it got TERM and the time to act on it (looked for on host1, where it ran)
+        assert multi_hosts.run_in("host1", ["test", "-e", mark]).wait() == 0
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(mark)
+        assert multi_hosts.run_in("host1", ["rm", "-f", "--", mark]).wait() == 0
