@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import selectors
 import socket
 import threading
@@ -47,8 +48,9 @@ TAKE_BACK_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 20.0
 
 
-def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
-    """Copy bytes both ways between a channel and a socket until both directions ended.
+def pump(chan: paramiko.Channel, sock: socket.socket, stop: int | None = None) -> None:
+    """Copy bytes both ways between a channel and a socket until both directions ended, or
+    until the descriptor ``stop`` (a pipe's end) becomes readable.
 
     An end-of-file on one side is passed on as a half-close, so request/response protocols
     that shut down their sending side still get the answer.
@@ -58,9 +60,15 @@ def pump(chan: paramiko.Channel, sock: socket.socket) -> None:
     watch = selectors.DefaultSelector()  # epoll: no descriptor limit, unlike select()
     for end in open_ends:
         watch.register(end, selectors.EVENT_READ)
+    if stop is not None:
+        # closing a channel from another thread closes the descriptor watched here, which
+        # wakes nobody: a pump left watching only its channel needs its own signal
+        watch.register(stop, selectors.EVENT_READ)
     try:
         while open_ends:
             readable = [key.fileobj for key, _ in watch.select(5)]
+            if stop is not None and stop in readable:
+                break
             if sock in readable:
                 data = sock.recv(CHUNK)
                 if data:
@@ -114,6 +122,8 @@ class Tunnel:
         self.refused: str | None = None
         #: its connections being pumped: channel -> our socket
         self._channels: dict[paramiko.Channel, socket.socket] = {}
+        #: a pipe whose read end every pump watches, written once at close (made on first use)
+        self._stop: tuple[int, int] | None = None
         self._lock = threading.Lock()
         #: One re-establishment at a time (the keeper, a reconnect and a caller's check may
         #: all find the tunnel down at once); taken after the connection's own lock.
@@ -131,18 +141,33 @@ class Tunnel:
                 chan.close()
                 sock.close()
                 return
+            if self._stop is None:
+                self._stop = os.pipe()
+            stop = self._stop[0]
             self._channels[chan] = sock
         try:
-            pump(chan, sock)
+            pump(chan, sock, stop)
         finally:
             with self._lock:
                 self._channels.pop(chan, None)
+                self._drop_stop()
+
+    def _drop_stop(self) -> None:
+        """Close the stop pipe once the tunnel is closed and no pump watches it (under the
+        lock: a pump registers it while its channel is listed, so it is open then)."""
+        if self.closed and not self._channels and self._stop is not None:
+            for fd in self._stop:
+                os.close(fd)
+            self._stop = None
 
     def _close_channels(self) -> None:
-        """End every connection now: the channel closes, and our socket reads end-of-file (its
-        pump then ends at once, not at its next timeout)."""
+        """End every connection now: its pump is signalled and ends at once (not at its next
+        timeout), the channel closes, and our socket reads end-of-file."""
         with self._lock:
             pairs = list(self._channels.items())
+            if self._stop is not None:
+                os.write(self._stop[1], b"x")  # never read: stays readable for every pump
+            self._drop_stop()
         for chan, sock in pairs:
             chan.close()
             with contextlib.suppress(OSError):

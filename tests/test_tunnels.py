@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -189,6 +190,56 @@ def _fetched(runtime: Runtime, port: int, listener: socket.socket, payload: byte
         return runtime.run(fetch(port)).strip()
     finally:
         thread.join(5)
+
+
+HOLDER = (
+    "import socket, sys, time\n"
+    "c = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+    "print(c.recv(100), flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_closing_a_forward_ends_a_half_closed_connection_at_once(
+    multi_hosts, no_leftovers, no_local_leaks
+):
+    """A connection whose side here already ended (its answer sent, then end-of-file) while
+    the host's side stays open: closing the forward ends its pump at once, not at the pump's
+    next idle timeout (a thread outlived its forward by up to 5 s)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        accepted: list[socket.socket] = []
+
+        def answer_then_half_close() -> None:
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            conn.sendall(b"bye")
+            conn.shutdown(socket.SHUT_WR)
+            accepted.append(conn)
+
+        thread = threading.Thread(target=answer_then_half_close)
+        thread.start()
+        runtime = ssh_runtime(multi_hosts, "host2")
+        holder = None
+        try:
+            port = runtime.expose_port_to_runtime(listener.getsockname()[1])
+            holder = multi_hosts.run_in(
+                "host2", [sys.executable, "-c", HOLDER, str(port)], stdout=subprocess.PIPE
+            )
+            assert holder.stdout.readline().strip() == b"b'bye'"
+            pumps = [t for t in threading.enumerate() if t.name == f"lct-fwd-{port}"]
+            assert len(pumps) == 1 and pumps[0].is_alive()
+            runtime.close_tunnel(port)
+            pumps[0].join(2)
+            assert not pumps[0].is_alive(), "the pump outlived its closed forward"
+        finally:
+            if holder is not None:
+                holder.kill()
+                holder.wait()
+                holder.stdout.close()
+            runtime.cleanup()
+            thread.join(5)
+            for conn in accepted:
+                conn.close()
 
 
 def test_taken_ports_are_reported(host1, test_hosts):
