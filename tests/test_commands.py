@@ -4,6 +4,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -402,6 +403,49 @@ def test_link_alive_names_each_link_and_says_whether_its_master_runs(tmp_path):
     assert commands.link_alive({}) == "true"
 
 
+MASTER = (
+    "import socket, sys, time\n"
+    "time.sleep(float(sys.argv[2]))\n"
+    "if sys.argv[1]:\n"
+    "    s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen()\n"
+    "time.sleep(float(sys.argv[3]))\n"
+)
+
+
+def test_link_states_wait_for_each_control_socket_and_tell_the_ones_that_never_came(tmp_path):
+    """A master is up once its control socket exists (OpenSSH makes it after logging in); one
+    that ended, or whose socket is left from a dead process, or that took too long, is not."""
+
+    def master(control: str, after: float, lives: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", MASTER, control, str(after), str(lives)])
+
+    stale = tmp_path / "old.s"
+    with socket.socket(socket.AF_UNIX) as left:
+        left.bind(str(stale))
+    procs = {
+        "late one": ("a b.s", master(str(tmp_path / "a b.s"), 0.6, 30)),
+        "ended": ("e.s", master("", 0.2, 0)),
+        "stale": ("old.s", master("", 0, 0)),
+        "slow": ("s.s", master(str(tmp_path / "s.s"), 20, 0)),
+    }
+    procs["stale"][1].wait()
+    try:
+        line = commands.link_states(
+            {name: control for name, (control, _) in procs.items()},
+            {name: proc.pid for name, (_, proc) in procs.items()},
+            timeout=2,
+        )
+        done = subprocess.run(
+            ["/bin/sh", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=20
+        )
+        assert done.stdout.splitlines() == ["late one=1", "ended=0", "stale=0", "slow=0"]
+        assert "ssh" not in line and "date" not in line  # builtins and sleep only
+    finally:
+        for _, proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
 def test_leader_states_tell_running_from_ended_and_zombie():
     running = subprocess.Popen(["sleep", "30"])
     zombie = subprocess.Popen(["true"])
@@ -446,6 +490,16 @@ def test_link_lines_refuse_bad_input_and_bind_loopback_only():
         "HostKeyAlgorithms=rsa-sha2-512,rsa-sha2-256",
     ):
         assert option in argv  # fmt: skip
+    # what this machine's OpenSSH makes of the options: no sntrup761 key exchange (0.1 CPU-s
+    # per link), AES-GCM first
+    resolved = subprocess.run(
+        [*argv[:1], "-G", *argv[1:-2], "--", "h2"], capture_output=True, text=True, timeout=10
+    )
+    assert resolved.returncode == 0, resolved.stderr
+    config = dict(line.split(" ", 1) for line in resolved.stdout.splitlines() if " " in line)
+    assert "curve25519-sha256" in config["kexalgorithms"].split(",")
+    assert "sntrup" not in config["kexalgorithms"]
+    assert config["ciphers"].startswith("aes128-gcm@openssh.com,")
 
 
 def test_one_link_per_pair_of_hosts_each_host_dialling_half_of_the_others():
