@@ -14,7 +14,10 @@ thread each:
 4. All-to-all: every worker fetches every other's block (n x (n-1) transfers at once).
    For 2-4: MiB/s moved between workers, this process's CPU seconds per GiB moved, its peak
    threads and descriptors.
-5. Cleanup: ``close()`` until it returns.
+5. Gather: the client here fetches a ``--pair-mib`` MiB block from the last worker
+   (``--repeat`` times, median; no target). Tunnelled, that path crosses this machine's
+   paramiko forward, not a link.
+6. Cleanup: ``close()`` until it returns.
 Also: seconds from creating the cluster until every worker registered (``start s``) and,
 tunnelled, until the links' set-up ended (``links up s``; the cluster is usable before, with
 worker traffic through this machine).
@@ -149,6 +152,22 @@ def _moved(client: Any, transfers: list[tuple[str, str]], mib: int) -> float:
     return elapsed
 
 
+def _gathered(client: Any, worker: str, mib: int) -> float:
+    """The client fetches a block made on ``worker``; returns seconds; checks the bytes."""
+    from distributed import wait
+
+    block = client.submit(_block, mib << 20, 0, workers=[worker], allow_other_workers=False,
+                          pure=False)  # fmt: skip
+    wait([block], timeout=TIMEOUT)
+    start = time.perf_counter()
+    data = block.result(timeout=TIMEOUT)
+    elapsed = time.perf_counter() - start
+    if _sha(data) != _expected(mib << 20, 0):
+        raise RuntimeError("the client received other bytes than were sent")
+    client.cancel([block])
+    return elapsed
+
+
 def measure(client: Any, n: int, args: argparse.Namespace, out: dict[str, str]) -> None:
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     for size, count in ((args.pair_mib, 1), (args.mib, n * (n - 1))):
@@ -169,6 +188,8 @@ def measure(client: Any, n: int, args: argparse.Namespace, out: dict[str, str]) 
         all_s = _moved(client, pairs, args.mib)
         moved_mib += args.mib * len(pairs)
     cpu = sum(me.cpu_times()[:2]) - cpu0
+    gather = [_gathered(client, workers[-1], args.pair_mib) for _ in range(args.repeat)]
+    out["gather MiB/s"] = f"{args.pair_mib / statistics.median(gather):.0f}"
     out["pair MiB/s"] = f"{args.pair_mib / statistics.median(pair):.0f}"
     out["ring MiB/s"] = f"{args.mib * n / ring_s:.0f}"
     out["all-to-all MiB/s"] = f"{args.mib * len(pairs) / all_s:.0f}"
@@ -305,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> list[Any]:
         leftover_check(th)
     columns = ["start s", "links up s", "forwards", "links", "threads ready", "fds ready",
                "pair MiB/s", "ring MiB/s", "all-to-all MiB/s", "ctrl CPU s/GiB", "peak threads",
-               "peak fds", "cleanup s"]  # fmt: skip
+               "peak fds", "gather MiB/s", "cleanup s"]  # fmt: skip
     print_table(
         f"data plane: one worker per host; pair {args.pair_mib} MiB and ring {args.mib} MiB "
         f"blocks (medians of {args.repeat}), all-to-all {args.mib} MiB blocks",

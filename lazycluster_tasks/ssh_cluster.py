@@ -510,8 +510,9 @@ class LazySSHCluster(SpecCluster):
     async def _scheduler_answers(self) -> bool:
         if self.engine.scheduler_address is None:  # stopped (e.g. by a ClusterWatch)
             return False
-        try:
-            await asyncio.wait_for(self._registered(), REACH_TIMEOUT)
+        try:  # its identity without the workers' (the answer is all that is asked for)
+            assert self.scheduler_comm is not None
+            await asyncio.wait_for(self.scheduler_comm.identity(n_workers=0), REACH_TIMEOUT)
         except (OSError, asyncio.TimeoutError, AssertionError):
             return False
         return True
