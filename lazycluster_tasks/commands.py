@@ -395,13 +395,42 @@ def link_forwards(
 ) -> str:
     """Add (or cancel) 127.0.0.1:<port> here -> 127.0.0.1:<port> there on a link's master;
     ``reverse``: there -> here (``-R``: the far host's traffic to this one, on the same link)."""
+    return _mux_call(control, _forward_options(ports, reverse), cancel)
+
+
+def _forward_options(ports: Iterable[int], reverse: bool) -> list[str]:
     specs = [f"127.0.0.1:{int(p)}:127.0.0.1:{int(p)}" for p in sorted(set(ports))]
     if not specs:
         raise ValueError("no ports given")
-    argv = ["ssh", "-F", "/dev/null", "-S", control, "-O", "cancel" if cancel else "forward"]
-    for spec in specs:
-        argv += ["-R" if reverse else "-L", spec]
-    return shlex.join([*argv, "link"])
+    return [option for spec in specs for option in ("-R" if reverse else "-L", spec)]
+
+
+def _mux_call(control: str, options: list[str], cancel: bool) -> str:
+    op = "cancel" if cancel else "forward"
+    return shlex.join(["ssh", "-F", "/dev/null", "-S", control, "-O", op, *options, "link"])
+
+
+def link_forward_parts(
+    control: str, parts: Mapping[str, tuple[Iterable[int], bool]], cancel: bool = False
+) -> str:
+    """Add (or cancel) several parts of one master's forwards — name -> (ports, reverse), as
+    for :func:`link_forwards` — in one ``ssh -O`` call (each call costs its host about 8 ms of
+    CPU); prints ``name=1`` for each part that was made, ``name=0`` for one that was not. When
+    the call fails, each part is tried alone (the master answers a forward it already has as
+    made), so one refused part does not take the others with it."""
+    if not parts:
+        raise ValueError("no forwards given")
+    options = {name: _forward_options(ports, reverse) for name, (ports, reverse) in parts.items()}
+    alone = [
+        f"if {_mux_call(control, opts, cancel)} >/dev/null 2>&1; then echo {q(name + '=1')}; "
+        f"else echo {q(name + '=0')}; fi"
+        for name, opts in options.items()
+    ]
+    if len(parts) == 1:
+        return alone[0]
+    whole = _mux_call(control, [o for opts in options.values() for o in opts], cancel)
+    made = "; ".join(f"echo {q(name + '=1')}" for name in parts)
+    return f"if {whole} >/dev/null 2>&1; then {made}; else {'; '.join(alone)}; fi"
 
 
 def link_states(controls: Mapping[str, str], pids: Mapping[str, int], timeout: float) -> str:

@@ -587,16 +587,27 @@ class Links:
 
     def forward(self, runtime: Runtime, ports: Mapping[str, Sequence[int]]) -> set[str]:
         """Forward each target host's ports to 127.0.0.1 on ``runtime`` through the link of the
-        two hosts (one round trip per host whose master is used); return the target hosts
-        whose link carried them — the others need the route through this machine."""
+        two hosts; return the target hosts whose link carried them — the others need the route
+        through this machine."""
+        return self.forward_all({runtime.host: ports}).get(runtime.host, set())
+
+    def forward_all(self, ports: Mapping[str, Mapping[str, Sequence[int]]]) -> dict[str, set[str]]:
+        """:meth:`forward` for many hosts at once (host -> target -> ports), one round trip per
+        host whose masters are used; returns host -> the targets whose link carried them."""
         with self._lock:
-            todo = {t: list(p) for t, p in ports.items() if p and (runtime.host, t) in self.up}
-        carried = self._on_masters(runtime.host, todo)
+            todo = {
+                (host, target): list(p)
+                for host, by_target in ports.items()
+                for target, p in by_target.items()
+                if p and (host, target) in self.up
+            }
+        taken = self._on_masters(todo)
+        carried: dict[str, set[str]] = {}
         with self._lock:
-            for target, port_list in todo.items():
-                pair = (runtime.host, target)
-                if target in carried:
+            for pair, port_list in todo.items():
+                if pair in taken:
                     self._forwarded.setdefault(pair, set()).update(port_list)
+                    carried.setdefault(pair[0], set()).add(pair[1])
                 else:  # these go through here; whether the master ended is the check's to say
                     logger.info(
                         "link %s -> %s did not take ports %s; they go through here",
@@ -605,34 +616,37 @@ class Links:
                     )
         return carried
 
-    def _on_masters(
-        self, host: str, ports: Mapping[str, Sequence[int]], cancel: bool = False
-    ) -> set[str]:
-        """Add (or cancel) the forwards of each target's ports to 127.0.0.1 on ``host`` on the
-        masters of their links: ``-L`` where ``host`` dialled the link, ``-R`` where the target
-        did (run there). Returns the targets whose forwards were taken; a host that does not
-        answer takes none."""
-        lines: dict[str, list[str]] = {}  # the host of the master -> its lines
+    def _on_masters(self, ports: Mapping[Pair, Sequence[int]], cancel: bool = False) -> set[Pair]:
+        """Add (or cancel) the forwards of each pair's ports — (host, target): the target's
+        ports at 127.0.0.1 on the host — on the masters of their links: ``-L`` where the host
+        dialled the link, ``-R`` where the target did (run there). One round trip per host
+        whose masters are used, all at once. Returns the pairs whose forwards were taken; a
+        host that does not answer takes none."""
+        # the host of the master -> its control socket -> the parts of its one call
+        parts: dict[str, dict[str, dict[str, tuple[Sequence[int], bool]]]] = {}
+        pairs = list(ports)
         with self._lock:
-            for target, port_list in ports.items():
-                pair = (host, target)
+            for index, pair in enumerate(pairs):
                 control, link = self.up.get(pair), self._via.get(pair)
                 if control is None or link is None:
                     continue
-                forward = commands.link_forwards(control, port_list, cancel, link[0] != host)
-                lines.setdefault(link[0], []).append(
-                    f"if {forward} >/dev/null 2>&1; then echo {commands.q(target + '=1')}; "
-                    f"else echo {commands.q(target + '=0')}; fi"
-                )
-        taken: set[str] = set()
-        for master_host, script in lines.items():
+                by_control = parts.setdefault(link[0], {}).setdefault(control, {})
+                by_control[str(index)] = (ports[pair], link[0] != pair[0])
+        lines = {
+            host: [commands.link_forward_parts(c, p, cancel) for c, p in controls.items()]
+            for host, controls in parts.items()
+        }
+
+        def run(master_host: str) -> set[Pair]:
             try:
-                result = self._run(self._runtime(master_host), "; ".join(script), 30)
+                result = self._run(self._runtime(master_host), "; ".join(lines[master_host]), 30)
             except Exception as exc:  # those routes go through here
                 logger.warning("link forwards on %s not changed: %s", master_host, exc)
-                continue
-            taken |= _named(result, "1")
-        return taken
+                return set()
+            return {pairs[int(i)] for i in _named(result, "1")}
+
+        found = run_parallel("link forwards", {host: host for host in lines}, run)
+        return set().union(*found.values())
 
     def _run(self, runtime: Runtime, line: str, timeout: float) -> CommandResult:
         """Run ``line`` in the runtime's cluster folder, where the control sockets are (their
@@ -664,7 +678,7 @@ class Links:
                 if a == runtime.host and forwarded & set(ports):
                     jobs[b] = forwarded & set(ports)
                     forwarded -= jobs[b]
-        self._on_masters(runtime.host, {b: sorted(p) for b, p in jobs.items()}, cancel=True)
+        self._on_masters({(runtime.host, b): sorted(p) for b, p in jobs.items()}, cancel=True)
         return {p for ports_ in jobs.values() for p in ports_}
 
     def summary(self) -> dict[str, int]:

@@ -283,33 +283,62 @@ class TunnelledRouting(DirectRouting):
                 by_target.setdefault(host, []).append(port)
             carried = links.forward(runtime, by_target)
         relayed = {r for r in routes if r[0] not in carried}
-        for _, port in sorted(relayed):
+        self._relay(runtime, relayed)
+        if links is not None and relayed and links.done:  # they may have come up meanwhile
+            self._onto_links(runtime)
+
+    def _relay(self, runtime: Runtime, routes: Collection[Route]) -> None:
+        """Put these routes at 127.0.0.1 on ``runtime`` through this machine."""
+        for _, port in sorted(routes):
             runtime.expose_port_to_runtime(port, port)
-        if links is not None and relayed:
+        if self.links is not None and routes:
             with self._lock:
-                self._relayed.setdefault(runtime.host, set()).update(relayed)
-            if links.done:  # they may have come up meanwhile
-                self._onto_links(runtime)
+                self._relayed.setdefault(runtime.host, set()).update(routes)
 
     def _onto_links(self, runtime: Runtime) -> None:
-        """Move ``runtime``'s relayed routes whose pair has a link up onto it: the relay's
-        listener closes, the link's opens on the same port (a connection refused meanwhile is
-        retried by Dask; open ones finish on the relay)."""
-        assert self.links is not None
-        with self._lock:
-            mine = self._relayed.get(runtime.host, set())
-            todo = {r for r in mine if (runtime.host, r[0]) in self.links.up}
-            mine -= todo
-        if not todo:
-            return
-        for _, port in todo:
-            runtime.close_tunnel(port)
-        self._to_host(runtime, todo)
+        """Move ``runtime``'s relayed routes whose pair has a link up onto it."""
+        self._move_onto_links([runtime])
 
     def _all_onto_links(self) -> None:
         away = set(self.unreachable())
-        runtimes = [rt for rt in self.group.runtimes if not rt.is_local and rt.host not in away]
-        fan_out("move routes onto links", runtimes, self._onto_links)
+        self._move_onto_links(
+            [rt for rt in self.group.runtimes if not rt.is_local and rt.host not in away]
+        )
+
+    def _move_onto_links(self, runtimes: Sequence[Runtime]) -> None:
+        """Move the runtimes' relayed routes whose pair has a link up onto it: the relay's
+        listener closes, the link's opens on the same port (a connection refused meanwhile is
+        retried by Dask; open ones finish on the relay). One round trip per host whose masters
+        are used, for all the runtimes at once; what no link takes goes back through here."""
+        assert self.links is not None
+        moves: dict[str, set[Route]] = {}
+        with self._lock:
+            for runtime in runtimes:
+                mine = self._relayed.get(runtime.host, set())
+                todo = {r for r in mine if (runtime.host, r[0]) in self.links.up}
+                mine -= todo
+                if todo:
+                    moves[runtime.host] = todo
+        if not moves:
+            return
+        movers = [rt for rt in runtimes if rt.host in moves]
+        for runtime in movers:
+            for _, port in moves[runtime.host]:
+                runtime.close_tunnel(port)
+        by_target: dict[str, dict[str, list[int]]] = {}
+        for host, routes in moves.items():
+            for target, port in routes:
+                by_target.setdefault(host, {}).setdefault(target, []).append(port)
+        carried = self.links.forward_all(by_target)
+        back = {
+            rt.host: {r for r in moves[rt.host] if r[0] not in carried.get(rt.host, set())}
+            for rt in movers
+        }
+        fan_out(
+            "routes back through here",
+            [rt for rt in movers if back[rt.host]],
+            lambda rt: self._relay(rt, back[rt.host]),
+        )
 
     def _close(self, runtime: Runtime, ports: Collection[int]) -> None:
         linked = self.links.cancel(runtime, list(ports)) if self.links is not None else set()

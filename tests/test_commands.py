@@ -459,6 +459,24 @@ def test_leader_states_tell_running_from_ended_and_zombie():
         zombie.wait()
 
 
+def test_link_forward_parts_make_one_call_and_try_each_part_alone_when_it_fails(tmp_path):
+    with pytest.raises(ValueError, match="no forwards"):
+        commands.link_forward_parts("l.s", {})
+    with pytest.raises(ValueError, match="no ports"):
+        commands.link_forward_parts("l.s", {"a": ([], False)})
+    control = str(tmp_path / "no master.s")
+    one = commands.link_forward_parts(control, {"a": ([41001], False)})
+    assert one.count("ssh ") == 1 and "-L 127.0.0.1:41001:127.0.0.1:41001" in one
+    both = commands.link_forward_parts(control, {"a": ([41001], False), "b c": ([41002], True)})
+    specs = ["-L", "127.0.0.1:41001:127.0.0.1:41001", "-R", "127.0.0.1:41002:127.0.0.1:41002"]
+    whole = commands._mux_call(control, specs, False)
+    assert both.startswith(f"if {whole} ") and both.count("ssh ") == 3
+    # run by a real shell with no master behind the socket: every part is tried, none made
+    assert sh(both).stdout.splitlines() == ["a=0", "b c=0"]
+    cancel = commands.link_forward_parts(control, {"a": ([41001], True)}, cancel=True)
+    assert " -O cancel -R 127.0.0.1:41001:127.0.0.1:41001 link" in cancel
+
+
 def test_link_lines_refuse_bad_input_and_bind_loopback_only():
     with pytest.raises(ValueError, match="cluster id"):
         commands.peer_marker("a b")

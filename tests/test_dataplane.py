@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import posixpath
+import shlex
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -410,3 +412,38 @@ def test_forwards_and_threads_grow_with_the_workers_not_with_the_hosts_squared(
         while six.leftovers() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not six.leftovers()
+
+
+GREETER = (
+    "import socket, sys\n"
+    "s = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
+    "while True:\n"
+    "    c, _ = s.accept(); c.sendall(sys.argv[2].encode()); c.close()\n"
+)
+
+
+def test_a_direction_its_link_refuses_does_not_take_the_other_with_it(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """Both directions of a link are added in one call; when it fails (here a port is taken on
+    host2), each is tried alone: host1's route to host2 is made on the link, host2's is left
+    for the route through this machine."""
+    procs = [
+        multi_hosts.run_in("host2", [sys.executable, "-c", GREETER, "47311", "from-host2"]),
+        multi_hosts.run_in("host2", [sys.executable, "-c", GREETER, "47312", "squatter"]),
+    ]
+    try:
+        with _two_hosts_linked(multi_hosts, "parts") as (group, _, links):
+            host1 = group.get_runtime("host1")
+            fetch = "import socket; print(socket.create_connection(('127.0.0.1', 47311)).recv(99))"
+            assert wait_until(lambda: "squatter" in group.get_runtime("host2").run(
+                f"{sys.executable} -c {shlex.quote(fetch.replace('47311', '47312'))}"
+            ))  # fmt: skip
+            carried = links.forward_all({"host1": {"host2": [47311]}, "host2": {"host1": [47312]}})
+            assert carried == {"host1": {"host2"}}
+            assert "from-host2" in host1.run(f"{sys.executable} -c {shlex.quote(fetch)}")
+            assert links.summary()["link_forwards"] == 1
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
