@@ -3,7 +3,9 @@
 For each host count (``--hosts 3,8,16``), on one fresh cluster per case — LazySSHCluster direct,
 LazySSHCluster tunnelled (host-to-host SSH links; the test hosts reach each other's port 22) and
 ``distributed.deploy.ssh.SSHCluster`` (direct; needs asyncssh) — one worker per host, one
-thread each:
+thread each. SSHCluster runs without TLS (Dask's default) and does not wait for its remote
+processes to end at its close; ours use TLS and verify the stop (``benchmarks/security.py``
+measures what TLS costs):
 
 1. Once every worker is ready (and, tunnelled, the links' set-up ended): SSH forwards this
    machine holds (-L here, -R on the hosts), host-to-host links up, this process's threads and
