@@ -209,6 +209,19 @@ def stop_pid_files(pid_files: Sequence[str], marker: str, grace: float = 2.0) ->
     return _stop_groups(" ".join(q(f) for f in pid_files), marker, grace)
 
 
+def kill_marked(pids: Sequence[int], marker: str) -> str:
+    """KILL the process groups of these leaders whose command line still mentions ``marker``
+    (a pid reused since is left alone) and return at once: nothing waits for them to end (the
+    stop that follows verifies). Exit code 0."""
+    if not pids:
+        raise ValueError("no pids given")
+    listed = ",".join(str(int(p)) for p in pids)
+    return (
+        f"{MARKED_IDS}; marker={q(marker)}; pids=,{listed}; marked_ids; "
+        'for g in $ids; do kill -KILL -"$g" 2>/dev/null; done; true'
+    )
+
+
 def stop_folder(folder: str, grace: float = 2.0) -> str:
     """Like :func:`stop_pid_files` for every ``*.pid`` file in ``folder`` (teardown by folder)."""
     if not folder or folder.rstrip("/") in ("", "~"):

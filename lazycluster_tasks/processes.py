@@ -129,6 +129,13 @@ def stop_processes(
     return _stop(runtime, commands.stop_pid_files(pid_files, marker, grace), grace)
 
 
+def kill_now(runtime: Runtime, infos: Sequence[ProcessInfo], marker: str) -> None:
+    """KILL the processes' groups in one round trip, without waiting for them to end (a stop
+    must follow: it verifies)."""
+    if infos:
+        runtime.connection.check(commands.kill_marked([i.pid for i in infos], marker), timeout=30)
+
+
 def stop_folder(
     runtime: Runtime, folder: str, grace: float, remove: str | None, revoke: str | None = None
 ) -> list[int]:

@@ -93,10 +93,10 @@ class SSHScheduler(ProcessInterface):
             first = self.launcher.first
             if first is not None and not first.done():
                 await asyncio.wait([first])
-            # after the scheduler told every worker to close (SpecCluster's terminate), what
-            # is left is killed at once, as SSHCluster's close does; else TERM and the grace
-            told = self.launcher.workers_told_to_close
-            await asyncio.to_thread(self.launcher.engine.cleanup, 0.0 if told else None)
+            # after the workers were killed and the scheduler terminated, what is left is
+            # killed at once; else TERM and the grace
+            killed = self.launcher.workers_killed
+            await asyncio.to_thread(self.launcher.engine.cleanup, 0.0 if killed else None)
         except Exception as exc:  # the engine keeps what it could not stop on record
             self.launcher.cleanup_error = exc
             logger.error("cluster cleanup incomplete: %s", exc)
@@ -149,7 +149,7 @@ class WorkerLauncherLoop:
         #: The whole cluster closes: the scheduler's close stops every process at once.
         self.closing = False
         #: The scheduler answered at the close: it tells every worker to close.
-        self.workers_told_to_close = False
+        self.workers_killed = False
         self.started: set[str] = set()  # workers that started and registered
         self._batch: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
         self._flush: asyncio.Future[None] | None = None
@@ -500,8 +500,12 @@ class LazySSHCluster(SpecCluster):
             # the engine's own client goes first: it would try to reconnect to a scheduler
             # that SpecCluster is about to terminate
             await asyncio.to_thread(self.engine.clients.close)
-            # SpecCluster's terminate then has the scheduler tell every worker to close
-            self.launcher.workers_told_to_close = not orphaned and self.shutdown_scheduler
+            if not orphaned and self.shutdown_scheduler:
+                # the workers are killed first (as SSHCluster's close does), then SpecCluster
+                # terminates the scheduler: its plugins and preloads still close, and it has
+                # no worker left to tell to close
+                await asyncio.to_thread(self.engine.kill_workers)
+                self.launcher.workers_killed = True
         self.launcher.closing = True
         await super()._close()
         if orphaned and self.scheduler is not None:

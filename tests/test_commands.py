@@ -130,6 +130,24 @@ def test_kill_group_finds_members_left_after_their_leader_ended():
     proc.wait(timeout=5)
 
 
+def test_kill_marked_kills_only_groups_whose_leader_has_the_marker_and_does_not_wait(tmp_path):
+    marker = f"{tmp_path}/cluster folder/"
+    ours = subprocess.Popen(["/bin/sh", "-c", "sleep 30; : " + marker], start_new_session=True)
+    reused = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a pid reused since
+    try:
+        with pytest.raises(ValueError, match="no pids"):
+            commands.kill_marked([], marker)
+        result = sh(commands.kill_marked([ours.pid, reused.pid], marker))
+        assert result.returncode == 0 and result.stdout == ""
+        assert ours.wait(timeout=5) == -signal.SIGKILL
+        assert wait_for(lambda: not _group_members(ours.pid))  # its sleep too: the group
+        assert reused.poll() is None
+        assert "sleep" not in commands.kill_marked([ours.pid], marker)  # nothing waits
+    finally:
+        reused.kill()
+        reused.wait()
+
+
 def test_stop_pid_files_stops_only_groups_whose_leader_has_the_marker(tmp_path):
     marker = f"{tmp_path}/cluster-folder/"
     ours = subprocess.Popen(["/bin/sh", "-c", "sleep 30; : " + marker], start_new_session=True)

@@ -4,6 +4,7 @@ self-healing after a killed worker and a host cut off the network, and nothing l
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shlex
@@ -279,3 +280,45 @@ def test_a_close_whose_scheduler_is_gone_gives_what_is_left_its_grace(make_clust
         assert multi_hosts.run_in("host1", ["test", "-e", mark]).wait() == 0
     finally:
         assert multi_hosts.run_in("host1", ["rm", "-f", "--", mark]).wait() == 0
+
+
+def test_a_close_kills_the_workers_before_the_scheduler_closes_gracefully(make_cluster, tmp_path):
+    """The workers are killed first (the scheduler then has none to tell to close, whose
+    shutdowns would compete with the kill for the CPUs); the scheduler still closes
+    gracefully: a plugin's close hook runs, and finds every worker's group already killed."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    cluster = make_cluster()
+    report = tmp_path / "at-close.json"  # the scheduler runs on this machine
+
+    class AtClose(SchedulerPlugin):
+        name = "lct-test-at-close"
+
+        def __init__(self, path: str, pids: list[int]) -> None:
+            self.path, self.pids = path, pids
+
+        async def close(self) -> None:
+            import json as json_
+
+            def killed(pid: int) -> bool:  # hosts share this machine's pid space
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    with open(f"/proc/{pid}/status") as f:
+                        status = f.read().splitlines()
+                except OSError:
+                    return True  # gone
+                pending = [int(line.split()[1], 16) for line in status
+                           if line.startswith(("SigPnd:", "ShdPnd:"))]  # fmt: skip
+                exiting = int(fields[6]) & 0x4  # PF_EXITING
+                return fields[0] in "ZX" or bool(exiting) or any(p & (1 << 8) for p in pending)
+
+            with open(self.path, "w") as f:
+                json_.dump({str(pid): killed(pid) for pid in self.pids}, f)
+
+    with Client(cluster) as client:
+        client.wait_for_workers(3, timeout=30)
+        pids = [info.pid for info in cluster.engine.worker_processes()]
+        client.register_plugin(AtClose(str(report), pids))
+    cluster.close()
+    assert json.loads(report.read_text()) == {str(pid): True for pid in pids}
