@@ -740,8 +740,10 @@ class Engine:
         """KILL every worker's process group, all hosts at once, without waiting for them to
         end: a close does this before the scheduler closes, which would otherwise tell each
         worker to close (their shutdowns then compete for the hosts' CPUs with the kill that
-        follows). The cleanup after it verifies; a host that fails here is left to it."""
-        jobs = self._by_runtime(self.worker_processes())
+        follows). The cleanup after it verifies; a host that does not answer now, or fails
+        here, is left to it (a short wait: this only saves time)."""
+        away = set(self.unreachable())
+        jobs = self._by_runtime([i for i in self.worker_processes() if i.host not in away])
 
         def kill(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job

@@ -148,7 +148,8 @@ class WorkerLauncherLoop:
         self.stale: dict[str, list[str]] = {}  # host -> workers to stop once it answers
         #: The whole cluster closes: the scheduler's close stops every process at once.
         self.closing = False
-        #: The scheduler answered at the close: it tells every worker to close.
+        #: The scheduler answered at the close: the workers were killed ahead of its
+        #: terminate, and the cleanup kills what is left at once.
         self.workers_killed = False
         self.started: set[str] = set()  # workers that started and registered
         self._batch: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
