@@ -5,6 +5,7 @@ workers, not with workers x hosts; nothing (no process, no authorized key) left 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import posixpath
 import shlex
@@ -422,28 +423,39 @@ GREETER = (
 )
 
 
+@pytest.mark.parametrize("refusal", ["port taken", "sshd forbids -R"])
 def test_a_direction_its_link_refuses_does_not_take_the_other_with_it(
-    multi_hosts: TestHosts, no_leftovers: TestHosts
+    multi_hosts: TestHosts, no_leftovers: TestHosts, refusal: str
 ) -> None:
-    """Both directions of a link are added in one call; when it fails (here a port is taken on
-    host2), each is tried alone: host1's route to host2 is made on the link, host2's is left
-    for the route through this machine."""
-    procs = [
-        multi_hosts.run_in("host2", [sys.executable, "-c", GREETER, "47311", "from-host2"]),
-        multi_hosts.run_in("host2", [sys.executable, "-c", GREETER, "47312", "squatter"]),
-    ]
+    """Both directions of a link are added in one call. host1 dials host2, so host2's traffic
+    is the -R half, listened for by host2's sshd: here it fails (its port is taken on host2, or
+    host2's sshd allows local forwarding only, as a mixed site's would). Each direction is then
+    tried alone: host1's route to host2 is made on the link, host2's is left for the route
+    through this machine."""
+    procs = [multi_hosts.run_in("host2", [sys.executable, "-c", GREETER, "47311", "from-host2"])]
+    if refusal == "port taken":
+        squatter = [sys.executable, "-c", GREETER, "47312", "squatter"]
+        procs.append(multi_hosts.run_in("host2", squatter))
+    else:
+        multi_hosts.tcp_forwarding("host2", "local")
     try:
         with _two_hosts_linked(multi_hosts, "parts") as (group, _, links):
+            assert links._via[("host2", "host1")] == ("host1", "host2")  # the -R half
             host1 = group.get_runtime("host1")
             fetch = "import socket; print(socket.create_connection(('127.0.0.1', 47311)).recv(99))"
-            assert wait_until(lambda: "squatter" in group.get_runtime("host2").run(
-                f"{sys.executable} -c {shlex.quote(fetch.replace('47311', '47312'))}"
-            ))  # fmt: skip
+
+            def answers(port: str, answer: str) -> bool:  # the service listens on host2
+                line = f"{sys.executable} -c {shlex.quote(fetch.replace('47311', port))}"
+                return answer in group.get_runtime("host2").run(line)
+
+            for port, answer in (("47311", "from-host2"), ("47312", "squatter"))[: len(procs)]:
+                assert wait_until(functools.partial(answers, port, answer))
             carried = links.forward_all({"host1": {"host2": [47311]}, "host2": {"host1": [47312]}})
             assert carried == {"host1": {"host2"}}
             assert "from-host2" in host1.run(f"{sys.executable} -c {shlex.quote(fetch)}")
             assert links.summary()["link_forwards"] == 1
     finally:
+        multi_hosts.tcp_forwarding("host2", "yes")
         for proc in procs:
             proc.kill()
             proc.wait()
