@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
+from lazycluster_tasks.errors import GroupError
 from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.links import Links
 from lazycluster_tasks.network import NetworkPlan
@@ -22,6 +23,8 @@ from lazycluster_tasks.runtime import Runtime
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+#: Seconds a host has to confirm that the relays moved onto links closed.
+RELAY_CLOSE_TIMEOUT = 10.0
 #: A route: (host, port) — the port of a process on that host ("" is this machine).
 Route = tuple[str, int]
 
@@ -322,9 +325,20 @@ class TunnelledRouting(DirectRouting):
         if not moves:
             return
         movers = [rt for rt in runtimes if rt.host in moves]
-        for runtime in movers:
+
+        def close_relays(runtime: Runtime) -> None:
             for _, port in moves[runtime.host]:
                 runtime.close_tunnel(port)
+            # the cancels are not answered; a command sent after them on the same connection
+            # has run once the host's sshd handled them (it handles them in order), so the
+            # ports are free for a link's -R, bound there by another sshd (a race lost under
+            # load left routes on the relay)
+            runtime.connection.run("true", timeout=RELAY_CLOSE_TIMEOUT)
+
+        try:
+            fan_out("close relayed routes", movers, close_relays)
+        except GroupError as exc:  # a host that did not answer: its routes may still be held
+            logger.info("relays not confirmed closed: %s", exc)
         by_target: dict[str, dict[str, list[int]]] = {}
         for host, routes in moves.items():
             for target, port in routes:
