@@ -433,17 +433,21 @@ def link_forward_parts(
     made), so one refused part does not take the others with it."""
     if not parts:
         raise ValueError("no forwards given")
-    options = {name: _forward_options(ports, reverse) for name, (ports, reverse) in parts.items()}
     alone = [
-        f"if {_mux_call(control, opts, cancel)} >/dev/null 2>&1; then echo {q(name + '=1')}; "
-        f"else echo {q(name + '=0')}; fi"
-        for name, opts in options.items()
+        f"if {link_forwards(control, ports, cancel, reverse)} >/dev/null 2>&1; "
+        f"then echo {q(name + '=1')}; else echo {q(name + '=0')}; fi"
+        for name, (ports, reverse) in parts.items()
     ]
     if len(parts) == 1:
         return alone[0]
-    whole = _mux_call(control, [o for opts in options.values() for o in opts], cancel)
+    options = [o for ports, reverse in parts.values() for o in _forward_options(ports, reverse)]
+    whole = _mux_call(control, options, cancel)
     made = "; ".join(f"echo {q(name + '=1')}" for name in parts)
     return f"if {whole} >/dev/null 2>&1; then {made}; else {'; '.join(alone)}; fi"
+
+
+#: Seconds between two looks at the links being dialled.
+LINK_STATE_PAUSE = 0.1
 
 
 def link_states(controls: Mapping[str, str], pids: Mapping[str, int], timeout: float) -> str:
@@ -459,18 +463,13 @@ def link_states(controls: Mapping[str, str], pids: Mapping[str, int], timeout: f
     pauses = max(1, int(timeout / LINK_STATE_PAUSE))
     checks = ["i=0"]
     for name, control in controls.items():
-        up = f"[ -S {q(control)} ] && kill -0 {int(pids[name])} 2>/dev/null"
+        made, runs = f"[ -S {q(control)} ]", f"kill -0 {int(pids[name])} 2>/dev/null"
         checks.append(
-            f"while ! [ -S {q(control)} ] && kill -0 {int(pids[name])} 2>/dev/null "
-            f'&& kill -0 "$PPID" 2>/dev/null && [ $i -lt {pauses} ]; '
+            f'while ! {made} && {runs} && kill -0 "$PPID" 2>/dev/null && [ $i -lt {pauses} ]; '
             f"do sleep {LINK_STATE_PAUSE:g}; i=$((i+1)); done; "
-            f"if {up}; then echo {q(name + '=1')}; else echo {q(name + '=0')}; fi"
+            f"if {made} && {runs}; then echo {q(name + '=1')}; else echo {q(name + '=0')}; fi"
         )
     return "; ".join(checks)
-
-
-#: Seconds between two looks at the links being dialled.
-LINK_STATE_PAUSE = 0.1
 
 
 # -- Dask processes ---------------------------------------------------------------------
