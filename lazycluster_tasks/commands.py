@@ -80,7 +80,8 @@ def _terminate_ids(grace: float) -> str:
     ``kill -0`` only; after KILL, :data:`LIVE_GROUP` tells a survivor from a zombie that its
     parent (often init) has not reaped yet — some inits take a second or more. A grace of 0
     KILLs at once (no TERM that nothing waits for). The first check after KILL comes before
-    any pause: most groups are gone by then.
+    any pause: most groups are gone by then. The process listing runs from the second poll on
+    (0.1 s): a zombie leader left by a slow init would otherwise hold the stop for a few polls.
     """
     term = ""
     if grace > 0:
@@ -95,9 +96,9 @@ def _terminate_ids(grace: float) -> str:
         )
     return (
         f"{term}for g in $ids; do kill -KILL -$g 2>/dev/null; done; "
-        # quick checks first (no process listing), then the scan too
+        # a quick check (no process listing) after KILL and after the first pause, then scans
         'live_ids quick; i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do sleep 0.05; '
-        "if [ $i -lt 4 ]; then live_ids quick; else live_ids; fi; i=$((i+1)); done; "
+        "if [ $i -lt 1 ]; then live_ids quick; else live_ids; fi; i=$((i+1)); done; "
         'for g in $ids; do echo "left=$g"; done; true'
     )
 

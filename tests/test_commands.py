@@ -130,6 +130,27 @@ def test_kill_group_finds_members_left_after_their_leader_ended():
     proc.wait(timeout=5)
 
 
+def test_a_killed_group_whose_leader_stays_a_zombie_is_known_gone_at_the_second_poll(tmp_path):
+    # some inits reap orphans a second or more late (this machine's PID 1: about 1.3 s), so a
+    # stop's process listing, which tells such a zombie from a survivor, runs from the second
+    # poll on; every poll pauses with ``sleep``, counted here by a wrapper that runs the real one
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)  # reaped only at the end
+    shims, count = tmp_path / "bin", tmp_path / "pauses"
+    shims.mkdir()
+    wrapper = shims / "sleep"
+    wrapper.write_text(f'#!/bin/sh\necho >>{shlex.quote(str(count))}\nexec /bin/sleep "$@"\n')
+    wrapper.chmod(0o755)
+    line = f"PATH={shlex.quote(str(shims))}:$PATH; {commands.kill_group([proc.pid], grace=0)}"
+    try:
+        result = sh(line)
+        assert result.returncode == 0 and result.stdout == ""
+        assert psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE  # still unreaped
+        assert 1 <= len(count.read_text().splitlines()) <= 2
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
 def test_kill_marked_kills_only_groups_whose_leader_has_the_marker_and_does_not_wait(tmp_path):
     marker = f"{tmp_path}/cluster folder/"
     ours = subprocess.Popen(["/bin/sh", "-c", "sleep 30; : " + marker], start_new_session=True)

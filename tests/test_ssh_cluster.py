@@ -282,14 +282,18 @@ def test_a_close_whose_scheduler_is_gone_gives_what_is_left_its_grace(make_clust
         assert multi_hosts.run_in("host1", ["rm", "-f", "--", mark]).wait() == 0
 
 
-def test_a_close_kills_the_workers_before_the_scheduler_closes_gracefully(make_cluster, tmp_path):
+@pytest.mark.parametrize("scheduler_host", [None, "host1"])
+def test_a_close_kills_the_workers_before_the_scheduler_closes_gracefully(
+    make_cluster, tmp_path, scheduler_host
+):
     """The workers are killed first (the scheduler then has none to tell to close, whose
     shutdowns would compete with the kill for the CPUs); the scheduler still closes
-    gracefully: a plugin's close hook runs, and finds every worker's group already killed."""
+    gracefully, here or on a host that runs workers too: a plugin's close hook runs, and finds
+    every worker's group already killed."""
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    cluster = make_cluster()
-    report = tmp_path / "at-close.json"  # the scheduler runs on this machine
+    cluster = make_cluster(scheduler_host=scheduler_host)
+    report = tmp_path / "at-close.json"  # hosts share this machine's file system
 
     class AtClose(SchedulerPlugin):
         name = "lct-test-at-close"
