@@ -477,6 +477,10 @@ class Engine:
             again: dict[str, list[str]] = {}
             for name in raced:
                 again.setdefault(self._processes[name].host, []).append(name)
+            # they ended: the forwards made while they registered close (their ports are
+            # another process's now), then they start again on other ports
+            self.routing.unroute([self._processes[n] for n in raced])
+            for name in raced:
                 self._forget(name)
             started = self._launch_workers(again, pool, used, debug)
         raise WorkerStartError(f"workers kept losing their ports to other processes: {raced}")
@@ -698,6 +702,10 @@ class Engine:
             self._processes[info.name] = info
             self._owners[info.name] = runtime
 
+    def _key_of(self, name: str) -> str | None:
+        keeper = self._owners.get(name)
+        return None if keeper is None else self._key(keeper)
+
     def _forget(self, name: str) -> None:
         with self._lock:
             info = self._processes.pop(name, None)
@@ -796,12 +804,15 @@ class Engine:
             failed = set(exc.errors)
             raise
         finally:
-            for name in names:  # a host that failed keeps its processes on record
-                keeper = self._owners.get(name)
-                if keeper is None or self._key(keeper) not in failed:
+            # a host that failed keeps its processes on record; the routes of the others close
+            # before they are forgotten (a cleanup closes every tunnel itself)
+            gone = [n for n in names if self._key_of(n) not in failed]
+            try:
+                if self._routes is not None and not remove_folders:
+                    self._routes.unroute([self._processes[n] for n in gone if n in self._processes])
+            finally:
+                for name in gone:
                     self._forget(name)
-            if self._routes is not None and not remove_folders:  # cleanup closes every tunnel
-                self._routes.unroute(infos)
             self._release_ports([i for i in infos if i.name not in self._processes])
 
     def _release_ports(self, stopped: list[ProcessInfo]) -> None:

@@ -415,6 +415,115 @@ def test_forwards_and_threads_grow_with_the_workers_not_with_the_hosts_squared(
         assert not six.leftovers()
 
 
+def _forwards(cluster: LazySSHCluster) -> tuple[int, int]:
+    """(forwards this machine holds, forwards the hosts' links carry)."""
+    assert cluster.engine.routing.links is not None
+    here = sum(len(rt.tunnels) for rt in cluster.engine.group.runtimes)
+    return here, cluster.engine.routing.links.summary()["link_forwards"]
+
+
+def _ring(client: Client) -> list[str]:
+    """Every worker fetches a block made on the next one; the digests of what arrived."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    return client.gather(
+        [
+            client.submit(
+                _sha,
+                client.submit(_block, 1 << 20, workers=[w], pure=False),
+                workers=[workers[(i + 1) % len(workers)]],
+                allow_other_workers=False,
+                pure=False,
+            )
+            for i, w in enumerate(workers)
+        ]
+    )
+
+
+def test_a_scale_down_closes_the_stopped_workers_routes_here_and_on_the_links(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None
+) -> None:
+    """Forwards follow the workers down and up again (ports freed by the stopped workers serve
+    the next ones): -L per worker and nanny and -R per host here, each worker's port on every
+    other host on the links."""
+    cluster = LazySSHCluster(
+        HOSTS,
+        ssh_config_path=str(multi_hosts.ssh_config_path),
+        network_mode="tunnelled",
+        threads_per_worker=1,
+        workers_per_host=2,
+        n_workers=6,
+    )
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(6, timeout=60)
+            assert cluster.engine.routing.links is not None
+            cluster.engine.routing.links.wait()
+            assert _forwards(cluster) == (2 * 6 + 3, 6 * 2)
+            cluster.scale(3)
+            assert wait_until(lambda: len(cluster.engine.worker_processes()) == 3, timeout=30)
+            assert _forwards(cluster) == (2 * 3 + 3, 3 * 2)
+            cluster.scale(6)
+            client.wait_for_workers(6, timeout=60)
+            cluster.wait_started()
+            assert wait_until(lambda: _forwards(cluster) == (2 * 6 + 3, 6 * 2), timeout=30), (
+                _forwards(cluster)
+            )
+            assert _ring(client) == [_sha(_block(1 << 20))] * 6
+    finally:
+        cluster.close()
+
+
+def test_a_worker_started_again_on_other_ports_leaves_no_forward_to_its_lost_port(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None, monkeypatch
+) -> None:
+    """A worker that loses its port at bind time (another process took it after the probe) is
+    started again on other ports; the forwards made while it registered close with it."""
+    from lazycluster_tasks.engine import Engine
+
+    real, blockers, lost = Engine._worker_specs, [], []
+
+    def someone_takes_a_port_first(engine, placement, pool, used):  # type: ignore[no-untyped-def]
+        specs = real(engine, placement, pool, used)
+        if not blockers:
+            port = specs["host2"][0].ports[0]
+            blocker = multi_hosts.run_in(
+                "host2",
+                [sys.executable, "-c", "import socket, sys, time\n"
+                 "s = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
+                 "print('up', flush=True); time.sleep(120)", str(port)],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            blockers.append(blocker)
+            assert blocker.stdout is not None and blocker.stdout.readline().strip() == "up"
+            lost.append(port)
+        return specs
+
+    monkeypatch.setattr(Engine, "_worker_specs", someone_takes_a_port_first)
+    cluster = LazySSHCluster(
+        HOSTS,
+        ssh_config_path=str(multi_hosts.ssh_config_path),
+        network_mode="tunnelled",
+        threads_per_worker=1,
+    )
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(3, timeout=60)
+            assert cluster.engine.routing.links is not None
+            cluster.engine.routing.links.wait()
+            assert lost and lost[0] not in {
+                p for i in cluster.engine.worker_processes() for p in i.ports
+            }
+            assert _forwards(cluster) == (2 * 3 + 3, 3 * 2)
+            tunnels = [t for rt in cluster.engine.group.runtimes for t in rt.tunnels]
+            assert not [t for t in tunnels if lost[0] in (t.local_port, t.remote_port)]
+            assert _ring(client) == [_sha(_block(1 << 20))] * 3
+    finally:
+        cluster.close()
+        for blocker in blockers:
+            blocker.kill()
+            blocker.wait()
+
+
 GREETER = (
     "import socket, sys\n"
     "s = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
