@@ -479,7 +479,10 @@ class Engine:
                 again.setdefault(self._processes[name].host, []).append(name)
             # they ended: the forwards made while they registered close (their ports are
             # another process's now), then they start again on other ports
-            self.routing.unroute([self._processes[n] for n in raced])
+            try:
+                self.routing.unroute([self._processes[n] for n in raced])
+            except GroupError as exc:  # only a forward left open: the cleanup closes it
+                logger.warning("routes of %s not all closed: %s", ", ".join(raced), exc)
             for name in raced:
                 self._forget(name)
             started = self._launch_workers(again, pool, used, debug)
