@@ -138,7 +138,9 @@ def test_a_killed_group_whose_leader_stays_a_zombie_is_known_gone_at_the_second_
     shims, count = tmp_path / "bin", tmp_path / "pauses"
     shims.mkdir()
     wrapper = shims / "sleep"
-    wrapper.write_text(f'#!/bin/sh\necho >>{shlex.quote(str(count))}\nexec /bin/sleep "$@"\n')
+    real = shutil.which("sleep")
+    assert real is not None
+    wrapper.write_text(f'#!/bin/sh\necho >>{shlex.quote(str(count))}\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
     line = f"PATH={shlex.quote(str(shims))}:$PATH; {commands.kill_group([proc.pid], grace=0)}"
     try:

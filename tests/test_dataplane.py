@@ -370,6 +370,30 @@ def test_links_of_a_host_away_at_set_up_come_up_once_it_answers(
     assert not any(marker in multi_hosts.authorized_keys(h) for h in hosts)
 
 
+def _forwards(cluster: LazySSHCluster) -> tuple[int, int]:
+    """(forwards this machine holds, forwards the hosts' links carry)."""
+    assert cluster.engine.routing.links is not None
+    here = sum(len(rt.tunnels) for rt in cluster.engine.group.runtimes)
+    return here, cluster.engine.routing.links.summary()["link_forwards"]
+
+
+def _ring(client: Client) -> list[str]:
+    """Every worker fetches a block made on the next one; the digests of what arrived."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    return client.gather(
+        [
+            client.submit(
+                _sha,
+                client.submit(_block, 1 << 20, workers=[w], pure=False),
+                workers=[workers[(i + 1) % len(workers)]],
+                allow_other_workers=False,
+                pure=False,
+            )
+            for i, w in enumerate(workers)
+        ]
+    )
+
+
 @pytest.mark.slow
 def test_forwards_and_threads_grow_with_the_workers_not_with_the_hosts_squared(
     multi_hosts: TestHosts, no_local_leaks: None
@@ -395,48 +419,13 @@ def test_forwards_and_threads_grow_with_the_workers_not_with_the_hosts_squared(
                 assert len(kinds) == 2 * 6 + 6  # -L per worker and nanny, -R per host
                 assert links.summary()["link_forwards"] == 6 * 5  # on the hosts, not here
                 assert threading.active_count() <= 4 * 6 + 24
-                workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-                ring = [
-                    client.submit(
-                        _sha,
-                        client.submit(_block, 1 << 20, workers=[w], pure=False),
-                        workers=[workers[(i + 1) % len(workers)]],
-                        allow_other_workers=False,
-                        pure=False,
-                    )
-                    for i, w in enumerate(workers)
-                ]
-                assert client.gather(ring) == [_sha(_block(1 << 20))] * len(workers)
+                assert _ring(client) == [_sha(_block(1 << 20))] * 6
         finally:
             cluster.close()
         deadline = time.monotonic() + 3
         while six.leftovers() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not six.leftovers()
-
-
-def _forwards(cluster: LazySSHCluster) -> tuple[int, int]:
-    """(forwards this machine holds, forwards the hosts' links carry)."""
-    assert cluster.engine.routing.links is not None
-    here = sum(len(rt.tunnels) for rt in cluster.engine.group.runtimes)
-    return here, cluster.engine.routing.links.summary()["link_forwards"]
-
-
-def _ring(client: Client) -> list[str]:
-    """Every worker fetches a block made on the next one; the digests of what arrived."""
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    return client.gather(
-        [
-            client.submit(
-                _sha,
-                client.submit(_block, 1 << 20, workers=[w], pure=False),
-                workers=[workers[(i + 1) % len(workers)]],
-                allow_other_workers=False,
-                pure=False,
-            )
-            for i, w in enumerate(workers)
-        ]
-    )
 
 
 def test_a_scale_down_closes_the_stopped_workers_routes_here_and_on_the_links(
