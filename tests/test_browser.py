@@ -3,8 +3,10 @@ and the Dask dashboard through the tunnel while the cluster lives (headless Debi
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,14 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium")
 LOCAL = {"127.0.0.1", "localhost"}
+#: Chromium stays off the network on its own (this machine's network is closed: its background
+#: connections would be refused, many at a time)
+QUIET_FLAGS = [
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @dataclass
@@ -43,9 +53,16 @@ def visit(url: str, ready: Callable[[Any], None], timeout_ms: int = 30_000) -> V
     def run() -> None:
         from playwright.sync_api import sync_playwright
 
+        # Chromium leaves files of its own in its temp dir after it closed (its shared memory):
+        # a folder of its own, removed once it exited
+        scratch = tempfile.mkdtemp(prefix="chromium-")
         try:
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+                browser = p.chromium.launch(
+                    executable_path=CHROMIUM,
+                    args=["--no-sandbox", *QUIET_FLAGS],
+                    env={**os.environ, "TMPDIR": scratch},
+                )
                 try:
                     page = browser.new_page()
                     page.set_default_timeout(timeout_ms)
@@ -88,6 +105,8 @@ def visit(url: str, ready: Callable[[Any], None], timeout_ms: int = 30_000) -> V
                     browser.close()
         except BaseException as exc:
             problem.append(exc)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     thread = threading.Thread(target=run, name="browser")
     thread.start()
