@@ -8,6 +8,8 @@ in this module does I/O: each function returns a string (or an argv) and is test
 
 from __future__ import annotations
 
+import ipaddress
+import posixpath
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
@@ -198,6 +200,38 @@ MARKED_IDS = (
 )
 
 
+#: Name of the guard's pid file in a cluster folder (see hostside.guard).
+GUARD_PID = "guard.pid"
+
+
+def guard_argv(
+    python: str, folder: str, bundle: str, key_marker: str = "", remove: str = ""
+) -> list[str]:
+    """The host's guard of ``folder`` (see hostside.guard): run from the zip application
+    ``bundle`` (a path in the folder, so its command line names the folder)."""
+    argv = [python, "-E", "-s", bundle, "guard", "--folder", folder.rstrip("/")]
+    if key_marker:
+        argv += ["--key-marker", key_marker]
+    if remove:
+        argv += ["--remove", remove]
+    return argv
+
+
+def ensure_guard(argv: Sequence[str], folder: str) -> str:
+    """Start the folder's guard unless one runs (its pid file names a live process whose
+    command line names the folder); prints nothing."""
+    marker = folder.rstrip("/") + "/"
+    start = start_detached(
+        argv, folder, posixpath.join(folder, "guard.log"), posixpath.join(folder, GUARD_PID)
+    )
+    return (
+        f"{MARKED_IDS}; marker={q(marker)}; p=; "
+        f"{{ read -r p <{q(posixpath.join(folder, GUARD_PID))}; }} 2>/dev/null; "
+        'case "$p" in *[!0-9]*) p=;; esac; pids=",$p"; marked_ids; '
+        f'if [ -z "$ids" ]; then {{ {start}; }} >/dev/null; fi'
+    )
+
+
 def stop_pid_files(pid_files: Sequence[str], marker: str, grace: float = 2.0) -> str:
     """Stop the process groups recorded in pid files, verify they are gone, remove the files.
 
@@ -265,7 +299,7 @@ def leader_states(leaders: Mapping[str, int]) -> str:
 
 # -- host-to-host SSH links (tunnelled data plane) ---------------------------------------
 
-#: Where sshd looks for a user's keys by default (the peer key is authorized there).
+#: Where sshd looks for a user's keys by default (the links' keys are authorized there).
 AUTHORIZED_KEYS = '"$HOME/.ssh/authorized_keys"'
 #: Ciphers the links offer, fastest first where the CPU has AES instructions.
 LINK_CIPHERS = (
@@ -279,50 +313,65 @@ LINK_CONNECT_TIMEOUT = 5
 #: mlkem768x25519 (OpenSSH 9.9+), it stays first; unknown names here are no error.
 LINK_KEX_LEFT_OUT = "-sntrup761x25519-sha512*"
 LINK_ALIVE = (5, 3)  # ServerAliveInterval, ServerAliveCountMax
+#: What a key may open or listen on when it needs nothing yet: sshd refuses a key line with no
+#: port at all, and a line without ``permitopen`` would allow every port. The ``.invalid``
+#: domain never resolves (RFC 2606): nothing can be reached or bound through it.
+NOWHERE = "lazycluster.invalid:1"
 
 
 def peer_marker(cluster_id: str) -> str:
-    """The comment that names a cluster's key in authorized_keys (what revoke_key removes)."""
+    """The comment that names a cluster's keys in authorized_keys (the edit's marker)."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", cluster_id):
         raise ValueError(f"invalid cluster id {cluster_id!r}")
     return f"lazycluster-link-{cluster_id}"
 
 
-def authorized_line(public_key: str, marker: str) -> str:
-    """An authorized_keys line that lets the key forward to and listen on the host's loopback
-    and nothing else: no shell, no command, no pty, no agent."""
+def key_comment(marker: str, dialler: str) -> str:
+    """The comment of the key ``dialler`` logs in with: the marker, then the host's name."""
+    return f"{marker}/{re.sub(r'[^A-Za-z0-9_.-]', '_', dialler)}"
+
+
+def authorized_line(
+    public_key: str,
+    comment: str,
+    sources: Sequence[str] = (),
+    opens: Iterable[int] = (),
+    listens: Iterable[int] = (),
+) -> str:
+    """An authorized_keys line (without its expiry-time, which the host adds from its own
+    clock) for a link's key: from ``sources`` only (the dialling host's addresses; none given:
+    from anywhere), forwarding to the host's 127.0.0.1:<port> for each of ``opens`` and
+    listening on its 127.0.0.1:<port> for each of ``listens``, and nothing else — no shell, no
+    command, no pty, no agent, no other address or port."""
     parts = public_key.split()
     if len(parts) < 2 or not re.fullmatch(r"[A-Za-z0-9+/=]+", parts[1]):
         raise ValueError("not an OpenSSH public key")
-    return (
-        'restrict,port-forwarding,permitopen="127.0.0.1:*",permitlisten="127.0.0.1:*",'
-        'command="/bin/false" '
-        f"{parts[0]} {parts[1]} {marker}"
-    )
+    if not re.fullmatch(r"[A-Za-z0-9_./-]+", comment):
+        raise ValueError(f"invalid key comment {comment!r}")
+    addresses = [str(ipaddress.ip_address(a)) for a in sources]  # ValueError on anything else
+    options = ["restrict", "port-forwarding"]
+    if addresses:
+        options.append(f'from="{",".join(addresses)}"')
+    targets = [f"127.0.0.1:{int(p)}" for p in sorted(set(opens))] or [NOWHERE]
+    listeners = [f"127.0.0.1:{int(p)}" for p in sorted(set(listens))] or [NOWHERE]
+    options += [f'permitopen="{t}"' for t in targets]
+    options += [f'permitlisten="{t}"' for t in listeners]
+    options.append('command="/bin/false"')
+    return f"{','.join(options)} {parts[0]} {parts[1]} {comment}"
 
 
-def _edit_authorized_keys(body: str) -> str:
-    # A subshell holding a lock on the file (flock where it exists: homes shared over NFS see
-    # every host edit at once); rewritten in place, so its mode, owner and links stay.
-    return (
-        f'( f={AUTHORIZED_KEYS}; t="$f.lazycluster.$$"; '
-        'exec 9>>"$f" || exit 1; '
-        "if command -v flock >/dev/null 2>&1; then flock -w 10 9 || exit 1; fi; "
-        f'{body} && cat "$t" >"$f"; s=$?; rm -f "$t"; exit $s )'
-    )
+def python_program(python: str, args: Sequence[str] = ()) -> str:
+    """Run a program read from stdin with ``python`` (the environment's PYTHON* variables and
+    the user's site-packages ignored): ``python -E -s - ARGS``."""
+    return shlex.join([python, "-E", "-s", "-", *map(str, args)])
 
 
-def authorize_key(line: str, marker: str) -> str:
-    """Add ``line`` to the user's authorized_keys (replacing any line naming ``marker``)."""
-    return 'umask 077 && mkdir -p "$HOME/.ssh" && ' + _edit_authorized_keys(
-        f'{{ grep -vF -- {q(marker)} "$f" || true; echo {q(line)}; }} >"$t"'
-    )
-
-
-def revoke_key(marker: str) -> str:
-    """Remove every authorized_keys line naming ``marker``; succeeds when there is none."""
-    edit = _edit_authorized_keys(f'{{ grep -vF -- {q(marker)} "$f" || true; }} >"$t"')
-    return f"{{ ! grep -qsF -- {q(marker)} {AUTHORIZED_KEYS} || {edit}; }}"
+def revoke_keys(python: str, marker: str) -> str:
+    """Remove ``marker``'s lines from the user's authorized_keys with the edit program, which
+    the command's stdin must carry; only when the file holds the marker's bytes (``grep``
+    exits 1 for none; a read error runs the program too, which reports it)."""
+    check = f"LC_ALL=C grep -qaF -- {q(marker)} {AUTHORIZED_KEYS} 2>/dev/null"
+    return f"{{ {check}; [ $? = 1 ] || {python_program(python, ['--marker', marker])}; }}"
 
 
 def link_master_argv(
@@ -359,37 +408,6 @@ def link_master_argv(
     for name, value in options.items():
         argv += ["-o", f"{name}={value}"]
     return [*argv, "-p", str(int(port)), "-l", user, "--", address]
-
-
-#: One per host and cluster: ends the host's link masters once the cluster has no worker there
-#: (one ran and none is left: the cluster stopped or its controller died), none came within $1
-#: seconds, or the cluster folder is gone. It looks every $2 seconds (builtins only, then one
-#: ``sleep``: idle links cost no CPU), knows the masters by their pid files (``link-*.pid``) and
-#: ends only a process whose command line names the folder (a reused pid is left alone).
-#: Args: grace seconds, pause seconds, the cluster folder.
-LINK_WATCH = (
-    f"{MARKED_IDS}; "
-    "grace=$1 pause=$2 folder=$3; t=0 seen=0 pids=; "
-    'while [ -d "$folder" ]; do live=0 pids=; '
-    'for f in "$folder"/*.pid; do p=; { read -r p <"$f"; } 2>/dev/null; '
-    'case "$p" in *[!0-9]*|"") continue;; esac; '
-    'case "$f" in */link-watch-*) continue;; */link-*) pids="$pids,$p"; continue;; esac; '
-    '[ $live = 1 ] || { kill -0 "$p" 2>/dev/null && live=1; }; done; '
-    'if [ $live = 1 ]; then seen=1; elif [ $seen = 1 ] || [ $t -ge "$grace" ]; then break; fi; '
-    'sleep "$pause"; t=$((t+pause)); done; '
-    # the masters it last saw, those whose command line names the folder (the stops' check)
-    'marker=$folder; marked_ids; for g in $ids; do kill -TERM -"$g" 2>/dev/null; done; true'
-)
-#: Seconds between a link watch's looks (a link whose controller died ends within this after
-#: its host's last worker).
-LINK_WATCH_PAUSE = 2
-
-
-def link_watch_argv(folder: str, grace: float, pause: int = LINK_WATCH_PAUSE) -> list[str]:
-    """The :data:`LINK_WATCH` of ``folder``'s links on one host (the folder ends with ``/``:
-    its command line holds the cluster's process marker, so stops find it)."""
-    args = [str(int(grace)), str(int(pause)), folder.rstrip("/") + "/"]
-    return ["sh", "-c", LINK_WATCH, "lazycluster-link-watch", *args]
 
 
 def link_alive(pid_files: Mapping[str, str]) -> str:

@@ -46,7 +46,7 @@ from lazycluster_tasks.links import Links
 from lazycluster_tasks.network import NetworkPlan, plan_network
 from lazycluster_tasks.paths_check import blocked_paths
 from lazycluster_tasks.ports import as_port_list, bindable_here, free_ports
-from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
+from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec, Revoke
 from lazycluster_tasks.record import (
     CONTROLLER_KEY,
     ClusterRecord,
@@ -98,6 +98,7 @@ class Engine:
         self._reserved: dict[str, set[int]] = {}  # host ("" = this machine) -> ports in use
         self._processes: dict[str, ProcessInfo] = {}
         self._owners: dict[str, Runtime] = {}
+        self._host_locks: dict[str, threading.Lock] = {}
         self._scheduler_host: str | None = None  # None: this machine
         self._scheduler_bind: str | None = None
         self._scheduler_port: int | None = None
@@ -126,6 +127,9 @@ class Engine:
                             self.folder,
                             commands.peer_marker(self.cluster_id),
                             self._register,
+                            python=self.options.python,
+                            guard=self._guard,
+                            ports=self._link_ports,
                         )
                     )
             return self._plan
@@ -303,8 +307,11 @@ class Engine:
             ),
             ports=[port],
         )
-        (info,) = processes.start_processes(runtime, folder, [spec], self._files("master"))
-        self._register(runtime, info)
+        with self._host_lock(runtime):
+            (info,) = processes.start_processes(
+                runtime, folder, [spec], self._files("master"), self._guard(runtime)
+            )
+            self._register(runtime, info)
         self._scheduler_host = None if runtime is self.controller else runtime.host
         self._scheduler_bind, self._scheduler_port = bind, port
         self._reserve(runtime, [port])
@@ -397,11 +404,16 @@ class Engine:
 
         def start(runtime: Runtime) -> list[ProcessInfo]:
             folder = self.folder(runtime)
-            infos = processes.start_processes(
-                runtime, folder, specs[runtime.host], self._files("worker")
-            )
-            for info in infos:
-                self._register(runtime, info)
+            with self._host_lock(runtime):
+                infos = processes.start_processes(
+                    runtime,
+                    folder,
+                    specs[runtime.host],
+                    self._files("worker"),
+                    self._guard(runtime),
+                )
+                for info in infos:
+                    self._register(runtime, info)
             logger.info(
                 "started on %s: %s",
                 runtime.host,
@@ -423,6 +435,9 @@ class Engine:
             runtime = self.runtime(host)
             _, local, taken = self._taken(runtime)
             count, where = per_worker * len(names), f"for workers on {host}"
+            links = getattr(routing, "links", None)
+            if links is not None and links.granted:  # ports the links' keys may carry first
+                pool = sorted(pool, key=lambda p: p not in links.granted)
             chosen = free_ports(pool, taken, count, where)
             while local and (lost := [p for p in chosen if not bindable_here(p)]):
                 taken |= set(lost)  # taken here since the probe (an outgoing connection)
@@ -731,6 +746,40 @@ class Engine:
         for name, text in self._logs(infos).items():
             logger.debug("[%s] %s", name, text.rstrip())
 
+    def _link_ports(self) -> list[int]:
+        """The ports the links' keys may open and listen on (sshd fixes them when a key logs
+        in): the workers' ports now, and the next ones new workers would take — two slots' worth
+        per worker the hosts can hold (a nanny's port included). New workers take these first."""
+        with self._lock:
+            used = {i.ports[0] for i in self._processes.values() if i.role == "worker"}
+            slots = len(self.group.runtimes) * self.options.workers_per_host
+        taken = self.plan.taken(self.group.hosts, include_local=True)
+        for reserved in self._reserved.values():
+            taken |= reserved
+        per_worker = 2 if self.options.nanny else 1
+        spare = [p for p in self.ports if p not in taken][: 2 * per_worker * slots]
+        return sorted(used | set(spare))
+
+    def _host_lock(self, runtime: Runtime) -> threading.Lock:
+        """Held while processes start or stop on ``runtime`` (a stop that leaves it without a
+        process of the cluster removes its folder: no start may be half-way there)."""
+        with self._lock:
+            return self._host_locks.setdefault(self._key(runtime), threading.Lock())
+
+    def _revoke(self, runtime: Runtime) -> Revoke | None:
+        """The links' keys a stop removes from ``runtime``'s authorized_keys (where any were)."""
+        if runtime.is_local:
+            return None
+        return Revoke(self.options.python(runtime), commands.peer_marker(self.cluster_id))
+
+    def _guard(self, runtime: Runtime) -> Guard:
+        """What the guard of ``runtime``'s cluster folder runs with (see hostside.guard)."""
+        return Guard(
+            self.options.python(runtime),
+            "" if runtime.is_local else commands.peer_marker(self.cluster_id),
+            runtime.working_dir if runtime._working_dir_is_temp else "",
+        )
+
     def _files(self, role: str) -> dict[str, str]:
         """Files a start delivers into the cluster folder (the role's certificates)."""
         return self.tls.files(role) if self.tls is not None else {}
@@ -784,17 +833,24 @@ class Engine:
         def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job
             folder = self.folder(runtime)
-            if remove_folders:  # every pid file there: those of a start whose answer was lost too
-                remove = runtime.working_dir if runtime._working_dir_is_temp else folder
-                # the links' key, if it was authorized
-                revoke = None if runtime.is_local else commands.peer_marker(self.cluster_id)
-                left = processes.stop_folder(runtime, folder, grace, remove, revoke)
-                if runtime._working_dir_is_temp:
-                    runtime.forget_working_dir()  # removed here; its cleanup need not do it again
-            else:
-                left = processes.stop_processes(
-                    runtime, infos, processes.folder_marker(folder), grace
-                )
+            with self._host_lock(runtime):  # no start there meanwhile
+                with self._lock:
+                    key = self._key(runtime)
+                    emptied = not any(
+                        self._key_of(n) == key for n in self._processes if n not in names
+                    )
+                if remove_folders:  # every pid file there: a start's whose answer was lost too
+                    remove = runtime.working_dir if runtime._working_dir_is_temp else folder
+                    revoke = self._revoke(runtime)
+                    left = processes.stop_folder(runtime, folder, grace, remove, revoke)
+                    if runtime._working_dir_is_temp:
+                        runtime.forget_working_dir()  # removed here; its cleanup needs not
+                elif emptied:  # no process of the cluster left there: clean up as its guard would
+                    revoke = self._revoke(runtime)
+                    left = processes.stop_folder(runtime, folder, grace, folder, revoke)
+                else:
+                    marker = processes.folder_marker(folder)
+                    left = processes.stop_processes(runtime, infos, marker, grace)
             if left:
                 raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
             if infos:
@@ -875,6 +931,7 @@ class Engine:
                 folder=self.folder(rt),
                 working_dir=rt.working_dir,
                 temporary=rt._working_dir_is_temp,
+                python=self.options.python(rt),
             )
             for rt in owners
             if rt._working_dir is not None

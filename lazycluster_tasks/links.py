@@ -6,40 +6,47 @@ master connection between the two hosts: one per pair of hosts, which one of the
 dialling host's traffic, ``-R`` for the other's. Bytes between workers then cross one SSH hop,
 encrypted by OpenSSH on the two hosts, instead of two hops through this machine's Python relays.
 
-The masters log in with a key made for the cluster (:class:`LinkKey`), delivered as 0600 files
-in the cluster folders and authorized in each host's ``~/.ssh/authorized_keys`` for the cluster's
-lifetime with options that allow forwarding to and listening on the host's loopback and nothing
-else. The far host's key is the one this machine verified for it. A pair whose link does not
-come up (a host that cannot reach the other's sshd, no ssh client, sshd reading keys from
-elsewhere) is named in the log and keeps the route through this machine; the links of a host
-that did not answer during the set-up are dialled once it answers again. While the cluster
-runs, every host is asked every few seconds whether its links' masters still run (one round
-trip per host); the routes of a link that ended go through this machine again, and the link is
-dialled again once both its hosts answer (at once, then after longer and longer pauses while it
-fails); when it is up, its routes move back onto it. Masters are cluster processes (pid files in
-the cluster folder), so cleanup and ``teardown(record)`` stop them; both revoke the key. One
-watch per host (see commands.LINK_WATCH) ends the masters a host dialled once the cluster has no
-worker there (its controller died, say).
+The masters log in with keys made for the cluster, one per dialling host (:class:`LinkKey`,
+delivered as a 0600 file in that host's cluster folder only: a stolen key opens only that host's
+pairs). Each host a key dials lets it in through one line of ``~/.ssh/authorized_keys``, set by
+the host program ``hostside.authorized_keys`` (the only edit of that file: verified before it
+replaces the original, byte-exact, under a lock): from the dialling host's own addresses only,
+forwarding to and listening on exactly the 127.0.0.1 ports its links carry (updated as workers
+come and go), nothing else, and valid for KEY_LIFETIME from the host's own clock, renewed while
+the cluster runs. The far host's key is the one this machine verified for it. A pair whose link
+does not come up (a host that cannot reach the other's sshd, no ssh client, sshd reading keys
+from elsewhere, a file that cannot be edited safely) is named in the log and keeps the route
+through this machine; the links of a host that did not answer during the set-up are dialled
+once it answers again. While the cluster runs, every host is asked every few seconds whether
+its links' masters still run (one round trip per host); the routes of a link that ended go
+through this machine again, and the link is dialled again once both its hosts answer (at once,
+then after longer and longer pauses while it fails); when it is up, its routes move back onto
+it. Masters are cluster processes (pid files in the cluster folder), so cleanup and
+``teardown(record)`` stop them, and both revoke the keys; once a host has no process of the
+cluster left (its controller died, say), its guard (``hostside.guard``) ends the masters,
+removes the folder with the keys and revokes the lines by itself.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import posixpath
 import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from lazycluster_tasks import commands, processes
+from lazycluster_tasks import commands, hostside, processes
 from lazycluster_tasks.connection import INTERNAL_TIMEOUT, CommandResult, tail
 from lazycluster_tasks.errors import GroupError, LazyclusterError, is_transient
 from lazycluster_tasks.group import run_parallel
-from lazycluster_tasks.processes import ProcessInfo, ProcessSpec
+from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.ssh import SSHConnection
 
@@ -60,9 +67,17 @@ CHECK_TIMEOUT = 10.0
 #: Seconds before a failed reopen of a lost link is tried again: the first pause, and the
 #: longest (each failure doubles it).
 REOPEN_PAUSE = (5.0, 60.0)
-#: Seconds a link lives on a host where no worker of its cluster has started yet.
-KEEP_WITHOUT_WORKERS = 120
+#: Seconds a key's lines in authorized_keys are valid (from the host's clock); renewed at half.
+KEY_LIFETIME = 1800.0
+#: Seconds an edit of a host's authorized_keys may take (it waits up to 10 s for a lock).
+EDIT_TIMEOUT = 30.0
+#: What a host prints of its own addresses (the ``from=`` of its key on the hosts it dials):
+#: the address this machine reached it at, then every local address the kernel lists.
+ADDRESSES_COMMAND = (
+    'echo "ssh ${SSH_CONNECTION:-}"; cat /proc/net/fib_trie /proc/net/if_inet6 2>/dev/null; true'
+)
 KEY_FILE = "link/key"
+GUARD = "guard"  # the host's guard, asked about with the masters
 KNOWN_HOSTS = "link/known_hosts"
 Pair = tuple[str, str]  # (from host, to host): the direction of workers' traffic
 Link = tuple[str, str]  # (dialling host, dialled host): one master, both directions
@@ -70,9 +85,9 @@ Link = tuple[str, str]  # (dialling host, dialled host): one master, both direct
 
 @dataclass(frozen=True)
 class LinkKey:
-    """An Ed25519 key pair made for one cluster (OpenSSH formats)."""
+    """An Ed25519 key pair made for one dialling host of a cluster (OpenSSH formats)."""
 
-    private: str
+    private: str = field(repr=False)
     public: str
 
     @classmethod
@@ -145,6 +160,46 @@ def link_plan(hosts: Sequence[str], targets: Collection[str]) -> dict[str, list[
     return plan
 
 
+def host_addresses(text: str) -> list[str]:
+    """A host's own addresses from :data:`ADDRESSES_COMMAND`'s output: the one in
+    ``SSH_CONNECTION``, the IPv4 addresses ``/proc/net/fib_trie`` marks ``host LOCAL`` and the
+    global IPv6 ones of ``/proc/net/if_inet6``; loopback, link-local and duplicates left out."""
+    found: list[str] = []
+
+    def add(word: str) -> None:
+        try:
+            address = ipaddress.ip_address(word)
+        except ValueError:
+            return
+        unusable = address.is_loopback or address.is_link_local or address.is_unspecified
+        if not unusable and str(address) not in found:
+            found.append(str(address))
+
+    last = ""
+    for line in text.splitlines():
+        words = line.split()
+        if line.startswith("ssh ") and len(words) >= 4:  # client, its port, server, its port
+            add(words[3])
+        elif len(words) >= 2 and words[0].endswith("--"):
+            last = words[1]
+        elif "/32 host LOCAL" in line:
+            add(last)
+        elif len(words) == 6 and len(words[0]) == 32 and words[3] == "00":  # global scope
+            add(":".join(words[0][i : i + 4] for i in range(0, 32, 4)))
+    return found
+
+
+def _ranges(ports: Collection[int]) -> str:
+    """``60000-60003,60010`` for a set of ports."""
+    spans: list[list[int]] = []
+    for port in sorted(ports):
+        if spans and port == spans[-1][1] + 1:
+            spans[-1][1] = port
+        else:
+            spans.append([port, port])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in spans) or "none"
+
+
 def _named(result: CommandResult, value: str) -> set[str]:
     """The names a host answered ``name=<value>`` for (the lines the commands' checks print)."""
     return {line[: -len(value) - 1] for line in result.stdout.split() if line.endswith("=" + value)}
@@ -165,10 +220,24 @@ class Links:
         folder: Callable[[Runtime], str],
         marker: str,
         register: Callable[[Runtime, ProcessInfo], None],
+        python: Callable[[Runtime], str] | None = None,
+        guard: Callable[[Runtime], Guard] | None = None,
+        ports: Callable[[], Collection[int]] = frozenset,
+        key_lifetime: float = KEY_LIFETIME,
     ) -> None:
         self.runtimes = [rt for rt in runtimes if not rt.is_local]
         self.addresses = dict(addresses)
         self.folder, self.marker, self.register = folder, marker, register
+        #: the interpreter that runs the edit of a host's authorized_keys
+        self.python = python or (lambda rt: rt.python_executable)
+        #: started with the masters where none runs (it ends them once the host has no process
+        #: of the cluster left; see hostside.guard)
+        self.guard = guard
+        self.key_lifetime = key_lifetime
+        #: the ports the keys may open and listen on, asked once, when the links are set up
+        #: (sshd fixes a key's options when it logs in): the workers' and the next ones'
+        self._ports = ports
+        self.granted: frozenset[int] = frozenset()
         #: (from, to) -> control socket of a link that is up
         self.up: dict[Pair, str] = {}
         #: (from, to) -> why that pair goes through this machine
@@ -182,11 +251,18 @@ class Links:
         self._given: set[str] = set()
         #: lost links to dial again -> (pause after the next failure, earliest next try)
         self._retry: dict[Link, tuple[float, float]] = {}
+        #: lost links of a host that cleaned up (no process of the cluster was left there):
+        #: dialled again once a route between their hosts is asked for
+        self._idle: set[Link] = set()
         self._answered: set[str] = set()  # hosts that answered the last check
-        self._key: LinkKey | None = None
-        self._authorized: set[str] = set()  # targets whose authorized_keys has the key
+        self._keys: dict[str, LinkKey] = {}  # dialling host -> its key
+        self._sources: dict[str, list[str]] = {}  # host -> its own addresses (its key's from=)
+        #: target -> the dialling hosts whose keys its authorized_keys lets in
+        self._granted: dict[str, frozenset[str]] = {}
+        self._written: dict[str, float] = {}  # target -> when its lines were last written
+        self._beyond: set[int] = set()  # ports asked for beyond ``granted`` (logged once)
+        self._edits: dict[str, threading.Lock] = {}  # one edit of a host's file at a time
         self._sent: dict[str, str] = {}  # host -> the known_hosts text its folder has
-        self._watches: dict[str, str] = {}  # host -> the name of its link watch that runs
         self._serial = 0
         self._lock = threading.Lock()
         #: held while link processes start and are registered: after close() no more start
@@ -254,13 +330,14 @@ class Links:
         self._ready.set()
         self._links_up()
         self._settled.set()
-        while (self.up or self._retry) and not self._closing.wait(CHECK_INTERVAL):
+        while (self.up or self._retry or self._idle) and not self._closing.wait(CHECK_INTERVAL):
             try:
                 lost = self.check()
                 if lost and self.on_lost is not None and not self._closing.is_set():
                     self.on_lost(lost)
                 if self.reopen():
                     self._links_up()
+                self._renew()
             except Exception as exc:  # the next round asks again
                 logger.warning("host-to-host links not checked: %s", exc)
 
@@ -275,55 +352,63 @@ class Links:
         """Ask every host of the links whether their masters still run (one round trip each,
         no process started there). The pairs of a link whose master ended are ``down`` ("link
         lost") and the link will be dialled again (see :meth:`reopen`); returns those pairs with
-        the ports the link carried for them. A host that does not answer is left to the
-        cluster's own watch."""
+        the ports the link carried for them. A host whose guard ended has cleaned up after the
+        cluster (no process of it was left there): its keys and lines are made again when it
+        is dialled or dials again. A host that does not answer is left to the cluster's own
+        watch."""
         with self._lock:
             by_host: dict[str, dict[str, Link]] = {rt.host: {} for rt in self.runtimes}
             for link in {self._via[pair] for pair in self.up}:
                 by_host[link[0]][self._names[link]] = link
-            watches = {h: w for h, w in self._watches.items() if by_host.get(h)}
             masters = {h: {n: pid_file(n) for n in named} for h, named in by_host.items()}
-            for host, watch in watches.items():  # asked with the masters it watches
-                masters[host][watch] = pid_file(watch)
+            if self.guard is not None:
+                for host in set(self._granted) | set(self._sent):
+                    masters[host][GUARD] = commands.GUARD_PID
+        # asked by path: a folder its guard removed is no place to run a command in
+        for host, named in masters.items():
+            where = self.folder(self._runtime(host))
+            masters[host] = {n: posixpath.join(where, path) for n, path in named.items()}
 
         # host after host, in this thread: a check adds no thread to this process
         answers: dict[str, set[str]] = {}
         for host, named in masters.items():
             if self._closing.is_set():
                 break
+            if not named:
+                answers[host] = set()
+                continue
             try:
-                result = self._run(self._runtime(host), commands.link_alive(named), CHECK_TIMEOUT)
+                line = commands.link_alive(named)
+                result = self._runtime(host).connection.run(line, timeout=CHECK_TIMEOUT)
             except Exception as exc:  # the cluster's own watch deals with a host away
                 logger.debug("links of %s not checked: %s", host, exc)
                 continue
             answers[host] = _named(result, "0")
         lost: dict[Pair, set[int]] = {}
         ended: list[Link] = []
-        unwatched = []
         with self._lock:
             self._answered = set(answers)
+            cleaned = {host for host, names in answers.items() if GUARD in names}
+            for host in cleaned:
+                self._granted.pop(host, None)
+                self._written.pop(host, None)
+                self._sent.pop(host, None)
+                logger.info("%s cleaned up after the cluster (no process of it was left)", host)
             for host, names in answers.items():
-                if watches.get(host) in names:
-                    del self._watches[host]
-                    names = names - {watches[host]}
-                    if set(by_host[host]) - names:  # links that go on: they get a new watch
-                        unwatched.append(host)
-                for name in names:
+                for name in names - {GUARD}:
                     link = by_host[host][name]
                     for pair in (link, link[::-1]):
                         if self.up.pop(pair, None) is not None:
                             self.down[pair] = "link lost"
                             lost[pair] = self._forwarded.pop(pair, set())
                     ended.append(link)
-                    self._retry.setdefault(link, (REOPEN_PAUSE[0], 0.0))
+                    if set(link) & cleaned:  # dialled again once a route asks for it
+                        self._idle.add(link)
+                    else:
+                        self._retry.setdefault(link, (REOPEN_PAUSE[0], 0.0))
         for link in ended:
             ports = len(lost.get(link, ())) + len(lost.get(link[::-1], ()))
             logger.warning("link %s -> %s lost; its %d routes go through here again", *link, ports)
-        for host in unwatched:
-            try:
-                self._start(self._runtime(host), [], {})
-            except Exception as exc:  # the next check tries again
-                logger.warning("link watch on %s not started: %s", host, exc)
         return lost
 
     def reopen(self) -> list[Pair]:
@@ -383,23 +468,9 @@ class Links:
             else:
                 why_not[rt.host] = peer
         self._peers = peers
-        self._key = LinkKey.generate()
-        # 1. every host that can be dialled authorizes the key (before anyone dials it)
-        try:
-            authorized = run_parallel(
-                "authorize link key", {h: self._runtime(h) for h in peers}, self._authorize
-            )
-        except GroupError as exc:  # a refusal is named (the pairs to it keep the relay)
-            authorized = exc.results
-            away.update((h, e) for h, e in exc.errors.items() if is_transient(e))
-            why_not.update(
-                (h, f"could not authorize the key: {e}")
-                for h, e in exc.errors.items()
-                if not is_transient(e)
-            )
-        for host in set(peers) - set(authorized):
-            peers.pop(host)
-        # 2. one link per pair: every host starts its masters, 3. and reports which came up
+        self._measure_sources([rt for rt in self.runtimes if rt.host not in away], away)
+        # one link per pair: each host it dials lets its key in, every host starts its masters
+        # and reports which came up
         hosts = [rt.host for rt in self.runtimes]
         plan = link_plan(hosts, set(peers) | set(away))
         for dialler, fars in plan.items():
@@ -436,20 +507,39 @@ class Links:
         peers: Mapping[str, Peer],
         away: dict[str, BaseException],
     ) -> None:
-        """Each host of ``plan`` dials its hosts, LINK_BATCH at a time, all hosts at once; a
-        host that does not answer is added to ``away``."""
+        """Each host of ``plan`` dials its hosts, LINK_BATCH at a time, all hosts at once, once
+        each of them lets its key in; a host that does not answer is added to ``away``."""
+        targets = {f for fars in plan.values() for f in fars if f in peers and f not in away}
+        refused: set[str] = set()
+        try:
+            run_parallel(
+                "authorize link keys", {h: h for h in targets}, lambda h: self._ensure_lines(h)
+            )
+        except GroupError as exc:  # a host that refused is named (its pairs keep the relay)
+            for host, error in exc.errors.items():
+                if is_transient(error):
+                    away[host] = error
+                    continue
+                refused.add(host)
+                for dialler, fars in plan.items():
+                    if host in fars:
+                        self._link_down((dialler, host), f"could not authorize the key: {error}")
         jobs = {}
         for rt in self.runtimes:
-            targets = [peers[f] for f in plan.get(rt.host, []) if f in peers]
-            if targets and rt.host not in away:
-                jobs[rt.host] = (rt, targets)
+            ready = [
+                peers[f]
+                for f in plan.get(rt.host, [])
+                if f in targets and f not in refused | set(away)
+            ]
+            if ready and rt.host not in away:
+                jobs[rt.host] = (rt, ready)
 
         def start(job: tuple[Runtime, list[Peer]]) -> None:
-            runtime, targets = job
-            for first in range(0, len(targets), LINK_BATCH):
+            runtime, ready = job
+            for first in range(0, len(ready), LINK_BATCH):
                 if self._closing.is_set():
                     return
-                batch = targets[first : first + LINK_BATCH]
+                batch = ready[first : first + LINK_BATCH]
                 self._start(runtime, batch, self._files_for(runtime.host))
 
         try:
@@ -471,36 +561,140 @@ class Links:
                     self.down[link] = self.down[link[::-1]] = why
                     self._retry.setdefault(link, (REOPEN_PAUSE[0], 0.0))
 
-    def _authorize(self, runtime: Runtime) -> None:
-        """``runtime``'s host lets the cluster's key in (for forwards to its loopback only)."""
-        assert self._key is not None
-        line = commands.authorized_line(self._key.public, self.marker)
-        result = runtime.connection.run(commands.authorize_key(line, self.marker), timeout=30)
+    # -- keys and their lines in the hosts' authorized_keys ------------------------------
+
+    def _key_of(self, host: str) -> LinkKey:
+        """The key ``host`` dials with (made on first use)."""
+        with self._lock:
+            key = self._keys.get(host)
+            if key is None:
+                key = self._keys[host] = LinkKey.generate()
+            return key
+
+    def _measure_sources(
+        self, runtimes: Sequence[Runtime], away: dict[str, BaseException] | None = None
+    ) -> None:
+        """Each host's own addresses (its key is accepted from those only), all at once; a
+        host that does not answer is added to ``away`` (or the error raised)."""
+
+        def measure(runtime: Runtime) -> list[str]:
+            result = runtime.connection.run(ADDRESSES_COMMAND, timeout=CHECK_TIMEOUT)
+            return host_addresses(result.stdout)
+
+        try:
+            found = run_parallel("host addresses", {rt.host: rt for rt in runtimes}, measure)
+        except GroupError as exc:
+            if away is None:
+                raise
+            found = exc.results
+            away.update(exc.errors)
+        for host, addresses in found.items():
+            if not addresses:
+                logger.info("%s: its own addresses are unknown; its key is not tied to them", host)
+            with self._lock:
+                self._sources[host] = addresses
+
+    def _diallers(self, target: str) -> frozenset[str]:
+        """Under the lock: the hosts that dial ``target``."""
+        return frozenset(d for d, far in set(self._via.values()) if far == target)
+
+    def _ensure_lines(self, target: str, renew: bool = False) -> None:
+        """``target``'s authorized_keys lets in the key of every host that dials it (written
+        only when it does not yet, or to ``renew`` the lines); raises LazyclusterError naming
+        the host and the cause when the file was not edited."""
+        with self._lock:
+            edit = self._edits.setdefault(target, threading.Lock())
+            if not self.granted:
+                self.granted = frozenset(self._ports())
+        with edit:  # one edit per host at a time, each with everything known when it starts
+            with self._lock:
+                diallers = self._diallers(target)
+                granted = self._granted.get(target)
+            if granted == diallers and not renew:
+                return
+            unknown = [d for d in diallers if d not in self._sources]
+            if unknown:  # a dialling host that does not answer is let in once it does
+                away: dict[str, BaseException] = {}
+                self._measure_sources([self._runtime(d) for d in unknown], away)
+                diallers = diallers - set(away)
+            self._write_lines(target, diallers, first=granted is None)
+
+    def _write_lines(self, target: str, diallers: frozenset[str], first: bool) -> None:
+        runtime = self._runtime(target)
+        lines = [
+            commands.authorized_line(
+                self._key_of(dialler).public,
+                commands.key_comment(self.marker, dialler),
+                self._sources.get(dialler, []),
+                self.granted,
+                self.granted,
+            )
+            for dialler in sorted(diallers)
+        ]
+        args = ["--marker", self.marker, "--lifetime", f"{self.key_lifetime:g}"]
+        args += [part for line in lines for part in ("--line", line)]
+        result = runtime.connection.run(
+            commands.python_program(self.python(runtime), args),
+            stdin=hostside.source("authorized_keys").encode(),
+            timeout=EDIT_TIMEOUT,
+        )
         if not result.ok:
-            raise LazyclusterError(f"could not authorize the key: {tail(result.output, 200)}")
-        self._authorized.add(runtime.host)
+            why = " ".join(tail(result.stderr or result.output, 300).split())
+            raise LazyclusterError(f"{target}: authorized_keys not edited: {why}")
+        done = json.loads(result.stdout.strip().splitlines()[-1])
+        with self._lock:
+            self._granted[target] = diallers
+            self._written[target] = time.monotonic()
+        comments = ", ".join(commands.key_comment(self.marker, d) for d in sorted(diallers))
+        logger.log(
+            logging.INFO if first else logging.DEBUG,
+            "%s: %s %s lets in %s (ports %s) until %sZ",
+            target,
+            "authorized" if first else "renewed",
+            done["path"],
+            comments or "no key",
+            _ranges(self.granted),
+            done["expiry"] or "-",
+        )
+
+    def _renew(self) -> None:
+        """Rewrite the lines of hosts whose lines are half way to their expiry (each host that
+        answers; the next round tries the others again)."""
+        now = time.monotonic()
+        with self._lock:
+            due = {
+                host
+                for host, written in self._written.items()
+                if now - written >= self.key_lifetime / 2
+            }
+        for host in sorted(due):
+            if self._closing.is_set():
+                return
+            try:
+                self._ensure_lines(host, renew=True)
+            except Exception as exc:  # tried again at the next round
+                logger.warning("link keys on %s not renewed: %s", host, exc)
 
     def _ready_target(self, host: str) -> Peer:
-        """``host`` as a link target for a reopen: its address and key known, the key
-        authorized there (a host away during the set-up has neither yet)."""
+        """``host`` as a link target for a reopen: its address and key known, the dialling
+        hosts' keys let in there (a host away during the set-up has neither yet, a host that
+        cleaned up after the cluster has no lines any more)."""
         peer = self._peers.get(host)
         if peer is None:
             found = Peer.of(self._runtime(host), self.addresses.get(host))
             if isinstance(found, str):
                 raise LazyclusterError(found)
             peer = self._peers[host] = found
-        if host not in self._authorized:
-            self._authorize(self._runtime(host))
+        self._ensure_lines(host)
         return peer
 
     def _files_for(self, host: str) -> dict[str, str]:
         """The key and known_hosts to deliver with ``host``'s next masters (none when its
         folder has them and knows every target)."""
-        assert self._key is not None
         known = "".join(f"{p.alias} {p.key_type} {p.key}\n" for p in self._peers.values())
         if self._sent.get(host) == known:
             return {}
-        return {KEY_FILE: self._key.private, KNOWN_HOSTS: known}
+        return {KEY_FILE: self._key_of(host).private, KNOWN_HOSTS: known}
 
     def _link_down(self, link: Link, why: str) -> None:
         """Both pairs of ``link`` are down for ``why``; a link that was up once says it was
@@ -517,7 +711,7 @@ class Links:
         return next(rt for rt in self.runtimes if rt.host == host)
 
     def _start(self, runtime: Runtime, targets: list[Peer], files: dict[str, str]) -> None:
-        """Start masters to ``targets`` on ``runtime`` (and its link watch, unless one runs
+        """Start masters to ``targets`` on ``runtime`` (and the host's guard, unless one runs
         there) in one round trip, register them, and wait until they are up."""
         host, folder = runtime.host, self.folder(runtime)
         specs, links, controls = [], {}, {}
@@ -542,27 +736,18 @@ class Links:
             self._given.add(name)
             specs.append(ProcessSpec(name, master, role="link"))
             links[name], controls[name] = link, control
-        watch = None
-        if host not in self._watches:
-            watch = f"link-watch-{self._next_serial()}"
-            argv = commands.link_watch_argv(folder, KEEP_WITHOUT_WORKERS)
-            specs.append(ProcessSpec(watch, argv, role="link"))
         if not specs:
             return
         with self._starting:  # close() waits for this: whatever starts is registered
             if self._closing.is_set():
                 return
-            infos = processes.start_processes(runtime, folder, specs, files)
+            guard = self.guard(runtime) if self.guard is not None else None
+            infos = processes.start_processes(runtime, folder, specs, dict(files), guard)
             for info in infos:
                 self.register(runtime, info)
         with self._lock:
             if KNOWN_HOSTS in files:
                 self._sent[host] = files[KNOWN_HOSTS]
-            if watch is not None:
-                self._watches[host] = watch
-        infos = [i for i in infos if i.name in links]
-        if not infos:
-            return
         states = self._run(
             runtime,
             commands.link_states(controls, {i.name: i.pid for i in infos}, SETUP_TIMEOUT),
@@ -595,13 +780,37 @@ class Links:
         """:meth:`forward` for many hosts at once (host -> target -> ports), one round trip per
         host whose masters are used; returns host -> the targets whose link carried them."""
         with self._lock:
-            todo = {
-                (host, target): list(p)
-                for host, by_target in ports.items()
-                for target, p in by_target.items()
-                if p and (host, target) in self.up
-            }
-        taken = self._on_masters(todo)
+            asked = [(h, t) for h, by_target in ports.items() for t, p in by_target.items() if p]
+            for pair in asked:
+                link = self._via.get(pair)
+                if link in self._idle:  # workers came back to its hosts: dial it again
+                    self._idle.discard(link)
+                    self._retry.setdefault(link, (REOPEN_PAUSE[0], 0.0))
+            todo = {pair: list(ports[pair[0]][pair[1]]) for pair in asked if pair in self.up}
+            for pair, port_list in list(todo.items()):
+                beyond = set(port_list) - self.granted
+                if beyond:  # its key could not use them: through here
+                    todo.pop(pair)
+                    new = beyond - self._beyond
+                    self._beyond |= beyond
+                    if new:
+                        logger.info(
+                            "ports %s are beyond those the link keys were given (%s): their "
+                            "routes go through here",
+                            _ranges(new),
+                            _ranges(self.granted),
+                        )
+            targets = {self._via[pair][1] for pair in todo}
+        # a host whose guard cleaned up lets the keys in again first
+        try:
+            run_parallel("link keys", {t: t for t in targets}, self._ensure_lines)
+        except GroupError as exc:  # those pairs keep the route through here
+            for host, error in exc.errors.items():
+                logger.warning(
+                    "link keys not let in on %s (routes go through here): %s", host, error
+                )
+            todo = {pair: p for pair, p in todo.items() if self._via[pair][1] not in exc.errors}
+        taken = self._on_masters(todo) if todo else set()
         carried: dict[str, set[str]] = {}
         with self._lock:
             for pair, port_list in todo.items():

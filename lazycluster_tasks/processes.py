@@ -8,7 +8,9 @@ in a per-cluster folder under the runtime's working dir, so a cleanup from anoth
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import logging
 import posixpath
 import secrets
@@ -16,7 +18,7 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from lazycluster_tasks import commands
+from lazycluster_tasks import commands, hostside
 from lazycluster_tasks.commands import q
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import LazyclusterError, OperationTimeoutError
@@ -58,16 +60,18 @@ def start_processes(
     runtime: Runtime,
     folder: str,
     specs: Sequence[ProcessSpec],
-    files: Mapping[str, str] | None = None,
+    files: Mapping[str, str | bytes] | None = None,
+    guard: Guard | None = None,
 ) -> list[ProcessInfo]:
     """Start every spec detached on ``runtime`` in one round trip; pids come back in order.
 
-    ``files`` (path under ``folder`` -> text) and each process's environment travel in the
+    ``files`` (path under ``folder`` -> content) and each process's environment travel in the
     command's stdin and are written with mode 0600 (folders 0700, processes inherit umask 077):
-    no env value or file content is ever part of a command line."""
+    no env value or file content is ever part of a command line. ``guard``: the folder's guard
+    is started after them, unless one runs there (see hostside.guard)."""
     if not specs:
         return []
-    payload = dict(files or {})
+    payload: dict[str, str | bytes] = dict(files or {})
     lines = [commands.private_folder(folder)]
     infos = []
     starts = []
@@ -83,6 +87,9 @@ def start_processes(
         infos.append(
             ProcessInfo(runtime.host, spec.name, spec.role, 0, pid_file, log_file, spec.ports)
         )
+    if guard is not None:
+        payload[hostside.BUNDLE] = hostside.bundle()
+        starts.append(commands.ensure_guard(guard.argv(folder), folder))
     if payload:
         lines.append(commands.unpack_stdin(folder))
     result = runtime.connection.run(
@@ -99,7 +106,7 @@ def start_processes(
     return infos
 
 
-def _archive(files: Mapping[str, str]) -> bytes:
+def _archive(files: Mapping[str, str | bytes]) -> bytes:
     """A tar of the files: 0600 each, 0700 for the folders in between."""
     outside = [p for p in files if posixpath.isabs(p) or ".." in p.split("/")]
     if outside:
@@ -110,8 +117,8 @@ def _archive(files: Mapping[str, str]) -> bytes:
             entry = tarfile.TarInfo(folder)
             entry.type, entry.mode = tarfile.DIRTYPE, 0o700
             tar.addfile(entry)
-        for path, text in files.items():
-            data = text.encode()
+        for path, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
             entry = tarfile.TarInfo(path)
             entry.size, entry.mode = len(data), 0o600
             tar.addfile(entry, io.BytesIO(data))
@@ -140,30 +147,76 @@ def kill_now(
 
 
 def stop_folder(
-    runtime: Runtime, folder: str, grace: float, remove: str | None, revoke: str | None = None
+    runtime: Runtime,
+    folder: str,
+    grace: float,
+    remove: str | None,
+    revoke: Revoke | None = None,
 ) -> list[int]:
     """Stop every process whose pid file is in ``folder`` (as stop_processes, found by their
-    pid files: those on record and any whose start's answer was lost), then remove ``remove``;
-    return the pgids that survived. ``revoke``: also remove the authorized_keys lines naming
-    this marker (a cluster's key), after the stop (the sooner the TERM, the less the processes
-    cost), even when one survived."""
+    pid files: those on record and any whose start's answer was lost; the folder's guard too),
+    then remove ``remove``; return the pgids that survived. ``revoke``: also remove the
+    cluster's lines from the user's authorized_keys (the safe edit, hostside.authorized_keys),
+    after the stop (the sooner the TERM, the less the processes cost), even when one survived;
+    a failed edit fails the stop, naming the host and its cause."""
     return _stop(runtime, commands.stop_folder(folder, grace), grace, remove, revoke)
 
 
+@dataclass(frozen=True)
+class Revoke:
+    """Which lines a stop removes from authorized_keys, and the interpreter that edits."""
+
+    python: str
+    marker: str
+
+
+@dataclass(frozen=True)
+class Guard:
+    """How a cluster's folders get their guard (see hostside.guard)."""
+
+    python: str
+    key_marker: str = ""
+    remove: str = ""  # the working dir made for the cluster ("": the folder alone)
+
+    def argv(self, folder: str) -> list[str]:
+        bundle = posixpath.join(folder, hostside.BUNDLE)
+        return commands.guard_argv(self.python, folder, bundle, self.key_marker, self.remove)
+
+
 def _stop(
-    runtime: Runtime, stop: str, grace: float, remove: str | None = None, revoke: str | None = None
+    runtime: Runtime,
+    stop: str,
+    grace: float,
+    remove: str | None = None,
+    revoke: Revoke | None = None,
 ) -> list[int]:
-    line = f"{stop}; s=$?"
-    if revoke:
-        line += f"; {commands.revoke_key(revoke)} || s=$?"
+    line, stdin = f"{stop}; s=$?", None
     if remove:  # only when every process is gone: a survivor keeps its folder and pid file
         line += f"; [ $s != 0 ] || {commands.remove_tree(remove)} || s=$?"
-    result = runtime.connection.run(f"{line}; exit $s", timeout=grace + 30)
+    if revoke is not None:  # after the folder (its keys) went, whatever the edit's outcome
+        line += f"; {commands.revoke_keys(revoke.python, revoke.marker)} || s=$?"
+        stdin = hostside.source("authorized_keys").encode()
+    result = runtime.connection.run(f"{line}; exit $s", timeout=grace + 30, stdin=stdin)
+    if revoke is not None:
+        for path in _edited(result.stdout):
+            logger.info("%s: %s removed from %s", runtime.host, revoke.marker, path)
     left = [int(x[5:]) for x in result.stdout.split() if x.startswith("left=")]
     if not result.ok and not left:
         why = tail(result.output, 300)
         raise LazyclusterError(f"cleanup on {runtime.host} failed (exit {result.exit_code}): {why}")
     return left
+
+
+def _edited(output: str) -> list[str]:
+    """The files the edit of authorized_keys changed, from its JSON answers in ``output``."""
+    found = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                answer = json.loads(line)
+                if answer["changed"]:
+                    found.append(str(answer["path"]))
+    return found
 
 
 def alive(

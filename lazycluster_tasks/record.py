@@ -54,6 +54,8 @@ class FolderRecord(_Frozen):
     folder: str
     working_dir: str
     temporary: bool = False
+    #: the interpreter the cluster ran there (the edit of authorized_keys runs with it)
+    python: str | None = None
 
 
 class TunnelRecord(_Frozen):
@@ -124,7 +126,10 @@ def teardown(
         else:
             kwargs = {**spec.connection_kwargs, **dict(connection_kwargs or {})}
             runtime = Runtime(spec.name, None, kwargs, spec.ssh_config_path)
-        revoke = None if runtime.is_local else commands.peer_marker(record.cluster_id)
+        revoke = None
+        if not runtime.is_local:
+            python = folder.python or spec.python_executable or "python3"
+            revoke = processes.Revoke(python, commands.peer_marker(record.cluster_id))
         try:
             remove = folder.working_dir if folder.temporary else folder.folder
             left = processes.stop_folder(runtime, folder.folder, grace, remove, revoke)

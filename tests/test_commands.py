@@ -1,5 +1,6 @@
 """Command lines are pure strings: check them as strings and run them through a real /bin/sh."""
 
+import json
 import os
 import shlex
 import shutil
@@ -387,39 +388,57 @@ def test_workers_get_the_controllers_prefect_credentials():
 # -- host-to-host links --------------------------------------------------------------------
 
 
-def _in_home(home: Path, line: str) -> subprocess.CompletedProcess:
+def _in_home(home: Path, line: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["/bin/sh", "-c", line], env={**os.environ, "HOME": str(home)}, capture_output=True,
-        text=True, timeout=10,
+        text=True, timeout=10, input=stdin,
     )  # fmt: skip
 
 
-def test_a_clusters_key_is_authorized_once_and_revoked_alone(tmp_path):
+def test_a_link_keys_line_lets_in_one_host_for_the_given_ports_and_nothing_else():
     from lazycluster_tasks.links import LinkKey
 
-    keys = tmp_path / ".ssh" / "authorized_keys"
     key, marker = LinkKey.generate(), commands.peer_marker("abc123")
-    line = commands.authorized_line(key.public, marker)
-    options = (
-        'restrict,port-forwarding,permitopen="127.0.0.1:*",permitlisten="127.0.0.1:*",'
+    comment = commands.key_comment(marker, "gpu 1;rm")
+    assert comment == "lazycluster-link-abc123/gpu_1_rm"
+    line = commands.authorized_line(key.public, comment, ["10.0.0.5", "fd00::1"], [4, 3], [5])
+    options, kind, blob, named = line.split()
+    assert (kind, named) == ("ssh-ed25519", comment) and blob == key.public.split()[1]
+    assert options == (
+        'restrict,port-forwarding,from="10.0.0.5,fd00::1",'
+        'permitopen="127.0.0.1:3",permitopen="127.0.0.1:4",permitlisten="127.0.0.1:5",'
         'command="/bin/false"'
     )
-    assert line.startswith(options + " ssh-ed25519 ") and line.endswith(" " + marker)
-    assert _in_home(tmp_path, commands.revoke_key(marker)).returncode == 0  # nothing to revoke
-    assert not keys.exists()
-    assert _in_home(tmp_path, commands.authorize_key(line, marker)).returncode == 0
-    assert stat.S_IMODE(keys.stat().st_mode) == 0o600  # made by us: the user's only
-    keys.write_text("ssh-ed25519 AAAAuser user@laptop\n" + keys.read_text())
-    keys.chmod(0o644)  # the user's own mode stays through our edits
-    for _ in range(2):  # idempotent: one line however often it is authorized
-        assert _in_home(tmp_path, commands.authorize_key(line, marker)).returncode == 0
-    assert keys.read_text().splitlines() == ["ssh-ed25519 AAAAuser user@laptop", line]
-    other = commands.authorized_line(LinkKey.generate().public, commands.peer_marker("zzz"))
-    assert _in_home(tmp_path, commands.authorize_key(other, "lazycluster-link-zzz")).returncode == 0
-    assert _in_home(tmp_path, commands.revoke_key(marker)).returncode == 0
-    assert keys.read_text().splitlines() == ["ssh-ed25519 AAAAuser user@laptop", other]
-    assert stat.S_IMODE(keys.stat().st_mode) == 0o644
-    assert [p.name for p in keys.parent.iterdir()] == ["authorized_keys"]  # no temp file left
+    # no port yet: a target nothing resolves (a line without permitopen would allow any port)
+    bare = commands.authorized_line(key.public, comment)
+    assert 'permitopen="lazycluster.invalid:1",permitlisten="lazycluster.invalid:1"' in bare
+    assert "from=" not in bare  # the host's addresses unknown: from anywhere, said in the log
+    with pytest.raises(ValueError):
+        commands.authorized_line(key.public, comment, ['10.0.0.5" command="id'])
+    with pytest.raises(ValueError, match="comment"):
+        commands.authorized_line(key.public, "a b")
+    assert "PRIVATE" not in repr(key) and key.private not in repr(key)
+
+
+def test_revoking_a_clusters_keys_runs_the_edit_only_where_the_file_names_them(tmp_path):
+    from lazycluster_tasks import hostside
+
+    program = hostside.source("authorized_keys")
+    marker = commands.peer_marker("abc123")
+    line = commands.revoke_keys(sys.executable, marker)
+    keys = tmp_path / ".ssh" / "authorized_keys"
+    # no file: nothing runs, nothing is made
+    assert _in_home(tmp_path, line, program).returncode == 0 and not keys.parent.exists()
+    keys.parent.mkdir()
+    user = b"ssh-ed25519 AAAAuser j\xfcrgen@laptop\r\n\x00\nno final newline"
+    keys.write_bytes(user)
+    done = _in_home(tmp_path, line, program)  # not named: the edit does not run
+    assert done.returncode == 0 and done.stdout == "" and keys.read_bytes() == user
+    ours = f'expiry-time="20991231000000Z",restrict {marker}/h1\n'.encode()
+    keys.write_bytes(ours + user)
+    done = _in_home(tmp_path, line, program)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["changed"] and keys.read_bytes() == user
 
 
 def test_link_alive_names_each_link_and_says_whether_its_master_runs(tmp_path):
@@ -522,7 +541,7 @@ def test_link_lines_refuse_bad_input_and_bind_loopback_only():
     with pytest.raises(ValueError, match="cluster id"):
         commands.peer_marker("a b")
     with pytest.raises(ValueError, match="public key"):
-        commands.authorized_line('ssh-ed25519 AAAA" command="id', "m")
+        commands.authorized_line('ssh-ed25519 AAAA" command="id', "lazycluster-link-m/h")
     with pytest.raises(ValueError, match="no ports"):
         commands.link_forwards("/f/link0.s", [])
     forward = commands.link_forwards("/f d/link0.s", [41002, 41001, 41001])
@@ -582,69 +601,43 @@ def test_one_link_per_pair_of_hosts_each_host_dialling_half_of_the_others():
     ]  # fmt: skip
 
 
-def _link_process(folder: Path, name: str, names_folder: bool = True) -> subprocess.Popen:
-    """A process in its own group, as a link master is, with its pid file in ``folder``; its
-    command line names the folder unless ``names_folder`` is false (a pid reused since)."""
-    argv = [sys.executable, "-c", "import time; time.sleep(30)"]
-    key = f"{folder}/link/key"  # a master's command line names its key file in the folder
-    proc = subprocess.Popen([*argv, key] if names_folder else argv, start_new_session=True)
-    (folder / f"{name}.pid").write_text(f"{proc.pid}\n")
-    return proc
+def test_a_folder_gets_one_guard_however_often_processes_start_there(tmp_path):
+    """Each start starts the folder's guard unless its pid file names a live process whose
+    command line names the folder (a stranger on a reused pid does not count); a guard started
+    in a race with another ends at once (the folder's guard lock), and the pid file names the
+    one that watches."""
+    from lazycluster_tasks import hostside
 
-
-def test_a_link_watch_ends_its_hosts_masters_once_the_last_worker_is_gone(tmp_path):
-    folder = tmp_path / "lazycluster-x"
+    folder = tmp_path / "lazycluster-g"
     folder.mkdir()
-    worker = subprocess.Popen(["sleep", "30"])
-    (folder / "host1-1.pid").write_text(f"{worker.pid}\n")
-    masters = [_link_process(folder, f"link-host1-host{i}") for i in (2, 3)]
-    stranger = _link_process(folder, "link-host1-host4", names_folder=False)
-    argv = commands.link_watch_argv(str(folder), 60, pause=1)
-    assert processes.folder_marker(str(folder)) in argv  # a cleanup's stop finds it
-    watch = subprocess.Popen(argv, start_new_session=True)
-    (folder / "link-watch-1.pid").write_text(f"{watch.pid}\n")  # not a master, not a worker
-    procs = [worker, *masters, stranger, watch]
-    try:
-        time.sleep(1.5)
-        assert [p.poll() for p in (watch, *masters)] == [None, None, None]  # a worker runs
-        worker.kill()
-        worker.wait()
-        assert watch.wait(timeout=5) == 0
-        assert [m.wait(timeout=5) for m in masters] == [-signal.SIGTERM] * 2
-        assert stranger.poll() is None  # its command line does not name the folder
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+    (folder / hostside.BUNDLE).write_bytes(hostside.bundle())
+    worker = subprocess.Popen(["sleep", "30", f"{folder}/"])  # the cluster's process
+    (folder / "host1-0.pid").write_text(f"{worker.pid}\n")
+    guard = processes.Guard(sys.executable)
+    line = commands.ensure_guard(guard.argv(str(folder)), str(folder))
+    stranger = subprocess.Popen(["sleep", "30"])
+    (folder / commands.GUARD_PID).write_text(f"{stranger.pid}\n")  # a reused pid
 
+    def guards() -> list[psutil.Process]:
+        return [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if f"{folder}/{hostside.BUNDLE}" in " ".join(p.info["cmdline"] or [])
+            and p.status() != psutil.STATUS_ZOMBIE
+        ]
 
-def test_a_link_watch_ends_when_no_worker_comes_or_the_folder_goes(tmp_path):
-    lonely = tmp_path / "lonely"
-    lonely.mkdir()
-    master = _link_process(lonely, "link-a-b")
-    watch = subprocess.Popen(commands.link_watch_argv(str(lonely), 1, pause=1))
     try:
-        assert watch.wait(timeout=5) == 0  # no worker came within its grace
-        assert master.wait(timeout=5) == -signal.SIGTERM
+        for _ in range(3):
+            done = sh(line)
+            assert done.returncode == 0 and done.stdout == "", done.stderr
+        assert wait_for(lambda: len(guards()) == 1)
+        (watching,) = guards()
+        named = lambda: (folder / commands.GUARD_PID).read_text().strip()  # noqa: E731
+        assert wait_for(lambda: named() == str(watching.pid))
+        assert watching.pid != stranger.pid
     finally:
-        for proc in (master, watch):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    folder = tmp_path / "lazycluster-y"
-    folder.mkdir()
-    (folder / "host1-1.pid").write_text(f"{os.getpid()}\n")  # a worker runs
-    master = _link_process(folder, "link-a-b")
-    watch = subprocess.Popen(commands.link_watch_argv(str(folder), 60, pause=1))
-    try:
-        time.sleep(1.5)
-        assert watch.poll() is None
-        shutil.rmtree(folder)  # a cleanup removed the cluster folder meanwhile
-        assert watch.wait(timeout=5) == 0
-        assert master.wait(timeout=5) == -signal.SIGTERM  # the one it knew is ended
-    finally:
-        for proc in (master, watch):
-            if proc.poll() is None:
-                proc.kill()
+        for proc in guards():
+            proc.kill()
+        for proc in (worker, stranger):
+            proc.kill()
             proc.wait()

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -164,21 +165,40 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
     assert not [t for t in threading.enumerate() if t.name == "lct-links"]
 
 
+#: The ports bare links' keys may carry (a cluster's: its workers' and the next ones).
+LINK_PORTS = range(47300, 47320)
+
+
 @contextlib.contextmanager
 def _bare_links(
-    hosts: TestHosts, group: RuntimeGroup, folder: Callable[[Runtime], str], marker: str
+    hosts: TestHosts,
+    group: RuntimeGroup,
+    folder: Callable[[Runtime], str],
+    marker: str,
+    guarded: bool = False,
+    key_lifetime: float = links_module.KEY_LIFETIME,
 ) -> Iterator[links_module.Links]:
-    """Links over ``group`` without a cluster; on exit their masters are stopped, the key
-    revoked and the group cleaned up."""
+    """Links over ``group`` without a cluster (``guarded``: each host's guard starts with its
+    masters); on exit their masters are stopped, the keys revoked and the group cleaned up."""
+    guard = processes.Guard(sys.executable, marker) if guarded else None
     links = links_module.Links(
-        group.runtimes, {h.name: h.address for h in hosts.hosts}, folder, marker, lambda *_: None
+        group.runtimes,
+        {h.name: h.address for h in hosts.hosts},
+        folder,
+        marker,
+        lambda *_: None,
+        python=lambda rt: sys.executable,
+        guard=(lambda rt: guard) if guard is not None else None,
+        ports=lambda: LINK_PORTS,
+        key_lifetime=key_lifetime,
     )
     try:
         yield links
     finally:
         links.close()
+        revoke = processes.Revoke(sys.executable, marker)
         for rt in group.runtimes:  # as a cluster's cleanup: every pid file in the folder
-            assert processes.stop_folder(rt, folder(rt), 0.3, None, marker) == []
+            assert processes.stop_folder(rt, folder(rt), 0.3, folder(rt), revoke) == []
         group.cleanup()
 
 
@@ -204,7 +224,7 @@ def test_links_come_up_under_a_folder_deeper_than_a_socket_path_allows(
 
 @contextlib.contextmanager
 def _two_hosts_linked(
-    hosts: TestHosts, name: str
+    hosts: TestHosts, name: str, **options: Any
 ) -> Iterator[tuple[RuntimeGroup, Callable[[Runtime], str], links_module.Links]]:
     """host1 and host2 with their links set up (no cluster), under ``lazycluster-<name>``."""
     group = RuntimeGroup(hosts=["host1", "host2"], ssh_config_path=str(hosts.ssh_config_path))
@@ -212,45 +232,81 @@ def _two_hosts_linked(
     def folder(rt: Runtime) -> str:
         return posixpath.join(rt.working_dir, f"lazycluster-{name}")
 
-    with _bare_links(hosts, group, folder, commands.peer_marker(name)) as links:
+    with _bare_links(hosts, group, folder, commands.peer_marker(name), **options) as links:
         links.start()
         links.wait()
         yield group, folder, links
 
 
-def test_the_link_key_only_forwards_to_and_listens_on_loopback(
+def test_a_link_key_opens_only_the_clusters_ports_from_its_own_host_until_it_expires(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
-    """Whoever reads the cluster's key from a host's folder can reach the other hosts'
-    127.0.0.1 ports through their sshd, as the links do, and nothing else: no command, no
-    forward to another address, no listener beyond loopback."""
-    with _two_hosts_linked(multi_hosts, "keyuse") as (group, folder, links):
-        assert set(links.up) == {("host1", "host2"), ("host2", "host1")}, links.down
-        key = posixpath.join(folder(group.runtimes[0]), links_module.KEY_FILE)
-        host2 = multi_hosts.host("host2").address
-        base = ["ssh", "-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes",
-                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5",
-                "-o", "ExitOnForwardFailure=yes", "-l", "root"]  # fmt: skip
+    """Whoever reads host1's link key from its folder can, from host1, reach host2's 127.0.0.1
+    ports of the cluster through host2's sshd (as the links do) and listen on them, and nothing
+    else: no other port there (a database's, sshd's own), no other address, no command, no
+    listener outside the cluster's ports; not from another host; not after its expiry."""
+    lifetime = 10.0
+    secret = "db-contents"
+    service = [sys.executable, "-c", GREETER, "47399", secret]  # not a cluster port
+    cluster_port = [sys.executable, "-c", GREETER, str(LINK_PORTS[5]), "worker"]
+    procs = [multi_hosts.run_in("host2", argv) for argv in (service, cluster_port)]
+    try:
+        with _two_hosts_linked(multi_hosts, "keyuse", key_lifetime=lifetime) as (
+            group,
+            folder,
+            links,
+        ):
+            assert set(links.up) == {("host1", "host2"), ("host2", "host1")}, links.down
+            assert links.link_of(("host1", "host2")) == ("host1", "host2")  # host1's key
+            key = posixpath.join(folder(group.runtimes[0]), links_module.KEY_FILE)
+            host2 = multi_hosts.host("host2").address
 
-        def ssh(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [*base, *args], capture_output=True, text=True, timeout=20, stdin=subprocess.PIPE
+            def ssh(where: str, *args: str) -> subprocess.CompletedProcess:
+                argv = ["ssh", "-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes",
+                        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                        "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5",
+                        "-o", "ExitOnForwardFailure=yes", "-l", "root", *args]  # fmt: skip
+                proc = multi_hosts.run_in(
+                    where, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                out, err = proc.communicate(timeout=20)
+                return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+            # what a link does: a cluster port on host2's loopback
+            assert wait_until(
+                lambda: "worker" in ssh("host1", "-W", f"127.0.0.1:{LINK_PORTS[5]}", host2).stdout
             )
-
-        # what a link does: the host's loopback, let through (to sshd's banner where it
-        # listens on loopback too, else to a refused connection)
-        loopback = ssh("-W", "127.0.0.1:22", host2)
-        let_through = loopback.stdout.startswith("SSH-2.0-") or "connect failed" in (
-            loopback.stderr
-        )
-        assert let_through and "prohibited" not in loopback.stderr, loopback.stderr
-        command = ssh(host2, "echo ran-$((6*7))")
-        assert "ran-42" not in command.stdout and command.returncode != 0
-        elsewhere = ssh("-W", f"{multi_hosts.host('host1').address}:22", host2)
-        assert not elsewhere.stdout and "prohibited" in elsewhere.stderr, elsewhere.stderr
-        wide = ssh("-N", "-R", "0.0.0.0:47123:127.0.0.1:22", host2)
-        assert wide.returncode != 0 and "forwarding failed" in wide.stderr, wide.stderr
+            for port in (47399, 22):  # another service there, and sshd's own port
+                other = ssh("host1", "-W", f"127.0.0.1:{port}", host2)
+                assert secret not in other.stdout and "prohibited" in other.stderr, other.stderr
+            elsewhere = ssh("host1", "-W", f"{multi_hosts.host('host1').address}:22", host2)
+            assert not elsewhere.stdout and "prohibited" in elsewhere.stderr, elsewhere.stderr
+            command = ssh("host1", host2, "echo ran-$((6*7))")
+            assert "ran-42" not in command.stdout and command.returncode != 0
+            for bind in ("127.0.0.1:47398", f"0.0.0.0:{LINK_PORTS[6]}"):  # outside the grant
+                listen = ssh("host1", "-N", "-R", f"{bind}:127.0.0.1:22", host2)
+                assert listen.returncode != 0 and "forwarding failed" in listen.stderr
+            # the same key from a host outside the cluster is refused
+            stolen = ssh("host3", "-W", f"127.0.0.1:{LINK_PORTS[5]}", host2)
+            assert "worker" not in stolen.stdout and "Permission denied" in stolen.stderr
+            line = next(
+                line
+                for line in multi_hosts.authorized_keys("host2").splitlines()
+                if "keyuse" in line
+            )
+            assert f'from="{multi_hosts.host("host1").address}"' in line
+            links.close()  # nothing renews the key from here on
+            expiry = line.split('expiry-time="', 1)[1][:14]
+            left = time.mktime(time.strptime(expiry, "%Y%m%d%H%M%S")) - time.mktime(time.gmtime())
+            assert 0 < left <= lifetime + 1
+            time.sleep(left + 1.5)
+            late = ssh("host1", "-W", f"127.0.0.1:{LINK_PORTS[5]}", host2)
+            assert "worker" not in late.stdout and "Permission denied" in late.stderr, late.stderr
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_link_that_cannot_be_dialled_one_way_is_dialled_the_other(
@@ -286,11 +342,12 @@ def test_a_pair_dialled_again_never_reuses_a_pid_file(
     # the links' exit stops every pid file in the folder; no_leftovers finds none left
 
 
-def test_a_host_whose_last_worker_is_gone_ends_its_links_by_itself(
+def test_a_host_whose_last_worker_is_gone_cleans_up_after_the_cluster_by_itself(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
-    """What a controller that died leaves: workers that end without a cleanup. The host's link
-    watch then ends the masters it dialled (one watch per host, no process per link)."""
+    """What a controller that died leaves: workers that end without a cleanup. Each host's
+    guard then ends the masters it dialled, removes the cluster folder (the keys with it) and
+    the cluster's lines from its authorized_keys — one host at a time, as its workers end."""
     hosts = ["host1", "host2", "host3"]
     group = RuntimeGroup(hosts=hosts, ssh_config_path=str(multi_hosts.ssh_config_path))
 
@@ -298,10 +355,14 @@ def test_a_host_whose_last_worker_is_gone_ends_its_links_by_itself(
         return posixpath.join(rt.working_dir, "lazycluster-watched")
 
     marker = commands.peer_marker("watched")
-    with _bare_links(multi_hosts, group, folder, marker) as links:
+    with _bare_links(multi_hosts, group, folder, marker, guarded=True) as links:
+        guard = processes.Guard(sys.executable, marker)
         workers = {
             rt.host: processes.start_processes(  # its command line names the folder
-                rt, folder(rt), [processes.ProcessSpec(f"{rt.host}-0", _sleeper(folder(rt)))]
+                rt,
+                folder(rt),
+                [processes.ProcessSpec(f"{rt.host}-0", _sleeper(folder(rt)))],
+                guard=guard,
             )
             for rt in group.runtimes
         }
@@ -310,17 +371,30 @@ def test_a_host_whose_last_worker_is_gone_ends_its_links_by_itself(
         pairs = {(a, b) for a in hosts for b in hosts if a != b}
         assert set(links.up) == pairs, links.down
         names = [n for rt in group.runtimes for n in _process_names(multi_hosts, rt.host)]
-        assert sum("lazycluster-link-watch" in n for n in names) == 3  # one per host
+        assert sum(" guard --folder " in n for n in names) == 3  # one per host
         assert sum(n.startswith("ssh ") for n in names) == 3  # one master per pair of hosts
+        assert all(marker in multi_hosts.authorized_keys(h) for h in hosts)
         host1 = group.runtimes[0]
         processes.stop_processes(host1, workers["host1"], processes.folder_marker(folder(host1)))
         lost: dict = {}
-        assert wait_until(lambda: bool(lost.update(links.check()) or lost), 10)
+        assert wait_until(lambda: bool(lost.update(links.check()) or lost), 15)
         # host1 dialled host2: that link ended; host3 dialled host1 and still has its worker
         assert set(lost) == {("host1", "host2"), ("host2", "host1")}
         assert set(links.up) == pairs - set(lost)
-        for rt in group.runtimes:
+        assert not _exists(host1, folder(host1))  # its keys and env files with it
+        assert wait_until(lambda: marker not in multi_hosts.authorized_keys("host1"), 5)
+        assert marker in multi_hosts.authorized_keys("host2")
+        for rt in group.runtimes[1:]:
             processes.stop_processes(rt, workers[rt.host], processes.folder_marker(folder(rt)))
+        started = time.monotonic()
+        assert wait_until(lambda: not any(_exists(rt, folder(rt)) for rt in group.runtimes), 15)
+        assert wait_until(lambda: not multi_hosts.leftover_processes(), 5)
+        print(f"hosts clean {time.monotonic() - started:.1f} s after their last worker ended")
+        assert not any(marker in multi_hosts.authorized_keys(h) for h in hosts)
+
+
+def _exists(runtime: Runtime, path: str) -> bool:
+    return runtime.connection.run(f"test -e {shlex.quote(path)}").ok
 
 
 def _sleeper(folder: str) -> list[str]:

@@ -1,0 +1,44 @@
+"""Programs that run on the hosts, and how they get there.
+
+Each module here runs on a host with nothing but that host's Python and its standard library
+(3.8 or newer), and nothing in it imports the rest of the package: ``authorized_keys`` (the one
+edit of a user's ``~/.ssh/authorized_keys``) and ``guard`` (what a host does by itself once no
+process of a cluster is left on it). They are linted, typed and tested as the rest.
+
+They travel in two ways: a module's source on a command's stdin (``python - ARGS``), or all of
+them as one zip application in the cluster folder (``python -E -s hostside.pyz guard ARGS``),
+with the package layout kept, so their imports are the same here and there.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import zipfile
+from pathlib import Path
+
+#: The modules shipped in the zip application (``__main__`` dispatches to them).
+MODULES = ("__init__", "__main__", "authorized_keys", "guard")
+#: Its name in a cluster folder.
+BUNDLE = "hostside.pyz"
+
+
+def source(module: str) -> str:
+    """The text of one of the host programs (to run as ``python - ARGS`` on its stdin)."""
+    if module not in MODULES:
+        raise ValueError(f"not a host program: {module!r}")
+    return (Path(__file__).parent / f"{module}.py").read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=None)  # noqa: UP033 - the package runs on hosts with 3.8
+def bundle() -> bytes:
+    """Every host program as one zip application: ``python hostside.pyz <program> ARGS``."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(
+            "__main__.py", "from lazycluster_tasks.hostside.__main__ import main\nmain()\n"
+        )
+        archive.writestr("lazycluster_tasks/__init__.py", "")
+        for module in MODULES:
+            archive.writestr(f"lazycluster_tasks/hostside/{module}.py", source(module))
+    return buffer.getvalue()

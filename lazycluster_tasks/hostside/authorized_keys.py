@@ -1,0 +1,480 @@
+"""Set a cluster's lines in the user's ``~/.ssh/authorized_keys`` without risking a byte of it.
+
+Runs on the hosts, with nothing but the standard library (any Python 3.8+): sent over SSH on its
+stdin by the controller, or imported by the host's guard. One operation does everything —
+*make the lines of this marker exactly these* — so adding, updating, renewing and revoking are
+the same code: ``set`` with lines, ``set`` without (revoke).
+
+What it never does: change a line that is not ours, reorder the user's lines, touch line endings
+or bytes it does not understand (NUL, Latin-1, CRLF), or replace the file with anything it did not
+read back and verify first. The new text is written to a temporary file next to the real one,
+read back, and renamed over it only if the original is still what was read; any failure before
+that rename leaves the original byte for byte as it was (the temporary file is removed). Our lines
+go first, so a file without a final newline keeps it that way.
+
+Our lines end with the comment ``<marker>`` or ``<marker>/<what>``; each is given an
+``expiry-time`` computed here, from this host's own clock. Lines of any of our clusters whose
+expiry passed are dropped by every edit (a host that missed a revoke is swept by the next one).
+
+Exclusive access is a POSIX lock on the file itself (re-checked after locking: a concurrent
+editor may have replaced the file meanwhile). Where locks exclude nothing across hosts (NFS
+mounted ``nolock``: ``local_lock=``), nothing is edited. A read-only file, a dangling symbolic
+link or a directory are left alone too: each is an error naming the file and the cause.
+
+Exit codes: 0 done (a JSON line on stdout), 1 not edited (the reason on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import socket
+import stat
+import sys
+import time
+from typing import NamedTuple
+
+#: Every marker of ours starts with this (the links' keys of a cluster: ``<prefix><id>``).
+MARKER_PREFIX = "lazycluster-link-"
+#: Seconds an edit waits for another editor's lock before giving up (nothing edited).
+LOCK_TIMEOUT = 10.0
+#: Attempts when the file changes between our read and our rename (an editor that takes no
+#: lock, e.g. the user's own ``ssh-copy-id``); files replaced by our other editors while we
+#: waited for the lock are tried again until LOCK_TIMEOUT.
+ATTEMPTS = 5
+#: Temporary files of ours older than this (seconds) are removed by the next edit.
+STALE_TEMP = 3600.0
+TEMP_TAG = ".lazycluster-"
+_MARKER = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_EXPIRY = re.compile(rb'(?:^|,)expiry-time="(\d{14})Z"')
+
+
+class EditError(Exception):
+    """The file was not edited (it is as it was); the message names it and the cause."""
+
+
+class Result(NamedTuple):
+    path: str  # the file edited (the symbolic link's target, when it is one)
+    changed: bool  # False: nothing to do (no line of ours, none given)
+    lines: int  # lines of ours in the file now
+    expiry: str  # expiry-time of our lines, UTC, YYYYMMDDHHMMSS ("" when none)
+
+
+def default_path() -> str:
+    return os.path.join(os.path.expanduser("~"), ".ssh", "authorized_keys")
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """Lines as sshd reads them (ended by ``\\n`` only), each with its ending; the last one may
+    have none. ``b"".join(split_lines(d)) == d`` for any bytes."""
+    parts = data.split(b"\n")
+    lines = [part + b"\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+def comment(line: bytes) -> bytes:
+    """The last field of a line (a key's comment, when it has one)."""
+    fields = line.split()
+    return fields[-1] if fields else b""
+
+
+def is_ours(line: bytes, marker: str) -> bool:
+    """The line carries ``marker`` as its comment (alone, or followed by ``/...``)."""
+    found, mark = comment(line), marker.encode()
+    return found == mark or found.startswith(mark + b"/")
+
+
+def expired(line: bytes, now: float) -> bool:
+    """A line of any of our clusters whose expiry-time has passed (UTC)."""
+    if not comment(line).startswith(MARKER_PREFIX.encode()):
+        return False
+    found = _EXPIRY.search(line.split(None, 1)[0])
+    if found is None:
+        return False
+    return found.group(1).decode() <= time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+
+
+def with_expiry(line: str, expiry: str) -> bytes:
+    """``line`` (options, key type, key, comment) with ``expiry-time`` as its first option."""
+    return f'expiry-time="{expiry}Z",{line}\n'.encode()
+
+
+def check_line(line: str, marker: str) -> None:
+    """A line we may write: one line of printable ASCII, with options, naming ``marker``."""
+    if not line.isascii() or not line.isprintable():
+        raise ValueError(f"not one line of printable ASCII: {line!r}")
+    fields = line.split()
+    if len(fields) < 4 or not is_ours(line.encode(), marker):
+        raise ValueError(f"not an options + key + {marker} line: {line!r}")
+    if "expiry-time=" in fields[0]:
+        raise ValueError("the expiry-time is set here, from this host's clock")
+
+
+def new_text(original: bytes, marker: str, ours: list[bytes], now: float) -> bytes:
+    """``ours`` first, then every line of ``original`` that is not ``marker``'s nor an expired
+    line of ours, unchanged and in order."""
+    kept = [line for line in split_lines(original) if not _dropped(line, marker, now)]
+    return b"".join(ours) + b"".join(kept)
+
+
+def _dropped(line: bytes, marker: str, now: float) -> bool:
+    return is_ours(line, marker) or expired(line, now)
+
+
+def verify(original: bytes, new: bytes, marker: str, ours: list[bytes], now: float) -> None:
+    """Every line of ``original`` that is not ours is in ``new``, byte for byte and in order,
+    after exactly ``ours``; raises EditError otherwise."""
+    kept = [line for line in split_lines(original) if not _dropped(line, marker, now)]
+    lines = split_lines(new)
+    if lines[: len(ours)] != ours or lines[len(ours) :] != kept:
+        raise EditError("the new text failed its check (a line of the user's would change)")
+
+
+def lock_works(path: str, mountinfo: str | None = None) -> str | None:
+    """None when a POSIX lock on ``path`` excludes every editor of it; else why not (a mount
+    whose locks are local to this host, as NFS mounted ``nolock``)."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+                mountinfo = handle.read()
+        except OSError:  # no /proc (macOS, BSD): locks are the kernel's own there
+            return None
+    best, options, kind = "", "", ""
+    folder = os.path.dirname(path)
+    for row in mountinfo.splitlines():
+        head, sep, tail = row.partition(" - ")
+        fields = head.split()
+        if not sep or len(fields) < 6:
+            continue
+        point = _unescape(fields[4])
+        inside = folder == point or folder.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            rest = tail.split()
+            best, kind = point, rest[0] if rest else ""
+            options = fields[5] + "," + (rest[2] if len(rest) > 2 else "")
+    if kind.startswith("nfs"):
+        local = re.search(r"(?:^|,)local_lock=(\w+)", options)
+        if "nolock" in options.split(",") or (local and local.group(1) in ("all", "posix")):
+            return f"{kind} mounted with locks local to this host (nolock)"
+    return None
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _failed(path: str, what: str, exc: OSError) -> EditError:
+    """``path``: what failed, and the system's reason; the file was not edited."""
+    return EditError(f"{path}: {what} ({exc.strerror or exc}); not edited")
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 16, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _lock(fd: int, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise _failed(path, "cannot be locked", exc) from exc
+        if time.monotonic() >= deadline:
+            raise EditError(f"{path}: locked by another editor for {timeout:g} s; not edited")
+        time.sleep(0.02)
+
+
+def _temp_name(real: str) -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
+    folder, name = os.path.split(real)
+    return os.path.join(folder, f".{name}{TEMP_TAG}{host}-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def _remove_stale_temps(real: str, now: float) -> None:
+    """Temporary files of ours that a killed edit left: this host's whose process is gone, and
+    any older than STALE_TEMP."""
+    folder, name = os.path.split(real)
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
+    prefix = f".{name}{TEMP_TAG}"
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        path = os.path.join(folder, entry)
+        owner = entry[len(prefix) :].rsplit("-", 2)
+        try:
+            old = now - os.lstat(path).st_mtime > STALE_TEMP
+            gone = len(owner) == 3 and owner[0] == host and not _pid_runs(int(owner[1]))
+            if old or gone:
+                os.unlink(path)
+        except (OSError, ValueError):
+            continue
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _copy_metadata(source: os.stat_result, fd: int, real: str) -> None:
+    """Mode, owner and group of the original on the new file, and its extended attributes (an
+    SELinux label sshd may require); EditError when one cannot be kept."""
+    try:
+        os.fchmod(fd, stat.S_IMODE(source.st_mode))
+        now = os.fstat(fd)
+        if (now.st_uid, now.st_gid) != (source.st_uid, source.st_gid):
+            os.fchown(fd, source.st_uid, source.st_gid)
+    except OSError as exc:
+        raise _failed(real, "its owner or mode cannot be kept", exc) from exc
+    if not hasattr(os, "listxattr"):
+        return
+    try:
+        names = os.listxattr(real)
+    except OSError:
+        return
+    for attribute in names:
+        try:
+            os.setxattr(fd, attribute, os.getxattr(real, attribute))
+        except OSError as exc:
+            if attribute.startswith("security."):
+                raise _failed(real, f"its {attribute} cannot be kept", exc) from exc
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _create(path: str, text: bytes) -> bool:
+    """Make the file (and ``~/.ssh``, 0700) with ``text``, mode 0600, if it does not exist;
+    False when it appeared meanwhile."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise _failed(folder, "cannot be made", exc) from exc
+    temp = _temp_name(path)
+    try:
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise _failed(path, "cannot be created", exc) from exc
+    try:
+        try:
+            _write_all(fd, text)
+            os.fsync(fd)
+            if _read_all(fd) != text:
+                raise EditError(f"{path}: what was written did not read back; nothing edited")
+        except OSError as exc:
+            raise _failed(path, "cannot be written", exc) from exc
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)  # fails if the file appeared meanwhile: never overwritten
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise _failed(path, "cannot be created", exc) from exc
+        _fsync_folder(folder)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+
+
+def set_lines(
+    marker: str,
+    lines: list[str],
+    lifetime: float,
+    path: str | None = None,
+    lock_timeout: float = LOCK_TIMEOUT,
+) -> Result:
+    """Make ``marker``'s lines of the file exactly ``lines`` (each valid ``lifetime`` seconds
+    from now), the user's lines untouched; no lines: revoke. Raises EditError when the file was
+    not edited (then it is byte for byte as it was)."""
+    if not _MARKER.match(marker) or not marker.startswith(MARKER_PREFIX):
+        raise ValueError(f"not a marker of ours: {marker!r}")
+    for line in lines:
+        check_line(line, marker)
+    if lines and not lifetime > 0:
+        raise ValueError(f"lifetime must be > 0 seconds, not {lifetime!r}")
+    path = path or default_path()
+    deadline = time.monotonic() + lock_timeout
+    changed = 0  # times an editor that takes no lock changed the file during ours
+    while True:
+        now = time.time()
+        expiry = time.strftime("%Y%m%d%H%M%S", time.gmtime(now + lifetime)) if lines else ""
+        ours = [with_expiry(line, expiry) for line in lines]
+        left = max(0.0, deadline - time.monotonic())
+        done = _attempt(path, marker, ours, now, left)
+        if isinstance(done, tuple):
+            return Result(done[1], done[0], len(ours), expiry)
+        if done == CHANGED:
+            changed += 1
+            if changed >= ATTEMPTS:
+                raise EditError(f"{path}: changed by another editor {changed} times; not edited")
+        elif time.monotonic() >= deadline:  # replaced by our other editors, again and again
+            raise EditError(f"{path}: busy with other editors for {lock_timeout:g} s; not edited")
+
+
+#: Why an attempt must be made again: the file was replaced while we waited for its lock (by
+#: an editor that takes it), or changed between our read and our rename (by one that does not).
+REPLACED, CHANGED = "replaced", "changed"
+
+
+def _attempt(
+    path: str, marker: str, ours: list[bytes], now: float, lock_timeout: float
+) -> tuple[bool, str] | str:
+    """One try: (changed, the file's path), or REPLACED or CHANGED (try again)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise EditError(f"{path}: a symbolic link to nothing; not edited")
+    if not os.path.lexists(path):
+        if not ours:
+            return False, path
+        return (True, path) if _create(path, b"".join(ours)) else REPLACED
+    real = os.path.realpath(path)
+    why = lock_works(real)
+    if why is not None:
+        raise EditError(f"{real}: {why}: nothing would keep two editors apart; not edited")
+    try:
+        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise _failed(real, "cannot be opened for writing", exc) from exc
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise EditError(f"{real}: not a regular file; not edited")
+        if not found.st_mode & stat.S_IWUSR:  # read-only on purpose: not ours to change
+            raise EditError(
+                f"{real}: read-only (mode {stat.S_IMODE(found.st_mode):04o}); not edited"
+            )
+        if found.st_nlink > 1:  # a rename would part it from its other names
+            raise EditError(f"{real}: has {found.st_nlink} hard links; not edited")
+        _lock(fd, real, lock_timeout)
+        before = os.fstat(fd)
+        try:
+            if (os.stat(real).st_ino, os.stat(real).st_dev) != (before.st_ino, before.st_dev):
+                return REPLACED  # while we waited for the lock: lock the new one
+        except FileNotFoundError:
+            return REPLACED
+        try:
+            original = _read_all(fd)
+        except OSError as exc:
+            raise _failed(real, "cannot be read", exc) from exc
+        _remove_stale_temps(real, now)
+        new = new_text(original, marker, ours, now)
+        if new == original and not ours:
+            return False, real
+        verify(original, new, marker, ours, now)
+        return _replace(real, fd, before, original, new)
+    finally:
+        os.close(fd)  # the lock goes with it
+
+
+def _replace(
+    real: str, fd: int, before: os.stat_result, original: bytes, new: bytes
+) -> tuple[bool, str] | str:
+    """Write ``new`` aside, check it, and rename it over ``real`` if ``real`` still holds
+    ``original``; the original stays as it was on any failure."""
+    temp = _temp_name(real)
+    try:
+        out = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise _failed(real, "no file can be made beside it", exc) from exc
+    renamed = False
+    try:
+        try:
+            try:
+                _write_all(out, new)
+                os.fsync(out)
+                written = _read_all(out)
+            except OSError as exc:
+                raise _failed(real, "the new text cannot be written", exc) from exc
+            _copy_metadata(before, out, real)
+        finally:
+            os.close(out)
+        if written != new:
+            raise EditError(f"{real}: the new text did not read back as written; not edited")
+        try:
+            now = os.stat(real)
+            same = (now.st_ino, now.st_size, now.st_mtime_ns) == (
+                before.st_ino,
+                before.st_size,
+                before.st_mtime_ns,
+            )
+            if not same or _read_all(fd) != original:
+                return CHANGED  # by an editor that takes no lock
+            os.rename(temp, real)
+            renamed = True
+        except OSError as exc:
+            raise _failed(real, "cannot be replaced", exc) from exc
+        _fsync_folder(os.path.dirname(real))
+        return True, real
+    finally:
+        if not renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="authorized_keys", description="Set a marker's lines in ~/.ssh/authorized_keys."
+    )
+    parser.add_argument("--marker", required=True)
+    parser.add_argument("--line", action="append", default=[], help="a line to have (repeat)")
+    parser.add_argument("--lifetime", type=float, default=0.0, help="seconds the lines are valid")
+    parser.add_argument("--file", default=None, help="default: ~/.ssh/authorized_keys")
+    parser.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT)
+    args = parser.parse_args(argv)
+    try:
+        result = set_lines(args.marker, args.line, args.lifetime, args.file, args.lock_timeout)
+    except ValueError as exc:
+        print(f"authorized_keys: {exc}", file=sys.stderr)
+        return 2
+    except EditError as exc:
+        print(f"authorized_keys: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result._asdict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The one edit of a user's authorized_keys (hostside.authorized_keys), on real files: whatever
+the file holds and whatever goes wrong, a line of the user's never changes, and a failure leaves
+the file byte for byte as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lazycluster_tasks import commands
+from lazycluster_tasks.hostside import authorized_keys as ak
+from lazycluster_tasks.links import LinkKey
+
+MARKER = commands.peer_marker("c0ffee")
+USER = (
+    b'no-pty,command="echo a b" ssh-ed25519 AAAAC3NzaUser1 alice@laptop\n'
+    b"ssh-rsa AAAAB3NzaUser2 j\xfcrgen@laptop\r\n"  # a Latin-1 comment and a CRLF ending
+    b"\n# a comment line\n"
+    b"ssh-ed25519 AAAAC3NzaUser3 with\x00nul\n"
+    b"ssh-ed25519 AAAAC3NzaUser4 no-final-newline"
+)
+
+
+def line(dialler: str = "host1", marker: str = MARKER, ports: tuple[int, ...] = (60001,)) -> str:
+    key = LinkKey.generate()
+    return commands.authorized_line(
+        key.public, commands.key_comment(marker, dialler), ["10.0.0.5"], ports, ports
+    )
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    folder = tmp_path / ".ssh"
+    folder.mkdir(mode=0o700)
+    path = folder / "authorized_keys"
+    path.write_bytes(USER)
+    path.chmod(0o600)
+    return path
+
+
+def temps(path: Path) -> list[str]:
+    return [p.name for p in path.parent.iterdir() if ak.TEMP_TAG in p.name]
+
+
+def test_lines_are_set_first_and_revoked_leaving_every_user_byte(keys: Path) -> None:
+    ours = [line("host1"), line("host3")]
+    done = ak.set_lines(MARKER, ours, 600, str(keys))
+    assert done.changed and done.lines == 2 and done.path == str(keys)
+    text = keys.read_bytes()
+    written = ak.split_lines(text)
+    assert [w.split(b",", 1)[1].decode() for w in written[:2]] == [f"{x}\n" for x in ours]
+    assert b"".join(written[2:]) == USER  # the user's lines after ours, as they were
+    expiry = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() + 600))
+    assert abs(int(done.expiry) - int(expiry)) <= 2 and text.startswith(b'expiry-time="')
+    again = ak.set_lines(MARKER, ours[:1], 600, str(keys))  # a host stopped dialling
+    assert again.lines == 1 and keys.read_bytes().count(MARKER.encode()) == 1
+    gone = ak.set_lines(MARKER, [], 0, str(keys))
+    assert gone.changed and keys.read_bytes() == USER
+    assert not ak.set_lines(MARKER, [], 0, str(keys)).changed  # nothing to do: not written
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o600 and not temps(keys)
+
+
+def test_a_missing_file_is_made_private_and_a_revoke_makes_none(tmp_path: Path) -> None:
+    path = tmp_path / ".ssh" / "authorized_keys"
+    assert not ak.set_lines(MARKER, [], 0, str(path)).changed
+    assert not path.parent.exists()
+    assert ak.set_lines(MARKER, [line()], 60, str(path)).changed
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    ak.set_lines(MARKER, [], 0, str(path))
+    assert path.read_bytes() == b""
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.binary(max_size=600) | st.lists(st.sampled_from(ak.split_lines(USER))).map(b"".join))
+def test_any_bytes_at_all_come_back_unchanged(tmp_path: Path, original: bytes) -> None:
+    path = tmp_path / f"keys-{os.urandom(4).hex()}"
+    path.write_bytes(original)
+    ak.set_lines(MARKER, [line()], 60, str(path))
+    kept = [x for x in ak.split_lines(original) if not ak.is_ours(x, MARKER)]
+    assert ak.split_lines(path.read_bytes())[1:] == kept
+    ak.set_lines(MARKER, [], 0, str(path))
+    assert path.read_bytes() == b"".join(kept)
+    path.unlink()
+
+
+def test_other_clusters_lines_stay_until_they_expire(keys: Path) -> None:
+    other = commands.peer_marker("other")
+    alive = f'expiry-time="20991231000000Z",{line(marker=other)}\n'.encode()
+    dead = f'expiry-time="20200101000000Z",{line("h2", marker=other)}\n'.encode()
+    keys.write_bytes(alive + dead + USER)
+    ak.set_lines(MARKER, [line()], 60, str(keys))
+    ak.set_lines(MARKER, [], 0, str(keys))
+    assert keys.read_bytes() == alive + USER  # the expired line was swept, nothing else
+
+
+def test_mode_owner_symlink_and_attributes_are_kept(tmp_path: Path) -> None:
+    real = tmp_path / "managed" / "keys"
+    real.parent.mkdir()
+    real.write_bytes(USER)
+    real.chmod(0o644)
+    folder = tmp_path / ".ssh"
+    folder.mkdir()
+    link = folder / "authorized_keys"
+    link.symlink_to("../managed/keys")
+    if os.geteuid() == 0:
+        os.chown(real, 4321, 4322)
+    try:
+        os.setxattr(real, "user.origin", b"config-management")
+        xattrs = True
+    except OSError:
+        xattrs = False
+    done = ak.set_lines(MARKER, [line()], 60, str(link))
+    assert done.path == str(real) and link.is_symlink() and os.readlink(link) == "../managed/keys"
+    status = real.stat()
+    assert stat.S_IMODE(status.st_mode) == 0o644
+    if os.geteuid() == 0:
+        assert (status.st_uid, status.st_gid) == (4321, 4322)
+    if xattrs:
+        assert os.getxattr(real, "user.origin") == b"config-management"
+    ak.set_lines(MARKER, [], 0, str(link))
+    assert real.read_bytes() == USER and link.is_symlink()
+
+
+@pytest.mark.parametrize("case", ["read-only", "hard links", "dangling link", "directory"])
+def test_files_that_are_not_ours_to_replace_are_left_alone(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "authorized_keys"
+    if case == "read-only":
+        path.write_bytes(USER)
+        path.chmod(0o400)
+    elif case == "hard links":
+        path.write_bytes(USER)
+        os.link(path, tmp_path / "copy")
+    elif case == "dangling link":
+        path.symlink_to(tmp_path / "nowhere")
+    else:
+        path.mkdir()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ak.EditError, match=f"^{path}|^{tmp_path}") as raised:
+        ak.set_lines(MARKER, [line()], 60, str(path))
+    assert "not edited" in str(raised.value)
+    assert sorted(os.listdir(tmp_path)) == before
+    if case in ("read-only", "hard links"):
+        assert path.read_bytes() == USER
+
+
+def test_a_read_error_leaves_the_file_alone(tmp_path: Path) -> None:
+    """A file whose read fails (EIO): /proc/self/mem reads its first page as an I/O error."""
+    path = tmp_path / "authorized_keys"
+    path.symlink_to("/proc/self/mem")
+    with pytest.raises(ak.EditError, match="not edited"):
+        ak.set_lines(MARKER, [line()], 60, str(path))
+    assert os.readlink(path) == "/proc/self/mem" and not temps(path)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str = "64k") -> Iterator[None]:
+    """A tmpfs of ``size`` mounted on ``folder`` (needs root), unmounted after."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a full disk is made with a tmpfs mount: needs root")
+    folder.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the disk of ``folder`` to the last byte; returns the filler."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"x" * 512)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_at_authorize_and_at_revoke_loses_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with small_disk(home):
+        keys = home / "authorized_keys"
+        keys.write_bytes(USER)
+        filler = fill(home)
+        with pytest.raises(ak.EditError, match="No space left on device"):
+            ak.set_lines(MARKER, [line()], 60, str(keys))
+        assert keys.read_bytes() == USER and not temps(keys)
+        filler.unlink()
+        ak.set_lines(MARKER, [line()], 60, str(keys))
+        authorized = keys.read_bytes()
+        filler = fill(home)
+        with pytest.raises(ak.EditError, match="No space left on device"):
+            ak.set_lines(MARKER, [], 0, str(keys))
+        assert keys.read_bytes() == authorized and not temps(keys)
+        filler.unlink()  # space again: the next revoke (the guard's, a retry) succeeds
+        ak.set_lines(MARKER, [], 0, str(keys))
+        assert keys.read_bytes() == USER
+
+
+def test_no_edit_while_another_editor_holds_the_lock(keys: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(keys)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        started = time.monotonic()
+        with pytest.raises(ak.EditError, match="locked by another editor"):
+            ak.set_lines(MARKER, [line()], 60, str(keys), lock_timeout=0.3)
+        assert time.monotonic() - started < 2
+    finally:
+        holder.communicate(b"", timeout=10)  # it lets go
+    assert keys.read_bytes() == USER
+    assert ak.set_lines(MARKER, [line()], 60, str(keys), lock_timeout=0.3).changed
+
+
+#: Holds a POSIX lock on the file in argv[1] until its stdin closes (a lock of this process
+#: would not exclude this process).
+HOLD = (
+    "import fcntl, sys\n"
+    "f = open(sys.argv[1], 'r+b'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True); sys.stdin.read()\n"
+)
+
+
+def test_no_edit_where_locks_exclude_nothing_across_hosts() -> None:
+    nfs = (
+        "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        "40 22 0:40 / /home rw,relatime shared:20 - nfs4 srv:/home rw,vers=4.2,"
+        "local_lock={lock},addr=10.0.0.2\n"
+        "41 22 0:41 / /nfs3 rw,relatime - nfs srv:/x rw,vers=3,nolock,local_lock=all\n"
+    )
+    for path in ("/home/u/.ssh/authorized_keys", "/nfs3/u/.ssh/authorized_keys"):
+        why = ak.lock_works(path, nfs.format(lock="all"))
+        assert why is not None and "nolock" in why
+    assert ak.lock_works("/home/u/.ssh/authorized_keys", nfs.format(lock="none")) is None
+    assert ak.lock_works("/root/.ssh/authorized_keys", nfs.format(lock="all")) is None
+    assert ak.lock_works("/home2/x", nfs.format(lock="all")) is None  # /home is not its mount
+
+
+EDITOR = [sys.executable, "-m", "lazycluster_tasks.hostside.authorized_keys"]
+
+
+def test_editors_at_once_lose_no_line(keys: Path) -> None:
+    """200 rounds in 8 processes, each a cluster of its own (authorize, update, revoke)."""
+    markers = [commands.peer_marker(f"p{i}") for i in range(8)]
+    parts = [json.dumps([marker, line(marker=marker)]) for marker in markers]
+    script = (
+        "import json, sys\n"
+        "from lazycluster_tasks.hostside import authorized_keys as ak\n"
+        "marker, line = json.loads(sys.argv[1]); path = sys.argv[2]\n"
+        "for _ in range(25):\n"
+        "    ak.set_lines(marker, [line], 60, path)\n"
+        "    ak.set_lines(marker, [line, line.replace('/host1', '/host2')], 60, path)\n"
+        "    ak.set_lines(marker, [], 0, path)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, part, str(keys)], stderr=subprocess.PIPE)
+        for part in parts
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, errors
+    assert keys.read_bytes() == USER and not temps(keys)
+
+
+def test_an_editor_killed_at_any_moment_leaves_the_old_or_the_new_file(keys: Path) -> None:
+    ours = line()
+    args = ["--marker", MARKER, "--lifetime", "60", "--file", str(keys), "--line", ours]
+    for _ in range(40):
+        before = keys.read_bytes()
+        proc = subprocess.Popen([*EDITOR, *args], stdout=subprocess.DEVNULL)
+        time.sleep(random.uniform(0.0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        after = keys.read_bytes()
+        rest = [x for x in ak.split_lines(after) if not ak.is_ours(x, MARKER)]
+        assert after == before or (b"".join(rest) == USER and ours.encode() in after)
+    ak.set_lines(MARKER, [], 0, str(keys))  # also removes what killed editors left
+    assert keys.read_bytes() == USER and not temps(keys)
+
+
+def test_the_program_says_what_it_did_and_why_not(keys: Path) -> None:
+    ours = line()
+    args = ["--marker", MARKER, "--lifetime", "60", "--file", str(keys)]
+    done = subprocess.run([*EDITOR, *args, "--line", ours], capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads(done.stdout)["lines"] == 1
+    keys.chmod(0o400)
+    refused = subprocess.run([*EDITOR, *args], capture_output=True, text=True)
+    assert (
+        refused.returncode == 1 and "read-only" in refused.stderr and "not edited" in refused.stderr
+    )
+    keys.chmod(0o600)
+    bad = subprocess.run(
+        [*EDITOR, *args, "--line", "ssh-ed25519 AAAA x"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "not an options + key" in bad.stderr
+    foreign = subprocess.run(
+        [*EDITOR, "--marker", "someone-else", "--file", str(keys)], capture_output=True, text=True
+    )
+    assert foreign.returncode == 2 and "not a marker of ours" in foreign.stderr
+    ak.set_lines(MARKER, [], 0, str(keys))
+    assert keys.read_bytes() == USER
