@@ -326,9 +326,19 @@ def peer_marker(cluster_id: str) -> str:
     return f"lazycluster-link-{cluster_id}"
 
 
-def key_comment(marker: str, dialler: str) -> str:
-    """The comment of the key ``dialler`` logs in with: the marker, then the host's name."""
-    return f"{marker}/{re.sub(r'[^A-Za-z0-9_.-]', '_', dialler)}"
+def _host_word(host: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", host)
+
+
+def key_comment(marker: str, dialler: str, target: str) -> str:
+    """The comment of the line that lets ``dialler``'s key into ``target``."""
+    return f"{marker}/{_host_word(dialler)}@{_host_word(target)}"
+
+
+def key_scope(marker: str, target: str) -> str:
+    """What names the lines of ``marker`` that let keys into ``target`` (see
+    hostside.authorized_keys): a home shared by several hosts holds every host's lines."""
+    return f"{marker}@{_host_word(target)}"
 
 
 def authorized_line(
@@ -346,7 +356,7 @@ def authorized_line(
     parts = public_key.split()
     if len(parts) < 2 or not re.fullmatch(r"[A-Za-z0-9+/=]+", parts[1]):
         raise ValueError("not an OpenSSH public key")
-    if not re.fullmatch(r"[A-Za-z0-9_./-]+", comment):
+    if not re.fullmatch(r"[A-Za-z0-9_./@-]+", comment):
         raise ValueError(f"invalid key comment {comment!r}")
     addresses = [str(ipaddress.ip_address(a)) for a in sources]  # ValueError on anything else
     options = ["restrict", "port-forwarding"]

@@ -766,17 +766,26 @@ class Engine:
         with self._lock:
             return self._host_locks.setdefault(self._key(runtime), threading.Lock())
 
-    def _revoke(self, runtime: Runtime) -> Revoke | None:
-        """The links' keys a stop removes from ``runtime``'s authorized_keys (where any were)."""
-        if runtime.is_local:
+    def _revoke(self, runtime: Runtime, alone: bool = False) -> Revoke | None:
+        """The links' keys a stop removes from ``runtime``'s authorized_keys (where any may
+        be): every line of the cluster's, or (``alone``: the cluster goes on elsewhere) those
+        that let keys into this host (its home may be other hosts' too)."""
+        links = getattr(self._routes, "links", None)
+        if runtime.is_local or links is None or runtime.host not in links.touched:
             return None
-        return Revoke(self.options.python(runtime), commands.peer_marker(self.cluster_id))
+        marker = commands.peer_marker(self.cluster_id)
+        if alone:
+            marker = commands.key_scope(marker, runtime.host)
+        return Revoke(self.options.python(runtime), marker)
 
     def _guard(self, runtime: Runtime) -> Guard:
-        """What the guard of ``runtime``'s cluster folder runs with (see hostside.guard)."""
+        """What the guard of ``runtime``'s cluster folder runs with (see hostside.guard): on
+        a host, the lines that let the links' keys in go with it (where links may come)."""
+        links = self.options.host_links and not runtime.is_local
+        marker = commands.key_scope(commands.peer_marker(self.cluster_id), runtime.host)
         return Guard(
             self.options.python(runtime),
-            "" if runtime.is_local else commands.peer_marker(self.cluster_id),
+            marker if links else "",
             runtime.working_dir if runtime._working_dir_is_temp else "",
         )
 
@@ -846,7 +855,7 @@ class Engine:
                     if runtime._working_dir_is_temp:
                         runtime.forget_working_dir()  # removed here; its cleanup needs not
                 elif emptied:  # no process of the cluster left there: clean up as its guard would
-                    revoke = self._revoke(runtime)
+                    revoke = self._revoke(runtime, alone=True)
                     left = processes.stop_folder(runtime, folder, grace, folder, revoke)
                 else:
                     marker = processes.folder_marker(folder)

@@ -259,6 +259,9 @@ class Links:
         self._sources: dict[str, list[str]] = {}  # host -> its own addresses (its key's from=)
         #: target -> the dialling hosts whose keys its authorized_keys lets in
         self._granted: dict[str, frozenset[str]] = {}
+        #: hosts whose authorized_keys may hold the cluster's lines (an edit ran there, or its
+        #: answer was lost): the ones a cleanup revokes
+        self.touched: set[str] = set()
         self._written: dict[str, float] = {}  # target -> when its lines were last written
         self._beyond: set[int] = set()  # ports asked for beyond ``granted`` (logged once)
         self._edits: dict[str, threading.Lock] = {}  # one edit of a host's file at a time
@@ -521,6 +524,7 @@ class Links:
                     away[host] = error
                     continue
                 refused.add(host)
+                logger.warning("link keys not let in (its pairs are dialled from it): %s", error)
                 for dialler, fars in plan.items():
                     if host in fars:
                         self._link_down((dialler, host), f"could not authorize the key: {error}")
@@ -624,28 +628,35 @@ class Links:
         lines = [
             commands.authorized_line(
                 self._key_of(dialler).public,
-                commands.key_comment(self.marker, dialler),
+                commands.key_comment(self.marker, dialler, target),
                 self._sources.get(dialler, []),
                 self.granted,
                 self.granted,
             )
             for dialler in sorted(diallers)
         ]
-        args = ["--marker", self.marker, "--lifetime", f"{self.key_lifetime:g}"]
+        scope = commands.key_scope(self.marker, target)
+        args = ["--marker", scope, "--lifetime", f"{self.key_lifetime:g}"]
         args += [part for line in lines for part in ("--line", line)]
+        with self._lock:
+            known = target in self.touched
+            self.touched.add(target)
         result = runtime.connection.run(
             commands.python_program(self.python(runtime), args),
             stdin=hostside.source("authorized_keys").encode(),
             timeout=EDIT_TIMEOUT,
         )
         if not result.ok:
+            if not known and result.exit_code in (1, 2):  # its answer: nothing was edited
+                with self._lock:
+                    self.touched.discard(target)
             why = " ".join(tail(result.stderr or result.output, 300).split())
             raise LazyclusterError(f"{target}: authorized_keys not edited: {why}")
         done = json.loads(result.stdout.strip().splitlines()[-1])
         with self._lock:
             self._granted[target] = diallers
             self._written[target] = time.monotonic()
-        comments = ", ".join(commands.key_comment(self.marker, d) for d in sorted(diallers))
+        comments = ", ".join(commands.key_comment(self.marker, d, target) for d in sorted(diallers))
         logger.log(
             logging.INFO if first else logging.DEBUG,
             "%s: %s %s lets in %s (ports %s) until %sZ",

@@ -9,6 +9,7 @@ they live (``connection_kwargs``, or the SSH settings block the record names).
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
@@ -139,8 +140,15 @@ def teardown(
         finally:
             runtime.cleanup()
 
+    folders = dict(record.folders)
+    known = {f.folder.rstrip("/") for f in folders.values()}
+    for info in record.processes:  # a host whose cleanup failed may keep its processes only
+        where = posixpath.dirname(info.pid_file)
+        if where not in known and info.host not in folders:
+            folders[info.host] = FolderRecord(folder=where, working_dir=where)
+            known.add(where)
     return run_parallel(
         f"teardown of cluster {record.cluster_id}",
-        {key: (key, folder) for key, folder in record.folders.items()},
+        {key: (key, folder) for key, folder in folders.items()},
         stop,
     )

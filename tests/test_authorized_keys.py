@@ -38,7 +38,7 @@ USER = (
 def line(dialler: str = "host1", marker: str = MARKER, ports: tuple[int, ...] = (60001,)) -> str:
     key = LinkKey.generate()
     return commands.authorized_line(
-        key.public, commands.key_comment(marker, dialler), ["10.0.0.5"], ports, ports
+        key.public, commands.key_comment(marker, dialler, "host2"), ["10.0.0.5"], ports, ports
     )
 
 
@@ -74,15 +74,29 @@ def test_lines_are_set_first_and_revoked_leaving_every_user_byte(keys: Path) -> 
     assert stat.S_IMODE(keys.stat().st_mode) == 0o600 and not temps(keys)
 
 
-def test_a_missing_file_is_made_private_and_a_revoke_makes_none(tmp_path: Path) -> None:
+def test_a_file_we_made_goes_with_our_last_line_unless_the_user_wrote_in_it(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / ".ssh" / "authorized_keys"
     assert not ak.set_lines(MARKER, [], 0, str(path)).changed
-    assert not path.parent.exists()
+    assert not path.parent.exists()  # a revoke makes nothing
     assert ak.set_lines(MARKER, [line()], 60, str(path)).changed
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_bytes().startswith(ak.MADE_WITH_FOLDER)
+    other = commands.peer_marker("other")
+    ak.set_lines(other, [line(marker=other)], 60, str(path))  # another cluster's too
     ak.set_lines(MARKER, [], 0, str(path))
-    assert path.read_bytes() == b""
+    assert path.read_bytes().startswith(ak.MADE_WITH_FOLDER)  # the other's line is left
+    ak.set_lines(other, [], 0, str(path))
+    assert not path.exists() and not path.parent.exists()  # as it was: nothing
+    path.parent.mkdir()
+    ak.set_lines(MARKER, [line()], 60, str(path))
+    assert path.read_bytes().startswith(ak.MADE)
+    with open(path, "ab") as keys:
+        keys.write(USER)  # the user adds keys of theirs
+    ak.set_lines(MARKER, [], 0, str(path))
+    assert path.read_bytes() == USER and path.parent.exists()  # theirs now, as they wrote it
 
 
 @settings(
@@ -269,7 +283,7 @@ def test_editors_at_once_lose_no_line(keys: Path) -> None:
         "marker, line = json.loads(sys.argv[1]); path = sys.argv[2]\n"
         "for _ in range(25):\n"
         "    ak.set_lines(marker, [line], 60, path)\n"
-        "    ak.set_lines(marker, [line, line.replace('/host1', '/host2')], 60, path)\n"
+        "    ak.set_lines(marker, [line, line.replace('/host1@', '/host3@')], 60, path)\n"
         "    ak.set_lines(marker, [], 0, path)\n"
     )
     procs = [
@@ -316,5 +330,29 @@ def test_the_program_says_what_it_did_and_why_not(keys: Path) -> None:
         [*EDITOR, "--marker", "someone-else", "--file", str(keys)], capture_output=True, text=True
     )
     assert foreign.returncode == 2 and "not a marker of ours" in foreign.stderr
+    ak.set_lines(MARKER, [], 0, str(keys))
+    assert keys.read_bytes() == USER
+
+
+def test_hosts_sharing_a_home_each_set_and_revoke_their_own_lines(keys: Path) -> None:
+    """host1 and host2 share one home: each sets the lines that let keys into it (scope
+    ``<marker>@<host>``) without touching the other's; the cluster's revoke removes all."""
+    into = {
+        target: [
+            commands.authorized_line(
+                LinkKey.generate().public, commands.key_comment(MARKER, "host3", target)
+            )
+        ]
+        for target in ("host1", "host2")
+    }
+    for target, lines in into.items():
+        ak.set_lines(commands.key_scope(MARKER, target), lines, 60, str(keys))
+    text = keys.read_bytes()
+    assert all(line.encode() in text for lines in into.values() for line in lines)
+    ak.set_lines(commands.key_scope(MARKER, "host1"), [], 0, str(keys))  # host1 cleaned up
+    text = keys.read_bytes()
+    assert into["host2"][0].encode() in text and into["host1"][0].encode() not in text
+    with pytest.raises(ValueError, match="not an options"):  # a line for another host
+        ak.set_lines(commands.key_scope(MARKER, "host1"), into["host2"], 60, str(keys))
     ak.set_lines(MARKER, [], 0, str(keys))
     assert keys.read_bytes() == USER

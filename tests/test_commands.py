@@ -399,8 +399,9 @@ def test_a_link_keys_line_lets_in_one_host_for_the_given_ports_and_nothing_else(
     from lazycluster_tasks.links import LinkKey
 
     key, marker = LinkKey.generate(), commands.peer_marker("abc123")
-    comment = commands.key_comment(marker, "gpu 1;rm")
-    assert comment == "lazycluster-link-abc123/gpu_1_rm"
+    comment = commands.key_comment(marker, "gpu 1;rm", "cpu2")
+    assert comment == "lazycluster-link-abc123/gpu_1_rm@cpu2"
+    assert commands.key_scope(marker, "cpu2") == "lazycluster-link-abc123@cpu2"
     line = commands.authorized_line(key.public, comment, ["10.0.0.5", "fd00::1"], [4, 3], [5])
     options, kind, blob, named = line.split()
     assert (kind, named) == ("ssh-ed25519", comment) and blob == key.public.split()[1]
@@ -434,7 +435,7 @@ def test_revoking_a_clusters_keys_runs_the_edit_only_where_the_file_names_them(t
     keys.write_bytes(user)
     done = _in_home(tmp_path, line, program)  # not named: the edit does not run
     assert done.returncode == 0 and done.stdout == "" and keys.read_bytes() == user
-    ours = f'expiry-time="20991231000000Z",restrict {marker}/h1\n'.encode()
+    ours = f'expiry-time="20991231000000Z",restrict {marker}/h1@h2\n'.encode()
     keys.write_bytes(ours + user)
     done = _in_home(tmp_path, line, program)
     assert done.returncode == 0, done.stderr

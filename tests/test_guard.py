@@ -17,6 +17,7 @@ from lazycluster_tasks import commands
 from lazycluster_tasks.hostside import authorized_keys as ak
 from lazycluster_tasks.links import LinkKey
 from tests.conftest import wait_until
+from tests.test_authorized_keys import fill, small_disk
 
 MARKER = commands.peer_marker("guarded")
 USER = b"ssh-ed25519 AAAAC3NzaUser1 alice@laptop\n"
@@ -40,7 +41,7 @@ def home(tmp_path: Path) -> Path:
     ssh.mkdir(parents=True)
     (ssh / "authorized_keys").write_bytes(USER)
     lines = [
-        commands.authorized_line(LinkKey.generate().public, f"{MARKER}/{h}", [], [1], [1])
+        commands.authorized_line(LinkKey.generate().public, f"{MARKER}/{h}@host1", [], [1], [1])
         for h in ("host2", "host3")
     ]
     ak.set_lines(MARKER, lines, 600, str(ssh / "authorized_keys"))
@@ -118,7 +119,9 @@ def test_the_guard_acts_when_no_process_came_or_the_folder_went(tmp_path: Path, 
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-    ak.set_lines(MARKER, [f"restrict a b {MARKER}/h"], 60, str(home / ".ssh" / "authorized_keys"))
+    ak.set_lines(
+        MARKER, [f"restrict a b {MARKER}/h@host1"], 60, str(home / ".ssh" / "authorized_keys")
+    )
     folder = tmp_path / "lazycluster-y"
     folder.mkdir()
     worker = _process(folder, "host1-0")
@@ -135,24 +138,39 @@ def test_the_guard_acts_when_no_process_came_or_the_folder_went(tmp_path: Path, 
             proc.wait()
 
 
-def test_a_revoke_that_fails_is_tried_again_until_it_succeeds(tmp_path: Path, home: Path) -> None:
+def test_a_revoke_that_may_pass_is_tried_again_and_one_that_cannot_is_not(
+    tmp_path: Path, home: Path
+) -> None:
+    """A full disk may pass: the guard tries again until the lines can go. A read-only file
+    will not: it says the lines stay until they expire, and ends."""
+    keys = home / ".ssh" / "authorized_keys"
+    text = keys.read_bytes()
+    with small_disk(home / ".ssh"):
+        keys.write_bytes(text)
+        filler = fill(home / ".ssh")
+        folder = tmp_path / "lazycluster-full"
+        folder.mkdir()
+        watcher = guard(folder, home, "--grace", "0.2")
+        try:
+            assert wait_until(lambda: not folder.exists(), 10)  # the secrets go first
+            time.sleep(1.5)
+            assert watcher.poll() is None and MARKER.encode() in keys.read_bytes()
+            filler.unlink()
+            _, err = watcher.communicate(timeout=10)
+            assert watcher.returncode == 0 and "revoke failed, trying again" in err
+            assert "No space left on device" in err and keys.read_bytes() == USER
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.wait()
+    keys.write_bytes(text)
+    keys.chmod(0o400)
     folder = tmp_path / "lazycluster-ro"
     folder.mkdir()
-    keys = home / ".ssh" / "authorized_keys"
-    keys.chmod(0o400)  # a revoke is refused for now
     watcher = guard(folder, home, "--grace", "0.2")
-    try:
-        assert wait_until(lambda: not folder.exists(), 10)  # the secrets go first
-        time.sleep(1.0)
-        assert watcher.poll() is None and MARKER.encode() in keys.read_bytes()
-        keys.chmod(0o600)
-        _, err = watcher.communicate(timeout=10)
-        assert watcher.returncode == 0 and "revoke failed, trying again" in err
-        assert keys.read_bytes() == USER
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
+    _, err = watcher.communicate(timeout=10)
+    assert watcher.returncode == 0 and "the lines stay until they expire" in err
+    assert "read-only" in err and keys.read_bytes() == text
 
 
 def test_the_guard_has_no_process_of_its_own_left_behind(tmp_path: Path, home: Path) -> None:

@@ -12,9 +12,13 @@ read back, and renamed over it only if the original is still what was read; any 
 that rename leaves the original byte for byte as it was (the temporary file is removed). Our lines
 go first, so a file without a final newline keeps it that way.
 
-Our lines end with the comment ``<marker>`` or ``<marker>/<what>``; each is given an
-``expiry-time`` computed here, from this host's own clock. Lines of any of our clusters whose
-expiry passed are dropped by every edit (a host that missed a revoke is swept by the next one).
+Our lines end with the comment ``<marker>/<dialler>@<target>``: the key of the host that dials,
+let in for the host it dials. An edit names the lines it makes exact by ``<marker>`` (all of a
+cluster's: its revoke) or ``<marker>@<target>`` (those for one host: a home shared by several
+hosts of a cluster holds every host's lines, and each host sets and revokes its own). Each line
+is given an ``expiry-time`` computed here, from this host's own clock. Lines of any of our
+clusters whose expiry passed are dropped by every edit (a host that missed a revoke is swept by
+the next one).
 
 Exclusive access is a POSIX lock on the file itself (re-checked after locking: a concurrent
 editor may have replaced the file meanwhile). Where locks exclude nothing across hosts (NFS
@@ -50,12 +54,21 @@ ATTEMPTS = 5
 #: Temporary files of ours older than this (seconds) are removed by the next edit.
 STALE_TEMP = 3600.0
 TEMP_TAG = ".lazycluster-"
-_MARKER = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_MARKER = re.compile(r"[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?\Z")
 _EXPIRY = re.compile(rb'(?:^|,)expiry-time="(\d{14})Z"')
 
 
 class EditError(Exception):
-    """The file was not edited (it is as it was); the message names it and the cause."""
+    """The file was not edited (it is as it was); the message names it and the cause.
+    ``retry``: the cause may pass (a full disk, a quota, another editor's lock)."""
+
+    def __init__(self, message: str, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+#: Errors of a write that may pass: a full disk or quota, a stale NFS handle, a busy lock.
+PASSING = {errno.ENOSPC, errno.EDQUOT, errno.ESTALE, errno.EAGAIN, errno.EINTR, errno.ENOLCK}
 
 
 class Result(NamedTuple):
@@ -86,8 +99,12 @@ def comment(line: bytes) -> bytes:
 
 
 def is_ours(line: bytes, marker: str) -> bool:
-    """The line carries ``marker`` as its comment (alone, or followed by ``/...``)."""
-    found, mark = comment(line), marker.encode()
+    """The line's comment is one of ``marker``'s: ``<marker>`` alone or ``<marker>/...``, and
+    when ``marker`` is ``<marker>@<target>``, one that ends with ``@<target>``."""
+    name, _, target = marker.partition("@")
+    found, mark = comment(line), name.encode()
+    if target:
+        return found.startswith(mark + b"/") and found.endswith(b"@" + target.encode())
     return found == mark or found.startswith(mark + b"/")
 
 
@@ -117,11 +134,23 @@ def check_line(line: str, marker: str) -> None:
         raise ValueError("the expiry-time is set here, from this host's clock")
 
 
+#: The first line of a file we made (the user had none), and of one whose folder we made too:
+#: both go once the last line of ours does and nothing of the user's is in the file.
+MADE = b"# lazycluster made this file; it goes with the last of its keys\n"
+MADE_WITH_FOLDER = b"# lazycluster made this file and its folder; both go with its last key\n"
+
+
 def new_text(original: bytes, marker: str, ours: list[bytes], now: float) -> bytes:
-    """``ours`` first, then every line of ``original`` that is not ``marker``'s nor an expired
-    line of ours, unchanged and in order."""
-    kept = [line for line in split_lines(original) if not _dropped(line, marker, now)]
-    return b"".join(ours) + b"".join(kept)
+    """``ours`` first (after the line saying we made the file, while a line of ours is left),
+    then every line of ``original`` that is not ``marker``'s nor an expired line of ours,
+    unchanged and in order. Empty: the file was ours alone and goes."""
+    lines = split_lines(original)
+    made = lines[:1] if lines[:1] in ([MADE], [MADE_WITH_FOLDER]) else []
+    kept = [line for line in lines[len(made) :] if not _dropped(line, marker, now)]
+    prefix = MARKER_PREFIX.encode()
+    if not (ours or any(comment(line).startswith(prefix) for line in kept)):
+        made = []  # no line of ours left: the file is the user's, or nobody's
+    return b"".join(made) + b"".join(ours) + b"".join(kept)
 
 
 def _dropped(line: bytes, marker: str, now: float) -> bool:
@@ -131,9 +160,13 @@ def _dropped(line: bytes, marker: str, now: float) -> bool:
 def verify(original: bytes, new: bytes, marker: str, ours: list[bytes], now: float) -> None:
     """Every line of ``original`` that is not ours is in ``new``, byte for byte and in order,
     after exactly ``ours``; raises EditError otherwise."""
-    kept = [line for line in split_lines(original) if not _dropped(line, marker, now)]
-    lines = split_lines(new)
-    if lines[: len(ours)] != ours or lines[len(ours) :] != kept:
+    lines = split_lines(original)
+    made = lines[:1] if lines[:1] in ([MADE], [MADE_WITH_FOLDER]) else []
+    kept = [line for line in lines[len(made) :] if not _dropped(line, marker, now)]
+    result = split_lines(new)
+    if result[:1] == made and made:
+        result = result[1:]
+    if result[: len(ours)] != ours or result[len(ours) :] != kept:
         raise EditError("the new text failed its check (a line of the user's would change)")
 
 
@@ -172,7 +205,7 @@ def _unescape(field: str) -> str:
 
 def _failed(path: str, what: str, exc: OSError) -> EditError:
     """``path``: what failed, and the system's reason; the file was not edited."""
-    return EditError(f"{path}: {what} ({exc.strerror or exc}); not edited")
+    return EditError(f"{path}: {what} ({exc.strerror or exc}); not edited", exc.errno in PASSING)
 
 
 def _read_all(fd: int) -> bytes:
@@ -203,7 +236,8 @@ def _lock(fd: int, path: str, timeout: float) -> None:
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 raise _failed(path, "cannot be locked", exc) from exc
         if time.monotonic() >= deadline:
-            raise EditError(f"{path}: locked by another editor for {timeout:g} s; not edited")
+            why = f"{path}: locked by another editor for {timeout:g} s; not edited"
+            raise EditError(why, retry=True)
         time.sleep(0.02)
 
 
@@ -284,10 +318,11 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def _create(path: str, text: bytes) -> bool:
-    """Make the file (and ``~/.ssh``, 0700) with ``text``, mode 0600, if it does not exist;
-    False when it appeared meanwhile."""
+def _create(path: str, ours: bytes) -> bool:
+    """Make the file (and ``~/.ssh``, 0700) with ``ours``, mode 0600, if it does not exist,
+    saying that we made it; False when it appeared meanwhile."""
     folder = os.path.dirname(path)
+    text = (MADE if os.path.isdir(folder) else MADE_WITH_FOLDER) + ours
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
     except OSError as exc:
@@ -350,9 +385,11 @@ def set_lines(
         if done == CHANGED:
             changed += 1
             if changed >= ATTEMPTS:
-                raise EditError(f"{path}: changed by another editor {changed} times; not edited")
+                why = f"{path}: changed by another editor {changed} times; not edited"
+                raise EditError(why, retry=True)
         elif time.monotonic() >= deadline:  # replaced by our other editors, again and again
-            raise EditError(f"{path}: busy with other editors for {lock_timeout:g} s; not edited")
+            why = f"{path}: busy with other editors for {lock_timeout:g} s; not edited"
+            raise EditError(why, retry=True)
 
 
 #: Why an attempt must be made again: the file was replaced while we waited for its lock (by
@@ -404,9 +441,42 @@ def _attempt(
         if new == original and not ours:
             return False, real
         verify(original, new, marker, ours, now)
+        if not new and original.startswith((MADE, MADE_WITH_FOLDER)):
+            return _remove(real, fd, before, original, original.startswith(MADE_WITH_FOLDER))
         return _replace(real, fd, before, original, new)
     finally:
         os.close(fd)  # the lock goes with it
+
+
+def _unchanged(real: str, fd: int, before: os.stat_result, original: bytes) -> bool:
+    """``real`` is still the file we read, with what we read (no editor that takes no lock
+    changed it meanwhile)."""
+    now = os.stat(real)
+    if (now.st_ino, now.st_size, now.st_mtime_ns) != (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    ):
+        return False
+    return _read_all(fd) == original
+
+
+def _remove(
+    real: str, fd: int, before: os.stat_result, original: bytes, folder: bool
+) -> tuple[bool, str] | str:
+    """The file we made holds nothing but that line: it goes (and the folder we made with it,
+    if empty), if it still holds what we read."""
+    try:
+        if not _unchanged(real, fd, before, original):
+            return CHANGED
+        os.unlink(real)
+    except OSError as exc:
+        raise _failed(real, "cannot be removed", exc) from exc
+    _fsync_folder(os.path.dirname(real))
+    if folder:
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(real))
+    return True, real
 
 
 def _replace(
@@ -434,13 +504,7 @@ def _replace(
         if written != new:
             raise EditError(f"{real}: the new text did not read back as written; not edited")
         try:
-            now = os.stat(real)
-            same = (now.st_ino, now.st_size, now.st_mtime_ns) == (
-                before.st_ino,
-                before.st_size,
-                before.st_mtime_ns,
-            )
-            if not same or _read_all(fd) != original:
+            if not _unchanged(real, fd, before, original):
                 return CHANGED  # by an editor that takes no lock
             os.rename(temp, real)
             renamed = True

@@ -11,8 +11,9 @@ by their ``death_timeout``; a scale-down to nothing; a reboot of the controller)
    what is left of the cluster there — the host-to-host links' masters, a start that raced it —
    signalling only processes whose command line still names the folder;
 2. removes the folder: TLS keys, the links' private key, the processes' env files, logs;
-3. revokes the cluster's lines in ``~/.ssh/authorized_keys`` (the one safe edit), trying again
-   every pause while it fails (a full disk, say) until the lines have expired anyway;
+3. revokes the lines of ``~/.ssh/authorized_keys`` that let the cluster's keys into this host
+   (the one safe edit), trying again every pause while it fails (a full disk, say) until the
+   lines have expired anyway;
 4. removes the working dir around the folder when it was made for the cluster and is empty.
 
 When the controller's own cleanup runs first it stops the guard with the rest (its stop does all
@@ -36,16 +37,16 @@ import time
 from . import authorized_keys
 
 #: Seconds between two looks at the folder.
-PAUSE = 2.0
+PAUSE = 1.0
 #: Seconds the cluster must have had no process here before the guard acts.
-QUIET = 4.0
+QUIET = 3.0
 #: Seconds to wait for a first process (the guard starts with them: a safety net).
 GRACE = 120.0
 #: Seconds between TERM and KILL for what is left.
 STOP_GRACE = 2.0
 #: Seconds the guard keeps ending what names the folder once it moved it aside: a start that
 #: raced it (begun in the folder just before) is ended too, and makes no orphan.
-SWEEP = 2.0
+SWEEP = 1.0
 #: Seconds a failing revoke is tried again (our lines expire anyway; see authorized_keys).
 REVOKE_FOR = 3600.0
 #: Pid files in the folder that are not the cluster's own processes: the guard's, the links'.
@@ -197,17 +198,20 @@ def wait_until_unused(folder: str, marker: str, pause: float, quiet: float, grac
 
 
 def revoke(key_marker: str, pause: float, give_up: float) -> None:
-    """Remove the cluster's lines from authorized_keys, trying again while it fails."""
+    """Remove the lines of ``key_marker`` from authorized_keys, trying again while that fails
+    for a reason that may pass (a full disk, say; pauses doubling up to a minute) for at most
+    ``give_up`` seconds; our lines expire anyway."""
     deadline = time.monotonic() + give_up
     while True:
         try:
             result = authorized_keys.set_lines(key_marker, [], 0.0)
         except authorized_keys.EditError as exc:
-            if time.monotonic() >= deadline:
-                print(f"guard: the key stays until it expires: {exc}", file=sys.stderr)
+            if not exc.retry or time.monotonic() + pause > deadline:
+                print(f"guard: the lines stay until they expire: {exc}", file=sys.stderr)
                 return
             print(f"guard: revoke failed, trying again: {exc}", file=sys.stderr)
             time.sleep(pause)
+            pause = min(2 * pause, 60.0)
             continue
         if result.changed:
             print(f"guard: {key_marker} removed from {result.path}", file=sys.stderr)
@@ -234,7 +238,9 @@ def clean(folder: str, marker: str, remove: str, sweep: float = SWEEP) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="guard", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--folder", required=True, help="the cluster folder on this host")
-    parser.add_argument("--key-marker", default="", help="its lines in authorized_keys")
+    parser.add_argument(
+        "--key-marker", default="", help="the lines letting its keys in (<marker>@<host>)"
+    )
     parser.add_argument("--remove", default="", help="the working dir made for the cluster")
     parser.add_argument("--pause", type=float, default=PAUSE)
     parser.add_argument("--quiet", type=float, default=QUIET)

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,9 @@ CLOSED_STYLES = {
     "icmp": "reject with icmpx type admin-prohibited",
 }
 
+
+#: The size of each host's ~/.ssh (its own disk, which a test can fill).
+SSH_DIR_SIZE = "1m"
 
 #: The key of :meth:`TestHosts.leftovers` for entries left in the hosts' temp dir.
 TEMP = "(hosts' temp dir)"
@@ -151,8 +154,24 @@ def _run_links(run_id: str) -> list[str]:
     return [n for n in os.listdir("/sys/class/net") if pat.fullmatch(n)]
 
 
+def _run_mounts(run_id: str) -> list[str]:
+    """Mount points of the run's tmpfs disks (see TestHosts._small_disk), deepest first."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            rows = handle.read().splitlines()
+    except OSError:
+        return []
+    points = []
+    for row in rows:
+        head, _, tail = row.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if len(fields) > 4 and len(rest) > 1 and rest[1] == f"lct{run_id}ssh":
+            points.append(fields[4].replace("\\040", " "))
+    return sorted(points, key=len, reverse=True)
+
+
 def _destroy_run(run_id: str) -> None:
-    """Kill everything in the run's namespaces, delete them, its links and its marker."""
+    """Kill everything in the run's namespaces, delete them, its links, disks and marker."""
     pat = re.compile(rf"lct{run_id}h\d+")
     names = [n for n in _netns_names() if pat.fullmatch(n)]
     for _ in range(5):  # processes may fork while we kill
@@ -174,6 +193,8 @@ def _destroy_run(run_id: str) -> None:
         for link in links:
             _run(["ip", "link", "del", link], check=False)
         time.sleep(0.05)
+    for point in _run_mounts(run_id):
+        _run(["umount", point], check=False)
     with contextlib.suppress(OSError):
         (MARKER_DIR / f"lct-{run_id}.owner").unlink()
 
@@ -193,6 +214,9 @@ def _cleanup_stale(own_id: str) -> None:
             ids.add(m.group(1))
     for n in os.listdir("/sys/class/net"):
         if m := re.fullmatch(r"lct([0-9a-f]{4})(br|v\d+|p\d+)", n):
+            ids.add(m.group(1))
+    for row in Path("/proc/self/mountinfo").read_text().splitlines():
+        if m := re.search(r" - tmpfs lct([0-9a-f]{4})ssh ", row):
             ids.add(m.group(1))
     for f in MARKER_DIR.glob("lct-*.owner"):
         if m := re.fullmatch(r"lct-([0-9a-f]{4})\.owner", f.name):
@@ -240,7 +264,16 @@ class TestHosts:
     controller_address: str
     namespaced: bool
 
-    def __init__(self, count: int = 4, base_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        count: int = 4,
+        base_dir: str | os.PathLike[str] | None = None,
+        shared_home: bool = False,
+        hidden: Sequence[str] = (),
+    ) -> None:
+        """``shared_home``: every host has the same ``~/.ssh`` (a home shared over NFS, as many
+        sites have); ``hidden``: commands that do not run on the hosts (``flock``, say: missing
+        on macOS, BSD and minimal images)."""
         mode = os.environ.get(MODE_ENV, "").strip().lower()
         if mode not in ("", "netns", "loopback"):
             raise ValueError(f"{MODE_ENV} must be 'netns' or 'loopback', not {mode!r}")
@@ -267,6 +300,8 @@ class TestHosts:
         self._cut: set[str] = set()  # hosts whose cable is pulled (cut_host)
         self._user_keys = True  # sshd reads ~/.ssh/authorized_keys (user_keys)
         self._forwarding: dict[str, str] = {}  # host -> its AllowTcpForwarding (tcp_forwarding)
+        self.shared_home = shared_home
+        self.hidden = tuple(hidden)
         self._started = False
         self._stopped = False
         self._marked = False  # our owner marker exists: the run id is ours to destroy
@@ -342,6 +377,7 @@ class TestHosts:
         self.tmp_dir = self.base_dir / "t"
         self.tmp_dir.mkdir(mode=0o1777, exist_ok=True)
         self.tmp_dir.chmod(0o1777)
+        (self.base_dir / "hidden").write_text("")  # no execute bit: what hides a command
         self._authorized_keys = self.base_dir / "authorized_keys"
         self._authorized_keys.write_text(_keygen(self.identity_file) + "\n")
         if os.geteuid() == 0:
@@ -451,13 +487,18 @@ class TestHosts:
                     f"mount --bind {shlex.quote(str(d / 'bashrc'))} {shlex.quote(str(bashrc))}"
                 )
             # Each host has a ~/.ssh of its own, as separate machines do (host-to-host SSH
-            # authorizes its key there): the machine's own is hidden, never touched.
+            # authorizes its key there), on a small disk of its own (a test can fill it); the
+            # machine's own is hidden, never touched.
             dot_ssh = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
             dot_ssh.mkdir(mode=0o700, exist_ok=True)
-            (d / "dot-ssh").mkdir(mode=0o700, exist_ok=True)
-            steps.append(
-                f"mount --bind {shlex.quote(str(d / 'dot-ssh'))} {shlex.quote(str(dot_ssh))}"
-            )
+            ssh_dir = self.ssh_dir(h.name)
+            self._small_disk(ssh_dir)
+            steps.append(f"mount --bind {shlex.quote(str(ssh_dir))} {shlex.quote(str(dot_ssh))}")
+            for command in self.hidden:  # what runs it finds a file it cannot execute
+                steps.append(
+                    f"if p=$(command -v {shlex.quote(command)}); then "
+                    f'mount --bind {shlex.quote(str(self.base_dir / "hidden"))} "$p"; fi'
+                )
             served = [REAPER, "-s", "--", *sshd] if REAPER else sshd
             script = " && ".join([*steps, f"exec {shlex.join(served)}"])
             argv = [
@@ -546,10 +587,30 @@ class TestHosts:
         skip = {os.getpid(), reaper.pid if reaper is not None else -1}
         return [p for p in found.values() if p.pid not in skip and not _is_sshd(p)]
 
+    def ssh_dir(self, name: str) -> Path:
+        """Host ``name``'s ``~/.ssh``, as seen from this machine (one for all hosts with
+        ``shared_home``): a tmpfs of SSH_DIR_SIZE where the hosts are namespaces."""
+        self.host(name)
+        return self.base_dir / "dot-ssh" if self.shared_home else self._host_dir(name) / "dot-ssh"
+
     def authorized_keys(self, name: str) -> str:
         """The text of host ``name``'s ~/.ssh/authorized_keys ("" when there is none)."""
-        path = self._host_dir(name) / "dot-ssh" / "authorized_keys"
-        return path.read_text() if path.exists() else ""
+        return self.authorized_keys_bytes(name).decode(errors="replace")
+
+    def authorized_keys_bytes(self, name: str) -> bytes:
+        """The bytes of host ``name``'s ~/.ssh/authorized_keys (b"" when there is none)."""
+        path = self.ssh_dir(name) / "authorized_keys"
+        return path.read_bytes() if path.is_file() else b""
+
+    def _small_disk(self, folder: Path) -> None:
+        """``folder`` on a tmpfs of SSH_DIR_SIZE (once), named after the run: unmounted at
+        stop, or by the next run if this one was killed."""
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if os.path.ismount(folder):
+            return
+        source = f"lct{self.run_id}ssh"
+        options = f"size={SSH_DIR_SIZE},mode=0700"
+        _run(["mount", "-t", "tmpfs", "-o", options, source, str(folder)])
 
     def leftovers(self) -> dict[str, list[str]]:
         """Processes still running on each host, and under ``TEMP`` what is left in the hosts'
