@@ -93,7 +93,9 @@ class DirectRouting:
         """Started workers registered (nothing to do when direct)."""
 
     def forward_to_hosts(self, local_ports: Sequence[int]) -> None:
-        """This machine's 127.0.0.1:port as 127.0.0.1:port on every remote host."""
+        """This machine's 127.0.0.1:port as 127.0.0.1:port on every remote host, for the
+        processes of the user the cluster logs in as there (the host's other users reach that
+        port too: see gates)."""
         with self._lock:
             todo = [p for p in local_ports if ("", p) not in self.routed]
             self.routed.update(("", p) for p in todo)
@@ -104,7 +106,7 @@ class DirectRouting:
             fan_out(
                 "forward ports to hosts",
                 remote,
-                lambda rt: [rt.expose_port_to_runtime(p, p) for p in todo],
+                lambda rt: [rt.expose_port_to_runtime(p, p, guarded=True) for p in todo],
             )
         except BaseException:
             with self._lock:

@@ -20,6 +20,7 @@ from lazycluster_tasks.errors import (
     PortInUseError,
     TunnelError,
 )
+from lazycluster_tasks.gates import LoginUserGate
 from lazycluster_tasks.local import LocalConnection, is_local_host
 from lazycluster_tasks.ssh import SSHConnection, resolve_settings
 from lazycluster_tasks.task import WORKING_DIR_ENV_VAR_NAME, RuntimeTask
@@ -541,10 +542,14 @@ class Runtime:
         self._tunnels.append(tunnel)
         return tunnel.local_port
 
-    def expose_port_to_runtime(self, local_port: int, runtime_port: int | None = None) -> int:
+    def expose_port_to_runtime(
+        self, local_port: int, runtime_port: int | None = None, guarded: bool = False
+    ) -> int:
         """Forward the host's ``127.0.0.1:runtime_port`` to ``127.0.0.1:local_port`` here.
 
         ``runtime_port=None`` lets the host pick a free port. Returns the runtime port.
+        ``guarded``: only connections that processes of the login user opened there reach the
+        port here (every local user of the host reaches the forward; see gates).
         """
         portlib.check_port(local_port)
         if runtime_port is not None:
@@ -554,7 +559,8 @@ class Runtime:
                 raise ValueError("localhost needs no tunnel: runtime_port must equal local_port")
             return local_port
         try:
-            tunnel = RemoteForward(self._ssh(), local_port, runtime_port or 0)
+            gate = LoginUserGate(self._ask) if guarded else None
+            tunnel = RemoteForward(self._ssh(), local_port, runtime_port or 0, gate)
         except TunnelError:
             if runtime_port is not None and not self.has_free_port(runtime_port):
                 raise PortInUseError(runtime_port, self._host) from None
@@ -572,6 +578,10 @@ class Runtime:
             if port in (tunnel.local_port, tunnel.remote_port):
                 tunnel.close()
         self._tunnels = self.tunnels
+
+    def _ask(self, command: str, timeout: float) -> str:
+        """A command's output (the gates' question to the host)."""
+        return self._ssh().run(command, timeout=timeout).stdout
 
     def _ssh(self) -> SSHConnection:
         assert isinstance(self._connection, SSHConnection)

@@ -29,6 +29,7 @@ from typing import Any
 import paramiko
 
 from lazycluster_tasks.errors import TunnelError
+from lazycluster_tasks.gates import LoginUserGate
 from lazycluster_tasks.ports import PROBE_COMMAND, parse_proc_net_tcp
 from lazycluster_tasks.ssh import SSHConnection
 
@@ -294,8 +295,17 @@ class RemoteForward(Tunnel):
 
     kind = "-R"
 
-    def __init__(self, connection: SSHConnection, local_port: int, remote_port: int = 0) -> None:
+    def __init__(
+        self,
+        connection: SSHConnection,
+        local_port: int,
+        remote_port: int = 0,
+        gate: LoginUserGate | None = None,
+    ) -> None:
         super().__init__(connection, local_port, remote_port)
+        #: who may open connections that reach our port (see gates); None: whoever reaches
+        #: the forward on the host
+        self.gate = gate
         self._transport: paramiko.Transport | None = None
         self._open()
         connection.on_reconnect(self._on_reconnect)
@@ -387,7 +397,10 @@ class RemoteForward(Tunnel):
     def _reopen(self, transport: paramiko.Transport) -> None:
         self._open(transport, take_back=True)
 
-    def _accept(self, chan: paramiko.Channel) -> None:
+    def _accept(self, chan: paramiko.Channel, origin: tuple[str, int]) -> None:
+        if self.gate is not None and not self.gate.admits(int(origin[1]), self.remote_port):
+            chan.close()
+            return
         try:
             sock = socket.create_connection((LOOPBACK, self.local_port), timeout=10)
         except OSError as exc:
@@ -469,7 +482,10 @@ class _Dispatcher:
             chan.close()
             return
         threading.Thread(
-            target=forward._accept, args=(chan,), name=f"lct-fwd-{server[1]}", daemon=True
+            target=forward._accept,
+            args=(chan, origin),
+            name=f"lct-fwd-{server[1]}",
+            daemon=True,
         ).start()
 
 

@@ -376,3 +376,28 @@ def test_dask_task_runner_starts_our_cluster_class_on_the_hosts(hosts_cfg, multi
 
         assert wait_until(hosts_in_logs, timeout=20), seen  # sent by the remote workers
     assert multi_hosts.leftovers() == {}  # the runner closed the cluster with the flow
+
+
+def test_the_forwarded_api_answers_the_workers_only(hosts_cfg, prefect_api, multi_hosts):
+    """A Prefect API on this machine's loopback (the ephemeral one, a local server) answers
+    anyone who reaches it, and hands out block secrets: forwarded to the hosts for the workers,
+    a connection from another local user of a cluster host is closed before it reaches the API;
+    the workers' task runs report (see the test above) and so does the login user."""
+    from tests.test_tunnels import HTTP_GET
+
+    port = int(prefect_api.split(":")[2].split("/")[0])
+
+    def ask(*user: str) -> str:  # host1's unprivileged user asks the forwarded API
+        argv = [sys.executable, "-c", HTTP_GET, str(port), "/api/health"]
+        proc = multi_hosts.run_in("host1", [*user, *argv], stdout=subprocess.PIPE, text=True)
+        return proc.communicate(timeout=30)[0]
+
+    @flow
+    def ask_while_a_cluster_runs(ssh_config_path: str) -> dict[str, str]:
+        with dask_cluster(HOSTS[:2], ssh_config_path=ssh_config_path):
+            nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            return {"outsider": ask(*nobody), "login user": ask()}
+
+    answers = ask_while_a_cluster_runs(hosts_cfg)
+    assert not answers["outsider"].startswith("HTTP"), answers
+    assert answers["login user"].startswith("HTTP/1.1 200"), answers  # the control

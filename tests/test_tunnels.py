@@ -442,3 +442,71 @@ def test_a_forward_request_to_a_host_that_went_silent_fails_in_bounded_time(
             multi_hosts.restore_host("host4")
     finally:
         runtime.cleanup()
+
+
+#: Asks the HTTP service at 127.0.0.1:argv[1] for the path argv[2] (with the Basic auth string
+#: in argv[3], if any) and prints the status line of the answer and the start of its body.
+HTTP_GET = (
+    "import base64, socket, sys\n"
+    "auth = sys.argv[3] if len(sys.argv) > 3 else ''\n"
+    "head = 'GET ' + sys.argv[2] + ' HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n'\n"
+    "if auth:\n"
+    "    head += 'Authorization: Basic ' + base64.b64encode(auth.encode()).decode() + '\\r\\n'\n"
+    "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 5)\n"
+    "s.sendall((head + '\\r\\n').encode()); s.settimeout(5); got = b''\n"
+    "while True:\n"
+    "    part = s.recv(4096)\n"
+    "    if not part: break\n"
+    "    got += part\n"
+    "print(got.split(b'\\r\\n')[0].decode(), got.rsplit(b'\\r\\n\\r\\n', 1)[-1][:40])\n"
+)
+
+
+def test_a_guarded_remote_forward_lets_through_only_the_login_users_connections(
+    multi_hosts, no_leftovers, no_local_leaks, caplog
+):
+    """An HTTP service of this machine that authenticates nobody (a local Prefect API, say),
+    forwarded to host1: host1's other users reach the forward, but their connections are
+    closed here, before anything reaches the service; the login user's (the workers') pass."""
+    import http.server
+
+    seen: list[str] = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            body = b"healthy"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    service = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    port = service.server_address[1]
+    thread = threading.Thread(target=service.serve_forever, daemon=True)
+    thread.start()
+    runtime = ssh_runtime(multi_hosts, "host1")
+    try:
+        forwarded = runtime.expose_port_to_runtime(port, None, guarded=True)
+
+        def get(uid: int | None) -> str:
+            argv = [sys.executable, "-c", HTTP_GET, str(forwarded), "/health"]
+            if uid is not None:  # another local user of host1
+                argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+            proc = multi_hosts.run_in("host1", argv, stdout=subprocess.PIPE, text=True, cwd="/")
+            return proc.communicate(timeout=30)[0]
+
+        for uid in (65534, 1000):
+            assert not get(uid).startswith("HTTP"), uid  # closed before any answer
+        assert seen == []  # nothing of theirs reached the service
+        assert "from uid 65534 refused" in caplog.text
+        assert get(None).startswith("HTTP/1.0 200") and "healthy" in get(None)  # the user's
+        assert seen == ["/health", "/health"]
+    finally:
+        runtime.cleanup()
+        service.shutdown()
+        service.server_close()
+        thread.join()
