@@ -194,6 +194,8 @@ def _write_state(cluster: Any, pid: int, blocks: Blocks) -> None:
     record: ClusterRecord = cluster.record()
     state = {
         "pid": pid,
+        # the pid alone could name another process after a reboot or a long wait
+        "started": psutil.Process(pid).create_time(),
         "record": record.model_dump(mode="json"),
         "host_group": blocks[0],
         "ssh_block": blocks[1],
@@ -212,12 +214,21 @@ def _read_state(cluster_id: str) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-def _owner_alive(state: dict[str, Any]) -> bool:
+def _owner(state: dict[str, Any]) -> psutil.Process | None:
+    """The process that owns the cluster, if it still runs: its pid and the time it started
+    (a pid reused since, by a process of the user's, is not it)."""
     try:
         proc = psutil.Process(int(state["pid"]))
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.Error, KeyError, ValueError):
-        return False
+        same = abs(proc.create_time() - float(state["started"])) < 0.01
+        if same and proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc
+    except (psutil.Error, KeyError, ValueError, TypeError):
+        pass
+    return None
+
+
+def _owner_alive(state: dict[str, Any]) -> bool:
+    return _owner(state) is not None
 
 
 # -- up -------------------------------------------------------------------------------------
@@ -245,6 +256,14 @@ def up(
         str | None,
         typer.Option(help="auto, direct or tunnelled (default: the host group's, else auto)"),
     ] = None,
+    host_links: Annotated[
+        bool | None,
+        typer.Option(
+            "--host-links/--no-host-links",
+            help="tunnelled: let a key per host into the others' ~/.ssh/authorized_keys, so "
+            "worker traffic takes host-to-host SSH links (default: the host group's, else on)",
+        ),
+    ] = None,
     detach: Annotated[bool, typer.Option(help="return once running; `down ID` stops it")] = False,
 ) -> None:
     """Start a cluster: the scheduler here, workers on the hosts. Prints its id, the scheduler
@@ -264,6 +283,8 @@ def up(
     options = _cluster_options(names, config, (host_group, ssh_block), workers_per_host)
     if network_mode is not None:
         options["network_mode"] = network_mode
+    if host_links is not None:
+        options["host_links"] = host_links
     if detach:
         _detach(options)
         return
@@ -369,23 +390,16 @@ def _running(record: ClusterRecord) -> str:
 def _detach(options: dict[str, Any]) -> None:
     folder = _state_dir()
     log = folder / f"up-{os.getpid()}-{int(time.time())}.log"
-    flags = {
-        "ssh_config_path": "--ssh-config",
-        "host_group": "--host-group",
-        "ssh_block": "--ssh-block",
-        "workers_per_host": "--workers-per-host",
-        "network_mode": "--network-mode",
-    }
+    # the options travel as they are, plain data on the child's stdin (no flags to parse back)
     argv = [sys.executable, "-m", "lazycluster_tasks.cli", "_serve"]
-    for key, flag in flags.items():
-        if key in options:
-            argv += [flag, str(options[key])]
-    argv += list(options.get("hosts") or [])
     before = {p.name for p in folder.glob("*.json")}
     with open(log, "wb") as handle:
         child = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=handle, stderr=handle, start_new_session=True
+            argv, stdin=subprocess.PIPE, stdout=handle, stderr=handle, start_new_session=True
         )
+        assert child.stdin is not None
+        child.stdin.write(json.dumps(options).encode())
+        child.stdin.close()
     deadline = time.monotonic() + DETACH_TIMEOUT
     with err.status("starting the cluster (in the background)"):
         while True:
@@ -410,19 +424,11 @@ def _detach(options: dict[str, Any]) -> None:
 
 
 @app.command("_serve", hidden=True)
-def serve_detached(
-    names: Annotated[list[str] | None, typer.Argument()] = None,
-    ssh_config: SshConfig = None,
-    host_group: str | None = None,
-    ssh_block: str | None = None,
-    workers_per_host: int | None = None,
-    network_mode: str | None = None,
-) -> None:
-    """The background process of ``up --detach``."""
+def serve_detached() -> None:
+    """The background process of ``up --detach``: the cluster's options, as JSON, on stdin."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    options = _cluster_options(names, ssh_config, (host_group, ssh_block), workers_per_host)
-    if network_mode is not None:
-        options["network_mode"] = network_mode
+    options = json.loads(sys.stdin.read())
+    sys.stdin.close()
     _serve(options, announce=False)
 
 
@@ -516,8 +522,8 @@ def down(cluster_id: str) -> None:
     """Stop a cluster started with `up`: its process closes it; when that process is gone, the
     record alone stops everything on the hosts. Exit 1 when a host could not be cleaned."""
     state = _read_state(cluster_id)
-    if _owner_alive(state):
-        proc = psutil.Process(int(state["pid"]))
+    proc = _owner(state)
+    if proc is not None:
         with err.status(f"stopping cluster {cluster_id}"):
             proc.terminate()
             try:

@@ -34,7 +34,8 @@ class DaskOptions:
     #: The scheduler's dashboard (bokeh: about 1 s of CPU at each start); default from
     #: ``LAZYCLUSTER_DASHBOARD`` (on).
     dashboard: bool = field(default_factory=lambda: settings().dashboard)
-    #: Ports of this machine (e.g. a Prefect API) to expose as 127.0.0.1:<port> on every host.
+    #: Ports of this machine (e.g. a Prefect API) to expose as 127.0.0.1:<port> on every host,
+    #: to the processes of the user the cluster logs in as there only (see gates).
     forward_ports: Sequence[int] = ()
     start_timeout: float = 120.0  # for all workers to register
     #: seconds between TERM and KILL (at the close of a LazySSHCluster whose scheduler has told
@@ -43,9 +44,10 @@ class DaskOptions:
     #: TLS between all processes: True makes fresh certificates per cluster; False turns it off
     #: (warned); a ``distributed.Security`` brings the user's own.
     security: Any = True
-    #: Tunnelled mode: worker traffic crosses host-to-host SSH links (a key made for the
-    #: cluster, authorized on each host until cleanup) where a host reaches another's sshd;
-    #: False sends all of it through this machine.
+    #: Tunnelled mode: worker traffic crosses host-to-host SSH links where a host reaches
+    #: another's sshd: a key per host, let into the others' ~/.ssh/authorized_keys (from that
+    #: host only, for the cluster's ports only, expiring) until the cluster ends there. False
+    #: leaves every authorized_keys untouched and sends that traffic through this machine.
     host_links: bool = True
 
     def python(self, runtime: Runtime) -> str:

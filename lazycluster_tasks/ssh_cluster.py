@@ -240,7 +240,9 @@ class LazySSHCluster(SpecCluster):
     ``host_lost_after``: seconds after which a host that does not answer is reported lost
     (default 120; it is still asked, and used again once it answers).
     ``heal``: replace lost workers (default True). Other keywords are :class:`DaskOptions`
-    (``network_mode``, ``threads_per_worker``, ``memory_limit``, ``env``, ``resources``, ...).
+    (``network_mode``, ``threads_per_worker``, ``memory_limit``, ``env``, ``resources``, ...);
+    ``host_links=False`` leaves every host's ``~/.ssh/authorized_keys`` untouched (tunnelled
+    worker traffic then goes through this machine).
     """
 
     def __init__(

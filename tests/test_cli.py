@@ -62,7 +62,9 @@ def test_hosts_up_status_logs_exec_down(
     )
     # the block's ssh config wins over LAZYCLUSTER_SSH_CONFIG (here one that does not exist)
     elsewhere = {**cli_env, "LAZYCLUSTER_SSH_CONFIG": "/nonexistent/ssh_config"}
-    started = _cli(elsewhere, "up", "--detach", "--host-group", "cli-group")
+    # --no-host-links: no host's authorized_keys is touched (worker traffic goes through here)
+    keys = {h: multi_hosts.authorized_keys_bytes(h) for h in ("host1", "host2")}
+    started = _cli(elsewhere, "up", "--detach", "--no-host-links", "--host-group", "cli-group")
     assert started.returncode == 0, started.stderr
     (cluster_id,) = re.findall(
         r"cluster (\w+) running \(tunnelled\): 2 workers on 2 hosts", started.stdout
@@ -71,6 +73,7 @@ def test_hosts_up_status_logs_exec_down(
     try:
         status = _cli(cli_env, "status", "--json")
         assert status.returncode == 0, status.stderr
+        assert {h: multi_hosts.authorized_keys_bytes(h) for h in keys} == keys
         (row,) = json.loads(status.stdout)
         assert (row["cluster_id"], row["state"], row["workers"]) == (cluster_id, "running", 2)
         assert multi_hosts.processes("host1") and multi_hosts.processes("host2")
@@ -127,3 +130,30 @@ def test_clear_errors_for_bad_input_and_unreachable_hosts(
         assert "--- host2 (exit 0)" in ran.stdout and "--- host3: could not run" in ran.stderr
     finally:
         multi_hosts.start_sshd("host3")
+
+
+def test_down_never_signals_a_process_that_only_has_the_owners_pid(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """After a reboot (or a long wait) the pid in a cluster's state may be another process of
+    the user's: the owner is its pid and its start time, so that one is left alone and the
+    record tears the cluster down."""
+    from lazycluster_tasks.record import ClusterRecord
+
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        record = ClusterRecord(
+            cluster_id="c0ffee", state="running", network_mode="direct", hosts=[]
+        )
+        state = {"pid": stranger.pid, "started": 1.0, "record": record.model_dump(mode="json")}
+        folder = tmp_path / "state"
+        folder.mkdir(mode=0o700)
+        (folder / "c0ffee.json").write_text(json.dumps(state))
+        status = _cli(cli_env, "status", "--json")
+        assert json.loads(status.stdout)[0]["state"] == "owner gone"
+        stopped = _cli(cli_env, "down", "c0ffee")
+        assert stopped.returncode == 0 and "cluster c0ffee stopped" in stopped.stdout
+        assert stranger.poll() is None  # not signalled
+    finally:
+        stranger.kill()
+        stranger.wait()

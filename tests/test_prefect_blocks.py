@@ -259,16 +259,19 @@ def test_host_group_option_validation_and_cluster_options() -> None:
     assert HostGroupBlock(hosts=["h1"]).cluster_options() == {
         "workers_per_host": 1,
         "network_mode": "auto",
+        "host_links": True,
     }
     group = HostGroupBlock(
         hosts=["h1", "h2"],
         python_executable={"h1": "/a/python", "h2": "/b/python"},
         workers_per_host=2,
         network_mode="tunnelled",
+        host_links=False,  # a site whose policy is not to touch authorized_keys
     )
     assert group.cluster_options() == {
         "workers_per_host": 2,
         "network_mode": "tunnelled",
+        "host_links": False,
         "python_executable": {"h1": "/a/python", "h2": "/b/python"},
     }
 
@@ -303,6 +306,7 @@ def test_host_group_with_nested_ssh_round_trips(api_url: str) -> None:
     assert loaded.cluster_options() == {
         "workers_per_host": 3,
         "network_mode": "direct",
+        "host_links": True,
         "python_executable": "/v/bin/python",
     }
     assert isinstance(loaded.ssh, SSHSettingsBlock)
@@ -313,7 +317,11 @@ def test_host_group_with_nested_ssh_round_trips(api_url: str) -> None:
     HostGroupBlock(hosts=["h3"], ssh=load_ssh("ssh-shared")).save("group-ref", overwrite=True)
     ref = load_group("group-ref")
     assert ref.ssh is not None and ref.ssh.connection_kwargs() == FULL_KWARGS
-    assert ref.cluster_options() == {"workers_per_host": 1, "network_mode": "auto"}
+    assert ref.cluster_options() == {
+        "workers_per_host": 1,
+        "network_mode": "auto",
+        "host_links": True,
+    }
 
 
 def test_a_host_group_gives_the_cluster_its_hosts_and_options(api_url: str) -> None:
@@ -325,7 +333,7 @@ def test_a_host_group_gives_the_cluster_its_hosts_and_options(api_url: str) -> N
     )
     hosts, config, kwargs, defaults = _resolve_blocks(None, "resolved-group", None, None, None)
     assert (hosts, config, kwargs["username"]) == (["a", "b"], "/x/config", "u")
-    assert defaults == {"workers_per_host": 3, "network_mode": "direct"}
+    assert defaults == {"workers_per_host": 3, "network_mode": "direct", "host_links": True}
 
 
 def test_blocks_load_by_name_as_flow_parameters(api_url: str) -> None:

@@ -83,6 +83,14 @@ class HostGroupBlock(Block):
     network_mode: Literal["auto", "direct", "tunnelled"] = Field(
         default="auto", description="How workers reach the scheduler."
     )
+    host_links: bool = Field(
+        default=True,
+        description=(
+            "Tunnelled mode: let a key per host into the other hosts' ~/.ssh/authorized_keys "
+            "(only their cluster ports, from that host, expiring; removed after) so worker "
+            "traffic takes host-to-host SSH links; off: it all goes through this machine."
+        ),
+    )
     ssh: SSHSettingsBlock | None = Field(default=None, description="SSH settings for all hosts.")
 
     @field_validator("hosts")
@@ -96,10 +104,12 @@ class HostGroupBlock(Block):
         return hosts
 
     def cluster_options(self) -> dict[str, Any]:
-        """Options for the cluster: workers per host, network mode, python executable if set."""
+        """Options for the cluster: workers per host, network mode, host links, python
+        executable if set."""
         options: dict[str, Any] = {
             "workers_per_host": self.workers_per_host,
             "network_mode": self.network_mode,
+            "host_links": self.host_links,
             "python_executable": self.python_executable,
         }
         return {key: value for key, value in options.items() if value is not None}

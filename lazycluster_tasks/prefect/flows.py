@@ -99,9 +99,11 @@ def dask_cluster(
 ) -> Iterator[ClusterHandle]:
     """A Dask cluster on ``hosts`` (or a host group block) for the duration of the block.
 
-    ``options`` are DaskOptions (``workers_per_host``, ``network_mode``,
+    ``options`` are DaskOptions (``workers_per_host``, ``network_mode``, ``host_links``,
     ``threads_per_worker``, ``memory_limit``, ``resources``, ``env``, ...). Nothing is left
-    running on any host afterwards, whatever happens inside.
+    running on any host afterwards, whatever happens inside. ``host_links=False`` keeps every
+    host's ``~/.ssh/authorized_keys`` untouched (tunnelled worker traffic then goes through this
+    machine).
 
     While the block runs, a :class:`~lazycluster_tasks.watch.ClusterWatch` checks the cluster;
     a lost scheduler, lost workers or a cut path (or ``timeout_seconds`` passing) stops the
