@@ -14,8 +14,8 @@ replaces the original, byte-exact, under a lock): from the dialling host's own a
 forwarding to and listening on exactly the 127.0.0.1 ports its links carry (updated as workers
 come and go), nothing else, and valid for KEY_LIFETIME from the host's own clock, renewed while
 the cluster runs. The far host's key is the one this machine verified for it. A pair whose link
-does not come up (a host that cannot reach the other's sshd, no ssh client, sshd reading keys
-from elsewhere, a file that cannot be edited safely) is named in the log and keeps the route
+does not come up (a host that cannot reach the other's sshd, no ssh client, an sshd that reads
+keys elsewhere, a file that cannot be edited safely) is named in the log and keeps the route
 through this machine; the links of a host that did not answer during the set-up are dialled
 once it answers again. While the cluster runs, every host is asked every few seconds whether
 its links' masters still run (one round trip per host); the routes of a link that ended go
