@@ -371,9 +371,9 @@ def authorized_line(
 
 
 def python_program(python: str, args: Sequence[str] = ()) -> str:
-    """Run a program read from stdin with ``python`` (the environment's PYTHON* variables and
-    the user's site-packages ignored): ``python -E -s - ARGS``."""
-    return shlex.join([python, "-E", "-s", "-", *map(str, args)])
+    """Run a program read from stdin with ``python`` in isolated mode (no PYTHON* variables,
+    no user site-packages, nothing imported from the working dir): ``python -I - ARGS``."""
+    return shlex.join([python, "-I", "-", *map(str, args)])
 
 
 def revoke_keys(python: str, marker: str) -> str:
