@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # chromium: the browser test drives Debian's headless Chromium (no browser download).
-SYSTEM_PACKAGES := openssh-server openssh-client iproute2 nftables chromium tini
+SYSTEM_PACKAGES := openssh-server openssh-client iproute2 nftables chromium tini tcsh zsh fish
 
 # No telemetry from Prefect; a cold ephemeral API needs more than the default 20 s on 2 cores.
 export DO_NOT_TRACK := 1
@@ -36,11 +36,12 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
 
-# Test hosts need sshd, ip, nft and tini (a reaper per host, as its init), the browser test
-# chromium; apt-get installs them as root.
+# Test hosts need sshd, ip, nft and tini (a reaper per host, as its init), the login shells users
+# have (tcsh, zsh, fish), the browser test chromium; apt-get installs them as root.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && ! { [ -x /usr/sbin/sshd ] && command -v ip >/dev/null && command -v nft >/dev/null \
-		&& command -v chromium >/dev/null && command -v tini >/dev/null; }; then \
+		&& command -v chromium >/dev/null && command -v tini >/dev/null \
+		&& command -v tcsh >/dev/null && command -v zsh >/dev/null && command -v fish >/dev/null; }; then \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES) \
 		|| { apt-get update && apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); }; \

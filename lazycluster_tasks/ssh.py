@@ -44,6 +44,21 @@ from lazycluster_tasks.errors import (
 logger = logging.getLogger(__name__)
 
 
+#: Bytes a line keeps as they are when it travels to /bin/sh through any login shell: printable
+#: ASCII but what a shell would take for something (quotes, backslash, $, backtick, ! which tcsh
+#: expands even in a script); every other byte goes as \0NNN for printf %b to restore.
+_PLAIN = frozenset(range(0x20, 0x7F)) - set(b"\\'\"$`!")
+
+
+def under_sh(line: str) -> str:
+    """``line`` run by ``/bin/sh`` whatever the user's login shell is (sshd runs every command
+    through it: sh, dash, bash, zsh, tcsh, fish...). The login shell only sees a single-quoted
+    word of plain characters, which it passes to sh unchanged; sh restores the line with
+    ``printf %b`` and runs it. ``exec`` keeps the pid, so the line's ``$$`` is the session's."""
+    encoded = "".join(chr(b) if b in _PLAIN else f"\\0{b:03o}" for b in line.encode())
+    return f"""exec /bin/sh -c 'eval "$(printf %b "{encoded}")"'"""
+
+
 class _HandledRefusals(logging.Filter):
     """paramiko logs every refused channel open at ERROR, yet the caller handles and reports it
     (a session that waits its turn, a forward to a port that is closed): logged at DEBUG."""
@@ -885,7 +900,7 @@ class SSHConnection(Connection):
         message.add_int(chan.remote_chanid)
         message.add_string("exec")
         message.add_boolean(True)
-        message.add_string(line)
+        message.add_string(under_sh(line))
         chan._event_pending()  # type: ignore[attr-defined]  # paramiko internals, stable since 1.x
         transport = chan.get_transport()
         transport._send_user_message(message)  # type: ignore[attr-defined]

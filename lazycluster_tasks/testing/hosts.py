@@ -23,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,9 @@ CLOSED_STYLES = {
 
 #: The size of each host's ~/.ssh (its own disk, which a test can fill).
 SSH_DIR_SIZE = "1m"
+#: A private host's own folders (see TestHosts(private=True)) and their modes, and their size.
+PRIVATE_DIRS = {"tmp": 0o1777, "root": 0o700, "home": 0o755, "work": 0o755}
+PRIVATE_SIZE = "4g"
 
 #: The key of :meth:`TestHosts.leftovers` for entries left in the hosts' temp dir.
 TEMP = "(hosts' temp dir)"
@@ -170,6 +173,17 @@ def _run_mounts(run_id: str) -> list[str]:
     return sorted(points, key=len, reverse=True)
 
 
+def _remove_user(name: str) -> None:
+    """The run's account and the mount point of its homes, if it has one."""
+    try:
+        home = pwd.getpwnam(name).pw_dir
+    except KeyError:
+        return
+    _run(["userdel", name], check=False)
+    with contextlib.suppress(OSError):
+        os.rmdir(home)
+
+
 def _destroy_run(run_id: str) -> None:
     """Kill everything in the run's namespaces, delete them, its links, disks and marker."""
     pat = re.compile(rf"lct{run_id}h\d+")
@@ -195,6 +209,7 @@ def _destroy_run(run_id: str) -> None:
         time.sleep(0.05)
     for point in _run_mounts(run_id):
         _run(["umount", point], check=False)
+    _remove_user(f"lct{run_id}")
     with contextlib.suppress(OSError):
         (MARKER_DIR / f"lct-{run_id}.owner").unlink()
 
@@ -214,6 +229,9 @@ def _cleanup_stale(own_id: str) -> None:
             ids.add(m.group(1))
     for n in os.listdir("/sys/class/net"):
         if m := re.fullmatch(r"lct([0-9a-f]{4})(br|v\d+|p\d+)", n):
+            ids.add(m.group(1))
+    for entry in pwd.getpwall():  # the accounts of runs (TestHosts(user=True))
+        if m := re.fullmatch(r"lct([0-9a-f]{4})", entry.pw_name):
             ids.add(m.group(1))
     for row in Path("/proc/self/mountinfo").read_text().splitlines():
         if m := re.search(r" - tmpfs lct([0-9a-f]{4})ssh ", row):
@@ -270,10 +288,19 @@ class TestHosts:
         base_dir: str | os.PathLike[str] | None = None,
         shared_home: bool = False,
         hidden: Sequence[str] = (),
+        user: bool = False,
+        shells: Mapping[str, str] | None = None,
+        private: bool = False,
     ) -> None:
-        """``shared_home``: every host has the same ``~/.ssh`` (a home shared over NFS, as many
-        sites have); ``hidden``: commands that do not run on the hosts (``flock``, say: missing
-        on macOS, BSD and minimal images)."""
+        """Shapes of hosts as sites have them (network-namespace hosts only):
+
+        ``shared_home``: every host has the same ``~/.ssh`` (a home shared over NFS);
+        ``hidden``: commands that do not run on the hosts (``flock``, say: missing on macOS,
+        BSD and minimal images); ``user``: the login user is an unprivileged account of its own
+        (made for the run, removed after), not root; ``shells``: host -> the login user's login
+        shell there (tcsh, fish, ...); ``private``: each host has a filesystem of its own —
+        empty tmpfs disks over /tmp, /root, /home and /work (this machine's checkout, venvs and
+        pyenv are not there): only the system's Python, nothing installed, nothing shared."""
         mode = os.environ.get(MODE_ENV, "").strip().lower()
         if mode not in ("", "netns", "loopback"):
             raise ValueError(f"{MODE_ENV} must be 'netns' or 'loopback', not {mode!r}")
@@ -302,6 +329,11 @@ class TestHosts:
         self._forwarding: dict[str, str] = {}  # host -> its AllowTcpForwarding (tcp_forwarding)
         self.shared_home = shared_home
         self.hidden = tuple(hidden)
+        self.private = private
+        self.shells = dict(shells or {})
+        #: the login user of every host: this process's user, or the account made for the run
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+        self._own_user = user
         self._started = False
         self._stopped = False
         self._marked = False  # our owner marker exists: the run id is ours to destroy
@@ -323,6 +355,8 @@ class TestHosts:
             self._prepare_files()
             if self.namespaced:
                 self._build_namespaces()
+                if self._own_user:
+                    self._make_user()
             else:
                 self.hosts = [TestHost("host1", "127.0.0.1", _free_port(), None)]
             for h in self.hosts:
@@ -363,7 +397,9 @@ class TestHosts:
 
     def _prepare_files(self) -> None:
         if self._base_arg is None:
-            self.base_dir = Path(tempfile.mkdtemp(prefix="lcth"))  # short: socket paths live below
+            # short: socket paths live below; under /run where the hosts hide /tmp
+            where = "/run" if self.private else None
+            self.base_dir = Path(tempfile.mkdtemp(prefix="lcth", dir=where))
             self._own_base = True
         else:
             self.base_dir = Path(self._base_arg).absolute()
@@ -380,6 +416,9 @@ class TestHosts:
         (self.base_dir / "hidden").write_text("")  # no execute bit: what hides a command
         self._authorized_keys = self.base_dir / "authorized_keys"
         self._authorized_keys.write_text(_keygen(self.identity_file) + "\n")
+        if self._own_user:  # sshd reads the key file as the user: it must reach it
+            self.base_dir.chmod(0o755)
+            self._authorized_keys.chmod(0o644)
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
@@ -418,6 +457,77 @@ class TestHosts:
         key = d / "ssh_host_ed25519_key"
         self._host_pubkey[h.name] = _keygen(key)
         self._write_config(h)
+        if h.netns is None:
+            return
+        if self.private:  # the host's own disks, mounted here so the harness sees them
+            for folder, mode in PRIVATE_DIRS.items():
+                self._small_disk(d / "fs" / folder, PRIVATE_SIZE, mode)
+        if self._own_user:
+            home = self.home_dir(h.name)
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            entry = pwd.getpwnam(self.user)
+            os.chown(home, entry.pw_uid, entry.pw_gid)
+        if self._own_user or h.name in self.shells:
+            self._write_passwd(h)
+
+    def home_dir(self, name: str) -> Path:
+        """Host ``name``'s login home, as seen from this machine (where it is a host's own)."""
+        d = self._host_dir(name)
+        home = Path(pwd.getpwnam(self.user).pw_dir)
+        if self.private:
+            return d / "fs" / home.relative_to("/")
+        return d / "home" if self._own_user else home
+
+    def _write_passwd(self, h: TestHost) -> None:
+        """The host's /etc/passwd: this machine's, with the login user's shell for the host."""
+        lines = []
+        for line in Path("/etc/passwd").read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) == 7 and fields[0] == self.user and h.name in self.shells:
+                fields[6] = self.shells[h.name]
+            lines.append(":".join(fields))
+        (self._host_dir(h.name) / "passwd").write_text("\n".join(lines) + "\n")
+        (self._host_dir(h.name) / "passwd").chmod(0o644)
+
+    def _host_steps(self, h: TestHost) -> list[str]:
+        """What makes a namespace this host, before its sshd starts (in its mount namespace)."""
+        d = self._host_dir(h.name)
+        quote = shlex.quote
+        steps = [f"hostname {quote(h.name)}"]
+        if self.private:  # its own disks over this machine's folders
+            for folder in PRIVATE_DIRS:
+                steps.append(f"mount --bind {quote(str(d / 'fs' / folder))} /{folder}")
+        else:
+            bashrc = Path.home() / ".bashrc"
+            if bashrc.exists():
+                # A host of its own needs no share of this machine's shell setup: all hosts
+                # sharing one ~/.bashrc (pyenv's rehash lock) would serialize their commands.
+                (d / "bashrc").write_text("# test host: plain non-interactive shell\n")
+                steps.append(f"mount --bind {quote(str(d / 'bashrc'))} {quote(str(bashrc))}")
+        if (d / "passwd").exists():  # the login user's shell on this host
+            steps.append(f"mount --bind {quote(str(d / 'passwd'))} /etc/passwd")
+        home = Path(pwd.getpwnam(self.user).pw_dir)
+        if self._own_user and not self.private:  # a home of its own on this host
+            steps.append(f"mount --bind {quote(str(self.home_dir(h.name)))} {quote(str(home))}")
+        # Each host has a ~/.ssh of its own, as separate machines do (host-to-host SSH
+        # authorizes its key there), on a small disk of its own (a test can fill it); the
+        # machine's own is hidden, never touched.
+        ssh_dir = self.ssh_dir(h.name)
+        if self.private:
+            ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        else:
+            self._small_disk(ssh_dir)
+            dot_ssh = home / ".ssh"
+            steps.append(f"mkdir -p {quote(str(dot_ssh))}")
+            steps.append(f"mount --bind {quote(str(ssh_dir))} {quote(str(dot_ssh))}")
+        entry = pwd.getpwnam(self.user)
+        os.chown(ssh_dir, entry.pw_uid, entry.pw_gid)
+        for command in self.hidden:  # what runs it finds a file it cannot execute
+            steps.append(
+                f"if p=$(command -v {quote(command)}); then "
+                f'mount --bind {quote(str(self.base_dir / "hidden"))} "$p"; fi'
+            )
+        return steps
 
     def _write_config(self, h: TestHost) -> None:
         d = self._host_dir(h.name)
@@ -447,11 +557,21 @@ class TestHosts:
             "X11Forwarding no\n"
             "PrintMotd no\n"
             "Subsystem sftp internal-sftp\n"
-            f"SetEnv TMPDIR={self.tmp_dir}\n"
+            f"SetEnv TMPDIR={'/tmp' if self.private else self.tmp_dir}\n"
         )
 
+    def _make_user(self) -> None:
+        """An unprivileged account for the run: its home is each host's own (under /home there),
+        its password field ``*`` (not locked: sshd refuses locked accounts, key logins too)."""
+        self.user = f"lct{self.run_id}"
+        home = f"/home/{self.user}"
+        _run(["useradd", "--no-create-home", "--home-dir", home, "--shell", "/bin/sh", self.user])
+        _run(["usermod", "--password", "*", self.user])
+        if not self.private:  # the mount point of each host's own home
+            os.makedirs(home, mode=0o755, exist_ok=True)
+
     def _write_client_files(self) -> None:
-        user = pwd.getpwuid(os.getuid()).pw_name
+        user = self.user
         known, config = [], []
         for h in self.hosts:
             where = h.address if h.port == 22 else f"[{h.address}]:{h.port}"
@@ -477,28 +597,7 @@ class TestHosts:
         sshd = [SSHD, "-D", "-e", "-f", str(d / "sshd_config")]
         argv = sshd
         if h.netns is not None:
-            steps = [f"hostname {shlex.quote(h.name)}"]
-            bashrc = Path.home() / ".bashrc"
-            if bashrc.exists():
-                # A host of its own needs no share of this machine's shell setup: all hosts
-                # sharing one ~/.bashrc (pyenv's rehash lock) would serialize their commands.
-                (d / "bashrc").write_text("# test host: plain non-interactive shell\n")
-                steps.append(
-                    f"mount --bind {shlex.quote(str(d / 'bashrc'))} {shlex.quote(str(bashrc))}"
-                )
-            # Each host has a ~/.ssh of its own, as separate machines do (host-to-host SSH
-            # authorizes its key there), on a small disk of its own (a test can fill it); the
-            # machine's own is hidden, never touched.
-            dot_ssh = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
-            dot_ssh.mkdir(mode=0o700, exist_ok=True)
-            ssh_dir = self.ssh_dir(h.name)
-            self._small_disk(ssh_dir)
-            steps.append(f"mount --bind {shlex.quote(str(ssh_dir))} {shlex.quote(str(dot_ssh))}")
-            for command in self.hidden:  # what runs it finds a file it cannot execute
-                steps.append(
-                    f"if p=$(command -v {shlex.quote(command)}); then "
-                    f'mount --bind {shlex.quote(str(self.base_dir / "hidden"))} "$p"; fi'
-                )
+            steps = self._host_steps(h)
             served = [REAPER, "-s", "--", *sshd] if REAPER else sshd
             script = " && ".join([*steps, f"exec {shlex.join(served)}"])
             argv = [
@@ -591,6 +690,8 @@ class TestHosts:
         """Host ``name``'s ``~/.ssh``, as seen from this machine (one for all hosts with
         ``shared_home``): a tmpfs of SSH_DIR_SIZE where the hosts are namespaces."""
         self.host(name)
+        if self.private:
+            return self.home_dir(name) / ".ssh"
         return self.base_dir / "dot-ssh" if self.shared_home else self._host_dir(name) / "dot-ssh"
 
     def authorized_keys(self, name: str) -> str:
@@ -602,14 +703,14 @@ class TestHosts:
         path = self.ssh_dir(name) / "authorized_keys"
         return path.read_bytes() if path.is_file() else b""
 
-    def _small_disk(self, folder: Path) -> None:
-        """``folder`` on a tmpfs of SSH_DIR_SIZE (once), named after the run: unmounted at
-        stop, or by the next run if this one was killed."""
-        folder.mkdir(mode=0o700, exist_ok=True)
+    def _small_disk(self, folder: Path, size: str = "", mode: int = 0o700) -> None:
+        """``folder`` on a tmpfs of ``size`` (default SSH_DIR_SIZE; once), named after the run:
+        unmounted at stop, or by the next run if this one was killed."""
+        folder.mkdir(mode=mode, parents=True, exist_ok=True)
         if os.path.ismount(folder):
             return
         source = f"lct{self.run_id}ssh"
-        options = f"size={SSH_DIR_SIZE},mode=0700"
+        options = f"size={size or SSH_DIR_SIZE},mode={mode:o}"
         _run(["mount", "-t", "tmpfs", "-o", options, source, str(folder)])
 
     def leftovers(self) -> dict[str, list[str]]:
@@ -630,12 +731,20 @@ class TestHosts:
                 out[h.name] = items
         return out
 
+    def temp_dirs(self) -> list[Path]:
+        """The hosts' temp dirs (``TMPDIR`` of their sessions), as seen from this machine: one
+        shared, or each private host's own /tmp."""
+        if self.private:
+            return [self._host_dir(h.name) / "fs" / "tmp" for h in self.hosts]
+        return [self.tmp_dir]
+
     def leftover_files(self) -> list[str]:
         """Entries left in the hosts' temp dir (``TMPDIR`` of their sessions)."""
-        try:
-            return sorted(str(p) for p in self.tmp_dir.iterdir())
-        except FileNotFoundError:
-            return []
+        found = []
+        for folder in self.temp_dirs():
+            with contextlib.suppress(FileNotFoundError):
+                found += [str(p) for p in folder.iterdir()]
+        return sorted(found)
 
     def kill_leftovers(self) -> None:
         _kill_and_wait([p for h in self.hosts for p in self.processes(h.name)])
