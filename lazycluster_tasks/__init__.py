@@ -20,6 +20,7 @@ from lazycluster_tasks.environment import Environment, ExecutionFileLogUtil, Tim
 from lazycluster_tasks.errors import (
     AuthenticationError,
     ClusterLostError,
+    EnvironmentSyncError,
     GroupError,
     HostConnectionError,
     HostKeyError,
@@ -87,6 +88,7 @@ __all__ = [
     "DaskCluster",
     "DaskOptions",
     "Environment",
+    "EnvironmentSyncError",
     "ExecutionFileLogUtil",
     "GroupError",
     "HostConnectionError",

@@ -13,11 +13,27 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from lazycluster_tasks import commands
 from lazycluster_tasks.errors import OperationTimeoutError, TaskExecutionError
+
+#: What a command reads on its stdin: bytes, or a stream read to its end (a large file).
+Input = bytes | BinaryIO
+#: Bytes a stream on stdin is sent in at a time.
+STDIN_CHUNK = 2**18
+
+
+def chunks(stdin: Input) -> Iterator[bytes]:
+    """The input in pieces to send."""
+    if isinstance(stdin, bytes):
+        yield stdin
+        return
+    while block := stdin.read(STDIN_CHUNK):
+        yield block
+
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +127,11 @@ class Connection(ABC):
         timeout: float | None,
         stdout: _Collector,
         stderr: _Collector | None,
-        stdin: bytes | None,
+        stdin: Input | None,
+        stall: float | None = None,
     ) -> int | None:
-        """Run ``line`` with ``sh``; feed the collectors; return the exit code, None on timeout."""
+        """Run ``line`` with ``sh``; feed the collectors; return the exit code, None on timeout
+        (or when ``stdin`` did not move for ``stall`` seconds)."""
 
     @abstractmethod
     def put(self, local_path: str, remote_path: str) -> None:
@@ -145,13 +163,16 @@ class Connection(ABC):
         env: Mapping[str, object] | None = None,
         on_output: OutputCallback | None = None,
         combine_stderr: bool = False,
-        stdin: bytes | None = None,
+        stdin: Input | None = None,
         owner: object = None,
+        stall: float | None = None,
     ) -> CommandResult:
         """Run a shell command; the one place commands reach a host.
 
         On timeout the command's process group is killed and :class:`OperationTimeoutError` is
         raised with the output so far. ``owner`` tags the command for :meth:`kill_running`.
+        ``stall``: seconds ``stdin`` may not move before that counts as a timeout (a long
+        transfer on a path that was cut).
         """
         line = commands.wrap_command(command, working_dir, env)
         self.commands_run += 1
@@ -166,15 +187,19 @@ class Connection(ABC):
         with self._running_lock:
             self._running[key] = (owner, None)  # in flight, pid not known yet
         try:
-            code = self._execute(line, timeout, out, err, stdin)
+            code = self._execute(line, timeout, out, err, stdin, stall)
         finally:
             with self._running_lock:
                 pgid = self._running.pop(key, (None, None))[1]
         if code is None:
             if pgid is not None:
                 self.kill_groups([pgid])
+            short = command if len(command) <= 160 else f"{command[:120]} …"
+            what = f"its timeout of {timeout:g} s" if timeout is not None else "its time"
+            if stall is not None:
+                what += f", or its input did not move for {stall:g} s"
             raise OperationTimeoutError(
-                f"command on {self.host} exceeded its timeout of {timeout} s: {command!r}",
+                f"command on {self.host} exceeded {what}: {short!r}",
                 host=self.host,
                 output=tail(out.text + (err.text if err else "")),
             )

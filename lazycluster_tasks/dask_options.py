@@ -49,6 +49,12 @@ class DaskOptions:
     #: host only, for the cluster's ports only, expiring) until the cluster ends there. False
     #: leaves every authorized_keys untouched and sends that traffic through this machine.
     host_links: bool = True
+    #: The hosts' Python: "auto" makes an environment like this machine's on each host without
+    #: an interpreter given (python_executable) — its installed distributions and the user's
+    #: code, sent from here and kept there by content; a mapping with "include" (distributions:
+    #: only these), "exclude" (names or patterns left out) and "code" (the folders of the
+    #: user's code) does the same with those; None uses the hosts' interpreters as they are.
+    environment: Any = "auto"
 
     def python(self, runtime: Runtime) -> str:
         """The interpreter that runs Dask on ``runtime``."""
@@ -59,8 +65,35 @@ class DaskOptions:
             return choice[runtime.host]
         return runtime.python_executable
 
+    def environment_parts(self) -> tuple[list[str] | None, list[str], list[str] | None] | None:
+        """(include, exclude, code) of ``environment``; None when it is off."""
+        choice = self.environment
+        if choice is None:
+            return None
+        if choice == "auto":
+            return None, [], None
+        include, exclude, code = choice.get("include"), choice.get("exclude"), choice.get("code")
+        return (
+            list(include) if include is not None else None,
+            list(exclude or []),
+            list(code) if code is not None else None,
+        )
+
     def check(self) -> None:
         """Refuse options that would start a useless or broken cluster, naming the option."""
+        choice = self.environment
+        if not (choice is None or choice == "auto" or isinstance(choice, Mapping)):
+            raise ValueError(f"environment must be 'auto', None or a mapping, not {choice!r}")
+        if isinstance(choice, Mapping):
+            unknown = set(choice) - {"include", "exclude", "code"}
+            if unknown:
+                raise ValueError(f"environment: unknown keys {sorted(unknown)}")
+            for key in ("include", "exclude", "code"):
+                value = choice.get(key)
+                if value is not None and (
+                    isinstance(value, str) or not isinstance(value, Sequence)
+                ):
+                    raise ValueError(f"environment[{key!r}] must be a list of names, not {value!r}")
         if self.network_mode not in NETWORK_MODES:
             raise ValueError(
                 f"network_mode must be one of {NETWORK_MODES}, not {self.network_mode!r}"

@@ -14,15 +14,17 @@ on all hosts at once and verify nothing survived.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import shlex
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-from lazycluster_tasks import commands, processes, startup
+from lazycluster_tasks import commands, environments, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
 from lazycluster_tasks.commands import (
     CLIENT_TIMEOUT_ENV,
@@ -57,6 +59,7 @@ from lazycluster_tasks.record import (
 from lazycluster_tasks.routing import DirectRouting, TunnelledRouting, make_routing
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.security import ClusterTLS, cluster_tls
+from lazycluster_tasks.settings import settings
 from lazycluster_tasks.task import RuntimeTask
 
 logger = logging.getLogger(__name__)
@@ -99,6 +102,8 @@ class Engine:
         self._processes: dict[str, ProcessInfo] = {}
         self._owners: dict[str, Runtime] = {}
         self._host_locks: dict[str, threading.Lock] = {}
+        self._shared: set[str] = set()  # hosts that run this machine's own interpreter
+        self._code_path: list[str] = []  # the user's code folders here
         self._scheduler_host: str | None = None  # None: this machine
         self._scheduler_bind: str | None = None
         self._scheduler_port: int | None = None
@@ -112,9 +117,11 @@ class Engine:
     # -- the plan -------------------------------------------------------------------------
 
     def ensure_plan(self, ports: Sequence[int]) -> NetworkPlan:
-        """Probe the hosts once (python, distributed, ports, paths) and fix the routing."""
+        """Make the hosts' environments, probe the hosts once (python, distributed, ports,
+        paths) and fix the routing."""
         with self._lock:
             if self._plan is None:
+                self._environments()
                 mode = self.options.network_mode
                 self._plan = plan_network(self.group, mode, list(ports), self.options.python)
                 self._routes = make_routing(self._plan, self.group, self.controller)
@@ -303,7 +310,12 @@ class Engine:
             argv,
             role="master",
             env=server_env(
-                folder, {CLIENT_TIMEOUT_ENV: str(self.options.idle_timeout), **self.options.env}
+                folder,
+                {
+                    CLIENT_TIMEOUT_ENV: str(self.options.idle_timeout),
+                    **self._code_env(runtime),
+                    **self.options.env,
+                },
             ),
             ports=[port],
         )
@@ -465,7 +477,7 @@ class Engine:
                         resources=resources,
                         tls=tls,
                     ),
-                    env=server_env(folder, options.env),
+                    env=server_env(folder, {**self._code_env(runtime), **options.env}),
                     ports=chosen[i * per_worker : (i + 1) * per_worker],
                 )
                 for i, name in enumerate(names)
@@ -745,6 +757,56 @@ class Engine:
             return
         for name, text in self._logs(infos).items():
             logger.debug("[%s] %s", name, text.rstrip())
+
+    def _environments(self) -> None:
+        """Each host without an interpreter given gets the environment of this machine's (see
+        environments): its interpreter for the cluster from then on. Processes that run with
+        this machine's own interpreter (here, on hosts that share its files) find the user's
+        code on their PYTHONPATH."""
+        parts = self.options.environment_parts()
+        if parts is None:
+            return
+        include, exclude, code = parts
+        given = self.options.python_executable
+        remote = [
+            rt
+            for rt in self.group.runtimes
+            if not rt.is_local
+            and not rt.python_given
+            and not isinstance(given, str)
+            and not (isinstance(given, Mapping) and rt.host in given)
+        ]
+        manifest = environments.current(include, exclude, code)
+        self._code_path = [folder for folder in manifest.code_folders]
+        if not remote:
+            return
+        packs = environments.Packs(os.path.join(settings().cache_directory, "packs"))
+        made = environments.sync(remote, manifest, packs)
+        pythons = dict(given) if isinstance(given, Mapping) else {}
+        for host, env in made.items():
+            if env.shared:
+                self._shared.add(host)
+                continue
+            pythons[host] = env.python
+            if env.sent:
+                logger.info(
+                    "%s: environment %s made: %s sent in %.1f s",
+                    host,
+                    manifest.key,
+                    f"{env.sent / 2**20:.1f} MiB",
+                    env.seconds,
+                )
+            else:
+                logger.info("%s: environment %s ready (%.2f s)", host, manifest.key, env.seconds)
+        self.options = replace(self.options, python_executable=pythons or None)
+
+    def _code_env(self, runtime: Runtime) -> dict[str, str]:
+        """PYTHONPATH for a process that runs with this machine's own interpreter (here, or on a
+        host sharing its files): the user's code folders (unless the user set PYTHONPATH)."""
+        shared = runtime is self.controller or runtime.is_local or runtime.host in self._shared
+        if not shared or not self._code_path or "PYTHONPATH" in self.options.env:
+            return {}
+        return {"PYTHONPATH": os.pathsep.join(self._code_path)}
 
     def _link_ports(self) -> list[int]:
         """The ports the links' keys may open and listen on (sshd fixes them when a key logs

@@ -8,6 +8,8 @@ The tree::
     │   ├── AuthenticationError        the host refused our credentials
     │   ├── HostKeyError               unknown or changed host key
     │   └── RemoteEnvironmentError     the host lacks python, cloudpickle or distributed
+    ├── EnvironmentSyncError           this machine's environment cannot be sent as asked (code
+    │                                  folders too large, bad names)
     ├── OperationTimeoutError          a network operation or command ran out of time  [transient]
     ├── TaskExecutionError             a RuntimeTask step failed (host, step, command, exit code)
     ├── PathCreationError              a directory could not be created
@@ -71,6 +73,10 @@ class HostKeyError(InvalidRuntimeError):
 
 class RemoteEnvironmentError(InvalidRuntimeError):
     """The host lacks a program or module we need (nothing is installed for you)."""
+
+
+class EnvironmentSyncError(LazyclusterError, ValueError):
+    """This machine's environment cannot be sent as asked (what to do is in the message)."""
 
 
 class OperationTimeoutError(LazyclusterError, TimeoutError):

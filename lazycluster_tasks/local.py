@@ -9,7 +9,7 @@ import subprocess
 import threading
 from typing import IO
 
-from lazycluster_tasks.connection import Connection, _Collector
+from lazycluster_tasks.connection import Connection, Input, _Collector, chunks
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -40,7 +40,8 @@ class LocalConnection(Connection):
         timeout: float | None,
         stdout: _Collector,
         stderr: _Collector | None,
-        stdin: bytes | None,
+        stdin: Input | None,
+        stall: float | None = None,
     ) -> int | None:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", line],
@@ -58,7 +59,8 @@ class LocalConnection(Connection):
             # the command may exit before reading its input: its exit code tells, not the pipe
             with contextlib.suppress(BrokenPipeError):
                 try:
-                    proc.stdin.write(stdin)
+                    for block in chunks(stdin):
+                        proc.stdin.write(block)
                 finally:
                     proc.stdin.close()
         try:

@@ -115,6 +115,9 @@ class Runtime:
 
     def _init_state(self, working_dir: str | None, python_executable: str | None) -> None:
         self.python_executable = python_executable or sys.executable
+        #: the interpreter was given (else it is this machine's path, or the one an
+        #: environment made for the host sets)
+        self.python_given = python_executable is not None
         self._requested_working_dir = working_dir
         self._working_dir: str | None = None
         self._working_dir_is_temp = False

@@ -9,6 +9,8 @@
   (default 60001-60199; e.g. what a site's firewall opens, or one range per user)
 - ``LAZYCLUSTER_DASHBOARD``: start the scheduler's dashboard unless a cluster says otherwise
   (``true``; ``false`` saves bokeh's import, about 1 s of CPU, at every start)
+- ``LAZYCLUSTER_CACHE_DIR``: what this machine keeps between runs (the packed parts of the
+  environments it sends to hosts); ``$XDG_CACHE_HOME/lazycluster`` (``~/.cache/lazycluster``)
 
 Read when asked (:func:`settings`), so a changed environment is seen by the next call. The
 variables the cluster's own processes read on the hosts (``LAZYCLUSTER_CLIENT_TIMEOUT``) are set
@@ -33,6 +35,7 @@ class Settings(BaseSettings):
     state_dir: str | None = None
     dashboard: bool = True
     ports: str | None = None
+    cache_dir: str | None = None
 
     @field_validator("ports")
     @classmethod
@@ -64,6 +67,12 @@ class Settings(BaseSettings):
     @property
     def main_directory(self) -> str:
         return os.path.abspath(os.path.expanduser(self.main_dir))
+
+    @property
+    def cache_directory(self) -> str:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        folder = self.cache_dir or os.path.join(base, "lazycluster")
+        return os.path.abspath(os.path.expanduser(folder))
 
     @property
     def state_directory(self) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 import paramiko
 
 from lazycluster_tasks import sshconfig
-from lazycluster_tasks.connection import Connection, _Collector
+from lazycluster_tasks.connection import Connection, Input, _Collector, chunks
 from lazycluster_tasks.errors import (
     AuthenticationError,
     HostConnectionError,
@@ -820,7 +820,8 @@ class SSHConnection(Connection):
         timeout: float | None,
         stdout: _Collector,
         stderr: _Collector | None,
-        stdin: bytes | None,
+        stdin: Input | None,
+        stall: float | None = None,
     ) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         chan = self._session(deadline)
@@ -830,8 +831,14 @@ class SSHConnection(Connection):
             self._exec(chan, line)
             if stdin is not None:
                 try:
-                    chan.sendall(stdin)
+                    for block in chunks(stdin):
+                        if deadline is not None or stall is not None:  # a host that stops
+                            left = deadline - time.monotonic() if deadline else float("inf")
+                            chan.settimeout(max(0.1, min(left, stall or left)))  # reading
+                        chan.sendall(block)
                     chan.shutdown_write()
+                except TimeoutError:
+                    return None
                 except OSError:  # the command exited before reading it: its exit code tells
                     logger.debug("%s: the command did not take its input", self.host)
             if not self._read(chan, chan.recv, stdout, deadline):

@@ -30,6 +30,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # pytest-xdist workers inherit the controller's TMPDIR: each makes its own next to it (not
     # inside: socket paths below it must stay short)
     base = os.environ.setdefault("LCT_SESSION_BASE_TMP", tempfile.gettempdir())
+    if not hasattr(config, "workerinput"):  # one cache of packed environments for the run
+        os.environ["LAZYCLUSTER_CACHE_DIR"] = tempfile.mkdtemp(prefix="lctc", dir=base)
     SESSION_TMP = tempfile.mkdtemp(prefix="lcts", dir=base)
     os.environ["TMPDIR"] = SESSION_TMP
     tempfile.tempdir = SESSION_TMP
@@ -41,6 +43,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _stop_prefect()
     if SESSION_TMP:
         shutil.rmtree(SESSION_TMP, ignore_errors=True)
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ.get("LAZYCLUSTER_CACHE_DIR", ""), ignore_errors=True)
 
 
 QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from prefect import flow
+from prefect import flow, task
 
 from lazycluster_tasks.prefect import ClusterHandle, dask_cluster
 
@@ -25,3 +25,25 @@ def lifecycle_without_hooks(hosts: list[str], ssh_config_path: str) -> None:
     to the server-side safety net."""
     with dask_cluster(hosts, ssh_config_path=ssh_config_path) as cluster:
         hold(cluster)
+
+
+@task
+def where_am_i(i: int) -> tuple[str, str]:
+    """Where a task run ran: the host and the interpreter."""
+    import sys
+
+    return socket.gethostname(), sys.executable
+
+
+@flow(name="tasks-on-the-hosts")
+def tasks_on_the_hosts(hosts: list[str], ssh_config_path: str) -> list[tuple[str, str]]:
+    """Prefect task runs on the cluster's workers, one per host."""
+    with dask_cluster(hosts, ssh_config_path=ssh_config_path) as cluster:
+        run = fan_out.with_options(task_runner=cluster.task_runner())
+        return run(len(hosts))
+
+
+@flow
+def fan_out(count: int) -> list[tuple[str, str]]:
+    futures = [where_am_i.submit(i) for i in range(count * 4)]
+    return [future.result() for future in futures]

@@ -573,9 +573,9 @@ def test_a_worker_started_again_on_other_ports_leaves_no_forward_to_its_lost_por
             client.wait_for_workers(3, timeout=60)
             assert cluster.engine.routing.links is not None
             cluster.engine.routing.links.wait()
-            assert lost and lost[0] not in {
-                p for i in cluster.engine.worker_processes() for p in i.ports
-            }
+            placed = {i.name: (i.host, i.ports) for i in cluster.engine.worker_processes()}
+            why = (lost, placed, [b.poll() for b in blockers], cluster.engine.plan.mode)
+            assert lost and lost[0] not in {p for _, ports in placed.values() for p in ports}, why
             assert _forwards(cluster) == (2 * 3 + 3, 3 * 2)
             tunnels = [t for rt in cluster.engine.group.runtimes for t in rt.tunnels]
             assert not [t for t in tunnels if lost[0] in (t.local_port, t.remote_port)]
@@ -585,6 +585,8 @@ def test_a_worker_started_again_on_other_ports_leaves_no_forward_to_its_lost_por
         for blocker in blockers:
             blocker.kill()
             blocker.wait()
+            if blocker.stdout is not None:
+                blocker.stdout.close()
 
 
 GREETER = (

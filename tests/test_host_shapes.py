@@ -3,14 +3,29 @@ with a home of its own, a filesystem of its own with only the system's Python.""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 from distributed import Client
 
-from lazycluster_tasks import LazySSHCluster, Runtime
+from lazycluster_tasks import (
+    GroupError,
+    LazySSHCluster,
+    RemoteEnvironmentError,
+    Runtime,
+    environments,
+    teardown,
+)
 from lazycluster_tasks.testing.hosts import TestHosts
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
@@ -66,3 +81,200 @@ def test_a_cluster_runs_on_hosts_of_every_login_shell(shells: TestHosts) -> None
     finally:
         cluster.close()
     assert not shells.leftovers()
+
+
+# -- hosts that share nothing with this machine --------------------------------------------------
+
+PRIVATE = ["host1", "host2"]
+
+
+@pytest.fixture(scope="module")
+def private_hosts() -> Iterator[TestHosts]:
+    """Two hosts with a filesystem of their own (empty /tmp, /root, /home, /work: this
+    machine's checkout, venv and pyenv are not there), an unprivileged login user with a home
+    of its own, and only the system's Python (no dask)."""
+    with TestHosts(len(PRIVATE), user=True, private=True) as hosts:
+        yield hosts
+        assert not hosts.leftovers()
+
+
+def _cluster(hosts: TestHosts, **options: object) -> LazySSHCluster:
+    options.setdefault("threads_per_worker", 1)
+    return LazySSHCluster(PRIVATE, ssh_config_path=str(hosts.ssh_config_path), **options)
+
+
+def _answers(cluster: LazySSHCluster) -> set[tuple[str, str, int]]:
+    """Where each worker runs, with which interpreter, and what the user's code answers."""
+
+    def probe() -> tuple[str, str, int]:
+        import userpkg.compute  # only this machine has it: it came with the job
+
+        return socket.gethostname(), sys.executable, userpkg.compute.answer()
+
+    with Client(cluster) as client:
+        client.wait_for_workers(len(PRIVATE), timeout=60)
+        return set(client.run(probe).values())
+
+
+def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
+    private_hosts: TestHosts, tmp_path, monkeypatch, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks.engine")
+    project = tmp_path / "project"
+    (project / "userpkg").mkdir(parents=True)
+    (project / "userpkg" / "__init__.py").write_text("")
+    code = project / "userpkg" / "compute.py"
+    code.write_text("def answer():\n    return 42\n")
+    monkeypatch.syspath_prepend(str(project))  # where the user's flow runs from
+    for host in PRIVATE:  # what the hosts have: the system's Python, no dask
+        probe = private_hosts.run_in(host, ["sh", "-c", "ls /work; python3 -c 'import dask'"])
+        assert probe.wait() != 0
+    first = _cluster(private_hosts)
+    try:
+        found = _answers(first)
+    finally:
+        first.close()
+    home = f"/home/{private_hosts.user}/.cache/lazycluster/envs/"
+    assert {(h, a) for h, _, a in found} == {(h, 42) for h in PRIVATE}
+    assert all(python.startswith(home) for _, python, _ in found)
+    made = [r.getMessage() for r in caplog.records if "environment" in r.getMessage()]
+    assert len([m for m in made if " MiB sent in " in m]) == len(PRIVATE), made
+    caplog.clear()
+    # the next start finds the environment: a check, nothing sent
+    second = _cluster(private_hosts)
+    try:
+        assert {a for _, _, a in _answers(second)} == {42}
+    finally:
+        second.close()
+    ready = [r.getMessage() for r in caplog.records if "environment" in r.getMessage()]
+    assert len(ready) == len(PRIVATE) and all(" ready (" in m for m in ready), ready
+    assert all(float(m.rsplit("(", 1)[1].split()[0]) <= 1.0 for m in ready), ready
+    caplog.clear()
+    # a changed file of the user's is picked up at the next start; only it is sent
+    time.sleep(0.01)
+    code.write_text("def answer():\n    return 43\n")
+    third = _cluster(private_hosts)
+    try:
+        assert {a for _, _, a in _answers(third)} == {43}
+    finally:
+        third.close()
+    sent = [r.getMessage() for r in caplog.records if " MiB sent in " in r.getMessage()]
+    assert len(sent) == len(PRIVATE) and all(" 0.0 MiB sent" in m for m in sent), sent
+
+
+def test_a_flow_runs_its_tasks_on_hosts_that_share_nothing(
+    private_hosts: TestHosts, prefect_api: str
+) -> None:
+    from tests.prefect_jobs import tasks_on_the_hosts
+
+    ran = tasks_on_the_hosts(PRIVATE, str(private_hosts.ssh_config_path))
+    assert {host for host, _ in ran} == set(PRIVATE)
+    home = f"/home/{private_hosts.user}/.cache/lazycluster/envs/"
+    assert all(python.startswith(home) for _, python in ran)
+
+
+def test_teardown_from_the_record_on_hosts_that_share_nothing(private_hosts: TestHosts) -> None:
+    script = (
+        "import sys, time\n"
+        "from lazycluster_tasks import LazySSHCluster\n"
+        "c = LazySSHCluster(sys.argv[2:], ssh_config_path=sys.argv[1], threads_per_worker=1)\n"
+        "print(c.record().model_dump_json(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(private_hosts.ssh_config_path), *PRIVATE],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        record = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+        assert all(private_hosts.processes(h) for h in PRIVATE)
+    finally:
+        proc.kill()
+        proc.wait()
+    report = teardown(record)
+    assert set(report.values()) == {f"{k}: stopped" for k in record["folders"]}
+    assert not private_hosts.leftovers()
+
+
+def test_a_host_without_python3_is_named_in_bounded_time() -> None:
+    with TestHosts(1, user=True, private=True, hidden=("python3", "python3.11")) as bare:
+        started = time.monotonic()
+        with pytest.raises(GroupError) as info:  # each host that failed, and why
+            LazySSHCluster(["host1"], ssh_config_path=str(bare.ssh_config_path))
+        assert time.monotonic() - started < 60
+        error = info.value.errors["host1"]
+        assert isinstance(error, RemoteEnvironmentError)
+        assert str(error).startswith("host1: no Python 3 to run the cluster with")
+        assert not bare.leftovers()
+
+
+def test_two_clusters_starting_at_once_make_one_environment(
+    private_hosts: TestHosts, tmp_path, monkeypatch
+) -> None:
+    project = tmp_path / "together"
+    (project / "userpkg").mkdir(parents=True)
+    (project / "userpkg" / "__init__.py").write_text("")
+    (project / "userpkg" / "compute.py").write_text("def answer():\n    return 7\n")
+    monkeypatch.syspath_prepend(str(project))  # a code unit no host has yet
+    found: list[set] = []
+    errors: list[BaseException] = []
+
+    def start(first_port: int) -> None:
+        try:
+            cluster = _cluster(private_hosts, ports=range(first_port, first_port + 50))
+            try:
+                found.append(_answers(cluster))
+            finally:
+                cluster.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(p,)) for p in (51000, 52000)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert not errors, errors
+    assert [{a for _, _, a in f} for f in found] == [{7}, {7}]
+    for host in PRIVATE:
+        root = private_hosts.home_dir(host) / ".cache" / "lazycluster"
+        code = [p.name for p in (root / "units").iterdir() if p.name.startswith("code-together")]
+        assert len(code) == 1  # made once, by the first build; the other found it
+        assert not [p for p in (root / "units").iterdir() if p.name.startswith(".")]
+
+
+def test_a_transfer_cut_by_the_network_is_finished_by_the_next_start(monkeypatch) -> None:
+    monkeypatch.setattr(environments, "STALL", 6.0)  # a cut is noticed within this, both ends
+    with TestHosts(1, user=True, private=True) as fresh:
+        units = fresh.home_dir("host1") / ".cache" / "lazycluster" / "units"
+        config = str(fresh.ssh_config_path)
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                LazySSHCluster(["host1"], ssh_config_path=config).close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=start)
+        thread.start()
+
+        def receiving() -> bool:
+            return units.is_dir() and any(p.name.startswith(".incoming") for p in units.iterdir())
+
+        assert wait_until(receiving, timeout=60, interval=0.02)
+        fresh.cut_host("host1")
+        began = time.monotonic()
+        thread.join(120)
+        assert not thread.is_alive() and errors, "a cut transfer must fail the start"
+        print(f"the cut start failed {time.monotonic() - began:.1f} s after the cut: {errors[0]}")
+        fresh.restore_host("host1")
+        cluster = LazySSHCluster(["host1"], ssh_config_path=config, threads_per_worker=1)
+        try:
+            with Client(cluster) as client:
+                assert client.submit(lambda: 6 * 7).result(timeout=30) == 42
+        finally:
+            cluster.close()
+        assert not [p for p in units.iterdir() if p.name.startswith(".")]
+        assert wait_until(lambda: not fresh.leftovers(), 10), fresh.leftovers()

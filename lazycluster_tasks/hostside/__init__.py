@@ -2,8 +2,9 @@
 
 Each module here runs on a host with nothing but that host's Python and its standard library
 (3.8 or newer), and nothing in it imports the rest of the package: ``authorized_keys`` (the one
-edit of a user's ``~/.ssh/authorized_keys``) and ``guard`` (what a host does by itself once no
-process of a cluster is left on it). They are linted, typed and tested as the rest.
+edit of a user's ``~/.ssh/authorized_keys``), ``envs`` (the host's environments made of what the
+controller sends) and ``guard`` (what a host does by itself once no process of a cluster is left
+on it). They are linted, typed and tested as the rest.
 
 They travel in two ways: a module's source on a command's stdin (``python - ARGS``), or all of
 them as one zip application in the cluster folder (``python -E -s hostside.pyz guard ARGS``),
@@ -18,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 #: The modules shipped in the zip application (``__main__`` dispatches to them).
-MODULES = ("__init__", "__main__", "authorized_keys", "guard")
+MODULES = ("__init__", "__main__", "authorized_keys", "envs", "guard")
 #: Its name in a cluster folder.
 BUNDLE = "hostside.pyz"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from lazycluster_tasks.hostside import authorized_keys, guard
+from lazycluster_tasks.hostside import authorized_keys, envs, guard
 
-PROGRAMS = {"authorized_keys": authorized_keys.main, "guard": guard.main}
+PROGRAMS = {"authorized_keys": authorized_keys.main, "envs": envs.main, "guard": guard.main}
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ from . import authorized_keys
 #: Seconds between two looks at the folder.
 PAUSE = 1.0
 #: Seconds the cluster must have had no process here before the guard acts.
-QUIET = 3.0
+QUIET = 6.0
 #: Seconds to wait for a first process (the guard starts with them: a safety net).
 GRACE = 120.0
 #: Seconds between TERM and KILL for what is left.
@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = os.path.abspath(args.folder)
     marker = folder.rstrip("/") + "/"  # what every command line of the cluster names
+    if not os.path.isdir(folder):  # cleaned up before this guard even looked
+        if args.key_marker:
+            revoke(args.key_marker, args.pause, args.revoke_for)
+        return 0
     if claim(folder) is None:
         print("guard: another guard watches this folder", file=sys.stderr)
         return 0

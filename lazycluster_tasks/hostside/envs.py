@@ -1,0 +1,321 @@
+"""A host's environments: Python packages and code received from the controller, made into venvs.
+
+Layout, under ``$XDG_CACHE_HOME/lazycluster`` (``~/.cache/lazycluster``), the login user's:
+
+- ``units/<key>/``: one distribution's files (or one code folder's), as they are on sys.path;
+- ``envs/<key>/``: a venv of this host's Python whose ``lazycluster.pth`` adds its units;
+  ``lazycluster-env.json`` in it says it is complete (only complete ones are used);
+- ``lock``: held while units or environments are made (two starts at once make them once).
+
+``check`` says what the host has (its Python, the environment, the units it lacks) without
+changing anything; ``build`` receives the missing units on stdin (gzip'd tars, concatenated) and
+makes the environment. Both write aside and rename into place: a build that fails or is cut never
+leaves a unit or an environment a later start would use. ``list`` and ``prune`` are for users.
+
+Runs on the hosts with the standard library only (see ``hostside``); prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import platform
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+MARK = "lazycluster-env.json"
+PTH = "lazycluster.pth"
+#: Seconds a build waits for another's lock (it builds the same, or what this one needs).
+LOCK_WAIT = 600.0
+#: Seconds a transfer may stall before the build gives up (a cut path sends no end of input).
+STALL = 30.0
+
+
+def cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lazycluster")
+
+
+def _glibc() -> str:
+    name, version = platform.libc_ver()
+    return version if name == "glibc" else ""
+
+
+def facts() -> dict[str, str]:
+    """This interpreter: its path, version, machine and C library."""
+    return {
+        "python": sys.executable,
+        "version": "%d.%d.%d" % sys.version_info[:3],  # noqa: UP031 - 3.8 hosts read this too
+        "machine": platform.machine(),
+        "glibc": _glibc(),
+    }
+
+
+def env_python(key: str) -> str | None:
+    """The environment's interpreter, if the environment is complete."""
+    folder = os.path.join(cache(), "envs", key)
+    if not os.path.exists(os.path.join(folder, MARK)):
+        return None
+    return os.path.join(folder, "bin", "python")
+
+
+def same_files(python: str, samples: list[list[object]]) -> bool:
+    """The controller's own interpreter and files are here as they are there (a shared
+    filesystem): ``python`` runs, and each sample [path, size, mtime_ns] is the same file."""
+    if not samples or not os.access(python, os.X_OK):
+        return False
+    for path, size, stamp in samples:
+        try:
+            status = os.stat(str(path))
+        except OSError:
+            return False
+        if (status.st_size, status.st_mtime_ns) != (size, stamp):
+            return False
+    return True
+
+
+def check(key: str, units: list[str], ours: str = "", samples: str = "") -> dict[str, object]:
+    """What the host has for environment ``key``: the controller's own environment (a shared
+    filesystem), or its interpreter if complete (its use is noted), else the units it lacks."""
+    found: dict[str, object] = dict(facts())
+    if ours and same_files(ours, json.loads(samples or "[]")):
+        found["same"] = True
+        return found
+    python = env_python(key)
+    if python is not None:
+        with contextlib.suppress(OSError):
+            os.utime(os.path.join(cache(), "envs", key, MARK))  # last use, for prune
+        found["env"] = python
+        found["missing"] = []
+        return found
+    have = os.path.join(cache(), "units")
+    found["env"] = None
+    found["missing"] = [u for u in units if not os.path.isdir(os.path.join(have, u))]
+    return found
+
+
+class BuildError(Exception):
+    """Nothing half-made is left; the message names the path and the cause."""
+
+
+@contextlib.contextmanager
+def _locked(folder: str) -> Iterator[None]:
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(folder, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() > deadline:
+                    raise BuildError(f"{folder}/lock: not taken ({exc.strerror})") from exc
+            time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def build(key: str, units: list[str], python: str, stall: float = STALL) -> dict[str, object]:
+    """Receive the units on stdin (what another start made meanwhile is kept, theirs dropped)
+    and make environment ``key`` of them with ``python``."""
+    root = cache()
+    with _locked(root):
+        received = _receive(root, stall)
+        existing = env_python(key)
+        if existing is not None:
+            return {"env": existing, "received": received}
+        missing = [u for u in units if not os.path.isdir(os.path.join(root, "units", u))]
+        if missing:
+            raise BuildError(f"{root}/units: missing after the transfer: {', '.join(missing)}")
+        return {"env": _make_env(root, key, units, python), "received": received}
+
+
+def _read(stall: float) -> bytes:
+    """The next block of stdin (b"" at its end); BuildError when none comes for ``stall`` s."""
+    ready, _, _ = select.select([sys.stdin.buffer], [], [], stall)
+    if not ready:
+        raise BuildError(f"stdin: nothing came for {stall:g} s (the transfer was cut)")
+    return os.read(sys.stdin.buffer.fileno(), 1 << 18)
+
+
+def _receive(root: str, stall: float) -> int:
+    """Unpack stdin (gzip'd tars, one after the other) aside; move each unit into place unless
+    it is there already. Returns the bytes read."""
+    units = os.path.join(root, "units")
+    os.makedirs(units, mode=0o700, exist_ok=True)
+    incoming = os.path.join(units, f".incoming-{os.getpid()}")
+    os.mkdir(incoming, 0o700)
+    try:
+        first = _read(stall)
+        total = len(first)
+        if first:  # nothing comes when the host has every unit already
+            tar = subprocess.Popen(
+                ["tar", "-x", "-z", "-i", "--no-same-owner", "-f", "-", "-C", incoming],
+                stdin=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            assert tar.stdin is not None and tar.stderr is not None
+            block = first
+            try:
+                while block:
+                    tar.stdin.write(block)
+                    block = _read(stall)
+                    total += len(block)
+                tar.stdin.close()
+            except BrokenPipeError:
+                pass
+            except BuildError:
+                tar.kill()
+                tar.wait()
+                raise
+            error = tar.stderr.read().decode(errors="replace").strip()
+            if tar.wait() != 0:
+                why = error.splitlines()[-1] if error else f"tar exited {tar.returncode}"
+                raise BuildError(f"{incoming}: the units were not received whole ({why})")
+        for name in sorted(os.listdir(incoming)):
+            target = os.path.join(units, name)
+            if os.path.isdir(target):
+                continue  # made meanwhile by another start: the same content
+            try:
+                os.rename(os.path.join(incoming, name), target)
+            except OSError as exc:
+                raise BuildError(f"{target}: not moved into place ({exc.strerror})") from exc
+        return total
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)
+
+
+def _make_env(root: str, key: str, units: list[str], python: str) -> str:
+    envs = os.path.join(root, "envs")
+    os.makedirs(envs, mode=0o700, exist_ok=True)
+    aside = os.path.join(envs, f".{key}-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        made = subprocess.run(
+            [python, "-m", "venv", "--without-pip", aside],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+        if made.returncode != 0:
+            why = made.stdout.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+            raise BuildError(f"{aside}: {python} -m venv failed ({why[0]})")
+        probe = [
+            os.path.join(aside, "bin", "python"),
+            "-c",
+            "import site; print(site.getsitepackages()[0])",
+        ]
+        site_dir = subprocess.run(probe, stdout=subprocess.PIPE, check=True).stdout.decode().strip()
+        lines = [
+            f"import site; site.addsitedir({os.path.join(root, 'units', unit)!r})\n"
+            for unit in units
+        ]
+        with open(os.path.join(site_dir, PTH), "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+        with open(os.path.join(aside, MARK), "w", encoding="utf-8") as handle:
+            json.dump({"key": key, "units": units, "made": time.time()}, handle)
+        target = os.path.join(envs, key)
+        os.rename(aside, target)
+        return os.path.join(target, "bin", "python")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise BuildError(f"{aside}: the environment was not made ({exc})") from exc
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def listing() -> list[dict[str, object]]:
+    """The complete environments here: key, size of their units, last use."""
+    root = cache()
+    found = []
+    for key in (
+        sorted(os.listdir(os.path.join(root, "envs")))
+        if os.path.isdir(os.path.join(root, "envs"))
+        else []
+    ):
+        mark = os.path.join(root, "envs", key, MARK)
+        if key.startswith(".") or not os.path.exists(mark):
+            continue
+        with open(mark, encoding="utf-8") as handle:
+            units = json.load(handle).get("units", [])
+        size = sum(_size(os.path.join(root, "units", u)) for u in units)
+        found.append(
+            {"key": key, "units": len(units), "bytes": size, "used": os.path.getmtime(mark)}
+        )
+    return found
+
+
+def prune(keep: list[str], older: float) -> dict[str, object]:
+    """Remove the environments not used for ``older`` seconds (but ``keep``), then the units no
+    environment left uses, and what a cut build left aside."""
+    root = cache()
+    removed: list[str] = []
+    with _locked(root):
+        now = time.time()
+        kept_units: set[str] = set()
+        for env in listing():
+            key = str(env["key"])
+            if key in keep or now - float(env["used"]) < older:  # type: ignore[arg-type]
+                with open(os.path.join(root, "envs", key, MARK), encoding="utf-8") as handle:
+                    kept_units.update(json.load(handle).get("units", []))
+                continue
+            shutil.rmtree(os.path.join(root, "envs", key), ignore_errors=True)
+            removed.append(key)
+        for folder in ("envs", "units"):
+            where = os.path.join(root, folder)
+            for name in os.listdir(where) if os.path.isdir(where) else []:
+                stale = name.startswith(".") or (folder == "units" and name not in kept_units)
+                if stale:
+                    shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+    return {"removed": removed}
+
+
+def _size(folder: str) -> int:
+    total = 0
+    for base, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(base, name)).st_size
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="envs", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("action", choices=["check", "build", "list", "prune"])
+    parser.add_argument("--key", default="")
+    parser.add_argument("--units", default="", help="unit keys, comma-separated, in order")
+    parser.add_argument("--python", default=sys.executable, help="what makes the venv")
+    parser.add_argument("--ours", default="", help="check: the controller's interpreter")
+    parser.add_argument("--samples", default="", help="check: [[path, size, mtime_ns], ...]")
+    parser.add_argument("--stall", type=float, default=STALL, help="build: seconds")
+    parser.add_argument("--keep", default="", help="prune: environment keys to keep")
+    parser.add_argument("--older", type=float, default=0.0, help="prune: unused seconds")
+    args = parser.parse_args(argv)
+    units = [u for u in args.units.split(",") if u]
+    try:
+        if args.action == "check":
+            answer: object = check(args.key, units, args.ours, args.samples)
+        elif args.action == "build":
+            answer = build(args.key, units, args.python, args.stall)
+        elif args.action == "list":
+            answer = {"envs": listing(), "cache": cache()}
+        else:
+            answer = prune([k for k in args.keep.split(",") if k], args.older)
+    except BuildError as exc:
+        print(f"envs: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The environment follows the job: what this machine sends (environments.py) and what a host
+makes of it (hostside/envs.py), on real files and processes here, then on hosts that share
+nothing with this machine (their own filesystem, an unprivileged user, the system's Python)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lazycluster_tasks import environments, hostside
+from lazycluster_tasks.errors import EnvironmentSyncError, RemoteEnvironmentError
+from tests.test_authorized_keys import fill, small_disk
+
+
+def _project(folder: Path, answer: str = "42") -> Path:
+    """A user's project: a package only this machine has (not installed anywhere)."""
+    package = folder / "userpkg"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "compute.py").write_text(f"def answer():\n    return {answer}\n")
+    (folder / ".gitignore").write_text("data/\n")
+    (folder / "data").mkdir(exist_ok=True)
+    (folder / "data" / "big.bin").write_bytes(b"x" * 1000)
+    return folder
+
+
+def test_the_manifest_holds_what_workers_need_and_not_what_they_never_import(tmp_path) -> None:
+    project = _project(tmp_path / "project")
+    manifest = environments.scan(code=[str(project)])
+    names = {u.name for u in manifest.units}
+    assert {"distributed", "dask", "cloudpickle", "prefect", "lazycluster-tasks"} <= names
+    assert not names & {"pip", "mypy", "ruff", "pytest", "playwright", "hypothesis"}
+    code = next(u for u in manifest.units if u.name == "code-project")
+    assert sorted(where for where, _ in code.files) == [
+        ".gitignore",
+        "userpkg/__init__.py",
+        "userpkg/compute.py",
+    ]  # data/ is in its .gitignore
+    ours = next(u for u in manifest.units if u.name == "lazycluster-tasks")
+    # this project is installed for development: its sources go as they are now
+    assert "lazycluster_tasks/environments.py" in {where for where, _ in ours.files}
+    assert manifest.python == f"{sys.version_info[0]}.{sys.version_info[1]}"
+    same = environments.scan(code=[str(project)])
+    assert same.key == manifest.key  # nothing changed: the same environment
+    time.sleep(0.01)
+    _project(project, answer="43")  # a changed file makes a new code unit, the rest stays
+    changed = environments.scan(code=[str(project)])
+    assert changed.key != manifest.key
+    moved = {u.key for u in changed.units} ^ {u.key for u in manifest.units}
+    assert {k.split("-")[0] for k in moved} == {"code"}
+    only = environments.scan(include=["distributed", "pytest"], exclude=["dask"], code=[])
+    assert {u.name for u in only.units} == {"distributed", "pytest"}  # named: no default out
+
+
+def test_code_folders_too_large_are_a_clear_error(tmp_path, monkeypatch) -> None:
+    project = _project(tmp_path / "project")
+    (project / "userpkg" / "model.pkl").write_bytes(b"x" * 4096)
+    monkeypatch.setattr(environments, "CODE_LIMIT", 2048)
+    with pytest.raises(EnvironmentSyncError, match=r"project holds more than .*code=\[\.\.\.\]"):
+        environments.scan(code=[str(project)])
+
+
+@pytest.mark.parametrize(
+    ("found", "says"),
+    [
+        ({"version": "3.9.2", "python": "/usr/bin/python3"}, "no Python {minor} (found 3.9.2 at"),
+        ({"machine": "aarch64"}, "a aarch64 machine; this one's packages are built for"),
+        ({"glibc": "2.5"}, "its C library (2.5) is older than glibc"),
+    ],
+)
+def test_a_host_that_cannot_run_this_machines_packages_is_named_with_what_differs(
+    found: dict, says: str
+) -> None:
+    manifest = environments.scan(code=[])
+    host = {
+        "version": f"{manifest.python}.0",
+        "python": "/usr/bin/python3",
+        "machine": manifest.machine,
+        "glibc": "9.99",
+        **found,
+    }
+    with pytest.raises(RemoteEnvironmentError) as info:
+        environments._fits("gpu1", host, manifest)
+    assert str(info.value).startswith("gpu1: " + says.format(minor=manifest.python))
+
+
+# -- the host's side, run here -----------------------------------------------------------------
+
+
+def envs(home: Path, *args: str, data: bytes = b"") -> subprocess.CompletedProcess:
+    """hostside/envs.py as a host runs it (its source on the command line), with ``home``."""
+    argv = [sys.executable, "-I", "-c", hostside.source("envs"), *args]
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    return subprocess.run(argv, input=data, capture_output=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[environments.Manifest, bytes]:
+    """A small manifest (two pure-Python distributions and a project) and its packs' stream."""
+    folder = tmp_path_factory.mktemp("small")
+    project = _project(folder / "project")
+    manifest = environments.scan(include=["cloudpickle", "toolz"], code=[str(project)])
+    packs = environments.Packs(folder / "packs")
+    with environments.stream(packs, manifest.units) as data:
+        return manifest, data.read()
+
+
+def _args(manifest: environments.Manifest, action: str) -> list[str]:
+    return [action, "--key", manifest.key, "--units", ",".join(u.key for u in manifest.units)]
+
+
+def test_a_host_makes_the_environment_once_and_finds_it_after(tmp_path, small) -> None:
+    manifest, data = small
+    home = tmp_path / "home"
+    home.mkdir()
+    before = json.loads(envs(home, *_args(manifest, "check")).stdout)
+    assert before["env"] is None and len(before["missing"]) == 3
+    made = envs(home, *_args(manifest, "build"), data=data)
+    assert made.returncode == 0, made.stderr
+    answer = json.loads(made.stdout)
+    assert answer["received"] == len(data)
+    python = answer["env"]
+    ran = subprocess.run(
+        [python, "-c", "import cloudpickle, userpkg.compute as c; print(c.answer())"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert ran.stdout.strip() == "42", ran.stderr
+    after = json.loads(envs(home, *_args(manifest, "check")).stdout)
+    assert after["env"] == python and after["missing"] == []
+    listed = json.loads(envs(home, "list").stdout)["envs"]
+    assert [e["key"] for e in listed] == [manifest.key]
+    pruned = json.loads(envs(home, "prune").stdout)
+    assert pruned["removed"] == [manifest.key]
+    assert not list((home / ".cache" / "lazycluster" / "units").iterdir())
+
+
+def test_a_cut_or_failed_transfer_leaves_nothing_a_later_start_would_use(tmp_path, small) -> None:
+    manifest, data = small
+    home = tmp_path / "home"
+    home.mkdir()
+    cut = envs(home, *_args(manifest, "build"), data=data[: len(data) // 2])
+    assert cut.returncode == 1 and b"not received whole" in cut.stderr
+    root = home / ".cache" / "lazycluster"
+    assert not list((root / "units").iterdir()) or all(
+        not p.name.startswith(".") for p in (root / "units").iterdir()
+    )
+    assert not (root / "envs").exists() or not list((root / "envs").iterdir())
+    check = json.loads(envs(home, *_args(manifest, "check")).stdout)
+    assert check["env"] is None  # nothing half-made is taken for an environment
+    done = envs(home, *_args(manifest, "build"), data=data)  # the next start finishes it
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_full_disk_during_a_transfer_is_an_error_naming_the_path(tmp_path, small) -> None:
+    manifest, data = small
+    home = tmp_path / "home"
+    with small_disk(home, size="256k"):
+        filler = fill(home)
+        filler.unlink()
+        (home / "filler").write_bytes(b"x" * (200 * 1024))  # room for less than the units
+        full = envs(home, *_args(manifest, "build"), data=data)
+        assert full.returncode == 1
+        assert b"/.cache/lazycluster/units" in full.stderr and b"not received whole" in full.stderr
+        leftovers = list((home / ".cache" / "lazycluster" / "units").iterdir())
+        assert leftovers == []  # the part received went with the failure
+        assert json.loads(envs(home, *_args(manifest, "check")).stdout)["env"] is None
+
+
+def test_two_starts_at_once_make_one_environment(tmp_path, small) -> None:
+    manifest, data = small
+    home = tmp_path / "home"
+    home.mkdir()
+    answers: list[subprocess.CompletedProcess] = []
+    threads = [
+        threading.Thread(
+            target=lambda: answers.append(envs(home, *_args(manifest, "build"), data=data))
+        )
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [a.returncode for a in answers] == [0, 0, 0], [a.stderr for a in answers]
+    assert len({json.loads(a.stdout)["env"] for a in answers}) == 1
+    root = home / ".cache" / "lazycluster"
+    assert sorted(p.name for p in (root / "units").iterdir()) == sorted(
+        u.key for u in manifest.units
+    )
+    assert [p.name for p in (root / "envs").iterdir()] == [manifest.key]
