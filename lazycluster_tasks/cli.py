@@ -1,4 +1,5 @@
-"""The ``lazycluster`` command: ``hosts``, ``up``, ``status``, ``logs``, ``down``, ``exec``.
+"""The ``lazycluster`` command: ``hosts``, ``envs``, ``up``, ``status``, ``logs``, ``down``,
+``exec``.
 
 Exit codes scripts can rely on: 0 done; 1 something failed on a host or in the cluster (each
 failure named on stderr); 2 bad input (an unknown host or cluster id, a bad option).
@@ -173,6 +174,62 @@ def hosts(
             else:
                 table.add_row(row["host"], f"[red]no[/red]: {row['error']}", *["-"] * 5)
         out.print(table)
+    if errors:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def envs(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="hosts (default: all in the config)")
+    ] = None,
+    ssh_config: SshConfig = None,
+    prune: Annotated[
+        bool, typer.Option("--prune", help="remove environments unused for --older days")
+    ] = False,
+    older: Annotated[float, typer.Option(min=0, help="days unused before --prune removes")] = 7,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+) -> None:
+    """The environments clusters made on the hosts (~/.cache/lazycluster there): size and last
+    use; --prune removes those unused for --older days and the parts nothing uses. Exit 1 when
+    a host does not answer."""
+    from lazycluster_tasks import environments
+
+    config = _config(ssh_config)
+    chosen = _known(names, config) if names else config_hosts(config)
+    if not chosen:
+        raise fail(f"no hosts in {config or '~/.ssh/config'}", EXIT_USAGE)
+    args = ["prune", "--older", str(older * 86400)] if prune else ["list"]
+    line = environments.host_line(*args)
+
+    def ask(_: str, runtime: Runtime) -> dict[str, Any]:
+        result = runtime.connection.run(line, timeout=120)
+        if not result.ok:
+            raise LazyclusterError(tail(result.output, 300).strip() or f"exit {result.exit_code}")
+        return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    with err.status(f"asking {len(chosen)} hosts"):
+        found, errors = _on_hosts("envs", {h: _runtime(h, config) for h in chosen}, ask)
+    if as_json:
+        out.print_json(
+            json.dumps({"hosts": found, "errors": {h: str(e) for h, e in errors.items()}})
+        )
+    elif prune:
+        for host in chosen:
+            if host in found:
+                removed = found[host]["removed"]
+                out.print(f"{host}: removed {len(removed)} environments {' '.join(removed)}")
+    else:
+        table = Table("host", "environment", "parts", "MiB", "last used")
+        for host in chosen:
+            for env in found.get(host, {}).get("envs", []):
+                used = time.strftime("%Y-%m-%d %H:%M", time.localtime(env["used"]))
+                table.add_row(
+                    host, env["key"], str(env["units"]), f"{env['bytes'] / 2**20:.0f}", used
+                )
+        out.print(table)
+    for host, error in errors.items():
+        err.print(f"{host}: not answered: {' '.join(str(error).split())[:200]}", highlight=False)
     if errors:
         raise typer.Exit(EXIT_FAILED)
 

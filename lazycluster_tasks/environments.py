@@ -468,6 +468,20 @@ def _program() -> str:
     return hostside.source("envs")
 
 
+def _any_python(minor: str, run: str) -> str:
+    """Run ``run`` (arguments to an interpreter) with python<minor>, else python3."""
+    return (
+        f'for p in python{minor} python3; do if command -v "$p" >/dev/null 2>&1; then '
+        f'exec "$p" {run}; fi; done; echo "no python3 on the PATH" >&2; exit 127'
+    )
+
+
+def host_line(*args: str) -> str:
+    """The host program for the user (``list``, ``prune``), with the host's own Python."""
+    minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return _any_python(minor, shlex.join(["-I", "-c", _program(), *args]))
+
+
 def check_line(manifest: Manifest, python: str | None) -> str:
     """Ask a host what it has: run by ``python``, else by the first of python3.X, python3."""
     units = ",".join(u.key for u in manifest.units)
@@ -477,11 +491,7 @@ def check_line(manifest: Manifest, python: str | None) -> str:
     run = shlex.join(["-I", "-c", _program(), *args])
     if python is not None:
         return f"exec {shlex.quote(python)} {run}"
-    candidates = f"python{manifest.python} python3"
-    return (
-        f'for p in {candidates}; do if command -v "$p" >/dev/null 2>&1; then exec "$p" {run}; '
-        "fi; done; echo 'no python3 on the PATH' >&2; exit 127"
-    )
+    return _any_python(manifest.python, run)
 
 
 def _sample(unit: Unit) -> list[object]:

@@ -278,3 +278,62 @@ def test_a_transfer_cut_by_the_network_is_finished_by_the_next_start(monkeypatch
             cluster.close()
         assert not [p for p in units.iterdir() if p.name.startswith(".")]
         assert wait_until(lambda: not fresh.leftovers(), 10), fresh.leftovers()
+
+
+def test_links_and_healing_work_as_the_unprivileged_user_of_hosts_that_share_nothing(
+    private_hosts: TestHosts,
+) -> None:
+    """Only SSH open: the links log in as the hosts' own user with keys let into its own
+    ~/.ssh/authorized_keys, and carry worker traffic; a killed worker is replaced."""
+    private_hosts.set_network("ssh-only", "drop")
+    cluster = _cluster(private_hosts, network_mode="tunnelled", environment={"code": []})
+    marker = f"lazycluster-link-{cluster.engine.cluster_id}"
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(len(PRIVATE), timeout=60)
+            links = cluster.engine.routing.links
+            assert links is not None
+            links.wait()
+            assert len(links.up) == 2, links.down
+            dialled = {far for _, far in {links.link_of(p) for p in links.up}}
+            assert all(marker in private_hosts.authorized_keys(h) for h in dialled)
+            workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+            block = client.submit(lambda: b"x" * (8 << 20), workers=[workers[0]], pure=False)
+            size = client.submit(len, block, workers=[workers[1]], allow_other_workers=False)
+            assert size.result(timeout=60) == 8 << 20
+            victim = cluster.engine.workers["host2-1"]["pid"]
+            assert private_hosts.run_in("host2", ["kill", "-KILL", "--", f"-{victim}"]).wait() == 0
+            assert wait_until(
+                lambda: "host2-1" not in cluster.engine.workers and len(cluster.workers) == 2,
+                timeout=60,
+            )
+            client.wait_for_workers(len(PRIVATE), timeout=60)
+    finally:
+        cluster.close()
+        private_hosts.set_network("open")
+    assert not any(marker in private_hosts.authorized_keys(h) for h in PRIVATE)
+
+
+def test_the_cli_lists_and_prunes_the_hosts_environments(private_hosts: TestHosts) -> None:
+    """Last in this module: it removes what the tests before made."""
+    env = {**os.environ, "LAZYCLUSTER_SSH_CONFIG": str(private_hosts.ssh_config_path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "lazycluster_tasks.cli", *args]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
+    listed = cli("envs", *PRIVATE, "--json")
+    assert listed.returncode == 0, listed.stderr
+    found = json.loads(listed.stdout)["hosts"]
+    assert all(
+        found[h]["envs"] and all(e["bytes"] > 2**20 for e in found[h]["envs"]) for h in PRIVATE
+    )
+    table = cli("envs", "host1")
+    assert table.returncode == 0 and found["host1"]["envs"][0]["key"] in table.stdout
+    pruned = cli("envs", *PRIVATE, "--prune", "--older", "0")
+    assert pruned.returncode == 0 and "host1: removed" in pruned.stdout, pruned.stderr
+    for host in PRIVATE:
+        cache = private_hosts.home_dir(host) / ".cache" / "lazycluster"
+        assert not list((cache / "envs").iterdir()) and not list((cache / "units").iterdir())
+    again = json.loads(cli("envs", *PRIVATE, "--json").stdout)["hosts"]
+    assert all(again[h]["envs"] == [] for h in PRIVATE)
