@@ -24,6 +24,7 @@ MODULES: list[str] = [
     "benchmarks.security",
     "benchmarks.dataplane",
     "benchmarks.prefect_layer",
+    "benchmarks.environments",
 ]
 
 

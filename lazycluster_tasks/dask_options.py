@@ -57,10 +57,11 @@ class DaskOptions:
     environment: Any = "auto"
 
     def python(self, runtime: Runtime) -> str:
-        """The interpreter that runs Dask on ``runtime``."""
+        """The interpreter that runs Dask on ``runtime`` (one path given for all: the hosts';
+        this machine keeps its own unless a mapping names it)."""
         choice = self.python_executable
         if isinstance(choice, str):
-            return choice
+            return runtime.python_executable if runtime.is_local else choice
         if isinstance(choice, Mapping) and runtime.host in choice:
             return choice[runtime.host]
         return runtime.python_executable

@@ -344,3 +344,17 @@ def test_dataplane_targets_compare_within_a_host_count() -> None:
     assert found["3 hosts: tunnelled cleanup s <= 1"] == ("1.5", common.MISS)
     rows[1].error = "boom"  # a failed case fails every target it would feed
     assert {t.status for t in dataplane.targets(rows)} == {common.FAIL}
+
+
+def test_environments_benchmark_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import environments
+
+    targets = environments.main(["--hosts", "2", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert [t.status in ("PASS", "MISS") for t in targets] == [True], out
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines() if "2 hosts, " in line}
+    first = rows["2 hosts, first start"]
+    assert float(first[-4]) > 1 and first[-1] == "0/1"  # MiB sent per host, no failure
+    assert (
+        rows["2 hosts, cached start"][-4] == "0.0" and rows["2 hosts, pre-installed"][-1] == "0/1"
+    )
