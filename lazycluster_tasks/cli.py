@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import psutil
 import typer
@@ -39,6 +39,9 @@ from lazycluster_tasks.network import NETWORK_MODES
 from lazycluster_tasks.record import ClusterRecord, HostSpec, teardown
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.settings import settings
+
+if TYPE_CHECKING:
+    from lazycluster_tasks.environments import Manifest
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 #: Seconds a host may take to answer ``hosts`` and ``exec`` before it counts as unreachable.
@@ -189,12 +192,24 @@ def envs(
     ] = False,
     older: Annotated[float, typer.Option(min=0, help="days unused before --prune removes")] = 7,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+    shipped: Annotated[
+        bool,
+        typer.Option("--shipped", help="list what a start sends a host from here, by distribution"),
+    ] = False,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="with --shipped: a distribution (or pattern) left out"),
+    ] = None,
 ) -> None:
     """The environments clusters made on the hosts (~/.cache/lazycluster there): size and last
     use; --prune removes those unused for --older days and the parts nothing uses. Exit 1 when
-    a host does not answer."""
+    a host does not answer. --shipped lists what this machine's environment is made of
+    (asks no host)."""
     from lazycluster_tasks import environments
 
+    if shipped:
+        _shipped(environments.current(None, list(exclude or []), None), as_json)
+        return
     config = _config(ssh_config)
     chosen = _known(names, config) if names else config_hosts(config)
     if not chosen:
@@ -232,6 +247,23 @@ def envs(
         err.print(f"{host}: not answered: {' '.join(str(error).split())[:200]}", highlight=False)
     if errors:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _shipped(manifest: Manifest, as_json: bool) -> None:
+    units = sorted(manifest.units, key=lambda u: (-u.size, u.name))
+    if as_json:
+        rows = [{"name": u.name, "version": u.version, "bytes": u.size} for u in units]
+        out.print_json(json.dumps({"key": manifest.key, "bytes": manifest.size, "units": rows}))
+        return
+    table = Table("distribution", "version", "MiB", title=f"environment {manifest.key}")
+    for unit in units:
+        table.add_row(unit.name, unit.version or "(your code)", f"{unit.size / 2**20:.1f}")
+    table.add_row("total", "", f"{manifest.size / 2**20:.1f}")
+    out.print(table)
+    out.print(
+        "Leave a distribution out with environment={'exclude': [...]} (or --exclude here to "
+        "preview); a host that has a part already is not sent it again."
+    )
 
 
 # -- state of clusters started here ---------------------------------------------------------

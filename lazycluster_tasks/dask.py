@@ -137,6 +137,11 @@ class DaskCluster(MasterWorkerCluster):
             engine.clients.monitor().retire_workers(workers=addresses, close_workers=True)
             engine.stop(remove)
 
+    def sync_code(self) -> dict[str, list[str]]:
+        """Ship the user's changed code and have the running workers read it (see
+        ``Engine.sync_code``). Returns worker address -> the modules it will read again."""
+        return self.engine.sync_code()
+
     def cleanup(self) -> None:
         """Stop everything this cluster started, on every host at once; verify nothing is left.
         A host that failed keeps its processes on record: cleanup() or teardown(record) again."""

@@ -24,6 +24,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import cloudpickle
+
 from lazycluster_tasks import commands, environments, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
 from lazycluster_tasks.commands import (
@@ -44,6 +46,7 @@ from lazycluster_tasks.errors import (
     WorkerStartError,
 )
 from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
+from lazycluster_tasks.hostside import code
 from lazycluster_tasks.links import Links
 from lazycluster_tasks.network import NetworkPlan, plan_network
 from lazycluster_tasks.paths_check import blocked_paths
@@ -85,6 +88,15 @@ class Engine:
         self.controller = Runtime("localhost")
         #: Called with (registered, requested) as workers register (e.g. a progress artifact).
         self.on_progress: Callable[[int, int], None] | None = None
+        #: Called with (hosts ready so far, hosts to make ready) as each host's environment
+        #: is checked or made (see environments): once with none ready first.
+        self.on_environment: (
+            Callable[[Sequence[environments.HostEnvironment], int], None] | None
+        ) = None
+        #: What each host runs the cluster with, once checked (environment sync only).
+        self.environments: dict[str, environments.HostEnvironment] = {}
+        #: The environment the hosts got (None: environment sync off).
+        self.manifest: environments.Manifest | None = None
         #: Called once the scheduler answers (e.g. to let a Dask cluster object connect).
         self.on_scheduler_up: Callable[[], None] | None = None
         #: Why a running cluster failed (None while it is healthy).
@@ -777,11 +789,29 @@ class Engine:
             and not (isinstance(given, Mapping) and rt.host in given)
         ]
         manifest = environments.current(include, exclude, code)
+        self.manifest = manifest
         self._code_path = [folder for folder in manifest.code_folders]
         if not remote:
             return
         packs = environments.Packs(os.path.join(settings().cache_directory, "packs"))
-        made = environments.sync(remote, manifest, packs)
+        ready: list[environments.HostEnvironment] = []
+        reporting = threading.Lock()  # not self._lock: the plan holds it while this runs
+
+        def report(env: environments.HostEnvironment | None) -> None:
+            if self.on_environment is None:
+                return
+            with reporting:
+                if env is not None:
+                    ready.append(env)
+                done = list(ready)
+            self.on_environment(done, len(remote))  # sync logs an exception from it
+
+        try:
+            report(None)
+        except Exception:
+            logger.exception("environment progress callback failed")
+        made = environments.sync(remote, manifest, packs, on_host=report)
+        self.environments.update(made)
         pythons = dict(given) if isinstance(given, Mapping) else {}
         for host, env in made.items():
             if env.shared:
@@ -799,6 +829,53 @@ class Engine:
             else:
                 logger.info("%s: environment %s ready (%.2f s)", host, manifest.key, env.seconds)
         self.options = replace(self.options, python_executable=pythons or None)
+
+    def sync_code(self) -> dict[str, list[str]]:
+        """Send the user's changed code to the hosts and have every running worker read it
+        (new workers start with it): the code folders are scanned again, each host with an
+        environment of ours gets the changed units (only those travel) and an environment
+        naming them, and each worker points its sys.path at them and forgets the modules it
+        loaded from the old ones. Returns worker address -> modules dropped there."""
+        if self.manifest is None:
+            raise LazyclusterError("sync_code: the cluster runs without environment sync")
+        parts = self.options.environment_parts()
+        assert parts is not None  # a manifest exists only when the environment is on
+        old = self.manifest
+        manifest = environments.current(*parts)
+        moves = {
+            unit.key: new.key
+            for unit in old.units
+            for new in manifest.units
+            if new.name == unit.name and new.key != unit.key  # changed files, a new key
+        }
+        ours = [
+            rt
+            for rt in self.group.runtimes
+            if rt.host in self.environments and not self.environments[rt.host].shared
+        ]
+        if ours and manifest.key != old.key:
+            packs = environments.Packs(os.path.join(settings().cache_directory, "packs"))
+            made = environments.sync(ours, manifest, packs)
+            self.environments.update(made)
+            given = self.options.python_executable
+            pythons = dict(given) if isinstance(given, Mapping) else {}
+            pythons.update({host: env.python for host, env in made.items()})
+            self.options = replace(self.options, python_executable=pythons)
+            for host, env in made.items():
+                logger.info(
+                    "%s: code synced to environment %s: %.1f MiB sent in %.1f s",
+                    host,
+                    manifest.key,
+                    env.sent / 2**20,
+                    env.seconds,
+                )
+        self.manifest = manifest
+        self._code_path = list(manifest.code_folders)
+        if self.scheduler_address is None:
+            return {}
+        cloudpickle.register_pickle_by_value(code)  # workers need not import this package
+        client = self.clients.monitor()
+        return dict(client.run(code.reload, moves, list(manifest.code_folders)))
 
     def _code_env(self, runtime: Runtime) -> dict[str, str]:
         """PYTHONPATH for a process that runs with this machine's own interpreter (here, or on a

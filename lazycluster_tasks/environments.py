@@ -27,6 +27,7 @@ import importlib.metadata as metadata
 import importlib.util
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -36,7 +37,7 @@ import sysconfig
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from lazycluster_tasks.connection import CommandResult, tail
 from lazycluster_tasks.errors import EnvironmentSyncError, RemoteEnvironmentError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 #: Distributions no worker imports, left out unless named: installers, linters, test tools.
 NOT_FOR_WORKERS = (
@@ -551,12 +554,15 @@ def sync(
     manifest: Manifest,
     packs: Packs,
     python: Mapping[str, str] | None = None,
+    on_host: Callable[[HostEnvironment], None] | None = None,
 ) -> dict[str, HostEnvironment]:
     """Each host's interpreter for ``manifest``: this machine's where the host shares its
     files, else an environment of its own, made where it is missing from the units it lacks
     (packed once here, sent in one stream per host, all hosts at once). ``python``: host ->
-    the interpreter that makes its environment. Raises GroupError naming each host that failed
-    and why (no Python of the minor version, another platform, a full disk, a cut transfer)."""
+    the interpreter that makes its environment; ``on_host`` is called as each host is ready
+    (from its own thread; an exception from it is logged). Raises GroupError naming each host
+    that failed and why (no Python of the minor version, another platform, a full disk, a
+    cut transfer)."""
     chosen = dict(python or {})
     started = {rt.host: time.monotonic() for rt in runtimes}
 
@@ -579,6 +585,15 @@ def sync(
         packs.path(unit)
 
     def make(runtime: Runtime) -> HostEnvironment:
+        made = _make(runtime)
+        if on_host is not None:
+            try:
+                on_host(made)
+            except Exception:
+                logger.exception("environment progress callback failed")
+        return made
+
+    def _make(runtime: Runtime) -> HostEnvironment:
         host, answer = runtime.host, found[runtime.host]
         if answer.get("same"):
             return HostEnvironment(host, sys.executable, shared=True)

@@ -29,6 +29,7 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 from lazycluster_tasks.cluster import MasterWorkerCluster
 from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.engine import Engine
+from lazycluster_tasks.environments import HostEnvironment
 from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.ports import as_port_list
@@ -242,7 +243,8 @@ class LazySSHCluster(SpecCluster):
     ``heal``: replace lost workers (default True). Other keywords are :class:`DaskOptions`
     (``network_mode``, ``threads_per_worker``, ``memory_limit``, ``env``, ``resources``, ...);
     ``host_links=False`` leaves every host's ``~/.ssh/authorized_keys`` untouched (tunnelled
-    worker traffic then goes through this machine).
+    worker traffic then goes through this machine). ``on_environment(ready, total)`` is called
+    as each host's environment is checked or made (``environment=...``, see DaskOptions).
     """
 
     def __init__(
@@ -264,6 +266,7 @@ class LazySSHCluster(SpecCluster):
         host_lost_after: float = HOST_LOST_AFTER,
         heal: bool = True,
         prefect_api: bool | None = None,
+        on_environment: Callable[[Sequence[HostEnvironment], int], None] | None = None,
         asynchronous: bool = False,
         loop: Any = None,
         name: str | None = None,
@@ -305,6 +308,7 @@ class LazySSHCluster(SpecCluster):
         except BaseException:
             group.cleanup()
             raise
+        engine.on_environment = on_environment
         self.engine = engine
         self.hosts = group.hosts
         self.workers_per_host = workers_per_host
@@ -447,6 +451,11 @@ class LazySSHCluster(SpecCluster):
             logger.info("adapt: maximum %s capped at the capacity of %d", maximum, self.capacity)
             maximum = self.capacity
         return super().adapt(minimum=min(minimum, maximum), maximum=maximum, **kwargs)
+
+    def sync_code(self) -> dict[str, list[str]]:
+        """Ship the user's changed code and have the running workers read it (blocking; see
+        ``Engine.sync_code``). Returns worker address -> the modules it will read again."""
+        return self.engine.sync_code()
 
     # -- what users read ------------------------------------------------------------------
 

@@ -197,3 +197,53 @@ def test_two_starts_at_once_make_one_environment(tmp_path, small) -> None:
         u.key for u in manifest.units
     )
     assert [p.name for p in (root / "envs").iterdir()] == [manifest.key]
+
+
+def test_sync_code_has_workers_here_read_the_changed_files_in_place(tmp_path, monkeypatch) -> None:
+    """On this machine (and hosts sharing its files) workers read the user's folders where they
+    are: sync_code() makes them forget what they loaded, and the next task reads the change."""
+    from distributed import Client
+
+    from lazycluster_tasks import LazySSHCluster
+
+    project = _project(tmp_path / "project")
+    monkeypatch.syspath_prepend(str(project))
+    cluster = LazySSHCluster(
+        ["localhost"], threads_per_worker=1, environment={"code": [str(project)]}
+    )
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=60)
+
+            def answer() -> int:
+                import userpkg.compute
+
+                return userpkg.compute.answer()
+
+            assert list(client.run(answer).values()) == [42]
+            time.sleep(0.01)
+            _project(project, answer="43")
+            assert list(client.run(answer).values()) == [42]  # loaded already: kept
+            dropped = cluster.sync_code()
+            assert list(dropped.values()) == [["userpkg", "userpkg.compute"]]
+            assert list(client.run(answer).values()) == [43]
+    finally:
+        cluster.close()
+
+
+def test_the_cli_lists_what_a_start_ships_by_distribution() -> None:
+    def shipped(*args: str) -> dict:
+        argv = [sys.executable, "-m", "lazycluster_tasks.cli", "envs", "--shipped", *args]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    everything = shipped("--json")
+    sizes = {u["name"]: u["bytes"] for u in everything["units"]}
+    assert {"dask", "distributed", "cloudpickle"} <= set(sizes) and "pytest" not in sizes
+    assert everything["bytes"] == sum(sizes.values())
+    assert list(sizes.values()) == sorted(sizes.values(), reverse=True)  # the largest first
+    without = shipped("--json", "--exclude", "numpy")
+    assert "numpy" not in {u["name"] for u in without["units"]}
+    assert everything["bytes"] - without["bytes"] == sizes["numpy"]
+    assert without["key"] != everything["key"]

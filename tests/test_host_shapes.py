@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from distributed import Client
@@ -153,24 +154,54 @@ def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
     # a changed file of the user's is picked up at the next start; only it is sent
     time.sleep(0.01)
     code.write_text("def answer():\n    return 43\n")
-    third = _cluster(private_hosts)
+    third = _cluster(private_hosts, workers_per_host=2, n_workers=len(PRIVATE))
     try:
         assert {a for _, _, a in _answers(third)} == {43}
+        sent = [r.getMessage() for r in caplog.records if " MiB sent in " in r.getMessage()]
+        assert len(sent) == len(PRIVATE) and all(" 0.0 MiB sent" in m for m in sent), sent
+        # ... and by the running workers at sync_code(), without a restart
+        time.sleep(0.01)
+        code.write_text("def answer():\n    return 44\n")
+        dropped = third.sync_code()
+        assert len(dropped) == len(PRIVATE) and all(
+            "userpkg.compute" in names for names in dropped.values()
+        ), dropped
+        assert {a for _, _, a in _answers(third)} == {44}
+        third.scale(2 * len(PRIVATE))  # new workers start with it too
+        third.wait_started()
+        with Client(third) as client:
+            answers = client.run(lambda: __import__("userpkg.compute").compute.answer())
+            assert len(answers) == 2 * len(PRIVATE) and set(answers.values()) == {44}
     finally:
         third.close()
-    sent = [r.getMessage() for r in caplog.records if " MiB sent in " in r.getMessage()]
-    assert len(sent) == len(PRIVATE) and all(" 0.0 MiB sent" in m for m in sent), sent
 
 
 def test_a_flow_runs_its_tasks_on_hosts_that_share_nothing(
     private_hosts: TestHosts, prefect_api: str
 ) -> None:
+    from prefect import get_client
+
     from tests.prefect_jobs import tasks_on_the_hosts
 
+    def artifacts() -> dict[str, object]:
+        with get_client(sync_client=True) as client:
+            return {str(a.id): a for a in client.read_artifacts()}
+
+    before = set(artifacts())
     ran = tasks_on_the_hosts(PRIVATE, str(private_hosts.ssh_config_path))
     assert {host for host, _ in ran} == set(PRIVATE)
     home = f"/home/{private_hosts.user}/.cache/lazycluster/envs/"
     assert all(python.startswith(home) for _, python in ran)
+    new = [a for i, a in artifacts().items() if i not in before]
+    # the run shows each host's environment: a progress that reached every host, a table
+    progress = [a for a in new if a.type == "progress" and "environment" in a.description]
+    assert [(a.data, a.description.split(" (")[0]) for a in progress] == [
+        (100.0, "environment ready on 2/2 hosts")
+    ]
+    (table,) = [a for a in new if a.type == "table" and a.key.startswith("environment-")]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert sorted(r["host"] for r in rows) == PRIVATE
+    assert all(r["state"] in ("made", "found") and r["python"].startswith(home) for r in rows)
 
 
 def test_teardown_from_the_record_on_hosts_that_share_nothing(private_hosts: TestHosts) -> None:
@@ -242,6 +273,49 @@ def test_two_clusters_starting_at_once_make_one_environment(
         code = [p.name for p in (root / "units").iterdir() if p.name.startswith("code-together")]
         assert len(code) == 1  # made once, by the first build; the other found it
         assert not [p for p in (root / "units").iterdir() if p.name.startswith(".")]
+
+
+def test_a_full_disk_during_a_sync_names_host_and_path_and_leaves_nothing_half_made(
+    private_hosts: TestHosts, tmp_path, monkeypatch
+) -> None:
+    project = tmp_path / "crowded"
+    (project / "userpkg").mkdir(parents=True)
+    (project / "userpkg" / "__init__.py").write_text("")
+    (project / "userpkg" / "compute.py").write_text("def answer():\n    return 5\n" + "#" * 8192)
+    monkeypatch.syspath_prepend(str(project))  # a code unit no host has yet
+    disk = private_hosts.home_dir("host1").parent  # the host's own /home
+    cache = private_hosts.home_dir("host1") / ".cache" / "lazycluster"
+    units = cache / "units"
+    before = set(os.listdir(units)) if units.is_dir() else set()
+    small = f"remount,size={_used(disk) + (4 << 20)}"
+    subprocess.run(["mount", "-o", small, str(disk)], check=True)
+    filler = disk / "filler"
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
+        with pytest.raises(GroupError) as info:
+            _cluster(private_hosts)
+        error = info.value.errors["host1"]
+        assert isinstance(error, RemoteEnvironmentError), error
+        assert str(error).startswith("host1: ") and "/.cache/lazycluster/" in str(error), error
+        assert "No space left on device" in str(error), error
+        assert (set(os.listdir(units)) if units.is_dir() else set()) == before  # none half made
+    finally:
+        filler.unlink(missing_ok=True)
+        subprocess.run(["mount", "-o", "remount,size=4g", str(disk)], check=True)
+    cluster = _cluster(private_hosts)  # room again: the next start makes it
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(len(PRIVATE), timeout=60)
+            answers = client.run(lambda: __import__("userpkg.compute").compute.answer())
+            assert set(answers.values()) == {5}
+    finally:
+        cluster.close()
+    assert not private_hosts.leftovers()
+
+
+def _used(folder: Path) -> int:
+    stat = os.statvfs(folder)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
 
 
 def test_a_transfer_cut_by_the_network_is_finished_by_the_next_start(monkeypatch) -> None:

@@ -28,8 +28,10 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from typing import IO
 
 MARK = "lazycluster-env.json"
 PTH = "lazycluster.pth"
@@ -148,6 +150,42 @@ def _read(stall: float) -> bytes:
     return os.read(sys.stdin.buffer.fileno(), 1 << 18)
 
 
+def _feed(fd: int, block: bytes, stall: float) -> None:
+    """Write ``block`` to the non-blocking ``fd``; BuildError when it takes nothing for
+    ``stall`` s (the unpacking stopped)."""
+    view = memoryview(block)
+    while view:
+        _, ready, _ = select.select([], [fd], [], stall)
+        if not ready:
+            raise BuildError(f"tar: took nothing for {stall:g} s")
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            continue
+
+
+class _Drain:
+    """Reads a stream to its end in a thread, keeping its first lines (the causes)."""
+
+    KEPT = 20
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._lines: list[str] = []
+        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            if len(self._lines) < self.KEPT:
+                self._lines.append(raw.decode(errors="replace").strip())
+
+    def first(self) -> str:
+        """The first line that says what failed ("" when there was none)."""
+        self._thread.join(10)
+        useful = [line for line in self._lines if line and "Exiting with failure" not in line]
+        return useful[0] if useful else ""
+
+
 def _receive(root: str, stall: float) -> int:
     """Unpack stdin (gzip'd tars, one after the other) aside; move each unit into place unless
     it is there already. Returns the bytes read."""
@@ -165,10 +203,12 @@ def _receive(root: str, stall: float) -> int:
                 stderr=subprocess.PIPE,
             )
             assert tar.stdin is not None and tar.stderr is not None
+            errors = _Drain(tar.stderr)  # a full disk makes a line per file: never let it block
+            os.set_blocking(tar.stdin.fileno(), False)
             block = first
             try:
                 while block:
-                    tar.stdin.write(block)
+                    _feed(tar.stdin.fileno(), block, stall)
                     block = _read(stall)
                     total += len(block)
                 tar.stdin.close()
@@ -178,9 +218,11 @@ def _receive(root: str, stall: float) -> int:
                 tar.kill()
                 tar.wait()
                 raise
-            error = tar.stderr.read().decode(errors="replace").strip()
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    tar.stdin.close()
             if tar.wait() != 0:
-                why = error.splitlines()[-1] if error else f"tar exited {tar.returncode}"
+                why = errors.first() or f"tar exited {tar.returncode}"
                 raise BuildError(f"{incoming}: the units were not received whole ({why})")
         for name in sorted(os.listdir(incoming)):
             target = os.path.join(units, name)

@@ -15,7 +15,7 @@ import re
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 from uuid import UUID
 
@@ -26,14 +26,19 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from lazycluster_tasks.environments import HostEnvironment
+
 __all__ = [
+    "EnvironmentProgress",
     "WorkerProgress",
     "artifact_key",
     "cluster_markdown",
+    "environment_table",
     "flush",
     "hosts_table",
     "later",
     "publish_cluster_markdown",
+    "publish_environment_table",
     "publish_hosts_table",
 ]
 
@@ -194,6 +199,76 @@ class WorkerProgress:
     def _send(self, progress: float, description: str) -> None:
         update_progress_artifact(  # type: ignore[call-arg]
             self.artifact_id, progress, description=description, _sync=True
+        )
+
+
+def environment_table(envs: Sequence[HostEnvironment], key: str) -> list[dict[str, Any]]:
+    """One row per host: what its processes run with and what its environment ``key`` cost."""
+    rows = []
+    for env in sorted(envs, key=lambda e: e.host):
+        state = "made" if env.sent else "found"
+        if env.shared:
+            state = "this machine's (shared files)"
+        rows.append(
+            {
+                "host": env.host,
+                "environment": "" if env.shared else key,
+                "state": state,
+                "MiB sent": round(env.sent / 2**20, 1),
+                "seconds": round(env.seconds, 2),
+                "python": env.python,
+            }
+        )
+    return rows
+
+
+def publish_environment_table(
+    envs: Sequence[HostEnvironment], env_key: str, key: str | None = None
+) -> UUID:
+    """Create a table artifact of :func:`environment_table`."""
+    sent = sum(e.sent for e in envs) / 2**20
+    description = f"Environment {env_key} on {len(envs)} hosts: {sent:.1f} MiB sent"
+    result = create_table_artifact(  # type: ignore[call-arg]
+        environment_table(envs, env_key), key=_key(key), description=description, _sync=True
+    )
+    return cast(UUID, result)
+
+
+class EnvironmentProgress:
+    """A progress artifact of hosts whose environment is ready; its ``update`` is the
+    cluster's ``on_environment`` hook. Made in the caller's run at the first update (a start
+    that needs no environment makes none); API errors are logged, never raised."""
+
+    def __init__(self) -> None:
+        self._context = contextvars.copy_context()
+        self._lock = threading.Lock()
+        self.artifact_id: UUID | None = None
+
+    def update(self, ready: Sequence[HostEnvironment], total: int) -> None:
+        progress = 100.0 if total <= 0 else 100.0 * len(ready) / total
+        sent = sum(e.sent for e in ready) / 2**20
+        description = f"environment ready on {len(ready)}/{total} hosts ({sent:.1f} MiB sent)"
+        with self._lock:
+            if self.artifact_id is None:
+                try:
+                    made = self._context.run(self._create, progress, description)
+                    self.artifact_id = cast(UUID, made)
+                except Exception as exc:
+                    logger.warning("environment progress artifact not created: %s", exc)
+                return
+            artifact = self.artifact_id
+            _sender.send(lambda: self._context.run(self._update, artifact, progress, description))
+
+    @staticmethod
+    def _create(progress: float, description: str) -> Any:
+        return create_progress_artifact(  # type: ignore[call-arg]
+            progress, description=description, _sync=True
+        )
+
+    @staticmethod
+    def _update(artifact: UUID, progress: float, description: str) -> None:
+        update_progress_artifact(  # type: ignore[call-arg]
+            artifact, progress, description=description, _sync=True
         )
 
 

@@ -28,10 +28,12 @@ from lazycluster_tasks.group import fan_out
 from lazycluster_tasks.manager import RuntimeManager
 from lazycluster_tasks.prefect import events
 from lazycluster_tasks.prefect.artifacts import (
+    EnvironmentProgress,
     WorkerProgress,
     artifact_key,
     later,
     publish_cluster_markdown,
+    publish_environment_table,
     publish_hosts_table,
 )
 from lazycluster_tasks.prefect.artifacts import flush as flush_artifacts
@@ -309,9 +311,18 @@ def launch_master(
             scheduler_host=master_host,
             scheduler_timeout=master_timeout,
             prefect_api=True,
+            on_environment=EnvironmentProgress().update,
             **values,
         )
         LIVE.add(cluster)
+        engine = cluster.engine
+        if engine.environments and engine.manifest is not None:
+            later(
+                publish_environment_table,
+                list(engine.environments.values()),
+                engine.manifest.key,
+                key=artifact_key("environment", engine.cluster_id),
+            )
         record = record_of(
             cluster.engine,
             ssh_block=ssh_block,

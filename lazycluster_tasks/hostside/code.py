@@ -1,0 +1,38 @@
+"""The user's changed code, read again by a running worker (``cluster.sync_code()``).
+
+Runs inside each worker process (``Client.run``), sent by value: the worker need not be able to
+import this package. Standard library only, as every host program.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Dict, List  # noqa: UP035 - the package runs on hosts with 3.8
+
+
+def reload(moves: Dict[str, str], folders: List[str]) -> List[str]:  # noqa: UP006
+    """Point this process at the new code and forget the old.
+
+    ``moves``: a code unit's old key -> its new key; the sys.path entry ``…/units/<old>`` (how
+    an environment of ours adds it) becomes ``…/units/<new>``. ``folders``: code folders read
+    in place (on a filesystem shared with the controller), whose files changed where they are.
+    Every module loaded from an old unit or from those folders is dropped, so the next import
+    (a task's function is unpickled by name) reads the new files. Returns the dropped modules.
+    """
+    roots: List[str] = []  # noqa: UP006
+    for index, entry in enumerate(list(sys.path)):
+        parent, name = os.path.split(entry.rstrip("/"))
+        if name in moves and os.path.basename(parent) == "units":
+            sys.path[index] = os.path.join(parent, moves[name])
+            roots.append(entry.rstrip("/"))
+    roots += [os.path.realpath(f) for f in folders] + [f.rstrip("/") for f in folders]
+    dropped = []
+    for module_name, module in list(sys.modules.items()):
+        where = getattr(module, "__file__", None) or ""
+        if where and any(where.startswith(root + os.sep) for root in roots):
+            del sys.modules[module_name]
+            dropped.append(module_name)
+    importlib.invalidate_caches()
+    return sorted(dropped)
