@@ -70,7 +70,7 @@ from lazycluster_tasks import (
     RuntimeGroup,
     network,
 )
-from lazycluster_tasks.commands import CLIENT_TIMEOUT_ENV, scheduler_argv, server_env, worker_argv
+from lazycluster_tasks.dask_argv import CLIENT_TIMEOUT_ENV, scheduler_argv, server_env, worker_argv
 from lazycluster_tasks.routing import TunnelledRouting
 from lazycluster_tasks.testing.hosts import TestHost, TestHosts
 

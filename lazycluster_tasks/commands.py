@@ -2,8 +2,8 @@
 
 Every value that goes into a line (paths, env values, host names, arguments) is quoted here with
 ``shlex.quote``; user commands given to ``RuntimeTask.run_command`` are the only text passed
-through as shell code, by design. The Dask processes' argument lists are built here too. Nothing
-in this module does I/O: each function returns a string (or an argv) and is tested as such.
+through as shell code, by design. Nothing in this module does I/O: each function returns a
+string (or an argv) and is tested as such. The Dask processes' argv: dask_argv.py.
 """
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ import posixpath
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lazycluster_tasks.dask_options import DaskOptions
-    from lazycluster_tasks.security import TLSPaths
 
 #: Exit code of our wrappers when ``cd`` into the working directory fails.
 EXIT_NO_WORKDIR = 97
@@ -129,11 +124,38 @@ def python_call(python: str, code: str, args: Sequence[str] = ()) -> str:
     return shlex.join([python, "-c", code, *map(str, args)])
 
 
+#: Exit code of a setup line that failed (see setup_file), and its log lines.
+EXIT_SETUP = 96
+SETUP_MARK = "[lazycluster] setup step"
+
+
+def setup_file(lines: Sequence[str]) -> str:
+    """The text of a file that ``.`` runs before a process starts: each line in turn (its
+    output in the process's log), announced; the first that fails ends the start with
+    EXIT_SETUP, naming its step. ``source`` works as in bash (``.``)."""
+    text = 'source() { . "$@"; }\n'
+    for number, line in enumerate(lines, 1):
+        first = line.strip().splitlines()[0]
+        text += f"printf '%s\\n' {q(f'{SETUP_MARK} {number}: {first}')}\n"
+        text += f"{line}\n"
+        text += (
+            f"_lc_rc=$?; if [ $_lc_rc -ne 0 ]; then printf '%s failed (exit %s)\\n' "
+            f"{q(f'{SETUP_MARK} {number}')} $_lc_rc; exit {EXIT_SETUP}; fi\n"
+        )
+    return text
+
+
 def start_detached(
-    command: Sequence[str], cwd: str, log_file: str, pid_file: str, env_file: str | None = None
+    command: Sequence[str],
+    cwd: str,
+    log_file: str,
+    pid_file: str,
+    env_file: str | None = None,
+    setup_file: str | None = None,
 ) -> str:
     """Start ``command`` (argv) detached in its own session; prints its pid (= its pgid).
-    ``env_file`` (relative to ``cwd``, see :func:`env_file`) is sourced first.
+    ``env_file`` (relative to ``cwd``, see :func:`env_file`) is sourced first, then
+    ``setup_file`` (see :func:`setup_file`), in the shell that then becomes the command.
 
     ``;`` after ``cd`` on purpose: ``cd DIR && setsid … &`` would background a subshell that holds
     the SSH channel open.
@@ -141,8 +163,9 @@ def start_detached(
     if not command:
         raise ValueError("empty command")
     run = f"setsid nohup {shlex.join(command)}"
-    if env_file is not None:
-        run = f"( . ./{q(env_file)} && exec {run} )"
+    sourced = [f". ./{q(f)}" for f in (env_file, setup_file) if f is not None]
+    if sourced:
+        run = f"( {' && '.join(sourced)} && exec {run} )"
     return (
         f"cd -- {q(cwd)} || exit {EXIT_NO_WORKDIR}; "
         f"{run} >{q(log_file)} 2>&1 </dev/null & "
@@ -499,133 +522,3 @@ def link_states(controls: Mapping[str, str], pids: Mapping[str, int], timeout: f
             f"if {made} && {runs}; then echo {q(name + '=1')}; else echo {q(name + '=0')}; fi"
         )
     return "; ".join(checks)
-
-
-# -- Dask processes ---------------------------------------------------------------------
-
-SCHEDULER_MODULE = "distributed.cli.dask_scheduler"
-WORKER_MODULE = "distributed.cli.dask_worker"
-#: Seconds the scheduler lives on after its last client left (read by WATCH_PRELOAD).
-CLIENT_TIMEOUT_ENV = "LAZYCLUSTER_CLIENT_TIMEOUT"
-
-
-def server_env(folder: str, env: Mapping[str, str]) -> dict[str, str]:
-    """Environment of a scheduler or worker: its temp files (a text preload becomes a .py file
-    and a __pycache__, Dask's scratch space) go in the cluster folder and leave with it, never
-    in the host's /tmp. The user's ``env`` comes last and wins."""
-    return {"TMPDIR": folder, "DASK_TEMPORARY_DIRECTORY": folder, **env}
-
-
-#: Scheduler preload (given as text): close the scheduler once no client has been connected for
-#: $LAZYCLUSTER_CLIENT_TIMEOUT seconds — the controller holds one for the cluster's lifetime, so
-#: a controller that died takes its scheduler with it; workers follow by their death timeout.
-#: Until the controller's first client arrives the wait is at least
-#: $LAZYCLUSTER_FIRST_CLIENT_GRACE seconds (30): a loaded controller may take longer than a short
-#: idle timeout to connect, and a scheduler that closed before then failed the whole start.
-WATCH_PRELOAD = """
-import asyncio, os, time
-
-def dask_setup(scheduler):
-    limit = float(os.environ.get("LAZYCLUSTER_CLIENT_TIMEOUT", "60"))
-    first = max(limit, float(os.environ.get("LAZYCLUSTER_FIRST_CLIENT_GRACE", "30")))
-
-    async def watch():
-        last, seen = time.monotonic(), False
-        while scheduler.status.name not in ("closing", "closed"):
-            await asyncio.sleep(0.5)
-            if any(c != "fire-and-forget" for c in scheduler.clients):
-                last, seen = time.monotonic(), True
-            elif time.monotonic() - last > (limit if seen else first):
-                await scheduler.close(reason="lazycluster: no client connected")
-                return
-
-    scheduler._lazycluster_watch = asyncio.ensure_future(watch())
-"""
-
-
-def scheduler_argv(
-    python: str,
-    address: str,
-    port: int,
-    folder: str,
-    options: DaskOptions,
-    tls: TLSPaths | None = None,
-) -> list[str]:
-    """``dask scheduler`` bound to ``address:port``, dashboard pinned to 127.0.0.1; with
-    ``tls`` it speaks only ``tls://`` and requires client certificates."""
-    argv = [
-        python,
-        "-m",
-        SCHEDULER_MODULE,
-        "--host",
-        address,
-        "--port",
-        str(port),
-        "--dashboard-address",
-        "127.0.0.1:0",
-        "--scheduler-file",  # written once the scheduler listens: our readiness signal
-        f"{folder}/scheduler.json",
-        "--preload",
-        WATCH_PRELOAD,
-    ]
-    if not options.dashboard:
-        argv.append("--no-dashboard")
-    return argv + tls_args(tls) + list(options.scheduler_options)
-
-
-def tls_args(tls: TLSPaths | None) -> list[str]:
-    """Dask's TLS flags: file paths only, never their contents."""
-    if tls is None:
-        return []
-    return [
-        "--protocol",
-        "tls",
-        "--tls-ca-file",
-        tls.ca,
-        "--tls-cert",
-        tls.cert,
-        "--tls-key",
-        tls.key,
-    ]
-
-
-def worker_argv(
-    python: str,
-    scheduler_address: str,
-    name: str,
-    folder: str,
-    options: DaskOptions,
-    *,
-    address: str,
-    port: int,
-    nanny_port: int | None,
-    loopback: bool,
-    resources: Mapping[str, float] | None = None,
-    tls: TLSPaths | None = None,
-) -> list[str]:
-    """``dask worker`` with explicit addresses: the host's own address (direct) or 127.0.0.1 with
-    the same port on every node (``loopback``: tunnelled)."""
-    argv = [python, "-m", WORKER_MODULE, scheduler_address, "--name", name]
-    if loopback:
-        contact = f"{'tls' if tls else 'tcp'}://127.0.0.1:{port}"
-        argv += ["--listen-address", contact, "--contact-address", contact]
-    else:
-        argv += ["--host", address, "--worker-port", str(port)]
-    if options.nanny:
-        argv += ["--nanny", "--nanny-port", str(nanny_port)]
-    else:
-        argv.append("--no-nanny")
-    argv += [
-        "--no-dashboard",
-        "--death-timeout",
-        str(options.death_timeout),
-        "--local-directory",
-        f"{folder}/{name}",
-    ]
-    if options.threads_per_worker:
-        argv += ["--nthreads", str(options.threads_per_worker)]
-    if options.memory_limit is not None:
-        argv += ["--memory-limit", str(options.memory_limit)]
-    if resources:
-        argv += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
-    return argv + tls_args(tls) + list(options.worker_options)

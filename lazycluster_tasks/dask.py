@@ -88,7 +88,7 @@ class DaskCluster(MasterWorkerCluster):
         """Start the scheduler and ``worker_count`` workers (default: runtimes x workers_per_host);
         returns once the scheduler has registered every worker and every path carries data."""
         if worker_count is None:
-            worker_count = self._group.runtime_count * self.options.workers_per_host
+            worker_count = sum(self.engine.slots(h) for h in self._group.hosts)
         check_count("worker_count", worker_count)
         engine = self.engine
         engine.state, self._cleaned = "starting", False

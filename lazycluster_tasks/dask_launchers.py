@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lazycluster_tasks.cluster import MasterLauncher, WorkerLauncher
-from lazycluster_tasks.commands import (  # noqa: F401 - importable from here as before
+from lazycluster_tasks.dask_argv import (  # noqa: F401 - importable from here as before
     CLIENT_TIMEOUT_ENV,
     SCHEDULER_MODULE,
     WATCH_PRELOAD,
@@ -97,12 +97,21 @@ class RoundRobinLauncher(_DaskLauncher, WorkerLauncher):
     _next = 0  # index of the next worker (names are "<host>-<index>")
 
     def place(self, count: int) -> dict[str, list[str]]:
-        """Round robin: host -> names of its next ``count`` workers."""
-        runtimes = self._group.runtimes
+        """Round robin over the hosts with room (workers_per_host, GPUs; once all are full,
+        over every host): host -> names of its next ``count`` workers."""
+        engine = self._dask()
+        hosts = [rt.host for rt in self._group.runtimes]
+        room = {h: engine.slots(h) for h in hosts}
+        for info in engine.worker_processes():
+            room[info.host] = room.get(info.host, 0) - 1
         placement: dict[str, list[str]] = {}
         first, self._next = self._next, self._next + count
+        turn = first
         for index in range(first, first + count):
-            host = runtimes[index % len(runtimes)].host
+            open_hosts = [h for h in hosts if room[h] > 0] or hosts
+            host = min(open_hosts, key=lambda h: (hosts.index(h) - turn) % len(hosts))
+            turn = hosts.index(host) + 1
+            room[host] -= 1
             placement.setdefault(host, []).append(f"{host}-{index}")
         return placement
 

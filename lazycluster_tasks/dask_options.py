@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lazycluster_tasks.dask_argv import check_options
 from lazycluster_tasks.network import NETWORK_MODES
 from lazycluster_tasks.runtime import Runtime, check_path
 from lazycluster_tasks.settings import settings
@@ -16,14 +18,30 @@ class DaskOptions:
     """How the scheduler and workers are run (all optional)."""
 
     network_mode: str = "auto"  # "auto", "direct" or "tunnelled"
-    workers_per_host: int = 1  # default worker count = runtimes x this
+    #: Workers a host takes: one count for every host, or host -> count (others: 1).
+    workers_per_host: int | Mapping[str, int] = 1
     threads_per_worker: int | None = None  # None: Dask's default (the host's cores)
     memory_limit: str | int | None = None  # None: Dask's default ("auto")
     #: Worker resources, e.g. {"GPU": 1}, or a function of the runtime (per host).
     resources: Mapping[str, float] | Callable[[Runtime], Mapping[str, float]] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
-    scheduler_options: Sequence[str] = ()
-    worker_options: Sequence[str] = ()
+    #: More options of ``dask scheduler`` / ``dask worker``: SSHCluster's forms, a list of
+    #: command-line arguments or a dict of keyword options ({"nthreads": 2}: ``--nthreads 2``;
+    #: the keys lazycluster has options for — nthreads, memory_limit, nanny, resources,
+    #: worker_class, death_timeout, dashboard — set those).
+    scheduler_options: Sequence[str] | Mapping[str, Any] = ()
+    worker_options: Sequence[str] | Mapping[str, Any] = ()
+    #: The worker's class, a dotted name importable on the hosts ("dask_cuda.CUDAWorker", a
+    #: class of the user's code); None: Dask's Worker. A Nanny runs it unless nanny=False.
+    worker_class: str | None = None
+    #: GPUs: "auto" runs one worker per GPU a host reports (nvidia-smi), each pinned to its
+    #: own (CUDA_VISIBLE_DEVICES) with resources {"GPU": 1}; host -> "auto" or a count, for
+    #: some hosts only; None (default): GPUs are not looked at.
+    gpus: str | Mapping[str, int | str] | None = None
+    #: Shell lines run before each scheduler and worker on the hosts, in the /bin/sh that
+    #: then starts it ("module load cuda/12", ". /opt/conda/bin/activate ml"): one list for
+    #: every host, or host -> list. A failing line stops the start, named with its output.
+    setup: Sequence[str] | Mapping[str, Sequence[str]] = ()
     #: A worker without scheduler exits after this; Dask also ends a worker that has not
     #: started (registered) within it, so a few seconds fail starts on a loaded host.
     death_timeout: float = 60.0
@@ -55,6 +73,38 @@ class DaskOptions:
     #: only these), "exclude" (names or patterns left out) and "code" (the folders of the
     #: user's code) does the same with those; None uses the hosts' interpreters as they are.
     environment: Any = "auto"
+
+    def __post_init__(self) -> None:
+        """The keyword form's options that lazycluster has fields for set those fields;
+        ``worker_class="distributed.Nanny"`` (SSHCluster's default) is ``nanny=True``."""
+        for role, fields in (("worker", WORKER_FIELDS), ("scheduler", SCHEDULER_FIELDS)):
+            given = getattr(self, f"{role}_options")
+            if isinstance(given, Mapping) and any(k in fields for k in given):
+                rest = dict(given)
+                for key, name in fields.items():
+                    if key in rest:
+                        setattr(self, name, rest.pop(key))
+                setattr(self, f"{role}_options", rest)
+        if self.worker_class in NANNY_CLASSES:
+            self.worker_class, self.nanny = None, True
+        elif self.worker_class in WORKER_CLASSES:
+            self.worker_class, self.nanny = None, False
+
+    def workers_on(self, host: str) -> int:
+        """Workers ``host`` takes (before GPUs: see gpus)."""
+        counts = self.workers_per_host
+        return counts.get(host, 1) if isinstance(counts, Mapping) else counts
+
+    def gpus_on(self, host: str) -> int | str | None:
+        """``"auto"``, a GPU count, or None (GPUs not used) for ``host``."""
+        chosen = self.gpus
+        return chosen.get(host) if isinstance(chosen, Mapping) else chosen
+
+    def setup_on(self, host: str) -> list[str]:
+        """The setup lines for processes on ``host``."""
+        chosen = self.setup
+        lines = chosen.get(host, ()) if isinstance(chosen, Mapping) else chosen
+        return list(lines)
 
     def python(self, runtime: Runtime) -> str:
         """The interpreter that runs Dask on ``runtime`` (one path given for all: the hosts';
@@ -99,7 +149,20 @@ class DaskOptions:
             raise ValueError(
                 f"network_mode must be one of {NETWORK_MODES}, not {self.network_mode!r}"
             )
-        check_count("workers_per_host", self.workers_per_host, minimum=1)
+        counts = self.workers_per_host
+        for host, count in counts.items() if isinstance(counts, Mapping) else [("", counts)]:
+            check_count(f"workers_per_host[{host!r}]" if host else "workers_per_host", count, 1)
+        for role in ("worker", "scheduler"):
+            check_options(role, getattr(self, f"{role}_options"))
+        if self.worker_class is not None and not (
+            isinstance(self.worker_class, str) and _DOTTED.match(self.worker_class)
+        ):
+            raise ValueError(
+                "worker_class must be a dotted name such as 'dask_cuda.CUDAWorker', "
+                f"not {self.worker_class!r}"
+            )
+        self._check_gpus()
+        self._check_setup()
         if self.threads_per_worker is not None:
             check_count("threads_per_worker", self.threads_per_worker, minimum=1)
         for name in ("death_timeout", "idle_timeout", "start_timeout"):
@@ -112,6 +175,44 @@ class DaskOptions:
             check_path(key, "env name")
             if "=" in key or not key:
                 raise ValueError(f"env name must be non-empty without '=': {key!r}")
+
+    def _check_gpus(self) -> None:
+        chosen = self.gpus
+        if chosen is None or chosen == "auto":
+            return
+        if not isinstance(chosen, Mapping):
+            raise ValueError(f"gpus must be 'auto', None or host -> 'auto' or a count: {chosen!r}")
+        for host, value in chosen.items():
+            if value != "auto":
+                check_count(f"gpus[{host!r}]", value, minimum=0)
+
+    def _check_setup(self) -> None:
+        chosen = self.setup
+        groups = chosen.values() if isinstance(chosen, Mapping) else [chosen]
+        for lines in groups:
+            if isinstance(lines, str) or not isinstance(lines, Sequence):
+                raise TypeError(
+                    f"setup must be a list of shell lines (or host -> list): {chosen!r}"
+                )
+            for line in lines:
+                if not isinstance(line, str) or not line.strip() or "\0" in line:
+                    raise ValueError(f"setup: not a shell line: {line!r}")
+
+
+#: Keyword options of ``dask worker`` / ``dask scheduler`` that set a field of ours.
+WORKER_FIELDS = {
+    "nthreads": "threads_per_worker",
+    "memory_limit": "memory_limit",
+    "nanny": "nanny",
+    "resources": "resources",
+    "worker_class": "worker_class",
+    "death_timeout": "death_timeout",
+}
+SCHEDULER_FIELDS = {"dashboard": "dashboard"}
+#: Dask's own classes, as SSHCluster names them: a nanny (that runs a Worker), a bare worker.
+NANNY_CLASSES = ("distributed.Nanny", "distributed.nanny.Nanny")
+WORKER_CLASSES = ("distributed.Worker", "distributed.worker.Worker")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+\Z")
 
 
 def check_count(name: str, value: object, minimum: int = 0) -> None:

@@ -13,6 +13,7 @@ on all hosts at once and verify nothing survived.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -26,15 +27,15 @@ from typing import Any
 
 import cloudpickle
 
-from lazycluster_tasks import commands, environments, processes, startup
+from lazycluster_tasks import commands, environments, hostside, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
-from lazycluster_tasks.commands import (
+from lazycluster_tasks.connection import tail
+from lazycluster_tasks.dask_argv import (
     CLIENT_TIMEOUT_ENV,
     scheduler_argv,
     server_env,
     worker_argv,
 )
-from lazycluster_tasks.connection import tail
 from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.errors import (
     GroupError,
@@ -43,6 +44,7 @@ from lazycluster_tasks.errors import (
     NetworkPathError,
     NoPortsLeftError,
     PortInUseError,
+    RemoteEnvironmentError,
     WorkerStartError,
 )
 from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
@@ -71,6 +73,8 @@ LIVENESS_INTERVAL = 2.0
 PORT_RETRIES = 3
 #: Upper bound (s) of the end-to-end readiness check once every worker registered.
 PATH_CHECK_TIMEOUT = 30.0
+#: Seconds a host has to import the worker class (after its setup lines).
+CLASS_CHECK_TIMEOUT = 60.0
 
 Jobs = dict[str, tuple[Runtime, list[ProcessInfo]]]
 
@@ -114,6 +118,7 @@ class Engine:
         self._processes: dict[str, ProcessInfo] = {}
         self._owners: dict[str, Runtime] = {}
         self._host_locks: dict[str, threading.Lock] = {}
+        self._gpu_of: dict[str, int] = {}  # worker name -> the GPU it is pinned to
         self._shared: set[str] = set()  # hosts that run this machine's own interpreter
         self._code_path: list[str] = []  # the user's code folders here
         self._scheduler_host: str | None = None  # None: this machine
@@ -151,7 +156,37 @@ class Engine:
                             ports=self._link_ports,
                         )
                     )
+                if self.options.worker_class:
+                    self._check_worker_class(self.options.worker_class)
             return self._plan
+
+    def _check_worker_class(self, name: str) -> None:
+        """The worker class imports on every host (after its setup lines), or GroupError
+        naming each host where it does not, and why."""
+        source = hostside.source("importable")
+
+        def check(runtime: Runtime) -> None:
+            lines = self.options.setup_on(runtime.host)
+            exports = commands.export_env(self._code_env(runtime))
+            line = f"{exports}\n" if exports else ""
+            line += commands.python_call(self.options.python(runtime), source, [name])
+            if lines:
+                line = commands.setup_file(lines) + line
+            result = runtime.connection.run(line, timeout=CLASS_CHECK_TIMEOUT)
+            setup = startup.setup_failure(result.output)
+            if setup is not None:
+                raise WorkerStartError(f"{runtime.host}: {setup}")
+            try:
+                why = json.loads(result.stdout.strip().splitlines()[-1])[name]
+            except (ValueError, IndexError, KeyError):
+                why = tail(result.output, 300).strip() or f"exit {result.exit_code}"
+            if why:
+                raise RemoteEnvironmentError(
+                    f"{runtime.host}: worker_class {name!r} does not import there ({why})",
+                    host=runtime.host,
+                )
+
+        run_parallel("worker class check", {rt.host: rt for rt in self.group.runtimes}, check)
 
     @property
     def routing(self) -> DirectRouting:
@@ -297,6 +332,23 @@ class Engine:
     def runtime(self, host: str) -> Runtime:
         return self.group.get_runtime(host)
 
+    def gpus(self, host: str) -> list[int]:
+        """The GPUs whose workers run on ``host``, by index ([] : GPUs not used there)."""
+        chosen = self.options.gpus_on(host)
+        if chosen is None:
+            return []
+        found = self.runtime(host).gpu_count  # the host's facts (nvidia-smi)
+        count = found if chosen == "auto" else min(int(chosen), found)
+        if chosen != "auto" and int(chosen) > found:
+            raise ValueError(f"gpus: {host} has {found} GPUs, not {chosen}")
+        return list(range(count))
+
+    def slots(self, host: str) -> int:
+        """Workers ``host`` takes: one per GPU where GPUs are used (and found), else
+        workers_per_host's count."""
+        gpus = self.gpus(host)
+        return len(gpus) if gpus else self.options.workers_on(host)
+
     # -- scheduler ------------------------------------------------------------------------
 
     def _scheduler_order(self, runtime: Runtime, ports: list[int] | int) -> list[int]:
@@ -330,6 +382,7 @@ class Engine:
                 },
             ),
             ports=[port],
+            setup=[] if runtime is self.controller else self.options.setup_on(runtime.host),
         )
         with self._host_lock(runtime):
             (info,) = processes.start_processes(
@@ -366,6 +419,9 @@ class Engine:
             if state == "dead" and startup.lost_port(log):
                 logger.info("port %s on %s was taken at bind time; trying the next", port, runtime)
                 return False
+            setup = startup.setup_failure(log)
+            if setup is not None:
+                raise MasterStartError(f"{runtime.host}: {setup}", host=runtime.host, output=log)
             reason = "exited" if state == "dead" else f"was not up within {timeout:g} s"
             raise MasterStartError(
                 f"the Dask scheduler on {runtime.host} {reason}:\n{tail(log)}",
@@ -473,28 +529,57 @@ class Engine:
                 resources = resources(runtime)
             folder = self.folder(runtime)
             tls = self.tls.paths(folder, "worker") if self.tls is not None else None
-            specs[host] = [
-                ProcessSpec(
+            pinned = self._pin_gpus(host, names)
+            specs[host] = []
+            for i, name in enumerate(names):
+                env = {**self._code_env(runtime), **options.env}
+                mine = dict(resources or {})
+                if name in pinned:  # its own GPU, and a resource tasks can ask for
+                    env["CUDA_VISIBLE_DEVICES"] = str(pinned[name])
+                    mine["GPU"] = 1
+                argv = worker_argv(
+                    options.python(runtime),
+                    self.scheduler_address or "",
                     name,
-                    worker_argv(
-                        options.python(runtime),
-                        self.scheduler_address or "",
-                        name,
-                        folder,
-                        options,
-                        address=routing.bind_address(runtime),
-                        port=chosen[i * per_worker],
-                        nanny_port=chosen[i * per_worker + 1] if options.nanny else None,
-                        loopback=routing.loopback,
-                        resources=resources,
-                        tls=tls,
-                    ),
-                    env=server_env(folder, {**self._code_env(runtime), **options.env}),
-                    ports=chosen[i * per_worker : (i + 1) * per_worker],
+                    folder,
+                    options,
+                    address=routing.bind_address(runtime),
+                    port=chosen[i * per_worker],
+                    nanny_port=chosen[i * per_worker + 1] if options.nanny else None,
+                    loopback=routing.loopback,
+                    resources=mine or None,
+                    tls=tls,
                 )
-                for i, name in enumerate(names)
-            ]
+                specs[host].append(
+                    ProcessSpec(
+                        name,
+                        argv,
+                        env=server_env(folder, env),
+                        ports=chosen[i * per_worker : (i + 1) * per_worker],
+                        setup=options.setup_on(host),
+                    )
+                )
         return specs
+
+    def _pin_gpus(self, host: str, names: list[str]) -> dict[str, int]:
+        """A GPU of ``host`` no worker of the cluster holds, for each of ``names``."""
+        gpus = self.gpus(host)
+        if not gpus:
+            return {}
+        with self._lock:
+            held = {
+                self._gpu_of[i.name]
+                for i in self._processes.values()
+                if i.host == host and i.name in self._gpu_of and i.name not in names
+            }
+            free = [g for g in gpus if g not in held]
+            if len(free) < len(names):
+                raise WorkerStartError(
+                    f"{host}: {len(names)} workers to start, {len(free)} of its GPUs free"
+                )
+            pinned = dict(zip(names, free, strict=False))
+            self._gpu_of.update(pinned)
+        return pinned
 
     def _finish_workers(
         self,
@@ -752,6 +837,7 @@ class Engine:
         with self._lock:
             info = self._processes.pop(name, None)
             self._owners.pop(name, None)
+            self._gpu_of.pop(name, None)
         if info is not None and self._routes is not None:
             self._routes.forget(info)
 
@@ -891,7 +977,7 @@ class Engine:
         per worker the hosts can hold (a nanny's port included). New workers take these first."""
         with self._lock:
             used = {i.ports[0] for i in self._processes.values() if i.role == "worker"}
-            slots = len(self.group.runtimes) * self.options.workers_per_host
+            slots = sum(self.slots(rt.host) for rt in self.group.runtimes)
         taken = self.plan.taken(self.group.hosts, include_local=True)
         for reserved in self._reserved.values():
             taken |= reserved

@@ -38,6 +38,8 @@ class ProcessSpec:
     role: str = "worker"
     env: dict[str, str] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
+    #: shell lines run before it, in the shell that becomes it (see commands.setup_file)
+    setup: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,7 +85,13 @@ def start_processes(
         if env:
             env_file = f"{spec.name}.env"
             payload[env_file] = commands.env_file(env)
-        starts.append(commands.start_detached(spec.argv, folder, log_file, pid_file, env_file))
+        setup_file = None
+        if spec.setup:
+            setup_file = f"{spec.name}.setup"
+            payload[setup_file] = commands.setup_file(spec.setup)
+        starts.append(
+            commands.start_detached(spec.argv, folder, log_file, pid_file, env_file, setup_file)
+        )
         infos.append(
             ProcessInfo(runtime.host, spec.name, spec.role, 0, pid_file, log_file, spec.ports)
         )

@@ -6,10 +6,11 @@ cluster's :class:`~lazycluster_tasks.engine.Engine`: the network probe and routi
 processes with pid files, readiness, the record and the verified cleanup. Blocking SSH work
 runs in threads, never on the event loop.
 
-Placement follows capacity (``workers_per_host`` on every host); ``scale`` and ``adapt`` stay within
-it. Every second a check compares the scheduler's workers with the spec: a worker whose process
-exited, or whose host stopped answering, is replaced — on its own host once that answers again,
-or at once on another host with room — with a log line for each step.
+Placement follows capacity (each host's ``workers_per_host``, or one worker per GPU);
+``scale`` and ``adapt`` stay within it. Every second a check compares the scheduler's workers
+with the spec: a worker whose process exited, or whose host stopped answering, is replaced —
+on its own host once that answers again, or at once on another host with room — with a log
+line for each step.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.environments import HostEnvironment
 from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
-from lazycluster_tasks.group import RuntimeGroup
+from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.ports import as_port_list
 from lazycluster_tasks.record import ClusterRecord
 from lazycluster_tasks.settings import settings
@@ -231,7 +232,8 @@ class LazySSHCluster(SpecCluster):
     ``hosts``: SSH aliases or names (or ``host_group``, the name of a Prefect host group block,
     whose ``workers_per_host``, ``network_mode`` and ``python`` apply unless given here);
     ``ssh_config_path``, ``connection_kwargs`` or ``ssh_block`` say how to reach them.
-    ``n_workers``: first workers (default: hosts x ``workers_per_host``, the capacity).
+    ``workers_per_host``: one count for every host or host -> count (others 1).
+    ``n_workers``: first workers (default: the capacity, the sum of the hosts' counts).
     ``prelaunch``: more worker processes started with the scheduler but joined to the cluster by
     the next ``scale()`` (a step-by-step start, as the Prefect tasks do, loses no time).
     ``scheduler_timeout``: seconds the scheduler has to come up (default 30).
@@ -241,7 +243,9 @@ class LazySSHCluster(SpecCluster):
     ``host_lost_after``: seconds after which a host that does not answer is reported lost
     (default 120; it is still asked, and used again once it answers).
     ``heal``: replace lost workers (default True). Other keywords are :class:`DaskOptions`
-    (``network_mode``, ``threads_per_worker``, ``memory_limit``, ``env``, ``resources``, ...);
+    (``network_mode``, ``threads_per_worker``, ``memory_limit``, ``env``, ``resources``,
+    ``worker_options``/``scheduler_options`` in SSHCluster's list or dict form,
+    ``worker_class``, ``gpus="auto"`` (one pinned worker per GPU), ``setup`` lines, ...);
     ``host_links=False`` leaves every host's ``~/.ssh/authorized_keys`` untouched (tunnelled
     worker traffic then goes through this machine). ``on_environment(ready, total)`` is called
     as each host's environment is checked or made (``environment=...``, see DaskOptions).
@@ -257,7 +261,7 @@ class LazySSHCluster(SpecCluster):
         ssh_block: str | None = None,
         n_workers: int | None = None,
         prelaunch: int = 0,
-        workers_per_host: int | None = None,
+        workers_per_host: int | Mapping[str, int] | None = None,
         python: str | Mapping[str, str] | None = None,
         scheduler_host: str | None = None,
         ports: Sequence[int] | None = None,
@@ -277,7 +281,11 @@ class LazySSHCluster(SpecCluster):
             hosts, host_group, ssh_block, ssh_config_path, connection_kwargs
         )
         if workers_per_host is None:  # the host group's, else one per host
-            workers_per_host = int(defaults.get("workers_per_host", 1))
+            workers_per_host = defaults.get("workers_per_host", 1)
+        if isinstance(workers_per_host, Mapping):
+            unknown = [h for h in workers_per_host if h not in list(hosts or [])]
+            if unknown:
+                raise ValueError(f"workers_per_host names hosts not in the cluster: {unknown}")
         options = {**defaults, **options}
         if python is not None:
             options["python_executable"] = python
@@ -312,6 +320,13 @@ class LazySSHCluster(SpecCluster):
         self.engine = engine
         self.hosts = group.hosts
         self.workers_per_host = workers_per_host
+        try:  # GPUs asked for: the hosts say how many they have (their facts, in parallel)
+            if dask_options.gpus is not None:
+                fan_out("host facts", group.runtimes, lambda rt: rt.info)
+            self._slots = {h: engine.slots(h) for h in group.hosts}
+        except BaseException:
+            engine.cleanup()
+            raise
         self.heal = heal
         timeout = SCHEDULER_TIMEOUT if scheduler_timeout is None else scheduler_timeout
         self.launcher = WorkerLauncherLoop(engine, scheduler_host, max(1.0, timeout))
@@ -337,7 +352,7 @@ class LazySSHCluster(SpecCluster):
         if first > self.capacity:
             raise ValueError(
                 f"n_workers={first} exceeds the capacity of {self.capacity} "
-                f"({len(self.hosts)} hosts x workers_per_host={workers_per_host})"
+                f"(workers per host: {self._slots})"
             )
         if isinstance(prelaunch, bool) or not isinstance(prelaunch, int) or prelaunch < 0:
             raise ValueError(f"prelaunch must be an integer >= 0, not {prelaunch!r}")
@@ -383,8 +398,9 @@ class LazySSHCluster(SpecCluster):
 
     @property
     def capacity(self) -> int:
-        """How many workers the hosts take: hosts x workers_per_host."""
-        return len(self.hosts) * self.workers_per_host
+        """How many workers the hosts take: the sum of each host's (workers_per_host, or one
+        per GPU where GPUs are used)."""
+        return sum(self._slots.values())
 
     def _place(self, specs: Mapping[str, Any], prefer: str | None = None) -> str | None:
         """The host for one more worker: ``prefer`` if it has room, else the answering host
@@ -392,9 +408,7 @@ class LazySSHCluster(SpecCluster):
         load = {host: 0 for host in self.hosts}
         for spec in specs.values():
             load[spec["options"]["host"]] += 1
-        room = [
-            h for h in self.hosts if load[h] < self.workers_per_host and h not in self.launcher.down
-        ]
+        room = [h for h in self.hosts if load[h] < self._slots[h] and h not in self.launcher.down]
         if prefer in room:
             return prefer
         return min(room, key=lambda h: load[h]) if room else None
@@ -424,19 +438,14 @@ class LazySSHCluster(SpecCluster):
         """Grow or shrink to ``n`` workers, at most the capacity (more is logged and capped)."""
         if memory is not None or cores is not None:
             n = max(n, *_wanted(self, memory, cores))
-        room = (
-            self.capacity
-            - sum(1 for h in self.hosts if h in self.launcher.down) * self.workers_per_host
-        )
+        room = self.capacity - sum(self._slots[h] for h in self.hosts if h in self.launcher.down)
         if n > room:
             logger.warning(
-                "%d workers asked for; the hosts that answer take %d (capacity %d: %d hosts x "
-                "workers_per_host=%d)",
+                "%d workers asked for; the hosts that answer take %d (capacity %d: %s)",
                 n,
                 room,
                 self.capacity,
-                len(self.hosts),
-                self.workers_per_host,
+                ", ".join(f"{h} {c}" for h, c in self._slots.items()),
             )
             n = room
         return super().scale(n)

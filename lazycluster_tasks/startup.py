@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from lazycluster_tasks.commands import SETUP_MARK
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import WorkerStartError
 
@@ -50,6 +51,22 @@ def first_error(log: str) -> str | None:
     return None
 
 
+def setup_failure(log: str) -> str | None:
+    """ "setup step N (LINE) failed (exit E): FIRST OUTPUT LINE" when a setup line ended the
+    start (see commands.setup_file), else None."""
+    lines = log.splitlines()
+    failed = [i for i, x in enumerate(lines) if x.startswith(SETUP_MARK) and " failed (exit " in x]
+    if not failed:
+        return None
+    end = failed[0]
+    number, status = lines[end][len(SETUP_MARK) :].split(" failed ", 1)
+    begin = f"{SETUP_MARK}{number}: "
+    starts = [i for i in range(end) if lines[i].startswith(begin)]
+    step = lines[starts[-1]][len(begin) :] if starts else "?"
+    said = [x.strip() for x in lines[(starts[-1] + 1 if starts else 0) : end] if x.strip()]
+    return f"setup step{number} ({step}) failed {status}: {said[0] if said else '(no output)'}"
+
+
 def failure_text(name: str, log: str) -> str:
     """A process's first error and the tail of its log."""
     cause = first_error(log)
@@ -66,6 +83,11 @@ def worker_start_error(
 ) -> WorkerStartError:
     """One error naming every failed worker (name -> host) with its first error and log tail,
     and the scheduler's log tail when there is one."""
+    found = {failed[n]: setup_failure(logs.get(n, "")) for n in failed}
+    setup = {host: why for host, why in found.items() if why}
+    if setup:  # the site's own lines failed: that is the whole story
+        text = "; ".join(f"{host}: {why}" for host, why in setup.items())
+        return WorkerStartError(text, missing=setup)
     why = "exited" if exited else f"did not register within {timeout} s"
     if any(MISSING_DISTRIBUTED in logs.get(n, "") for n in failed):
         why += " (dask.distributed is not importable by their Python there; nothing is "

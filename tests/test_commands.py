@@ -18,14 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lazycluster_tasks import commands, hostinfo, processes
-from lazycluster_tasks.commands import (
-    SCHEDULER_MODULE,
-    WATCH_PRELOAD,
-    WORKER_MODULE,
-    scheduler_argv,
-    worker_argv,
-)
-from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.security import ClusterTLS, TLSPaths, cluster_tls
 
 NASTY = ["a b", "it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "a;b", "x\ny", "*", "~", "-rf"]
@@ -250,73 +242,6 @@ def test_probe_script_runs_on_this_machine():
     result = sh(hostinfo.probe_script("/bin/does-not-exist"))
     info = hostinfo.parse_probe(result.stdout)
     assert info["cpu_cores"] >= 1 and info["memory"] > 0 and info["python_version"] is None
-
-
-def test_servers_keep_their_temp_files_in_the_cluster_folder(tmp_path):
-    probe = (
-        "import tempfile, dask; "
-        "print(tempfile.gettempdir(), dask.config.get('temporary-directory'))"
-    )
-    env = commands.server_env(str(tmp_path), {"USER_SET": "1"})
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.stdout.split() == [str(tmp_path), str(tmp_path)], done.stderr
-    assert env["USER_SET"] == "1"
-    assert commands.server_env("/f", {"TMPDIR": "/mine"})["TMPDIR"] == "/mine"  # the user wins
-
-
-def test_scheduler_argv_binds_where_asked_and_keeps_the_dashboard_local():
-    options = DaskOptions(scheduler_options=["--idle-timeout", "1h"])
-    argv = scheduler_argv("/py", "10.0.0.1", 8786, "/w/lazycluster-x", options)
-    assert argv[:3] == ["/py", "-m", SCHEDULER_MODULE]
-    line = shlex.join(argv)
-    assert "--host 10.0.0.1 --port 8786 --dashboard-address 127.0.0.1:0" in line
-    assert "--scheduler-file /w/lazycluster-x/scheduler.json" in line
-    assert argv[argv.index("--preload") + 1] == WATCH_PRELOAD
-    assert argv[-2:] == ["--idle-timeout", "1h"]
-    quiet = scheduler_argv("/py", "127.0.0.1", 1, "/w", DaskOptions(dashboard=False))
-    assert "--no-dashboard" in quiet
-
-
-def test_worker_argv_direct_and_loopback():
-    options = DaskOptions(threads_per_worker=2, memory_limit="1GiB", death_timeout=7)
-    direct = worker_argv(
-        "/py", "tcp://10.0.0.1:8786", "h1-0", "/w", options,
-        address="10.0.0.2", port=60001, nanny_port=60002, loopback=False,
-        resources={"GPU": 1, "SLOT": 2},
-    )  # fmt: skip
-    line = shlex.join(direct)
-    assert direct[:5] == ["/py", "-m", WORKER_MODULE, "tcp://10.0.0.1:8786", "--name"]
-    assert "--host 10.0.0.2 --worker-port 60001 --nanny --nanny-port 60002" in line
-    assert "--death-timeout 7 --local-directory /w/h1-0 --nthreads 2 --memory-limit 1GiB" in line
-    assert direct[direct.index("--resources") + 1] == "GPU=1 SLOT=2"
-    tunnelled = worker_argv(
-        "/py", "tcp://127.0.0.1:8786", "h1-1", "/w", DaskOptions(nanny=False),
-        address="127.0.0.1", port=60003, nanny_port=None, loopback=True,
-    )  # fmt: skip
-    line = shlex.join(tunnelled)
-    contact = "tcp://127.0.0.1:60003"
-    assert f"--listen-address {contact} --contact-address {contact} --no-nanny" in line
-    assert "--host" not in tunnelled and "--nthreads" not in tunnelled
-
-
-def test_tls_flags_name_files_only():
-    tls = TLSPaths("/w/tls/ca.pem", "/w/tls/worker-cert.pem", "/w/tls/worker-key.pem")
-    argv = worker_argv(
-        "/py", "tls://127.0.0.1:8786", "h1-0", "/w", DaskOptions(nanny=False),
-        address="127.0.0.1", port=60001, nanny_port=None, loopback=True, tls=tls,
-    )  # fmt: skip
-    line = shlex.join(argv)
-    assert "--listen-address tls://127.0.0.1:60001" in line
-    assert "--protocol tls --tls-ca-file /w/tls/ca.pem --tls-cert /w/tls/worker-cert.pem" in line
-    assert "--tls-key /w/tls/worker-key.pem" in line
-    scheduler = shlex.join(scheduler_argv("/py", "0.0.0.0", 1, "/w", DaskOptions(), tls))
-    assert "--protocol tls" in scheduler and "-----BEGIN" not in scheduler
 
 
 @given(st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,8}", fullmatch=True), st.text(

@@ -20,13 +20,15 @@ from pathlib import Path
 
 #: The modules shipped in the zip application (``__main__`` dispatches to them).
 MODULES = ("__init__", "__main__", "authorized_keys", "envs", "guard")
+#: Run by their source alone (``python -c``), never from the zip application.
+SOURCES = ("importable",)
 #: Its name in a cluster folder.
 BUNDLE = "hostside.pyz"
 
 
 def source(module: str) -> str:
     """The text of one of the host programs (to run as ``python - ARGS`` on its stdin)."""
-    if module not in MODULES:
+    if module not in MODULES + SOURCES:
         raise ValueError(f"not a host program: {module!r}")
     return (Path(__file__).parent / f"{module}.py").read_text(encoding="utf-8")
 

@@ -291,6 +291,7 @@ class TestHosts:
         user: bool = False,
         shells: Mapping[str, str] | None = None,
         private: bool = False,
+        gpus: Mapping[str, int] | None = None,
     ) -> None:
         """Shapes of hosts as sites have them (network-namespace hosts only):
 
@@ -300,7 +301,9 @@ class TestHosts:
         (made for the run, removed after), not root; ``shells``: host -> the login user's login
         shell there (tcsh, fish, ...); ``private``: each host has a filesystem of its own —
         empty tmpfs disks over /tmp, /root, /home and /work (this machine's checkout, venvs and
-        pyenv are not there): only the system's Python, nothing installed, nothing shared."""
+        pyenv are not there): only the system's Python, nothing installed, nothing shared;
+        ``gpus``: host -> GPUs its ``nvidia-smi`` reports (a fake one on its PATH, in
+        /usr/local/bin: no GPU is needed to test what a cluster does with them)."""
         mode = os.environ.get(MODE_ENV, "").strip().lower()
         if mode not in ("", "netns", "loopback"):
             raise ValueError(f"{MODE_ENV} must be 'netns' or 'loopback', not {mode!r}")
@@ -329,6 +332,7 @@ class TestHosts:
         self._forwarding: dict[str, str] = {}  # host -> its AllowTcpForwarding (tcp_forwarding)
         self.shared_home = shared_home
         self.hidden = tuple(hidden)
+        self.gpus = dict(gpus or {})
         self.private = private
         self.shells = dict(shells or {})
         #: the login user of every host: this process's user, or the account made for the run
@@ -522,6 +526,15 @@ class TestHosts:
             steps.append(f"mount --bind {quote(str(ssh_dir))} {quote(str(dot_ssh))}")
         entry = pwd.getpwnam(self.user)
         os.chown(ssh_dir, entry.pw_uid, entry.pw_gid)
+        if self.gpus.get(h.name):  # its own /usr/local/bin, with an nvidia-smi that has GPUs
+            tools = d / "bin"
+            tools.mkdir(exist_ok=True)
+            fake = tools / "nvidia-smi"
+            names = "".join(f"Fake GPU {i}\n" for i in range(self.gpus[h.name]))
+            fake.write_text(f"#!/bin/sh\nprintf '%s' {quote(names)}\n")
+            fake.chmod(0o755)
+            tools.chmod(0o755)
+            steps.append(f"mount --bind {quote(str(tools))} /usr/local/bin")
         for command in self.hidden:  # what runs it finds a file it cannot execute
             steps.append(
                 f"if p=$(command -v {quote(command)}); then "

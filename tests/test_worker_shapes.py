@@ -1,0 +1,186 @@
+"""Workers as sites run them: Dask's option forms, a worker class, GPUs pinned one worker each,
+a setup step before the processes, a worker count per host — on real hosts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from lazycluster_tasks import GroupError, LazySSHCluster, WorkerStartError
+from lazycluster_tasks.testing.hosts import TestHosts
+from tests.conftest import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.multihost]
+
+HOSTS = ["host1", "host2"]
+
+
+@pytest.fixture(scope="module")
+def gpu_hosts() -> Iterator[TestHosts]:
+    """host1 reports two GPUs (a fake nvidia-smi), host2 none."""
+    with TestHosts(len(HOSTS), gpus={"host1": 2}) as hosts:
+        yield hosts
+        assert not hosts.leftovers()
+
+
+def _cluster(hosts: TestHosts, **options: object) -> LazySSHCluster:
+    options.setdefault("threads_per_worker", 1)
+    return LazySSHCluster(HOSTS, ssh_config_path=str(hosts.ssh_config_path), **options)
+
+
+def _workers(client: Client) -> dict[str, dict]:
+    return client.scheduler_info(n_workers=-1)["workers"]
+
+
+def test_worker_and_scheduler_options_in_the_dict_and_the_list_form(gpu_hosts: TestHosts) -> None:
+    cluster = _cluster(
+        gpu_hosts,
+        worker_options={"nthreads": 3, "memory_limit": "1GiB", "lifetime_restart": False},
+        scheduler_options={"dashboard_address": ":0", "jupyter": False},
+    )
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            found = {(w["nthreads"], w["memory_limit"]) for w in _workers(client).values()}
+            assert found == {(3, 2**30)}
+    finally:
+        cluster.close()
+    listed = _cluster(gpu_hosts, worker_options=["--nthreads", "2"])
+    try:
+        with Client(listed) as client:
+            client.wait_for_workers(2, timeout=60)
+            assert {w["nthreads"] for w in _workers(client).values()} == {2}
+    finally:
+        listed.close()
+    for wrong in ({"nthread": 2}, "--nthreads 2"):
+        with pytest.raises((TypeError, ValueError), match="worker_options"):
+            _cluster(gpu_hosts, worker_options=wrong)
+    assert not gpu_hosts.leftovers()
+
+
+def test_a_worker_class_from_the_users_code_and_dasks_nanny(
+    gpu_hosts: TestHosts, tmp_path: Path, monkeypatch
+) -> None:
+    project = tmp_path / "site"
+    (project / "sitepkg").mkdir(parents=True)
+    (project / "sitepkg" / "__init__.py").write_text("")
+    (project / "sitepkg" / "workers.py").write_text(
+        "from distributed import Worker\n\nclass TaggedWorker(Worker):\n    tag = 'ours'\n"
+    )
+    monkeypatch.syspath_prepend(str(project))  # the user's code, only here: it goes with the job
+    cluster = _cluster(gpu_hosts, worker_class="sitepkg.workers.TaggedWorker")
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            ran = client.run(lambda dask_worker: getattr(type(dask_worker), "tag", None))
+            assert sorted(ran.values()) == ["ours", "ours"]
+            assert all(w.get("nanny") for w in _workers(client).values())  # run by a nanny
+    finally:
+        cluster.close()
+    with pytest.raises(GroupError) as info:  # checked before anything starts, named per host
+        _cluster(gpu_hosts, worker_class="sitepkg.workers.Missing")
+    assert set(info.value.errors) == set(HOSTS)
+    said = str(info.value.errors["host1"])
+    assert said.startswith("host1: worker_class 'sitepkg.workers.Missing' does not import")
+    assert "AttributeError" in said
+    nanny = _cluster(gpu_hosts, worker_class="distributed.Nanny")  # SSHCluster's default spelling
+    try:
+        with Client(nanny) as client:
+            client.wait_for_workers(2, timeout=60)
+            assert all(w.get("nanny") for w in _workers(client).values())
+    finally:
+        nanny.close()
+    assert not gpu_hosts.leftovers()
+
+
+def _gpu_task(seconds: float) -> tuple[str, str]:
+    time.sleep(seconds)
+    return socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+def test_one_worker_per_gpu_pinned_and_tagged_kept_by_healing(gpu_hosts: TestHosts) -> None:
+    cluster = _cluster(gpu_hosts, gpus="auto", workers_per_host=1)
+    try:
+        assert cluster.capacity == 3  # host1: its 2 GPUs; host2: none, its one worker
+        with Client(cluster) as client:
+            client.wait_for_workers(3, timeout=60)
+            seen = client.run(
+                lambda: (socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            )
+            assert sorted(seen.values()) == [("host1", "0"), ("host1", "1"), ("host2", None)]
+            tagged = {a for a, w in _workers(client).items() if w["resources"] == {"GPU": 1}}
+            assert len(tagged) == 2
+            futures = [
+                client.submit(_gpu_task, 0.5, resources={"GPU": 1}, pure=False) for _ in range(4)
+            ]
+            ran = client.gather(futures)
+            assert sorted(set(ran)) == [("host1", "0"), ("host1", "1")]  # one task per GPU
+            assert {who for f in futures for who in client.who_has(f)[f.key]} <= tagged
+            # a GPU worker lost: its replacement takes that GPU again
+            lost = next(n for n, i in cluster.engine.workers.items() if i["host"] == "host1")
+            pid = cluster.engine.workers[lost]["pid"]
+            assert gpu_hosts.run_in("host1", ["kill", "-KILL", "--", f"-{pid}"]).wait() == 0
+            assert wait_until(lambda: lost not in cluster.engine.workers, timeout=60)
+            client.wait_for_workers(3, timeout=60)
+            assert wait_until(lambda: len(_workers(client)) == 3, timeout=60)
+            seen = client.run(
+                lambda: (socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            )
+            assert sorted(seen.values()) == [("host1", "0"), ("host1", "1"), ("host2", None)]
+    finally:
+        cluster.close()
+    assert not gpu_hosts.leftovers()
+
+
+def test_setup_lines_run_before_the_processes_and_a_failing_one_is_named(
+    gpu_hosts: TestHosts,
+) -> None:
+    cluster = _cluster(
+        gpu_hosts,
+        scheduler_host="host2",
+        setup={"host1": ["export SITE_STEP=one"], "host2": ["export SITE_STEP=two"]},
+    )
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            ran = client.run(lambda: (socket.gethostname(), os.environ.get("SITE_STEP")))
+            assert sorted(ran.values()) == [("host1", "one"), ("host2", "two")]
+            on_scheduler = client.run_on_scheduler(lambda: os.environ.get("SITE_STEP"))
+            assert on_scheduler == "two"
+            logs = cluster.engine.get_logs()  # the processes' own log files: setup said there
+            assert all("[lazycluster] setup step 1: export SITE_STEP" in t for t in logs.values())
+    finally:
+        cluster.close()
+    started = time.monotonic()
+    with pytest.raises(WorkerStartError) as info:
+        _cluster(gpu_hosts, setup=["true", "module load cuda/12"])
+    said = str(info.value)
+    assert "host1: setup step 2 (module load cuda/12) failed (exit 127)" in said, said
+    assert "module: not found" in said
+    assert time.monotonic() - started < 30
+    assert not gpu_hosts.leftovers()
+
+
+def test_a_worker_count_per_host_through_start_scale_and_adapt(gpu_hosts: TestHosts) -> None:
+    cluster = _cluster(gpu_hosts, workers_per_host={"host1": 2}, n_workers=1)
+    try:
+        assert cluster.capacity == 3
+        with Client(cluster) as client:
+            cluster.scale(10)  # capped at the capacity
+            cluster.wait_started()
+            client.wait_for_workers(3, timeout=60)
+            hosts = sorted(i["host"] for i in cluster.engine.workers.values())
+            assert hosts == ["host1", "host1", "host2"]
+            adaptive = cluster.adapt(minimum=1, maximum=10)
+            assert adaptive.maximum == 3
+    finally:
+        cluster.close()
+    with pytest.raises(ValueError, match="not in the cluster"):
+        _cluster(gpu_hosts, workers_per_host={"host9": 2})
+    assert not gpu_hosts.leftovers()
