@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazycluster_tasks.dask_argv import check_options
+from lazycluster_tasks.dask_commands import check_options
 from lazycluster_tasks.network import NETWORK_MODES
 from lazycluster_tasks.runtime import Runtime, check_path
 from lazycluster_tasks.settings import settings

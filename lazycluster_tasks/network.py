@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lazycluster_tasks import commands
+from lazycluster_tasks import commands, hostside
 from lazycluster_tasks.commands import q
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import GroupError, RemoteEnvironmentError
@@ -47,88 +47,7 @@ PROBE_PORTS = 4
 CONTROLLER = "controller"
 
 #: Runs on each host (and here, for this machine's own dials: see _dial_all).
-PROBE_SCRIPT = """
-import errno, importlib.util, json, socket, sys, threading, time
-args = json.loads(sys.argv[1])
-start = time.monotonic()
-deadline = start + args["window"]
-out = {"distributed": importlib.util.find_spec("distributed") is not None,
-       "python": "%d.%d.%d" % sys.version_info[:3], "tcp": "", "reach": {}, "port": None}
-for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-    try:
-        with open(path) as handle:
-            out["tcp"] += handle.read()
-    except OSError:
-        pass
-token = ("%s %s\\n" % (args["nonce"], args["me"])).encode()
-server = None
-for port in args["ports"]:
-    try:
-        server = socket.create_server(("", port), backlog=128)
-        out["port"] = port
-        break
-    except OSError:
-        pass
-seen = [0]
-def serve():
-    server.settimeout(0.05)
-    while seen[0] < args["expect"] and time.monotonic() < deadline:
-        try:
-            conn, _ = server.accept()
-        except OSError:
-            continue
-        try:
-            conn.sendall(token)
-        except OSError:
-            pass
-        conn.close()
-        seen[0] += 1
-def classify(exc):
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, socket.timeout):
-        return "silent"
-    return "rejected (%s)" % (errno.errorcode.get(exc.errno or 0) or exc)
-def dial(key, host, ports, want):
-    state = "no answer"
-    while True:
-        retry = False
-        for port in ports:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                with socket.create_connection((host, port), timeout=min(left, 1.0)) as conn:
-                    conn.settimeout(max(0.05, min(deadline - time.monotonic(), 1.0)))
-                    got = b""
-                    while not got.endswith(b"\\n") and len(got) < 200:
-                        part = conn.recv(200)
-                        if not part:
-                            break
-                        got += part
-                if got.decode(errors="replace").strip() == want:
-                    out["reach"][key] = "open"
-                    return
-                state = "another program answers"
-                retry = True
-            except OSError as exc:
-                state = classify(exc)
-                retry = retry or state == "refused"
-        if not retry or time.monotonic() >= deadline:
-            out["reach"][key] = state
-            return
-        time.sleep(0.05)
-threads = [threading.Thread(target=serve)] if server is not None else []
-threads += [threading.Thread(target=dial, args=(k, h, ps, "%s %s" % (args["nonce"], w)))
-            for k, (h, ps, w) in args["targets"].items()]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-if server is not None:
-    server.close()
-print(json.dumps(out))
-"""
+PROBE_SCRIPT = hostside.source("probe")
 
 
 @dataclass

@@ -264,40 +264,6 @@ def read_logs(
     return logs
 
 
-#: Waits on the host until the ready file exists and the port accepts connections (up), the
-#: process group's leader is gone (dead), or the time is over (timeout).
-WAIT_READY_SCRIPT = """
-import os, socket, sys, time
-ready, host = sys.argv[1], sys.argv[2]
-port, pgid, limit = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-
-def running(pid):  # the group's leader runs and is no zombie: one read, no /proc scan
-    try:
-        with open("/proc/%s/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-start = time.monotonic()
-while True:
-    if os.path.exists(ready):
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            state = "up"
-            break
-        except OSError:
-            pass
-    if not running(pgid):
-        state = "dead"
-        break
-    if time.monotonic() - start > limit:
-        state = "timeout"
-        break
-    time.sleep(0.02)
-print(state, time.monotonic() - start)
-"""
-
-
 def wait_ready(
     runtime: Runtime,
     python: str,
@@ -313,7 +279,7 @@ def wait_ready(
     argv = [ready_file, address, str(port), str(pid), str(timeout)]
     try:
         result = runtime.connection.run(
-            commands.python_call(python, WAIT_READY_SCRIPT, argv), timeout=timeout + 10
+            commands.python_call(python, hostside.source("ready"), argv), timeout=timeout + 10
         )
     except OperationTimeoutError:
         return "timeout", timeout

@@ -127,19 +127,6 @@ class Runtime:
         self._tunnels: list[Tunnel] = []
         self._lock = threading.RLock()
 
-    @classmethod
-    def _on_connection(cls, connection: Connection) -> Runtime:
-        """A runtime on someone else's open connection, working in its current dir (used by
-        ``RuntimeTask.execute``). It owns nothing: no temporary dir, no tunnels, and it never
-        closes the connection."""
-        runtime = cls.__new__(cls)
-        runtime._host = connection.host
-        runtime._connection_kwargs = {}
-        runtime._ssh_config_path = None
-        runtime._connection = connection
-        runtime._init_state(".", None)
-        return runtime
-
     # -- identity -------------------------------------------------------------------------
 
     @property

@@ -7,11 +7,12 @@ import copy
 import logging
 import os
 import posixpath
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
@@ -27,9 +28,49 @@ from lazycluster_tasks.errors import (
 
 if TYPE_CHECKING:
     from lazycluster_tasks.connection import Connection
-    from lazycluster_tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
+
+
+class TaskHost(Protocol):
+    """What a task needs of where it runs (a ``Runtime`` is one; so is a bare connection)."""
+
+    _connection: Connection
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def env_variables(self) -> dict[str, str]: ...
+
+    @property
+    def python_executable(self) -> str: ...
+
+    @property
+    def working_dir(self) -> str: ...
+
+    def _remote_path(self, path: str) -> str: ...
+
+
+@dataclass
+class _OnConnection:
+    """Someone else's open connection as a task's host: its current dir (the home folder over
+    SSH), no env of its own; it owns nothing and never closes the connection."""
+
+    _connection: Connection
+    env_variables: dict[str, str] = field(default_factory=dict)
+    python_executable: str = sys.executable
+    working_dir: str = "."
+
+    @property
+    def host(self) -> str:
+        return self._connection.host
+
+    def _remote_path(self, path: str) -> str:
+        if path.startswith("~"):  # the SFTP session starts in the home folder
+            return path[1:].lstrip("/") or "."
+        return path
+
 
 RESULT_MARK = "__LAZYCLUSTER_RESULT__:"
 #: How long ``RuntimeTask.cleanup`` keeps killing a running task's command until its thread ends.
@@ -71,7 +112,7 @@ def _require_text(value: Any, what: str) -> str:
 class _Step:
     description: str
 
-    def run(self, runtime: Runtime, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
+    def run(self, runtime: TaskHost, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
         raise NotImplementedError
 
 
@@ -80,7 +121,7 @@ class _CommandStep(_Step):
     command: str = ""
     timeout: float | None = None
 
-    def run(self, runtime: Runtime, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
+    def run(self, runtime: TaskHost, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
         result = runtime._connection.run(
             self.command,
             timeout=self.timeout,
@@ -100,7 +141,7 @@ class _SendStep(_Step):
     local_path: str = ""
     remote_path: str | None = None
 
-    def run(self, runtime: Runtime, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
+    def run(self, runtime: TaskHost, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
         target = runtime._remote_path(self.remote_path or os.path.basename(self.local_path))
         runtime._connection.put(os.path.expanduser(self.local_path), target)
         return f"sent {self.local_path} to {runtime.host}:{target}"
@@ -111,7 +152,7 @@ class _GetStep(_Step):
     remote_path: str = ""
     local_path: str | None = None
 
-    def run(self, runtime: Runtime, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
+    def run(self, runtime: TaskHost, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
         source = runtime._remote_path(self.remote_path)
         target = os.path.expanduser(self.local_path or posixpath.basename(source.rstrip("/")))
         runtime._connection.get(source, target)
@@ -123,7 +164,7 @@ class _FunctionStep(_Step):
     function: Callable[..., Any] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def run(self, runtime: Runtime, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
+    def run(self, runtime: TaskHost, task: RuntimeTask, on_output: Callable[[str], None]) -> str:
         payload = cloudpickle.dumps((self.function, self.kwargs))
         python = runtime.python_executable
         result = runtime._connection.run(
@@ -182,7 +223,7 @@ class RuntimeTask:
         self._returns: list[Any] = []
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._runtime: Runtime | None = None
+        self._runtime: TaskHost | None = None
         self._cancelled = threading.Event()
 
     def __repr__(self) -> str:
@@ -295,7 +336,7 @@ class RuntimeTask:
 
     # -- execution ------------------------------------------------------------------------
 
-    def execute(self, connection: Runtime | Connection, debug: bool = False) -> None:
+    def execute(self, connection: TaskHost | Connection, debug: bool = False) -> None:
         """Run the task now, in this thread, on ``connection``: a ``Runtime`` (in its working
         dir, with its env variables) or a bare ``Connection`` (in that connection's current
         dir, which is the home folder over SSH). Raises ``TaskExecutionError`` on a failed step.
@@ -303,12 +344,12 @@ class RuntimeTask:
         ``debug=True`` prints the remote output as it arrives.
         """
         from lazycluster_tasks.connection import Connection
-        from lazycluster_tasks.runtime import Runtime
 
-        if isinstance(connection, Runtime):
+        runtime: TaskHost
+        if isinstance(connection, Connection):
+            runtime = _OnConnection(connection)
+        elif all(hasattr(connection, a) for a in ("_connection", "_remote_path", "working_dir")):
             runtime = connection
-        elif isinstance(connection, Connection):
-            runtime = Runtime._on_connection(connection)
         else:
             raise ValueError(f"expected a Runtime or a Connection, got {connection!r}")
         self._start(runtime, False, debug)
@@ -321,13 +362,13 @@ class RuntimeTask:
         clone._reset()
         return clone
 
-    def _effective_env(self, runtime: Runtime) -> dict[str, str]:
+    def _effective_env(self, runtime: TaskHost) -> dict[str, str]:
         env = {WORKING_DIR_ENV_VAR_NAME: runtime.working_dir}
         env.update(runtime.env_variables)
         env.update(self.env_variables)
         return env
 
-    def _failure(self, runtime: Runtime, step: _Step, exit_code: int | None, output: str) -> Any:
+    def _failure(self, runtime: TaskHost, step: _Step, exit_code: int | None, output: str) -> Any:
         index = self._steps.index(step)
         command = getattr(step, "command", None) or step.description
         return TaskExecutionError(
@@ -341,7 +382,7 @@ class RuntimeTask:
             output=tail(output),
         )
 
-    def _start(self, runtime: Runtime, execute_async: bool, debug: bool) -> None:
+    def _start(self, runtime: TaskHost, execute_async: bool, debug: bool) -> None:
         if self.is_alive:
             raise ValueError(f"task {self.name!r} is already running on {self._runtime}")
         self._reset()
@@ -355,13 +396,13 @@ class RuntimeTask:
         else:
             self._execute(runtime, debug)
 
-    def _run_guarded(self, runtime: Runtime, debug: bool) -> None:
+    def _run_guarded(self, runtime: TaskHost, debug: bool) -> None:
         try:
             self._execute(runtime, debug)
         except BaseException as exc:
             self._error = exc  # surfaced by join()
 
-    def _execute(self, runtime: Runtime, debug: bool) -> None:
+    def _execute(self, runtime: TaskHost, debug: bool) -> None:
         log_file_util = ExecutionFileLogUtil(runtime.host, self.name)
         self._execution_log_file_path = log_file_util.file_path
         with open(self._execution_log_file_path, "a", encoding="utf-8") as log_file:
@@ -374,7 +415,7 @@ class RuntimeTask:
                     )
                 self._run_step(runtime, step, debug, log_file)
 
-    def _run_step(self, runtime: Runtime, step: _Step, debug: bool, log_file: Any) -> None:
+    def _run_step(self, runtime: TaskHost, step: _Step, debug: bool, log_file: Any) -> None:
         lines: list[str] = []
 
         def on_output(line: str) -> None:

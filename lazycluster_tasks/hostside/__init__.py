@@ -3,12 +3,15 @@
 Each module here runs on a host with nothing but that host's Python and its standard library
 (3.8 or newer), and nothing in it imports the rest of the package: ``authorized_keys`` (the one
 edit of a user's ``~/.ssh/authorized_keys``), ``envs`` (the host's environments made of what the
-controller sends) and ``guard`` (what a host does by itself once no process of a cluster is left
-on it). They are linted, typed and tested as the rest.
+controller sends), ``guard`` (what a host does by itself once no process of a cluster is left
+on it), ``probe`` (the preflight), ``ready`` (a server's readiness wait), ``importable`` (the
+worker class check); ``watch`` runs in the scheduler (its preload) and ``code`` in each worker
+(``sync_code``). They are linted, typed and tested as the rest.
 
-They travel in two ways: a module's source on a command's stdin (``python - ARGS``), or all of
-them as one zip application in the cluster folder (``python -E -s hostside.pyz guard ARGS``),
-with the package layout kept, so their imports are the same here and there.
+They travel as their source (``python -c SOURCE ARGS``, or on a command's stdin as
+``python - ARGS``), or the first three as one zip application in the cluster folder
+(``python -E -s hostside.pyz guard ARGS``), with the package layout kept, so their imports are
+the same here and there.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 #: The modules shipped in the zip application (``__main__`` dispatches to them).
 MODULES = ("__init__", "__main__", "authorized_keys", "envs", "guard")
 #: Run by their source alone (``python -c``), never from the zip application.
-SOURCES = ("importable",)
+SOURCES = ("importable", "probe", "ready", "watch")
 #: Its name in a cluster folder.
 BUNDLE = "hostside.pyz"
 
