@@ -20,6 +20,7 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.example_pipeline import example_pipeline
+from lazycluster_tasks.cli import parse_workers_per_host
 from lazycluster_tasks.prefect.flows import (
     cluster_lifecycle,
     teardown_cluster,
@@ -33,17 +34,26 @@ NIGHTLY = "0 2 * * *"
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("hosts", nargs="*", help="SSH hosts for the pipeline (default: local)")
-    parser.add_argument("--workers-per-host", type=int, default=1)
+    parser.add_argument(
+        "--workers-per-host",
+        action="append",
+        metavar="N|HOST=N",
+        help="one count for every host, or HOST=N (repeat; hosts not named get 1)",
+    )
     parser.add_argument("--network-mode", default="auto", choices=["auto", "direct", "tunnelled"])
     parser.add_argument("--ssh-config", default=settings().ssh_config)
     parser.add_argument("--cron", default=NIGHTLY, help="schedule of the pipeline")
     args = parser.parse_args(argv)
+    try:
+        per_host = parse_workers_per_host(args.workers_per_host)
+    except ValueError as exc:
+        parser.error(str(exc))
     pipeline = example_pipeline.to_deployment(
         name="example-pipeline-nightly",
         cron=args.cron,
         parameters={
             "hosts": args.hosts or None,
-            "workers_per_host": args.workers_per_host,
+            "workers_per_host": 1 if per_host is None else per_host,
             "network_mode": args.network_mode,
             "ssh_config_path": args.ssh_config,
         },

@@ -22,6 +22,7 @@ import cloudpickle
 from prefect import flow, task
 from prefect.settings import PREFECT_HOME, PREFECT_UI_URL
 
+from lazycluster_tasks.cli import parse_workers_per_host
 from lazycluster_tasks.prefect import ClusterHandle, cluster_lifecycle
 from lazycluster_tasks.settings import settings
 
@@ -71,7 +72,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 def example_pipeline(
     hosts: list[str] | None = None,
     n: int = 12,
-    workers_per_host: int = 1,
+    workers_per_host: int | dict[str, int] = 1,
     network_mode: str = "auto",
     ssh_config_path: str | None = None,
     ssh_block: str | None = None,
@@ -96,14 +97,23 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.example_pipeline", description=__doc__)
     parser.add_argument("hosts", nargs="*", help="SSH hosts (default: this machine)")
     parser.add_argument("-n", type=int, default=12, help="numbers to square")
-    parser.add_argument("--workers-per-host", type=int, default=1)
+    parser.add_argument(
+        "--workers-per-host",
+        action="append",
+        metavar="N|HOST=N",
+        help="one count for every host, or HOST=N (repeat; hosts not named get 1)",
+    )
     parser.add_argument("--network-mode", default="auto", choices=["auto", "direct", "tunnelled"])
     parser.add_argument("--ssh-config", default=settings().ssh_config, help="ssh config file")
     args = parser.parse_args(argv)
+    try:
+        per_host = parse_workers_per_host(args.workers_per_host)
+    except ValueError as exc:
+        parser.error(str(exc))
     state = example_pipeline(
         hosts=args.hosts or None,
         n=args.n,
-        workers_per_host=args.workers_per_host,
+        workers_per_host=1 if per_host is None else per_host,
         network_mode=args.network_mode,
         ssh_config_path=args.ssh_config,
         return_state=True,

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -339,7 +339,13 @@ def up(
         str | None, typer.Option(help="a Prefect SSH settings block: how to log in")
     ] = None,
     workers_per_host: Annotated[
-        int | None, typer.Option(min=1, help="default: the host group's, else 1")
+        list[str] | None,
+        typer.Option(
+            metavar="N|HOST=N",
+            help="workers on each host: one count (`--workers-per-host 2`), or a count per host, "
+            "repeated (`--workers-per-host gpu1=4 --workers-per-host cpu1=1`; hosts not named "
+            "get 1); default: the host group's, else 1",
+        ),
     ] = None,
     network_mode: Annotated[
         str | None,
@@ -362,14 +368,27 @@ def up(
             f"--network-mode must be one of {', '.join(NETWORK_MODES)}, not {network_mode!r}",
             EXIT_USAGE,
         )
+    try:
+        per_host = parse_workers_per_host(workers_per_host)
+    except ValueError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
     if not names and not host_group:
         raise fail("give the hosts, or --host-group with a host group block", EXIT_USAGE)
     # --ssh-config, else the blocks' ssh config, else LAZYCLUSTER_SSH_CONFIG
-    from_blocks = _check_blocks(host_group, ssh_block)
+    from_blocks, group_hosts = _check_blocks(host_group, ssh_block)
     config = ssh_config or from_blocks or _config(None)
     if names:
         _known(names, config)
-    options = _cluster_options(names, config, (host_group, ssh_block), workers_per_host)
+    hosts = names or group_hosts
+    if isinstance(per_host, dict) and hosts:
+        unknown = [host for host in per_host if host not in hosts]
+        if unknown:
+            raise fail(
+                f"--workers-per-host names {', '.join(unknown)}, not among the hosts "
+                f"({', '.join(hosts)})",
+                EXIT_USAGE,
+            )
+    options = _cluster_options(names, config, (host_group, ssh_block), per_host)
     if network_mode is not None:
         options["network_mode"] = network_mode
     if host_links is not None:
@@ -380,8 +399,48 @@ def up(
     _serve(options, announce=True)
 
 
+def parse_workers_per_host(values: Sequence[str] | None) -> int | dict[str, int] | None:
+    """``--workers-per-host``: one ``N`` (every host), or ``HOST=N`` entries (hosts not named
+    get 1); None when not given. Anything else is a ValueError that says what is wrong."""
+    if not values:
+        return None
+    counts: dict[str, int] = {}
+    single: int | None = None
+    for value in values:
+        host, is_pair, number = value.rpartition("=")
+        host = host.strip()
+        what = f"--workers-per-host {value!r}"
+        if is_pair and (not host or any(c.isspace() for c in host)):
+            raise ValueError(f"{what}: give HOST=N with a host name (no spaces) before '='")
+        try:
+            count = int(number.strip())
+        except ValueError:
+            raise ValueError(f"{what}: the count must be an integer >= 1 (N or HOST=N)") from None
+        if count < 1:
+            raise ValueError(f"{what}: the count must be an integer >= 1, not {count}")
+        if not is_pair:
+            if single is not None or counts:
+                raise ValueError(
+                    "--workers-per-host: give one count N for every host, or HOST=N "
+                    "entries, not both (nor N twice)"
+                )
+            single = count
+            continue
+        if single is not None:
+            raise ValueError(
+                "--workers-per-host: give one count N for every host, or HOST=N entries, not both"
+            )
+        if host in counts:
+            raise ValueError(f"--workers-per-host: {host} given twice")
+        counts[host] = count
+    return single if single is not None else counts
+
+
 def _cluster_options(
-    names: list[str] | None, config: str | None, blocks: Blocks, per_host: int | None
+    names: list[str] | None,
+    config: str | None,
+    blocks: Blocks,
+    per_host: int | dict[str, int] | None,
 ) -> dict[str, Any]:
     """LazySSHCluster's arguments; what is not given comes from the blocks or defaults."""
     given = {
@@ -394,11 +453,13 @@ def _cluster_options(
     return {key: value for key, value in given.items() if value is not None}
 
 
-def _check_blocks(host_group: str | None, ssh_block: str | None) -> str | None:
+def _check_blocks(
+    host_group: str | None, ssh_block: str | None
+) -> tuple[str | None, list[str] | None]:
     """Named blocks must exist (bad input, exit 2) and the Prefect API must answer (exit 1).
-    Returns the ssh config path their SSH settings name, if any."""
+    Returns the ssh config path their SSH settings name, if any, and the host group's hosts."""
     if not (host_group or ssh_block):
-        return None
+        return None, None
     from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
     from lazycluster_tasks.prefect.records import load_block
 
@@ -415,7 +476,8 @@ def _check_blocks(host_group: str | None, ssh_block: str | None) -> str | None:
     group = found.get(HostGroupBlock)
     # as the cluster picks them: an SSH settings block named directly, else the group's own
     ssh = found.get(SSHSettingsBlock) or (group.ssh if group is not None else None)
-    return ssh.ssh_config_path if ssh is not None else None
+    hosts = list(group.hosts) if group is not None else None
+    return (ssh.ssh_config_path if ssh is not None else None), hosts
 
 
 def _block_kwargs(state: dict[str, Any]) -> dict[str, Any]:
@@ -423,7 +485,7 @@ def _block_kwargs(state: dict[str, Any]) -> dict[str, Any]:
     host_group, ssh_block = state.get("host_group"), state.get("ssh_block")
     if not (host_group or ssh_block):
         return {}
-    from lazycluster_tasks.prefect.tasks import connection_kwargs
+    from lazycluster_tasks.prefect.resolve import connection_kwargs
 
     try:
         return connection_kwargs(ssh_block, host_group)

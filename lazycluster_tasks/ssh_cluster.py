@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 
+from lazycluster_tasks import integrations
 from lazycluster_tasks.cluster import MasterWorkerCluster
 from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.engine import Engine
@@ -235,7 +235,8 @@ class LazySSHCluster(SpecCluster):
     ``workers_per_host``: one count for every host or host -> count (others 1).
     ``n_workers``: first workers (default: the capacity, the sum of the hosts' counts).
     ``prelaunch``: more worker processes started with the scheduler but joined to the cluster by
-    the next ``scale()`` (a step-by-step start, as the Prefect tasks do, loses no time).
+    the next ``scale()`` (a step-by-step start, as the Prefect tasks do, loses no time); at
+    most what the capacity leaves.
     ``scheduler_timeout``: seconds the scheduler has to come up (default 30).
     ``scheduler_host``: a host to run the scheduler on (default: this machine).
     ``python``: the interpreter on the hosts, one path or host -> path.
@@ -277,8 +278,14 @@ class LazySSHCluster(SpecCluster):
         silence_logs: int | bool = False,
         **options: Any,
     ) -> None:
-        hosts, config, kwargs, defaults = _resolve_blocks(
+        where = integrations.resolve(
             hosts, host_group, ssh_block, ssh_config_path, connection_kwargs
+        )
+        hosts, config, kwargs, defaults = (
+            where.hosts,
+            where.ssh_config_path,
+            where.connection_kwargs,
+            where.defaults,
         )
         if workers_per_host is None:  # the host group's, else one per host
             workers_per_host = defaults.get("workers_per_host", 1)
@@ -301,11 +308,15 @@ class LazySSHCluster(SpecCluster):
         env = dict(options.pop("env", None) or {})
         env.setdefault("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", f"{worker_ttl}s")
         forwards = list(options.pop("forward_ports", ()) or ())
-        self._prefect = bool(prefect_api or (prefect_api is None and _in_prefect_run()))
-        if self._prefect:
-            prefect_env, prefect_ports = _prefect_worker_env()
-            env = {**prefect_env, **env}
-            forwards = [*prefect_ports, *forwards]
+        #: the orchestrator whose run started this cluster (its env for the workers, its
+        #: logs collected before they stop): see integrations
+        self._integration = integrations.active() if prefect_api is not False else None
+        if prefect_api and self._integration is None:
+            self._integration = next(iter(integrations.loaded()), None)
+        if self._integration is not None:
+            run_env, run_ports = self._integration.worker_env()
+            env = {**run_env, **env}
+            forwards = [*run_ports, *forwards]
         dask_options = DaskOptions(env=env, forward_ports=forwards, **options)
         group = RuntimeGroup(hosts=list(hosts), ssh_config_path=config, connection_kwargs=kwargs)
         try:
@@ -356,11 +367,7 @@ class LazySSHCluster(SpecCluster):
             )
         if isinstance(prelaunch, bool) or not isinstance(prelaunch, int) or prelaunch < 0:
             raise ValueError(f"prelaunch must be an integer >= 0, not {prelaunch!r}")
-        if first + prelaunch > self.capacity:
-            raise ValueError(
-                f"n_workers + prelaunch = {first + prelaunch} exceeds the capacity of "
-                f"{self.capacity}"
-            )
+        prelaunch = min(prelaunch, self.capacity - first)  # a head start, never more
         workers: dict[str, Any] = {}
         placement: dict[str, list[str]] = {}
         #: started with the scheduler, adopted by the next scale() (see ``prelaunch``)
@@ -516,8 +523,8 @@ class LazySSHCluster(SpecCluster):
                 logger.info("the scheduler is gone: stopping the workers without it")
                 self.scheduler.status = Status.failed  # SpecCluster retires nothing through it
                 self.shutdown_scheduler = False  # nor waits to connect to it
-            elif self._prefect:
-                await asyncio.to_thread(_flush_prefect_logs, self.engine)
+            elif self._integration is not None:
+                await asyncio.to_thread(self._integration.before_close, self.engine, logger)
             # the engine's own client goes first: it would try to reconnect to a scheduler
             # that SpecCluster is about to terminate
             await asyncio.to_thread(self.engine.clients.close)
@@ -725,56 +732,3 @@ def _wanted(cluster: SpecCluster, memory: Any, cores: Any) -> list[int]:
     if cores is not None:
         counts.append(math.ceil(cores / cluster._threads_per_worker()))
     return counts
-
-
-def _in_prefect_run() -> bool:
-    """Inside a Prefect flow or task run (checked without importing Prefect)."""
-    context = sys.modules.get("prefect.context")
-    if context is None:
-        return False
-    return bool(context.FlowRunContext.get() or context.TaskRunContext.get())
-
-
-def _prefect_worker_env() -> tuple[dict[str, str], list[int]]:
-    from lazycluster_tasks.prefect.tasks import worker_prefect_env  # the one bridge to Prefect
-
-    return worker_prefect_env()
-
-
-def _flush_prefect_logs(engine: Engine) -> None:
-    """Before workers stop, they send the logs of the Prefect task runs they executed."""
-    from lazycluster_tasks.prefect.tasks import flush_worker_logs
-
-    flush_worker_logs(engine, logger)
-
-
-def _resolve_blocks(
-    hosts: Sequence[str] | None,
-    host_group: str | None,
-    ssh_block: str | None,
-    ssh_config_path: str | None,
-    connection_kwargs: Mapping[str, Any] | None,
-) -> tuple[list[str], str | None, dict[str, Any], dict[str, Any]]:
-    """Hosts, ssh config, connection kwargs and option defaults, from arguments or blocks."""
-    kwargs = dict(connection_kwargs or {})
-    defaults: dict[str, Any] = {}
-    if host_group or ssh_block:
-        from lazycluster_tasks.prefect.tasks import connection_kwargs as block_kwargs
-        from lazycluster_tasks.prefect.tasks import ssh_settings
-
-        if host_group:
-            from lazycluster_tasks.prefect.blocks import HostGroupBlock
-            from lazycluster_tasks.prefect.records import load_block
-
-            group = load_block(HostGroupBlock, host_group)
-            hosts = list(hosts or group.hosts)
-            defaults = group.cluster_options()
-        kwargs = {**block_kwargs(ssh_block, host_group), **kwargs}
-        settings = ssh_settings(ssh_block, host_group)
-        if ssh_config_path is None and settings is not None:
-            ssh_config_path = settings.ssh_config_path
-    if isinstance(hosts, str):
-        raise ValueError(f"hosts must be a list of host names, not the string {hosts!r}")
-    if not hosts:
-        raise ValueError("give hosts=[...] (SSH aliases or names) or host_group='block name'")
-    return list(hosts), ssh_config_path, kwargs, defaults

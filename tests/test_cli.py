@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lazycluster_tasks.cli import app, parse_workers_per_host
 from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
 from lazycluster_tasks.testing.hosts import TestHosts
 
@@ -157,3 +158,53 @@ def test_down_never_signals_a_process_that_only_has_the_owners_pid(
     finally:
         stranger.kill()
         stranger.wait()
+
+
+@pytest.mark.parametrize(
+    ("given", "parsed"),
+    [
+        (["2"], 2),
+        (["gpu1=4", "cpu1=1"], {"gpu1": 4, "cpu1": 1}),
+        (["user@gpu1=3"], {"user@gpu1": 3}),
+        ([], None),
+        (None, None),
+    ],
+)
+def test_workers_per_host_is_one_count_or_host_counts(given: list[str], parsed: object) -> None:
+    assert parse_workers_per_host(given) == parsed
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (["0"], "the count must be an integer >= 1, not 0"),
+        (["gpu1=0"], "the count must be an integer >= 1, not 0"),
+        (["two"], "the count must be an integer >= 1 (N or HOST=N)"),
+        (["gpu1=x"], "the count must be an integer >= 1 (N or HOST=N)"),
+        (["=2"], "give HOST=N with a host name"),
+        (["2", "gpu1=4"], "one count N for every host, or HOST=N entries, not both"),
+        (["gpu1=4", "2"], "one count N for every host, or HOST=N entries, not both"),
+        (["gpu1=4", "gpu1=2"], "gpu1 given twice"),
+    ],
+)
+def test_workers_per_host_refuses_what_it_cannot_read(given: list[str], said: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(said)):
+        parse_workers_per_host(given)
+
+
+def test_up_reads_repeated_workers_per_host_and_checks_the_hosts_first(tmp_path: Path) -> None:
+    """``up`` as typer parses it, in this process; each case is bad input, so nothing starts."""
+    from typer.testing import CliRunner
+
+    config = tmp_path / "ssh_config"
+    config.write_text("")
+    runner = CliRunner()
+    args = ["up", "--ssh-config", str(config), "localhost"]
+    pairs = ["--workers-per-host", "gpu1=4", "--workers-per-host", "cpu1=1"]
+    named = runner.invoke(app, [*args, *pairs])
+    assert named.exit_code == 2
+    assert "--workers-per-host names gpu1, cpu1, not among the hosts (localhost)" in named.stderr
+    mixed = runner.invoke(app, [*args, "--workers-per-host", "2", *pairs])
+    assert mixed.exit_code == 2 and "not both" in mixed.stderr
+    zero = runner.invoke(app, [*args, "--workers-per-host", "0"])
+    assert zero.exit_code == 2 and "integer >= 1, not 0" in zero.stderr

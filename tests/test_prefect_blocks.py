@@ -324,16 +324,41 @@ def test_host_group_with_nested_ssh_round_trips(api_url: str) -> None:
     }
 
 
+def test_host_group_workers_per_host_by_host_round_trips_and_is_checked(api_url: str) -> None:
+    counts = {"gpu1": 4, "cpu1": 1}
+    HostGroupBlock(hosts=["gpu1", "cpu1", "cpu2"], workers_per_host=counts).save(
+        "group-per-host", overwrite=True
+    )
+    loaded = load_group("group-per-host")
+    assert loaded.workers_per_host == counts
+    assert loaded.cluster_options()["workers_per_host"] == counts  # passed on as given
+    with pytest.raises(ValidationError) as info:
+        HostGroupBlock(hosts=["gpu1", "cpu1"], workers_per_host={"gpu1": 2, "gpu9": 1})
+    assert "workers_per_host names host 'gpu9', which is not one of the hosts" in str(info.value)
+    with pytest.raises(ValidationError, match=r"workers_per_host\['cpu1'\] must be >= 1, not 0"):
+        HostGroupBlock(hosts=["gpu1", "cpu1"], workers_per_host={"cpu1": 0})
+    with pytest.raises(ValidationError, match="workers_per_host must be >= 1, not -2"):
+        HostGroupBlock(hosts=["gpu1"], workers_per_host=-2)
+
+
 def test_a_host_group_gives_the_cluster_its_hosts_and_options(api_url: str) -> None:
-    from lazycluster_tasks.ssh_cluster import _resolve_blocks
+    """The core reaches the blocks through the integration Prefect's package registers."""
+    from lazycluster_tasks import integrations
 
     ssh = SSHSettingsBlock(ssh_config_path="/x/config", user="u")
     HostGroupBlock(hosts=["a", "b"], workers_per_host=3, network_mode="direct", ssh=ssh).save(
         "resolved-group", overwrite=True
     )
-    hosts, config, kwargs, defaults = _resolve_blocks(None, "resolved-group", None, None, None)
-    assert (hosts, config, kwargs["username"]) == (["a", "b"], "/x/config", "u")
-    assert defaults == {"workers_per_host": 3, "network_mode": "direct", "host_links": True}
+    found = integrations.resolve(None, "resolved-group", None, None, None)
+    assert (found.hosts, found.ssh_config_path) == (["a", "b"], "/x/config")
+    assert found.connection_kwargs["username"] == "u"
+    assert found.defaults == {"workers_per_host": 3, "network_mode": "direct", "host_links": True}
+    given = integrations.resolve(["c"], "resolved-group", None, "/mine", {"username": "me"})
+    assert (given.hosts, given.ssh_config_path, given.connection_kwargs["username"]) == (
+        ["c"],
+        "/mine",
+        "me",
+    )
 
 
 def test_blocks_load_by_name_as_flow_parameters(api_url: str) -> None:

@@ -26,16 +26,21 @@ from prefect.client.schemas.filters import (
     TaskRunFilterFlowRunId,
 )
 
+from lazycluster_tasks.deprecation import renamed
 from lazycluster_tasks.prefect import (
     ClusterHandle,
     HostGroupBlock,
     SSHSettingsBlock,
     check_runtimes,
+    cleanup_cluster,
     cluster_lifecycle,
     dask_cluster,
+    launch_master,
+    launch_workers,
     teardown_cluster,
 )
 from lazycluster_tasks.prefect.records import clusters_of_run, load_record
+from lazycluster_tasks.prefect.tasks import capacity, live_cluster
 from tests.conftest import ROOT, wait_until
 from tests.test_dask_cluster import local_leftovers
 
@@ -401,3 +406,99 @@ def test_the_forwarded_api_answers_the_workers_only(hosts_cfg, prefect_api, mult
     answers = ask_while_a_cluster_runs(hosts_cfg)
     assert not answers["outsider"].startswith("HTTP"), answers
     assert answers["login user"].startswith("HTTP/1.1 200"), answers  # the control
+
+
+# -- one vocabulary: the old keywords work for one release, with a DeprecationWarning ----------
+
+
+def test_renamed_maps_an_old_keyword_warns_and_refuses_both() -> None:
+    kwargs = {"master_host": "h1", "n_workers": None}
+    with pytest.deprecated_call(match="master_host is deprecated: use scheduler_host"):
+        assert renamed(kwargs, "master_host", "scheduler_host") == "h1"
+    assert kwargs == {"scheduler_host": "h1", "n_workers": None}
+    assert renamed(kwargs, "workers", "n_workers") is None  # not given: nothing to say
+    with pytest.raises(TypeError, match="both master_host= and scheduler_host="):
+        renamed({"master_host": "a", "scheduler_host": "b"}, "master_host", "scheduler_host")
+
+
+def test_old_keywords_of_dask_cluster_and_the_tasks_without_a_cluster() -> None:
+    """Mapped (or refused) when called, before anything connects: no API, no host needed."""
+    with pytest.deprecated_call() as caught:
+        opened = dask_cluster(["localhost"], master_host="localhost", workers=1, env={"A": "1"})
+    assert {str(w.message).split(" ")[0] for w in caught} >= {"master_host", "workers"}
+    assert all(w.filename == __file__ for w in caught)  # the warning names the caller's line
+    given = opened.kwds  # type: ignore[attr-defined]  # what the cluster would start with
+    assert (given["scheduler_host"], given["n_workers"]) == ("localhost", 1)
+    assert given["options"] == {"env": {"A": "1"}}
+    with pytest.raises(TypeError, match="master_host= and scheduler_host="):
+        dask_cluster(["localhost"], master_host="a", scheduler_host="b")
+    with pytest.raises(TypeError, match="workers= and n_workers="):
+        dask_cluster(["localhost"], workers=1, n_workers=2)
+    with pytest.raises(TypeError, match="master_timeout= and scheduler_timeout="):
+        launch_master.fn(["localhost"], master_timeout=5, scheduler_timeout=5)
+    with pytest.raises(TypeError, match="count= and n_workers="):
+        launch_workers.fn(None, 1, count=2)  # type: ignore[arg-type]
+    # the capacity that prelaunch needs before the cluster exists: a count, or host -> count
+    assert capacity(["a", "b"], None) == 2 and capacity(["a", "b"], 3) == 6
+    assert capacity(["gpu1", "cpu1", "cpu2"], {"gpu1": 4, "cpu1": 2}) == 7
+
+
+def test_old_keywords_of_the_tasks_and_the_flow_map_to_the_new_ones(prefect_api: str) -> None:
+    """One small cluster on this machine, started and grown by the tasks under their old
+    keywords (workers per host by host); the flow's master_host reaches the cluster as
+    scheduler_host."""
+
+    @flow
+    def old_words() -> dict[str, Any]:
+        record = launch_master(
+            ["localhost"],
+            master_host="localhost",
+            master_timeout=45,
+            workers=1,
+            workers_per_host={"localhost": 2},  # passed on as given: capacity 2
+        )
+        try:
+            cluster = live_cluster(record.cluster_id)
+            assert cluster is not None
+            seen = {
+                "scheduler_host": cluster.launcher.scheduler_host,
+                "scheduler_timeout": cluster.launcher.scheduler_timeout,
+                "capacity": cluster.capacity,
+            }
+            record = launch_workers(record, count=1)
+            seen["workers"] = len(record.workers)
+        finally:
+            cleanup_cluster(record)
+        seen["cluster_id"] = record.cluster_id
+        return seen
+
+    with pytest.warns(DeprecationWarning) as caught:
+        seen = old_words()
+    said = {str(w.message).split(" ")[0] for w in caught if "deprecated: use" in str(w.message)}
+    assert said == {"master_host", "master_timeout", "workers", "count"}
+    cluster_id = seen.pop("cluster_id")
+    assert seen == {
+        "scheduler_host": "localhost",
+        "scheduler_timeout": 45,
+        "capacity": 2,
+        "workers": 1,  # not the capacity: workers= and count= were read as n_workers
+    }
+    assert wait_until(lambda: local_leftovers(cluster_id) == [])
+
+    # the flow: master_host becomes scheduler_host (here a host the cluster refuses by name,
+    # so nothing starts); both names given fail the run, naming both
+    with pytest.deprecated_call(match="master_host is deprecated: use scheduler_host"):
+        state = cluster_lifecycle(
+            job=hostnames, hosts=["localhost"], master_host="elsewhere", return_state=True
+        )
+    with pytest.raises(ValueError, match="host 'elsewhere' is not in the group"):
+        state.result()
+    state = cluster_lifecycle(
+        job=hostnames,
+        hosts=["localhost"],
+        master_host="localhost",
+        scheduler_host="localhost",
+        return_state=True,
+    )
+    with pytest.raises(TypeError, match="master_host= and scheduler_host="):
+        state.result()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import ConfigDict, Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 __all__ = ["DOCUMENTATION_URL", "LOGO_URL", "HostGroupBlock", "SSHSettingsBlock"]
 
@@ -79,7 +79,13 @@ class HostGroupBlock(Block):
     python_executable: str | dict[str, str] | None = Field(
         default=None, description="Remote Python, for all hosts or per host name."
     )
-    workers_per_host: int = Field(default=1, ge=1, description="Dask workers on each host.")
+    workers_per_host: int | dict[str, int] = Field(
+        default=1,
+        description=(
+            "Dask workers on each host: one count for every host, or host -> count "
+            '(e.g. {"gpu1": 4, "cpu1": 1}; hosts not named get 1).'
+        ),
+    )
     network_mode: Literal["auto", "direct", "tunnelled"] = Field(
         default="auto", description="How workers reach the scheduler."
     )
@@ -103,9 +109,29 @@ class HostGroupBlock(Block):
                 raise ValueError(f"invalid host entry {host!r}: must be non-empty, no whitespace")
         return hosts
 
+    @field_validator("workers_per_host")
+    @classmethod
+    def _check_workers_per_host(
+        cls, counts: int | dict[str, int], info: ValidationInfo
+    ) -> int | dict[str, int]:
+        if not isinstance(counts, dict):
+            if counts < 1:
+                raise ValueError(f"workers_per_host must be >= 1, not {counts}")
+            return counts
+        hosts = info.data.get("hosts")  # absent when the hosts were refused already
+        for host, count in counts.items():
+            if hosts is not None and host not in hosts:
+                raise ValueError(
+                    f"workers_per_host names host {host!r}, which is not one of the hosts "
+                    f"({', '.join(hosts)})"
+                )
+            if count < 1:
+                raise ValueError(f"workers_per_host[{host!r}] must be >= 1, not {count}")
+        return counts
+
     def cluster_options(self) -> dict[str, Any]:
-        """Options for the cluster: workers per host, network mode, host links, python
-        executable if set."""
+        """Options for the cluster: workers per host (a count, or host -> count, as given),
+        network mode, host links, python executable if set."""
         options: dict[str, Any] = {
             "workers_per_host": self.workers_per_host,
             "network_mode": self.network_mode,

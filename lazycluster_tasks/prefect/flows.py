@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
+from lazycluster_tasks.deprecation import deprecated_message, renamed
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.errors import ClusterLostError
 from lazycluster_tasks.prefect.blocks import HostGroupBlock
@@ -85,33 +86,74 @@ class ClusterHandle:
         return DaskTaskRunner(address=self.scheduler_address, client_kwargs=client_kwargs, **kwargs)
 
 
-@contextlib.contextmanager
 def dask_cluster(
     hosts: Sequence[str] | None = None,
     *,
     host_group: str | None = None,
     ssh_block: str | None = None,
     ssh_config_path: str | None = None,
-    master_host: str | None = None,
-    workers: int | None = None,
+    scheduler_host: str | None = None,
+    n_workers: int | None = None,
+    workers_per_host: int | Mapping[str, int] | None = None,
+    scheduler_timeout: float | None = None,
     timeout_seconds: float | None = None,
     **options: Any,
-) -> Iterator[ClusterHandle]:
+) -> contextlib.AbstractContextManager[ClusterHandle]:
     """A Dask cluster on ``hosts`` (or a host group block) for the duration of the block.
 
-    ``options`` are DaskOptions (``workers_per_host``, ``network_mode``, ``host_links``,
-    ``threads_per_worker``, ``memory_limit``, ``resources``, ``env``, ...). Nothing is left
-    running on any host afterwards, whatever happens inside. ``host_links=False`` keeps every
-    host's ``~/.ssh/authorized_keys`` untouched (tunnelled worker traffic then goes through this
-    machine).
+    The words are :class:`~lazycluster_tasks.LazySSHCluster`'s: ``scheduler_host`` runs the
+    scheduler on one of the hosts (default: this machine), with ``scheduler_timeout`` seconds
+    (default 60) to come up; ``workers_per_host`` is one count for every host or host -> count
+    (hosts not named: 1; default: the host group's, else 1); ``n_workers`` is how many workers
+    the cluster starts with (default: the capacity, the sum over the hosts). ``options`` are
+    DaskOptions (``network_mode``, ``host_links``, ``threads_per_worker``, ``memory_limit``,
+    ``resources``, ``env``, ...). Nothing is left running on any host afterwards, whatever
+    happens inside. ``host_links=False`` keeps every host's ``~/.ssh/authorized_keys``
+    untouched (tunnelled worker traffic then goes through this machine).
 
     While the block runs, a :class:`~lazycluster_tasks.watch.ClusterWatch` checks the cluster;
     a lost scheduler, lost workers or a cut path (or ``timeout_seconds`` passing) stops the
     scheduler, so the job's pending work fails at once, and the block raises
     :class:`~lazycluster_tasks.errors.ClusterLostError` with the reason.
+
+    Deprecated names, for one release (a DeprecationWarning; both names given is a
+    TypeError): ``master_host`` (``scheduler_host``), ``workers`` (``n_workers``).
     """
+    given = {"scheduler_host": scheduler_host, "n_workers": n_workers, **options}
+    scheduler_host = renamed(given, "master_host", "scheduler_host")
+    n_workers = renamed(given, "workers", "n_workers")
+    del given["scheduler_host"], given["n_workers"]
     if timeout_seconds is not None and not timeout_seconds > 0:
         raise ValueError(f"timeout_seconds must be > 0, not {timeout_seconds!r}")
+    if workers_per_host is not None:
+        given["workers_per_host"] = workers_per_host
+    return _dask_cluster(
+        hosts,
+        host_group=host_group,
+        ssh_block=ssh_block,
+        ssh_config_path=ssh_config_path,
+        scheduler_host=scheduler_host,
+        n_workers=n_workers,
+        scheduler_timeout=scheduler_timeout,
+        timeout_seconds=timeout_seconds,
+        options=given,
+    )
+
+
+@contextlib.contextmanager
+def _dask_cluster(
+    hosts: Sequence[str] | None,
+    *,
+    host_group: str | None,
+    ssh_block: str | None,
+    ssh_config_path: str | None,
+    scheduler_host: str | None,
+    n_workers: int | None,
+    scheduler_timeout: float | None,
+    timeout_seconds: float | None,
+    options: Mapping[str, Any],
+) -> Iterator[ClusterHandle]:
+    """:func:`dask_cluster` once its arguments are checked (in the ``with`` statement)."""
     if host_group:
         group = load_block(HostGroupBlock, host_group)
         hosts = list(hosts or group.hosts)
@@ -122,13 +164,14 @@ def dask_cluster(
         ssh_config_path=ssh_config_path,
         ssh_block=ssh_block,
         host_group=host_group,
-        master_host=master_host,
+        scheduler_host=scheduler_host,
         options=options,
-        workers=workers,
+        scheduler_timeout=scheduler_timeout,
+        n_workers=n_workers,
     )
     failed = True
     try:
-        record = launch_workers(record, workers)
+        record = launch_workers(record, n_workers)
         record = setup_tunnels(record)
         dask = live_cluster(record.cluster_id)
         assert dask is not None
@@ -196,28 +239,42 @@ def cluster_lifecycle(
     host_group: str | None = None,
     ssh_block: str | None = None,
     ssh_config_path: str | None = None,
-    master_host: str | None = None,
-    workers_per_host: int = 1,
-    network_mode: str = "auto",
+    scheduler_host: str | None = None,
+    workers_per_host: int | dict[str, int] | None = None,
+    network_mode: str | None = None,
     options: dict[str, Any] | None = None,
     timeout_seconds: float | None = None,
+    n_workers: int | None = None,
+    scheduler_timeout: float | None = None,
+    master_host: str | None = None,
 ) -> Any:
     """Launch master -> launch workers -> tunnels -> run ``job(cluster, **job_parameters)`` ->
     cleanup (always). ``job`` is ``"module:function"`` (or, called from Python, a callable).
     The run fails with the reason when the cluster is lost or the job runs longer than
-    ``timeout_seconds``."""
+    ``timeout_seconds``.
+
+    The cluster's options are :func:`dask_cluster`'s (``scheduler_host``,
+    ``scheduler_timeout``, ``n_workers``; ``workers_per_host``, one count or host -> count,
+    and ``network_mode``: the host group's, else 1 and "auto"); ``options`` gives the other
+    DaskOptions. ``master_host`` is the deprecated name of ``scheduler_host`` (for one
+    release: a warning in the run's log; both given fails the run)."""
+    if master_host is not None:
+        given = {"scheduler_host": scheduler_host, "master_host": master_host}
+        scheduler_host = renamed(given, "master_host", "scheduler_host")
+        get_run_logger().warning(deprecated_message("master_host", "scheduler_host"))
     function = resolve_job(job)
-    values: Mapping[str, Any] = {
-        "workers_per_host": workers_per_host,
-        "network_mode": network_mode,
-        **(options or {}),
-    }
+    values: dict[str, Any] = dict(options or {})
+    if network_mode is not None:
+        values["network_mode"] = network_mode
     with dask_cluster(
         hosts,
         host_group=host_group,
         ssh_block=ssh_block,
         ssh_config_path=ssh_config_path,
-        master_host=master_host,
+        scheduler_host=scheduler_host,
+        n_workers=n_workers,
+        workers_per_host=workers_per_host,
+        scheduler_timeout=scheduler_timeout,
         timeout_seconds=timeout_seconds,
         **values,
     ) as cluster:

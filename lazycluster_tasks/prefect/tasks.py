@@ -22,11 +22,12 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import State
 
+import lazycluster_tasks.prefect.events as events
 from lazycluster_tasks.dask import teardown
+from lazycluster_tasks.deprecation import renamed, renamed_all
 from lazycluster_tasks.errors import NoRuntimesDetectedError, TunnelError, is_transient
 from lazycluster_tasks.group import fan_out
 from lazycluster_tasks.manager import RuntimeManager
-from lazycluster_tasks.prefect import events
 from lazycluster_tasks.prefect.artifacts import (
     EnvironmentProgress,
     WorkerProgress,
@@ -37,16 +38,15 @@ from lazycluster_tasks.prefect.artifacts import (
     publish_hosts_table,
 )
 from lazycluster_tasks.prefect.artifacts import flush as flush_artifacts
-from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
 from lazycluster_tasks.prefect.records import (
     ClusterRecord,
     forget_record,
-    load_block,
     load_record,
     record_of,
     save_record,
     updated,
 )
+from lazycluster_tasks.prefect.resolve import connection_kwargs, resolve_blocks
 from lazycluster_tasks.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -95,6 +95,8 @@ class LiveClusters:
 LIVE = LiveClusters()
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: Seconds ``launch_master`` gives the scheduler to come up, unless told.
+SCHEDULER_TIMEOUT = 60.0
 
 
 def retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
@@ -160,30 +162,6 @@ def core_logs() -> Iterator[Any]:
         core.propagate = propagate
 
 
-def ssh_settings(ssh_block: str | None, host_group: str | None = None) -> SSHSettingsBlock | None:
-    """The SSH settings block to use: named directly, or nested in the host group block."""
-    if ssh_block:
-        return load_block(SSHSettingsBlock, ssh_block)
-    if host_group:
-        return load_block(HostGroupBlock, host_group).ssh
-    return None
-
-
-def connection_kwargs(ssh_block: str | None, host_group: str | None = None) -> dict[str, Any]:
-    """Secrets and SSH options from the named blocks (never logged, never recorded)."""
-    block = ssh_settings(ssh_block, host_group)
-    return block.connection_kwargs() if block else {}
-
-
-def _ssh_config_path(
-    ssh_block: str | None, given: str | None, host_group: str | None = None
-) -> str | None:
-    if given:
-        return given
-    block = ssh_settings(ssh_block, host_group)
-    return block.ssh_config_path if block else None
-
-
 def flow_run_ids() -> list[str]:
     """The current flow run and its root: whose crash or cancellation hooks stop our clusters."""
     context = FlowRunContext.get()
@@ -235,6 +213,22 @@ def live_cluster(cluster_id: str) -> LazySSHCluster | None:
     return LIVE.get(cluster_id)
 
 
+def capacity(hosts: Sequence[str], workers_per_host: int | Mapping[str, int] | None) -> int:
+    """How many workers ``hosts`` take: one count for every host, or host -> count (hosts not
+    named, and every host when None: 1). What ``LazySSHCluster.capacity`` will say, known
+    before the cluster exists (for ``prelaunch``). A count that is not an integer >= 1 counts
+    0 here: the cluster refuses it with the reason."""
+
+    def valid(count: object) -> int:
+        if isinstance(count, bool) or not isinstance(count, int):
+            return 0
+        return max(count, 0)
+
+    if isinstance(workers_per_host, Mapping):
+        return sum(valid(workers_per_host.get(host, 1)) for host in hosts)
+    return len(hosts) * valid(1 if workers_per_host is None else workers_per_host)
+
+
 @task(name="check-runtimes", timeout_seconds=120, **LIFECYCLE)
 def check_runtimes(
     hosts: Sequence[str] | None = None,
@@ -249,8 +243,8 @@ def check_runtimes(
     """The hosts to use: the given ones (or every host of the SSH config) that answer and pass
     the filters. Hosts that do not are logged; none at all raises NoRuntimesDetectedError."""
     with core_logs() as log:
-        kwargs = connection_kwargs(ssh_block)
-        config = _ssh_config_path(ssh_block, ssh_config_path)
+        where = resolve_blocks(hosts, None, ssh_block, ssh_config_path)
+        kwargs, config = where.connection_kwargs, where.ssh_config_path
         filters = (gpu_required, min_memory, min_cpu_cores, installed_executables, filter_commands)
         if hosts is None:
             manager = RuntimeManager(config, connection_kwargs=kwargs)
@@ -282,34 +276,66 @@ def launch_master(
     ssh_config_path: str | None = None,
     ssh_block: str | None = None,
     host_group: str | None = None,
-    master_host: str | None = None,
+    scheduler_host: str | None = None,
     options: Mapping[str, Any] | None = None,
-    master_timeout: float = 60,
+    scheduler_timeout: float | None = None,
+    n_workers: int | None = None,
+    workers_per_host: int | Mapping[str, int] | None = None,
+    *,
+    master_host: str | None = None,
+    master_timeout: float | None = None,
     workers: int | None = None,
 ) -> ClusterRecord:
-    """Connect to the hosts, probe them, start the scheduler (here, or on ``master_host``) as a
-    :class:`~lazycluster_tasks.LazySSHCluster` with no worker yet.
+    """Connect to the hosts, probe them, start the scheduler (here, or on ``scheduler_host``)
+    as a :class:`~lazycluster_tasks.LazySSHCluster` with no worker yet; the scheduler has
+    ``scheduler_timeout`` seconds (default 60) to come up.
 
-    The ``workers`` processes that ``launch_workers`` will ask for (default: hosts x
-    workers_per_host) start with the scheduler and boot while it does; ``launch_workers``
-    adopts them. Returns when the scheduler answers."""
+    The ``n_workers`` processes that ``launch_workers`` will ask for (default: the capacity,
+    every host's ``workers_per_host``) start with the scheduler and boot while it does;
+    ``launch_workers`` adopts them. ``workers_per_host`` is one
+    count for every host or host -> count (hosts not named: 1); default: ``options``' (a host
+    group's), else 1. Returns when the scheduler answers.
+
+    Deprecated names, for one release: ``master_host`` (``scheduler_host``),
+    ``master_timeout`` (``scheduler_timeout``), ``workers`` (``n_workers``).
+    """
     from lazycluster_tasks.ssh_cluster import LazySSHCluster
 
+    given = renamed_all(
+        {
+            "scheduler_host": scheduler_host,
+            "scheduler_timeout": scheduler_timeout,
+            "n_workers": n_workers,
+            "master_host": master_host,
+            "master_timeout": master_timeout,
+            "workers": workers,
+        },
+        {
+            "master_host": "scheduler_host",
+            "master_timeout": "scheduler_timeout",
+            "workers": "n_workers",
+        },
+    )
+    timeout = given["scheduler_timeout"]
     with core_logs() as log:
-        kwargs = connection_kwargs(ssh_block, host_group)
-        config = _ssh_config_path(ssh_block, ssh_config_path, host_group)
-        values = dict(options or {})
-        per_host = int(values.pop("workers_per_host", 1))
-        capacity = len(hosts) * per_host
+        where = resolve_blocks(hosts, host_group, ssh_block, ssh_config_path)
+        hosts, kwargs, config = where.hosts, where.connection_kwargs, where.ssh_config_path
+        values = {**where.defaults, **(options or {})}
+        per_host = values.pop("workers_per_host", None)
+        if workers_per_host is not None:
+            per_host = workers_per_host
+        # with GPUs a host's count is known once it is asked: the cluster caps the head start
+        room = capacity(hosts, per_host)
+        count = given["n_workers"]
         cluster = LazySSHCluster(
             list(hosts),
             ssh_config_path=config,
             connection_kwargs=kwargs,
             n_workers=0,
-            prelaunch=min(capacity, capacity if workers is None else workers),
+            prelaunch=room if count is None else min(room, count),
             workers_per_host=per_host,
-            scheduler_host=master_host,
-            scheduler_timeout=master_timeout,
+            scheduler_host=given["scheduler_host"],
+            scheduler_timeout=SCHEDULER_TIMEOUT if timeout is None else timeout,
             prefect_api=True,
             on_environment=EnvironmentProgress().update,
             **values,
@@ -343,14 +369,18 @@ def launch_master(
 
 
 @task(name="launch-workers", timeout_seconds=600, **LIFECYCLE)
-def launch_workers(record: ClusterRecord, count: int | None = None) -> ClusterRecord:
-    """Bring the cluster to ``count`` workers (default: hosts x workers_per_host), all hosts at
-    once; a progress artifact moves as workers register. Safe to retry: it only starts what is
-    missing."""
+def launch_workers(
+    record: ClusterRecord, n_workers: int | None = None, *, count: int | None = None
+) -> ClusterRecord:
+    """Bring the cluster to ``n_workers`` workers (default: its capacity, every host's
+    ``workers_per_host``), all hosts at once; a progress artifact moves as workers register.
+    Safe to retry: it only starts what is missing. ``count`` is the deprecated name of
+    ``n_workers`` (for one release)."""
+    wanted = renamed({"n_workers": n_workers, "count": count}, "count", "n_workers")
     cluster = LIVE.require(record.cluster_id)
     engine = cluster.engine
     with core_logs() as log:
-        target = cluster.capacity if count is None else count
+        target = cluster.capacity if wanted is None else wanted
         progress = WorkerProgress(target, key=artifact_key("workers", record.cluster_id))
         engine.on_progress = progress.update
         try:
