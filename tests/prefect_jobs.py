@@ -47,3 +47,28 @@ def tasks_on_the_hosts(hosts: list[str], ssh_config_path: str) -> list[tuple[str
 def fan_out(count: int) -> list[tuple[str, str]]:
     futures = [where_am_i.submit(i) for i in range(count * 4)]
     return [future.result() for future in futures]
+
+
+@task
+def which_gpu(seconds: float) -> tuple[str, str]:
+    """Where a task run ran: the host and the GPU its worker is pinned to."""
+    import os
+
+    time.sleep(seconds)
+    return socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+@flow(name="tasks-on-gpus")
+def tasks_on_gpus(hosts: list[str], ssh_config_path: str) -> list[tuple[str, str]]:
+    """Prefect task runs that each need a GPU, on a cluster with one worker per GPU."""
+    with dask_cluster(hosts, ssh_config_path=ssh_config_path, gpus="auto") as cluster:
+        return gpu_tasks.with_options(task_runner=cluster.task_runner())(4)
+
+
+@flow
+def gpu_tasks(count: int) -> list[tuple[str, str]]:
+    import dask
+
+    with dask.annotate(resources={"GPU": 1}):
+        futures = [which_gpu.submit(0.5) for _ in range(count)]
+    return [future.result() for future in futures]

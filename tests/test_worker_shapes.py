@@ -184,3 +184,13 @@ def test_a_worker_count_per_host_through_start_scale_and_adapt(gpu_hosts: TestHo
     with pytest.raises(ValueError, match="not in the cluster"):
         _cluster(gpu_hosts, workers_per_host={"host9": 2})
     assert not gpu_hosts.leftovers()
+
+
+def test_prefect_tasks_that_need_a_gpu_run_one_per_gpu(
+    gpu_hosts: TestHosts, prefect_api: str
+) -> None:
+    from tests.prefect_jobs import tasks_on_gpus
+
+    ran = tasks_on_gpus(HOSTS, str(gpu_hosts.ssh_config_path))
+    assert len(ran) == 4 and set(ran) == {("host1", "0"), ("host1", "1")}
+    assert not gpu_hosts.leftovers()
