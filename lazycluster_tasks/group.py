@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from lazycluster_tasks import ports as portlib
 from lazycluster_tasks.errors import GroupError, PortInUseError
 from lazycluster_tasks.runtime import Runtime, RuntimeProcess, check_working_dir
-from lazycluster_tasks.ssh import SSHSettings
+from lazycluster_tasks.ssh_settings import SSHSettings
 from lazycluster_tasks.task import RuntimeTask
 
 logger = logging.getLogger(__name__)

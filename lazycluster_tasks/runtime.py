@@ -22,7 +22,8 @@ from lazycluster_tasks.errors import (
 )
 from lazycluster_tasks.gates import LoginUserGate
 from lazycluster_tasks.local import LocalConnection, is_local_host
-from lazycluster_tasks.ssh import SSHConnection, resolve_settings
+from lazycluster_tasks.ssh import SSHConnection
+from lazycluster_tasks.ssh_settings import resolve_settings
 from lazycluster_tasks.task import WORKING_DIR_ENV_VAR_NAME, RuntimeTask
 from lazycluster_tasks.tunnels import LocalForward, RemoteForward, Tunnel
 

@@ -1,37 +1,27 @@
-"""One paramiko connection per host: OpenSSH config, keys, known_hosts, jump hosts, run, SFTP.
+"""One paramiko connection per host: every line to ``/bin/sh``, run, kill, SFTP.
 
-paramiko does not read ``~/.ssh/config`` by itself; :func:`resolve_settings` does, through
-:mod:`lazycluster_tasks.sshconfig` (Include, ``Host *``, multi-pattern Host lines, Match: OpenSSH's
-``ssh -G``), and ``connection_kwargs`` override what it finds. Beyond paramiko: ProxyCommand
-(run as OpenSSH runs it, reaped on close), ``StrictHostKeyChecking accept-new`` (saved to
-known_hosts), CertificateFile (loaded onto the matching key), missing IdentityFiles skipped.
-The connection opens lazily, is shared by every command, transfer and tunnel of a runtime, and
-reopens transparently after a drop.
+A connection is opened from :class:`~lazycluster_tasks.ssh_settings.SSHSettings` (resolved from
+the OpenSSH config), through a ProxyCommand or jump hosts (:mod:`lazycluster_tasks.proxy`),
+checking host keys (:mod:`lazycluster_tasks.host_keys`) and offering our keys and certificates
+(:mod:`lazycluster_tasks.ssh_keys`). It opens lazily, is shared by every command, transfer and
+tunnel of a runtime, and reopens transparently after a drop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import posixpath
-import pwd
-import re
-import signal
 import socket
 import stat
-import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
 
-from lazycluster_tasks import sshconfig
 from lazycluster_tasks.connection import Connection, Input, _Collector, chunks
 from lazycluster_tasks.errors import (
     AuthenticationError,
@@ -40,6 +30,10 @@ from lazycluster_tasks.errors import (
     InvalidRuntimeError,
     OperationTimeoutError,
 )
+from lazycluster_tasks.host_keys import load_known_hosts, missing_host_key_policy
+from lazycluster_tasks.proxy import ProxyCommandSocket, jump_channel, proxy_command_line
+from lazycluster_tasks.ssh_keys import identities
+from lazycluster_tasks.ssh_settings import SSHSettings, jump_settings
 
 logger = logging.getLogger(__name__)
 
@@ -71,246 +65,7 @@ class _HandledRefusals(logging.Filter):
 
 logging.getLogger("paramiko.transport").addFilter(_HandledRefusals())
 
-DEFAULT_SSH_CONFIG = sshconfig.DEFAULT_SSH_CONFIG
-DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
-DEFAULT_CONNECT_TIMEOUT = 10.0
 KEEPALIVE_SECONDS = 15
-#: How long a ProxyCommand gets to exit after SIGTERM before SIGKILL.
-PROXY_COMMAND_GRACE = 2.0
-HOST_KEY_POLICIES = ("reject", "auto-add", "accept-new")
-
-#: connection_kwargs we understand; anything else is a mistake worth naming.
-CONNECTION_KWARGS = frozenset(
-    {
-        "hostname",
-        "port",
-        "username",
-        "user",
-        "key_filename",
-        "password",
-        "passphrase",
-        "private_key",
-        "connect_timeout",
-        "timeout",
-        "known_hosts",
-        "host_key_policy",
-        "proxy_jump",
-        "allow_agent",
-        "look_for_keys",
-    }
-)
-
-
-@dataclass(frozen=True)
-class SSHSettings:
-    """Everything needed to open a connection to one host.
-
-    ``host_key_policy``: ``reject`` (StrictHostKeyChecking yes/ask), ``auto-add`` (no: trust
-    in memory), ``accept-new`` (trust an unknown key and append it to the first known_hosts
-    file, as OpenSSH does; a changed key is still refused).
-    """
-
-    alias: str
-    hostname: str
-    port: int = 22
-    username: str | None = None
-    key_filenames: tuple[str, ...] = ()
-    password: str | None = field(default=None, repr=False)
-    passphrase: str | None = field(default=None, repr=False)
-    private_key: str | None = field(default=None, repr=False)  # key text (e.g. from a Block)
-    proxy_jump: str | None = None
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    known_hosts: tuple[str, ...] = ()
-    host_key_policy: str = "reject"
-    allow_agent: bool = True
-    look_for_keys: bool = True
-    ssh_config_path: str | None = None
-    proxy_command: str | None = None  # with its %-tokens; expanded when connecting
-    certificate_files: tuple[str, ...] = ()
-    global_known_hosts: tuple[str, ...] = ()  # read, never written
-    hash_known_hosts: bool = False
-
-    @property
-    def destination(self) -> str:
-        """``user@hostname:port`` (plus the route through jump hosts or a proxy command):
-        two settings with the same destination reach the same sshd."""
-        user = self.username or sshconfig._local_user()
-        where = f"{user}@{self.hostname.lower()}:{self.port}"
-        route = self.proxy_jump or self.proxy_command
-        return f"{where} via {route}" if route else where
-
-
-def resolve_settings(
-    alias: str,
-    ssh_config_path: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> SSHSettings:
-    """Resolve ``alias`` through the OpenSSH config (:mod:`lazycluster_tasks.sshconfig`:
-    Include, ``Host *``, multi-pattern Host lines, Match), then apply ``connection_kwargs``."""
-    if not isinstance(alias, str) or not alias.strip() or any(c.isspace() for c in alias):
-        raise ValueError(f"invalid host name: {alias!r}")
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - CONNECTION_KWARGS)
-    if unknown:
-        raise ValueError(
-            f"unknown connection_kwargs for {alias!r}: {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(CONNECTION_KWARGS))})"
-        )
-    options = sshconfig.resolve(alias, ssh_config_path)
-
-    def first(key: str, default: str | None = None) -> str | None:
-        values = options.get(key)
-        return values[0] if values else default
-
-    hostname = first("hostname", alias) or alias
-    port = int(first("port", "22") or 22)
-    username = first("user")
-
-    def expand(path: str) -> str:
-        return sshconfig.expand_tokens(
-            path, hostname=hostname, port=port, username=username, alias=alias
-        )
-
-    identities = options.get("identityfile", [])
-    if set(identities) <= sshconfig.OPENSSH_DEFAULT_IDENTITIES:
-        identities = []  # ssh -G lists its defaults; look_for_keys covers them
-    known = [p for v in options.get("userknownhostsfile", [DEFAULT_KNOWN_HOSTS]) for p in v.split()]
-    global_known = [p for v in options.get("globalknownhostsfile", []) for p in v.split()]
-    strict = (first("stricthostkeychecking", "yes") or "yes").lower()
-    identities_only = (first("identitiesonly", "no") or "no").lower() in ("yes", "true")
-    timeout = first("connecttimeout", "none") or "none"
-    settings = SSHSettings(
-        alias=alias,
-        hostname=hostname,
-        port=port,
-        username=username,
-        key_filenames=tuple(expand(k) for k in identities),
-        proxy_jump=_none(first("proxyjump")),
-        proxy_command=_none(first("proxycommand")),
-        connect_timeout=DEFAULT_CONNECT_TIMEOUT if timeout == "none" else float(timeout),
-        known_hosts=tuple(_home_path(p) for p in known),
-        global_known_hosts=tuple(_home_path(p) for p in global_known),
-        host_key_policy=_host_key_policy(strict),
-        hash_known_hosts=(first("hashknownhosts", "no") or "no").lower() in ("yes", "true"),
-        certificate_files=tuple(expand(c) for c in options.get("certificatefile", [])),
-        allow_agent=not identities_only,
-        look_for_keys=not identities_only,
-        ssh_config_path=ssh_config_path,
-    )
-    return _apply_overrides(settings, overrides)
-
-
-def _none(value: str | None) -> str | None:
-    return None if value is None or value.lower() == "none" else value
-
-
-def _host_key_policy(strict: str) -> str:
-    if strict == "accept-new":
-        return "accept-new"
-    return "auto-add" if strict in ("no", "off", "false") else "reject"  # yes, true, ask
-
-
-def _home_path(path: str) -> str:
-    """``~`` as $HOME. ssh -G expands ``~`` with the passwd home; follow $HOME instead."""
-    path = os.path.expanduser(path)
-    try:
-        passwd_home = pwd.getpwuid(os.getuid()).pw_dir.rstrip("/")
-    except KeyError:
-        return path
-    home = os.path.expanduser("~").rstrip("/")
-    if passwd_home and home != passwd_home and path.startswith(passwd_home + "/"):
-        return home + path[len(passwd_home) :]
-    return path
-
-
-def _apply_overrides(settings: SSHSettings, kw: dict[str, Any]) -> SSHSettings:
-    changes: dict[str, Any] = {}
-    for key in (
-        "hostname",
-        "password",
-        "passphrase",
-        "private_key",
-        "proxy_jump",
-        "allow_agent",
-        "look_for_keys",
-    ):
-        if key in kw:
-            changes[key] = kw[key]
-    if "port" in kw:
-        changes["port"] = int(kw["port"])
-    if "username" in kw or "user" in kw:
-        changes["username"] = kw.get("username", kw.get("user"))
-    if "private_key" in kw and "key_filename" not in kw:
-        changes["key_filenames"] = ()  # an explicit key replaces the config's IdentityFile
-    if "key_filename" in kw:
-        keys = kw["key_filename"]
-        keys = [keys] if isinstance(keys, (str, os.PathLike)) else list(keys)
-        changes["key_filenames"] = tuple(os.path.expanduser(str(k)) for k in keys)
-    if "connect_timeout" in kw or "timeout" in kw:
-        changes["connect_timeout"] = float(kw.get("connect_timeout", kw.get("timeout", 0)))
-    if "known_hosts" in kw:
-        files = kw["known_hosts"]
-        files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
-        changes["known_hosts"] = tuple(os.path.expanduser(str(f)) for f in files)
-    if "host_key_policy" in kw:
-        policy = kw["host_key_policy"]
-        if policy not in HOST_KEY_POLICIES:
-            raise ValueError(f"host_key_policy must be one of {HOST_KEY_POLICIES}, not {policy!r}")
-        changes["host_key_policy"] = policy
-    if changes.get("port", settings.port) <= 0 or changes.get("port", settings.port) > 65535:
-        raise ValueError(f"invalid port for {settings.alias!r}: {changes.get('port')}")
-    return replace(settings, **changes)
-
-
-def _parse_jump(spec: str) -> tuple[str, str | None, int | None]:
-    """``[user@]host[:port]`` -> (host, user, port)."""
-    user = None
-    if "@" in spec:
-        user, spec = spec.rsplit("@", 1)
-    port = None
-    if spec.startswith("["):  # [ipv6]:port
-        host, _, rest = spec[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else None
-    elif spec.count(":") == 1:
-        host, port_text = spec.split(":")
-        port = int(port_text)
-    else:
-        host = spec
-    return host, user, port
-
-
-def jump_settings(settings: SSHSettings) -> list[SSHSettings]:
-    """The chain of jump hosts (first hop first) for ``settings.proxy_jump``."""
-    if not settings.proxy_jump:
-        return []
-    hops = []
-    for spec in settings.proxy_jump.split(","):
-        host, user, port = _parse_jump(spec.strip())
-        hop = resolve_settings(host, settings.ssh_config_path)
-        overrides: dict[str, Any] = {}
-        if user:
-            overrides["username"] = user
-        if port:
-            overrides["port"] = port
-        hops.append(replace(_apply_overrides(hop, overrides), proxy_jump=None))
-    return hops
-
-
-def load_private_key(text: str, passphrase: str | None, host: str) -> paramiko.PKey:
-    """A private key from its text (OpenSSH or PEM; ed25519, ECDSA or RSA)."""
-    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
-        try:
-            return cls.from_private_key(io.StringIO(text), passphrase)
-        except paramiko.PasswordRequiredException:
-            raise AuthenticationError(
-                f"the private key for {host} is encrypted and needs a passphrase", host=host
-            ) from None
-        except (paramiko.SSHException, ValueError):
-            continue
-    hint = " (wrong passphrase?)" if passphrase else ""
-    raise AuthenticationError(f"the private key given for {host} cannot be read{hint}", host=host)
-
-
 #: Window and packet size of every channel: paramiko's defaults (2 MiB, 32 KiB) cap tunnels.
 WINDOW_SIZE = 16 * 2**20
 MAX_PACKET_SIZE = 2**17  # paramiko clamps this to what the server accepts
@@ -330,185 +85,12 @@ def _tuned_transport(sock: Any, **kwargs: Any) -> paramiko.Transport:
     return transport
 
 
-#: Characters a %-token may bring into a ProxyCommand (it runs through the shell, as OpenSSH's).
-_SAFE_TOKEN = re.compile(r"[\w.:@\[\]%+-]*")
-
-
-def proxy_command_line(settings: SSHSettings) -> str:
-    """``settings.proxy_command`` with ``%h %p %r %n %%`` (and ``~``) expanded."""
-    assert settings.proxy_command is not None
-    for value in (settings.hostname, settings.username or "", settings.alias):
-        if not _SAFE_TOKEN.fullmatch(value):
-            raise InvalidRuntimeError(
-                f"{value!r} cannot go into the ProxyCommand of {settings.alias}: "
-                "it holds shell characters",
-                host=settings.alias,
-            )
-    return sshconfig.expand_tokens(
-        settings.proxy_command,
-        hostname=settings.hostname,
-        port=settings.port,
-        username=settings.username,
-        alias=settings.alias,
-    )
-
-
-class ProxyCommandSocket(paramiko.ProxyCommand):
-    """paramiko's ProxyCommand run like OpenSSH runs it (``/bin/sh -c 'exec <command>'``),
-    closed for good: SIGTERM, a bounded wait, SIGKILL, pipes closed, stderr kept for errors."""
-
-    def __init__(self, command_line: str) -> None:  # no super(): it would start the command
-        self.cmd = ["/bin/sh", "-c", f"exec {command_line}"]
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-        self.process = subprocess.Popen(
-            self.cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            bufsize=0,
-            start_new_session=True,  # a terminal's ^C must not kill the connection
-        )
-        self.timeout: float | None = None
-        self._close_lock = threading.Lock()
-        self._done = False
-        self._stderr_text: str | None = None
-
-    def close(self) -> None:
-        with self._close_lock:
-            if self._done:
-                return
-            self._done = True
-        proc = self.process
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(PROXY_COMMAND_GRACE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(PROXY_COMMAND_GRACE)
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-        self._stderr_text = self._read_stderr()  # paramiko may close us before we report
-        with contextlib.suppress(OSError):
-            self._stderr.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._done or self.process.returncode is not None
-
-    def stderr_tail(self, limit: int = 500, wait: float = 1.0) -> str:
-        """What the command wrote to stderr (after up to ``wait`` s for it to exit)."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(wait)
-        text = self._stderr_text if self._stderr_text is not None else self._read_stderr()
-        return text.strip()[-limit:]
-
-    def _read_stderr(self) -> str:
-        try:
-            self._stderr.seek(0)
-            return str(self._stderr.read().decode(errors="replace"))
-        except (OSError, ValueError):
-            return ""
-
-
-_KNOWN_HOSTS_LOCK = threading.Lock()
-
-
-class AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
-    """StrictHostKeyChecking accept-new: trust an UNKNOWN key and save it to the first
-    known_hosts file (hashed when HashKnownHosts). A changed key never reaches a policy:
-    paramiko raises BadHostKeyException for it."""
-
-    def __init__(self, settings: SSHSettings) -> None:
-        self.settings = settings
-
-    def missing_host_key(
-        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
-    ) -> None:
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        if not self.settings.known_hosts:
-            logger.warning(
-                "accepted the new host key of %s (no known_hosts file to save it to)", hostname
-            )
-            return
-        path = self.settings.known_hosts[0]
-        name = paramiko.HostKeys.hash_host(hostname) if self.settings.hash_known_hosts else hostname
-        line = f"{name} {key.get_name()} {key.get_base64()}\n"
-        with _KNOWN_HOSTS_LOCK:
-            parent = os.path.dirname(os.path.abspath(path))
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-            needs_newline = False
-            if os.path.exists(path) and os.path.getsize(path) > 0:
-                with open(path, "rb") as handle:
-                    handle.seek(-1, os.SEEK_END)
-                    needs_newline = handle.read(1) != b"\n"
-            with open(path, "a", encoding="utf-8") as handle:
-                handle.write(("\n" if needs_newline else "") + line)
-        logger.warning(
-            "accepted the new host key of %s (%s %s) and saved it to %s",
-            hostname,
-            key.get_name(),
-            key.fingerprint,
-            path,
-        )
-
-
-def _host_key_policy_for(settings: SSHSettings) -> paramiko.MissingHostKeyPolicy:
-    if settings.host_key_policy == "auto-add":
-        return paramiko.AutoAddPolicy()
-    if settings.host_key_policy == "accept-new":
-        return AcceptNewPolicy(settings)
-    return paramiko.RejectPolicy()
-
-
-def _keys_with_certificates(
-    settings: SSHSettings, key_files: list[str]
-) -> tuple[paramiko.PKey | None, list[str]]:
-    """CertificateFile: the private key a certificate belongs to, with the certificate loaded
-    onto it (paramiko ``load_certificate``); the remaining key files."""
-    pkey = (
-        load_private_key(settings.private_key, settings.passphrase, settings.alias)
-        if settings.private_key
-        else None
-    )
-    certificates = [c for c in settings.certificate_files if os.path.exists(c)]
-    if not certificates:
-        return pkey, key_files
-    candidates: list[tuple[paramiko.PKey, str | None]] = [(pkey, None)] if pkey else []
-    for path in key_files:
-        try:
-            candidates.append((paramiko.PKey.from_path(path, settings.passphrase), path))
-        except (paramiko.SSHException, ValueError, OSError) as exc:
-            logger.debug("cannot load key %s: %s", path, exc)
-    for cert in certificates:
-        for key, key_path in candidates:
-            try:
-                key.load_certificate(cert)
-            except (ValueError, paramiko.SSHException, OSError):
-                continue
-            return key, [k for k in key_files if k != key_path]
-    logger.warning(
-        "no identity of %s matches its CertificateFile %s", settings.alias, ", ".join(certificates)
-    )
-    return pkey, key_files
-
-
 def _connect_client(settings: SSHSettings, sock: Any | None) -> paramiko.SSHClient:
     """Open and authenticate one SSHClient; translate failures into our errors."""
     client = paramiko.SSHClient()
-    for path in (*settings.global_known_hosts, *settings.known_hosts):
-        if os.path.isfile(path):
-            client.load_host_keys(path)
-    client.set_missing_host_key_policy(_host_key_policy_for(settings))
-    key_files = [k for k in settings.key_filenames if os.path.exists(k)]
-    missing = set(settings.key_filenames) - set(key_files)
-    if missing:  # OpenSSH skips identity files that do not exist, and so do we
-        logger.debug("identity files of %s not found: %s", settings.alias, sorted(missing))
-    pkey, key_files = _keys_with_certificates(settings, key_files)
+    load_known_hosts(client, settings)
+    client.set_missing_host_key_policy(missing_host_key_policy(settings))
+    pkey, key_files = identities(settings)
     proxy: ProxyCommandSocket | None = None
     if sock is None and settings.proxy_command:
         proxy = sock = ProxyCommandSocket(proxy_command_line(settings))
@@ -676,36 +258,6 @@ class SSHConnection(Connection):
             return str(sock.getsockname()[0])
         return None  # through a jump host
 
-    def open_socket(self) -> paramiko.Channel | ProxyCommandSocket | None:
-        """A fresh stream to the host's sshd through the jump host or a new ProxyCommand (the
-        caller closes it), or None: connect directly."""
-        self.transport()
-        if not self._jumps:
-            if self.settings.proxy_command:
-                return ProxyCommandSocket(proxy_command_line(self.settings))
-            return None
-        hops = jump_settings(self.settings)
-        return self._jump_channel(self._jumps[-1], hops[-1], self.settings)
-
-    def private_keys(self) -> list[paramiko.PKey]:
-        """The configured identity files, loaded (for further connections such as tunnels)."""
-        keys = []
-        if self.settings.private_key:
-            keys.append(
-                load_private_key(self.settings.private_key, self.settings.passphrase, self.host)
-            )
-        for path in self.settings.key_filenames:
-            if os.path.exists(path):
-                try:
-                    keys.append(paramiko.PKey.from_path(path, self.settings.passphrase))
-                except (paramiko.SSHException, ValueError, OSError) as exc:
-                    logger.debug("cannot load key %s: %s", path, exc)
-        return keys
-
-    def host_key(self) -> paramiko.PKey:
-        """The host's verified key (for further connections to the same host)."""
-        return self.transport().get_remote_server_key()
-
     def _open(self) -> paramiko.SSHClient:
         sock: Any = None
         jumps: list[paramiko.SSHClient] = []
@@ -716,7 +268,7 @@ class SSHConnection(Connection):
                 client = _connect_client(hop, sock)
                 jumps.append(client)
                 nxt = hops[i + 1] if i + 1 < len(hops) else target
-                sock = self._jump_channel(client, hop, nxt)
+                sock = jump_channel(client, hop, nxt)
             client = _connect_client(target, sock)
         except BaseException:
             for jump in reversed(jumps):
@@ -724,25 +276,6 @@ class SSHConnection(Connection):
             raise
         self._jumps = jumps
         return client
-
-    def _jump_channel(
-        self, client: paramiko.SSHClient, hop: SSHSettings, target: SSHSettings
-    ) -> paramiko.Channel:
-        transport = client.get_transport()
-        assert transport is not None
-        try:
-            return transport.open_channel(
-                "direct-tcpip",
-                (target.hostname, target.port),
-                ("127.0.0.1", 0),
-                timeout=target.connect_timeout,
-            )
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise HostConnectionError(
-                f"jump host {hop.alias} cannot reach {target.alias} "
-                f"({target.hostname}:{target.port}): {exc}",
-                host=target.alias,
-            ) from exc
 
     def _drop(self) -> None:
         if self._sftp is not None:

@@ -7,19 +7,15 @@ processes with pid files, readiness, the record and the verified cleanup. Blocki
 runs in threads, never on the event loop.
 
 Placement follows capacity (each host's ``workers_per_host``, or one worker per GPU);
-``scale`` and ``adapt`` stay within it. Every second a check compares the scheduler's workers
-with the spec: a worker whose process exited, or whose host stopped answering, is replaced —
-on its own host once that answers again, or at once on another host with room — with a log
-line for each step.
+``scale`` and ``adapt`` stay within it. Lost workers are replaced by the cluster's
+:class:`~lazycluster_tasks.healing.Healer`, which sits beside it as ``Adaptive`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,18 +29,13 @@ from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.environments import HostEnvironment
 from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
 from lazycluster_tasks.group import RuntimeGroup, fan_out
+from lazycluster_tasks.healing import REACH_TIMEOUT, Healer, HostAvailability
 from lazycluster_tasks.ports import as_port_list
 from lazycluster_tasks.record import ClusterRecord
 from lazycluster_tasks.settings import settings
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two checks of the workers.
-HEAL_INTERVAL = 1.0
-#: A missing worker whose process group still runs may be restarting under its nanny.
-RESTART_GRACE = 20.0
-#: Seconds a host may take to answer a liveness question before it counts as unreachable.
-REACH_TIMEOUT = 5.0
 #: A host unreachable this long is reported as lost (it is still tried, less often).
 HOST_LOST_AFTER = 120.0
 #: The scheduler drops a worker whose heartbeats stopped this long (a host cut off the network).
@@ -133,21 +124,23 @@ class WorkerLauncherLoop:
     """Starts and stops worker processes for the process objects, off the event loop.
 
     Workers that a SpecCluster opens in one step start as one batch: one command per host, all
-    hosts at once. Also keeps which hosts do not answer and the workers left on them."""
+    hosts at once. A worker on a host that does not answer is stopped once it does."""
 
     def __init__(
-        self, engine: Engine, scheduler_host: str | None, scheduler_timeout: float
+        self,
+        engine: Engine,
+        scheduler_host: str | None,
+        scheduler_timeout: float,
+        hosts: HostAvailability,
     ) -> None:
         self.engine = engine
+        self.hosts = hosts
         self.scheduler_host = scheduler_host
         self.scheduler_timeout = scheduler_timeout
         #: The first workers, started with the scheduler (and their names).
         self.first: asyncio.Future[None] | None = None
         self.first_names: set[str] = set()
         self.cleanup_error: BaseException | None = None
-        self.down: dict[str, float] = {}  # host -> since when it has not answered
-        self.reported: set[str] = set()  # hosts reported lost for good
-        self.stale: dict[str, list[str]] = {}  # host -> workers to stop once it answers
         #: The whole cluster closes: the scheduler's close stops every process at once.
         self.closing = False
         #: The scheduler answered at the close: the workers were killed ahead of its
@@ -206,8 +199,8 @@ class WorkerLauncherLoop:
         """Stop one worker; on a host that does not answer it is stopped once it does."""
         if self.closing:  # one cleanup for all: no per-worker stops and route closings first
             return
-        if host in self.down:
-            self.stale.setdefault(host, []).append(name)
+        if host in self.hosts.down:
+            self.hosts.stale.setdefault(host, []).append(name)
             return
         try:
             await asyncio.to_thread(self.engine.stop, [name])
@@ -215,8 +208,7 @@ class WorkerLauncherLoop:
             logger.warning(
                 "worker %s on %s not stopped yet (%s); trying again later", name, host, exc
             )
-            self.down.setdefault(host, time.monotonic())
-            self.stale.setdefault(host, []).append(name)
+            self.hosts.leave_for_later(host, name)
 
 
 class LazySSHCluster(SpecCluster):
@@ -229,27 +221,53 @@ class LazySSHCluster(SpecCluster):
     "lazycluster_tasks.LazySSHCluster", cluster_kwargs={...}, adapt_kwargs={...})`` runs a flow
     on it. Every argument is plain data.
 
-    ``hosts``: SSH aliases or names (or ``host_group``, the name of a Prefect host group block,
-    whose ``workers_per_host``, ``network_mode`` and ``python`` apply unless given here);
-    ``ssh_config_path``, ``connection_kwargs`` or ``ssh_block`` say how to reach them.
-    ``workers_per_host``: one count for every host or host -> count (others 1).
-    ``n_workers``: first workers (default: the capacity, the sum of the hosts' counts).
-    ``prelaunch``: more worker processes started with the scheduler but joined to the cluster by
-    the next ``scale()`` (a step-by-step start, as the Prefect tasks do, loses no time); at
-    most what the capacity leaves.
-    ``scheduler_timeout``: seconds the scheduler has to come up (default 30).
-    ``scheduler_host``: a host to run the scheduler on (default: this machine).
-    ``python``: the interpreter on the hosts, one path or host -> path.
-    ``worker_ttl``: seconds after which the scheduler drops a silent worker (then replaced).
-    ``host_lost_after``: seconds after which a host that does not answer is reported lost
-    (default 120; it is still asked, and used again once it answers).
-    ``heal``: replace lost workers (default True). Other keywords are :class:`DaskOptions`
-    (``network_mode``, ``threads_per_worker``, ``memory_limit``, ``env``, ``resources``,
-    ``worker_options``/``scheduler_options`` in SSHCluster's list or dict form,
-    ``worker_class``, ``gpus="auto"`` (one pinned worker per GPU), ``setup`` lines, ...);
-    ``host_links=False`` leaves every host's ``~/.ssh/authorized_keys`` untouched (tunnelled
-    worker traffic then goes through this machine). ``on_environment(ready, total)`` is called
-    as each host's environment is checked or made (``environment=...``, see DaskOptions).
+    Parameters
+    ----------
+    hosts
+        SSH aliases or host names.
+    ssh_config_path, connection_kwargs
+        How to reach them (OpenSSH config; paramiko's connect keywords, e.g. a key file).
+    host_group, ssh_block
+        Names of settings an orchestrator keeps (Prefect blocks, see ``integrations``): the
+        group's hosts and its ``workers_per_host``, ``network_mode`` and ``python`` apply
+        unless given here.
+    n_workers
+        Workers to start with (default: the capacity).
+    workers_per_host
+        One count for every host, or host -> count (hosts not named: 1). The capacity is
+        their sum (one worker per GPU instead where ``gpus`` applies).
+    prelaunch
+        More worker processes started with the scheduler and joined by the next ``scale()``
+        (a step-by-step start loses no time); at most what the capacity leaves.
+    python
+        The interpreter on the hosts: one path, or host -> path (default: an environment
+        like this machine's, made on each host; see ``environment``).
+    scheduler_host, scheduler_timeout
+        A host to run the scheduler on (default: this machine); seconds it has to come up
+        (default 30).
+    ports
+        The ports the cluster's processes may use (default: lazycluster's range).
+    worker_ttl
+        Seconds after which the scheduler drops a silent worker (then replaced).
+    host_lost_after
+        Seconds after which a host that does not answer is reported lost (default 120; it
+        is still asked, and used again once it answers).
+    heal
+        Replace lost workers (default True; see :class:`~lazycluster_tasks.healing.Healer`).
+    prefect_api
+        Give the workers the environment of the orchestrator run that starts the cluster
+        (default: when one runs; False: never).
+    on_environment
+        Called with (hosts ready, hosts to make ready) as each host's environment is
+        checked or made.
+    asynchronous, loop, name, silence_logs
+        As for any ``SpecCluster``.
+    **options
+        :class:`~lazycluster_tasks.dask_options.DaskOptions`: ``network_mode``,
+        ``threads_per_worker``, ``memory_limit``, ``env``, ``resources``,
+        ``worker_options``/``scheduler_options`` (SSHCluster's list or dict form),
+        ``worker_class``, ``gpus``, ``setup``, ``environment``, ``security``,
+        ``host_links`` (False leaves every ``~/.ssh/authorized_keys`` untouched), ...
     """
 
     def __init__(
@@ -340,23 +358,20 @@ class LazySSHCluster(SpecCluster):
             raise
         self.heal = heal
         timeout = SCHEDULER_TIMEOUT if scheduler_timeout is None else scheduler_timeout
-        self.launcher = WorkerLauncherLoop(engine, scheduler_host, max(1.0, timeout))
-        engine.unreachable = lambda: set(self.launcher.down)
+        #: hosts that do not answer now (kept by the healer, asked by placement and stops)
+        self.availability = HostAvailability()
+        self.launcher = WorkerLauncherLoop(
+            engine, scheduler_host, max(1.0, timeout), self.availability
+        )
+        engine.unreachable = lambda: set(self.availability.down)
         self._count = 0
-        self._seen: set[str] = set()
-        self._missing: dict[str, float] = {}
-        self._beats: dict[str, tuple[Any, float]] = {}  # name -> (scheduler's last_seen, when)
         self.worker_ttl = float(worker_ttl)
         self.host_lost_after = float(host_lost_after)
-        self._lost_at: dict[str, float] = {}  # replacement name -> when its predecessor was lost
-        self._replaces: dict[str, str] = {}  # replacement name -> the lost worker's name
+        #: replaces lost workers, beside the cluster as Dask's Adaptive is (``heal=True``)
+        self.healer = Healer(self, self.availability, self.worker_ttl, self.host_lost_after)
         #: Called with (event, details) on "worker-lost" and "worker-replaced" (e.g. to send
         #: Prefect events); an exception from it is logged, never raised into the healing.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
-        self._waiting: list[tuple[str, str, float]] = []  # (lost worker, its host, when)
-        self._healer: asyncio.Task[None] | None = None
-        self._probes: dict[str, asyncio.Future[None]] = {}  # host -> its running probe
-        self._stopping = False
         first = self.capacity if n_workers is None else n_workers
         if isinstance(first, bool) or not isinstance(first, int) or first < 0:
             raise ValueError(f"n_workers must be an integer >= 0, not {n_workers!r}")
@@ -415,7 +430,9 @@ class LazySSHCluster(SpecCluster):
         load = {host: 0 for host in self.hosts}
         for spec in specs.values():
             load[spec["options"]["host"]] += 1
-        room = [h for h in self.hosts if load[h] < self._slots[h] and h not in self.launcher.down]
+        room = [
+            h for h in self.hosts if load[h] < self._slots[h] and h not in self.availability.down
+        ]
         if prefer in room:
             return prefer
         return min(room, key=lambda h: load[h]) if room else None
@@ -445,7 +462,9 @@ class LazySSHCluster(SpecCluster):
         """Grow or shrink to ``n`` workers, at most the capacity (more is logged and capped)."""
         if memory is not None or cores is not None:
             n = max(n, *_wanted(self, memory, cores))
-        room = self.capacity - sum(self._slots[h] for h in self.hosts if h in self.launcher.down)
+        room = self.capacity - sum(
+            self._slots[h] for h in self.hosts if h in self.availability.down
+        )
         if n > room:
             logger.warning(
                 "%d workers asked for; the hosts that answer take %d (capacity %d: %s)",
@@ -504,18 +523,11 @@ class LazySSHCluster(SpecCluster):
             if isinstance(exc.__cause__, LazyclusterError):
                 raise exc.__cause__ from None
             raise
-        if self.heal and self._healer is None:
-            self._healer = asyncio.ensure_future(self._heal_forever())
+        if self.heal:
+            self.healer.start()
 
     async def _close(self) -> None:
-        # the flag ends the checks even when a cancellation is lost (asyncio.wait_for in
-        # Python 3.11 can swallow one that arrives as its inner future completes)
-        self._stopping = True
-        tasks = [t for t in (self._healer, *self._probes.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=HEAL_INTERVAL + 2 * REACH_TIMEOUT + 2)
+        await self.healer.stop()
         orphaned = False  # the scheduler is gone (stopped by a watch, or died)
         if self.status in (Status.running, Status.failed) and self.scheduler is not None:
             orphaned = not await self._scheduler_answers()
@@ -549,6 +561,10 @@ class LazySSHCluster(SpecCluster):
             return False
         return True
 
+    async def heal_once(self) -> None:
+        """One check of the workers (see :class:`~lazycluster_tasks.healing.Healer`)."""
+        await self.healer.heal_once()
+
     def _event(self, what: str, **details: Any) -> None:
         if self.on_event is None:
             return
@@ -556,170 +572,6 @@ class LazySSHCluster(SpecCluster):
             self.on_event(what, details)
         except Exception as exc:
             logger.warning("event %s not reported: %s", what, exc)
-
-    async def _heal_forever(self) -> None:
-        while self.status == Status.running and not self._stopping:
-            await asyncio.sleep(HEAL_INTERVAL)
-            try:
-                await self.heal_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("checking the workers failed: %s", exc, exc_info=True)
-
-    async def _registered(self) -> dict[str, dict[str, Any]]:
-        """name -> the scheduler's entry (address, last_seen), asked with a bounded wait."""
-        assert self.scheduler_comm is not None
-        info = await asyncio.wait_for(self.scheduler_comm.identity(n_workers=-1), REACH_TIMEOUT)
-        return {str(w.get("name")): {**w, "address": a} for a, w in info["workers"].items()}
-
-    async def heal_once(self) -> None:
-        """One check: find lost workers, retry unreachable hosts, start replacements.
-
-        Lost: gone from the scheduler and its process exited (or its host does not answer), or
-        silent (no heartbeat for ``worker_ttl``) on a host that does not answer, or missing
-        for longer than a nanny needs to restart it."""
-        now = time.monotonic()
-        registered = await self._registered()
-        for name, entry in registered.items():
-            beat = self._beats.get(name)
-            if beat is None or beat[0] != entry.get("last_seen"):
-                self._beats[name] = (entry.get("last_seen"), now)
-            if name in self.worker_spec and name not in self._seen:
-                self._seen.add(name)
-                if name in self._lost_at:
-                    host = self.worker_spec[name]["options"]["host"]
-                    after = now - self._lost_at.pop(name)
-                    logger.info(
-                        "worker %s ready on %s, %.1f s after the worker it replaces was lost",
-                        name,
-                        host,
-                        after,
-                    )
-                    self._event(
-                        "worker-replaced",
-                        worker=name,
-                        host=host,
-                        replaces=self._replaces.pop(name, None),
-                        seconds_after_loss=round(after, 2),
-                    )
-        lost: dict[str, str] = {}
-        suspects: list[str] = []
-        for name in list(self.worker_spec):
-            worker = self.workers.get(name)
-            silent = name in registered and now - self._beats[name][1] > self.worker_ttl
-            if name in registered and not silent:
-                self._missing.pop(name, None)
-            elif worker is None:
-                if name in self.launcher.started:
-                    lost[name] = "it left the scheduler"
-            elif worker.status in (Status.failed, Status.closed):
-                lost[name] = "its start failed"
-            elif worker.status == Status.running and name in self.launcher.started:
-                self._missing.setdefault(name, now)
-                suspects.append(name)
-        if suspects:
-            try:  # bounded here too: reconnecting to a cut host may take its connect timeout
-                states = await asyncio.wait_for(
-                    asyncio.to_thread(self.engine.liveness, suspects, REACH_TIMEOUT),
-                    REACH_TIMEOUT + 1,
-                )
-            except asyncio.TimeoutError:
-                states = {name: "unreachable: no answer in time" for name in suspects}
-            fresh = await self._registered()  # the check took time: who came back meanwhile
-            for name in suspects:
-                last = self._beats.get(name, (None, now))[0]
-                if name in fresh and fresh[name].get("last_seen") != last:
-                    continue
-                host = self.worker_spec[name]["options"]["host"]
-                state = states.get(name, "gone")
-                if state == "gone":
-                    lost[name] = "its process exited"
-                elif state.startswith("unreachable"):
-                    self._mark_down(host, state)
-                    lost[name] = f"its host {host} does not answer"
-                elif now - self._missing[name] > RESTART_GRACE:
-                    lost[name] = f"it has not come back within {RESTART_GRACE:.0f} s"
-        await self._retry_hosts(now)
-        for name, why in lost.items():
-            host = self.worker_spec.pop(name)["options"]["host"]
-            self._missing.pop(name, None)
-            self._beats.pop(name, None)
-            logger.warning("worker %s on %s lost: %s", name, host, why)
-            self._event("worker-lost", worker=name, host=host, reason=why)
-            if name in registered and self.scheduler_comm is not None:  # silent: its tasks
-                # go to the other workers now
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        self.scheduler_comm.unregister(
-                            address=registered[name]["address"],
-                            stimulus_id=f"lazycluster-lost-{name}-{time.time()}",
-                            close=False,
-                        ),
-                        REACH_TIMEOUT,
-                    )
-            self._waiting.append((name, host, now))
-        placed = self._place_waiting()
-        if lost or placed:
-            # shielded: closing the cluster cancels this check, never a start half done (the
-            # close waits for it, then stops what it started)
-            await asyncio.shield(self._correct_state())
-
-    def _mark_down(self, host: str, why: str) -> None:
-        if host not in self.launcher.down:
-            self.launcher.down[host] = time.monotonic()
-            logger.warning(
-                "host %s does not answer (%s); its workers go elsewhere or wait", host, why
-            )
-
-    async def _retry_hosts(self, now: float) -> None:
-        """Hosts that did not answer are asked again in the background (a connect attempt may
-        take its whole timeout), and reported lost after ``host_lost_after`` seconds."""
-        for host, since in list(self.launcher.down.items()):
-            if now - since > self.host_lost_after and host not in self.launcher.reported:
-                self.launcher.reported.add(host)
-                logger.error(
-                    "host %s lost: no answer for %.0f s; the cluster runs on the other hosts",
-                    host,
-                    now - since,
-                )
-            probe = self._probes.get(host)
-            if probe is None or probe.done():
-                self._probes[host] = asyncio.ensure_future(self._probe_host(host, since))
-
-    async def _probe_host(self, host: str, since: float) -> None:
-        """Once ``host`` answers: stop what was left there, and place workers there again."""
-        stale = self.launcher.stale.get(host, [])
-        try:
-            await asyncio.to_thread(self.engine.reach, host, REACH_TIMEOUT)
-            if stale:
-                await asyncio.to_thread(self.engine.stop, stale)
-            await asyncio.to_thread(self.engine.reroute, host)  # tunnelled: what it missed
-        except Exception as exc:
-            logger.debug("host %s still does not answer: %s", host, exc)
-            return
-        self.launcher.stale.pop(host, None)
-        self.launcher.down.pop(host, None)
-        self.launcher.reported.discard(host)
-        logger.info("host %s answers again after %.1f s", host, time.monotonic() - since)
-
-    def _place_waiting(self) -> int:
-        """Start a replacement for each lost worker where there is room (its host first)."""
-        placed = 0
-        for item in list(self._waiting):
-            name, host, when = item
-            target = self._place(self.worker_spec, prefer=host)
-            if target is None:
-                continue
-            self._waiting.remove(item)
-            spec = self._spec_on(target)
-            self.worker_spec.update(spec)
-            (new,) = spec
-            self._lost_at[new] = when
-            self._replaces[new] = name
-            logger.info("worker %s starts on %s to replace %s", new, target, name)
-            placed += 1
-        return placed
 
 
 def _wanted(cluster: SpecCluster, memory: Any, cores: Any) -> list[int]:

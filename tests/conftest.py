@@ -7,18 +7,24 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 
 from lazycluster_tasks import Environment, Runtime, RuntimeGroup
+from lazycluster_tasks.dask import DaskCluster
+from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
+from lazycluster_tasks.testing.helpers import QUIET_ENV, local_leftovers, ssh_runtime
 from lazycluster_tasks.testing.hosts import TestHosts
 from lazycluster_tasks.testing.prefect_server import PrefectServer
 
+if TYPE_CHECKING:
+    from lazycluster_tasks.ssh_cluster import LazySSHCluster
+
 pytest_plugins = ["lazycluster_tasks.testing.pytest_plugin"]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The session's temp dir: this process and every process it starts (TMPDIR) use it, so what a
 #: test leaves is seen, and nothing of anyone else's in /tmp is ever looked at or removed.
 #: Made when pytest starts (processes that import this module, e.g. to unpickle, make none).
@@ -47,7 +53,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(os.environ.get("LAZYCLUSTER_CACHE_DIR", ""), ignore_errors=True)
 
 
-QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 os.environ.update(QUIET_ENV)
 # Clusters start without the scheduler's dashboard unless a test asks for it (the tests of the
 # dashboard do): its bokeh import costs about 1 s of CPU at every start, on 2 shared cores.
@@ -200,10 +205,6 @@ def no_local_leaks() -> Iterator[None]:
     assert extra_fds <= 0, f"{extra_fds} file descriptors leaked"
 
 
-def ssh_runtime(hosts: TestHosts, name: str = "host1", **kwargs) -> Runtime:
-    return Runtime(name, ssh_config_path=str(hosts.ssh_config_path), **kwargs)
-
-
 @pytest.fixture
 def host1(
     test_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None
@@ -242,13 +243,54 @@ def any_runtime(request: pytest.FixtureRequest) -> Iterator[Runtime]:
         runtime.cleanup()
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+#: The hosts a cluster of ``make_cluster`` runs on unless it is given others.
+CLUSTER_HOSTS = ("host1", "host2", "host3")
+
+
+@pytest.fixture
+def make_cluster(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None
+) -> Iterator[Callable[..., Any]]:
+    """``make_cluster(hosts=CLUSTER_HOSTS, **options)``: a cluster on the multi-host test hosts
+    (one thread per worker unless the options say otherwise), closed at the end of the test.
+
+    A LazySSHCluster; with ``cls=DaskCluster`` a DaskCluster on a RuntimeGroup of the hosts
+    (``master_host``: its scheduler on that host), whose cleanup must leave no process of it on
+    this machine and no tunnel on any runtime."""
+    from lazycluster_tasks.ssh_cluster import LazySSHCluster  # pulls in distributed.deploy
+
+    clusters: list[LazySSHCluster | DaskCluster] = []
+
+    def make(
+        hosts: Sequence[str] = CLUSTER_HOSTS,
+        *,
+        cls: type[LazySSHCluster] | type[DaskCluster] = LazySSHCluster,
+        **options: Any,
+    ) -> Any:
+        options.setdefault("threads_per_worker", 1)
+        cluster: LazySSHCluster | DaskCluster
+        if issubclass(cls, DaskCluster):
+            group = RuntimeGroup(
+                hosts=list(hosts), ssh_config_path=str(multi_hosts.ssh_config_path)
+            )
+            master_host = options.pop("master_host", None)
+            if master_host:
+                options["master_launcher"] = RemoteMasterLauncher(group, master_host)
+            cluster = cls(group, **options)
+        else:
+            options.setdefault("ssh_config_path", str(multi_hosts.ssh_config_path))
+            cluster = cls(list(hosts), **options)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        if isinstance(cluster, DaskCluster):
+            cluster.cleanup()
+            assert local_leftovers(cluster.cluster_id) == []
+            assert all(rt.tunnels == [] for rt in cluster.runtime_group.runtimes)
+        else:
+            cluster.close()
 
 
 os.environ.setdefault("LCT_TEST_HOST_COUNT", "4")

@@ -4,17 +4,14 @@ the file byte for byte as it was."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from hypothesis import strategies as st
 from lazycluster_tasks import commands
 from lazycluster_tasks.hostside import authorized_keys as ak
 from lazycluster_tasks.links import LinkKey
+from lazycluster_tasks.testing.helpers import fill, small_disk
 
 MARKER = commands.peer_marker("c0ffee")
 USER = (
@@ -181,32 +179,6 @@ def test_a_read_error_leaves_the_file_alone(tmp_path: Path) -> None:
     with pytest.raises(ak.EditError, match="not edited"):
         ak.set_lines(MARKER, [line()], 60, str(path))
     assert os.readlink(path) == "/proc/self/mem" and not temps(path)
-
-
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str = "64k") -> Iterator[None]:
-    """A tmpfs of ``size`` mounted on ``folder`` (needs root), unmounted after."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("a full disk is made with a tmpfs mount: needs root")
-    folder.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
-def fill(folder: Path) -> Path:
-    """Fill the disk of ``folder`` to the last byte; returns the filler."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"x" * 512)
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_a_full_disk_at_authorize_and_at_revoke_loses_nothing(tmp_path: Path) -> None:

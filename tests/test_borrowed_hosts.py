@@ -17,8 +17,8 @@ from distributed import Client
 
 from lazycluster_tasks import LazySSHCluster, commands, teardown
 from lazycluster_tasks.errors import LazyclusterError
+from lazycluster_tasks.testing.helpers import wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
-from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 

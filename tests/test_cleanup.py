@@ -10,9 +10,8 @@ import pytest
 from lazycluster_tasks import GroupError, Runtime, RuntimeGroup, processes
 from lazycluster_tasks.dask import DaskCluster, teardown
 from lazycluster_tasks.startup import first_error, retriable
+from lazycluster_tasks.testing.helpers import local_leftovers, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
-from tests.conftest import wait_until
-from tests.test_dask_cluster import local_leftovers
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 

@@ -12,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
 from lazycluster_tasks import (
@@ -27,42 +26,11 @@ from lazycluster_tasks import (
     dask_launchers,
 )
 from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
-from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
-from tests.conftest import wait_until
+from lazycluster_tasks.testing.helpers import DASK_CONTROLLER, local_leftovers, wait_until
 
 pytestmark = pytest.mark.slow
 
 HOSTS = ["host1", "host2", "host3"]
-
-
-def local_leftovers(cluster_id: str) -> list[str]:
-    """Processes on this machine that still belong to the cluster."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if f"lazycluster-{cluster_id}" in cmdline and proc.pid != os.getpid():
-            found.append(f"{proc.pid} {cmdline[:120]}")
-    return found
-
-
-@pytest.fixture
-def make_cluster(multi_hosts, no_leftovers, no_local_leaks):
-    clusters = []
-
-    def make(hosts=HOSTS, **kwargs) -> DaskCluster:
-        group = RuntimeGroup(hosts=hosts, ssh_config_path=str(multi_hosts.ssh_config_path))
-        launcher = kwargs.pop("master_host", None)
-        if launcher:
-            kwargs["master_launcher"] = RemoteMasterLauncher(group, launcher)
-        cluster = DaskCluster(group, threads_per_worker=1, **kwargs)
-        clusters.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in clusters:
-        cluster.cleanup()
-        assert local_leftovers(cluster.cluster_id) == []
-        assert all(rt.tunnels == [] for rt in cluster.runtime_group.runtimes)
 
 
 def where_work_ran(cluster: DaskCluster) -> dict[str, str]:
@@ -90,7 +58,9 @@ def where_work_ran(cluster: DaskCluster) -> dict[str, str]:
 def test_work_runs_on_every_host(multi_hosts, make_cluster, switch, master):
     multi_hosts.ssh_only(switch == "ssh-only")
     try:
-        cluster = make_cluster(master_host="host2" if master == "remote" else None, dashboard=True)
+        cluster = make_cluster(
+            cls=DaskCluster, master_host="host2" if master == "remote" else None, dashboard=True
+        )
         cluster.start()
         assert cluster.network_mode == ("tunnelled" if switch == "ssh-only" else "direct")
         ran_on = where_work_ran(cluster)
@@ -107,14 +77,14 @@ def test_work_runs_on_every_host(multi_hosts, make_cluster, switch, master):
 
 
 def test_explicit_modes_hold_with_the_switch_off(make_cluster):
-    cluster = make_cluster(hosts=["host1", "host2"], network_mode="tunnelled")
+    cluster = make_cluster(cls=DaskCluster, hosts=["host1", "host2"], network_mode="tunnelled")
     cluster.start()
     assert cluster.network_mode == "tunnelled"
     assert set(where_work_ran(cluster).values()) == {"host1", "host2"}
 
 
 def test_scale_up_and_down_and_a_killed_worker(multi_hosts, make_cluster):
-    cluster = make_cluster(hosts=["host1", "host2"], nanny=False)
+    cluster = make_cluster(cls=DaskCluster, hosts=["host1", "host2"], nanny=False)
     cluster.start()
     cluster.scale(4)
     assert sorted(cluster.workers) == ["host1-0", "host1-2", "host2-1", "host2-3"]
@@ -133,7 +103,7 @@ def test_scale_up_and_down_and_a_killed_worker(multi_hosts, make_cluster):
 
 
 def test_master_that_cannot_start(make_cluster, multi_hosts):
-    cluster = make_cluster(scheduler_options=["--no-such-option"])
+    cluster = make_cluster(cls=DaskCluster, scheduler_options=["--no-such-option"])
     start = time.monotonic()
     with pytest.raises(
         MasterStartError, match=r"(?s)scheduler on localhost exited.*Unknown argument"
@@ -152,7 +122,9 @@ def test_master_that_never_listens(make_cluster, tmp_path, monkeypatch):
         f'exec {sys.executable} "$@"\n'
     )
     python.chmod(0o755)
-    cluster = make_cluster(hosts=["host1"], python_executable={"localhost": str(python)})
+    cluster = make_cluster(
+        cls=DaskCluster, hosts=["host1"], python_executable={"localhost": str(python)}
+    )
     start = time.monotonic()
     with pytest.raises(MasterStartError, match="not up within 2 s"):
         cluster.start_master(timeout=2)
@@ -167,7 +139,7 @@ def free_local_ports(count: int, start: int = 23000) -> list[int]:
 
 
 def test_master_ports(make_cluster):
-    cluster = make_cluster(hosts=["host1"])
+    cluster = make_cluster(cls=DaskCluster, hosts=["host1"])
     a, b, c, d = free_local_ports(4)
     with socket.create_server(("127.0.0.1", a)):
         with pytest.raises(PortInUseError, match=str(a)):
@@ -181,7 +153,7 @@ def test_master_ports(make_cluster):
 
 def test_port_taken_between_probe_and_bind(make_cluster):
     ports = free_local_ports(3, start=24000)
-    cluster = make_cluster(hosts=["host1"], ports=ports)
+    cluster = make_cluster(cls=DaskCluster, hosts=["host1"], ports=ports)
     cluster.ensure_plan(cluster.ports)  # the probe: everything free
     with socket.create_server(("0.0.0.0", ports[0])):  # then someone takes the first port
         cluster._master_launcher.start(ports)
@@ -194,7 +166,9 @@ def test_scheduler_port_taken_here_before_its_forward(make_cluster, monkeypatch)
     forward of the first stays open."""
     ports = free_local_ports(8, start=24100)
     monkeypatch.setattr(DaskCluster, "DEFAULT_MASTER_PORT", ports[0])
-    cluster = make_cluster(master_host="host2", network_mode="tunnelled", ports=ports[1:])
+    cluster = make_cluster(
+        cls=DaskCluster, master_host="host2", network_mode="tunnelled", ports=ports[1:]
+    )
     cluster.ensure_plan(ports)  # the probe: everything free
     routing = cluster.engine.routing
     real, taken = routing.route_scheduler, []
@@ -226,7 +200,9 @@ def test_worker_ports_skip_taken_ones(multi_hosts, make_cluster):
         ],
     )
     try:
-        cluster = make_cluster(hosts=["host1"], ports=[62000, 62001, 62002, 62003], nanny=False)
+        cluster = make_cluster(
+            cls=DaskCluster, hosts=["host1"], ports=[62000, 62001, 62002, 62003], nanny=False
+        )
         assert wait_until(
             lambda: not cluster.runtime_group.get_runtime("host1").has_free_port(62000)
         )
@@ -242,7 +218,9 @@ def test_host_without_distributed_is_named(make_cluster, tmp_path):
     bare = tmp_path / "bare-python"
     bare.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
     bare.chmod(0o755)
-    cluster = make_cluster(hosts=["host1", "host2"], python_executable={"host2": str(bare)})
+    cluster = make_cluster(
+        cls=DaskCluster, hosts=["host1", "host2"], python_executable={"host2": str(bare)}
+    )
     with pytest.raises(GroupError) as info:
         cluster.start()
     assert list(info.value.errors) == ["host2"]
@@ -255,7 +233,10 @@ def test_host_without_distributed_is_named_in_an_explicit_mode(make_cluster, tmp
     bare.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
     bare.chmod(0o755)
     cluster = make_cluster(
-        hosts=["host1", "host2"], network_mode="direct", python_executable={"host2": str(bare)}
+        cls=DaskCluster,
+        hosts=["host1", "host2"],
+        network_mode="direct",
+        python_executable={"host2": str(bare)},
     )
     with pytest.raises(WorkerStartError, match=r"dask\.distributed is not importable") as info:
         cluster.start()
@@ -292,23 +273,16 @@ def test_embedded_default_runs_on_this_machine(no_local_leaks):
     assert local_leftovers(cluster.cluster_id) == []
 
 
-#: Dask's death timeout also bounds a nanny's start (its worker must have registered by then):
-#: 4 s failed starts on a loaded CI machine ("failure-to-start TimeoutError"); 8 s does not.
-CONTROLLER = """
-import json, sys, time
-from lazycluster_tasks import RuntimeGroup
-from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
-group = RuntimeGroup(hosts=sys.argv[3:], ssh_config_path=sys.argv[1])
-cluster = DaskCluster(group, network_mode=sys.argv[2], death_timeout=8, idle_timeout=2)
-cluster.start()
-print(cluster.record().model_dump_json(), flush=True)
-time.sleep(600)
-"""
-
-
 def test_teardown_from_the_record_alone(multi_hosts, no_leftovers):
     proc = subprocess.Popen(
-        [sys.executable, "-c", CONTROLLER, str(multi_hosts.ssh_config_path), "tunnelled", *HOSTS],
+        [
+            sys.executable,
+            "-c",
+            DASK_CONTROLLER,
+            str(multi_hosts.ssh_config_path),
+            "tunnelled",
+            *HOSTS,
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -332,7 +306,9 @@ def test_teardown_from_the_record_alone(multi_hosts, no_leftovers):
 
 
 def test_direct_mode_behind_an_ssh_only_switch_fails_clearly(ssh_only, make_cluster):
-    cluster = make_cluster(hosts=["host1", "host2"], network_mode="direct", start_timeout=3)
+    cluster = make_cluster(
+        cls=DaskCluster, hosts=["host1", "host2"], network_mode="direct", start_timeout=3
+    )
     start = time.monotonic()
     with pytest.raises(WorkerStartError) as info:
         cluster.start()
@@ -343,6 +319,7 @@ def test_direct_mode_behind_an_ssh_only_switch_fails_clearly(ssh_only, make_clus
 
 def test_options_reach_the_processes(make_cluster):
     cluster = make_cluster(
+        cls=DaskCluster,
         hosts=["host1", "host2"],
         workers_per_host=2,
         memory_limit="1GiB",

@@ -25,8 +25,8 @@ from lazycluster_tasks import links as links_module
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.ssh_cluster import LazySSHCluster
+from lazycluster_tasks.testing.helpers import wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
-from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.multihost]
 

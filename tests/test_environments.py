@@ -16,7 +16,7 @@ import pytest
 
 from lazycluster_tasks import environments, hostside
 from lazycluster_tasks.errors import EnvironmentSyncError, RemoteEnvironmentError
-from tests.test_authorized_keys import fill, small_disk
+from lazycluster_tasks.testing.helpers import fill, small_disk
 
 
 def _project(folder: Path, answer: str = "42") -> Path:

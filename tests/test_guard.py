@@ -16,8 +16,7 @@ import pytest
 from lazycluster_tasks import commands
 from lazycluster_tasks.hostside import authorized_keys as ak
 from lazycluster_tasks.links import LinkKey
-from tests.conftest import wait_until
-from tests.test_authorized_keys import fill, small_disk
+from lazycluster_tasks.testing.helpers import fill, small_disk, wait_until
 
 MARKER = commands.peer_marker("guarded")
 USER = b"ssh-ed25519 AAAAC3NzaUser1 alice@laptop\n"

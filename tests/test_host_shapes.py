@@ -25,8 +25,8 @@ from lazycluster_tasks import (
     environments,
     teardown,
 )
+from lazycluster_tasks.testing.helpers import wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
-from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 

@@ -39,10 +39,10 @@ from lazycluster_tasks.prefect.blocks import (
     HostGroupBlock,
     SSHSettingsBlock,
 )
+from lazycluster_tasks.testing.helpers import QUIET_ENV
 
 pytestmark = pytest.mark.slow
 
-QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 SECRETS = ("KEY-TEXT-s3cret", "PASSWORD-s3cret", "PASSPHRASE-s3cret")
 SLUGS = ("lazycluster-ssh-settings", "lazycluster-host-group")
 
@@ -193,7 +193,7 @@ def test_connection_kwargs_omits_unset_fields() -> None:
 
 
 def test_connection_kwargs_are_accepted_by_resolve_settings() -> None:
-    from lazycluster_tasks.ssh import resolve_settings
+    from lazycluster_tasks.ssh_settings import resolve_settings
 
     settings = resolve_settings("somehost", None, full_ssh_block().connection_kwargs())
     assert settings.username == "alice"

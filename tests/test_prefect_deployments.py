@@ -17,8 +17,7 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 
 from lazycluster_tasks.prefect.records import clusters_of_run
-from tests.conftest import ROOT, wait_until
-from tests.test_dask_cluster import local_leftovers
+from lazycluster_tasks.testing.helpers import ROOT, local_leftovers, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -41,8 +41,7 @@ from lazycluster_tasks.prefect import (
 )
 from lazycluster_tasks.prefect.records import clusters_of_run, load_record
 from lazycluster_tasks.prefect.tasks import capacity, live_cluster
-from tests.conftest import ROOT, wait_until
-from tests.test_dask_cluster import local_leftovers
+from lazycluster_tasks.testing.helpers import HTTP_GET, ROOT, local_leftovers, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -388,7 +387,6 @@ def test_the_forwarded_api_answers_the_workers_only(hosts_cfg, prefect_api, mult
     anyone who reaches it, and hands out block secrets: forwarded to the hosts for the workers,
     a connection from another local user of a cluster host is closed before it reaches the API;
     the workers' task runs report (see the test above) and so does the login user."""
-    from tests.test_tunnels import HTTP_GET
 
     port = int(prefect_api.split(":")[2].split("/")[0])
 

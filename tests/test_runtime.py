@@ -24,7 +24,7 @@ from lazycluster_tasks import (
     RuntimeTask,
     TaskExecutionError,
 )
-from tests.conftest import ssh_runtime, wait_until
+from lazycluster_tasks.testing.helpers import ssh_runtime, wait_until
 
 NASTY = [
     "with space",

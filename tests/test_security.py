@@ -15,8 +15,6 @@ import psutil
 import pytest
 from distributed import Client
 
-from lazycluster_tasks import LazySSHCluster
-
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
 HOSTS = ["host1", "host2"]
@@ -89,22 +87,6 @@ with ThreadPoolExecutor(len(attempts)) as pool:  # at once: each refusal may tak
 """
 
 
-@pytest.fixture
-def make_cluster(multi_hosts, no_leftovers, no_local_leaks):
-    clusters: list[LazySSHCluster] = []
-
-    def make(**kwargs) -> LazySSHCluster:
-        kwargs.setdefault("threads_per_worker", 1)
-        kwargs.setdefault("nanny", False)
-        cluster = LazySSHCluster(HOSTS, ssh_config_path=str(multi_hosts.ssh_config_path), **kwargs)
-        clusters.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in clusters:
-        cluster.close()
-
-
 def probe_from(
     multi_hosts, host: str, scheduler: str, worker: str, as_nobody: bool, control=None
 ) -> dict:
@@ -140,7 +122,9 @@ def test_outsiders_cannot_use_the_cluster_and_no_secret_is_on_a_command_line(
     sampler = threading.Thread(target=_sample_command_lines, args=(stop, seen), daemon=True)
     sampler.start()
     try:
-        cluster = make_cluster(network_mode=mode, security=security, env={"PREFECT_API_KEY": token})
+        cluster = make_cluster(
+            HOSTS, nanny=False, network_mode=mode, security=security, env={"PREFECT_API_KEY": token}
+        )
         with Client(cluster) as client:  # ours works: the cluster's own certificate
             keys = client.run(lambda: os.environ.get("PREFECT_API_KEY"))
             assert set(keys.values()) == {token}  # the workers got it

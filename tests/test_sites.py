@@ -16,9 +16,8 @@ import pytest
 
 from lazycluster_tasks import LazyclusterError, RuntimeGroup, commands
 from lazycluster_tasks.dask import DaskCluster, teardown
+from lazycluster_tasks.testing.helpers import DASK_CONTROLLER, local_leftovers, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
-from tests.conftest import wait_until
-from tests.test_dask_cluster import CONTROLLER, local_leftovers
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
@@ -110,7 +109,14 @@ def test_killed_controller_leaves_nothing_in_any_topology(
     multi_hosts.set_network(topology, "reset")
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", CONTROLLER, str(multi_hosts.ssh_config_path), "auto", *HOSTS],
+            [
+                sys.executable,
+                "-c",
+                DASK_CONTROLLER,
+                str(multi_hosts.ssh_config_path),
+                "auto",
+                *HOSTS,
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -19,28 +19,12 @@ from distributed import Client
 
 from lazycluster_tasks import LazySSHCluster, processes
 from lazycluster_tasks.dask import teardown
+from lazycluster_tasks.testing.helpers import wait_until
 from lazycluster_tasks.watch import ClusterWatch
-from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
 HOSTS = ["host1", "host2", "host3"]
-
-
-@pytest.fixture
-def make_cluster(multi_hosts, no_leftovers, no_local_leaks):
-    clusters: list[LazySSHCluster] = []
-
-    def make(hosts=HOSTS, **kwargs) -> LazySSHCluster:
-        kwargs.setdefault("threads_per_worker", 1)
-        kwargs.setdefault("ssh_config_path", str(multi_hosts.ssh_config_path))
-        cluster = LazySSHCluster(hosts, **kwargs)
-        clusters.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in clusters:
-        cluster.close()
 
 
 def hosts_of(client: Client) -> dict[str, str]:
@@ -168,7 +152,7 @@ def test_a_killed_worker_is_replaced_and_the_job_completes(make_cluster, multi_h
 
 
 def test_a_host_cut_off_for_20_s_gets_its_workers_back(make_cluster, multi_hosts, caplog):
-    caplog.set_level(logging.INFO, logger="lazycluster_tasks.ssh_cluster")
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks")  # the cluster and its healer
     cluster = make_cluster()
     healing = ClusterWatch(cluster.engine, heals=True)  # the Prefect layer's policy
     strict = ClusterWatch(cluster.engine, heals=False)  # the seed API's policy

@@ -22,7 +22,7 @@ from lazycluster_tasks.errors import AuthenticationError, HostConnectionError, H
 from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.manager import RuntimeManager, config_hosts
 from lazycluster_tasks.runtime import Runtime
-from lazycluster_tasks.ssh import resolve_settings
+from lazycluster_tasks.ssh_settings import resolve_settings
 from lazycluster_tasks.testing.hosts import TestHosts
 
 USER = pwd.getpwuid(os.getuid()).pw_name

@@ -4,7 +4,7 @@ import pytest
 
 from lazycluster_tasks import sshconfig
 from lazycluster_tasks.manager import config_hosts
-from lazycluster_tasks.ssh import jump_settings, resolve_settings
+from lazycluster_tasks.ssh_settings import jump_settings, resolve_settings
 
 CONFIG = """
 Host web
@@ -144,7 +144,7 @@ def test_a_bad_line_is_named_with_its_file_and_line(tmp_path, monkeypatch, resol
 
 def test_proxy_command_tokens_and_unsafe_names(tmp_path):
     from lazycluster_tasks.errors import InvalidRuntimeError
-    from lazycluster_tasks.ssh import proxy_command_line
+    from lazycluster_tasks.proxy import proxy_command_line
 
     path = tmp_path / "config"
     path.write_text("Host p\n  HostName 10.0.0.9\n  User me\n  ProxyCommand nc -x j %h %p %r %%\n")

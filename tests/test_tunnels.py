@@ -22,7 +22,7 @@ from lazycluster_tasks import (
     TunnelError,
     tunnels,
 )
-from tests.conftest import ssh_runtime, wait_until
+from lazycluster_tasks.testing.helpers import HTTP_GET, ssh_runtime, wait_until
 
 ECHO_SERVER = (
     "import socket, sys\n"
@@ -442,24 +442,6 @@ def test_a_forward_request_to_a_host_that_went_silent_fails_in_bounded_time(
             multi_hosts.restore_host("host4")
     finally:
         runtime.cleanup()
-
-
-#: Asks the HTTP service at 127.0.0.1:argv[1] for the path argv[2] (with the Basic auth string
-#: in argv[3], if any) and prints the status line of the answer and the start of its body.
-HTTP_GET = (
-    "import base64, socket, sys\n"
-    "auth = sys.argv[3] if len(sys.argv) > 3 else ''\n"
-    "head = 'GET ' + sys.argv[2] + ' HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n'\n"
-    "if auth:\n"
-    "    head += 'Authorization: Basic ' + base64.b64encode(auth.encode()).decode() + '\\r\\n'\n"
-    "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 5)\n"
-    "s.sendall((head + '\\r\\n').encode()); s.settimeout(5); got = b''\n"
-    "while True:\n"
-    "    part = s.recv(4096)\n"
-    "    if not part: break\n"
-    "    got += part\n"
-    "print(got.split(b'\\r\\n')[0].decode(), got.rsplit(b'\\r\\n\\r\\n', 1)[-1][:40])\n"
-)
 
 
 def test_a_guarded_remote_forward_lets_through_only_the_login_users_connections(

@@ -11,9 +11,9 @@ import pytest
 from lazycluster_tasks import ClusterLostError, RuntimeGroup
 from lazycluster_tasks.dask import DaskCluster
 from lazycluster_tasks.prefect import cluster_lifecycle
+from lazycluster_tasks.testing.helpers import local_leftovers
 from lazycluster_tasks.testing.hosts import TestHosts
 from lazycluster_tasks.watch import ClusterWatch
-from tests.test_dask_cluster import local_leftovers
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 

@@ -13,8 +13,8 @@ import pytest
 from distributed import Client
 
 from lazycluster_tasks import GroupError, LazySSHCluster, WorkerStartError
+from lazycluster_tasks.testing.helpers import wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
-from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 

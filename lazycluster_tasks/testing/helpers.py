@@ -1,0 +1,119 @@
+"""Helpers that several test modules use (as distributed keeps them in ``utils_test``): waiting
+for a condition, the checkout's root, runtimes on the test hosts, a cluster's processes left on
+this machine, a full disk, and small programs the tests run with ``python -c``.
+
+Plain functions and constants: the fixtures are in :mod:`lazycluster_tasks.testing.pytest_plugin`
+and the tests' ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.testing.hosts import TestHosts
+
+#: The checkout this package runs from in the tests (editable install): what processes the tests
+#: start put on PYTHONPATH to import ``tests`` and ``flows``, and their working dir.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: Environment that keeps Prefect from phoning home (set for the test session and the servers
+#: and workers it starts).
+QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Ask ``predicate`` every ``interval`` s until it is true; after ``timeout`` s its last
+    answer (whether it held)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def ssh_runtime(hosts: TestHosts, name: str = "host1", **kwargs: Any) -> Runtime:
+    """A Runtime on test host ``name``, reached through the hosts' SSH config."""
+    return Runtime(name, ssh_config_path=str(hosts.ssh_config_path), **kwargs)
+
+
+def local_leftovers(cluster_id: str) -> list[str]:
+    """Processes on this machine that still belong to the cluster (``pid command line``)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if f"lazycluster-{cluster_id}" in cmdline and proc.pid != os.getpid():
+            found.append(f"{proc.pid} {cmdline[:120]}")
+    return found
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str = "64k") -> Iterator[None]:
+    """A tmpfs of ``size`` mounted on ``folder`` (needs root: the test is skipped without),
+    unmounted after."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a full disk is made with a tmpfs mount: needs root")
+    folder.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the disk of ``folder`` to the last byte; returns the filler."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"x" * 512)
+    finally:
+        os.close(fd)
+    return filler
+
+
+#: A controller process of its own: starts a DaskCluster (argv: ssh config, network mode, hosts),
+#: prints its record as one JSON line and sleeps, to be killed (its cluster then has no
+#: controller). Dask's death timeout also bounds a nanny's start (its worker must have registered
+#: by then): 4 s failed starts on a loaded CI machine ("failure-to-start TimeoutError"); 8 s does
+#: not.
+DASK_CONTROLLER = """
+import json, sys, time
+from lazycluster_tasks import RuntimeGroup
+from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
+group = RuntimeGroup(hosts=sys.argv[3:], ssh_config_path=sys.argv[1])
+cluster = DaskCluster(group, network_mode=sys.argv[2], death_timeout=8, idle_timeout=2)
+cluster.start()
+print(cluster.record().model_dump_json(), flush=True)
+time.sleep(600)
+"""
+
+#: Asks the HTTP service at 127.0.0.1:argv[1] for the path argv[2] (with the Basic auth string
+#: in argv[3], if any) and prints the status line of the answer and the start of its body.
+HTTP_GET = (
+    "import base64, socket, sys\n"
+    "auth = sys.argv[3] if len(sys.argv) > 3 else ''\n"
+    "head = 'GET ' + sys.argv[2] + ' HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n'\n"
+    "if auth:\n"
+    "    head += 'Authorization: Basic ' + base64.b64encode(auth.encode()).decode() + '\\r\\n'\n"
+    "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 5)\n"
+    "s.sendall((head + '\\r\\n').encode()); s.settimeout(5); got = b''\n"
+    "while True:\n"
+    "    part = s.recv(4096)\n"
+    "    if not part: break\n"
+    "    got += part\n"
+    "print(got.split(b'\\r\\n')[0].decode(), got.rsplit(b'\\r\\n\\r\\n', 1)[-1][:40])\n"
+)
