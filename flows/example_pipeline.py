@@ -23,6 +23,7 @@ from prefect import flow, task
 from prefect.settings import PREFECT_HOME, PREFECT_UI_URL
 
 from lazycluster_tasks.cli import parse_workers_per_host
+from lazycluster_tasks.network import NetworkMode
 from lazycluster_tasks.prefect import ClusterHandle, cluster_lifecycle
 from lazycluster_tasks.settings import settings
 
@@ -73,7 +74,7 @@ def example_pipeline(
     hosts: list[str] | None = None,
     n: int = 12,
     workers_per_host: int | dict[str, int] = 1,
-    network_mode: str = "auto",
+    network_mode: NetworkMode = "auto",
     ssh_config_path: str | None = None,
     ssh_block: str | None = None,
     host_group: str | None = None,

@@ -35,7 +35,7 @@ from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import GroupError, LazyclusterError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.manager import config_hosts
-from lazycluster_tasks.network import NETWORK_MODES
+from lazycluster_tasks.network import network_mode as check_network_mode
 from lazycluster_tasks.record import ClusterRecord, HostSpec, teardown
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.settings import settings
@@ -363,11 +363,11 @@ def up(
 ) -> None:
     """Start a cluster: the scheduler here, workers on the hosts. Prints its id, the scheduler
     address and the dashboard; stays until Ctrl-C (or returns with --detach)."""
-    if network_mode is not None and network_mode not in NETWORK_MODES:
-        raise fail(
-            f"--network-mode must be one of {', '.join(NETWORK_MODES)}, not {network_mode!r}",
-            EXIT_USAGE,
-        )
+    if network_mode is not None:
+        try:
+            check_network_mode(network_mode, "--network-mode")
+        except ValueError as exc:
+            raise fail(str(exc), EXIT_USAGE) from None
     try:
         per_host = parse_workers_per_host(workers_per_host)
     except ValueError as exc:

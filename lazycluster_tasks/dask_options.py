@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lazycluster_tasks.dask_commands import check_options
-from lazycluster_tasks.network import NETWORK_MODES
+from lazycluster_tasks.network import NetworkMode, network_mode
 from lazycluster_tasks.runtime import Runtime, check_path
 from lazycluster_tasks.settings import settings
 
@@ -17,7 +17,7 @@ from lazycluster_tasks.settings import settings
 class DaskOptions:
     """How the scheduler and workers are run (all optional)."""
 
-    network_mode: str = "auto"  # "auto", "direct" or "tunnelled"
+    network_mode: NetworkMode = "auto"  # see network.NetworkMode
     #: Workers a host takes: one count for every host, or host -> count (others: 1).
     workers_per_host: int | Mapping[str, int] = 1
     threads_per_worker: int | None = None  # None: Dask's default (the host's cores)
@@ -145,10 +145,7 @@ class DaskOptions:
                     isinstance(value, str) or not isinstance(value, Sequence)
                 ):
                     raise ValueError(f"environment[{key!r}] must be a list of names, not {value!r}")
-        if self.network_mode not in NETWORK_MODES:
-            raise ValueError(
-                f"network_mode must be one of {NETWORK_MODES}, not {self.network_mode!r}"
-            )
+        network_mode(self.network_mode)
         counts = self.workers_per_host
         for host, count in counts.items() if isinstance(counts, Mapping) else [("", counts)]:
             check_count(f"workers_per_host[{host!r}]" if host else "workers_per_host", count, 1)

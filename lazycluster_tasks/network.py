@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, cast, get_args
 
 from lazycluster_tasks import commands, hostside
 from lazycluster_tasks.commands import q
@@ -37,7 +38,19 @@ from lazycluster_tasks.ssh import SSHConnection
 
 logger = logging.getLogger(__name__)
 
-NETWORK_MODES = ("auto", "direct", "tunnelled")
+#: How the cluster's parts reach each other: measured at start ("auto"), every path direct,
+#: or everything through SSH ("tunnelled"). The one place the word list lives.
+NetworkMode = Literal["auto", "direct", "tunnelled"]
+NETWORK_MODES: tuple[str, ...] = get_args(NetworkMode)
+
+
+def network_mode(value: object, what: str = "network_mode") -> NetworkMode:
+    """``value`` as a NetworkMode; ValueError naming ``what`` and the choices otherwise."""
+    if not isinstance(value, str) or value not in NETWORK_MODES:
+        raise ValueError(f"{what} must be one of {', '.join(NETWORK_MODES)}, not {value!r}")
+    return cast(NetworkMode, value)
+
+
 #: Seconds a probe keeps dialing a path that does not answer with its nonce.
 PROBE_WINDOW = 1.5
 #: Extra seconds this machine keeps dialing: the hosts' probes start a little later.
@@ -161,14 +174,13 @@ def _dial_all(
 
 def plan_network(
     group: RuntimeGroup,
-    mode: str,
+    mode: NetworkMode,
     probe_ports: Sequence[int],
     python: Callable[[Runtime], str],
     window: float = PROBE_WINDOW,
 ) -> NetworkPlan:
     """Probe every host once (concurrently) and decide how the cluster's entities connect."""
-    if mode not in NETWORK_MODES:
-        raise ValueError(f"network_mode must be one of {NETWORK_MODES}, not {mode!r}")
+    mode = network_mode(mode)
     started = time.monotonic()
     remote = [rt for rt in group.runtimes if not rt.is_local]
     local = [rt for rt in group.runtimes if rt.is_local]

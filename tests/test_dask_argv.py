@@ -182,3 +182,13 @@ def _wait_until_logged(path, text: str) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_the_network_mode_is_one_word_list_checked_in_one_place():
+    from lazycluster_tasks.network import NETWORK_MODES, network_mode
+
+    assert NETWORK_MODES == ("auto", "direct", "tunnelled")
+    assert network_mode("direct") == "direct"
+    for wrong in ("Direct", "ssh", None, 3):
+        with pytest.raises(ValueError, match="network_mode must be one of auto, direct, tunnelled"):
+            DaskOptions(network_mode=wrong).check()  # type: ignore[arg-type]

@@ -11,6 +11,8 @@ from typing import Any, Literal
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
+from lazycluster_tasks.network import NetworkMode
+
 __all__ = ["DOCUMENTATION_URL", "LOGO_URL", "HostGroupBlock", "SSHSettingsBlock"]
 
 #: The project's home (also ``[project.urls]`` in pyproject.toml; a test keeps them equal).
@@ -86,7 +88,7 @@ class HostGroupBlock(Block):
             '(e.g. {"gpu1": 4, "cpu1": 1}; hosts not named get 1).'
         ),
     )
-    network_mode: Literal["auto", "direct", "tunnelled"] = Field(
+    network_mode: NetworkMode = Field(
         default="auto", description="How workers reach the scheduler."
     )
     host_links: bool = Field(

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 from lazycluster_tasks.deprecation import deprecated_message, renamed
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.errors import ClusterLostError
+from lazycluster_tasks.network import NetworkMode
 from lazycluster_tasks.prefect.blocks import HostGroupBlock
 from lazycluster_tasks.prefect.records import (
     ClusterRecord,
@@ -241,7 +242,7 @@ def cluster_lifecycle(
     ssh_config_path: str | None = None,
     scheduler_host: str | None = None,
     workers_per_host: int | dict[str, int] | None = None,
-    network_mode: str | None = None,
+    network_mode: NetworkMode | None = None,
     options: dict[str, Any] | None = None,
     timeout_seconds: float | None = None,
     n_workers: int | None = None,
