@@ -18,7 +18,7 @@ from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.network import NetworkPlan
 from lazycluster_tasks.record import CONTROLLER_KEY, ClusterRecord, teardown
-from lazycluster_tasks.routing import DirectRouting
+from lazycluster_tasks.routing import Routing
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.startup import first_error
 
@@ -184,7 +184,7 @@ class DaskCluster(MasterWorkerCluster):
         return self.engine.plan
 
     @property
-    def routing(self) -> DirectRouting:
+    def routing(self) -> Routing:
         return self.engine.routing
 
     @property

@@ -61,7 +61,7 @@ from lazycluster_tasks.record import (
     HostSpec,
     TunnelRecord,
 )
-from lazycluster_tasks.routing import DirectRouting, TunnelledRouting, make_routing
+from lazycluster_tasks.routing import Routing, TunnelledRouting, make_routing
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.security import ClusterTLS, cluster_tls
 from lazycluster_tasks.settings import settings
@@ -113,7 +113,7 @@ class Engine:
         self.security: Any = self.tls.security() if self.tls is not None else None
         self.clients = Clients(lambda: self.scheduler_address, self.security)
         self._plan: NetworkPlan | None = None
-        self._routes: DirectRouting | None = None
+        self._routes: Routing | None = None
         self._reserved: dict[str, set[int]] = {}  # host ("" = this machine) -> ports in use
         self._processes: dict[str, ProcessInfo] = {}
         self._owners: dict[str, Runtime] = {}
@@ -189,7 +189,7 @@ class Engine:
         run_parallel("worker class check", {rt.host: rt for rt in self.group.runtimes}, check)
 
     @property
-    def routing(self) -> DirectRouting:
+    def routing(self) -> Routing:
         """How traffic is routed (direct or tunnelled), once the plan is made."""
         if self._routes is None:
             raise ValueError("the cluster has not been started")

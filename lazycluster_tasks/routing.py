@@ -1,5 +1,6 @@
-"""How cluster traffic finds its way, as an object: :class:`DirectRouting` or
-:class:`TunnelledRouting`, made from the network plan by :func:`make_routing`.
+"""How cluster traffic finds its way, as an object: a :class:`Routing`, either
+:class:`DirectRouting` or :class:`TunnelledRouting` (siblings), made from the network plan by
+:func:`make_routing`.
 
 A routing owns the addresses processes bind to and are contacted at, which hosts' ports a port
 must be free on, the SSH forwards it opens, and their closing. The cluster asks it; it never
@@ -8,6 +9,7 @@ compares mode names.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import threading
@@ -29,15 +31,16 @@ RELAY_CLOSE_TIMEOUT = 10.0
 Route = tuple[str, int]
 
 
-class DirectRouting:
-    """Every node dials every other node's own address; no forward but the ports this machine
-    exposes to the hosts (e.g. a Prefect API on its loopback)."""
+class Routing(abc.ABC):
+    """What every routing does: the addresses and port scopes (each its own), the ports this
+    machine exposes to the hosts, closing the routes of stopped processes."""
 
-    name = "direct"
+    #: The resolved network mode it serves.
+    name: str
     #: Every process is reachable at 127.0.0.1:<port> on every node.
-    loopback = False
+    loopback: bool
     #: What to try when a path the cluster needs is blocked.
-    hint = "network_mode='tunnelled' routes every path over SSH"
+    hint: str
 
     def __init__(self, plan: NetworkPlan, group: RuntimeGroup, controller: Runtime) -> None:
         self.plan, self.group, self.controller = plan, group, controller
@@ -49,29 +52,29 @@ class DirectRouting:
         self._to_close: dict[str, set[int]] = {}  # host -> ports whose forwards must go
         self._lock = threading.Lock()
 
+    @abc.abstractmethod
     def bind_address(self, runtime: Runtime) -> str:
         """The address a process on ``runtime`` binds to."""
-        if runtime is self.controller:
-            return self.plan.controller_address
-        return self.plan.addresses[runtime.host]
 
+    @abc.abstractmethod
     def contact_host(self, bind: str) -> str:
         """The host part other nodes use to reach a process bound to ``bind``."""
-        return bind
 
+    @abc.abstractmethod
     def port_scope(self, runtime: Runtime) -> list[str]:
         """Hosts whose ports must be free for a port bound on ``runtime``."""
-        return [runtime.host] if self.group.contains_runtime(runtime.host) else []
 
+    @abc.abstractmethod
     def needs_local_port(self, runtime: Runtime) -> bool:
         """Whether the port must also be free on this machine."""
-        return runtime is self.controller or runtime.is_local
 
+    @abc.abstractmethod
     def route_scheduler(self, runtime: Runtime, port: int) -> None:
-        """Make a listening scheduler reachable (nothing to do when direct)."""
+        """Make a listening scheduler reachable."""
 
+    @abc.abstractmethod
     def route_workers(self, workers: Sequence[ProcessInfo]) -> None:
-        """Make started workers reachable (nothing to do when direct)."""
+        """Make started workers reachable."""
 
     def reroute(self, host: str) -> None:
         """``host`` answers again: its forwards must work before anything is placed there."""
@@ -89,8 +92,8 @@ class DirectRouting:
         """Route the workers in the background while they register (they dial out first)."""
         yield
 
-    def workers_up(self) -> None:
-        """Started workers registered (nothing to do when direct)."""
+    def workers_up(self) -> None:  # noqa: B027 - a hook: nothing by default
+        """Started workers registered."""
 
     def forward_to_hosts(self, local_ports: Sequence[int]) -> None:
         """This machine's 127.0.0.1:port as 127.0.0.1:port on every remote host, for the
@@ -136,7 +139,7 @@ class DirectRouting:
         for port in ports:
             runtime.close_tunnel(port)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: nothing by default
         """Before cleanup: nothing of the routing's own is still being set up."""
 
     def forget(self, process: ProcessInfo) -> None:
@@ -145,7 +148,40 @@ class DirectRouting:
             self.routed -= {(process.host, p) for p in process.ports}
 
 
-class TunnelledRouting(DirectRouting):
+class DirectRouting(Routing):
+    """Every node dials every other node's own address; no forward but the ports this machine
+    exposes to the hosts (e.g. a Prefect API on its loopback)."""
+
+    name = "direct"
+    loopback = False
+    hint = "network_mode='tunnelled' routes every path over SSH"
+
+    def bind_address(self, runtime: Runtime) -> str:
+        """The address a process on ``runtime`` binds to."""
+        if runtime is self.controller:
+            return self.plan.controller_address
+        return self.plan.addresses[runtime.host]
+
+    def contact_host(self, bind: str) -> str:
+        """The host part other nodes use to reach a process bound to ``bind``."""
+        return bind
+
+    def port_scope(self, runtime: Runtime) -> list[str]:
+        """Hosts whose ports must be free for a port bound on ``runtime``."""
+        return [runtime.host] if self.group.contains_runtime(runtime.host) else []
+
+    def needs_local_port(self, runtime: Runtime) -> bool:
+        """Whether the port must also be free on this machine."""
+        return runtime is self.controller or runtime.is_local
+
+    def route_scheduler(self, runtime: Runtime, port: int) -> None:
+        """Nothing to do: it listens on an address every node reaches."""
+
+    def route_workers(self, workers: Sequence[ProcessInfo]) -> None:
+        """Nothing to do: they listen on addresses every node reaches."""
+
+
+class TunnelledRouting(Routing):
     """Only SSH reaches the hosts: every process binds 127.0.0.1, and SSH forwards through this
     machine put every scheduler and worker port at 127.0.0.1:<same port> on every node."""
 
@@ -387,12 +423,12 @@ class TunnelledRouting(DirectRouting):
             raise errors[0]
 
 
-ROUTINGS: dict[str, type[DirectRouting]] = {
+ROUTINGS: dict[str, type[Routing]] = {
     DirectRouting.name: DirectRouting,
     TunnelledRouting.name: TunnelledRouting,
 }
 
 
-def make_routing(plan: NetworkPlan, group: RuntimeGroup, controller: Runtime) -> DirectRouting:
+def make_routing(plan: NetworkPlan, group: RuntimeGroup, controller: Runtime) -> Routing:
     """The routing the plan chose."""
     return ROUTINGS[plan.mode](plan, group, controller)
