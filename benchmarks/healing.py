@@ -66,7 +66,7 @@ def replacement(th: TestHosts, hosts: list[str]) -> dict[str, float]:
     cluster = LazySSHCluster(hosts, ssh_config_path=config, threads_per_worker=1)
     with cluster, Client(cluster, set_as_default=False) as client:
         victim = _names(client)[-1]
-        pid = cluster.engine._processes[victim].pid
+        pid = cluster.engine.table[victim].pid
         if victim not in " ".join(psutil.Process(pid).cmdline()):
             raise RuntimeError(f"pid {pid} is not worker {victim}")
         os.killpg(pid, signal.SIGKILL)

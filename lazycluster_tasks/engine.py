@@ -52,8 +52,8 @@ from lazycluster_tasks.hostside import code
 from lazycluster_tasks.links import Links
 from lazycluster_tasks.network import NetworkPlan, plan_network
 from lazycluster_tasks.paths_check import blocked_paths
-from lazycluster_tasks.ports import as_port_list, bindable_here, free_ports
-from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec, Revoke
+from lazycluster_tasks.ports import Reservations, as_port_list, bindable_here, free_ports
+from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec, ProcessTable, Revoke
 from lazycluster_tasks.record import (
     CONTROLLER_KEY,
     ClusterRecord,
@@ -114,11 +114,10 @@ class Engine:
         self.clients = Clients(lambda: self.scheduler_address, self.security)
         self._plan: NetworkPlan | None = None
         self._routes: Routing | None = None
-        self._reserved: dict[str, set[int]] = {}  # host ("" = this machine) -> ports in use
-        self._processes: dict[str, ProcessInfo] = {}
-        self._owners: dict[str, Runtime] = {}
+        self.reserved = Reservations()  # ports our processes hold, by host
+        #: the cluster's processes by name (see processes.ProcessTable)
+        self.table = ProcessTable()
         self._host_locks: dict[str, threading.Lock] = {}
-        self._gpu_of: dict[str, int] = {}  # worker name -> the GPU it is pinned to
         self._shared: set[str] = set()  # hosts that run this machine's own interpreter
         self._code_path: list[str] = []  # the user's code folders here
         self._scheduler_host: str | None = None  # None: this machine
@@ -214,16 +213,15 @@ class Engine:
         machine's too, and the ports taken there (probed or reserved by us)."""
         scope = self.routing.port_scope(runtime)
         local = self.routing.needs_local_port(runtime)
-        used = self.plan.taken(scope, local)
-        for host in [*scope, *([""] if local else [])]:
-            used |= self._reserved.get(host, set())
+        used = self.plan.taken(scope, local) | self.reserved.held(
+            [*scope, *([""] if local else [])]
+        )
         return scope, local, used
 
     def _reserve(self, runtime: Runtime, ports: Sequence[int]) -> None:
         scope = self.routing.port_scope(runtime)
         local = self.routing.needs_local_port(runtime)
-        for host in [*scope, *([""] if local else [])]:
-            self._reserved.setdefault(host, set()).update(ports)
+        self.reserved.hold([*scope, *([""] if local else [])], ports)
 
     # -- the one start path ---------------------------------------------------------------
 
@@ -289,7 +287,7 @@ class Engine:
         registered = self.registered()
         names = [n for host_names in placement.values() for n in host_names]
         failed = [n for n in names if n not in registered]
-        self._stop([n for n in failed if n in self._processes])
+        self._stop([n for n in failed if n in self.table])
         return {name: str(failure) for name in failed}
 
     def verify_paths(self, timeout: float | None = None) -> None:
@@ -300,7 +298,7 @@ class Engine:
             timeout = min(self.options.start_timeout, PATH_CHECK_TIMEOUT)
         registered = self.registered()
         ours = {
-            n: (self._processes[n].host, registered[n]["address"])
+            n: (self.table[n].host, registered[n]["address"])
             for n in self.worker_names()
             if n in registered
         }
@@ -462,10 +460,10 @@ class Engine:
 
     @property
     def scheduler_process(self) -> ProcessInfo | None:
-        return self._processes.get("scheduler")
+        return self.table.get("scheduler")
 
     def stop_scheduler(self) -> None:
-        if "scheduler" in self._processes:
+        if "scheduler" in self.table:
             self._stop(["scheduler"])
         self._scheduler_port = self._scheduler_bind = None
 
@@ -566,20 +564,10 @@ class Engine:
         gpus = self.gpus(host)
         if not gpus:
             return {}
-        with self._lock:
-            held = {
-                self._gpu_of[i.name]
-                for i in self._processes.values()
-                if i.host == host and i.name in self._gpu_of and i.name not in names
-            }
-            free = [g for g in gpus if g not in held]
-            if len(free) < len(names):
-                raise WorkerStartError(
-                    f"{host}: {len(names)} workers to start, {len(free)} of its GPUs free"
-                )
-            pinned = dict(zip(names, free, strict=False))
-            self._gpu_of.update(pinned)
-        return pinned
+        try:
+            return self.table.pin(host, names, gpus)
+        except ValueError as exc:
+            raise WorkerStartError(str(exc)) from None
 
     def _finish_workers(
         self,
@@ -600,11 +588,11 @@ class Engine:
                 return
             again: dict[str, list[str]] = {}
             for name in raced:
-                again.setdefault(self._processes[name].host, []).append(name)
+                again.setdefault(self.table[name].host, []).append(name)
             # they ended: the forwards made while they registered close (their ports are
             # another process's now), then they start again on other ports
             try:
-                self.routing.unroute([self._processes[n] for n in raced])
+                self.routing.unroute(self.table.known(raced))
             except GroupError as exc:  # only a forward left open: the cleanup closes it
                 logger.warning("routes of %s not all closed: %s", ", ".join(raced), exc)
             for name in raced:
@@ -622,8 +610,7 @@ class Engine:
         self.routing.route_workers(self.worker_processes())
 
     def worker_processes(self) -> list[ProcessInfo]:
-        with self._lock:
-            return [i for i in self._processes.values() if i.role == "worker"]
+        return self.table.workers()
 
     def worker_names(self) -> list[str]:
         """Our workers in the order they were started."""
@@ -631,7 +618,7 @@ class Engine:
         return sorted(names, key=lambda name: int(name.rsplit("-", 1)[1]))
 
     def host_of(self, name: str) -> str:
-        return self._processes[name].host
+        return self.table[name].host
 
     def _wait_for_workers(self, started: dict[str, ProcessInfo], timeout: float) -> list[str]:
         """Wait until the scheduler lists every started worker. Returns the workers to start
@@ -674,7 +661,7 @@ class Engine:
                 )
             return raced
         failed = {n: pending[n].host for n in (dead or list(pending))}
-        scheduler = self._processes.get("scheduler")
+        scheduler = self.table.get("scheduler")
         scheduler_log = self._logs([scheduler]).get("scheduler", "") if scheduler else None
         raise startup.worker_start_error(failed, logs, bool(dead), timeout, scheduler_log)
 
@@ -684,7 +671,7 @@ class Engine:
         """Processes grouped by the runtime that owns them, keyed as in records."""
         jobs: Jobs = {}
         for info in infos:
-            owner = self._owners.get(info.name)
+            owner = self.table.owner(info.name)
             if owner is not None:
                 jobs.setdefault(self._key(owner), (owner, []))[1].append(info)
         return jobs
@@ -715,7 +702,7 @@ class Engine:
 
     def get_logs(self) -> dict[str, str]:
         """Every process's log by name ("scheduler", "<host>-<i>")."""
-        return self._logs(list(self._processes.values()), lines=None)
+        return self._logs(self.table.all(), lines=None)
 
     def reach(self, host: str, timeout: float) -> None:
         """One bounded round trip to ``host``; raises when it does not answer."""
@@ -723,7 +710,7 @@ class Engine:
 
     def liveness(self, names: Sequence[str], timeout: float) -> dict[str, str]:
         """name -> "alive", "gone", or "unreachable: why" (each host asked once, bounded)."""
-        infos = [self._processes[n] for n in names if n in self._processes]
+        infos = self.table.known(names)
 
         def ask(job: tuple[Runtime, list[ProcessInfo]]) -> dict[str, str]:
             runtime, owned = job
@@ -733,7 +720,7 @@ class Engine:
                 return {i.name: f"unreachable: {exc}".splitlines()[0] for i in owned}
             return {name: "alive" if up else "gone" for name, up in states.items()}
 
-        result = {n: "gone" for n in names if n not in self._processes}
+        result = {n: "gone" for n in names if n not in self.table}
         for part in run_parallel("liveness", self._by_runtime(infos), ask).values():
             result.update(part)
         return result
@@ -747,7 +734,7 @@ class Engine:
         otherwise one liveness round trip to the scheduler's host decides."""
         if self.clients.connected:
             return True
-        info = self._processes.get("scheduler")
+        info = self.table.get("scheduler")
         if info is None:
             self.failure = self.failure or "the scheduler is not running"
             return False
@@ -785,12 +772,12 @@ class Engine:
             return {}
         return {
             name: {
-                "host": self._processes[name].host,
-                "pid": self._processes[name].pid,
+                "host": self.table[name].host,
+                "pid": self.table[name].pid,
                 "address": w["address"],
             }
             for name, w in registered.items()
-            if name in self._processes
+            if name in self.table
         }
 
     @property
@@ -825,19 +812,14 @@ class Engine:
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _register(self, runtime: Runtime, info: ProcessInfo) -> None:
-        with self._lock:
-            self._processes[info.name] = info
-            self._owners[info.name] = runtime
+        self.table.add(runtime, info)
 
     def _key_of(self, name: str) -> str | None:
-        keeper = self._owners.get(name)
+        keeper = self.table.owner(name)
         return None if keeper is None else self._key(keeper)
 
     def _forget(self, name: str) -> None:
-        with self._lock:
-            info = self._processes.pop(name, None)
-            self._owners.pop(name, None)
-            self._gpu_of.pop(name, None)
+        info = self.table.remove(name)
         if info is not None and self._routes is not None:
             self._routes.forget(info)
 
@@ -976,11 +958,9 @@ class Engine:
         in): the workers' ports now, and the next ones new workers would take — two slots' worth
         per worker the hosts can hold (a nanny's port included). New workers take these first."""
         with self._lock:
-            used = {i.ports[0] for i in self._processes.values() if i.role == "worker"}
+            used = {i.ports[0] for i in self.table.all() if i.role == "worker"}
             slots = sum(self.slots(rt.host) for rt in self.group.runtimes)
-        taken = self.plan.taken(self.group.hosts, include_local=True)
-        for reserved in self._reserved.values():
-            taken |= reserved
+        taken = self.plan.taken(self.group.hosts, include_local=True) | self.reserved.held()
         per_worker = 2 if self.options.nanny else 1
         spare = [p for p in self.ports if p not in taken][: 2 * per_worker * slots]
         return sorted(used | set(spare))
@@ -1057,7 +1037,7 @@ class Engine:
         whole working dir when it is a temporary one — in that same round trip. ``grace``:
         seconds between TERM and KILL (default: the options' ``stop_grace``)."""
         grace = self.options.stop_grace if grace is None else grace
-        infos = [self._processes[n] for n in names if n in self._processes]
+        infos = self.table.known(names)
         jobs = self._by_runtime(infos)
         if remove_folders:
             for owner in [self.controller, *self.group.runtimes]:
@@ -1071,7 +1051,7 @@ class Engine:
                 with self._lock:
                     key = self._key(runtime)
                     emptied = not any(
-                        self._key_of(n) == key for n in self._processes if n not in names
+                        self._key_of(n) == key for n in self.table.names() if n not in names
                     )
                 if remove_folders:  # every pid file there: a start's whose answer was lost too
                     remove = runtime.working_dir if runtime._working_dir_is_temp else folder
@@ -1102,19 +1082,18 @@ class Engine:
             gone = [n for n in names if self._key_of(n) not in failed]
             try:
                 if self._routes is not None and not remove_folders:
-                    self._routes.unroute([self._processes[n] for n in gone if n in self._processes])
+                    self._routes.unroute(self.table.known(gone))
             finally:
                 for name in gone:
                     self._forget(name)
-            self._release_ports([i for i in infos if i.name not in self._processes])
+            self._release_ports([i for i in infos if i.name not in self.table])
 
     def _release_ports(self, stopped: list[ProcessInfo]) -> None:
         """Ports of stopped workers (their forwards closed) serve the next workers."""
         for info in stopped:
             if info.role != "worker":
                 continue
-            for reserved in self._reserved.values():
-                reserved.difference_update(info.ports)
+            self.reserved.release(info.ports)
             self.ports.extend(p for p in info.ports if p not in self.ports)
 
     def stop_all(self, grace: float | None = None) -> None:
@@ -1128,7 +1107,7 @@ class Engine:
         self.clients.close()
         if self._routes is not None:
             self._routes.close()  # nothing is still being set up when the stop runs
-        self._stop(list(self._processes), remove_folders=True, grace=grace)
+        self._stop(self.table.names(), remove_folders=True, grace=grace)
 
     def cleanup(self, grace: float | None = None) -> None:
         """:meth:`stop_all`, then release every connection and tunnel; verified."""
@@ -1149,7 +1128,7 @@ class Engine:
             self.controller.cleanup()
         if error is not None:
             self.state = "cleanup failed"
-            left = sorted({i.host for i in self._processes.values()})
+            left = sorted({i.host for i in self.table.all()})
             logger.error("cleanup incomplete: processes kept on record on %s", ", ".join(left))
             raise error
         self.state = "stopped"
@@ -1190,7 +1169,7 @@ class Engine:
             dashboard_link=(
                 f"http://127.0.0.1:{self._dashboard_port}/status" if self._dashboard_port else None
             ),
-            processes=list(self._processes.values()),
+            processes=self.table.all(),
             folders=folders,
             tunnels=tunnels,
         )

@@ -7,6 +7,7 @@ therefore move on to the next port of their list when a bind fails.
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterable, Sequence
 
 import psutil
@@ -91,3 +92,30 @@ def bindable_here(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+class Reservations:
+    """Ports the cluster's processes hold, by host ("" is this machine): what a probe made
+    before they bound cannot show. Safe from any thread."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, set[int]] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, hosts: Iterable[str], ports: Iterable[int]) -> None:
+        ports = set(ports)
+        with self._lock:
+            for host in hosts:
+                self._held.setdefault(host, set()).update(ports)
+
+    def held(self, hosts: Iterable[str] | None = None) -> set[int]:
+        """The ports held on ``hosts`` (default: anywhere)."""
+        with self._lock:
+            chosen = self._held if hosts is None else {h: self._held.get(h, set()) for h in hosts}
+            return set().union(*chosen.values()) if chosen else set()
+
+    def release(self, ports: Iterable[int]) -> None:
+        ports = set(ports)
+        with self._lock:
+            for held in self._held.values():
+                held.difference_update(ports)

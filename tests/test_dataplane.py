@@ -42,7 +42,7 @@ _sha = lambda data: __import__("hashlib").sha256(data).hexdigest()  # noqa: E731
 def _link_master(cluster: LazySSHCluster, name: str | None) -> psutil.Process:
     """The ssh process of link process ``name`` (the hosts share our PID space)."""
     assert name is not None
-    master = psutil.Process(cluster.engine._processes[name].pid)
+    master = psutil.Process(cluster.engine.table[name].pid)
     assert master.name() == "ssh"
     return master
 

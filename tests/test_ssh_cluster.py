@@ -123,7 +123,7 @@ def test_adapt_grows_under_a_queue_and_shrinks_when_idle(make_cluster):
 
 
 def _worker_pid(cluster: LazySSHCluster, name: str) -> int:
-    return next(p.pid for p in cluster.engine._processes.values() if p.name == name)
+    return next(p.pid for p in cluster.engine.table.all() if p.name == name)
 
 
 @pytest.mark.parametrize("mode", ["direct", "tunnelled"])
@@ -256,7 +256,7 @@ def test_a_close_whose_scheduler_is_gone_gives_what_is_left_its_grace(make_clust
     script = f"trap {shlex.quote(on_term)} TERM; while :; do sleep 0.1; done; :"
     argv = ["sh", "-c", script, processes.folder_marker(folder)]
     processes.start_processes(host1, folder, [processes.ProcessSpec("polite", argv)])
-    scheduler = next(p for p in cluster.engine._processes.values() if p.role == "master")
+    scheduler = next(p for p in cluster.engine.table.all() if p.role == "master")
     os.killpg(scheduler.pid, signal.SIGKILL)  # this machine's: hosts share our pid space
     try:
         cluster.close()

@@ -1,0 +1,54 @@
+"""The engine's bookkeeping, on its own: the process table (owners, GPU pins) and the ports our
+processes hold."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from lazycluster_tasks.ports import Reservations
+from lazycluster_tasks.processes import ProcessInfo, ProcessTable
+from lazycluster_tasks.runtime import Runtime
+
+
+def _info(name: str, host: str = "h1", role: str = "worker") -> ProcessInfo:
+    return ProcessInfo(host, name, role, 100, f"/f/{name}.pid", f"/f/{name}.log", [1, 2])
+
+
+def test_the_process_table_keeps_owners_and_pins_each_gpu_once() -> None:
+    table, here = ProcessTable(), Runtime("localhost")
+    table.add(here, _info("scheduler", role="master"))
+    for name in ("h1-0", "h1-1", "h2-2"):
+        table.add(here, _info(name, host=name.split("-")[0]))
+    assert [i.name for i in table.workers()] == ["h1-0", "h1-1", "h2-2"]
+    assert table.owner("h1-0") is here and "scheduler" in table and "nope" not in table
+    assert [i.name for i in table.known(["h2-2", "gone", "h1-0"])] == ["h2-2", "h1-0"]
+    assert table.pin("h1", ["h1-0", "h1-1"], [0, 1]) == {"h1-0": 0, "h1-1": 1}
+    with pytest.raises(ValueError, match="h1: 1 workers to start, 0 GPUs free"):
+        table.pin("h1", ["h1-3"], [0, 1])
+    assert table.remove("h1-1") is not None and table.owner("h1-1") is None
+    assert table.pin("h1", ["h1-3"], [0, 1]) == {"h1-3": 1}  # the one the lost worker held
+    assert table.pin("h2", ["h2-2"], [0]) == {"h2-2": 0}  # another host's GPUs are its own
+    assert table.remove("gone") is None
+
+
+def test_reservations_by_host_and_released_everywhere() -> None:
+    held = Reservations()
+    held.hold(["h1", ""], [60001, 60002])
+    held.hold(["h2"], [60003])
+    assert held.held(["h1"]) == {60001, 60002} and held.held(["h3"]) == set()
+    assert held.held() == {60001, 60002, 60003}
+    held.release([60002, 60003])
+    assert held.held() == {60001} and held.held([""]) == {60001}
+
+    def hold_many(first: int) -> None:
+        for port in range(first, first + 500):
+            held.hold(["h1"], [port])
+
+    threads = [threading.Thread(target=hold_many, args=(p,)) for p in (1000, 2000, 3000)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(held.held(["h1"])) == 1501
