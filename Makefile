@@ -22,6 +22,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/deptry .
 
 bench: $(VENV)/.installed-bench system-deps
 	$(BIN)/python -m benchmarks.run_all

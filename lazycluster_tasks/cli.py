@@ -72,6 +72,22 @@ SshConfig = Annotated[
 ]
 
 
+def _print_version(given: bool) -> None:
+    if given:
+        out.print(f"lazycluster-tasks {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """Dask clusters on plain SSH hosts: look at hosts, start, inspect and stop clusters."""
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code)

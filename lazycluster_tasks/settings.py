@@ -1,7 +1,8 @@
 """Settings from the environment, in one model: every variable starts with ``LAZYCLUSTER_``.
 
 - ``LAZYCLUSTER_MAIN_DIR``: execution logs (lazycluster's ``Environment``); ``~/.lazycluster``
-- ``LAZYCLUSTER_SSH_CONFIG``: the ssh config of the CLI and the serve script (``~/.ssh/config``)
+- ``LAZYCLUSTER_SSH_CONFIG``: the ssh config when none is given, for the CLI and the Python API
+  alike (``~/.ssh/config``)
 - ``LAZYCLUSTER_SSH_CONFIG_RESOLVER``: ``openssh`` (``ssh -G``) or ``paramiko``; default:
   openssh when an ``ssh`` binary is installed
 - ``LAZYCLUSTER_STATE_DIR``: records of clusters the CLI started; ``<main dir>/clusters``

@@ -10,6 +10,7 @@ tunnel of a runtime, and reopens transparently after a drop.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import posixpath
@@ -64,6 +65,9 @@ class _HandledRefusals(logging.Filter):
 
 
 logging.getLogger("paramiko.transport").addFilter(_HandledRefusals())
+# without a handler of the application's, Python's last resort would print paramiko's own
+# errors (a banner that never came, with its traceback) on stderr; the caller reports them
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 KEEPALIVE_SECONDS = 15
 #: Window and packet size of every channel: paramiko's defaults (2 MiB, 32 KiB) cap tunnels.
@@ -170,6 +174,12 @@ def _authenticate(
             raise AuthenticationError(
                 f"private key for {where} needs a passphrase: {text}", host=settings.alias
             ) from None
+        if "protocol banner" in text or "Error reading SSH" in text:
+            raise HostConnectionError(
+                f"cannot connect to {where}: the port answers but not as an SSH server (or sshd "
+                "closed the connection before greeting: MaxStartups, a tcp wrapper)",
+                host=settings.alias,
+            ) from None
         raise HostConnectionError(f"SSH to {where} failed: {text}", host=settings.alias) from exc
     except socket.gaierror as exc:
         client.close()
@@ -178,10 +188,10 @@ def _authenticate(
         ) from None
     except (OSError, EOFError) as exc:
         client.close()
-        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
         raise HostConnectionError(
-            f"cannot connect to {where}: {reason}", host=settings.alias
-        ) from exc
+            f"cannot connect to {where}: {_in_words(exc, settings.connect_timeout)}",
+            host=settings.alias,
+        ) from None
     transport = client.get_transport()
     if transport is not None:
         transport.set_keepalive(KEEPALIVE_SECONDS)
@@ -189,6 +199,24 @@ def _authenticate(
             # without it, delayed ACKs add ~40 ms to every command round trip
             transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return client
+
+
+def _in_words(exc: BaseException, timeout: float | None) -> str:
+    """Why a TCP connection to sshd failed, as a user reads it (never paramiko's own text)."""
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        errors = list(exc.errors.values())
+        exc = errors[0] if errors else exc
+    number = getattr(exc, "errno", None)
+    if isinstance(exc, TimeoutError) or number == errno.ETIMEDOUT:
+        wait = f" after {timeout:g} s" if timeout else ""
+        return f"timed out{wait} (no answer: a firewall drops the packets, or the host is down)"
+    if isinstance(exc, ConnectionRefusedError) or number == errno.ECONNREFUSED:
+        return "connection refused (no sshd listens on that port, or a firewall rejects it)"
+    if number in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "no route to host (the network or a firewall says it cannot be reached)"
+    if isinstance(exc, (ConnectionResetError, EOFError)) or number == errno.ECONNRESET:
+        return "the connection was closed at once (sshd refuses this machine, or is not sshd)"
+    return str(exc) or type(exc).__name__
 
 
 class SSHConnection(Connection):

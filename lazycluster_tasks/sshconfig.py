@@ -245,12 +245,14 @@ def _read(flat: FlatConfig, path: str, outer: _Block, depth: int, seen: tuple[st
 def flatten(ssh_config_path: str | None = None) -> FlatConfig | None:
     """The config with its Includes expanded; None when there is no (default) config.
 
-    A path given explicitly must exist (ValueError otherwise).
+    Without a path: ``LAZYCLUSTER_SSH_CONFIG``, else ``~/.ssh/config`` (the CLI and the Python
+    API read the same one). A path given, here or by that variable, must exist (ValueError).
     """
-    path = os.path.expanduser(ssh_config_path or DEFAULT_SSH_CONFIG)
+    given = ssh_config_path or settings().ssh_config
+    path = os.path.expanduser(given or DEFAULT_SSH_CONFIG)
     if not os.path.exists(path):
-        if ssh_config_path is not None:
-            raise ValueError(f"ssh config file not found: {ssh_config_path!r}")
+        if given:
+            raise ValueError(f"ssh config file not found: {given!r}")
         return None
     flat = FlatConfig(path)
     _read(flat, path, _Block(None, (), ()), 0, ())

@@ -41,8 +41,24 @@ def cli_env(multi_hosts: TestHosts, tmp_path: Path) -> dict[str, str]:
 def test_the_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "lazycluster"
     assert script.exists()
-    done = subprocess.run([str(script), "version"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.startswith("lazycluster-tasks ")
+    from lazycluster_tasks import __version__
+
+    for args in (["version"], ["--version"]):
+        done = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout) == (0, f"lazycluster-tasks {__version__}\n")
+
+
+def test_a_fresh_process_finds_both_block_types() -> None:
+    """Prefect loads the collection's entry point: the module that defines the blocks."""
+    probe = (
+        "from prefect.blocks.core import Block\n"
+        "for key in ('lazycluster-host-group', 'lazycluster-ssh-settings'):\n"
+        "    print(Block.get_block_class_from_key(key).__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.split() == ["HostGroupBlock", "SSHSettingsBlock"], done.stderr[-2000:]
 
 
 def test_hosts_up_status_logs_exec_down(

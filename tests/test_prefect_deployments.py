@@ -192,3 +192,29 @@ def test_the_automation_tears_down_a_crashed_runs_cluster_when_no_hook_can_run(s
         with get_client(sync_client=True) as client:
             for automation in automations:
                 client.delete_automation(automation.id)
+
+
+def test_prefect_deploy_from_the_yaml_works_from_a_fresh_checkout(prefect_api: str) -> None:
+    """The documented commands, nothing else set: every deployment lands, run from here."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAZYCLUSTER_PROJECT")}
+    env["PREFECT_API_URL"] = prefect_api
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    steps = [
+        [prefect, "work-pool", "create", "lazycluster", "--type", "process", "--overwrite"],
+        [prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"],
+    ]
+    for argv in steps:
+        done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = [
+        "example-pipeline/example-pipeline-nightly",
+        "cluster-lifecycle/cluster-lifecycle",
+        "teardown-cluster/teardown-cluster",
+        "teardown-run-clusters/teardown-run-clusters",
+    ]
+    with get_client(sync_client=True) as client:
+        for name in names:
+            deployment = client.read_deployment_by_name(name)
+            (step,) = deployment.pull_steps or [{}]
+            assert step["prefect.deployments.steps.set_working_directory"]["directory"] == ROOT
+            client.delete_deployment(deployment.id)

@@ -45,3 +45,19 @@ def test_a_port_range_is_the_default_port_list(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setenv("LAZYCLUSTER_PORTS", bad)
         with pytest.raises(ValidationError, match="ports"):
             settings()
+
+
+def test_the_python_api_reads_the_ssh_config_the_cli_reads(tmp_path, monkeypatch) -> None:
+    from lazycluster_tasks.ssh_settings import resolve_settings
+
+    config = tmp_path / "site_config"
+    config.write_text("Host node7\n    HostName 10.9.8.7\n    Port 2207\n    User alice\n")
+    monkeypatch.setenv("LAZYCLUSTER_SSH_CONFIG", str(config))
+    found = resolve_settings("node7")
+    assert (found.hostname, found.port, found.username) == ("10.9.8.7", 2207, "alice")
+    given = tmp_path / "given_config"  # a path given wins over the variable
+    given.write_text("Host node7\n    HostName 10.9.8.8\n")
+    assert resolve_settings("node7", str(given)).hostname == "10.9.8.8"
+    monkeypatch.setenv("LAZYCLUSTER_SSH_CONFIG", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"ssh config file not found: .*missing"):
+        resolve_settings("node7")
