@@ -34,6 +34,7 @@ from lazycluster_tasks import __version__, processes
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import GroupError, LazyclusterError
 from lazycluster_tasks.group import run_parallel
+from lazycluster_tasks.local import is_local_host
 from lazycluster_tasks.manager import config_hosts
 from lazycluster_tasks.network import network_mode as check_network_mode
 from lazycluster_tasks.record import ClusterRecord, HostSpec, teardown
@@ -118,7 +119,9 @@ def _known(hosts: list[str], config: str | None) -> list[str]:
 
 
 def _runtime(host: str, config: str | None) -> Runtime:
-    return Runtime(host, None, {"connect_timeout": CONNECT_TIMEOUT}, config)
+    """``localhost`` is this machine (no SSH); any other host with a bounded connect."""
+    kwargs = {} if is_local_host(host) else {"connect_timeout": CONNECT_TIMEOUT}
+    return Runtime(host, None, kwargs, config)
 
 
 def _on_hosts(
@@ -280,6 +283,76 @@ def _shipped(manifest: Manifest, as_json: bool) -> None:
         "Leave a distribution out with environment={'exclude': [...]} (or --exclude here to "
         "preview); a host that has a part already is not sent it again."
     )
+
+
+@app.command()
+def sweep(
+    names: Annotated[list[str], typer.Argument(help="hosts to sweep")],
+    ssh_config: SshConfig = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list what would be removed, change nothing")
+    ] = False,
+    folder: Annotated[
+        list[str] | None,
+        typer.Option("--dir", help="a working dir clusters used besides the temp dir (repeat)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+) -> None:
+    """Find and remove what lazycluster left on hosts: cluster folders (their processes are
+    stopped first, by their pid files), and the links' keys in ~/.ssh/authorized_keys. For a
+    controller that died and left no record; a cluster that runs there is stopped too. Exit 1
+    when a host does not answer or cannot be swept."""
+    from lazycluster_tasks import commands, hostside
+    from lazycluster_tasks.processes import Revoke, revoke, stop_folder
+
+    config = _config(ssh_config)
+    chosen = _known(list(names), config)
+    line = commands.python_call("python3", hostside.source("sweep"), list(folder or []))
+
+    def clean(host: str, runtime: Runtime) -> dict[str, Any]:
+        result = runtime.connection.run(line, timeout=60)
+        if not result.ok:
+            raise LazyclusterError(tail(result.output, 300).strip() or f"exit {result.exit_code}")
+        found = dict(json.loads(result.stdout.strip().splitlines()[-1]))
+        if dry_run:
+            return found
+        python = str(found.get("python") or "python3")
+        markers = set(found["markers"])
+        for entry in found["folders"]:
+            path = str(entry["path"])
+            marker = commands.peer_marker(path.rsplit("lazycluster-", 1)[1])
+            markers.discard(marker)
+            stop_folder(runtime, path, 1.0, path, Revoke(python, marker))
+            parent = path.rsplit("/", 1)[0]
+            if parent.rsplit("/", 1)[-1].startswith("lazycluster-"):  # our working dir
+                runtime.connection.run(f"rmdir -- {commands.q(parent)} 2>/dev/null; true")
+        for marker in sorted(markers):
+            revoke(runtime, Revoke(python, marker))
+        return found
+
+    with err.status(f"sweeping {len(chosen)} hosts"):
+        found, errors = _on_hosts("sweep", {h: _runtime(h, config) for h in chosen}, clean)
+    if as_json:
+        payload = {"hosts": found, "errors": {h: str(e) for h, e in errors.items()}}
+        out.print_json(json.dumps({"dry_run": dry_run, **payload}))
+    else:
+        verb = "would remove" if dry_run else "removed"
+        for host in chosen:
+            if host not in found:
+                continue
+            folders, keys = found[host]["folders"], found[host]["markers"]
+            running = sum(1 for f in folders for alive in f["pids"].values() if alive)
+            out.print(
+                f"{host}: {verb} {len(folders)} cluster folders ({running} processes running)"
+                f" and the keys of {len(keys)} clusters",
+                highlight=False,
+            )
+            for entry in folders:
+                out.print(f"  {entry['path']}", highlight=False)
+    for host, error in errors.items():
+        err.print(f"{host}: not swept: {' '.join(str(error).split())[:200]}", highlight=False)
+    if errors:
+        raise typer.Exit(EXIT_FAILED)
 
 
 # -- state of clusters started here ---------------------------------------------------------

@@ -260,6 +260,11 @@ class Guard:
         return commands.guard_argv(self.python, folder, bundle, self.key_marker, self.remove)
 
 
+def revoke(runtime: Runtime, what: Revoke) -> None:
+    """Remove ``what``'s lines from the user's authorized_keys on ``runtime`` (the one edit)."""
+    _stop(runtime, "true", 0.0, None, what)
+
+
 def _stop(
     runtime: Runtime,
     stop: str,

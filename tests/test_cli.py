@@ -224,3 +224,60 @@ def test_up_reads_repeated_workers_per_host_and_checks_the_hosts_first(tmp_path:
     assert mixed.exit_code == 2 and "not both" in mixed.stderr
     zero = runner.invoke(app, [*args, "--workers-per-host", "0"])
     assert zero.exit_code == 2 and "integer >= 1, not 0" in zero.stderr
+
+
+HOLD = """
+import sys, time
+from lazycluster_tasks import LazySSHCluster
+c = LazySSHCluster(sys.argv[2:], ssh_config_path=sys.argv[1], network_mode="tunnelled",
+                   threads_per_worker=1)
+c.engine.routing.links.wait()
+print(c.engine.cluster_id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sweep_finds_and_removes_what_a_killed_controller_left(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """A controller SIGKILLed on a host where the guard could not act (stopped here): sweep
+    lists the cluster's folders, processes and link keys, then removes them all."""
+    hosts = ["host1", "host2", "host3"]
+    config = str(multi_hosts.ssh_config_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, config, *hosts], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        cluster_id = holder.stdout.readline().strip()  # type: ignore[union-attr]
+        assert re.fullmatch(r"[0-9a-f]{12}", cluster_id), cluster_id
+        for host in hosts:  # the guards cannot act: as if they had died too
+            pattern = f"lazycluster-{cluster_id}/hostside.pyz"
+            assert multi_hosts.run_in(host, ["pkill", "-STOP", "-f", pattern]).wait() == 0
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
+    marker = f"lazycluster-link-{cluster_id}"
+    keyed = [h for h in hosts if marker in multi_hosts.authorized_keys(h)]
+    assert keyed, "the links let keys in"
+    env = {**os.environ, "LAZYCLUSTER_SSH_CONFIG": config}
+    # this machine too: the scheduler ran here, its folder is in this machine's temp dir
+    argv = [sys.executable, "-m", "lazycluster_tasks.cli", "sweep", "localhost", *hosts]
+    dry = subprocess.run([*argv, "--dry-run", "--json"], env=env, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    found = json.loads(dry.stdout)["hosts"]
+    for host in hosts:
+        # these hosts share one temp dir: each sees every host's folder of the cluster
+        folders = [f for f in found[host]["folders"] if f["path"].endswith(cluster_id)]
+        assert folders and all(any(f["pids"].values()) for f in folders), found[host]
+        assert (marker in found[host]["markers"]) == (host in keyed)
+    assert all(marker in multi_hosts.authorized_keys(h) for h in keyed)  # dry: nothing changed
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"host1: removed [1-3] cluster folders", done.stdout), done.stdout
+    assert not any(marker in multi_hosts.authorized_keys(h) for h in hosts)
+    again = subprocess.run([*argv, "--dry-run", "--json"], env=env, capture_output=True, text=True)
+    left = json.loads(again.stdout)["hosts"]
+    assert not [
+        f for h in ["localhost", *hosts] for f in left[h]["folders"] if cluster_id in f["path"]
+    ]
