@@ -448,6 +448,43 @@ def up(
             "worker traffic takes host-to-host SSH links (default: the host group's, else on)",
         ),
     ] = None,
+    threads_per_worker: Annotated[
+        int | None, typer.Option(min=1, help="threads of each worker (default: its cores)")
+    ] = None,
+    memory_limit: Annotated[
+        str | None, typer.Option(help='memory of each worker, e.g. "4GiB" (default: auto)')
+    ] = None,
+    python: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PATH|HOST=PATH",
+            help="the hosts' interpreter (yours: no environment sent), one for all or per "
+            "host, repeated",
+        ),
+    ] = None,
+    scheduler_host: Annotated[
+        str | None, typer.Option(help="run the scheduler on this host (default: here)")
+    ] = None,
+    ports: Annotated[
+        str | None,
+        typer.Option(metavar="FIRST-LAST", help="ports the cluster may use (default 60001-60199)"),
+    ] = None,
+    worker_class: Annotated[
+        str | None, typer.Option(help='the workers\' class, e.g. "dask_cuda.CUDAWorker"')
+    ] = None,
+    gpus: Annotated[
+        bool, typer.Option("--gpus", help="one worker per GPU of each host (nvidia-smi)")
+    ] = False,
+    setup: Annotated[
+        list[str] | None,
+        typer.Option(help='a shell line before each process, e.g. "module load cuda/12" (repeat)'),
+    ] = None,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls/--no-tls", help="TLS between all processes (on; --no-tls: plain TCP, warned)"
+        ),
+    ] = True,
     detach: Annotated[bool, typer.Option(help="return once running; `down ID` stops it")] = False,
 ) -> None:
     """Start a cluster: the scheduler here, workers on the hosts. Prints its id, the scheduler
@@ -482,10 +519,60 @@ def up(
         options["network_mode"] = network_mode
     if host_links is not None:
         options["host_links"] = host_links
+    try:
+        options.update(
+            _process_options(
+                threads_per_worker, memory_limit, python, scheduler_host, ports, worker_class, gpus
+            )
+        )
+    except ValueError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+    if setup:
+        options["setup"] = list(setup)
+    if not tls:
+        err.print(
+            "[yellow]warning:[/yellow] --no-tls: the cluster's traffic is plain TCP, readable "
+            "and open to anyone who reaches its ports",
+            highlight=False,
+        )
+        options["security"] = False
     if detach:
         _detach(options)
         return
     _serve(options, announce=True)
+
+
+def _process_options(
+    threads_per_worker: int | None,
+    memory_limit: str | None,
+    python: Sequence[str] | None,
+    scheduler_host: str | None,
+    ports: str | None,
+    worker_class: str | None,
+    gpus: bool,
+) -> dict[str, Any]:
+    """``up``'s options for the processes as LazySSHCluster's (plain data, JSON-ready)."""
+    given: dict[str, Any] = {
+        "threads_per_worker": threads_per_worker,
+        "memory_limit": memory_limit,
+        "scheduler_host": scheduler_host,
+        "worker_class": worker_class,
+        "gpus": "auto" if gpus else None,
+    }
+    if python:
+        pairs = [v.partition("=") for v in python]
+        if len(python) == 1 and not pairs[0][1]:
+            given["python"] = python[0]
+        elif all(sep and host and path for host, sep, path in pairs):
+            given["python"] = {host: path for host, _, path in pairs}
+        else:
+            raise ValueError("--python: give one PATH for every host, or HOST=PATH entries")
+    if ports is not None:
+        first, sep, last = ports.partition("-")
+        if not (sep and first.isdigit() and last.isdigit() and 0 < int(first) <= int(last)):
+            raise ValueError(f"--ports must be FIRST-LAST (e.g. 60001-60199), not {ports!r}")
+        given["ports"] = list(range(int(first), int(last) + 1))
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def parse_workers_per_host(values: Sequence[str] | None) -> int | dict[str, int] | None:

@@ -281,3 +281,36 @@ def test_sweep_finds_and_removes_what_a_killed_controller_left(
     assert not [
         f for h in ["localhost", *hosts] for f in left[h]["folders"] if cluster_id in f["path"]
     ]
+
+
+def test_up_takes_the_options_dask_ssh_users_reach_for_first(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, cli_env: dict[str, str]
+) -> None:
+    from distributed import Client
+
+    started = _cli(
+        cli_env, "up", "--detach", "host1", "host2",
+        "--threads-per-worker", "2", "--memory-limit", "1GiB", "--ports", "61000-61099",
+        "--scheduler-host", "host2", "--setup", "export SITE_STEP=up", "--no-tls",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    assert "warning: --no-tls" in started.stderr
+    (cluster_id,) = re.findall(r"cluster (\w+) running", started.stdout)
+    (address,) = re.findall(r"scheduler (tcp://\S+)", started.stdout)
+    try:
+        with Client(address, timeout=30) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            assert {(w["nthreads"], w["memory_limit"]) for w in workers.values()} == {(2, 2**30)}
+            ports = {int(a.rsplit(":", 1)[1]) for a in workers}
+            assert all(61000 <= p <= 61099 for p in ports), ports
+            assert set(client.run(lambda: __import__("os").environ.get("SITE_STEP")).values()) == {
+                "up"
+            }
+            where = client.run_on_scheduler(lambda: __import__("socket").gethostname())
+            assert where == "host2"
+    finally:
+        stopped = _cli(cli_env, "down", cluster_id)
+    assert stopped.returncode == 0, stopped.stderr
+    for wrong in (["--ports", "61000"], ["--python", "a=/x", "--python", "/y"]):
+        bad = _cli(cli_env, "up", "host1", *wrong)
+        assert bad.returncode == 2 and wrong[0] in bad.stderr, bad.stderr
