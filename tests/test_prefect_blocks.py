@@ -546,3 +546,22 @@ def test_publish_inside_async_flow_is_synchronous(api_url: str) -> None:
     assert isinstance(table_id, UUID) and isinstance(progress_id, UUID)
     assert read_artifact("async-hosts").id == table_id
     assert read_artifact("async-workers").data == 50.0
+
+
+def test_a_host_group_block_gives_a_task_runner(api_url: str, multi_hosts, no_leftovers) -> None:
+    """prefect#12980: the runner's configuration kept as a block."""
+    from tests.prefect_jobs import fan_out
+
+    ssh = SSHSettingsBlock(ssh_config_path=str(multi_hosts.ssh_config_path))
+    HostGroupBlock(hosts=["host1", "host2"], ssh=ssh).save("runner-group", overwrite=True)
+    runner = load_group("runner-group").task_runner(threads_per_worker=1)
+    assert runner.cluster_kwargs == {"host_group": "runner-group", "threads_per_worker": 1}
+    ran = fan_out.with_options(task_runner=runner)(2)
+    assert {host for host, _ in ran} == {"host1", "host2"}
+    unsaved = HostGroupBlock(hosts=["host1"], ssh=ssh, workers_per_host=2).task_runner(
+        adapt_kwargs={"minimum": 1, "maximum": 2}
+    )
+    assert unsaved.cluster_kwargs["hosts"] == ["host1"]
+    assert unsaved.cluster_kwargs["workers_per_host"] == 2
+    assert unsaved.cluster_kwargs["ssh_config_path"] == str(multi_hosts.ssh_config_path)
+    assert unsaved.adapt_kwargs == {"minimum": 1, "maximum": 2}

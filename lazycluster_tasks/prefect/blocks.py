@@ -142,6 +142,32 @@ class HostGroupBlock(Block):
         }
         return {key: value for key, value in options.items() if value is not None}
 
+    def task_runner(self, **kwargs: Any) -> Any:
+        """A ``prefect_dask.DaskTaskRunner`` that starts a LazySSHCluster on this group for
+        the flow run and closes it after (prefect#12980: a task runner kept as a block).
+        ``kwargs`` go to the cluster (``n_workers``, ``threads_per_worker``, ...) except
+        ``adapt_kwargs`` and ``client_kwargs``, which go to the runner. A saved group is passed
+        by name (its SSH secrets are read in the run's process); an unsaved one by value."""
+        from prefect_dask import DaskTaskRunner
+
+        adapt = kwargs.pop("adapt_kwargs", None)
+        client = kwargs.pop("client_kwargs", None)
+        name = getattr(self, "_block_document_name", None)
+        if name:
+            cluster: dict[str, Any] = {"host_group": name}
+        else:
+            cluster = {"hosts": list(self.hosts), **self.cluster_options()}
+            if self.ssh is not None:
+                cluster["connection_kwargs"] = self.ssh.connection_kwargs()
+                if self.ssh.ssh_config_path:
+                    cluster["ssh_config_path"] = self.ssh.ssh_config_path
+        return DaskTaskRunner(
+            cluster_class="lazycluster_tasks.LazySSHCluster",
+            cluster_kwargs={**cluster, **kwargs},
+            adapt_kwargs=adapt,
+            client_kwargs=client,
+        )
+
 
 def _plain(secret: SecretStr | None) -> str | None:
     return secret.get_secret_value() if secret is not None else None
