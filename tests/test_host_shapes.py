@@ -104,6 +104,15 @@ def _cluster(hosts: TestHosts, **options: object) -> LazySSHCluster:
     return LazySSHCluster(PRIVATE, ssh_config_path=str(hosts.ssh_config_path), **options)
 
 
+def _user_code(project: Path, answer: int, padding: int = 0) -> Path:
+    """A package of the user's, importable here only (``userpkg.compute.answer()``); its file."""
+    (project / "userpkg").mkdir(parents=True)
+    (project / "userpkg" / "__init__.py").write_text("")
+    code = project / "userpkg" / "compute.py"
+    code.write_text(f"def answer():\n    return {answer}\n" + "#" * padding)
+    return code
+
+
 def _answers(cluster: LazySSHCluster) -> set[tuple[str, str, int]]:
     """Where each worker runs, with which interpreter, and what the user's code answers."""
 
@@ -121,12 +130,8 @@ def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
     private_hosts: TestHosts, tmp_path, monkeypatch, caplog
 ) -> None:
     caplog.set_level(logging.INFO, logger="lazycluster_tasks.engine")
-    project = tmp_path / "project"
-    (project / "userpkg").mkdir(parents=True)
-    (project / "userpkg" / "__init__.py").write_text("")
-    code = project / "userpkg" / "compute.py"
-    code.write_text("def answer():\n    return 42\n")
-    monkeypatch.syspath_prepend(str(project))  # where the user's flow runs from
+    code = _user_code(tmp_path / "project", 42)
+    monkeypatch.syspath_prepend(str(tmp_path / "project"))  # where the user's flow runs from
     for host in PRIVATE:  # what the hosts have: the system's Python, no dask
         probe = private_hosts.run_in(host, ["sh", "-c", "ls /work; python3 -c 'import dask'"])
         assert probe.wait() != 0
@@ -243,11 +248,8 @@ def test_a_host_without_python3_is_named_in_bounded_time() -> None:
 def test_two_clusters_starting_at_once_make_one_environment(
     private_hosts: TestHosts, tmp_path, monkeypatch
 ) -> None:
-    project = tmp_path / "together"
-    (project / "userpkg").mkdir(parents=True)
-    (project / "userpkg" / "__init__.py").write_text("")
-    (project / "userpkg" / "compute.py").write_text("def answer():\n    return 7\n")
-    monkeypatch.syspath_prepend(str(project))  # a code unit no host has yet
+    _user_code(tmp_path / "together", 7)
+    monkeypatch.syspath_prepend(str(tmp_path / "together"))  # a code unit no host has yet
     found: list[set] = []
     errors: list[BaseException] = []
 
@@ -278,11 +280,8 @@ def test_two_clusters_starting_at_once_make_one_environment(
 def test_a_full_disk_during_a_sync_names_host_and_path_and_leaves_nothing_half_made(
     private_hosts: TestHosts, tmp_path, monkeypatch
 ) -> None:
-    project = tmp_path / "crowded"
-    (project / "userpkg").mkdir(parents=True)
-    (project / "userpkg" / "__init__.py").write_text("")
-    (project / "userpkg" / "compute.py").write_text("def answer():\n    return 5\n" + "#" * 8192)
-    monkeypatch.syspath_prepend(str(project))  # a code unit no host has yet
+    _user_code(tmp_path / "crowded", 5, padding=8192)
+    monkeypatch.syspath_prepend(str(tmp_path / "crowded"))  # a code unit no host has yet
     disk = private_hosts.home_dir("host1").parent  # the host's own /home
     cache = private_hosts.home_dir("host1") / ".cache" / "lazycluster"
     units = cache / "units"

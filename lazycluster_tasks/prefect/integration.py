@@ -5,12 +5,10 @@ they stop. Registered by the package's entry point; the core never imports this 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prefect.context import FlowRunContext, TaskRunContext
 
-from lazycluster_tasks.integrations import Resolved
 from lazycluster_tasks.prefect.resolve import resolve_blocks
 from lazycluster_tasks.prefect.tasks import flush_worker_logs, worker_prefect_env
 
@@ -21,15 +19,8 @@ if TYPE_CHECKING:
 class PrefectIntegration:
     """What Prefect adds to a cluster (see ``lazycluster_tasks.integrations.Integration``)."""
 
-    def resolve(
-        self,
-        hosts: Sequence[str] | None,
-        host_group: str | None,
-        ssh_block: str | None,
-        ssh_config_path: str | None,
-        connection_kwargs: Mapping[str, Any] | None,
-    ) -> Resolved:
-        return resolve_blocks(hosts, host_group, ssh_block, ssh_config_path, connection_kwargs)
+    #: the settings by name made plain: the one resolution of blocks
+    resolve = staticmethod(resolve_blocks)
 
     def active(self) -> bool:
         return bool(FlowRunContext.get() or TaskRunContext.get())
