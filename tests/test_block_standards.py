@@ -58,6 +58,14 @@ class TestHostGroupBlock(_Standard):
         return HostGroupBlock
 
 
+class TestSSHCommand(_Standard):
+    @pytest.fixture
+    def block(self) -> type[Block]:
+        from lazycluster_tasks.prefect.shell import SSHCommand
+
+        return SSHCommand
+
+
 def test_logo_and_documentation_urls_name_this_project() -> None:
     # as installed (pyproject.toml's [project.urls]): what PyPI and `pip show` print
     urls = dict(u.split(", ", 1) for u in metadata("lazycluster-tasks").get_all("Project-URL"))

@@ -52,13 +52,15 @@ def test_a_fresh_process_finds_both_block_types() -> None:
     """Prefect loads the collection's entry point: the module that defines the blocks."""
     probe = (
         "from prefect.blocks.core import Block\n"
-        "for key in ('lazycluster-host-group', 'lazycluster-ssh-settings'):\n"
+        "for key in ('lazycluster-host-group', 'lazycluster-ssh-settings',\n"
+        "            'lazycluster-ssh-command'):\n"
         "    print(Block.get_block_class_from_key(key).__name__)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
     )
-    assert done.stdout.split() == ["HostGroupBlock", "SSHSettingsBlock"], done.stderr[-2000:]
+    found = done.stdout.split()
+    assert found == ["HostGroupBlock", "SSHSettingsBlock", "SSHCommand"], done.stderr[-2000:]
 
 
 def test_hosts_up_status_logs_exec_down(

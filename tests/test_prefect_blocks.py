@@ -565,3 +565,33 @@ def test_a_host_group_block_gives_a_task_runner(api_url: str, multi_hosts, no_le
     assert unsaved.cluster_kwargs["workers_per_host"] == 2
     assert unsaved.cluster_kwargs["ssh_config_path"] == str(multi_hosts.ssh_config_path)
     assert unsaved.adapt_kwargs == {"minimum": 1, "maximum": 2}
+
+
+def test_a_command_on_hosts_from_a_flow_with_one_failing_host(
+    api_url: str, multi_hosts, no_leftovers
+) -> None:
+    """prefect#4299: per-host exit codes and output as data; check=True names the failures."""
+    from prefect import flow
+
+    from lazycluster_tasks.prefect.shell import SSHCommand, ssh_command
+
+    config = str(multi_hosts.ssh_config_path)
+    line = 'echo "on $(hostname)"; test "$(hostname)" != host2'
+
+    @flow
+    def on_hosts(check: bool) -> dict:
+        return ssh_command(line, ["host1", "host2"], ssh_config_path=config, check=check)
+
+    found = on_hosts(False)
+    assert found == {
+        "host1": {"exit_code": 0, "output": "on host1\n"},
+        "host2": {"exit_code": 1, "output": "on host2\n"},
+    }
+    state = on_hosts(True, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"the command failed on 1 of 2 hosts: host2: exit 1"):
+        state.result()
+    block = SSHCommand(
+        commands=["echo first", "false", "echo never"], hosts=["host1"], ssh_config_path=config
+    )
+    assert block.run(check=False) == {"host1": {"exit_code": 1, "output": "first\n"}}

@@ -13,6 +13,7 @@ from lazycluster_tasks.prefect.flows import (
     teardown_run_clusters,
 )
 from lazycluster_tasks.prefect.records import ClusterRecord, ClusterRecordBlock
+from lazycluster_tasks.prefect.shell import SSHCommand, ssh_command
 from lazycluster_tasks.prefect.tasks import (
     check_runtimes,
     cleanup_cluster,
@@ -26,6 +27,7 @@ __all__ = [
     "ClusterRecord",
     "ClusterRecordBlock",
     "HostGroupBlock",
+    "SSHCommand",
     "SSHSettingsBlock",
     "check_runtimes",
     "cleanup_cluster",
@@ -34,6 +36,7 @@ __all__ = [
     "launch_master",
     "launch_workers",
     "setup_tunnels",
+    "ssh_command",
     "teardown_cluster",
     "teardown_hook",
     "teardown_run_clusters",
