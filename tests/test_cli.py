@@ -13,6 +13,7 @@ import pytest
 
 from lazycluster_tasks.cli import app, parse_workers_per_host
 from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
+from lazycluster_tasks.testing.helpers import local_leftovers, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = [pytest.mark.multihost]
@@ -249,16 +250,28 @@ def test_sweep_finds_and_removes_what_a_killed_controller_left(
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, config, *hosts], stdout=subprocess.PIPE, text=True
     )
+    cluster_id = ""
     try:
         cluster_id = holder.stdout.readline().strip()  # type: ignore[union-attr]
         assert re.fullmatch(r"[0-9a-f]{12}", cluster_id), cluster_id
         for host in hosts:  # the guards cannot act: as if they had died too
             pattern = f"lazycluster-{cluster_id}/hostside.pyz"
             assert multi_hosts.run_in(host, ["pkill", "-STOP", "-f", pattern]).wait() == 0
+        _sweep_and_check(multi_hosts, hosts, config, cluster_id)
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()  # type: ignore[union-attr]
+        if cluster_id:  # a stopped guard never ends by itself: none may outlive the test
+            pattern = f"lazycluster-{cluster_id}/hostside.pyz"
+            for host in hosts:
+                multi_hosts.run_in(host, ["pkill", "-KILL", "-f", pattern]).wait()
+            subprocess.run(["pkill", "-KILL", "-f", pattern], check=False)
+
+
+def _sweep_and_check(
+    multi_hosts: TestHosts, hosts: list[str], config: str, cluster_id: str
+) -> None:
     marker = f"lazycluster-link-{cluster_id}"
     keyed = [h for h in hosts if marker in multi_hosts.authorized_keys(h)]
     assert keyed, "the links let keys in"
@@ -283,6 +296,8 @@ def test_sweep_finds_and_removes_what_a_killed_controller_left(
     assert not [
         f for h in ["localhost", *hosts] for f in left[h]["folders"] if cluster_id in f["path"]
     ]
+    # nothing of the cluster runs here either (its stopped guard included)
+    assert wait_until(lambda: not local_leftovers(cluster_id), 10), local_leftovers(cluster_id)
 
 
 def test_up_takes_the_options_dask_ssh_users_reach_for_first(
