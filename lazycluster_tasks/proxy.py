@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import select
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 
 import paramiko
 
@@ -65,6 +68,24 @@ class ProxyCommandSocket(paramiko.ProxyCommand):
         self._close_lock = threading.Lock()
         self._done = False
         self._stderr_text: str | None = None
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the command's output; ``b""`` once it has exited, as a socket
+        at end of file (paramiko's own read spins on the closed pipe until its timeout)."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([stdout], [], [], wait)
+                if ready:
+                    return os.read(stdout.fileno(), size)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        except (OSError, ValueError) as exc:
+            raise paramiko.ProxyCommandFailure(" ".join(self.cmd), str(exc)) from exc
+        raise TimeoutError(f"no output from the ProxyCommand in {self.timeout:g} s")
 
     def close(self) -> None:
         with self._close_lock:

@@ -223,7 +223,9 @@ def test_a_failing_proxy_command_is_named_and_reaped(
     cfg = write(
         tmp_path / "config",
         f"Host broken\n  HostName {addr(multi_hosts, 'host1')}\n"
-        "  ProxyCommand sh -c 'echo proxy refuses %h:%p >&2; exit 3'\n" + defaults(multi_hosts),
+        # it reads our banner before it fails: the failure is its exit, not a refused write
+        "  ProxyCommand sh -c 'sleep 0.3; echo proxy refuses %h:%p >&2; exit 3'\n"
+        + defaults(multi_hosts),
     )
     runtime = Runtime("broken", ssh_config_path=cfg)
     try:
