@@ -1,5 +1,5 @@
 """The ``lazycluster`` command: ``hosts``, ``envs``, ``up``, ``status``, ``logs``, ``down``,
-``exec``.
+``attach``, ``exec``, ``sweep``.
 
 Exit codes scripts can rely on: 0 done; 1 something failed on a host or in the cluster (each
 failure named on stderr); 2 bad input (an unknown host or cluster id, a bad option).
@@ -30,7 +30,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lazycluster_tasks import __version__, processes
+from lazycluster_tasks import __version__, control, processes
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import GroupError, LazyclusterError
 from lazycluster_tasks.group import run_parallel
@@ -870,7 +870,46 @@ def down(cluster_id: str) -> None:
         except GroupError as exc:
             raise fail(f"teardown incomplete: {exc}") from None
         path.unlink(missing_ok=True)
+    control.entries()  # the owner's entry (its client certificate), if the owner was killed
     out.print(f"cluster {cluster_id} stopped")
+
+
+@app.command()
+def attach(cluster_id: str) -> None:
+    """How to use a running cluster from Python or a Prefect flow (on this machine, as this
+    user): the snippet to paste. Exit 2 when no such cluster runs."""
+    from lazycluster_tasks.attached import ClusterNotFoundError, find
+
+    try:
+        entry = find(cluster_id)
+    except ClusterNotFoundError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+    info = entry.info
+    out.print(
+        f"cluster {entry.cluster_id} ({info.get('network_mode')}), owned by process "
+        f"{entry.pid}\nscheduler {info.get('scheduler_address')}\n"
+        f"dashboard {info.get('dashboard_link') or '-'}\n\n"
+        "In Python (a notebook, a script):\n"
+        "```python\n"
+        "from distributed import Client\n"
+        "from lazycluster_tasks import LazySSHCluster\n\n"
+        f'cluster = LazySSHCluster.from_name("{entry.cluster_id}")\n'
+        "client = Client(cluster)\n"
+        "```\n"
+        "In a Prefect flow:\n"
+        "```python\n"
+        "from prefect_dask import DaskTaskRunner\n\n"
+        "runner = DaskTaskRunner(\n"
+        '    address=cluster.scheduler_address, client_kwargs={"security": cluster.security}\n'
+        ")\n"
+        "```\n"
+        "cluster.scale(n) and cluster.adapt(...) are done by its owner; cluster.close() leaves "
+        f"it running (LazySSHCluster.from_name(..., shutdown_on_close=True) stops it, as does "
+        f"`lazycluster down {entry.cluster_id}`).",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # -- exec -------------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ from typing import Any
 
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
+from distributed.utils import sync
 
-from lazycluster_tasks import integrations
+from lazycluster_tasks import control, integrations
+from lazycluster_tasks.attached import AttachedCluster
 from lazycluster_tasks.cluster import MasterWorkerCluster
 from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.engine import Engine
@@ -525,8 +527,80 @@ class LazySSHCluster(SpecCluster):
             raise
         if self.heal:
             self.healer.start()
+        self._registration = control.Registration(
+            self.engine.cluster_id,
+            {
+                "name": self.name,
+                "scheduler_address": self.scheduler_address,
+                "dashboard_link": self.dashboard_link,
+                "network_mode": self.network_mode,
+                "hosts": list(self.hosts),
+            },
+            self.engine.tls,
+            {
+                "info": self._control_info,
+                "scale": self._control_scale,
+                "adapt": self._control_adapt,
+                "close": self._control_close,
+            },
+        )
+
+    # -- asked by attached clusters (see control), in the control thread -------------------
+
+    @classmethod
+    def from_name(  # type: ignore[override]  # distributed types it as a ProcessInterface
+        cls, name: str, *, shutdown_on_close: bool = False, asynchronous: bool = False
+    ) -> AttachedCluster:
+        """The running cluster ``name`` (its id, as ``lazycluster status`` and records show
+        it), started by another process of this user on this machine: ``Client(cluster)``,
+        ``scale``, ``adapt``, ``get_logs`` work; ``close()`` stops the cluster only with
+        ``shutdown_on_close=True``."""
+        return AttachedCluster(name, shutdown_on_close=shutdown_on_close, asynchronous=asynchronous)
+
+    def _on_loop(self, function: Callable[[], Any], timeout: float) -> Any:
+        """Run ``function`` (a coroutine function) on the cluster's loop from another thread."""
+        assert self.loop is not None
+        return sync(self.loop, function, callback_timeout=timeout)
+
+    def _control_info(self) -> dict[str, Any]:
+        return {
+            "status": self.status.name,
+            "workers": len(self.scheduler_info.get("workers", {})),
+            "capacity": self.capacity,
+        }
+
+    def _control_scale(self, n: int = 0, memory: Any = None, cores: Any = None) -> int:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"scale needs a number of workers >= 0, not {n!r}")
+
+        async def scale() -> None:
+            self.scale(n, memory, cores)
+
+        self._on_loop(scale, control.REQUEST_TIMEOUT)
+        return len(self.worker_spec)
+
+    def _control_adapt(
+        self, minimum: float = 0, maximum: float | None = None, **kwargs: Any
+    ) -> dict[str, float]:
+        top = math.inf if maximum is None else maximum
+
+        async def adapt() -> Any:
+            return self.adapt(minimum, top, **kwargs)
+
+        policy = self._on_loop(adapt, control.REQUEST_TIMEOUT)
+        return {"minimum": policy.minimum, "maximum": policy.maximum}
+
+    def _control_close(self) -> str:
+        if self.asynchronous:
+            self._on_loop(self._close, control.REQUEST_TIMEOUT * 2)
+        else:
+            self.close()
+        return "closed"
 
     async def _close(self) -> None:
+        registration = getattr(self, "_registration", None)
+        if registration is not None:
+            registration.close()
         await self.healer.stop()
         orphaned = False  # the scheduler is gone (stopped by a watch, or died)
         if self.status in (Status.running, Status.failed) and self.scheduler is not None:

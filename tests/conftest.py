@@ -181,6 +181,9 @@ def _session_tmp_entries() -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def _execution_logs_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     Environment.set_main_directory(str(tmp_path_factory.mktemp("lazycluster-main")))
+    # running clusters' entries (client certificates) go to a folder of the session, never
+    # the user's; processes the tests start inherit it
+    os.environ.setdefault("LAZYCLUSTER_STATE_DIR", str(tmp_path_factory.mktemp("state")))
 
 
 def _listening_ports() -> set[int]:
