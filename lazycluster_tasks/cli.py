@@ -875,11 +875,32 @@ def down(cluster_id: str) -> None:
 
 
 @app.command()
-def attach(cluster_id: str) -> None:
+def attach(
+    cluster_id: Annotated[
+        str | None, typer.Argument(help="a running cluster (default: list them)")
+    ] = None,
+) -> None:
     """How to use a running cluster from Python or a Prefect flow (on this machine, as this
-    user): the snippet to paste. Exit 2 when no such cluster runs."""
+    user): the snippet to paste. Without an id: the clusters any process of yours runs here
+    (`up`, a flow run, a notebook). Exit 2 when no such cluster runs."""
     from lazycluster_tasks.attached import ClusterNotFoundError, find
 
+    if cluster_id is None:
+        running = control.entries()
+        if not running:
+            out.print("no running clusters")
+        table = Table("cluster", "owner pid", "mode", "scheduler", "dashboard")
+        for entry in running.values():
+            table.add_row(
+                entry.cluster_id,
+                str(entry.pid),
+                str(entry.info.get("network_mode")),
+                str(entry.info.get("scheduler_address")),
+                str(entry.info.get("dashboard_link") or "-"),
+            )
+        if running:
+            out.print(table)
+        return
     try:
         entry = find(cluster_id)
     except ClusterNotFoundError as exc:

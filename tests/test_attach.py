@@ -181,6 +181,10 @@ def test_attach_to_a_cluster_started_by_up(multi_hosts, no_leftovers, no_local_l
         )
         assert ran.returncode == 0, ran.stderr[-3000:]
         assert ran.stdout.strip().splitlines()[-1] == "3"
+        listed = subprocess.run(
+            [str(script), "attach"], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert listed.returncode == 0 and cid in listed.stdout, listed.stderr
         missing = subprocess.run(
             [str(script), "attach", "nope"], capture_output=True, text=True, env=env, timeout=60
         )
