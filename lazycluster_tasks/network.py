@@ -5,11 +5,12 @@ In ``auto`` mode every path a direct cluster needs is measured, never inferred: 
 listeners of the other hosts and of this machine, while this machine dials every host's. A path
 is open only when the handshake completes *and* the far end answers with this probe's nonce: a
 TCP reset (a firewall's or a closed port's), an ICMP reject and silence are all "blocked". A
-refused dial is retried until the window closes (the peer may not be listening yet), so a blocked
-path costs at most ``PROBE_WINDOW`` seconds, all paths at once. "direct" needs every path;
-otherwise "tunnelled" routes everything over SSH forwards through this machine. With an explicit
-mode there is nothing to decide: a shell probe reads the ports and checks that the interpreter
-exists, booting no Python on the hosts.
+refused dial of a peer that may not listen yet is retried until the window closes; a dropped
+dial is known after ``SILENT_AFTER`` seconds and one blocked path decides (see
+``hostside/probe.py``), so a site where only SSH passes is known in well under a second.
+"direct" needs every path; otherwise "tunnelled" routes everything over SSH forwards through
+this machine. With an explicit mode there is nothing to decide: a shell probe reads the ports
+and checks that the interpreter exists, booting no Python on the hosts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import logging
 import secrets
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +31,7 @@ from lazycluster_tasks.commands import q
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import GroupError, RemoteEnvironmentError
 from lazycluster_tasks.group import RuntimeGroup, fan_out
-from lazycluster_tasks.local import LocalConnection
+from lazycluster_tasks.hostside.probe import Probe
 from lazycluster_tasks.ports import local_used_ports, parse_proc_net_tcp
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.ssh import SSHConnection
@@ -59,7 +59,7 @@ START_SLACK = 0.5
 PROBE_PORTS = 4
 CONTROLLER = "controller"
 
-#: Runs on each host (and here, for this machine's own dials: see _dial_all).
+#: Runs on each host (its Probe class also makes this machine's own dials, in-process).
 PROBE_SCRIPT = hostside.source("probe")
 
 
@@ -157,21 +157,6 @@ def _peer_address(runtime: Runtime) -> str | None:
     return str(sock.getpeername()[0]) if isinstance(sock, socket.socket) else None
 
 
-def _dial_all(
-    targets: dict[str, tuple[str, list[int], str]], nonce: str, window: float
-) -> dict[str, str]:
-    """This machine's dials of the hosts' probe listeners: the same script, run here."""
-    args: dict[str, object] = {"nonce": nonce, "me": CONTROLLER, "ports": [], "expect": 0}
-    args |= {"targets": targets, "window": window}
-    line = commands.python_call(sys.executable, PROBE_SCRIPT, [json.dumps(args)])
-    with LocalConnection() as local:
-        result = local.run(line, timeout=window + 30)
-    try:
-        return dict(json.loads(result.stdout.strip().splitlines()[-1])["reach"])
-    except (ValueError, IndexError, KeyError):
-        return {h: f"probe failed here: {tail(result.output, 300)}" for h in targets}
-
-
 def plan_network(
     group: RuntimeGroup,
     mode: NetworkMode,
@@ -241,31 +226,38 @@ def plan_network(
                 "ports": ports,
                 "window": window,
                 "expect": len(hosts),  # the other hosts and this machine
-                "targets": {
-                    CONTROLLER: (controller, [back], CONTROLLER),
-                    **{h: (addresses[h], ports, h) for h in hosts if h != rt.host},
+                "targets": {  # this machine listens already: its refusal is final
+                    CONTROLLER: (controller, [back], CONTROLLER, True),
+                    **{h: (addresses[h], ports, h, False) for h in hosts if h != rt.host},
                 },
             }
             for rt in remote
         }
         done = threading.Event()  # set once every host's probe returned: nobody dials us then
         accepted = _serve(listener, nonce, len(hosts), started + window + START_SLACK, done)
-        dials: dict[str, str] = {}
-        dialer = threading.Thread(
-            target=lambda: dials.update(
-                _dial_all({h: (addresses[h], ports, h) for h in hosts}, nonce, window + START_SLACK)
-            ),
-            name="lct-probe-dials",
+        # this machine's dials of the hosts' probe listeners: the probe's own code, run here
+        dialer = Probe(
+            {
+                "nonce": nonce,
+                "me": CONTROLLER,
+                "ports": [],
+                "expect": 0,
+                "window": window + START_SLACK,
+                "targets": {h: (addresses[h], ports, h, False) for h in hosts},
+            }
         )
-        dialer.start()
+        dialing = threading.Thread(target=dialer.dial_all, name="lct-probe-dials")
+        dialing.start()
         try:
             reports = fan_out(
                 "preflight", group.runtimes, lambda rt: probe_host(rt, python(rt), args[rt.host])
             )
         finally:
             done.set()
-            dialer.join()
+            dialer.decided.set()  # every host reported: a dial still going is not needed
+            dialing.join()
             accepted.join()
+        dials = dict(dialer.reach)
     _check_distributed(reports)
     paths = {f"{CONTROLLER} -> {h}": dials.get(h, "not measured") for h in hosts}
     for host, report in reports.items():
