@@ -73,9 +73,10 @@ def _terminate_ids(grace: float) -> str:
     """Shell that TERMs the groups in $ids, waits, KILLs the rest, and reports survivors.
 
     The grace is wall-clock time (a ``sleep`` in the background), not a count of polls: the
-    processes just signalled make each poll slow on a busy host. Polls in the grace use
-    ``kill -0`` only; after KILL, :data:`LIVE_GROUP` tells a survivor from a zombie that its
-    parent (often init) has not reaped yet — some inits take a second or more. A grace of 0
+    processes just signalled make each poll slow on a busy host. In the grace and after KILL,
+    :data:`LIVE_GROUP` tells a survivor from a zombie that its parent (often init) has not
+    reaped yet — some inits take a second or more, and a stop that took zombies for processes
+    waited its whole grace (measured: 0.47 s of a 0.5 s cleanup). A grace of 0
     KILLs at once (no TERM that nothing waits for). The first check after KILL comes before
     any pause: most groups are gone by then. The process listing runs from the second poll on
     (0.1 s): a zombie leader left by a slow init would otherwise hold the stop for a few polls.
@@ -83,12 +84,11 @@ def _terminate_ids(grace: float) -> str:
     term = ""
     if grace > 0:
         term = (
-            # sets $ids to the groups that still have a process (no subshell: no fork per poll)
-            'signalled() { c=; for g in $ids; do kill -0 -"$g" 2>/dev/null && c="$c $g"; done; '
-            "ids=$c; }; "
             "for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
             f"sleep {float(grace):g} & t=$!; "
-            'while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do signalled; '
+            # as after KILL: a group of zombies only (their reaper not quick) is not waited for
+            'i=0; while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do '
+            "if [ $i -lt 1 ]; then live_ids quick; else live_ids; fi; i=$((i+1)); "
             '[ -n "$ids" ] && sleep 0.05; done; kill $t 2>/dev/null; '
         )
     return (

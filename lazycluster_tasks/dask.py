@@ -149,6 +149,10 @@ class DaskCluster(MasterWorkerCluster):
             return
         error: BaseException | None = None
         try:
+            if self.engine.state == "running":
+                # as LazySSHCluster's close: the workers go first, at once (a TERM would start
+                # each one's graceful shutdown, which outlasts the stop's grace)
+                self.engine.kill_workers()
             self.engine.stop_all()
             super().cleanup()  # the launchers (ours have nothing left) and the group
         except Exception as exc:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from lazycluster_tasks import commands, hostinfo, processes
 from lazycluster_tasks.security import ClusterTLS, TLSPaths, cluster_tls
+from lazycluster_tasks.testing.helpers import wait_until
 
 NASTY = ["a b", "it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "a;b", "x\ny", "*", "~", "-rf"]
 
@@ -91,6 +92,40 @@ def test_kill_group_without_a_grace_kills_at_once():
     result = sh(commands.kill_group([proc.pid], grace=0))
     assert result.returncode == 0 and result.stdout == ""
     assert proc.wait(timeout=5) == -9
+
+
+def test_a_group_of_zombies_is_not_waited_for_in_the_grace():
+    """A group whose processes ended but were not reaped yet (its parent is slow to, as this
+    machine's init was) is gone: the stop does not wait its grace for it."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os.setsid()\n"
+            "    os._exit(0)\n"
+            "print(pid, flush=True)\n"
+            "time.sleep(60)\n",  # never reaps it
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        zombie = int(parent.stdout.readline())
+        assert wait_until(lambda: psutil.Process(zombie).status() == psutil.STATUS_ZOMBIE, 5)
+        started = time.monotonic()
+        result = sh(commands.kill_group([zombie], grace=20))
+        took = time.monotonic() - started
+    finally:
+        parent.kill()
+        parent.wait()
+        assert parent.stdout is not None
+        parent.stdout.close()
+    assert result.returncode == 0 and result.stdout == ""
+    assert took < 10, took  # the grace was 20 s
 
 
 def _group_members(pgid: int) -> list[int]:
