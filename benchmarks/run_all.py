@@ -25,6 +25,7 @@ MODULES: list[str] = [
     "benchmarks.dataplane",
     "benchmarks.prefect_layer",
     "benchmarks.environments",
+    "benchmarks.scale",
 ]
 
 

@@ -358,3 +358,27 @@ def test_environments_benchmark_prints_its_table(capsys: pytest.CaptureFixture[s
     assert (
         rows["2 hosts, cached start"][-4] == "0.0" and rows["2 hosts, pre-installed"][-1] == "0/1"
     )
+
+
+def test_the_scale_model_fits_and_flags_growth_with_hosts_squared() -> None:
+    from benchmarks import scale
+
+    assert [round(c, 6) for c in scale.fit([(1, 3.0), (2, 5.0), (4, 9.0)], 1)] == [1.0, 2.0]
+    quad = scale.fit([(1, 2.0), (2, 5.0), (3, 10.0), (4, 17.0)], 2)  # 1 + N²
+    assert [round(c, 6) for c in quad] == [1.0, 0.0, 1.0]
+    rows = [
+        scale.Row(n, "direct", {"threads": 10 + 2 * n, "fds": 20 + n * n}) for n in (3, 8, 16, 32)
+    ]
+    found = {m.measure: m for m in scale.models(rows)}
+    assert not found["threads"].quadratic_matters and round(found["threads"].at(1000)) == 2010
+    assert found["fds"].quadratic_matters and round(found["fds"].at(1000)) == 1_000_020
+
+
+def test_scale_benchmark_prints_its_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import scale
+
+    targets = scale.main(["--hosts", "2,3,4", "--idle", "1"])
+    out = capsys.readouterr().out
+    assert "model: per-host cost" in out and "at 1000" in out, out
+    assert all(t.status in ("PASS", "MISS") for t in targets), out
+    assert len(targets) >= 2 * 5 + 2  # both modes: five growth targets and idle CPU
