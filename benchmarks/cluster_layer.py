@@ -767,14 +767,16 @@ BREAKDOWN_COLUMNS = (
     "other",
     "total",
 )
-TOP_LEVEL = ("plan", "scheduler", "specs", "launch", "worker routes", "register", "verify")
+TOP_LEVEL = (
+    "plan", "scheduler", "sched wait", "specs", "launch", "worker routes", "register", "verify"
+)  # fmt: skip
 
 
 def _derived(sample: dict[str, float]) -> dict[str, float]:
     """One run's phases as breakdown columns (routes out of scheduler, the rest as other)."""
     cols = dict(sample)
-    if "scheduler" in cols:
-        cols["scheduler"] -= cols.get("sched routes", 0.0)
+    if "scheduler" in cols:  # its start and the wait until it listens (it boots meanwhile)
+        cols["scheduler"] += cols.get("sched wait", 0.0) - cols.get("sched routes", 0.0)
     if "working dirs" in cols:
         cols["wdirs"] = cols["working dirs"]
     if "sched routes" in cols or "worker routes" in cols:
