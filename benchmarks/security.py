@@ -7,18 +7,31 @@ For each network mode (direct, tunnelled) and each setting, on the same hosts, i
 2. Worker to worker: a block of ``--mib`` MiB made on the first host's worker is fetched by the
    second host's worker (``len`` pinned there); MiB/s of that fetch, median of ``--transfers``.
 
-Target: TLS adds at most 10 % to the start (median against median, per mode). Throughput is
-reported without a target. Every sample runs on a fresh cluster; nothing may be left on any host.
+3. The floor on this machine, without Dask: ``--mib`` MiB messages over a loopback socket pair,
+   plain and wrapped in Python's ``ssl`` (TLS 1.3, the cluster's own kind of certificate), and
+   ``openssl s_server``/``s_client`` moving the same bytes.
+
+Targets: TLS adds at most 10 % to the start (median against median, per mode); direct
+worker-to-worker throughput with TLS at least 0.8x without (MISS, not FAIL: the floor rows say
+how much of the loss is Python's ssl itself). Every sample runs on a fresh cluster; nothing may
+be left on any host.
 Run: ``python -m benchmarks.security [--hosts 3] [--repeat 3] [--mib 64]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
+import shutil
+import socket
+import ssl
 import statistics
+import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +41,7 @@ from lazycluster_tasks.testing.hosts import TestHosts
 
 MODES = ("direct", "tunnelled")
 TARGET = 1.10
+THROUGHPUT_TARGET = 0.8  # TLS / plain, worker to worker, direct
 
 
 @dataclass
@@ -84,6 +98,98 @@ def sample(th: TestHosts, hosts: list[str], case: Case, mib: int, transfers: int
     return True  # the sample is in ``case``
 
 
+def _pair_rate(mib: int, context: tuple[ssl.SSLContext, ssl.SSLContext] | None) -> float:
+    """MiB/s of ``mib`` MiB sent over a loopback socket pair (wrapped in TLS with ``context``:
+    server, client), in one message as Dask sends a frame, read into a buffer as it reads."""
+    size = mib << 20
+    data = os.urandom(size)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def send() -> None:
+            conn, _ = server.accept()
+            with conn:
+                stream = context[0].wrap_socket(conn, server_side=True) if context else conn
+                stream.sendall(data)
+
+        sender = threading.Thread(target=send, name="bench-tls-floor")
+        sender.start()
+        raw = socket.create_connection(("127.0.0.1", port))
+        stream = context[1].wrap_socket(raw) if context else raw
+        view, got = memoryview(bytearray(size)), 0
+        start = time.perf_counter()
+        with stream:
+            while got < size:
+                n = stream.recv_into(view[got:])
+                if not n:
+                    break
+                got += n
+            took = time.perf_counter() - start
+            sender.join()
+    return got / (1 << 20) / took
+
+
+def _openssl_rate(mib: int, cert: str, key: str) -> float | None:
+    """MiB/s of ``mib`` MiB through ``openssl s_client`` to ``openssl s_server`` (None without
+    openssl)."""
+    if shutil.which("openssl") is None:
+        return None
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", cert, "-key", key,
+         "-quiet", "-naccept", "2"],  # the readiness check, then the transfer
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):  # until it listens
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+                break
+            time.sleep(0.05)
+        with tempfile.TemporaryFile() as data:  # random bytes, made before the clock starts
+            data.write(os.urandom(mib << 20))
+            data.seek(0)
+            start = time.perf_counter()
+            done = subprocess.run(
+                ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-quiet", "-no_ign_eof"],
+                stdin=data, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                timeout=120, check=False,
+            )  # fmt: skip
+            took = time.perf_counter() - start
+        if done.returncode != 0:
+            return None
+    finally:
+        server.kill()
+        server.wait()
+    return mib / took
+
+
+def floor(mib: int, repeat: int) -> dict[str, float | None]:
+    """The floor rows: plain and TLS socket pairs, and OpenSSH's own TLS tool, medians."""
+    from lazycluster_tasks.security import ClusterTLS
+
+    tls = ClusterTLS.generate()
+    with tempfile.TemporaryDirectory() as folder:
+        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        for path, text in ((cert, tls.scheduler_cert), (key, tls.scheduler_key)):
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
+                handle.write(text)
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.load_verify_locations(cadata=tls.ca)
+        client.check_hostname = False
+        plain = [_pair_rate(mib, None) for _ in range(repeat)]
+        wrapped = [_pair_rate(mib, (server, client)) for _ in range(repeat)]
+        tool = [_openssl_rate(mib, cert, key) for _ in range(repeat)]
+    found = [t for t in tool if t is not None]
+    return {
+        "socket pair, plain": statistics.median(plain),
+        "socket pair, Python ssl": statistics.median(wrapped),
+        "openssl s_server/s_client": statistics.median(found) if found else None,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> list[Target]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.security", description=__doc__)
     parser.add_argument("--hosts", type=int, default=3)
@@ -120,7 +226,25 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
         ["case", "start s", "worker->worker MiB/s", "failures"],
         rows,
     )
+    rates = floor(args.mib, args.repeat)
+    plain = rates["socket pair, plain"] or 1.0
+    rows = [
+        [name, "-" if r is None else f"{r:.0f}", "-" if r is None else f"{r / plain:.2f}x"]
+        for name, r in rates.items()
+    ]
+    print_table(
+        f"the floor on this machine: {args.mib} MiB over loopback (medians of {args.repeat})",
+        ["case", "MiB/s", "vs plain"],
+        rows,
+    )
     targets = []
+    direct_on, direct_off = (next(c for c in cases if c.mode == "direct" and c.tls is t)
+                             for t in (True, False))  # fmt: skip
+    if direct_on.rates and direct_off.rates:
+        ratio = statistics.median(direct_on.rates) / statistics.median(direct_off.rates)
+        status = "PASS" if ratio >= THROUGHPUT_TARGET else "MISS"
+        name = f"direct: TLS worker->worker >= {THROUGHPUT_TARGET}x no TLS"
+        targets.append(Target(name, ratio, status))
     for mode in MODES:
         on, off = (next(c for c in cases if c.mode == mode and c.tls is t) for t in (True, False))
         if on.errors or off.errors or not on.starts or not off.starts:
