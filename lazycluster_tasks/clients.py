@@ -42,6 +42,20 @@ class Clients:
                 )
             return self._monitor
 
+    def close_scheduler(self, timeout: float = 5.0) -> bool:
+        """Ask the scheduler to close itself (as a cluster's close does), through the monitor
+        client if it is connected; True once it said so. Bounded; a failure only means the stop
+        that follows ends it instead."""
+        client = self._monitor
+        if client is None or client.status != "running":
+            return False
+        try:
+            client.sync(client.scheduler.terminate, callback_timeout=timeout)
+        except Exception as exc:  # gone already, or a cut path: the stop decides
+            logger.info("the scheduler was not asked to close: %s", exc)
+            return False
+        return True
+
     @property
     def connected(self) -> bool:
         """Whether the monitor client is connected right now (a free health signal)."""

@@ -151,8 +151,10 @@ class DaskCluster(MasterWorkerCluster):
         try:
             if self.engine.state == "running":
                 # as LazySSHCluster's close: the workers go first, at once (a TERM would start
-                # each one's graceful shutdown, which outlasts the stop's grace)
+                # each one's graceful shutdown, which outlasts the stop's grace), then the
+                # scheduler closes itself (on a TERM it took longer than the grace here)
                 self.engine.kill_workers()
+                self.engine.clients.close_scheduler()
             self.engine.stop_all()
             super().cleanup()  # the launchers (ours have nothing left) and the group
         except Exception as exc:
