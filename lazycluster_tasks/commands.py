@@ -399,6 +399,22 @@ def python_program(python: str, args: Sequence[str] = ()) -> str:
     return shlex.join([python, "-I", "-", *map(str, args)])
 
 
+#: Runs a program sent on stdin ahead of its input: ``<source> NUL <input>``; the program reads
+#: the input as its stdin.
+_SPLIT_STDIN = (
+    "import io, sys; d = sys.stdin.buffer.read(); i = d.index(b'\\0'); "
+    "sys.stdin = io.TextIOWrapper(io.BytesIO(d[i + 1:]), encoding='utf-8'); "
+    "exec(compile(d[:i], '<stdin>', 'exec'), {'__name__': '__main__'})"
+)
+
+
+def python_program_with_input(python: str, args: Sequence[str] = ()) -> str:
+    """Like :func:`python_program`, for a program that also reads input: the command's stdin
+    is the program's source, a NUL byte, then the input (which may be of any length, unlike a
+    command line: one argument holds at most 128 KiB on Linux)."""
+    return shlex.join([python, "-I", "-c", _SPLIT_STDIN, *map(str, args)])
+
+
 def revoke_keys(python: str, marker: str) -> str:
     """Remove ``marker``'s lines from the user's authorized_keys with the edit program, which
     the command's stdin must carry; only when the file holds the marker's bytes (``grep``

@@ -636,14 +636,15 @@ class Links:
             for dialler in sorted(diallers)
         ]
         scope = commands.key_scope(self.marker, target)
-        args = ["--marker", scope, "--lifetime", f"{self.key_lifetime:g}"]
-        args += [part for line in lines for part in ("--line", line)]
+        # the lines go on stdin: with many hosts and ports they outgrow a command line
+        args = ["--marker", scope, "--lifetime", f"{self.key_lifetime:g}", "--lines-on-stdin"]
         with self._lock:
             known = target in self.touched
             self.touched.add(target)
+        source = hostside.source("authorized_keys").encode()
         result = runtime.connection.run(
-            commands.python_program(self.python(runtime), args),
-            stdin=hostside.source("authorized_keys").encode(),
+            commands.python_program_with_input(self.python(runtime), args),
+            stdin=source + b"\0" + "".join(f"{line}\n" for line in lines).encode(),
             timeout=EDIT_TIMEOUT,
         )
         if not result.ok:

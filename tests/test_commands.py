@@ -593,3 +593,28 @@ def test_a_folder_gets_one_guard_however_often_processes_start_there(tmp_path):
         for proc in (worker, stranger):
             proc.kill()
             proc.wait()
+
+
+def test_a_program_gets_input_longer_than_a_command_line_allows():
+    """The links' authorized_keys lines outgrew a command line at 32 hosts ("Argument list too
+    long"): they go on stdin after the program, whatever their length."""
+    program = (
+        "import sys, hashlib\n"
+        "data = sys.stdin.read()\n"
+        "print(sys.argv[1:], len(data.splitlines()), hashlib.sha256(data.encode()).hexdigest())\n"
+    )
+    lines = [f'restrict,permitopen="127.0.0.1:{60000 + i}" key{i}' for i in range(20000)]
+    data = "".join(f"{line}\n" for line in lines)
+    assert len(data) > 4 * 128 * 1024  # more than one argument (or the whole command) may hold
+    line = commands.python_program_with_input(sys.executable, ["--marker", "m x"])
+    done = subprocess.run(
+        ["/bin/sh", "-c", line],
+        input=program.encode() + b"\0" + data.encode(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    import hashlib
+
+    expected = f"['--marker', 'm x'] 20000 {hashlib.sha256(data.encode()).hexdigest()}"
+    assert done.stdout.decode().strip() == expected

@@ -524,12 +524,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--marker", required=True)
     parser.add_argument("--line", action="append", default=[], help="a line to have (repeat)")
+    parser.add_argument(
+        "--lines-on-stdin",
+        action="store_true",
+        help="also the lines on stdin, one per line (a command line has a length limit)",
+    )
     parser.add_argument("--lifetime", type=float, default=0.0, help="seconds the lines are valid")
     parser.add_argument("--file", default=None, help="default: ~/.ssh/authorized_keys")
     parser.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT)
     args = parser.parse_args(argv)
+    lines = list(args.line)
+    if args.lines_on_stdin:
+        lines += [line for line in sys.stdin.read().splitlines() if line]
     try:
-        result = set_lines(args.marker, args.line, args.lifetime, args.file, args.lock_timeout)
+        result = set_lines(args.marker, lines, args.lifetime, args.file, args.lock_timeout)
     except ValueError as exc:
         print(f"authorized_keys: {exc}", file=sys.stderr)
         return 2
