@@ -72,11 +72,7 @@ def _ssh_processes(th: TestHosts, hosts: Sequence[str]) -> int:
     end, which the test hosts do not list (they leave sshd out of what runs there)."""
     most = 0
     for host in hosts:
-        count = sum(
-            1
-            for p in th.processes(host)
-            if p.name() in ("ssh", "sshd", "sshd-session")
-        )
+        count = sum(1 for p in th.processes(host) if p.name() in ("ssh", "sshd", "sshd-session"))
         most = max(most, count)
     return most
 
