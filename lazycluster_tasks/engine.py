@@ -27,7 +27,7 @@ from typing import Any
 
 import cloudpickle
 
-from lazycluster_tasks import commands, environments, hostside, processes, startup
+from lazycluster_tasks import commands, environments, hostside, limits, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.dask_argv import (
@@ -86,6 +86,7 @@ class Engine:
         options.check()
         self.group = group
         self.options = options
+        limits.ensure_open_files(limits.open_files_for(len(group.hosts)))
         #: Candidate ports for the cluster's processes (lazycluster's list; shrinks as used).
         self.ports = list(ports)
         self.cluster_id = uuid.uuid4().hex[:12]

@@ -618,3 +618,22 @@ def test_a_program_gets_input_longer_than_a_command_line_allows():
 
     expected = f"['--marker', 'm x'] 20000 {hashlib.sha256(data.encode()).hexdigest()}"
     assert done.stdout.decode().strip() == expected
+
+
+def test_the_open_files_limit_is_raised_for_a_large_cluster():
+    """A soft limit of 256 (hard 4096) is raised to what 100 hosts need, not past the hard
+    limit; a need above the hard limit stops at it."""
+    probe = (
+        "import resource\n"
+        "from lazycluster_tasks import limits\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))\n"
+        "print(limits.ensure_open_files(limits.open_files_for(100)),\n"
+        "      resource.getrlimit(resource.RLIMIT_NOFILE)[0],\n"
+        "      limits.ensure_open_files(100000), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    from lazycluster_tasks import limits
+
+    needed = limits.open_files_for(100)
+    assert done.stdout.split() == [str(needed), str(needed), "4096", "4096"]
