@@ -49,13 +49,30 @@ TAKE_BACK_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 20.0
 
 
-def pump(chan: paramiko.Channel, sock: socket.socket, stop: int | None = None) -> None:
+#: Seconds a tunnel's close waits for a pump to finish the send it is in before closing the
+#: channel anyway (a send blocked on a full window is safe to close: paramiko sends nothing
+#: more for it).
+SEND_FINISH_TIMEOUT = 2.0
+
+
+def pump(
+    chan: paramiko.Channel,
+    sock: socket.socket,
+    stop: int | None = None,
+    sending: threading.Lock | None = None,
+) -> None:
     """Copy bytes both ways between a channel and a socket until both directions ended, or
     until the descriptor ``stop`` (a pipe's end) becomes readable.
 
     An end-of-file on one side is passed on as a half-close, so request/response protocols
-    that shut down their sending side still get the answer.
+    that shut down their sending side still get the answer. ``sending`` is held while bytes
+    go into the channel: whoever closes the channel from another thread takes it first.
+    paramiko checks that a channel is open, lets go of its lock, then sends the data; a close
+    in between puts the data after the channel's close, and OpenSSH ends the whole connection
+    for it ("data packet referred to nonexistent channel"): every forward on it, the
+    scheduler's included, gone (measured: a worker lost when routes moved onto the links).
     """
+    guard = sending if sending is not None else contextlib.nullcontext()
     chan.settimeout(None)
     open_ends: list[Any] = [sock, chan]
     watch = selectors.DefaultSelector()  # epoll: no descriptor limit, unlike select()
@@ -73,9 +90,11 @@ def pump(chan: paramiko.Channel, sock: socket.socket, stop: int | None = None) -
             if sock in readable:
                 data = sock.recv(CHUNK)
                 if data:
-                    chan.sendall(data)
+                    with guard:
+                        chan.sendall(data)
                 else:
-                    chan.shutdown_write()
+                    with guard:
+                        chan.shutdown_write()
                     open_ends.remove(sock)
                     _unwatch(watch, sock)
             if chan in readable:
@@ -121,8 +140,8 @@ class Tunnel:
         self.last_error: str | None = None
         #: Set when the host's sshd refused to forward a connection by its policy (measured)
         self.refused: str | None = None
-        #: its connections being pumped: channel -> our socket
-        self._channels: dict[paramiko.Channel, socket.socket] = {}
+        #: its connections being pumped: channel -> (our socket, held while sending into it)
+        self._channels: dict[paramiko.Channel, tuple[socket.socket, threading.Lock]] = {}
         #: a pipe whose read end every pump watches, written once at close (made on first use)
         self._stop: tuple[int, int] | None = None
         self._lock = threading.Lock()
@@ -145,9 +164,10 @@ class Tunnel:
             if self._stop is None:
                 self._stop = os.pipe()
             stop = self._stop[0]
-            self._channels[chan] = sock
+            sending = threading.Lock()
+            self._channels[chan] = (sock, sending)
         try:
-            pump(chan, sock, stop)
+            pump(chan, sock, stop, sending)
         finally:
             with self._lock:
                 self._channels.pop(chan, None)
@@ -169,8 +189,13 @@ class Tunnel:
             if self._stop is not None:
                 os.write(self._stop[1], b"x")  # never read: stays readable for every pump
             self._drop_stop()
-        for chan, sock in pairs:
-            chan.close()
+        for chan, (sock, sending) in pairs:
+            finished = sending.acquire(timeout=SEND_FINISH_TIMEOUT)  # the send under way
+            try:
+                chan.close()
+            finally:
+                if finished:
+                    sending.release()
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 

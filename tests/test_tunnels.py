@@ -242,6 +242,68 @@ def test_closing_a_forward_ends_a_half_closed_connection_at_once(
                 conn.close()
 
 
+FIREHOSE_READER = (
+    "import socket, sys\n"
+    "c = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+    "print('reading', flush=True)\n"
+    "while c.recv(1 << 16):\n"
+    "    pass\n"
+)
+
+
+def test_closing_a_forward_while_it_carries_data_keeps_the_connection(
+    multi_hosts, no_leftovers, no_local_leaks
+):
+    """A forward closed while its pump is sending into the channel: paramiko's send could put
+    data after the channel's close, and OpenSSH then drops the whole SSH connection ("data
+    packet referred to nonexistent channel"), every other forward with it. Twenty closes
+    mid-stream; the connection stays the first one and another forward still answers."""
+    payload = b"x" * (1 << 20)
+    stop = threading.Event()
+
+    def firehose(listener: socket.socket) -> None:
+        listener.settimeout(10)
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                while not stop.is_set():
+                    conn.sendall(payload)
+
+    runtime = ssh_runtime(multi_hosts, "host2")
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        try:
+            transport = runtime.connection.transport()
+            for _ in range(20):
+                stop.clear()
+                with socket.create_server(("127.0.0.1", 0)) as source:
+                    sender = threading.Thread(target=firehose, args=(source,))
+                    sender.start()
+                    port = runtime.expose_port_to_runtime(source.getsockname()[1])
+                    reader = multi_hosts.run_in(
+                        "host2",
+                        [sys.executable, "-c", FIREHOSE_READER, str(port)],
+                        stdout=subprocess.PIPE,
+                    )
+                    try:
+                        assert reader.stdout is not None
+                        assert reader.stdout.readline().strip() == b"reading"
+                        time.sleep(0.05)  # data flowing through the pump
+                        runtime.close_tunnel(port)
+                    finally:
+                        stop.set()
+                        sender.join(10)
+                        reader.kill()
+                        reader.wait()
+                        assert reader.stdout is not None
+                        reader.stdout.close()
+            assert runtime.connection.transport() is transport, "the SSH connection was dropped"
+            port_other = runtime.expose_port_to_runtime(other.getsockname()[1])
+            assert _fetched(runtime, port_other, other, b"still here") == "b'still here'"
+        finally:
+            stop.set()
+            runtime.cleanup()
+
+
 def test_taken_ports_are_reported(host1, test_hosts):
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
