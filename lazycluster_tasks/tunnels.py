@@ -71,6 +71,8 @@ def pump(
     in between puts the data after the channel's close, and OpenSSH ends the whole connection
     for it ("data packet referred to nonexistent channel"): every forward on it, the
     scheduler's included, gone (measured: a worker lost when routes moved onto the links).
+    The race is paramiko#1115 (open since 2017); a close sent by paramiko's own thread, when
+    the far end closes first, can still meet a send that way.
     """
     guard = sending if sending is not None else contextlib.nullcontext()
     chan.settimeout(None)
