@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import posixpath
@@ -39,7 +40,13 @@ def run_parallel(operation: str, jobs: Mapping[str, K], fn: Callable[[K], T]) ->
             errors[key] = exc
     else:
         with ThreadPoolExecutor(len(jobs), thread_name_prefix="lct-fan-out") as pool:
-            futures = {key: pool.submit(fn, job) for key, job in jobs.items()}
+            # each job runs in a copy of the caller's context (as asyncio.to_thread does): an
+            # orchestrator's run context and settings reach it (without them, a Prefect logger
+            # in a job started a temporary API server of its own)
+            futures = {
+                key: pool.submit(contextvars.copy_context().run, fn, job)
+                for key, job in jobs.items()
+            }
             for key, future in futures.items():
                 try:
                     results[key] = future.result()
