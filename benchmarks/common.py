@@ -360,6 +360,17 @@ def quiet_sshcluster() -> Iterator[None]:
         quiet.setLevel(level)
 
 
+def lazy_cluster(th: TestHosts, n: int, mode: str) -> Any:
+    """A LazySSHCluster on the first ``n`` test hosts in ``mode``, one thread per worker, as
+    the data-plane and scale benchmarks start theirs."""
+    from lazycluster_tasks.ssh_cluster import LazySSHCluster
+
+    hosts = [h.name for h in th.hosts[:n]]
+    return LazySSHCluster(
+        hosts, ssh_config_path=str(th.ssh_config_path), network_mode=mode, threads_per_worker=1
+    )
+
+
 def start_sshcluster(th: TestHosts, addresses: Sequence[str]) -> Any:
     """``SSHCluster`` with the scheduler on the first host, bound to its address (without
     ``host`` it binds 127.0.0.1 and no other host reaches it), and one worker (nanny, 1 thread)

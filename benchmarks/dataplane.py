@@ -58,6 +58,7 @@ from benchmarks.common import (
     PASS,
     clean_sample,
     drop_sshcluster_files,
+    lazy_cluster,
     leftover_check,
     print_table,
     quiet_sshcluster,
@@ -208,13 +209,8 @@ def measure(client: Any, n: int, args: argparse.Namespace, out: dict[str, str]) 
 def run_ours(th: TestHosts, n: int, mode: str, args: argparse.Namespace) -> dict[str, str]:
     from distributed import Client
 
-    from lazycluster_tasks.ssh_cluster import LazySSHCluster
-
-    hosts = [h.name for h in th.hosts[:n]]
     t0 = time.perf_counter()
-    cluster = LazySSHCluster(
-        hosts, ssh_config_path=str(th.ssh_config_path), network_mode=mode, threads_per_worker=1
-    )
+    cluster = lazy_cluster(th, n, mode)
     out: dict[str, str] = {}
     try:
         with Client(cluster) as client:

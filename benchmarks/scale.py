@@ -34,7 +34,15 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import FAIL, MISS, PASS, clean_sample, leftover_check, print_table
+from benchmarks.common import (
+    FAIL,
+    MISS,
+    PASS,
+    clean_sample,
+    lazy_cluster,
+    leftover_check,
+    print_table,
+)
 from lazycluster_tasks.testing.hosts import TestHosts
 
 MODES = ("direct", "tunnelled")
@@ -80,14 +88,10 @@ def _ssh_processes(th: TestHosts, hosts: Sequence[str]) -> int:
 def run(th: TestHosts, n: int, mode: str, idle: float) -> dict[str, float]:
     from distributed import Client
 
-    from lazycluster_tasks.ssh_cluster import LazySSHCluster
-
     me = psutil.Process()
     hosts = [h.name for h in th.hosts[:n]]
     cpu0, t0 = _cpu(me), time.perf_counter()
-    cluster = LazySSHCluster(
-        hosts, ssh_config_path=str(th.ssh_config_path), network_mode=mode, threads_per_worker=1
-    )
+    cluster = lazy_cluster(th, n, mode)
     out: dict[str, float] = {}
     try:
         with Client(cluster) as client:

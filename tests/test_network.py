@@ -54,6 +54,10 @@ SHAPES = [
     for topology in ("isolated", "ssh-only", "no-connect-back")
     for closed in ("drop", "reset", "icmp")
 ]
+#: where a blocked path is known without waiting: a dropped dial is silent past SILENT_AFTER,
+#: an ICMP reject is final, and this machine's listener refuses only if the path is blocked
+#: (only a refusal between hosts, whose probes may not listen yet, is dialled again)
+DECIDED_AT_ONCE = {shape for shape in SHAPES if shape != ("isolated", "reset")}
 
 
 @pytest.mark.parametrize(("topology", "closed"), SHAPES, ids=[f"{t}-{c}" for t, c in SHAPES])
@@ -64,10 +68,14 @@ def test_blocked_paths_are_found_however_closed_ports_answer(
     no_leftovers: TestHosts,
     no_local_leaks: None,
 ) -> None:
+    """Every blocked path is reported blocked, every open one open (or honestly not
+    measured once another path had decided the plan); where a blocked path is known at once,
+    the plan comes well inside a window of 60 s."""
+    at_once = (topology, closed) in DECIDED_AT_ONCE
     multi_hosts.set_network(topology, closed)
     try:
         start = time.monotonic()
-        result = plan(multi_hosts)
+        result = plan(multi_hosts, window=60 if at_once else PROBE_WINDOW)
         elapsed = time.monotonic() - start
     finally:
         multi_hosts.set_network("open")
@@ -83,51 +91,13 @@ def test_blocked_paths_are_found_however_closed_ports_answer(
             blocked = host_to_host
         if blocked:
             assert state != "open" and any(key in reason for reason in result.reasons), key
-        else:  # measured open, or not measured once another path had decided the plan
-            assert state in ("open", NOT_MEASURED), (key, state)
-    # a blocked path costs the probe window once, not once per path or per host
-    assert elapsed < PROBE_WINDOW + START_SLACK + 5
-
-
-#: sites where a blocked path is known without waiting: a dropped dial is silent past
-#: SILENT_AFTER, an ICMP reject is final, and this machine's listener refuses only if blocked
-DECIDED_AT_ONCE = [
-    (topology, closed)
-    for topology in ("ssh-only", "no-connect-back")
-    for closed in ("drop", "reset", "icmp")
-] + [("isolated", "drop"), ("isolated", "icmp")]
-
-
-@pytest.mark.parametrize(
-    ("topology", "closed"), DECIDED_AT_ONCE, ids=[f"{t}-{c}" for t, c in DECIDED_AT_ONCE]
-)
-def test_a_blocked_path_decides_without_waiting_for_the_window(
-    multi_hosts: TestHosts,
-    topology: str,
-    closed: str,
-    no_leftovers: TestHosts,
-    no_local_leaks: None,
-) -> None:
-    """With a window of 60 s, the plan still comes as soon as one path is known blocked; the
-    paths it measured are reported as they are, those it did not as not measured."""
-    multi_hosts.set_network(topology, closed)
-    try:
-        result = plan(multi_hosts, window=60)
-    finally:
-        multi_hosts.set_network("open")
-    assert result.mode == "tunnelled"
-    assert result.probe_seconds < 10, result.paths  # far from the 60 s window
-    to_host, host_to_host, to_here = BLOCKED[topology]
-    for key, state in result.paths.items():
-        source, target = key.split(" -> ")
-        blocked = (
-            to_host if source == CONTROLLER else to_here if target == CONTROLLER else host_to_host
-        )
-        if blocked:
-            assert state != "open", key
-        else:  # never reported blocked: open, or honestly not measured
+        else:
             assert state in ("open", NOT_MEASURED), (key, state)
     assert any(state.startswith(BLOCKED_STATES) for state in result.paths.values())
+    if at_once:
+        assert result.probe_seconds < 10, result.paths  # no fixed window
+    else:  # a blocked path costs the probe window once, not once per path or per host
+        assert elapsed < PROBE_WINDOW + START_SLACK + 5
 
 
 def test_a_foreign_listener_is_not_a_path(
