@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -371,10 +372,17 @@ def lazy_cluster(th: TestHosts, n: int, mode: str) -> Any:
     )
 
 
+#: The checkout this package lives in (what SSHCluster's processes import it from).
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def start_sshcluster(th: TestHosts, addresses: Sequence[str]) -> Any:
     """``SSHCluster`` with the scheduler on the first host, bound to its address (without
     ``host`` it binds 127.0.0.1 and no other host reaches it), and one worker (nanny, 1 thread)
-    on each host, the first included."""
+    on each host, the first included. SSHCluster ships no code: its processes get this
+    checkout on ``PYTHONPATH`` (the test hosts see this machine's files), or a task graph
+    naming ``benchmarks`` cannot be unpickled by its scheduler."""
+    import shlex
     import sys
 
     from distributed.deploy.ssh import SSHCluster
@@ -389,7 +397,7 @@ def start_sshcluster(th: TestHosts, addresses: Sequence[str]) -> Any:
         },
         worker_options={"nthreads": 1},
         scheduler_options={"dashboard_address": ":0", "host": addresses[0]},
-        remote_python=sys.executable,
+        remote_python=f"env PYTHONPATH={shlex.quote(CHECKOUT)} {shlex.quote(sys.executable)}",
     )
 
 
