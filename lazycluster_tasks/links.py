@@ -637,7 +637,8 @@ class Links:
         ]
         scope = commands.key_scope(self.marker, target)
         # the lines go on stdin: with many hosts and ports they outgrow a command line
-        args = ["--marker", scope, "--lifetime", f"{self.key_lifetime:g}", "--lines-on-stdin"]
+        args = ["--marker", scope, "--lifetime", f"{self.key_lifetime:g}"]
+        args += ["--lines-on-stdin", str(len(lines))]  # an input cut short edits nothing
         with self._lock:
             known = target in self.touched
             self.touched.add(target)

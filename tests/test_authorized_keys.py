@@ -306,6 +306,32 @@ def test_the_program_says_what_it_did_and_why_not(keys: Path) -> None:
     assert keys.read_bytes() == USER
 
 
+def test_lines_on_stdin_cut_short_edit_nothing(keys: Path) -> None:
+    """The links send their lines after the program on stdin (a command line holds 128 KiB):
+    an input that lost its end — a line short, or the last one cut — leaves the file
+    byte-identical; the whole input sets the lines."""
+    ours = [line("host1"), line("host2")]
+    program = Path(ak.__file__).read_bytes()
+    command = commands.python_program_with_input(
+        sys.executable,
+        ["--marker", MARKER, "--lifetime", "60", "--file", str(keys), "--lines-on-stdin", "2"],
+    )
+    whole = "".join(f"{text}\n" for text in ours).encode()
+    for cut in (whole[: len(whole) // 2], whole[:-1], whole.split(b"\n")[0] + b"\n"):
+        done = subprocess.run(
+            ["/bin/sh", "-c", command], input=program + b"\0" + cut, capture_output=True
+        )
+        assert done.returncode == 2 and b"not edited" in done.stderr, done.stderr
+        assert keys.read_bytes() == USER
+    done = subprocess.run(
+        ["/bin/sh", "-c", command], input=program + b"\0" + whole, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["lines"] == 2
+    ak.set_lines(MARKER, [], 0, str(keys))
+    assert keys.read_bytes() == USER
+
+
 def test_hosts_sharing_a_home_each_set_and_revoke_their_own_lines(keys: Path) -> None:
     """host1 and host2 share one home: each sets the lines that let keys into it (scope
     ``<marker>@<host>``) without touching the other's; the cluster's revoke removes all."""

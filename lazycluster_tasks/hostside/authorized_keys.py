@@ -526,16 +526,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--line", action="append", default=[], help="a line to have (repeat)")
     parser.add_argument(
         "--lines-on-stdin",
-        action="store_true",
-        help="also the lines on stdin, one per line (a command line has a length limit)",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also N lines on stdin, each ending in a newline (a command line has a length "
+        "limit); fewer, more, or a last one cut off: nothing is edited",
     )
     parser.add_argument("--lifetime", type=float, default=0.0, help="seconds the lines are valid")
     parser.add_argument("--file", default=None, help="default: ~/.ssh/authorized_keys")
     parser.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT)
     args = parser.parse_args(argv)
     lines = list(args.line)
-    if args.lines_on_stdin:
-        lines += [line for line in sys.stdin.read().splitlines() if line]
+    if args.lines_on_stdin is not None:
+        given = sys.stdin.read()
+        got = given.split("\n")
+        if got.pop() != "" or len(got) != args.lines_on_stdin:  # an input cut short
+            print(
+                f"authorized_keys: {args.lines_on_stdin} lines expected on stdin, "
+                f"{len(given.splitlines())} came (the last complete: {given.endswith(chr(10))}); "
+                "not edited",
+                file=sys.stderr,
+            )
+            return 2
+        lines += got
     try:
         result = set_lines(args.marker, lines, args.lifetime, args.file, args.lock_timeout)
     except ValueError as exc:
