@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -43,16 +44,27 @@ class Clients:
             return self._monitor
 
     def close_scheduler(self, timeout: float = 5.0) -> bool:
-        """Ask the scheduler to close itself (as a cluster's close does), through the monitor
-        client if it is connected; True once it said so. Bounded; a failure only means the stop
-        that follows ends it instead."""
-        client = self._monitor
-        if client is None or client.status != "running":
+        """Close every client, then ask the scheduler to close itself over a connection of its
+        own (as SpecCluster's close does); True once it said so. The clients go first: a client
+        whose scheduler closes under it tries to reconnect, waits 0.1 s for a goodbye that never
+        comes and logs the cancelled attempt. Asked only while the monitor client is connected
+        (a cut path is not waited for); bounded; a failure only means the stop that follows ends
+        it instead."""
+        reachable = self.connected
+        address = self._address()
+        self.close()
+        if not reachable or address is None:
             return False
-        try:
-            client.sync(client.scheduler.terminate, callback_timeout=timeout)
-        except Exception as exc:  # gone already, or a cut path: the stop decides
-            logger.info("the scheduler was not asked to close: %s", exc)
+        outcome: list[BaseException | None] = []
+        thread = threading.Thread(
+            target=lambda: outcome.append(_run(_terminate(address, self.security, timeout))),
+            name="lct-terminate",
+            daemon=True,
+        )
+        thread.start()
+        thread.join(timeout + 1)
+        if not outcome or outcome[0] is not None:
+            logger.info("the scheduler was not asked to close: %s", outcome or "no answer")
             return False
         return True
 
@@ -100,6 +112,26 @@ class Clients:
                 _close(client)
         self._handed_out = []
         self._monitor = None
+
+
+async def _terminate(address: str, security: Any, timeout: float) -> None:
+    from distributed.core import rpc
+
+    args = security.get_connection_args("client") if security is not None else {}
+    scheduler = rpc(address, connection_args=args, timeout=timeout)
+    try:
+        await asyncio.wait_for(scheduler.terminate(), timeout)
+    finally:
+        await scheduler.close_rpc()
+
+
+def _run(coroutine: Coroutine[Any, Any, None]) -> BaseException | None:
+    """Run ``coroutine`` on a loop of this thread; what it raised, or None."""
+    try:
+        asyncio.run(coroutine)
+    except BaseException as exc:  # reported by the caller
+        return exc
+    return None
 
 
 def _close(client: Any) -> None:
