@@ -41,6 +41,7 @@ from lazycluster_tasks.errors import (
 )
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.manager import RuntimeManager
+from lazycluster_tasks.record import ClusterState
 from lazycluster_tasks.runtime import Runtime, RuntimeProcess
 from lazycluster_tasks.task import RuntimeTask
 
@@ -85,6 +86,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "AuthenticationError",
     "ClusterLostError",
+    "ClusterState",
     "DaskCluster",
     "DaskOptions",
     "Environment",

@@ -17,7 +17,7 @@ from lazycluster_tasks.dask_options import DaskOptions, check_count
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.network import NetworkPlan
-from lazycluster_tasks.record import CONTROLLER_KEY, ClusterRecord, teardown
+from lazycluster_tasks.record import CONTROLLER_KEY, ClusterRecord, ClusterState, teardown
 from lazycluster_tasks.routing import Routing
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.startup import first_error
@@ -91,7 +91,7 @@ class DaskCluster(MasterWorkerCluster):
             worker_count = sum(self.engine.slots(h) for h in self._group.hosts)
         check_count("worker_count", worker_count)
         engine = self.engine
-        engine.state, self._cleaned = "starting", False
+        engine.state, self._cleaned = ClusterState.starting, False
         master, workers = self._master_launcher, self._worker_launcher
         try:
             if isinstance(master, LocalMasterLauncher) and isinstance(workers, RoundRobinLauncher):
@@ -116,7 +116,7 @@ class DaskCluster(MasterWorkerCluster):
         except BaseException:
             self.cleanup()
             raise
-        engine.state = "running"
+        engine.state = ClusterState.running
 
     def scale(self, n: int) -> None:
         """Grow or shrink to ``n`` running workers; removed workers are retired (their data
@@ -149,7 +149,7 @@ class DaskCluster(MasterWorkerCluster):
             return
         error: BaseException | None = None
         try:
-            if self.engine.state == "running":
+            if self.engine.state is ClusterState.running:
                 # as LazySSHCluster's close: the workers go first, at once (a TERM would start
                 # each one's graceful shutdown, which outlasts the stop's grace), then the
                 # scheduler closes itself (on a TERM it took longer than the grace here)
@@ -176,9 +176,9 @@ class DaskCluster(MasterWorkerCluster):
         return self.engine.controller
 
     @property
-    def state(self) -> str:
-        """created, starting, running, stopping, stopped, cleanup failed — or failed once the
-        scheduler of a running cluster is gone (see ``failure``)."""
+    def state(self) -> ClusterState:
+        """See :class:`~lazycluster_tasks.record.ClusterState` (``failed``: the scheduler of a
+        running cluster is gone; see ``failure``)."""
         return self.engine.state
 
     @property

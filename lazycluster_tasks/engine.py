@@ -57,6 +57,7 @@ from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec, Process
 from lazycluster_tasks.record import (
     CONTROLLER_KEY,
     ClusterRecord,
+    ClusterState,
     FolderRecord,
     HostSpec,
     TunnelRecord,
@@ -126,7 +127,7 @@ class Engine:
         self._scheduler_port: int | None = None
         self._dashboard_port: int | None = None
         self._lock = threading.RLock()
-        self._state = "created"
+        self._state = ClusterState.created
 
     def __repr__(self) -> str:
         return f"Engine({self.cluster_id}, hosts={self.group.hosts}, state={self._state})"
@@ -749,16 +750,16 @@ class Engine:
         return not dead
 
     @property
-    def state(self) -> str:
-        """created, starting, running, stopping, stopped, cleanup failed — or failed once the
-        scheduler of a running cluster is gone (see ``failure``)."""
-        if self._state == "running" and not self.scheduler_ok():
-            self._state = "failed"
+    def state(self) -> ClusterState:
+        """See :class:`ClusterState`; a running cluster whose scheduler is gone is ``failed``
+        (see ``failure``)."""
+        if self._state is ClusterState.running and not self.scheduler_ok():
+            self._state = ClusterState.failed
         return self._state
 
     @state.setter
-    def state(self, value: str) -> None:
-        self._state = value
+    def state(self, value: ClusterState) -> None:
+        self._state = ClusterState(value)
 
     @property
     def workers(self) -> dict[str, dict[str, Any]]:
@@ -1101,10 +1102,10 @@ class Engine:
         """Close the clients, stop every process on every host at once and remove the cluster
         folders. Raises when a host failed; its processes stay on record for a retry.
         ``grace``: as for :meth:`_stop`."""
-        if self._state == "cleanup failed":  # a retry: reach the hosts again
+        if self._state is ClusterState.cleanup_failed:  # a retry: reach the hosts again
             for runtime in self.group.runtimes:
                 runtime.reopen()
-        self.state = "stopping"
+        self.state = ClusterState.stopping
         self.clients.close()
         if self._routes is not None:
             self._routes.close()  # nothing is still being set up when the stop runs
@@ -1128,11 +1129,11 @@ class Engine:
         finally:
             self.controller.cleanup()
         if error is not None:
-            self.state = "cleanup failed"
+            self.state = ClusterState.cleanup_failed
             left = sorted({i.host for i in self.table.all()})
             logger.error("cleanup incomplete: processes kept on record on %s", ", ".join(left))
             raise error
-        self.state = "stopped"
+        self.state = ClusterState.stopped
 
     # -- the record -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +25,22 @@ from lazycluster_tasks.runtime import Runtime
 #: Key of this machine (the controller) in records, next to the host names.
 CONTROLLER_KEY = "(controller)"
 SECRET_KWARGS = ("password", "passphrase", "private_key")
+
+
+class ClusterState(str, Enum):
+    """Where a cluster is in its life (the values are what records and the UI show; a state
+    compares equal to its text, so ``cluster.state == "running"`` keeps working)."""
+
+    created = "created"
+    starting = "starting"
+    running = "running"
+    failed = "failed"  # running, but its scheduler is gone
+    stopping = "stopping"
+    stopped = "stopped"
+    cleanup_failed = "cleanup failed"  # a host kept processes on record: cleanup() again
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class _Frozen(BaseModel):
@@ -71,7 +88,7 @@ class ClusterRecord(_Frozen):
     folders, tunnels, addresses, network mode and paths, state."""
 
     cluster_id: str
-    state: str
+    state: ClusterState
     network_mode: str
     hosts: list[HostSpec]
     scheduler_host: str | None = None

@@ -33,7 +33,7 @@ from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
 from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.healing import REACH_TIMEOUT, Healer, HostAvailability
 from lazycluster_tasks.ports import as_port_list
-from lazycluster_tasks.record import ClusterRecord
+from lazycluster_tasks.record import ClusterRecord, ClusterState
 from lazycluster_tasks.settings import settings
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class WorkerLauncherLoop:
     def start_first(self, placement: dict[str, list[str]]) -> None:
         """(thread) Scheduler and first workers at once; then the end-to-end check."""
         engine = self.engine
-        engine.state = "starting"
+        engine.state = ClusterState.starting
         host = self.scheduler_host
         engine.start(
             placement,
@@ -165,7 +165,7 @@ class WorkerLauncherLoop:
         )
         if self.first_names:
             engine.verify_paths()
-        engine.state = "running"
+        engine.state = ClusterState.running
 
     async def start(self, name: str, host: str) -> str | None:
         """Start one worker (batched with its siblings); why it failed, or None."""

@@ -9,6 +9,7 @@ import pytest
 
 from lazycluster_tasks.ports import Reservations
 from lazycluster_tasks.processes import ProcessInfo, ProcessTable
+from lazycluster_tasks.record import ClusterRecord, ClusterState
 from lazycluster_tasks.runtime import Runtime
 
 
@@ -52,3 +53,21 @@ def test_reservations_by_host_and_released_everywhere() -> None:
     for thread in threads:
         thread.join()
     assert len(held.held(["h1"])) == 1501
+
+
+def test_a_cluster_state_is_typed_shows_as_its_text_and_survives_the_record() -> None:
+    state = ClusterState.cleanup_failed
+    assert (
+        state == "cleanup failed" and f"{state}" == "cleanup failed" and str(state) == state.value
+    )
+    record = ClusterRecord(
+        cluster_id="c1", state=ClusterState.running, network_mode="direct", hosts=[]
+    )
+    assert record.core()["state"] == "running"
+    again = ClusterRecord.model_validate(record.core())
+    assert again.state is ClusterState.running
+    assert record.replace(state="stopped").state is ClusterState.stopped
+    with pytest.raises(ValueError):
+        ClusterRecord(cluster_id="c1", state="halfway", network_mode="direct", hosts=[])
+    with pytest.raises(ValueError, match="'halfway' is not a valid ClusterState"):
+        ClusterState("halfway")
