@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
-from lazycluster_tasks import commands
+from lazycluster_tasks import commands, hostside
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.environment import ExecutionFileLogUtil
 from lazycluster_tasks.errors import (
@@ -25,6 +25,7 @@ from lazycluster_tasks.errors import (
     RemoteEnvironmentError,
     TaskExecutionError,
 )
+from lazycluster_tasks.hostside.run_function import EXIT_NO_CLOUDPICKLE, RESULT_MARK
 
 if TYPE_CHECKING:
     from lazycluster_tasks.connection import Connection
@@ -72,34 +73,10 @@ class _OnConnection:
         return path
 
 
-RESULT_MARK = "__LAZYCLUSTER_RESULT__:"
 #: How long ``RuntimeTask.cleanup`` keeps killing a running task's command until its thread ends.
 STOP_TIMEOUT = 10.0
 #: Every command and function sees its runtime's working dir under this name (as in lazycluster).
 WORKING_DIR_ENV_VAR_NAME = "WORKING_DIR"
-EXIT_NO_CLOUDPICKLE = 96
-
-#: Runs on the host: read (function, kwargs) from stdin, call it, print the pickled outcome.
-FUNCTION_RUNNER = f"""
-import base64, sys, traceback
-try:
-    import cloudpickle
-except ImportError as exc:
-    sys.stderr.write("cloudpickle is not importable by %s: %s\\n" % (sys.executable, exc))
-    sys.exit({EXIT_NO_CLOUDPICKLE})
-fn, kwargs = cloudpickle.loads(sys.stdin.buffer.read())
-try:
-    outcome = (True, fn(**kwargs))
-except BaseException as exc:
-    outcome = (False, (exc, traceback.format_exc()))
-try:
-    payload = cloudpickle.dumps(outcome)
-except Exception:
-    payload = cloudpickle.dumps((False, (None, traceback.format_exc())))
-sys.stdout.flush()
-sys.stdout.write("\\n{RESULT_MARK}" + base64.b64encode(payload).decode() + "\\n")
-sys.stdout.flush()
-"""
 
 
 def _require_text(value: Any, what: str) -> str:
@@ -168,7 +145,7 @@ class _FunctionStep(_Step):
         payload = cloudpickle.dumps((self.function, self.kwargs))
         python = runtime.python_executable
         result = runtime._connection.run(
-            commands.python_call(python, FUNCTION_RUNNER),
+            commands.python_call(python, hostside.source("run_function")),
             timeout=None,
             working_dir=runtime.working_dir,
             env=task._effective_env(runtime),

@@ -5,7 +5,8 @@ Each module here runs on a host with nothing but that host's Python and its stan
 edit of a user's ``~/.ssh/authorized_keys``), ``envs`` (the host's environments made of what the
 controller sends), ``guard`` (what a host does by itself once no process of a cluster is left
 on it), ``probe`` (the preflight), ``ready`` (a server's readiness wait), ``importable`` (the
-worker class check), ``sweep`` (what we left on a host); ``watch`` runs in the scheduler
+worker class check), ``run_function`` (``RuntimeTask.run_function``'s call), ``sweep``
+(what we left on a host); ``watch`` runs in the scheduler
 (its preload) and ``code`` in each worker (``sync_code``). They are linted, typed and tested
 as the rest.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 #: The modules shipped in the zip application (``__main__`` dispatches to them).
 MODULES = ("__init__", "__main__", "authorized_keys", "envs", "guard")
 #: Run by their source alone (``python -c``), never from the zip application.
-SOURCES = ("importable", "probe", "ready", "sweep", "watch")
+SOURCES = ("importable", "probe", "ready", "run_function", "sweep", "watch")
 #: Its name in a cluster folder.
 BUNDLE = "hostside.pyz"
 
