@@ -993,7 +993,7 @@ class Engine:
         return Guard(
             self.options.python(runtime),
             marker if links else "",
-            runtime.working_dir if runtime._working_dir_is_temp else "",
+            runtime.working_dir if runtime.working_dir_is_temp else "",
         )
 
     def _files(self, role: str) -> dict[str, str]:
@@ -1043,7 +1043,7 @@ class Engine:
         jobs = self._by_runtime(infos)
         if remove_folders:
             for owner in [self.controller, *self.group.runtimes]:
-                if owner._working_dir is not None:
+                if owner.has_working_dir:
                     jobs.setdefault(self._key(owner), (owner, []))
 
         def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
@@ -1056,10 +1056,10 @@ class Engine:
                         self._key_of(n) == key for n in self.table.names() if n not in names
                     )
                 if remove_folders:  # every pid file there: a start's whose answer was lost too
-                    remove = runtime.working_dir if runtime._working_dir_is_temp else folder
+                    remove = runtime.working_dir if runtime.working_dir_is_temp else folder
                     revoke = self._revoke(runtime)
                     left = processes.stop_folder(runtime, folder, grace, remove, revoke)
-                    if runtime._working_dir_is_temp:
+                    if runtime.working_dir_is_temp:
                         runtime.forget_working_dir()  # removed here; its cleanup needs not
                 elif emptied:  # no process of the cluster left there: clean up as its guard would
                     revoke = self._revoke(runtime, alone=True)
@@ -1145,11 +1145,11 @@ class Engine:
             self._key(rt): FolderRecord(
                 folder=self.folder(rt),
                 working_dir=rt.working_dir,
-                temporary=rt._working_dir_is_temp,
+                temporary=rt.working_dir_is_temp,
                 python=self.options.python(rt),
             )
             for rt in owners
-            if rt._working_dir is not None
+            if rt.has_working_dir
         }
         tunnels = [
             TunnelRecord(

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from lazycluster_tasks import ports as portlib
 from lazycluster_tasks.errors import GroupError, PortInUseError
-from lazycluster_tasks.runtime import Runtime, RuntimeProcess, check_working_dir
+from lazycluster_tasks.runtime import Runtime, RuntimeProcess
 from lazycluster_tasks.ssh_settings import SSHSettings
 from lazycluster_tasks.task import RuntimeTask
 
@@ -110,7 +110,7 @@ class RuntimeGroup:
             self._add(runtime, owned=hosts is not None)
         if working_dir is not None:
             for runtime in self._runtimes.values():
-                _set_working_dir(runtime, working_dir)
+                runtime.request_working_dir(working_dir)
         self._info_thread: threading.Thread | None = None
         self._group_tasks: list[RuntimeTask] = []  # started through the group, in order
 
@@ -456,10 +456,3 @@ def _host_set(hosts: Iterable[str] | str | None) -> set[str] | None:
     if hosts is None:
         return None
     return {hosts} if isinstance(hosts, str) else set(hosts)
-
-
-def _set_working_dir(runtime: Runtime, working_dir: str) -> None:
-    check_working_dir(working_dir)
-    if runtime._working_dir is not None and runtime._requested_working_dir != working_dir:
-        raise ValueError(f"{runtime.host} already uses working dir {runtime._working_dir!r}")
-    runtime._requested_working_dir = working_dir

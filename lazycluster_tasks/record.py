@@ -57,10 +57,10 @@ class HostSpec(_Frozen):
 
     @classmethod
     def of(cls, runtime: Runtime) -> HostSpec:
-        kwargs = runtime._connection_kwargs
+        kwargs = runtime.connection_kwargs
         return cls(
             name=runtime.host,
-            ssh_config_path=runtime._ssh_config_path,
+            ssh_config_path=runtime.ssh_config_path,
             connection_kwargs={k: v for k, v in kwargs.items() if k not in SECRET_KWARGS},
             python_executable=runtime.python_executable,
         )

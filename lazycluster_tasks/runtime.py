@@ -143,6 +143,15 @@ class Runtime:
         return self._connection.is_local
 
     @property
+    def connection_kwargs(self) -> dict[str, Any]:
+        """The connection settings given (a copy; secrets included: never record it as is)."""
+        return dict(self._connection_kwargs)
+
+    @property
+    def ssh_config_path(self) -> str | None:
+        return self._ssh_config_path
+
+    @property
     def class_name(self) -> str:
         return type(self).__name__
 
@@ -186,6 +195,24 @@ class Runtime:
                 result = self._connection.run(commands.remove_tree(previous))
                 if not result.ok:
                     logger.warning("could not remove %s on %s", previous, self._host)
+
+    @property
+    def has_working_dir(self) -> bool:
+        """Whether the working dir was made (reading ``working_dir`` makes it)."""
+        return self._working_dir is not None
+
+    @property
+    def working_dir_is_temp(self) -> bool:
+        """Whether the working dir is a temporary one of ours (removed with the runtime)."""
+        return self._working_dir_is_temp
+
+    def request_working_dir(self, working_dir: str) -> None:
+        """Use ``working_dir`` once the working dir is made; refused if another one is in use."""
+        check_working_dir(working_dir)
+        with self._lock:
+            if self._working_dir is not None and self._requested_working_dir != working_dir:
+                raise ValueError(f"{self._host} already uses working dir {self._working_dir!r}")
+            self._requested_working_dir = working_dir
 
     def _make_working_dir(self) -> str:
         path = self._requested_working_dir
