@@ -14,6 +14,7 @@ import weakref
 from abc import ABC, abstractmethod
 from typing import Any
 
+from lazycluster_tasks.checks import check_count
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.ports import as_port_list
 from lazycluster_tasks.settings import settings
@@ -191,8 +192,7 @@ class MasterWorkerCluster(RuntimeCluster):
         if self.master_port is None:
             raise ValueError("start the master before the workers")
         count = self._group.runtime_count if count is None else count
-        if count < 0:
-            raise ValueError(f"worker count must be >= 0, not {count}")
+        check_count("worker count", count)
         self._ports = self._worker_launcher.start(count, self.master_port, self._ports, debug)
 
     def print_log(self) -> None:

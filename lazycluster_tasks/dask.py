@@ -11,9 +11,10 @@ import logging
 from typing import Any
 
 from lazycluster_tasks import dask_launchers
+from lazycluster_tasks.checks import check_count
 from lazycluster_tasks.cluster import MasterLauncher, MasterWorkerCluster, WorkerLauncher
 from lazycluster_tasks.dask_launchers import LocalMasterLauncher, RoundRobinLauncher
-from lazycluster_tasks.dask_options import DaskOptions, check_count
+from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.network import NetworkPlan

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lazycluster_tasks.checks import check_count, check_seconds
 from lazycluster_tasks.dask_commands import check_options
 from lazycluster_tasks.network import NetworkMode, network_mode
 from lazycluster_tasks.runtime import Runtime, check_path
@@ -163,11 +164,8 @@ class DaskOptions:
         if self.threads_per_worker is not None:
             check_count("threads_per_worker", self.threads_per_worker, minimum=1)
         for name in ("death_timeout", "idle_timeout", "start_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
-        if isinstance(self.stop_grace, bool) or not self.stop_grace >= 0:
-            raise ValueError(f"stop_grace must be >= 0, not {self.stop_grace!r}")
+            check_seconds(name, getattr(self, name))
+        check_seconds("stop_grace", self.stop_grace, zero=True)
         for key in self.env:
             check_path(key, "env name")
             if "=" in key or not key:
@@ -210,9 +208,3 @@ SCHEDULER_FIELDS = {"dashboard": "dashboard"}
 NANNY_CLASSES = ("distributed.Nanny", "distributed.nanny.Nanny")
 WORKER_CLASSES = ("distributed.Worker", "distributed.worker.Worker")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+\Z")
-
-
-def check_count(name: str, value: object, minimum: int = 0) -> None:
-    """Refuse anything but an integer >= minimum (bools too), naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")

@@ -25,6 +25,7 @@ from distributed.utils import sync
 
 from lazycluster_tasks import control, integrations
 from lazycluster_tasks.attached import AttachedCluster
+from lazycluster_tasks.checks import check_count, check_seconds
 from lazycluster_tasks.cluster import MasterWorkerCluster
 from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.engine import Engine
@@ -317,14 +318,8 @@ class LazySSHCluster(SpecCluster):
         if python is not None:
             options["python_executable"] = python
         options["workers_per_host"] = workers_per_host
-        if isinstance(worker_ttl, bool) or not isinstance(worker_ttl, (int, float)):
-            raise ValueError(f"worker_ttl must be a number of seconds > 0, not {worker_ttl!r}")
-        if not worker_ttl > 0:
-            raise ValueError(f"worker_ttl must be a number of seconds > 0, not {worker_ttl!r}")
-        if isinstance(host_lost_after, bool) or not isinstance(host_lost_after, (int, float)):
-            raise ValueError(f"host_lost_after must be seconds > 0, not {host_lost_after!r}")
-        if not host_lost_after > 0:
-            raise ValueError(f"host_lost_after must be seconds > 0, not {host_lost_after!r}")
+        check_seconds("worker_ttl", worker_ttl)
+        check_seconds("host_lost_after", host_lost_after)
         env = dict(options.pop("env", None) or {})
         env.setdefault("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", f"{worker_ttl}s")
         forwards = list(options.pop("forward_ports", ()) or ())
@@ -375,15 +370,13 @@ class LazySSHCluster(SpecCluster):
         #: Prefect events); an exception from it is logged, never raised into the healing.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
         first = self.capacity if n_workers is None else n_workers
-        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
-            raise ValueError(f"n_workers must be an integer >= 0, not {n_workers!r}")
+        check_count("n_workers", first)
         if first > self.capacity:
             raise ValueError(
                 f"n_workers={first} exceeds the capacity of {self.capacity} "
                 f"(workers per host: {self._slots})"
             )
-        if isinstance(prelaunch, bool) or not isinstance(prelaunch, int) or prelaunch < 0:
-            raise ValueError(f"prelaunch must be an integer >= 0, not {prelaunch!r}")
+        check_count("prelaunch", prelaunch)
         prelaunch = min(prelaunch, self.capacity - first)  # a head start, never more
         workers: dict[str, Any] = {}
         placement: dict[str, list[str]] = {}
@@ -570,8 +563,7 @@ class LazySSHCluster(SpecCluster):
         }
 
     def _control_scale(self, n: int = 0, memory: Any = None, cores: Any = None) -> int:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"scale needs a number of workers >= 0, not {n!r}")
+        check_count("scale's number of workers", n)
 
         async def scale() -> None:
             self.scale(n, memory, cores)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from lazycluster_tasks.checks import check_seconds
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.errors import LazyclusterError
 
@@ -57,8 +58,8 @@ class ClusterWatch:
         all_lost_after: float = ALL_LOST_AFTER,
         unanswered_limit: float = UNANSWERED_LIMIT,
     ) -> None:
-        if interval <= 0 or heartbeat_limit <= 0:
-            raise ValueError("interval and heartbeat_limit must be > 0")
+        check_seconds("interval", interval)
+        check_seconds("heartbeat_limit", heartbeat_limit)
         self.cluster: Engine = cluster if isinstance(cluster, Engine) else cluster.engine
         self.on_lost = on_lost
         self.interval = interval

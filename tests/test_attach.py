@@ -140,7 +140,7 @@ def test_unknown_ids_and_dead_owners_are_named_and_cleared(make_cluster, tmp_pat
     # a request the owner refuses is an error naming why
     cluster = make_cluster(["host1"], n_workers=1, workers_per_host=1)
     entry = entries()[cluster.engine.cluster_id]
-    with pytest.raises(ControlError, match="scale needs a number of workers"):
+    with pytest.raises(ControlError, match=r"scale's number of workers must be an integer >= 0"):
         entry.request("scale", n=-1)
     with pytest.raises(ControlError, match="unknown request 'explode'"):
         entry.request("explode")

@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from lazycluster_tasks.checks import check_seconds
 from lazycluster_tasks.deprecation import deprecated_message, renamed
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.errors import ClusterLostError
@@ -124,8 +125,8 @@ def dask_cluster(
     scheduler_host = renamed(given, "master_host", "scheduler_host")
     n_workers = renamed(given, "workers", "n_workers")
     del given["scheduler_host"], given["n_workers"]
-    if timeout_seconds is not None and not timeout_seconds > 0:
-        raise ValueError(f"timeout_seconds must be > 0, not {timeout_seconds!r}")
+    if timeout_seconds is not None:
+        check_seconds("timeout_seconds", timeout_seconds)
     if workers_per_host is not None:
         given["workers_per_host"] = workers_per_host
     return _dask_cluster(
