@@ -36,6 +36,7 @@ from lazycluster_tasks.errors import GroupError, LazyclusterError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.local import is_local_host
 from lazycluster_tasks.manager import config_hosts
+from lazycluster_tasks.network import NETWORK_MODES
 from lazycluster_tasks.network import network_mode as check_network_mode
 from lazycluster_tasks.record import ClusterRecord, HostSpec, teardown
 from lazycluster_tasks.runtime import Runtime
@@ -438,7 +439,10 @@ def up(
     ] = None,
     network_mode: Annotated[
         str | None,
-        typer.Option(help="auto, direct or tunnelled (default: the host group's, else auto)"),
+        typer.Option(
+            metavar="|".join(NETWORK_MODES),
+            help="how workers reach each other (default: the host group's, else auto)",
+        ),
     ] = None,
     host_links: Annotated[
         bool | None,

@@ -17,7 +17,7 @@ from lazycluster_tasks.dask_launchers import LocalMasterLauncher, RoundRobinLaun
 from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.group import RuntimeGroup
-from lazycluster_tasks.network import NetworkPlan
+from lazycluster_tasks.network import NetworkMode, NetworkPlan
 from lazycluster_tasks.record import CONTROLLER_KEY, ClusterRecord, ClusterState, teardown
 from lazycluster_tasks.routing import Routing
 from lazycluster_tasks.runtime import Runtime
@@ -195,7 +195,7 @@ class DaskCluster(MasterWorkerCluster):
         return self.engine.routing
 
     @property
-    def network_mode(self) -> str:
+    def network_mode(self) -> NetworkMode:
         return self.engine.network_mode
 
     def ensure_plan(self, ports: list[int]) -> NetworkPlan:

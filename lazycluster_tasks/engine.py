@@ -50,7 +50,7 @@ from lazycluster_tasks.errors import (
 from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
 from lazycluster_tasks.hostside import code
 from lazycluster_tasks.links import Links
-from lazycluster_tasks.network import NetworkPlan, plan_network
+from lazycluster_tasks.network import NetworkMode, NetworkPlan, plan_network
 from lazycluster_tasks.paths_check import blocked_paths
 from lazycluster_tasks.ports import Reservations, as_port_list, bindable_here, free_ports
 from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec, ProcessTable, Revoke
@@ -203,7 +203,7 @@ class Engine:
         return self._plan
 
     @property
-    def network_mode(self) -> str:
+    def network_mode(self) -> NetworkMode:
         """The resolved mode ("direct" or "tunnelled"), or the requested one before start."""
         return self._plan.mode if self._plan else self.options.network_mode
 

@@ -77,7 +77,7 @@ class HostReport:
 class NetworkPlan:
     """The resolved network layout of a cluster."""
 
-    mode: str  # "direct" or "tunnelled"
+    mode: NetworkMode  # "direct" or "tunnelled"
     controller_address: str  # where hosts reach this machine in direct mode
     addresses: dict[str, str]  # host -> address its processes bind and advertise (direct)
     used_ports: dict[str, set[int]] = field(default_factory=dict)  # host -> taken ports
@@ -201,7 +201,7 @@ def plan_network(
     if mode != "auto" or reasons:
         reports = fan_out("preflight", group.runtimes, lambda rt: quick_probe(rt, python(rt)))
         _check_distributed(reports)
-        resolved = "tunnelled" if mode == "tunnelled" or reasons else "direct"
+        resolved: NetworkMode = "tunnelled" if mode == "tunnelled" or reasons else "direct"
         plan = NetworkPlan(
             resolved,
             controller,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lazycluster_tasks import commands, processes
 from lazycluster_tasks.errors import LazyclusterError
 from lazycluster_tasks.group import run_parallel
+from lazycluster_tasks.network import NetworkMode
 from lazycluster_tasks.processes import ProcessInfo
 from lazycluster_tasks.runtime import Runtime
 
@@ -89,7 +90,7 @@ class ClusterRecord(_Frozen):
 
     cluster_id: str
     state: ClusterState
-    network_mode: str
+    network_mode: NetworkMode
     hosts: list[HostSpec]
     scheduler_host: str | None = None
     scheduler_address: str | None = None

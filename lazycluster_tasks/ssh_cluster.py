@@ -33,6 +33,7 @@ from lazycluster_tasks.environments import HostEnvironment
 from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
 from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.healing import REACH_TIMEOUT, Healer, HostAvailability
+from lazycluster_tasks.network import NetworkMode
 from lazycluster_tasks.ports import as_port_list
 from lazycluster_tasks.record import ClusterRecord, ClusterState
 from lazycluster_tasks.settings import settings
@@ -499,7 +500,7 @@ class LazySSHCluster(SpecCluster):
         return self.engine.record()
 
     @property
-    def network_mode(self) -> str:
+    def network_mode(self) -> NetworkMode:
         return self.engine.network_mode
 
     def close(self, timeout: float | None = None) -> Any:
