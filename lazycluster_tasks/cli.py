@@ -642,6 +642,7 @@ def _check_blocks(
         return None, None
     from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
     from lazycluster_tasks.prefect.records import load_block
+    from lazycluster_tasks.prefect.resolve import pick_ssh
 
     found: dict[type[Any], Any] = {}
     for cls, name in ((HostGroupBlock, host_group), (SSHSettingsBlock, ssh_block)):
@@ -654,8 +655,7 @@ def _check_blocks(
         except Exception as exc:
             raise fail(f"{cls._block_type_name} block {name!r} not read: {exc}") from None
     group = found.get(HostGroupBlock)
-    # as the cluster picks them: an SSH settings block named directly, else the group's own
-    ssh = found.get(SSHSettingsBlock) or (group.ssh if group is not None else None)
+    ssh = pick_ssh(found.get(SSHSettingsBlock), group)
     hosts = list(group.hosts) if group is not None else None
     return (ssh.ssh_config_path if ssh is not None else None), hosts
 

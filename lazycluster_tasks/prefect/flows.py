@@ -24,11 +24,9 @@ from lazycluster_tasks.deprecation import deprecated_message, renamed
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.errors import ClusterLostError
 from lazycluster_tasks.network import NetworkMode
-from lazycluster_tasks.prefect.blocks import HostGroupBlock
 from lazycluster_tasks.prefect.records import (
     ClusterRecord,
     clusters_of_run,
-    load_block,
     load_record,
 )
 from lazycluster_tasks.prefect.tasks import (
@@ -156,11 +154,8 @@ def _dask_cluster(
     options: Mapping[str, Any],
 ) -> Iterator[ClusterHandle]:
     """:func:`dask_cluster` once its arguments are checked (in the ``with`` statement)."""
-    if host_group:
-        group = load_block(HostGroupBlock, host_group)
-        hosts = list(hosts or group.hosts)
-        options = {**group.cluster_options(), **options}
-    chosen = list(hosts or DEFAULT_HOSTS)
+    # the host group's hosts and options are resolved once, by launch_master
+    chosen = list(hosts or ([] if host_group else DEFAULT_HOSTS))
     record = launch_master(
         chosen,
         ssh_config_path=ssh_config_path,

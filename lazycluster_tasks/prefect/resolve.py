@@ -12,13 +12,18 @@ from lazycluster_tasks.prefect.blocks import HostGroupBlock, SSHSettingsBlock
 from lazycluster_tasks.prefect.records import load_block
 
 
+def pick_ssh(ssh: SSHSettingsBlock | None, group: HostGroupBlock | None) -> SSHSettingsBlock | None:
+    """The rule: an SSH settings block named directly, else the host group's own."""
+    if ssh is not None:
+        return ssh
+    return group.ssh if group is not None else None
+
+
 def ssh_settings(ssh_block: str | None, host_group: str | None = None) -> SSHSettingsBlock | None:
-    """The SSH settings block to use: named directly, or nested in the host group block."""
+    """The SSH settings block to use (see :func:`pick_ssh`), loading only the one needed."""
     if ssh_block:
-        return load_block(SSHSettingsBlock, ssh_block)
-    if host_group:
-        return load_block(HostGroupBlock, host_group).ssh
-    return None
+        return pick_ssh(load_block(SSHSettingsBlock, ssh_block), None)
+    return pick_ssh(None, load_block(HostGroupBlock, host_group) if host_group else None)
 
 
 def connection_kwargs(ssh_block: str | None, host_group: str | None = None) -> dict[str, Any]:
