@@ -76,3 +76,19 @@ def test_logo_and_documentation_urls_name_this_project() -> None:
         assert str(block._logo_url) == blocks.LOGO_URL
     logo = blocks.LOGO_URL.removeprefix(f"{blocks.PROJECT_URL}/raw/main/")
     assert (ROOT / logo).is_file(), f"{logo} is not in the repository"
+
+
+def test_every_parameter_of_our_flows_and_tasks_is_described_in_the_ui() -> None:
+    """Prefect shows a flow's or task's parameter descriptions from its docstring's Args."""
+    from prefect.utilities.callables import parameter_schema
+
+    from lazycluster_tasks import prefect as ours
+    from lazycluster_tasks.prefect.flows import teardown_run_clusters
+    from lazycluster_tasks.prefect.shell import ssh_command
+
+    names = [n for n in ours.__all__ if hasattr(getattr(ours, n), "fn")]
+    assert {"cluster_lifecycle", "launch_master", "check_runtimes"} <= set(names)
+    for item in [*(getattr(ours, n) for n in names), teardown_run_clusters, ssh_command]:
+        properties = parameter_schema(item.fn).model_dump()["properties"]
+        missing = [p for p, about in properties.items() if not about.get("description")]
+        assert not missing, (item.name, missing)

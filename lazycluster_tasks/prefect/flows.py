@@ -101,20 +101,38 @@ def dask_cluster(
 ) -> contextlib.AbstractContextManager[ClusterHandle]:
     """A Dask cluster on ``hosts`` (or a host group block) for the duration of the block.
 
-    The words are :class:`~lazycluster_tasks.LazySSHCluster`'s: ``scheduler_host`` runs the
-    scheduler on one of the hosts (default: this machine), with ``scheduler_timeout`` seconds
-    (default 60) to come up; ``workers_per_host`` is one count for every host or host -> count
-    (hosts not named: 1; default: the host group's, else 1); ``n_workers`` is how many workers
-    the cluster starts with (default: the capacity, the sum over the hosts). ``options`` are
-    DaskOptions (``network_mode``, ``host_links``, ``threads_per_worker``, ``memory_limit``,
-    ``resources``, ``env``, ...). Nothing is left running on any host afterwards, whatever
-    happens inside. ``host_links=False`` keeps every host's ``~/.ssh/authorized_keys``
-    untouched (tunnelled worker traffic then goes through this machine).
-
-    While the block runs, a :class:`~lazycluster_tasks.watch.ClusterWatch` checks the cluster;
-    a lost scheduler, lost workers or a cut path (or ``timeout_seconds`` passing) stops the
-    scheduler, so the job's pending work fails at once, and the block raises
+    Nothing is left running on any host afterwards, whatever happens inside. While the block
+    runs, a :class:`~lazycluster_tasks.watch.ClusterWatch` checks the cluster; a lost
+    scheduler, lost workers or a cut path (or ``timeout_seconds`` passing) stops the scheduler,
+    so the job's pending work fails at once, and the block raises
     :class:`~lazycluster_tasks.errors.ClusterLostError` with the reason.
+
+    Parameters
+    ----------
+    hosts
+        SSH aliases or host names (default: the host group's, else this machine).
+    host_group, ssh_block
+        Names of a host group block (hosts, workers per host, network mode, SSH settings) and
+        of an SSH settings block (used instead of the group's).
+    ssh_config_path
+        An OpenSSH config file (default: the SSH settings', else ``~/.ssh/config``).
+    scheduler_host
+        One of the hosts to run the scheduler on (default: this machine).
+    n_workers
+        Workers to start with (default: the capacity, the sum over the hosts).
+    workers_per_host
+        One count for every host, or host -> count (hosts not named: 1; default: the host
+        group's, else 1).
+    scheduler_timeout
+        Seconds the scheduler has to come up (default 60).
+    timeout_seconds
+        Seconds the block may run before the cluster is stopped (default: no limit).
+    **options
+        :class:`~lazycluster_tasks.dask_options.DaskOptions` (``network_mode``,
+        ``host_links``, ``threads_per_worker``, ``memory_limit``, ``resources``, ``env``,
+        ...), as for :class:`~lazycluster_tasks.LazySSHCluster`. ``host_links=False`` keeps
+        every host's ``~/.ssh/authorized_keys`` untouched (tunnelled worker traffic then goes
+        through this machine).
 
     Deprecated names, for one release (a DeprecationWarning; both names given is a
     TypeError): ``master_host`` (``scheduler_host``), ``workers`` (``n_workers``).
@@ -246,15 +264,28 @@ def cluster_lifecycle(
     master_host: str | None = None,
 ) -> Any:
     """Launch master -> launch workers -> tunnels -> run ``job(cluster, **job_parameters)`` ->
-    cleanup (always). ``job`` is ``"module:function"`` (or, called from Python, a callable).
-    The run fails with the reason when the cluster is lost or the job runs longer than
-    ``timeout_seconds``.
+    cleanup (always). The run fails with the reason when the cluster is lost or the job runs
+    longer than ``timeout_seconds``.
 
-    The cluster's options are :func:`dask_cluster`'s (``scheduler_host``,
-    ``scheduler_timeout``, ``n_workers``; ``workers_per_host``, one count or host -> count,
-    and ``network_mode``: the host group's, else 1 and "auto"); ``options`` gives the other
-    DaskOptions. ``master_host`` is the deprecated name of ``scheduler_host`` (for one
-    release: a warning in the run's log; both given fails the run)."""
+    Args:
+        job: The job: "module:function" (or, called from Python, a callable), called with the
+            cluster handle and the job parameters.
+        hosts: SSH aliases or host names (default: the host group's, else this machine).
+        job_parameters: Keyword arguments for the job.
+        host_group: A host group block: hosts, workers per host, network mode, SSH settings.
+        ssh_block: An SSH settings block, used instead of the host group's.
+        ssh_config_path: An OpenSSH config file on the machine that runs the flow.
+        scheduler_host: One of the hosts to run the scheduler on (default: the flow's machine).
+        workers_per_host: One count for every host, or host -> count (hosts not named: 1;
+            default: the host group's, else 1).
+        network_mode: auto, direct or tunnelled (default: the host group's, else auto).
+        options: Other cluster options (threads_per_worker, memory_limit, env, host_links, ...).
+        timeout_seconds: Seconds the job may run before the cluster is stopped.
+        n_workers: Workers to start with (default: the capacity, the sum over the hosts).
+        scheduler_timeout: Seconds the scheduler has to come up (default 60).
+        master_host: Deprecated name of scheduler_host, for one release (a warning in the
+            run's log; both given fails the run).
+    """
     if master_host is not None:
         given = {"scheduler_host": scheduler_host, "master_host": master_host}
         scheduler_host = renamed(given, "master_host", "scheduler_host")
@@ -280,16 +311,23 @@ def cluster_lifecycle(
 
 @flow(name="teardown-cluster")
 def teardown_cluster(cluster_id: str) -> str:
-    """Stop a cluster from its persisted record (e.g. after its controller died). Idempotent."""
+    """Stop a cluster from its persisted record (e.g. after its controller died). Idempotent.
+
+    Args:
+        cluster_id: The cluster's id (as its artifacts and `lazycluster status` show it).
+    """
     record = cleanup_cluster(cluster_id)
     return "nothing to do" if record is None else f"cluster {cluster_id} stopped"
 
 
 @flow(name="teardown-run-clusters", persist_result=True)
 def teardown_run_clusters(flow_run: str) -> list[str]:
-    """Stop every cluster that the flow run ``flow_run`` (an id, or the event resource id
-    ``prefect.flow-run.<id>``) launched: what the safety-net Automation runs when such a run
-    crashed or was cancelled. Idempotent; returns the clusters stopped."""
+    """Stop every cluster that a flow run launched: what the safety-net Automation runs when
+    such a run crashed or was cancelled. Idempotent; returns the clusters stopped.
+
+    Args:
+        flow_run: The run's id, or its event resource id (prefect.flow-run.<id>).
+    """
     run_id = flow_run.removeprefix("prefect.flow-run.")
     stopped = []
     for cluster_id in clusters_of_run(run_id):

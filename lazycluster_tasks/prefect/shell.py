@@ -81,8 +81,19 @@ def ssh_command(
     timeout: float = TIMEOUT,
     check: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Run ``command`` on the hosts (or a host group block's) at once; host -> its exit code
-    and output, each line in the run's log as it comes."""
+    """Run ``command`` on the hosts at once; host -> its exit code and output, each line in the
+    run's log as it comes.
+
+    Args:
+        command: A shell command (run under /bin/sh whatever the login shell).
+        hosts: SSH aliases or host names (default: the host group's).
+        host_group: A host group block: its hosts and SSH settings.
+        ssh_block: An SSH settings block, used instead of the host group's.
+        ssh_config_path: An OpenSSH config file (default: the SSH settings').
+        env: Environment variables for the command (values are shell-quoted).
+        timeout: Seconds the command may run on each host.
+        check: Fail the task when a host's command exits with an error.
+    """
     where = resolve_blocks(hosts, host_group, ssh_block, ssh_config_path)
     if not where.hosts:
         raise ValueError("give hosts=[...] or host_group='block name'")

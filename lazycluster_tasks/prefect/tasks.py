@@ -241,7 +241,18 @@ def check_runtimes(
     filter_commands: Sequence[str] | None = None,
 ) -> list[str]:
     """The hosts to use: the given ones (or every host of the SSH config) that answer and pass
-    the filters. Hosts that do not are logged; none at all raises NoRuntimesDetectedError."""
+    the filters. Hosts that do not are logged; none at all raises NoRuntimesDetectedError.
+
+    Args:
+        hosts: SSH aliases or host names (default: every host of the SSH config).
+        ssh_config_path: An OpenSSH config file (default: the SSH settings', else ~/.ssh/config).
+        ssh_block: An SSH settings block: how to log in.
+        gpu_required: Keep only hosts with a GPU.
+        min_memory: Keep only hosts with at least this much memory, in MB.
+        min_cpu_cores: Keep only hosts with at least this many CPU cores.
+        installed_executables: Keep only hosts where each of these is on the PATH.
+        filter_commands: Keep only hosts where each of these shell commands succeeds.
+    """
     with core_logs() as log:
         where = resolve_blocks(hosts, None, ssh_block, ssh_config_path)
         kwargs, config = where.connection_kwargs, where.ssh_config_path
@@ -286,18 +297,25 @@ def launch_master(
     master_timeout: float | None = None,
     workers: int | None = None,
 ) -> ClusterRecord:
-    """Connect to the hosts, probe them, start the scheduler (here, or on ``scheduler_host``)
-    as a :class:`~lazycluster_tasks.LazySSHCluster` with no worker yet; the scheduler has
-    ``scheduler_timeout`` seconds (default 60) to come up.
+    """Connect to the hosts, probe them, start the scheduler as a
+    :class:`~lazycluster_tasks.LazySSHCluster` with no worker yet. The workers that
+    ``launch_workers`` will ask for start with the scheduler and boot while it does;
+    ``launch_workers`` adopts them. Returns when the scheduler answers.
 
-    The ``n_workers`` processes that ``launch_workers`` will ask for (default: the capacity,
-    every host's ``workers_per_host``) start with the scheduler and boot while it does;
-    ``launch_workers`` adopts them. ``workers_per_host`` is one
-    count for every host or host -> count (hosts not named: 1); default: ``options``' (a host
-    group's), else 1. Returns when the scheduler answers.
-
-    Deprecated names, for one release: ``master_host`` (``scheduler_host``),
-    ``master_timeout`` (``scheduler_timeout``), ``workers`` (``n_workers``).
+    Args:
+        hosts: SSH aliases or host names (default: the host group's).
+        ssh_config_path: An OpenSSH config file (default: the SSH settings').
+        ssh_block: An SSH settings block, used instead of the host group's.
+        host_group: A host group block: hosts, workers per host, network mode, SSH settings.
+        scheduler_host: One of the hosts to run the scheduler on (default: this machine).
+        options: Other cluster options (network_mode, threads_per_worker, env, ...).
+        scheduler_timeout: Seconds the scheduler has to come up (default 60).
+        n_workers: Workers launch_workers will ask for (default: the capacity).
+        workers_per_host: One count for every host, or host -> count (hosts not named: 1;
+            default: the host group's, else 1).
+        master_host: Deprecated name of scheduler_host (for one release).
+        master_timeout: Deprecated name of scheduler_timeout (for one release).
+        workers: Deprecated name of n_workers (for one release).
     """
     from lazycluster_tasks.ssh_cluster import LazySSHCluster
 
@@ -372,10 +390,14 @@ def launch_master(
 def launch_workers(
     record: ClusterRecord, n_workers: int | None = None, *, count: int | None = None
 ) -> ClusterRecord:
-    """Bring the cluster to ``n_workers`` workers (default: its capacity, every host's
-    ``workers_per_host``), all hosts at once; a progress artifact moves as workers register.
-    Safe to retry: it only starts what is missing. ``count`` is the deprecated name of
-    ``n_workers`` (for one release)."""
+    """Bring the cluster to ``n_workers`` workers, all hosts at once; a progress artifact
+    moves as workers register. Safe to retry: it only starts what is missing.
+
+    Args:
+        record: The cluster, as launch_master returned it.
+        n_workers: Workers to have (default: the capacity, every host's workers_per_host).
+        count: Deprecated name of n_workers (for one release).
+    """
     wanted = renamed({"n_workers": n_workers, "count": count}, "count", "n_workers")
     cluster = LIVE.require(record.cluster_id)
     engine = cluster.engine
@@ -401,7 +423,11 @@ def launch_workers(
 
 @task(name="setup-tunnels", timeout_seconds=120, **LIFECYCLE)
 def setup_tunnels(record: ClusterRecord) -> ClusterRecord:
-    """Check every tunnel (re-opening broken ones) and make the dashboard reachable here."""
+    """Check every tunnel (re-opening broken ones) and make the dashboard reachable here.
+
+    Args:
+        record: The cluster, as launch_workers returned it.
+    """
     cluster = LIVE.require(record.cluster_id)
     with core_logs() as log:
         broken = []
@@ -493,7 +519,11 @@ def stop_cluster(record: ClusterRecord, log: Any) -> ClusterRecord:
 @task(name="cleanup-cluster", timeout_seconds=300, **LIFECYCLE)
 def cleanup_cluster(record: ClusterRecord | str) -> ClusterRecord | None:
     """Stop every process of the cluster on every host, close its tunnels, remove its folders.
-    Works from the live object or, in another process, from the persisted record. Idempotent."""
+    Works from the live object or, in another process, from the persisted record. Idempotent.
+
+    Args:
+        record: The cluster's record, or its id (its persisted record is read).
+    """
     with core_logs() as log:
         if isinstance(record, str):
             loaded = load_record(record)
