@@ -32,8 +32,22 @@ class DaskCluster(MasterWorkerCluster):
     """A Dask cluster on the hosts of a RuntimeGroup (lazycluster's DaskCluster, grown up).
 
     ``DaskCluster(group).start()`` puts the scheduler on this machine and one worker per host;
-    keyword options (see :class:`DaskOptions`) pick the network mode, workers per host, threads,
-    memory, resources, env and extra CLI options. ``engine`` runs the processes.
+    ``engine`` runs the processes.
+
+    Parameters
+    ----------
+    runtime_group
+        The hosts.
+    ports
+        The ports the cluster's processes may use (default: lazycluster's range).
+    master_launcher, worker_launcher
+        How the scheduler and the workers start (default: the scheduler here, the workers
+        round-robin over the hosts); lazycluster's launcher classes.
+    options
+        A :class:`DaskOptions`: network mode, workers per host, threads, memory, resources,
+        env, TLS, extra command-line options, ...
+    **option_values
+        The same as keywords, instead of ``options``.
     """
 
     DEFAULT_MASTER_PORT = 8786

@@ -75,7 +75,15 @@ def fan_out(
 
 
 class RuntimeGroup:
-    """Several runtimes used together; every operation fans out to the hosts concurrently."""
+    """Several runtimes used together; every operation fans out to the hosts concurrently.
+
+    Parameters
+    ----------
+    runtimes, hosts
+        The runtimes, or host names to make them from (exactly one of the two).
+    working_dir, ssh_config_path, connection_kwargs, python_executable
+        For the runtimes made from ``hosts``, as for :class:`Runtime`.
+    """
 
     def __init__(
         self,

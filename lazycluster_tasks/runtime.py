@@ -80,9 +80,21 @@ class RuntimeProcess:
 class Runtime:
     """One host. Commands, files, functions, ports and tunnels all go through it.
 
-    ``host`` is an alias or hostname resolved through the OpenSSH config; ``localhost`` and
-    ``127.0.0.1`` run locally without SSH. ``python_executable`` is the interpreter used for
-    functions on the host (default: the same path as this process's interpreter).
+    Parameters
+    ----------
+    host
+        An alias or host name, resolved through the OpenSSH config; ``localhost`` and
+        ``127.0.0.1`` run locally without SSH.
+    working_dir
+        The folder commands run in (made with its parents; ``~`` is the login user's home;
+        default: a temporary folder, removed with the runtime).
+    connection_kwargs
+        paramiko's connect keywords (``key_filename``, ``port``, ``username``, ...), over the
+        OpenSSH config's settings.
+    ssh_config_path
+        An OpenSSH config file (default: ``~/.ssh/config``).
+    python_executable
+        The interpreter that runs functions on the host (default: this process's path).
     """
 
     #: The env variable holding the working dir on the host (set for every command).
