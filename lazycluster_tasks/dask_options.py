@@ -13,6 +13,17 @@ from lazycluster_tasks.network import NetworkMode, network_mode
 from lazycluster_tasks.runtime import Runtime, check_path
 from lazycluster_tasks.settings import settings
 
+#: Workers a host takes when nothing names a count for it.
+WORKERS_PER_HOST = 1
+
+
+def workers_on(counts: int | Mapping[str, int] | None, host: str) -> int:
+    """What ``host`` takes by ``counts`` (one count for every host, or host -> count; hosts
+    not named, and every host when None: ``WORKERS_PER_HOST``); unchecked."""
+    if counts is None:
+        return WORKERS_PER_HOST
+    return counts.get(host, WORKERS_PER_HOST) if isinstance(counts, Mapping) else counts
+
 
 @dataclass
 class DaskOptions:
@@ -20,7 +31,7 @@ class DaskOptions:
 
     network_mode: NetworkMode = "auto"  # see network.NetworkMode
     #: Workers a host takes: one count for every host, or host -> count (others: 1).
-    workers_per_host: int | Mapping[str, int] = 1
+    workers_per_host: int | Mapping[str, int] = WORKERS_PER_HOST
     threads_per_worker: int | None = None  # None: Dask's default (the host's cores)
     memory_limit: str | int | None = None  # None: Dask's default ("auto")
     #: Worker resources, e.g. {"GPU": 1}, or a function of the runtime (per host).
@@ -93,8 +104,7 @@ class DaskOptions:
 
     def workers_on(self, host: str) -> int:
         """Workers ``host`` takes (before GPUs: see gpus)."""
-        counts = self.workers_per_host
-        return counts.get(host, 1) if isinstance(counts, Mapping) else counts
+        return workers_on(self.workers_per_host, host)
 
     def gpus_on(self, host: str) -> int | str | None:
         """``"auto"``, a GPU count, or None (GPUs not used) for ``host``."""

@@ -27,7 +27,7 @@ from lazycluster_tasks import control, integrations
 from lazycluster_tasks.attached import AttachedCluster
 from lazycluster_tasks.checks import check_count, check_seconds
 from lazycluster_tasks.cluster import MasterWorkerCluster
-from lazycluster_tasks.dask_options import DaskOptions
+from lazycluster_tasks.dask_options import WORKERS_PER_HOST, DaskOptions
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.environments import HostEnvironment
 from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
@@ -310,7 +310,7 @@ class LazySSHCluster(SpecCluster):
             where.defaults,
         )
         if workers_per_host is None:  # the host group's, else one per host
-            workers_per_host = defaults.get("workers_per_host", 1)
+            workers_per_host = defaults.get("workers_per_host", WORKERS_PER_HOST)
         if isinstance(workers_per_host, Mapping):
             unknown = [h for h in workers_per_host if h not in list(hosts or [])]
             if unknown:

@@ -24,6 +24,7 @@ from prefect.states import State
 
 import lazycluster_tasks.prefect.events as events
 from lazycluster_tasks.dask import teardown
+from lazycluster_tasks.dask_options import workers_on
 from lazycluster_tasks.deprecation import renamed, renamed_all
 from lazycluster_tasks.errors import NoRuntimesDetectedError, TunnelError, is_transient
 from lazycluster_tasks.group import fan_out
@@ -224,9 +225,7 @@ def capacity(hosts: Sequence[str], workers_per_host: int | Mapping[str, int] | N
             return 0
         return max(count, 0)
 
-    if isinstance(workers_per_host, Mapping):
-        return sum(valid(workers_per_host.get(host, 1)) for host in hosts)
-    return len(hosts) * valid(1 if workers_per_host is None else workers_per_host)
+    return sum(valid(workers_on(workers_per_host, host)) for host in hosts)
 
 
 @task(name="check-runtimes", timeout_seconds=120, **LIFECYCLE)
