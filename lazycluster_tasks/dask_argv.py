@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 
 SCHEDULER_MODULE = "distributed.cli.dask_scheduler"
 WORKER_MODULE = "distributed.cli.dask_worker"
+#: dask-cuda's worker command, as ``dask-cuda-worker`` and ``dask cuda worker`` run it
+#: (``python -m dask_cuda.cli``: dask-cuda >= 23.06). Its CUDAWorker is no Worker: it starts
+#: one Nanny per GPU it sees, so lazycluster gives each such process one GPU.
+CUDA_WORKER_MODULE = "dask_cuda.cli"
+CUDA_WORKER_CLASSES = ("dask_cuda.CUDAWorker", "dask_cuda.cuda_worker.CUDAWorker")
 #: Seconds the scheduler lives on after its last client left (read by WATCH_PRELOAD).
 CLIENT_TIMEOUT_ENV = "LAZYCLUSTER_CLIENT_TIMEOUT"
 
@@ -101,6 +106,20 @@ def tls_args(tls: TLSPaths | None) -> list[str]:
     ]
 
 
+def cuda_worker(options: DaskOptions) -> bool:
+    """Whether the workers are dask-cuda's (``worker_class="dask_cuda.CUDAWorker"``): started
+    by its own command, one GPU each. ValueError with ``nanny=False`` (CUDAWorker always runs
+    its workers under a nanny)."""
+    if options.worker_class not in CUDA_WORKER_CLASSES:
+        return False
+    if not options.nanny:
+        raise ValueError(
+            f"worker_class {options.worker_class!r} runs each worker under a nanny of its own: "
+            "nanny=False does not apply"
+        )
+    return True
+
+
 def worker_argv(
     python: str,
     scheduler_address: str,
@@ -116,14 +135,19 @@ def worker_argv(
     tls: TLSPaths | None = None,
 ) -> list[str]:
     """``dask worker`` with explicit addresses: the host's own address (direct) or 127.0.0.1 with
-    the same port on every node (``loopback``: tunnelled)."""
-    argv = [python, "-m", WORKER_MODULE, scheduler_address, "--name", name]
+    the same port on every node (``loopback``: tunnelled). For dask-cuda's CUDAWorker its own
+    command with the same options, less those it has not: its nanny picks its port."""
+    cuda = cuda_worker(options)
+    module = CUDA_WORKER_MODULE if cuda else WORKER_MODULE
+    argv = [python, "-m", module, scheduler_address, "--name", name]
     if loopback:
         contact = f"{'tls' if tls else 'tcp'}://127.0.0.1:{port}"
         argv += ["--listen-address", contact, "--contact-address", contact]
     else:
         argv += ["--host", address, "--worker-port", str(port)]
-    if options.nanny:
+    if cuda:
+        pass  # no --nanny/--nanny-port there: CUDAWorker starts its nanny itself
+    elif options.nanny:
         argv += ["--nanny", "--nanny-port", str(nanny_port)]
     else:
         argv.append("--no-nanny")
@@ -140,6 +164,6 @@ def worker_argv(
         argv += ["--memory-limit", str(options.memory_limit)]
     if resources:
         argv += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
-    if options.worker_class:
+    if options.worker_class and not cuda:
         argv += ["--worker-class", options.worker_class]
     return argv + tls_args(tls) + option_flags("worker", options.worker_options)

@@ -32,6 +32,7 @@ from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.dask_argv import (
     CLIENT_TIMEOUT_ENV,
+    cuda_worker,
     scheduler_argv,
     server_env,
     worker_argv,
@@ -333,14 +334,25 @@ class Engine:
         return self.group.get_runtime(host)
 
     def gpus(self, host: str) -> list[int]:
-        """The GPUs whose workers run on ``host``, by index ([] : GPUs not used there)."""
+        """The GPUs whose workers run on ``host``, by index ([] : GPUs not used there). With
+        dask-cuda's CUDAWorker every worker has one (gpus defaults to "auto")."""
         chosen = self.options.gpus_on(host)
-        if chosen is None:
+        cuda = cuda_worker(self.options)
+        if cuda and self.options.gpus is None:
+            chosen = "auto"
+        if chosen is None and not cuda:
             return []
         found = self.runtime(host).gpu_count  # the host's facts (nvidia-smi)
-        count = found if chosen == "auto" else min(int(chosen), found)
-        if chosen != "auto" and int(chosen) > found:
-            raise ValueError(f"gpus: {host} has {found} GPUs, not {chosen}")
+        if chosen not in (None, "auto") and int(chosen) > found:
+            raise ValueError(
+                f"gpus: {host} has {found} GPU(s) (nvidia-smi), fewer than the {chosen} asked for"
+            )
+        count = 0 if chosen is None else found if chosen == "auto" else int(chosen)
+        if cuda and not count:
+            raise ValueError(
+                f"worker_class {self.options.worker_class!r} runs one worker per GPU: {host} "
+                f"has none for it ({found} found by nvidia-smi, gpus={self.options.gpus!r})"
+            )
         return list(range(count))
 
     def slots(self, host: str) -> int:

@@ -233,19 +233,27 @@ class Healer:
 
     async def _probe_host(self, host: str, since: float) -> None:
         """Once ``host`` answers: stop what was left there, and place workers there again."""
-        stale = self.hosts.stale.get(host, [])
         try:
             await asyncio.to_thread(self.cluster.engine.reach, host, REACH_TIMEOUT)
-            if stale:
-                await asyncio.to_thread(self.cluster.engine.stop, stale)
+            await self._stop_stale(host)
             await asyncio.to_thread(self.cluster.engine.reroute, host)  # tunnelled: what it missed
+            await self._stop_stale(host)  # left there while this probe ran
         except Exception as exc:
             logger.debug("host %s still does not answer: %s", host, exc)
             return
-        self.hosts.stale.pop(host, None)
-        self.hosts.down.pop(host, None)
+        self.hosts.down.pop(host, None)  # no await since the last stop: nothing left unstopped
         self.hosts.reported.discard(host)
         logger.info("host %s answers again after %.1f s", host, time.monotonic() - since)
+
+    async def _stop_stale(self, host: str) -> None:
+        """Stop the workers left for later on ``host``, those added meanwhile too (a worker
+        closed while the probe ran); on failure they stay left for later."""
+        while stale := self.hosts.stale.pop(host, []):
+            try:
+                await asyncio.to_thread(self.cluster.engine.stop, stale)
+            except BaseException:
+                self.hosts.stale.setdefault(host, [])[:0] = stale
+                raise
 
     def _place_waiting(self) -> int:
         """Start a replacement for each lost worker where there is room (its host first)."""

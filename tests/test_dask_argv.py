@@ -192,3 +192,49 @@ def test_the_network_mode_is_one_word_list_checked_in_one_place():
     for wrong in ("Direct", "ssh", None, 3):
         with pytest.raises(ValueError, match="network_mode must be one of auto, direct, tunnelled"):
             DaskOptions(network_mode=wrong).check()  # type: ignore[arg-type]
+
+
+#: The options of dask-cuda's worker command (dask_cuda/cli.py: ``dask cuda worker``,
+#: ``dask-cuda-worker``) among those lazycluster sets; it has no --nanny, --nanny-port nor
+#: --no-nanny, and its --worker-class is the class its nannies run (a Worker).
+CUDA_CLI_FLAGS = {
+    "--name", "--host", "--worker-port", "--listen-address", "--contact-address",
+    "--nthreads", "--memory-limit", "--resources", "--dashboard", "--no-dashboard",
+    "--death-timeout", "--local-directory", "--protocol", "--tls-ca-file", "--tls-cert",
+    "--tls-key", "--rmm-pool-size",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "worker_class", ["dask_cuda.CUDAWorker", "dask_cuda.cuda_worker.CUDAWorker"]
+)
+@pytest.mark.parametrize("loopback", [False, True])
+def test_dask_cudas_worker_starts_as_its_own_command_does(worker_class, loopback):
+    options = DaskOptions(
+        worker_class=worker_class,
+        threads_per_worker=2,
+        memory_limit="4GiB",
+        worker_options=["--rmm-pool-size", "1GB"],
+    )
+    options.check()
+    tls = TLSPaths("/w/tls/ca.pem", "/w/tls/worker-cert.pem", "/w/tls/worker-key.pem")
+    argv = worker_argv(
+        "/py", "tls://10.0.0.1:8786", "h1-0", "/w", options,
+        address="10.0.0.2", port=60001, nanny_port=60002, loopback=loopback,
+        resources={"GPU": 1}, tls=tls,
+    )  # fmt: skip
+    assert argv[:5] == ["/py", "-m", dask_argv.CUDA_WORKER_MODULE, "tls://10.0.0.1:8786", "--name"]
+    assert dask_argv.CUDA_WORKER_MODULE == "dask_cuda.cli"  # what dask-cuda-worker runs
+    flags = {a for a in argv if a.startswith("--")}
+    assert flags <= CUDA_CLI_FLAGS, flags - CUDA_CLI_FLAGS
+    assert "--worker-class" not in argv and worker_class not in argv  # never nested in a nanny
+    line = shlex.join(argv)
+    where = "--listen-address tls://127.0.0.1:60001" if loopback else "--worker-port 60001"
+    assert where in line and "60002" not in line  # its nanny picks its own port
+    assert "--nthreads 2 --memory-limit 4GiB --resources GPU=1" in line
+    assert argv[-2:] == ["--rmm-pool-size", "1GB"]
+    with pytest.raises(ValueError, match="nanny=False does not apply"):
+        worker_argv(
+            "/py", "tcp://x:1", "h-0", "/w", DaskOptions(worker_class=worker_class, nanny=False),
+            address="a", port=1, nanny_port=None, loopback=False,
+        )  # fmt: skip

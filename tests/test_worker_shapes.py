@@ -3,6 +3,8 @@ a setup step before the processes, a worker count per host — on real hosts."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import time
@@ -99,6 +101,53 @@ def test_a_worker_class_from_the_users_code_and_dasks_nanny(
     assert not gpu_hosts.leftovers()
 
 
+#: A stand-in for dask-cuda on the hosts (no GPUs here): its CLI records how it was started,
+#: then runs what ``dask cuda worker`` runs for one visible GPU, a nanny and its worker.
+FAKE_CUDA_CLI = """import json, os, sys
+os.environ["FAKE_CUDA_ARGV"] = json.dumps(sys.argv)
+from distributed.cli.dask_worker import main
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_dask_cudas_worker_class_starts_through_its_own_command_one_gpu_each(
+    gpu_hosts: TestHosts, tmp_path: Path, monkeypatch
+) -> None:
+    package = tmp_path / "site" / "dask_cuda"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("class CUDAWorker:\n    pass\n")
+    (package / "cli.py").write_text(FAKE_CUDA_CLI)
+    monkeypatch.syspath_prepend(str(package.parent))  # the user's code: it goes to the hosts
+    with pytest.raises(ValueError, match="runs one worker per GPU: host2 has none"):
+        _cluster(gpu_hosts, worker_class="dask_cuda.CUDAWorker")
+    cluster = LazySSHCluster(
+        ["host1"],
+        ssh_config_path=str(gpu_hosts.ssh_config_path),
+        worker_class="dask_cuda.CUDAWorker",
+        threads_per_worker=1,
+    )
+    try:
+        assert cluster.capacity == 2  # one per GPU, as gpus="auto"
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            ran = client.run(
+                lambda: (
+                    os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    json.loads(os.environ.get("FAKE_CUDA_ARGV", "null")),
+                )
+            )
+            assert sorted(gpu for gpu, _ in ran.values()) == ["0", "1"]
+            for _, argv in ran.values():
+                assert argv is not None and argv[0].endswith("/dask_cuda/cli.py"), argv
+                assert "--worker-class" not in argv and "--nanny-port" not in argv, argv
+                assert argv[argv.index("--resources") + 1] == "GPU=1"
+            assert all(w.get("nanny") for w in _workers(client).values())
+    finally:
+        cluster.close()
+    assert not gpu_hosts.leftovers()
+
+
 def _gpu_task(seconds: float) -> tuple[str, str]:
     time.sleep(seconds)
     return socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -135,6 +184,38 @@ def test_one_worker_per_gpu_pinned_and_tagged_kept_by_healing(gpu_hosts: TestHos
             assert sorted(seen.values()) == [("host1", "0"), ("host1", "1"), ("host2", None)]
     finally:
         cluster.close()
+    assert not gpu_hosts.leftovers()
+
+
+def test_gpus_per_host_a_count_or_auto_and_more_than_a_host_has_refused(
+    gpu_hosts: TestHosts,
+) -> None:
+    # a count below what host1 has: that many pinned workers; host2 keeps its worker count
+    cluster = _cluster(gpu_hosts, gpus={"host1": 1}, workers_per_host={"host1": 3, "host2": 2})
+    try:
+        assert cluster.capacity == 3
+        with Client(cluster) as client:
+            client.wait_for_workers(3, timeout=60)
+            seen = client.run(
+                lambda: (socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            )
+            pinned = [("host1", "0"), ("host2", None), ("host2", None)]
+            assert sorted(seen.values(), key=str) == pinned
+            resources = sorted((w["resources"] for w in _workers(client).values()), key=len)
+            assert resources == [{}, {}, {"GPU": 1}]
+    finally:
+        cluster.close()
+    auto = _cluster(gpu_hosts, gpus={"host1": "auto"}, n_workers=0)  # host1's 2, host2's 1
+    try:
+        assert auto.capacity == 3
+        assert [auto.engine.gpus(h) for h in HOSTS] == [[0, 1], []]
+    finally:
+        auto.close()
+    for asked, host, has in (({"host1": 3}, "host1", 2), ({"host2": 1}, "host2", 0)):
+        with pytest.raises(ValueError) as info:
+            _cluster(gpu_hosts, gpus=asked)
+        said = str(info.value)
+        assert f"gpus: {host} has {has} GPU(s)" in said and f"{asked[host]} asked for" in said
     assert not gpu_hosts.leftovers()
 
 
@@ -184,6 +265,68 @@ def test_a_worker_count_per_host_through_start_scale_and_adapt(gpu_hosts: TestHo
     with pytest.raises(ValueError, match="not in the cluster"):
         _cluster(gpu_hosts, workers_per_host={"host9": 2})
     assert not gpu_hosts.leftovers()
+
+
+def _spec_hosts(cluster: LazySSHCluster) -> list[str]:
+    return sorted(v["options"]["host"] for v in cluster.worker_spec.values())
+
+
+def _registered_hosts(client: Client) -> list[str]:
+    """The hosts of the workers the scheduler knows (from their names: <host>-<n>)."""
+    return sorted(str(w["name"]).rsplit("-", 1)[0] for w in _workers(client).values())
+
+
+def test_healing_honours_the_worker_count_of_each_host(gpu_hosts: TestHosts, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks")
+    cluster = _cluster(
+        gpu_hosts, workers_per_host={"host1": 2, "host2": 1}, n_workers=2, worker_ttl=3
+    )
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            assert _registered_hosts(client) == ["host1", "host2"]
+            (first,) = [
+                n for n, v in cluster.worker_spec.items() if v["options"]["host"] == "host2"
+            ]
+            # host2 away: its worker moves to host1, which has room for a second one
+            gpu_hosts.cut_host("host2")
+            try:
+                moved = f"starts on host1 to replace {first}"
+                assert wait_until(lambda: moved in caplog.text, 60), caplog.text[-2000:]
+                assert wait_until(lambda: _registered_hosts(client) == ["host1", "host1"], 60)
+                cluster.scale(3)  # host1 is full and host2 away: capped, none above host1's 2
+                assert _spec_hosts(cluster) == ["host1", "host1"]
+            finally:
+                gpu_hosts.restore_host("host2")
+            assert wait_until(lambda: "host host2 answers again" in caplog.text, 60)
+            cluster.scale(3)
+            cluster.wait_started()
+            assert wait_until(
+                lambda: _registered_hosts(client) == ["host1", "host1", "host2"], 60
+            ), _workers(client)
+            # full: host2's worker lost again has nowhere to go but host2, once it answers
+            (second,) = [
+                n for n, v in cluster.worker_spec.items() if v["options"]["host"] == "host2"
+            ]
+            gpu_hosts.cut_host("host2")
+            try:
+                lost = f"worker {second} on host2 lost"
+                assert wait_until(lambda: lost in caplog.text, 60), caplog.text[-2000:]
+                for _ in range(4):  # a few checks of the healer: nothing placed above a count
+                    time.sleep(1)
+                    assert _spec_hosts(cluster) == ["host1", "host1"]
+                assert f"to replace {second}" not in caplog.text
+            finally:
+                gpu_hosts.restore_host("host2")
+            back = f"starts on host2 to replace {second}"
+            assert wait_until(lambda: back in caplog.text, 60), caplog.text[-2000:]
+            assert wait_until(
+                lambda: _registered_hosts(client) == ["host1", "host1", "host2"], 60
+            ), _workers(client)
+            assert _spec_hosts(cluster) == ["host1", "host1", "host2"]
+    finally:
+        cluster.close()
+    assert wait_until(lambda: not gpu_hosts.leftovers(), 30), gpu_hosts.leftovers()
 
 
 def test_prefect_tasks_that_need_a_gpu_run_one_per_gpu(
