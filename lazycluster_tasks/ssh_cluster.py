@@ -28,6 +28,7 @@ from lazycluster_tasks.attached import AttachedCluster
 from lazycluster_tasks.checks import check_count, check_seconds
 from lazycluster_tasks.cluster import MasterWorkerCluster
 from lazycluster_tasks.dask_options import WORKERS_PER_HOST, DaskOptions
+from lazycluster_tasks.deprecation import renamed
 from lazycluster_tasks.engine import Engine
 from lazycluster_tasks.environments import HostEnvironment
 from lazycluster_tasks.errors import LazyclusterError, WorkerStartError
@@ -316,6 +317,10 @@ class LazySSHCluster(SpecCluster):
             if unknown:
                 raise ValueError(f"workers_per_host names hosts not in the cluster: {unknown}")
         options = {**defaults, **options}
+        given = {"python": python, "python_executable": options.pop("python_executable", None)}
+        python = renamed(given, "python_executable", "python")  # warned: the old name
+        python = options.pop("python", None) if python is None else python  # else the group's
+        options.pop("python", None)
         if python is not None:
             options["python_executable"] = python
         options["workers_per_host"] = workers_per_host

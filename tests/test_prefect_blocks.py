@@ -263,7 +263,7 @@ def test_host_group_option_validation_and_cluster_options() -> None:
     }
     group = HostGroupBlock(
         hosts=["h1", "h2"],
-        python_executable={"h1": "/a/python", "h2": "/b/python"},
+        python={"h1": "/a/python", "h2": "/b/python"},
         workers_per_host=2,
         network_mode="tunnelled",
         host_links=False,  # a site whose policy is not to touch authorized_keys
@@ -272,8 +272,30 @@ def test_host_group_option_validation_and_cluster_options() -> None:
         "workers_per_host": 2,
         "network_mode": "tunnelled",
         "host_links": False,
-        "python_executable": {"h1": "/a/python", "h2": "/b/python"},
+        "python": {"h1": "/a/python", "h2": "/b/python"},
     }
+
+
+def test_python_is_the_one_name_and_python_executable_still_works_warned() -> None:
+    from lazycluster_tasks import LazySSHCluster
+
+    with pytest.warns(DeprecationWarning, match="python_executable is deprecated: use python"):
+        old = HostGroupBlock(hosts=["h1"], python_executable="/v/bin/python")
+    assert old.python == "/v/bin/python"
+    assert old.cluster_options()["python"] == "/v/bin/python"
+    with pytest.warns(DeprecationWarning, match="python_executable is deprecated"):
+        saved = HostGroupBlock.model_validate({"hosts": ["h1"], "python_executable": "/p"})
+    assert saved.python == "/p"  # a group saved before the rename loads
+    with pytest.raises(TypeError, match="got both python_executable= and python="):
+        HostGroupBlock(hosts=["h1"], python="/a", python_executable="/b")
+    # the cluster: warned as it starts (here stopped at once, by a wrong worker_ttl)
+    with (
+        pytest.warns(DeprecationWarning, match="python_executable is deprecated: use python"),
+        pytest.raises(ValueError, match="worker_ttl"),
+    ):
+        LazySSHCluster(["h1"], python_executable="/v/bin/python", worker_ttl=-1)
+    with pytest.raises(TypeError, match="got both python_executable= and python="):
+        LazySSHCluster(["h1"], python="/a", python_executable="/b", worker_ttl=-1)
 
 
 # -- blocks: saved and loaded through the API ------------------------------------------------
@@ -295,7 +317,7 @@ def test_ssh_block_saves_and_loads_by_name(api_url: str) -> None:
 def test_host_group_with_nested_ssh_round_trips(api_url: str) -> None:
     group = HostGroupBlock(
         hosts=["h1", "h2"],
-        python_executable="/v/bin/python",
+        python="/v/bin/python",
         workers_per_host=3,
         network_mode="direct",
         ssh=full_ssh_block(),
@@ -307,7 +329,7 @@ def test_host_group_with_nested_ssh_round_trips(api_url: str) -> None:
         "workers_per_host": 3,
         "network_mode": "direct",
         "host_links": True,
-        "python_executable": "/v/bin/python",
+        "python": "/v/bin/python",
     }
     assert isinstance(loaded.ssh, SSHSettingsBlock)
     assert loaded.ssh.connection_kwargs() == FULL_KWARGS

@@ -9,8 +9,16 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from lazycluster_tasks.deprecation import renamed
 from lazycluster_tasks.network import NetworkMode
 
 __all__ = ["DOCUMENTATION_URL", "LOGO_URL", "HostGroupBlock", "SSHSettingsBlock"]
@@ -78,7 +86,7 @@ class HostGroupBlock(Block):
     model_config = ConfigDict(hide_input_in_errors=True)
 
     hosts: list[str] = Field(description="SSH host aliases or names, one per entry.")
-    python_executable: str | dict[str, str] | None = Field(
+    python: str | dict[str, str] | None = Field(
         default=None, description="Remote Python, for all hosts or per host name."
     )
     workers_per_host: int | dict[str, int] = Field(
@@ -100,6 +108,15 @@ class HostGroupBlock(Block):
         ),
     )
     ssh: SSHSettingsBlock | None = Field(default=None, description="SSH settings for all hosts.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        """``python_executable`` (a document saved before the rename too) is ``python``."""
+        if isinstance(data, dict) and "python_executable" in data:
+            data = dict(data)
+            renamed(data, "python_executable", "python", stacklevel=4)
+        return data
 
     @field_validator("hosts")
     @classmethod
@@ -133,12 +150,12 @@ class HostGroupBlock(Block):
 
     def cluster_options(self) -> dict[str, Any]:
         """Options for the cluster: workers per host (a count, or host -> count, as given),
-        network mode, host links, python executable if set."""
+        network mode, host links, python if set."""
         options: dict[str, Any] = {
             "workers_per_host": self.workers_per_host,
             "network_mode": self.network_mode,
             "host_links": self.host_links,
-            "python_executable": self.python_executable,
+            "python": self.python,
         }
         return {key: value for key, value in options.items() if value is not None}
 
