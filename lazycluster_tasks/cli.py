@@ -208,9 +208,12 @@ def envs(
     ] = None,
     ssh_config: SshConfig = None,
     prune: Annotated[
-        bool, typer.Option("--prune", help="remove environments unused for --older days")
+        bool,
+        typer.Option("--prune", help="remove environments unused for --older days (not in use)"),
     ] = False,
-    older: Annotated[float, typer.Option(min=0, help="days unused before --prune removes")] = 7,
+    older: Annotated[
+        float, typer.Option(min=0, help="days since last use before --prune removes")
+    ] = 7,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
     shipped: Annotated[
         bool,
@@ -221,10 +224,11 @@ def envs(
         typer.Option("--exclude", help="with --shipped: a distribution (or pattern) left out"),
     ] = None,
 ) -> None:
-    """The environments clusters made on the hosts (~/.cache/lazycluster there): size and last
-    use; --prune removes those unused for --older days and the parts nothing uses. Exit 1 when
-    a host does not answer. --shipped lists what this machine's environment is made of
-    (asks no host)."""
+    """The environments clusters made on the hosts (~/.cache/lazycluster there): size, last
+    use (each start that uses one notes it) and whether a running cluster uses it; --prune
+    removes those whose last use is --older days ago or more (0: all), never one a running
+    process uses, and the parts nothing uses. Exit 1 when a host does not answer. --shipped
+    lists what this machine's environment is made of (asks no host)."""
     from lazycluster_tasks import environments
 
     if shipped:
@@ -252,15 +256,21 @@ def envs(
     elif prune:
         for host in chosen:
             if host in found:
-                removed = found[host]["removed"]
-                out.print(f"{host}: removed {len(removed)} environments {' '.join(removed)}")
+                removed, busy = found[host]["removed"], found[host].get("in_use", [])
+                kept = f" (kept {len(busy)} in use)" if busy else ""
+                out.print(f"{host}: removed {len(removed)} environments {' '.join(removed)}{kept}")
     else:
-        table = Table("host", "environment", "parts", "MiB", "last used")
+        table = Table("host", "environment", "parts", "MiB", "last used", "in use")
         for host in chosen:
             for env in found.get(host, {}).get("envs", []):
                 used = time.strftime("%Y-%m-%d %H:%M", time.localtime(env["used"]))
                 table.add_row(
-                    host, env["key"], str(env["units"]), f"{env['bytes'] / 2**20:.0f}", used
+                    host,
+                    env["key"],
+                    str(env["units"]),
+                    f"{env['bytes'] / 2**20:.0f}",
+                    used,
+                    "yes" if env.get("in_use") else "no",
                 )
         out.print(table)
     for host, error in errors.items():

@@ -122,6 +122,7 @@ class Engine:
         self.table = ProcessTable()
         self._host_locks: dict[str, threading.Lock] = {}
         self._shared: set[str] = set()  # hosts that run this machine's own interpreter
+        self._bases: dict[str, str] = {}  # host -> the interpreter given: its env's base
         self._code_path: list[str] = []  # the user's code folders here
         self._scheduler_host: str | None = None  # None: this machine
         self._scheduler_bind: str | None = None
@@ -853,23 +854,24 @@ class Engine:
             logger.debug("[%s] %s", name, text.rstrip())
 
     def _environments(self) -> None:
-        """Each host without an interpreter given gets the environment of this machine's (see
-        environments): its interpreter for the cluster from then on. Processes that run with
-        this machine's own interpreter (here, on hosts that share its files) find the user's
-        code on their PYTHONPATH."""
+        """Each host gets the environment of this machine's (see environments), made from the
+        interpreter given for it if any (python=), else from python3.X on its PATH: its
+        interpreter for the cluster from then on. Processes that run with this machine's own
+        interpreter (here, on hosts that share its files) find the user's code on their
+        PYTHONPATH."""
         parts = self.options.environment_parts()
         if parts is None:
             return
         include, exclude, code = parts
         given = self.options.python_executable
-        remote = [
-            rt
-            for rt in self.group.runtimes
-            if not rt.is_local
-            and not rt.python_given
-            and not isinstance(given, str)
-            and not (isinstance(given, Mapping) and rt.host in given)
-        ]
+        remote = [rt for rt in self.group.runtimes if not rt.is_local]
+        bases = {  # host -> the interpreter given there: the environment's base
+            rt.host: self.options.python(rt)
+            for rt in remote
+            if rt.python_given
+            or isinstance(given, str)
+            or (isinstance(given, Mapping) and rt.host in given)
+        }
         manifest = environments.current(include, exclude, code)
         self.manifest = manifest
         self._code_path = [folder for folder in manifest.code_folders]
@@ -892,12 +894,15 @@ class Engine:
             report(None)
         except Exception:
             logger.exception("environment progress callback failed")
-        made = environments.sync(remote, manifest, packs, on_host=report)
+        made = environments.sync(remote, manifest, packs, python=bases, on_host=report)
         self.environments.update(made)
+        self._bases = bases
         pythons = dict(given) if isinstance(given, Mapping) else {}
         for host, env in made.items():
-            if env.shared:
+            if env.shared:  # its files are this machine's: the given interpreter as it is
                 self._shared.add(host)
+                if host in bases:
+                    pythons[host] = bases[host]
                 continue
             pythons[host] = env.python
             if env.sent:
@@ -937,7 +942,7 @@ class Engine:
         ]
         if ours and manifest.key != old.key:
             packs = environments.Packs(os.path.join(settings().cache_directory, "packs"))
-            made = environments.sync(ours, manifest, packs)
+            made = environments.sync(ours, manifest, packs, python=self._bases)
             self.environments.update(made)
             given = self.options.python_executable
             pythons = dict(given) if isinstance(given, Mapping) else {}

@@ -485,11 +485,21 @@ def host_line(*args: str) -> str:
     return _any_python(minor, shlex.join(["-I", "-c", _program(), *args]))
 
 
+def env_key(manifest: Manifest, python: str | None) -> str:
+    """The key of a host's environment: the manifest's, and the interpreter given as its base
+    (another base is another environment; the units are shared)."""
+    if python is None:
+        return manifest.key
+    return f"{manifest.key}-{hashlib.sha256(python.encode()).hexdigest()[:8]}"
+
+
 def check_line(manifest: Manifest, python: str | None) -> str:
-    """Ask a host what it has: run by ``python``, else by the first of python3.X, python3."""
+    """Ask a host what it has: run by ``python`` (the given base), else by the first of
+    python3.X, python3."""
     units = ",".join(u.key for u in manifest.units)
     samples = json.dumps([_sample(u) for u in manifest.units if u.files])
-    args = ["check", "--key", manifest.key, "--units", units, "--ours", sys.executable]
+    key = env_key(manifest, python)
+    args = ["check", "--key", key, "--units", units, "--ours", sys.executable]
     args += ["--samples", samples]
     run = shlex.join(["-I", "-c", _program(), *args])
     if python is not None:
@@ -504,9 +514,10 @@ def _sample(unit: Unit) -> list[object]:
     return [source, status.st_size, status.st_mtime_ns]
 
 
-def build_line(manifest: Manifest, python: str) -> str:
+def build_line(manifest: Manifest, python: str, given: str | None = None) -> str:
+    """Make the environment with ``python`` (the interpreter the check ran with)."""
     units = ",".join(u.key for u in manifest.units)
-    args = ["build", "--key", manifest.key, "--units", units, "--python", python]
+    args = ["build", "--key", env_key(manifest, given), "--units", units, "--python", python]
     args += ["--stall", f"{STALL:g}"]
     return shlex.join([python, "-I", "-c", _program(), *args])
 
@@ -521,13 +532,14 @@ def _answer(result: CommandResult, host: str, what: str) -> dict[str, Any]:
     raise RemoteEnvironmentError(f"{host}: {what} failed: {why}", host=host)
 
 
-def _fits(host: str, found: Mapping[str, Any], manifest: Manifest) -> None:
+def _fits(host: str, found: Mapping[str, Any], manifest: Manifest, given: bool = False) -> None:
     """The host's interpreter runs what this machine's does; RemoteEnvironmentError naming
     what differs otherwise."""
     version = str(found.get("version", "?"))
     if ".".join(version.split(".")[:2]) != manifest.python:
+        which = "the interpreter given (python=) is" if given else "found"
         raise RemoteEnvironmentError(
-            f"{host}: no Python {manifest.python} (found {version} at {found.get('python')}); "
+            f"{host}: no Python {manifest.python} ({which} {version} at {found.get('python')}); "
             f"install python{manifest.python} there, or give python= an interpreter of it "
             "there, or environment=None to use one you manage",
             host=host,
@@ -559,7 +571,8 @@ def sync(
     """Each host's interpreter for ``manifest``: this machine's where the host shares its
     files, else an environment of its own, made where it is missing from the units it lacks
     (packed once here, sent in one stream per host, all hosts at once). ``python``: host ->
-    the interpreter that makes its environment; ``on_host`` is called as each host is ready
+    the interpreter given there, the base its environment is made from (default: python3.X
+    on its PATH); ``on_host`` is called as each host is ready
     (from its own thread; an exception from it is logged). Raises GroupError naming each host
     that failed and why (no Python of the minor version, another platform, a full disk, a
     cut transfer)."""
@@ -570,6 +583,14 @@ def sync(
         result = runtime.connection.run(
             check_line(manifest, chosen.get(runtime.host)), timeout=CHECK_TIMEOUT
         )
+        given = chosen.get(runtime.host)
+        if result.exit_code in (126, 127) and given is not None:
+            raise RemoteEnvironmentError(
+                f"{runtime.host}: the interpreter given (python=) {given!r} does not run there "
+                f"({tail(result.output, 200).strip()}); give one of Python {manifest.python} "
+                "there, or none to use python3.X on the PATH",
+                host=runtime.host,
+            )
         if result.exit_code == 127:
             raise RemoteEnvironmentError(
                 f"{runtime.host}: no Python 3 to run the cluster with "
@@ -597,7 +618,7 @@ def sync(
         host, answer = runtime.host, found[runtime.host]
         if answer.get("same"):
             return HostEnvironment(host, sys.executable, shared=True)
-        _fits(host, answer, manifest)
+        _fits(host, answer, manifest, host in chosen)
         if answer.get("env"):
             return HostEnvironment(host, str(answer["env"]), seconds=_since(started[host]))
         missing = set(answer.get("missing") or [])
@@ -605,7 +626,7 @@ def sync(
         size = sum(packs.path(u).stat().st_size for u in sending)
         with stream(packs, sending) as data:
             result = runtime.connection.run(
-                build_line(manifest, str(answer["python"])),
+                build_line(manifest, str(answer["python"]), chosen.get(host)),
                 stdin=data,
                 timeout=CHECK_TIMEOUT + size / SLOWEST,
                 stall=STALL,

@@ -351,13 +351,17 @@ def test_environments_benchmark_prints_its_table(capsys: pytest.CaptureFixture[s
 
     targets = environments.main(["--hosts", "2", "--repeat", "1"])
     out = capsys.readouterr().out
-    assert [t.status in ("PASS", "MISS") for t in targets] == [True], out
+    assert [t.status in ("PASS", "MISS") for t in targets] == [True, True], out
+    assert "bytes / link" in targets[1].name and targets[1].ratio is not None, out
     rows = {line.split("  ")[0]: line.split() for line in out.splitlines() if "2 hosts, " in line}
     first = rows["2 hosts, first start"]
     assert float(first[-4]) > 1 and first[-1] == "0/1"  # MiB sent per host, no failure
     assert (
         rows["2 hosts, cached start"][-4] == "0.0" and rows["2 hosts, pre-installed"][-1] == "0/1"
     )
+    # the link, measured in the run: the same bytes a first start sent, by plain ssh
+    copied = rows["2 hosts, link (ssh cat)"]
+    assert copied[-4] == first[-4] and float(copied[-3]) > 0, out
 
 
 def test_the_scale_model_fits_and_flags_growth_with_hosts_squared() -> None:

@@ -209,6 +209,85 @@ def test_a_flow_runs_its_tasks_on_hosts_that_share_nothing(
     assert all(r["state"] in ("made", "found") and r["python"].startswith(home) for r in rows)
 
 
+def _env_home(hosts: TestHosts, host: str, python: str) -> str:
+    """The ``home`` (the base interpreter's folder) of the host environment of ``python``."""
+    home = f"/home/{hosts.user}/"
+    assert python.startswith(home + ".cache/lazycluster/envs/"), python
+    config = hosts.home_dir(host) / python[len(home) :].rsplit("/bin/", 1)[0] / "pyvenv.cfg"
+    lines = dict(line.split(" = ", 1) for line in config.read_text().splitlines() if " = " in line)
+    return lines["home"]
+
+
+def test_an_interpreter_given_per_host_is_the_base_its_environment_is_made_from(
+    private_hosts: TestHosts, tmp_path, monkeypatch
+) -> None:
+    _user_code(tmp_path / "based", 9)
+    monkeypatch.syspath_prepend(str(tmp_path / "based"))
+    # the issue's line: the system's Python given for every host, environment sync on
+    cluster = _cluster(private_hosts, python="/usr/bin/python3")
+    try:
+        found = _answers(cluster)
+    finally:
+        cluster.close()
+    assert {(h, a) for h, _, a in found} == {(h, 9) for h in PRIVATE}
+    assert {_env_home(private_hosts, h, p) for h, p, _ in found} == {"/usr/bin"}
+    # host1: a Python of its own (not on the PATH); host2: python3.X on its PATH
+    own = private_hosts.home_dir("host1") / "own-python" / "bin"
+    own.mkdir(parents=True)
+    (own / "python3").symlink_to("/usr/bin/python3.11")
+    given = f"/home/{private_hosts.user}/own-python/bin/python3"
+    cluster = _cluster(private_hosts, python={"host1": given})
+    try:
+        found = _answers(cluster)
+    finally:
+        cluster.close()
+    homes = {h: _env_home(private_hosts, h, p) for h, p, _ in found}
+    assert homes == {"host1": given.rsplit("/", 1)[0], "host2": "/usr/bin"}
+    assert {a for _, _, a in found} == {9}
+    # an interpreter given that does not run there: named, before anything starts
+    started = time.monotonic()
+    with pytest.raises(GroupError) as info:
+        _cluster(private_hosts, python={"host1": "/nowhere/python3"})
+    assert time.monotonic() - started < 30
+    assert list(info.value.errors) == ["host1"]
+    assert str(info.value.errors["host1"]).startswith(
+        "host1: the interpreter given (python=) '/nowhere/python3' does not run there"
+    )
+    assert not private_hosts.leftovers()
+
+
+def test_opting_out_of_the_environment_uses_the_hosts_python_as_it_is(
+    private_hosts: TestHosts,
+) -> None:
+    def caches() -> dict[str, list[str]]:
+        found = {}
+        for host in PRIVATE:
+            envs = private_hosts.home_dir(host) / ".cache" / "lazycluster" / "envs"
+            found[host] = sorted(os.listdir(envs)) if envs.is_dir() else []
+        return found
+
+    before = caches()
+    for python, error in [
+        (None, f"Python interpreter {sys.executable!r} not found; set python_executable"),
+        (
+            "/usr/bin/python3",
+            "dask.distributed is not importable by its Python (3.11",
+        ),
+    ]:
+        started = time.monotonic()
+        with pytest.raises(GroupError) as info:
+            _cluster(private_hosts, python=python, environment=None)
+        assert time.monotonic() - started < 30
+        assert sorted(info.value.errors) == PRIVATE
+        for host, exc in info.value.errors.items():
+            assert isinstance(exc, RemoteEnvironmentError), exc
+            assert str(exc).startswith(f"{host}: ") and error in str(exc), exc
+            if python is not None:
+                assert "(nothing is installed for you)" in str(exc), exc
+        assert wait_until(lambda: not private_hosts.leftovers(), 10), private_hosts.leftovers()
+    assert caches() == before  # nothing made, nothing sent
+
+
 def test_teardown_from_the_record_on_hosts_that_share_nothing(private_hosts: TestHosts) -> None:
     script = (
         "import sys, time\n"
@@ -388,7 +467,7 @@ def test_links_and_healing_work_as_the_unprivileged_user_of_hosts_that_share_not
 
 
 def test_the_cli_lists_and_prunes_the_hosts_environments(private_hosts: TestHosts) -> None:
-    """Last in this module: it removes what the tests before made."""
+    """After the tests that make environments: it removes what they made."""
     env = {**os.environ, "LAZYCLUSTER_SSH_CONFIG": str(private_hosts.ssh_config_path)}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
@@ -410,3 +489,72 @@ def test_the_cli_lists_and_prunes_the_hosts_environments(private_hosts: TestHost
         assert not list((cache / "envs").iterdir()) and not list((cache / "units").iterdir())
     again = json.loads(cli("envs", *PRIVATE, "--json").stdout)["hosts"]
     assert all(again[h]["envs"] == [] for h in PRIVATE)
+
+
+def _envs_cli(hosts: TestHosts, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LAZYCLUSTER_SSH_CONFIG": str(hosts.ssh_config_path)}
+    argv = [sys.executable, "-m", "lazycluster_tasks.cli", "envs", *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_prune_goes_by_last_use_and_never_removes_an_environment_in_use(
+    private_hosts: TestHosts,
+) -> None:
+    long_ago = time.time() - 10 * 86400
+
+    def env_of(cluster: LazySSHCluster) -> dict[str, Path]:
+        """host -> its environment's folder, as seen from here."""
+        home = f"/home/{private_hosts.user}/"
+        return {
+            h: private_hosts.home_dir(h) / e.python[len(home) :].rsplit("/bin/", 1)[0]
+            for h, e in cluster.engine.environments.items()
+        }
+
+    def backdate(folders: dict[str, Path]) -> None:  # made and last used 10 days ago
+        for folder in folders.values():
+            mark = folder / "lazycluster-env.json"
+            made = json.loads(mark.read_text())
+            mark.write_text(json.dumps({**made, "made": long_ago}))
+            os.utime(mark, (long_ago, long_ago))
+
+    def listed() -> dict[str, dict[str, dict]]:
+        found = _envs_cli(private_hosts, *PRIVATE, "--json")
+        assert found.returncode == 0, found.stderr
+        hosts = json.loads(found.stdout)["hosts"]
+        return {h: {e["key"]: e for e in hosts[h]["envs"]} for h in PRIVATE}
+
+    running = _cluster(private_hosts, n_workers=len(PRIVATE))
+    try:
+        running.wait_started()
+        folders = env_of(running)
+        backdate(folders)
+        envs = listed()
+        for host, folder in folders.items():
+            assert envs[host][folder.name]["in_use"] is True
+            assert envs[host][folder.name]["used"] == pytest.approx(long_ago, abs=1)
+        # unused for 10 days by the files, but a running cluster's: kept even at --older 0
+        pruned = _envs_cli(private_hosts, *PRIVATE, "--prune", "--older", "0")
+        assert pruned.returncode == 0, pruned.stderr
+        assert "host1: removed" in pruned.stdout and "(kept 1 in use)" in pruned.stdout
+        assert all(f.is_dir() for f in folders.values())
+        with Client(running) as client:  # and it still runs tasks
+            assert client.submit(lambda: 6 * 7).result(timeout=30) == 42
+    finally:
+        running.close()
+    assert not any(e["in_use"] for found in listed().values() for e in found.values())
+    backdate(folders)
+    # made 10 days ago, used by a start now: the default --prune (7 days) keeps it
+    again = _cluster(private_hosts)
+    again.close()
+    envs = listed()
+    for host, folder in folders.items():
+        assert envs[host][folder.name]["used"] > time.time() - 60
+        assert envs[host][folder.name]["made"] == pytest.approx(long_ago, abs=1)
+    pruned = _envs_cli(private_hosts, *PRIVATE, "--prune")
+    assert pruned.returncode == 0 and all(f.is_dir() for f in folders.values()), pruned.stdout
+    # not used for 10 days: removed
+    backdate(folders)
+    pruned = _envs_cli(private_hosts, *PRIVATE, "--prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert not any(f.exists() for f in folders.values()), pruned.stdout
+    assert not private_hosts.leftovers()

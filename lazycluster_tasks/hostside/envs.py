@@ -275,9 +275,36 @@ def _make_env(root: str, key: str, units: list[str], python: str) -> str:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def in_use(root: str) -> set[str]:
+    """The environments a running process was started with (a cluster's scheduler or
+    workers: their command line names the environment's interpreter)."""
+    prefix = os.path.join(root, "envs", "")
+    lines: list[list[str]] = []
+    if os.path.isdir("/proc"):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    lines.append(handle.read().decode(errors="replace").split("\0"))
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+    else:  # no /proc (BSD, macOS): ps
+        ps = subprocess.run(["ps", "-ax", "-o", "command="], stdout=subprocess.PIPE, check=False)
+        lines = [line.split() for line in ps.stdout.decode(errors="replace").splitlines()]
+    return {
+        arg[len(prefix) :].split("/", 1)[0]
+        for args in lines
+        for arg in args
+        if arg.startswith(prefix)
+    }
+
+
 def listing() -> list[dict[str, object]]:
-    """The complete environments here: key, size of their units, last use."""
+    """The complete environments here: key, size of their units, when made, last use (a
+    start that uses it notes it), and whether a running process uses it."""
     root = cache()
+    busy = in_use(root)
     found = []
     for key in (
         sorted(os.listdir(os.path.join(root, "envs")))
@@ -288,25 +315,38 @@ def listing() -> list[dict[str, object]]:
         if key.startswith(".") or not os.path.exists(mark):
             continue
         with open(mark, encoding="utf-8") as handle:
-            units = json.load(handle).get("units", [])
+            made = json.load(handle)
+        units = made.get("units", [])
         size = sum(_size(os.path.join(root, "units", u)) for u in units)
         found.append(
-            {"key": key, "units": len(units), "bytes": size, "used": os.path.getmtime(mark)}
+            {
+                "key": key,
+                "units": len(units),
+                "bytes": size,
+                "made": made.get("made"),
+                "used": os.path.getmtime(mark),
+                "in_use": key in busy,
+            }
         )
     return found
 
 
 def prune(keep: list[str], older: float) -> dict[str, object]:
-    """Remove the environments not used for ``older`` seconds (but ``keep``), then the units no
-    environment left uses, and what a cut build left aside."""
+    """Remove the environments whose last use is ``older`` seconds ago or more, unless a
+    running process uses them or ``keep`` names them, then the units no environment left
+    uses, and what a cut build left aside."""
     root = cache()
     removed: list[str] = []
+    busy: list[str] = []
     with _locked(root):
         now = time.time()
         kept_units: set[str] = set()
         for env in listing():
             key = str(env["key"])
-            if key in keep or now - float(env["used"]) < older:  # type: ignore[arg-type]
+            used = float(env["used"])  # type: ignore[arg-type]
+            if env["in_use"]:
+                busy.append(key)
+            if key in keep or env["in_use"] or now - used < older:
                 with open(os.path.join(root, "envs", key, MARK), encoding="utf-8") as handle:
                     kept_units.update(json.load(handle).get("units", []))
                 continue
@@ -318,7 +358,7 @@ def prune(keep: list[str], older: float) -> dict[str, object]:
                 stale = name.startswith(".") or (folder == "units" and name not in kept_units)
                 if stale:
                     shutil.rmtree(os.path.join(where, name), ignore_errors=True)
-    return {"removed": removed}
+    return {"removed": removed, "in_use": busy}
 
 
 def _size(folder: str) -> int:
