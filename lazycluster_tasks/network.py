@@ -115,7 +115,7 @@ def probe_host(
     )
     if result.exit_code == 127:
         raise RemoteEnvironmentError(
-            f"{runtime.host}: Python interpreter {python!r} not found; set python_executable",
+            f"{runtime.host}: Python interpreter {python!r} not found; give python=PATH",
             host=runtime.host,
         )
     try:
@@ -143,7 +143,7 @@ def quick_probe(runtime: Runtime, python: str) -> HostReport:
     result = runtime.connection.run(command)
     if not result.ok:
         raise RemoteEnvironmentError(
-            f"{runtime.host}: Python interpreter {python!r} not found; set python_executable",
+            f"{runtime.host}: Python interpreter {python!r} not found; give python=PATH",
             host=runtime.host,
         )
     return HostReport(runtime.host, "", None, parse_proc_net_tcp(result.stdout), {})

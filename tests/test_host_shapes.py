@@ -268,7 +268,7 @@ def test_opting_out_of_the_environment_uses_the_hosts_python_as_it_is(
 
     before = caches()
     for python, error in [
-        (None, f"Python interpreter {sys.executable!r} not found; set python_executable"),
+        (None, f"Python interpreter {sys.executable!r} not found; give python=PATH"),
         (
             "/usr/bin/python3",
             "dask.distributed is not importable by its Python (3.11",
