@@ -53,7 +53,7 @@ from lazycluster_tasks.hostside import code
 from lazycluster_tasks.links import Links
 from lazycluster_tasks.network import NetworkMode, NetworkPlan, plan_network
 from lazycluster_tasks.paths_check import blocked_paths
-from lazycluster_tasks.ports import Reservations, as_port_list, bindable_here, free_ports
+from lazycluster_tasks.ports import PortPool, as_port_list, bindable_here, free_ports
 from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec, ProcessTable, Revoke
 from lazycluster_tasks.record import (
     CONTROLLER_KEY,
@@ -90,7 +90,7 @@ class Engine:
         self.options = options
         limits.ensure_open_files(limits.open_files_for(len(group.hosts)))
         #: Candidate ports for the cluster's processes (lazycluster's list; shrinks as used).
-        self.ports = list(ports)
+        self.pool = PortPool(ports)  # the candidate ports and those our processes hold
         self.cluster_id = uuid.uuid4().hex[:12]
         self.controller = Runtime("localhost")
         #: Called with (registered, requested) as workers register (e.g. a progress artifact).
@@ -117,7 +117,6 @@ class Engine:
         self.clients = Clients(lambda: self.scheduler_address, self.security)
         self._plan: NetworkPlan | None = None
         self._routes: Routing | None = None
-        self.reserved = Reservations()  # ports our processes hold, by host
         #: the cluster's processes by name (see processes.ProcessTable)
         self.table = ProcessTable()
         self._host_locks: dict[str, threading.Lock] = {}
@@ -209,6 +208,15 @@ class Engine:
         """The resolved mode ("direct" or "tunnelled"), or the requested one before start."""
         return self._plan.mode if self._plan else self.options.network_mode
 
+    @property
+    def ports(self) -> list[int]:
+        """The candidate ports a start may still take (a copy; see ``pool``)."""
+        return self.pool.candidates
+
+    @ports.setter
+    def ports(self, ports: Sequence[int]) -> None:
+        self.pool.candidates = ports
+
     def folder(self, runtime: Runtime) -> str:
         return posixpath.join(runtime.working_dir, f"lazycluster-{self.cluster_id}")
 
@@ -217,15 +225,13 @@ class Engine:
         machine's too, and the ports taken there (probed or reserved by us)."""
         scope = self.routing.port_scope(runtime)
         local = self.routing.needs_local_port(runtime)
-        used = self.plan.taken(scope, local) | self.reserved.held(
-            [*scope, *([""] if local else [])]
-        )
+        used = self.plan.taken(scope, local) | self.pool.held([*scope, *([""] if local else [])])
         return scope, local, used
 
     def _reserve(self, runtime: Runtime, ports: Sequence[int]) -> None:
         scope = self.routing.port_scope(runtime)
         local = self.routing.needs_local_port(runtime)
-        self.reserved.hold([*scope, *([""] if local else [])], ports)
+        self.pool.hold([*scope, *([""] if local else [])], ports)
 
     # -- the one start path ---------------------------------------------------------------
 
@@ -273,8 +279,7 @@ class Engine:
             started = self._launch_workers(placement, pool, used, debug)
         if started:
             self._finish_workers(started, pool, used, debug)
-        taken = {p for host_ports in used.values() for p in host_ports}
-        self.ports = [p for p in self.ports if p not in taken]
+        self.pool.take(p for host_ports in used.values() for p in host_ports)
         return used
 
     def try_start_workers(self, placement: dict[str, list[str]]) -> dict[str, str]:
@@ -405,7 +410,7 @@ class Engine:
         self._scheduler_host = None if runtime is self.controller else runtime.host
         self._scheduler_bind, self._scheduler_port = bind, port
         self._reserve(runtime, [port])
-        self.ports = [p for p in self.ports if p != port]
+        self.pool.take([port])
         self._follow_logs(runtime, [info], debug)
         return info
 
@@ -979,7 +984,7 @@ class Engine:
         with self._lock:
             used = {i.ports[0] for i in self.table.all() if i.role == "worker"}
             slots = sum(self.slots(rt.host) for rt in self.group.runtimes)
-        taken = self.plan.taken(self.group.hosts, include_local=True) | self.reserved.held()
+        taken = self.plan.taken(self.group.hosts, include_local=True) | self.pool.held()
         per_worker = 2 if self.options.nanny else 1
         spare = [p for p in self.ports if p not in taken][: 2 * per_worker * slots]
         return sorted(used | set(spare))
@@ -1112,8 +1117,7 @@ class Engine:
         for info in stopped:
             if info.role != "worker":
                 continue
-            self.reserved.release(info.ports)
-            self.ports.extend(p for p in info.ports if p not in self.ports)
+            self.pool.give_back(info.ports)
 
     def stop_all(self, grace: float | None = None) -> None:
         """Close the clients, stop every process on every host at once and remove the cluster

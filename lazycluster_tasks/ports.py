@@ -119,3 +119,45 @@ class Reservations:
         with self._lock:
             for held in self._held.values():
                 held.difference_update(ports)
+
+
+class PortPool:
+    """A cluster's ports: the candidates a start may still take, and those its processes
+    hold, by host (``Reservations``). A start takes ports out, a stop gives them back. Safe
+    from any thread."""
+
+    def __init__(self, candidates: Iterable[int]) -> None:
+        self._candidates = list(candidates)
+        self._lock = threading.Lock()
+        self.reserved = Reservations()
+
+    @property
+    def candidates(self) -> list[int]:
+        """The ports not taken yet, in order (a copy)."""
+        with self._lock:
+            return list(self._candidates)
+
+    @candidates.setter
+    def candidates(self, ports: Iterable[int]) -> None:
+        with self._lock:
+            self._candidates = list(ports)
+
+    def take(self, ports: Iterable[int]) -> None:
+        """``ports`` are bound by our processes now: no longer candidates."""
+        gone = set(ports)
+        with self._lock:
+            self._candidates = [p for p in self._candidates if p not in gone]
+
+    def hold(self, hosts: Iterable[str], ports: Iterable[int]) -> None:
+        """``ports`` are ours on ``hosts`` ("" is this machine), before a probe could see it."""
+        self.reserved.hold(hosts, ports)
+
+    def held(self, hosts: Iterable[str] | None = None) -> set[int]:
+        return self.reserved.held(hosts)
+
+    def give_back(self, ports: Iterable[int]) -> None:
+        """Ports of a stopped process: free for the next processes."""
+        ports = list(ports)
+        self.reserved.release(ports)
+        with self._lock:
+            self._candidates.extend(p for p in ports if p not in self._candidates)

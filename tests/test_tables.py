@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from lazycluster_tasks.ports import Reservations
+from lazycluster_tasks.ports import PortPool, Reservations
 from lazycluster_tasks.processes import ProcessInfo, ProcessTable
 from lazycluster_tasks.record import ClusterRecord, ClusterState
 from lazycluster_tasks.runtime import Runtime
@@ -53,6 +53,19 @@ def test_reservations_by_host_and_released_everywhere() -> None:
     for thread in threads:
         thread.join()
     assert len(held.held(["h1"])) == 1501
+
+
+def test_the_port_pool_takes_what_processes_bind_and_gets_stopped_ones_back() -> None:
+    pool = PortPool([60001, 60002, 60003, 60004])
+    pool.hold(["h1", ""], [60001, 60002])
+    pool.take([60001, 60002])
+    assert pool.candidates == [60003, 60004] and pool.held(["h1"]) == {60001, 60002}
+    pool.candidates.append(1)  # a copy: the pool is changed through its methods only
+    assert pool.candidates == [60003, 60004]
+    pool.give_back([60002])
+    assert pool.candidates == [60003, 60004, 60002] and pool.held() == {60001}
+    pool.give_back([60002])  # twice is once
+    assert pool.candidates.count(60002) == 1
 
 
 def test_a_cluster_state_is_typed_shows_as_its_text_and_survives_the_record() -> None:
