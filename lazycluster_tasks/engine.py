@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
 import shlex
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import cloudpickle
 
-from lazycluster_tasks import commands, environments, hostside, limits, processes, startup
+from lazycluster_tasks import commands, hostside, limits, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
+from lazycluster_tasks.cluster_environments import ClusterEnvironments
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.dask_argv import (
     CLIENT_TIMEOUT_ENV,
@@ -38,6 +37,7 @@ from lazycluster_tasks.dask_argv import (
     worker_argv,
 )
 from lazycluster_tasks.dask_options import DaskOptions
+from lazycluster_tasks.environments import HostEnvironment, Manifest
 from lazycluster_tasks.errors import (
     GroupError,
     LazyclusterError,
@@ -66,7 +66,6 @@ from lazycluster_tasks.record import (
 from lazycluster_tasks.routing import Routing, TunnelledRouting, make_routing
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.security import ClusterTLS, cluster_tls
-from lazycluster_tasks.settings import settings
 from lazycluster_tasks.task import RuntimeTask
 
 logger = logging.getLogger(__name__)
@@ -95,15 +94,8 @@ class Engine:
         self.controller = Runtime("localhost")
         #: Called with (registered, requested) as workers register (e.g. a progress artifact).
         self.on_progress: Callable[[int, int], None] | None = None
-        #: Called with (hosts ready so far, hosts to make ready) as each host's environment
-        #: is checked or made (see environments): once with none ready first.
-        self.on_environment: (
-            Callable[[Sequence[environments.HostEnvironment], int], None] | None
-        ) = None
-        #: What each host runs the cluster with, once checked (environment sync only).
-        self.environments: dict[str, environments.HostEnvironment] = {}
-        #: The environment the hosts got (None: environment sync off).
-        self.manifest: environments.Manifest | None = None
+        #: The hosts' environments (made at the start, the user's code synced later).
+        self.envs = ClusterEnvironments()
         #: Called once the scheduler answers (e.g. to let a Dask cluster object connect).
         self.on_scheduler_up: Callable[[], None] | None = None
         #: Why a running cluster failed (None while it is healthy).
@@ -120,9 +112,6 @@ class Engine:
         #: the cluster's processes by name (see processes.ProcessTable)
         self.table = ProcessTable()
         self._host_locks: dict[str, threading.Lock] = {}
-        self._shared: set[str] = set()  # hosts that run this machine's own interpreter
-        self._bases: dict[str, str] = {}  # host -> the interpreter given: its env's base
-        self._code_path: list[str] = []  # the user's code folders here
         self._scheduler_host: str | None = None  # None: this machine
         self._scheduler_bind: str | None = None
         self._scheduler_port: int | None = None
@@ -859,123 +848,39 @@ class Engine:
             logger.debug("[%s] %s", name, text.rstrip())
 
     def _environments(self) -> None:
-        """Each host gets the environment of this machine's (see environments), made from the
-        interpreter given for it if any (python=), else from python3.X on its PATH: its
-        interpreter for the cluster from then on. Processes that run with this machine's own
-        interpreter (here, on hosts that share its files) find the user's code on their
-        PYTHONPATH."""
-        parts = self.options.environment_parts()
-        if parts is None:
-            return
-        include, exclude, code = parts
-        given = self.options.python_executable
-        remote = [rt for rt in self.group.runtimes if not rt.is_local]
-        bases = {  # host -> the interpreter given there: the environment's base
-            rt.host: self.options.python(rt)
-            for rt in remote
-            if rt.python_given
-            or isinstance(given, str)
-            or (isinstance(given, Mapping) and rt.host in given)
-        }
-        manifest = environments.current(include, exclude, code)
-        self.manifest = manifest
-        self._code_path = [folder for folder in manifest.code_folders]
-        if not remote:
-            return
-        packs = environments.Packs(os.path.join(settings().cache_directory, "packs"))
-        ready: list[environments.HostEnvironment] = []
-        reporting = threading.Lock()  # not self._lock: the plan holds it while this runs
-
-        def report(env: environments.HostEnvironment | None) -> None:
-            if self.on_environment is None:
-                return
-            with reporting:
-                if env is not None:
-                    ready.append(env)
-                done = list(ready)
-            self.on_environment(done, len(remote))  # sync logs an exception from it
-
-        try:
-            report(None)
-        except Exception:
-            logger.exception("environment progress callback failed")
-        made = environments.sync(remote, manifest, packs, python=bases, on_host=report)
-        self.environments.update(made)
-        self._bases = bases
-        pythons = dict(given) if isinstance(given, Mapping) else {}
-        for host, env in made.items():
-            if env.shared:  # its files are this machine's: the given interpreter as it is
-                self._shared.add(host)
-                if host in bases:
-                    pythons[host] = bases[host]
-                continue
-            pythons[host] = env.python
-            if env.sent:
-                logger.info(
-                    "%s: environment %s made: %s sent in %.1f s",
-                    host,
-                    manifest.key,
-                    f"{env.sent / 2**20:.1f} MiB",
-                    env.seconds,
-                )
-            else:
-                logger.info("%s: environment %s ready (%.2f s)", host, manifest.key, env.seconds)
-        self.options = replace(self.options, python_executable=pythons or None)
+        """Each host gets this machine's environment (see ``ClusterEnvironments.make``): its
+        interpreter for the cluster from then on."""
+        self.options = self.envs.make(self.options, self.group.runtimes)
 
     def sync_code(self) -> dict[str, list[str]]:
         """Send the user's changed code to the hosts and have every running worker read it
-        (new workers start with it): the code folders are scanned again, each host with an
-        environment of ours gets the changed units (only those travel) and an environment
-        naming them, and each worker points its sys.path at them and forgets the modules it
-        loaded from the old ones. Returns worker address -> modules dropped there."""
-        if self.manifest is None:
+        (new workers start with it): each host with an environment of ours gets the changed
+        units and an environment naming them, and each worker points its sys.path at them and
+        forgets the modules it loaded from the old ones. Returns worker address -> modules
+        dropped there."""
+        if self.envs.manifest is None:
             raise LazyclusterError("sync_code: the cluster runs without environment sync")
-        parts = self.options.environment_parts()
-        assert parts is not None  # a manifest exists only when the environment is on
-        old = self.manifest
-        manifest = environments.current(*parts)
-        moves = {
-            unit.key: new.key
-            for unit in old.units
-            for new in manifest.units
-            if new.name == unit.name and new.key != unit.key  # changed files, a new key
-        }
-        ours = [
-            rt
-            for rt in self.group.runtimes
-            if rt.host in self.environments and not self.environments[rt.host].shared
-        ]
-        if ours and manifest.key != old.key:
-            packs = environments.Packs(os.path.join(settings().cache_directory, "packs"))
-            made = environments.sync(ours, manifest, packs, python=self._bases)
-            self.environments.update(made)
-            given = self.options.python_executable
-            pythons = dict(given) if isinstance(given, Mapping) else {}
-            pythons.update({host: env.python for host, env in made.items()})
-            self.options = replace(self.options, python_executable=pythons)
-            for host, env in made.items():
-                logger.info(
-                    "%s: code synced to environment %s: %.1f MiB sent in %.1f s",
-                    host,
-                    manifest.key,
-                    env.sent / 2**20,
-                    env.seconds,
-                )
-        self.manifest = manifest
-        self._code_path = list(manifest.code_folders)
+        self.options, moves = self.envs.resync(self.options, self.group.runtimes)
         if self.scheduler_address is None:
             return {}
+        assert self.envs.manifest is not None
         cloudpickle.register_pickle_by_value(code)  # workers need not import this package
         client = self.clients.monitor()
-        return dict(client.run(code.reload, moves, list(manifest.code_folders)))
+        return dict(client.run(code.reload, moves, list(self.envs.manifest.code_folders)))
 
     def _code_env(self, runtime: Runtime) -> dict[str, str]:
-        """PYTHONPATH for a process that runs with this machine's own interpreter (here, or on a
-        host sharing its files): the user's code folders (unless the user set PYTHONPATH)."""
-        shared = runtime is self.controller or runtime.is_local or runtime.host in self._shared
-        if not shared or not self._code_path or "PYTHONPATH" in self.options.env:
-            return {}
-        return {"PYTHONPATH": os.pathsep.join(self._code_path)}
+        here = runtime is self.controller or runtime.is_local
+        return self.envs.code_env(runtime, here, self.options.env)
+
+    # -- what the hosts' environments are (see ClusterEnvironments) ------------------------
+
+    @property
+    def environments(self) -> dict[str, HostEnvironment]:
+        return self.envs.environments
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.envs.manifest
 
     def _link_ports(self) -> list[int]:
         """The ports the links' keys may open and listen on (sshd fixes them when a key logs

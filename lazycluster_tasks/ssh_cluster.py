@@ -348,7 +348,7 @@ class LazySSHCluster(SpecCluster):
         except BaseException:
             group.cleanup()
             raise
-        engine.on_environment = on_environment
+        engine.envs.on_environment = on_environment
         self.engine = engine
         self.hosts = group.hosts
         self.workers_per_host = workers_per_host

@@ -129,7 +129,7 @@ def _answers(cluster: LazySSHCluster) -> set[tuple[str, str, int]]:
 def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
     private_hosts: TestHosts, tmp_path, monkeypatch, caplog
 ) -> None:
-    caplog.set_level(logging.INFO, logger="lazycluster_tasks.engine")
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks.cluster_environments")
     code = _user_code(tmp_path / "project", 42)
     monkeypatch.syspath_prepend(str(tmp_path / "project"))  # where the user's flow runs from
     for host in PRIVATE:  # what the hosts have: the system's Python, no dask
