@@ -265,9 +265,13 @@ class Links:
         self._written: dict[str, float] = {}  # target -> when its lines were last written
         self._beyond: set[int] = set()  # ports asked for beyond ``granted`` (logged once)
         self._edits: dict[str, threading.Lock] = {}  # one edit of a host's file at a time
+        #: edits of authorized_keys under way: close() waits for them (its cleanup's revoke
+        #: must come after the last one), and none starts once it was called
+        self._editing = 0
         self._sent: dict[str, str] = {}  # host -> the known_hosts text its folder has
         self._serial = 0
         self._lock = threading.Lock()
+        self._edited = threading.Condition(self._lock)
         #: held while link processes start and are registered: after close() no more start
         self._starting = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -309,11 +313,19 @@ class Links:
 
     def close(self, wait: float = CLOSE_WAIT) -> None:
         """Before cleanup: no link process starts any more (one being started is registered
-        first, so the cleanup stops it); the set-up under way gets ``wait`` seconds, and the
-        cleanup closing the connections ends it."""
+        first, so the cleanup stops it) and no edit of authorized_keys either; the edits under
+        way end first (within EDIT_TIMEOUT: the cleanup's revoke comes after them); the set-up
+        under way gets ``wait`` seconds, and the cleanup closing the connections ends it."""
         self._closing.set()
         with self._lock:
             thread, self._thread = self._thread, threading.Thread()  # start() is a no-op now
+            if not self._edited.wait_for(lambda: self._editing == 0, EDIT_TIMEOUT + 5):
+                logger.warning(
+                    "%d edits of authorized_keys did not end within %.0f s: their lines may "
+                    "stay until they expire",
+                    self._editing,
+                    EDIT_TIMEOUT + 5,
+                )
         if self._starting.acquire(timeout=START_TIMEOUT + 5):
             self._starting.release()
         else:
@@ -524,7 +536,10 @@ class Links:
                     away[host] = error
                     continue
                 refused.add(host)
-                logger.warning("link keys not let in (its pairs are dialled from it): %s", error)
+                if not self._closing.is_set():
+                    logger.warning(
+                        "link keys not let in (its pairs are dialled from it): %s", error
+                    )
                 for dialler, fars in plan.items():
                     if host in fars:
                         self._link_down((dialler, host), f"could not authorize the key: {error}")
@@ -621,9 +636,13 @@ class Links:
                 away: dict[str, BaseException] = {}
                 self._measure_sources([self._runtime(d) for d in unknown], away)
                 diallers = diallers - set(away)
-            self._write_lines(target, diallers, first=granted is None)
+            self._write_lines(target, diallers, granted or frozenset())
 
-    def _write_lines(self, target: str, diallers: frozenset[str], first: bool) -> None:
+    def _write_lines(
+        self, target: str, diallers: frozenset[str], before: frozenset[str] = frozenset()
+    ) -> None:
+        """Set ``target``'s lines for ``diallers`` (``before``: those it had); one log line
+        naming the file and the comments of the keys added (or renewed), one for those removed."""
         runtime = self._runtime(target)
         lines = [
             commands.authorized_line(
@@ -640,14 +659,22 @@ class Links:
         args = ["--marker", scope, "--lifetime", f"{self.key_lifetime:g}"]
         args += ["--lines-on-stdin", str(len(lines))]  # an input cut short edits nothing
         with self._lock:
+            if self._closing.is_set():  # the cleanup revokes: nothing more to let in
+                raise LazyclusterError(f"{target}: authorized_keys not edited: links closed")
             known = target in self.touched
             self.touched.add(target)
+            self._editing += 1
         source = hostside.source("authorized_keys").encode()
-        result = runtime.connection.run(
-            commands.python_program_with_input(self.python(runtime), args),
-            stdin=source + b"\0" + "".join(f"{line}\n" for line in lines).encode(),
-            timeout=EDIT_TIMEOUT,
-        )
+        try:
+            result = runtime.connection.run(
+                commands.python_program_with_input(self.python(runtime), args),
+                stdin=source + b"\0" + "".join(f"{line}\n" for line in lines).encode(),
+                timeout=EDIT_TIMEOUT,
+            )
+        finally:
+            with self._lock:
+                self._editing -= 1
+                self._edited.notify_all()
         if not result.ok:
             if not known and result.exit_code in (1, 2):  # its answer: nothing was edited
                 with self._lock:
@@ -658,17 +685,24 @@ class Links:
         with self._lock:
             self._granted[target] = diallers
             self._written[target] = time.monotonic()
-        comments = ", ".join(commands.key_comment(self.marker, d, target) for d in sorted(diallers))
-        logger.log(
-            logging.INFO if first else logging.DEBUG,
-            "%s: %s %s lets in %s (ports %s) until %sZ",
-            target,
-            "authorized" if first else "renewed",
-            done["path"],
-            comments or "no key",
-            _ranges(self.granted),
-            done["expiry"] or "-",
+        added = diallers - before
+        comments = ", ".join(
+            commands.key_comment(self.marker, d, target) for d in sorted(added or diallers)
         )
+        if comments:
+            logger.log(
+                logging.INFO if added else logging.DEBUG,
+                "%s: %s %s %s %s (ports %s, until %sZ)",
+                target,
+                "added" if added else "renewed",
+                comments,
+                "to" if added else "in",
+                done["path"],
+                _ranges(self.granted),
+                done["expiry"] or "-",
+            )
+        if done.get("removed"):
+            logger.info("%s: removed %s from %s", target, ", ".join(done["removed"]), done["path"])
 
     def _renew(self) -> None:
         """Rewrite the lines of hosts whose lines are half way to their expiry (each host that
@@ -819,9 +853,10 @@ class Links:
             run_parallel("link keys", {t: t for t in targets}, self._ensure_lines)
         except GroupError as exc:  # those pairs keep the route through here
             for host, error in exc.errors.items():
-                logger.warning(
-                    "link keys not let in on %s (routes go through here): %s", host, error
-                )
+                if not self._closing.is_set():
+                    logger.warning(
+                        "link keys not let in on %s (routes go through here): %s", host, error
+                    )
             todo = {pair: p for pair, p in todo.items() if self._via[pair][1] not in exc.errors}
         taken = self._on_masters(todo) if todo else set()
         carried: dict[str, set[str]] = {}

@@ -279,9 +279,10 @@ def _stop(
         line += f"; {commands.revoke_keys(revoke.python, revoke.marker)} || s=$?"
         stdin = hostside.source("authorized_keys").encode()
     result = runtime.connection.run(f"{line}; exit $s", timeout=grace + 30, stdin=stdin)
-    if revoke is not None:
-        for path in _edited(result.stdout):
-            logger.info("%s: %s removed from %s", runtime.host, revoke.marker, path)
+    if revoke is not None:  # one line per host: the file and each key's comment
+        for path, removed in _edited(result.stdout):
+            named = ", ".join(removed) or revoke.marker
+            logger.info("%s: removed %s from %s", runtime.host, named, path)
     left = [int(x[5:]) for x in result.stdout.split() if x.startswith("left=")]
     if not result.ok and not left:
         why = tail(result.output, 300)
@@ -289,15 +290,16 @@ def _stop(
     return left
 
 
-def _edited(output: str) -> list[str]:
-    """The files the edit of authorized_keys changed, from its JSON answers in ``output``."""
+def _edited(output: str) -> list[tuple[str, list[str]]]:
+    """The files the edit of authorized_keys changed and the comments of the lines it removed,
+    from its JSON answers in ``output``."""
     found = []
     for line in output.splitlines():
         if line.startswith("{"):
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 answer = json.loads(line)
                 if answer["changed"]:
-                    found.append(str(answer["path"]))
+                    found.append((str(answer["path"]), [str(c) for c in answer.get("removed", [])]))
     return found
 
 

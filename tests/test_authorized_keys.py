@@ -354,3 +354,88 @@ def test_hosts_sharing_a_home_each_set_and_revoke_their_own_lines(keys: Path) ->
         ak.set_lines(commands.key_scope(MARKER, "host1"), into["host2"], 60, str(keys))
     ak.set_lines(MARKER, [], 0, str(keys))
     assert keys.read_bytes() == USER
+
+
+def test_a_new_text_that_would_change_a_user_line_is_refused(keys: Path) -> None:
+    """verify(): the new text must hold exactly our lines, then every user line byte for byte
+    and in order; and an edit whose new text fails it leaves the file as it was."""
+    original = keys.read_bytes()
+    ours = [ak.with_expiry(line(), "20991231000000Z")]
+    now = time.time()
+    good = ak.new_text(original, MARKER, ours, now)
+    ak.verify(original, good, MARKER, ours, now)
+    user = ak.split_lines(original)
+    wrong = {
+        "a user line gone": b"".join(ours + user[1:]),
+        "a byte changed": b"".join(ours + user).replace(b"j\xfcrgen", b"j?rgen"),
+        "reordered": b"".join(ours + user[1:2] + user[:1] + user[2:]),
+        "a final newline added": b"".join(ours + user) + b"\n",
+        "our line missing": b"".join(user),
+        "ours after the user's": b"".join(user + ours),
+        "a line of another's": b"".join(ours + user[:1] + [b"ssh-rsa AAAAX x\n"] + user[1:]),
+    }
+    for why, text in wrong.items():
+        with pytest.raises(ak.EditError, match="failed its check"):
+            ak.verify(original, text, MARKER, ours, now)
+            pytest.fail(f"{why}: accepted")
+
+
+def test_an_edit_checks_its_new_text_before_replacing_the_file(
+    keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new text that drops a user line (a fault in new_text) never replaces the file."""
+    made = ak.new_text
+    monkeypatch.setattr(ak, "new_text", lambda *args: made(*args).replace(b"alice@laptop\n", b""))
+    with pytest.raises(ak.EditError, match="failed its check"):
+        ak.set_lines(MARKER, [line()], 60, str(keys))
+    assert keys.read_bytes() == USER and not temps(keys)
+
+
+OTHER = b"\nssh-ed25519 AAAAC3NzaOther added-by@ssh-copy-id\n"
+
+
+def _another_editor_writes(monkeypatch: pytest.MonkeyPatch, path: Path, times: int) -> list[int]:
+    """Another editor, one that takes no lock, appends OTHER to ``path`` right after each of
+    the edit's first ``times`` reads (between its read and its rename)."""
+    done = [0]
+    after_read = ak._remove_stale_temps
+
+    def write(real: str, now: float) -> None:
+        if done[0] < times:
+            done[0] += 1
+            with open(path, "ab") as handle:
+                handle.write(OTHER)
+        after_read(real, now)
+
+    monkeypatch.setattr(ak, "_remove_stale_temps", write)
+    return done
+
+
+def test_a_file_changed_between_read_and_rename_keeps_the_other_editors_bytes(
+    keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_unchanged(): a change by an editor that takes no lock is never overwritten; the edit
+    reads again (up to ATTEMPTS times, then it gives up, editing nothing)."""
+    done = _another_editor_writes(monkeypatch, keys, 1)
+    ours = line()
+    assert ak.set_lines(MARKER, [ours], 60, str(keys)).changed and done == [1]
+    written = ak.split_lines(keys.read_bytes())
+    assert ours.encode() in written[0] and b"".join(written[1:]) == USER + OTHER
+    ak.set_lines(MARKER, [], 0, str(keys))
+    assert keys.read_bytes() == USER + OTHER
+    done = _another_editor_writes(monkeypatch, keys, ak.ATTEMPTS)
+    with pytest.raises(ak.EditError, match=f"changed by another editor {ak.ATTEMPTS} times"):
+        ak.set_lines(MARKER, [ours], 60, str(keys))
+    assert keys.read_bytes() == USER + OTHER * (1 + ak.ATTEMPTS) and not temps(keys)
+
+
+def test_a_file_we_made_is_not_removed_once_another_editor_wrote_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file we made goes with our last line, unless a key of the user's came meanwhile."""
+    path = tmp_path / ".ssh" / "authorized_keys"
+    ak.set_lines(MARKER, [line()], 60, str(path))
+    assert path.read_bytes().startswith(ak.MADE_WITH_FOLDER)
+    done = _another_editor_writes(monkeypatch, path, 1)
+    assert ak.set_lines(MARKER, [], 0, str(path)).changed and done == [1]
+    assert path.read_bytes() == OTHER and not temps(path)

@@ -4,19 +4,25 @@ cluster; a host that cannot be edited safely keeps its pairs working another way
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from distributed import Client
 
-from lazycluster_tasks import LazySSHCluster, commands, teardown
+from lazycluster_tasks import LazySSHCluster, RuntimeGroup, commands, processes, teardown
 from lazycluster_tasks.errors import LazyclusterError
+from lazycluster_tasks.group import run_parallel
+from lazycluster_tasks.links import LinkKey
 from lazycluster_tasks.testing.helpers import wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
@@ -240,3 +246,80 @@ def test_two_clusters_at_once_on_hosts_sharing_one_home(
                 thread.join(120)
         assert keys.read_bytes() == USER
         assert wait_until(lambda: not shared.leftovers(), 5), shared.leftovers()
+
+
+#: Holds the lock of the file in argv[1] (as an edit does) until a line comes on stdin, then
+#: sets argv[2]'s line argv[3] under it: an authorize under way when the revoke begins.
+AUTHORIZE_UNDER_LOCK = (
+    "import fcntl, sys\n"
+    "from lazycluster_tasks.hostside import authorized_keys as ak\n"
+    "path, marker, line = sys.argv[1:4]\n"
+    "f = open(path, 'r+b'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True); sys.stdin.readline()\n"
+    "ak.set_lines(marker, [line], 60, path)\n"
+)
+
+
+def test_a_revoke_decides_under_the_lock_and_misses_no_line_written_meanwhile(
+    user_files: TestHosts, no_leftovers: TestHosts, no_local_leaks: None
+) -> None:
+    """An authorize holds host2's lock when the cleanup's revoke begins there: the revoke waits
+    for it and removes the line it wrote (a check outside the lock saw no line and skipped the
+    edit: the line stayed). A revoke with nothing to remove stays fast: measured on 3 hosts."""
+    hosts = user_files
+    marker = commands.peer_marker("underlock")
+    path = hosts.ssh_dir("host2") / "authorized_keys"
+    ours = commands.authorized_line(
+        LinkKey.generate().public, commands.key_comment(marker, "host1", "host2")
+    )
+    group = RuntimeGroup(hosts=HOSTS, ssh_config_path=str(hosts.ssh_config_path))
+    revoke = processes.Revoke(sys.executable, marker)
+    holder = None
+    try:
+        for _ in range(2):  # nothing to remove: the cost of a cleanup's revoke
+            started = time.monotonic()
+            run_parallel(
+                "revoke",
+                {rt.host: rt for rt in group.runtimes},
+                lambda rt: processes.revoke(rt, revoke),
+            )
+            took = time.monotonic() - started
+        print(f"revoke with nothing to remove on {len(HOSTS)} hosts: {took:.3f} s")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", AUTHORIZE_UNDER_LOCK, str(path), marker, ours],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                processes.revoke(group.runtimes[1], revoke)
+            except BaseException as exc:
+                errors.append(exc)
+
+        revoking = threading.Thread(target=run)
+        revoking.start()
+
+        def editing() -> bool:  # the edit program runs on host2
+            for proc in hosts.processes("host2"):
+                with contextlib.suppress(psutil.Error):  # ended meanwhile
+                    if proc.name().startswith("python") and marker in " ".join(proc.cmdline()):
+                        return True
+            return False
+
+        # the edit waits for the lock on host2 (or, checked outside it, the revoke is over)
+        assert wait_until(lambda: editing() or not revoking.is_alive(), 15)
+        holder.communicate(b"go\n", timeout=15)
+        assert holder.returncode == 0
+        revoking.join(30)
+        assert not revoking.is_alive() and not errors, errors
+        assert path.read_bytes() == USER  # the line written meanwhile was removed
+        assert all(hosts.authorized_keys_bytes(h) == USER for h in HOSTS)
+    finally:
+        if holder is not None:
+            if holder.poll() is None:
+                holder.kill()
+            holder.communicate(timeout=10)
+        group.cleanup()

@@ -393,20 +393,25 @@ def test_a_link_keys_line_lets_in_one_host_for_the_given_ports_and_nothing_else(
     assert "PRIVATE" not in repr(key) and key.private not in repr(key)
 
 
-def test_revoking_a_clusters_keys_runs_the_edit_only_where_the_file_names_them(tmp_path):
+def test_revoking_a_clusters_keys_leaves_every_decision_to_the_edit(tmp_path):
+    """The revoke is the edit program alone (it decides under the file's lock): no file, or no
+    line of ours, changes nothing; our lines go, the user's bytes stay."""
     from lazycluster_tasks import hostside
 
     program = hostside.source("authorized_keys")
     marker = commands.peer_marker("abc123")
     line = commands.revoke_keys(sys.executable, marker)
+    assert "grep" not in line
     keys = tmp_path / ".ssh" / "authorized_keys"
-    # no file: nothing runs, nothing is made
-    assert _in_home(tmp_path, line, program).returncode == 0 and not keys.parent.exists()
+    done = _in_home(tmp_path, line, program)  # no file: nothing is made
+    assert done.returncode == 0 and not json.loads(done.stdout)["changed"], done.stderr
+    assert not keys.parent.exists()
     keys.parent.mkdir()
     user = b"ssh-ed25519 AAAAuser j\xfcrgen@laptop\r\n\x00\nno final newline"
     keys.write_bytes(user)
-    done = _in_home(tmp_path, line, program)  # not named: the edit does not run
-    assert done.returncode == 0 and done.stdout == "" and keys.read_bytes() == user
+    done = _in_home(tmp_path, line, program)  # not named: not written
+    assert done.returncode == 0 and not json.loads(done.stdout)["changed"]
+    assert keys.read_bytes() == user
     ours = f'expiry-time="20991231000000Z",restrict {marker}/h1@h2\n'.encode()
     keys.write_bytes(ours + user)
     done = _in_home(tmp_path, line, program)

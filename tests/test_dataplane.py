@@ -4,6 +4,7 @@ workers, not with workers x hosts; nothing (no process, no authorized key) left 
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import functools
 import logging
@@ -167,6 +168,66 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
     assert not [t for t in threading.enumerate() if t.name == "lct-links"]
 
 
+def test_each_dialling_host_has_its_own_key_let_in_from_its_own_addresses_and_logged(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None, caplog
+) -> None:
+    """Every cluster line in a host's authorized_keys lets in the key of the one host that
+    dials it (its private half in that host's folder only), from that host's address only; one
+    log line per host names the file and the keys' comments when they are added, and again
+    when they are removed."""
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks")
+    cluster = LazySSHCluster(
+        HOSTS,
+        ssh_config_path=str(multi_hosts.ssh_config_path),
+        network_mode="tunnelled",
+        threads_per_worker=1,
+        nanny=False,
+    )
+    marker = commands.peer_marker(cluster.engine.cluster_id)
+    address = {h: multi_hosts.host(h).address for h in HOSTS}
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(3, timeout=60)
+            links = cluster.engine.routing.links
+            assert links is not None
+            links.wait()
+            assert len(links.up) == 6, links.down
+            keys: dict[str, set[str]] = {}  # dialling host -> the public keys let in for it
+            comments: dict[str, list[str]] = {}  # host -> the comments of its lines
+            for host in HOSTS:
+                for line in multi_hosts.authorized_keys(host).splitlines():
+                    if marker not in line:
+                        continue
+                    options, _, blob, comment = line.split()
+                    dialler = comment.split("/", 1)[1].split("@")[0]
+                    assert comment == commands.key_comment(marker, dialler, host)
+                    assert links.link_of((dialler, host)) == (dialler, host)
+                    sources = options.split('from="', 1)[1].split('"')[0].split(",")
+                    assert sources == [address[dialler]], (host, line)
+                    keys.setdefault(dialler, set()).add(blob)
+                    comments.setdefault(host, []).append(comment)
+            assert sorted(keys) == HOSTS  # each host dials one other here (a ring of 3)
+            assert all(len(blobs) == 1 for blobs in keys.values()), keys
+            assert len(set().union(*keys.values())) == len(HOSTS)  # one key per dialling host
+            for rt in cluster.engine.group.runtimes:  # its own key, in its own folder
+                path = posixpath.join(cluster.engine.folder(rt), links_module.KEY_FILE)
+                public = rt.connection.check(f"ssh-keygen -y -f {shlex.quote(path)}").split()
+                assert {public[1]} == keys[rt.host]
+    finally:
+        cluster.close()
+    assert not any(marker in multi_hosts.authorized_keys(h) for h in HOSTS)
+    for host, named in comments.items():
+        said = ", ".join(sorted(named))
+        added = [r for r in caplog.messages if r.startswith(f"{host}: added ")]
+        removed = [r for r in caplog.messages if r.startswith(f"{host}: removed ")]
+        assert len(added) == 1 and len(removed) == 1, (added, removed)
+        assert added[0].startswith(f"{host}: added {said} to /")
+        assert added[0].split(" (")[0].endswith("/.ssh/authorized_keys"), added
+        assert (
+            removed[0] == f"{host}: removed {said} from {added[0].split(' to ')[1].split(' (')[0]}"
+        )
+
+
 #: The ports bare links' keys may carry (a cluster's: its workers' and the next ones).
 LINK_PORTS = range(47300, 47320)
 
@@ -311,6 +372,92 @@ def test_a_link_key_opens_only_the_clusters_ports_from_its_own_host_until_it_exp
             proc.wait()
 
 
+#: An interpreter whose start takes SLOW_EDIT seconds: the links' edits of authorized_keys
+#: are still under way when the links close.
+SLOW_EDIT = 4.0
+SLOW_PYTHON = f'#!/bin/sh\nsleep {SLOW_EDIT:g}\nexec {shlex.quote(sys.executable)} "$@"\n'
+
+
+def test_links_closed_while_their_keys_are_being_let_in_leave_no_line_on_any_host(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """The cleanup's revoke runs after every edit under way when the links close: closed
+    while each host is still letting the keys in (a slow interpreter), the links wait for
+    those edits and no host keeps a line (before, the edits landed after the revoke and the
+    lines stayed until they expired)."""
+    group = RuntimeGroup(hosts=HOSTS, ssh_config_path=str(multi_hosts.ssh_config_path))
+    slow = {rt.host: posixpath.join(rt.working_dir, "slow-python") for rt in group.runtimes}
+    for rt in group.runtimes:
+        rt.connection.check(
+            f"printf %s {shlex.quote(SLOW_PYTHON)} >{slow[rt.host]}; chmod +x {slow[rt.host]}"
+        )
+
+    def folder(rt: Runtime) -> str:
+        return posixpath.join(rt.working_dir, "lazycluster-closing")
+
+    marker = commands.peer_marker("closing")
+
+    def editing(*words: str) -> list[str]:
+        """Hosts running the slow interpreter, or an edit of the cluster's lines."""
+        found = lambda n: any(w in n for w in words or ("slow-python", marker))  # noqa: E731
+        return [h for h in HOSTS if any(map(found, _process_names(multi_hosts, h)))]
+
+    with _bare_links(multi_hosts, group, folder, marker) as links:
+        links.python = lambda rt: slow[rt.host]
+        links.start()
+        # the targets' edits are under way (their interpreters start)
+        assert wait_until(lambda: len(editing("slow-python")) >= 2, 10)
+        started = time.monotonic()
+        links.close()
+        waited = time.monotonic() - started
+        revoke = processes.Revoke(sys.executable, marker)
+        for rt in group.runtimes:  # the cleanup's revoke, the connections still open
+            processes.revoke(rt, revoke)
+        # nothing edits any more: what every host holds now is what it keeps
+        assert wait_until(lambda: not editing(), 2 * SLOW_EDIT + 5), editing()
+        left = [h for h in HOSTS if marker in multi_hosts.authorized_keys(h)]
+    print(f"close waited {waited:.1f} s for the edits under way")
+    assert not left, left
+    assert not links.up and links.touched
+
+
+def _expiry(hosts: TestHosts, host: str, marker: str) -> float:
+    """When the cluster's line in ``host``'s authorized_keys expires (seconds since the epoch)."""
+    line = next(x for x in hosts.authorized_keys(host).splitlines() if marker in x)
+    stamp = line.split('expiry-time="', 1)[1][:14]
+    return calendar.timegm(time.strptime(stamp, "%Y%m%d%H%M%S"))
+
+
+def test_link_keys_are_renewed_and_links_come_up_again_after_their_first_expiry(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, monkeypatch, caplog
+) -> None:
+    """Keys valid for 8 s, renewed at half: past the first expiry the line is valid for longer,
+    and a link whose master ended logs in again with it (without the renewal sshd refuses the
+    expired key and the pair stays on the route through this machine)."""
+    monkeypatch.setattr(links_module, "CHECK_INTERVAL", 1.0)
+    monkeypatch.setattr(links_module, "REOPEN_PAUSE", (1.0, 60.0))
+    caplog.set_level(logging.DEBUG, logger="lazycluster_tasks.links")
+    lifetime = 8.0
+    with _two_hosts_linked(multi_hosts, "renew", key_lifetime=lifetime) as (group, folder, links):
+        pair = ("host1", "host2")
+        assert pair in links.up, links.down
+        marker = commands.peer_marker("renew")
+        first = _expiry(multi_hosts, "host2", marker)
+        assert 0 < first - time.time() <= lifetime + 1
+        assert wait_until(lambda: time.time() > first + 1, lifetime + 5)  # the first expiry passed
+        assert _expiry(multi_hosts, "host2", marker) > time.time()  # renewed meanwhile
+        assert "host2: renewed " in caplog.text
+        name = links.process(pair)
+        assert name is not None
+        dialler = group.runtimes[0] if links.link_of(pair) == pair else group.runtimes[1]
+        pid_file = posixpath.join(folder(dialler), links_module.pid_file(name))
+        dialler.connection.check(f"kill $(cat {shlex.quote(pid_file)})")
+        assert wait_until(lambda: pair in links.down, 15)
+        assert wait_until(lambda: pair in links.up, 20), links.down.get(pair)
+        assert links.process(pair) != name  # a new master logged in, after the first expiry
+    assert not any(marker in multi_hosts.authorized_keys(h) for h in ("host1", "host2"))
+
+
 def test_a_link_that_cannot_be_dialled_one_way_is_dialled_the_other(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
@@ -404,7 +551,11 @@ def _sleeper(folder: str) -> list[str]:
 
 
 def _process_names(hosts: TestHosts, host: str) -> list[str]:
-    return [" ".join(p.cmdline()) for p in hosts.processes(host)]
+    names = []
+    for proc in hosts.processes(host):
+        with contextlib.suppress(psutil.Error):  # ended meanwhile
+            names.append(" ".join(proc.cmdline()))
+    return names
 
 
 def test_links_of_a_host_away_at_set_up_come_up_once_it_answers(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -195,6 +196,48 @@ def test_user_flow_runs_its_tasks_on_the_cluster_and_reports_to_the_api(hosts_cf
 
         # the workers' task runs reported to the API, each from its remote host
         assert wait_until(hosts_in_logs, timeout=20), seen
+
+
+def moved_between_hosts(n: int) -> tuple[str, int]:
+    return socket.gethostname(), n
+
+
+def _bytes(path: str) -> bytes:
+    return Path(path).read_bytes() if Path(path).exists() else b""
+
+
+@flow
+def no_host_links(ssh_config_path: str, keys: dict[str, str]) -> dict[str, Any]:
+    """A tunnelled cluster with ``host_links=False``: what it did to each host's keys file."""
+    with dask_cluster(
+        HOSTS,
+        ssh_config_path=ssh_config_path,
+        network_mode="tunnelled",
+        host_links=False,
+        env=WORKER_ENV,
+    ) as cluster:
+        client = cluster.client
+        on = {w["host"]: w["address"] for w in cluster.cluster.workers.values()}
+        data = client.submit(bytes, 1 << 20, workers=[on["host1"]], pure=False)
+        moved = client.submit(len, data, workers=[on["host2"]], allow_other_workers=False)
+        routing = cluster.cluster.routing
+        return {
+            "moved": moved.result(timeout=60),
+            "mode": cluster.record.network_mode,
+            "links": getattr(routing, "links", None) is not None,
+            "during": {h: _bytes(path).hex() for h, path in keys.items()},
+        }
+
+
+def test_dask_cluster_without_host_links_edits_no_authorized_keys(hosts_cfg, multi_hosts):
+    """``dask_cluster(host_links=False)``: a tunnelled cluster whose workers exchange data
+    edits no host's authorized_keys, while it runs and after (byte-identical)."""
+    keys = {h: str(multi_hosts.ssh_dir(h) / "authorized_keys") for h in HOSTS}
+    before = {h: multi_hosts.authorized_keys_bytes(h).hex() for h in HOSTS}
+    seen = no_host_links(hosts_cfg, keys)
+    assert (seen["moved"], seen["mode"], seen["links"]) == (1 << 20, "tunnelled", False)
+    assert seen["during"] == before
+    assert {h: multi_hosts.authorized_keys_bytes(h).hex() for h in HOSTS} == before
 
 
 CONTROLLER = """

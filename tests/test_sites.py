@@ -156,3 +156,69 @@ def test_killed_controller_leaves_nothing_in_any_topology(
     print(f"{topology} ({record['network_mode']}): gone after SIGKILL: {gone}")
     assert max(gone.values()) < 2 + 8 + 8, gone
     assert set(teardown(record).values()) == {f"{k}: stopped" for k in record["folders"]}
+
+
+#: A controller of its own with a plain LazySSHCluster (argv: ssh config, hosts), tunnelled,
+#: its links up: prints its id, folders and the link marker as one JSON line (nothing saved
+#: anywhere) and sleeps, to be killed.
+LAZY_CONTROLLER = """
+import json, sys, time
+from distributed import Client
+from lazycluster_tasks import LazySSHCluster, commands
+hosts = sys.argv[2:]
+cluster = LazySSHCluster(hosts, ssh_config_path=sys.argv[1], network_mode="tunnelled",
+                         threads_per_worker=1, nanny=False, death_timeout=8, idle_timeout=2)
+client = Client(cluster)
+client.wait_for_workers(len(hosts), timeout=60)
+links = cluster.engine.routing.links
+links.wait()
+record = cluster.record()
+print(json.dumps({"cluster_id": record.cluster_id, "links_up": len(links.up),
+                  "folders": [f.folder for f in record.folders.values()]}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_lazysshcluster_controller_leaves_nothing_on_any_host(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """A plain LazySSHCluster, tunnelled, whose record nobody saved: after a SIGKILL of its
+    controller every host ends its processes, removes its folder (the links' keys with it) and
+    revokes the lines that let the links' keys in, by itself, within the timeouts' sum and the
+    guards' few seconds."""
+    hosts = ["host1", "host2", "host3"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAZY_CONTROLLER, str(multi_hosts.ssh_config_path), *hosts],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        started = json.loads(proc.stdout.readline())
+        marker = commands.peer_marker(started["cluster_id"])
+        assert started["links_up"] == 6
+        assert all(marker in multi_hosts.authorized_keys(h) for h in hosts)
+        time.sleep(1.5)  # the scheduler has seen its client
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+    start = time.monotonic()
+    folders = started["folders"]
+    assert folders and all(os.path.isdir(f) for f in folders)
+    gone: dict[str, float] = {}
+
+    def everything_gone() -> bool:
+        checks = {
+            "processes": not local_leftovers(started["cluster_id"])
+            and not multi_hosts.leftover_processes(),
+            "folders": not any(os.path.exists(f) for f in folders),
+            "keys": not any(marker in multi_hosts.authorized_keys(h) for h in hosts),
+        }
+        for what, done in checks.items():
+            if done:
+                gone.setdefault(what, time.monotonic() - start)
+        return all(checks.values())
+
+    assert wait_until(everything_gone, timeout=40, interval=0.2), (gone, folders)
+    print(f"LazySSHCluster (tunnelled): gone after SIGKILL: {gone}")
+    assert max(gone.values()) < 2 + 8 + 8, gone

@@ -76,6 +76,7 @@ class Result(NamedTuple):
     changed: bool  # False: nothing to do (no line of ours, none given)
     lines: int  # lines of ours in the file now
     expiry: str  # expiry-time of our lines, UTC, YYYYMMDDHHMMSS ("" when none)
+    removed: tuple[str, ...] = ()  # comments of the lines of ours it removed (not set again)
 
 
 def default_path() -> str:
@@ -381,7 +382,7 @@ def set_lines(
         left = max(0.0, deadline - time.monotonic())
         done = _attempt(path, marker, ours, now, left)
         if isinstance(done, tuple):
-            return Result(done[1], done[0], len(ours), expiry)
+            return Result(done[1], done[0], len(ours), expiry, done[2] if done[0] else ())
         if done == CHANGED:
             changed += 1
             if changed >= ATTEMPTS:
@@ -399,14 +400,15 @@ REPLACED, CHANGED = "replaced", "changed"
 
 def _attempt(
     path: str, marker: str, ours: list[bytes], now: float, lock_timeout: float
-) -> tuple[bool, str] | str:
-    """One try: (changed, the file's path), or REPLACED or CHANGED (try again)."""
+) -> tuple[bool, str, tuple[str, ...]] | str:
+    """One try: (changed, the file's path, the comments of the lines removed), or REPLACED or
+    CHANGED (try again)."""
     if os.path.islink(path) and not os.path.exists(path):
         raise EditError(f"{path}: a symbolic link to nothing; not edited")
     if not os.path.lexists(path):
         if not ours:
-            return False, path
-        return (True, path) if _create(path, b"".join(ours)) else REPLACED
+            return False, path, ()
+        return (True, path, ()) if _create(path, b"".join(ours)) else REPLACED
     real = os.path.realpath(path)
     why = lock_works(real)
     if why is not None:
@@ -439,11 +441,19 @@ def _attempt(
         _remove_stale_temps(real, now)
         new = new_text(original, marker, ours, now)
         if new == original and not ours:
-            return False, real
+            return False, real, ()
         verify(original, new, marker, ours, now)
+        kept = {comment(line) for line in ours}
+        removed = tuple(
+            comment(line).decode("ascii", "replace")
+            for line in split_lines(original)
+            if _dropped(line, marker, now) and comment(line) not in kept
+        )
         if not new and original.startswith((MADE, MADE_WITH_FOLDER)):
-            return _remove(real, fd, before, original, original.startswith(MADE_WITH_FOLDER))
-        return _replace(real, fd, before, original, new)
+            done = _remove(real, fd, before, original, original.startswith(MADE_WITH_FOLDER))
+        else:
+            done = _replace(real, fd, before, original, new)
+        return done if isinstance(done, str) else (*done, removed)
     finally:
         os.close(fd)  # the lock goes with it
 

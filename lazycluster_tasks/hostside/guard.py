@@ -213,8 +213,9 @@ def revoke(key_marker: str, pause: float, give_up: float) -> None:
             time.sleep(pause)
             pause = min(2 * pause, 60.0)
             continue
-        if result.changed:
-            print(f"guard: {key_marker} removed from {result.path}", file=sys.stderr)
+        if result.changed:  # the file and each key's comment
+            named = ", ".join(result.removed)
+            print(f"guard: {key_marker} removed from {result.path}: {named}", file=sys.stderr)
         return
 
 
