@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.common import clean_sample, leftover_check, print_table
+from lazycluster_tasks import cluster_environments
 from lazycluster_tasks.testing.hosts import TestHosts
 
 TARGET = 1.10
@@ -93,7 +94,7 @@ def sample(th: TestHosts, hosts: list[str], case: Case, python: str | None) -> N
         for host in hosts:
             shutil.rmtree(th.home_dir(host) / ".cache" / "lazycluster", ignore_errors=True)
     sent = _Sent()
-    logging.getLogger("lazycluster_tasks.engine").addHandler(sent)
+    cluster_environments.logger.addHandler(sent)
     options: dict[str, Any] = {"threads_per_worker": 1}
     if case.name == "pre-installed":
         options.update(python=python, environment=None)
@@ -105,7 +106,7 @@ def sample(th: TestHosts, hosts: list[str], case: Case, python: str | None) -> N
             case.seconds.append(time.perf_counter() - t0)
             case.cpu.append(_cpu() - cpu)
     finally:
-        logging.getLogger("lazycluster_tasks.engine").removeHandler(sent)
+        cluster_environments.logger.removeHandler(sent)
     case.sent.append(statistics.median([m for m, _ in sent.found]) if sent.found else 0.0)
     if sent.found:
         case.rate.append(statistics.median([m / s for m, s in sent.found if s > 0]))
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args(argv)
     logging.getLogger("distributed").setLevel(logging.ERROR)
-    logging.getLogger("lazycluster_tasks.engine").setLevel(logging.INFO)
+    cluster_environments.logger.setLevel(logging.INFO)
     cases: list[Case] = []
     links: dict[int, tuple[float, float]] = {}  # hosts -> (MiB, MiB/s per host)
     for count in args.hosts:
