@@ -145,6 +145,7 @@ class Engine:
                             python=self.options.python,
                             guard=self._guard,
                             ports=self._link_ports,
+                            host_lock=self._host_lock,
                         )
                     )
                 if self.options.worker_class:

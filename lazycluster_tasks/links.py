@@ -29,6 +29,7 @@ removes the folder with the keys and revokes the lines by itself.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -37,6 +38,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import serialization
@@ -224,6 +226,7 @@ class Links:
         guard: Callable[[Runtime], Guard] | None = None,
         ports: Callable[[], Collection[int]] = frozenset,
         key_lifetime: float = KEY_LIFETIME,
+        host_lock: Callable[[Runtime], AbstractContextManager[object]] | None = None,
     ) -> None:
         self.runtimes = [rt for rt in runtimes if not rt.is_local]
         self.addresses = dict(addresses)
@@ -233,6 +236,10 @@ class Links:
         #: started with the masters where none runs (it ends them once the host has no process
         #: of the cluster left; see hostside.guard)
         self.guard = guard
+        #: held while masters start on a host: the owner's lock that its stops hold too (a
+        #: stop that empties a host removes the folder; a master started meanwhile would
+        #: lose its pid file with it and outlive the cluster)
+        self.host_lock = host_lock or (lambda rt: contextlib.nullcontext())
         self.key_lifetime = key_lifetime
         #: the ports the keys may open and listen on, asked once, when the links are set up
         #: (sshd fixes a key's options when it logs in): the workers' and the next ones'
@@ -785,7 +792,8 @@ class Links:
             links[name], controls[name] = link, control
         if not specs:
             return
-        with self._starting:  # close() waits for this: whatever starts is registered
+        # close() waits for _starting: whatever starts is registered
+        with self._starting, self.host_lock(runtime):
             if self._closing.is_set():
                 return
             guard = self.guard(runtime) if self.guard is not None else None
