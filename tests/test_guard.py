@@ -216,13 +216,14 @@ def test_a_start_racing_the_guard_is_ended_and_one_after_it_is_left_alone(
     watcher = guard(folder, home, "--sweep", "3")
     later = None
     try:
+        assert wait_until(lambda: (folder / "guard.pid").exists(), 20)  # it runs
         time.sleep(0.8)  # it saw the worker
         worker.kill()
         worker.wait()
-        assert wait_until(lambda: not folder.exists(), 10)  # moved aside
+        assert wait_until(lambda: not folder.exists(), 30)  # moved aside (bounds for a loaded host)
         folder.mkdir()
         later = subprocess.Popen(sleeper, cwd=folder, start_new_session=True)
-        assert watcher.wait(timeout=15) == 0
+        assert watcher.wait(timeout=30) == 0
         assert raced.wait(timeout=5) in (-signal.SIGTERM, -signal.SIGKILL)
         assert later.poll() is None and folder.exists()
     finally:
