@@ -16,7 +16,7 @@ host. The link, in the same run: the same bytes (the packs a first start sends) 
 host). Targets: the cached start at most 1.1x the pre-installed one; the first start's sync of a
 host (its check, transfer, unpacking and venv, as the engine logs it) at most LINK_FACTOR x the
 time the link takes for its bytes. Nothing may be left on any host. Run:
-``python -m benchmarks.environments [--hosts 3 8] [--repeat 2]``.
+``python -m benchmarks.environments [--hosts 3 8] [--repeat 2] [--warmup 1]``.
 """
 
 from __future__ import annotations
@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.environments", description=__doc__)
     parser.add_argument("--hosts", type=int, nargs="+", default=[3, 8])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds first (they make the packs here)"
+    )
     args = parser.parse_args(argv)
     logging.getLogger("distributed").setLevel(logging.ERROR)
     cluster_environments.logger.setLevel(logging.INFO)
@@ -163,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
         with TestHosts(count, user=True, private=True) as th:
             hosts = [h.name for h in th.hosts]
             python = None
-            for round_no in range(args.repeat + 1):  # the first round warms the packs here
+            for round_no in range(args.warmup + args.repeat):  # warm-up rounds make the packs
                 for case in here:
                     if case.name == "pre-installed" and python is None:
                         continue  # known once an environment was made
@@ -172,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
                     if error is not None:
                         case.errors.append(f"round {round_no + 1}: {error}")
                         print(f"  {count} hosts, {case.name}: {case.errors[-1]}", flush=True)
-                    if round_no == 0:  # warm-up: made the packs (first) and the env (cached)
+                    if round_no < args.warmup:  # made the packs (first) and the env (cached)
                         for values in (case.seconds, case.cpu, case.sent, case.rate, case.sync):
                             values.clear()
                     if case.name != "pre-installed":  # the one a start used last
@@ -185,9 +188,9 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
                             python = (
                                 f"/home/{th.user}/.cache/lazycluster/envs/{last.name}/bin/python"
                             )
-                    if case.seconds and round_no:
+                    if case.seconds and round_no >= args.warmup:
                         print(
-                            f"  {count} hosts, {case.name}, round {round_no}: "
+                            f"  {count} hosts, {case.name}, round {round_no - args.warmup + 1}: "
                             f"{case.seconds[-1]:.2f} s, {case.sent[-1]:.1f} MiB/host",
                             flush=True,
                         )

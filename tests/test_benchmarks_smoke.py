@@ -349,7 +349,7 @@ def test_dataplane_targets_compare_within_a_host_count() -> None:
 def test_environments_benchmark_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks import environments
 
-    targets = environments.main(["--hosts", "2", "--repeat", "1"])
+    targets = environments.main(["--hosts", "2", "--repeat", "1", "--warmup", "0"])
     out = capsys.readouterr().out
     assert [t.status in ("PASS", "MISS") for t in targets] == [True, True], out
     assert "bytes / link" in targets[1].name and targets[1].ratio is not None, out
