@@ -271,6 +271,11 @@ def _spec_hosts(cluster: LazySSHCluster) -> list[str]:
     return sorted(v["options"]["host"] for v in cluster.worker_spec.values())
 
 
+def _only_worker_on(cluster: LazySSHCluster, host: str) -> str:
+    (name,) = [n for n, v in cluster.worker_spec.items() if v["options"]["host"] == host]
+    return name
+
+
 def _registered_hosts(client: Client) -> list[str]:
     """The hosts of the workers the scheduler knows (from their names: <host>-<n>)."""
     return sorted(str(w["name"]).rsplit("-", 1)[0] for w in _workers(client).values())
@@ -285,9 +290,7 @@ def test_healing_honours_the_worker_count_of_each_host(gpu_hosts: TestHosts, cap
         with Client(cluster) as client:
             client.wait_for_workers(2, timeout=60)
             assert _registered_hosts(client) == ["host1", "host2"]
-            (first,) = [
-                n for n, v in cluster.worker_spec.items() if v["options"]["host"] == "host2"
-            ]
+            first = _only_worker_on(cluster, "host2")
             # host2 away: its worker moves to host1, which has room for a second one
             gpu_hosts.cut_host("host2")
             try:
@@ -305,9 +308,7 @@ def test_healing_honours_the_worker_count_of_each_host(gpu_hosts: TestHosts, cap
                 lambda: _registered_hosts(client) == ["host1", "host1", "host2"], 60
             ), _workers(client)
             # full: host2's worker lost again has nowhere to go but host2, once it answers
-            (second,) = [
-                n for n, v in cluster.worker_spec.items() if v["options"]["host"] == "host2"
-            ]
+            second = _only_worker_on(cluster, "host2")
             gpu_hosts.cut_host("host2")
             try:
                 lost = f"worker {second} on host2 lost"
