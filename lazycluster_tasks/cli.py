@@ -313,7 +313,7 @@ def sweep(
     stopped first, by their pid files), and the links' keys in ~/.ssh/authorized_keys. For a
     controller that died and left no record; a cluster that runs there is stopped too. Exit 1
     when a host does not answer or cannot be swept."""
-    from lazycluster_tasks import commands, hostside
+    from lazycluster_tasks import commands, hostside, link_commands
     from lazycluster_tasks.processes import Revoke, revoke, stop_folder
 
     config = _config(ssh_config)
@@ -331,7 +331,7 @@ def sweep(
         markers = set(found["markers"])
         for entry in found["folders"]:
             path = str(entry["path"])
-            marker = commands.peer_marker(path.rsplit("lazycluster-", 1)[1])
+            marker = link_commands.peer_marker(path.rsplit("lazycluster-", 1)[1])
             markers.discard(marker)
             stop_folder(runtime, path, 1.0, path, Revoke(python, marker))
             parent = path.rsplit("/", 1)[0]

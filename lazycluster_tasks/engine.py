@@ -25,7 +25,7 @@ from typing import Any
 
 import cloudpickle
 
-from lazycluster_tasks import commands, hostside, limits, processes, startup
+from lazycluster_tasks import commands, hostside, limits, link_commands, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
 from lazycluster_tasks.cluster_environments import ClusterEnvironments
 from lazycluster_tasks.connection import tail
@@ -140,7 +140,7 @@ class Engine:
                             self.group.runtimes,
                             self._plan.addresses,
                             self.folder,
-                            commands.peer_marker(self.cluster_id),
+                            link_commands.peer_marker(self.cluster_id),
                             self._register,
                             python=self.options.python,
                             guard=self._guard,
@@ -908,16 +908,16 @@ class Engine:
         links = getattr(self._routes, "links", None)
         if runtime.is_local or links is None or runtime.host not in links.touched:
             return None
-        marker = commands.peer_marker(self.cluster_id)
+        marker = link_commands.peer_marker(self.cluster_id)
         if alone:
-            marker = commands.key_scope(marker, runtime.host)
+            marker = link_commands.key_scope(marker, runtime.host)
         return Revoke(self.options.python(runtime), marker)
 
     def _guard(self, runtime: Runtime) -> Guard:
         """What the guard of ``runtime``'s cluster folder runs with (see hostside.guard): on
         a host, the lines that let the links' keys in go with it (where links may come)."""
         links = self.options.host_links and not runtime.is_local
-        marker = commands.key_scope(commands.peer_marker(self.cluster_id), runtime.host)
+        marker = link_commands.key_scope(link_commands.peer_marker(self.cluster_id), runtime.host)
         return Guard(
             self.options.python(runtime),
             marker if links else "",

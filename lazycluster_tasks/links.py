@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from lazycluster_tasks import commands, hostside, processes
+from lazycluster_tasks import commands, hostside, link_commands, processes
 from lazycluster_tasks.connection import INTERNAL_TIMEOUT, CommandResult, tail
 from lazycluster_tasks.errors import GroupError, LazyclusterError, is_transient
 from lazycluster_tasks.group import run_parallel
@@ -400,7 +400,7 @@ class Links:
                 answers[host] = set()
                 continue
             try:
-                line = commands.link_alive(named)
+                line = link_commands.link_alive(named)
                 result = self._runtime(host).connection.run(line, timeout=CHECK_TIMEOUT)
             except Exception as exc:  # the cluster's own watch deals with a host away
                 logger.debug("links of %s not checked: %s", host, exc)
@@ -652,16 +652,16 @@ class Links:
         naming the file and the comments of the keys added (or renewed), one for those removed."""
         runtime = self._runtime(target)
         lines = [
-            commands.authorized_line(
+            link_commands.authorized_line(
                 self._key_of(dialler).public,
-                commands.key_comment(self.marker, dialler, target),
+                link_commands.key_comment(self.marker, dialler, target),
                 self._sources.get(dialler, []),
                 self.granted,
                 self.granted,
             )
             for dialler in sorted(diallers)
         ]
-        scope = commands.key_scope(self.marker, target)
+        scope = link_commands.key_scope(self.marker, target)
         # the lines go on stdin: with many hosts and ports they outgrow a command line
         args = ["--marker", scope, "--lifetime", f"{self.key_lifetime:g}"]
         args += ["--lines-on-stdin", str(len(lines))]  # an input cut short edits nothing
@@ -694,7 +694,7 @@ class Links:
             self._written[target] = time.monotonic()
         added = diallers - before
         comments = ", ".join(
-            commands.key_comment(self.marker, d, target) for d in sorted(added or diallers)
+            link_commands.key_comment(self.marker, d, target) for d in sorted(added or diallers)
         )
         if comments:
             logger.log(
@@ -775,7 +775,7 @@ class Links:
             # a fresh socket each time (a killed master leaves its file behind), relative to
             # the cluster folder: however deep the folder, the path fits a socket address
             control = f"link{serial}.s"
-            master = commands.link_master_argv(
+            master = link_commands.link_master_argv(
                 control,
                 posixpath.join(folder, KEY_FILE),
                 posixpath.join(folder, KNOWN_HOSTS),
@@ -805,7 +805,7 @@ class Links:
                 self._sent[host] = files[KNOWN_HOSTS]
         states = self._run(
             runtime,
-            commands.link_states(controls, {i.name: i.pid for i in infos}, SETUP_TIMEOUT),
+            link_commands.link_states(controls, {i.name: i.pid for i in infos}, SETUP_TIMEOUT),
             SETUP_TIMEOUT + 30,
         )
         up = _named(states, "1")
@@ -898,7 +898,7 @@ class Links:
                 by_control = parts.setdefault(link[0], {}).setdefault(control, {})
                 by_control[str(index)] = (ports[pair], link[0] != pair[0])
         lines = {
-            host: [commands.link_forward_parts(c, p, cancel) for c, p in controls.items()]
+            host: [link_commands.link_forward_parts(c, p, cancel) for c, p in controls.items()]
             for host, controls in parts.items()
         }
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from lazycluster_tasks import commands, hostside
+from lazycluster_tasks import commands, hostside, link_commands
 from lazycluster_tasks.commands import q
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import LazyclusterError, OperationTimeoutError
@@ -276,7 +276,7 @@ def _stop(
     if remove:  # only when every process is gone: a survivor keeps its folder and pid file
         line += f"; [ $s != 0 ] || {commands.remove_tree(remove)} || s=$?"
     if revoke is not None:  # after the folder (its keys) went, whatever the edit's outcome
-        line += f"; {commands.revoke_keys(revoke.python, revoke.marker)} || s=$?"
+        line += f"; {link_commands.revoke_keys(revoke.python, revoke.marker)} || s=$?"
         stdin = hostside.source("authorized_keys").encode()
     result = runtime.connection.run(f"{line}; exit $s", timeout=grace + 30, stdin=stdin)
     if revoke is not None:  # one line per host: the file and each key's comment

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lazycluster_tasks import commands, processes
+from lazycluster_tasks import link_commands, processes
 from lazycluster_tasks.errors import LazyclusterError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.network import NetworkMode
@@ -148,7 +148,7 @@ def teardown(
         revoke = None
         if not runtime.is_local:
             python = folder.python or spec.python_executable or "python3"
-            revoke = processes.Revoke(python, commands.peer_marker(record.cluster_id))
+            revoke = processes.Revoke(python, link_commands.peer_marker(record.cluster_id))
         try:
             remove = folder.working_dir if folder.temporary else folder.folder
             left = processes.stop_folder(runtime, folder.folder, grace, remove, revoke)

@@ -18,12 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lazycluster_tasks import commands
+from lazycluster_tasks import commands, link_commands
 from lazycluster_tasks.hostside import authorized_keys as ak
 from lazycluster_tasks.links import LinkKey
 from lazycluster_tasks.testing.helpers import fill, small_disk
 
-MARKER = commands.peer_marker("c0ffee")
+MARKER = link_commands.peer_marker("c0ffee")
 USER = (
     b'no-pty,command="echo a b" ssh-ed25519 AAAAC3NzaUser1 alice@laptop\n'
     b"ssh-rsa AAAAB3NzaUser2 j\xfcrgen@laptop\r\n"  # a Latin-1 comment and a CRLF ending
@@ -35,8 +35,8 @@ USER = (
 
 def line(dialler: str = "host1", marker: str = MARKER, ports: tuple[int, ...] = (60001,)) -> str:
     key = LinkKey.generate()
-    return commands.authorized_line(
-        key.public, commands.key_comment(marker, dialler, "host2"), ["10.0.0.5"], ports, ports
+    return link_commands.authorized_line(
+        key.public, link_commands.key_comment(marker, dialler, "host2"), ["10.0.0.5"], ports, ports
     )
 
 
@@ -82,7 +82,7 @@ def test_a_file_we_made_goes_with_our_last_line_unless_the_user_wrote_in_it(
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_bytes().startswith(ak.MADE_WITH_FOLDER)
-    other = commands.peer_marker("other")
+    other = link_commands.peer_marker("other")
     ak.set_lines(other, [line(marker=other)], 60, str(path))  # another cluster's too
     ak.set_lines(MARKER, [], 0, str(path))
     assert path.read_bytes().startswith(ak.MADE_WITH_FOLDER)  # the other's line is left
@@ -113,7 +113,7 @@ def test_any_bytes_at_all_come_back_unchanged(tmp_path: Path, original: bytes) -
 
 
 def test_other_clusters_lines_stay_until_they_expire(keys: Path) -> None:
-    other = commands.peer_marker("other")
+    other = link_commands.peer_marker("other")
     alive = f'expiry-time="20991231000000Z",{line(marker=other)}\n'.encode()
     dead = f'expiry-time="20200101000000Z",{line("h2", marker=other)}\n'.encode()
     keys.write_bytes(alive + dead + USER)
@@ -247,7 +247,7 @@ EDITOR = [sys.executable, "-m", "lazycluster_tasks.hostside.authorized_keys"]
 
 def test_editors_at_once_lose_no_line(keys: Path) -> None:
     """200 rounds in 8 processes, each a cluster of its own (authorize, update, revoke)."""
-    markers = [commands.peer_marker(f"p{i}") for i in range(8)]
+    markers = [link_commands.peer_marker(f"p{i}") for i in range(8)]
     parts = [json.dumps([marker, line(marker=marker)]) for marker in markers]
     script = (
         "import json, sys\n"
@@ -337,21 +337,21 @@ def test_hosts_sharing_a_home_each_set_and_revoke_their_own_lines(keys: Path) ->
     ``<marker>@<host>``) without touching the other's; the cluster's revoke removes all."""
     into = {
         target: [
-            commands.authorized_line(
-                LinkKey.generate().public, commands.key_comment(MARKER, "host3", target)
+            link_commands.authorized_line(
+                LinkKey.generate().public, link_commands.key_comment(MARKER, "host3", target)
             )
         ]
         for target in ("host1", "host2")
     }
     for target, lines in into.items():
-        ak.set_lines(commands.key_scope(MARKER, target), lines, 60, str(keys))
+        ak.set_lines(link_commands.key_scope(MARKER, target), lines, 60, str(keys))
     text = keys.read_bytes()
     assert all(line.encode() in text for lines in into.values() for line in lines)
-    ak.set_lines(commands.key_scope(MARKER, "host1"), [], 0, str(keys))  # host1 cleaned up
+    ak.set_lines(link_commands.key_scope(MARKER, "host1"), [], 0, str(keys))  # host1 cleaned up
     text = keys.read_bytes()
     assert into["host2"][0].encode() in text and into["host1"][0].encode() not in text
     with pytest.raises(ValueError, match="not an options"):  # a line for another host
-        ak.set_lines(commands.key_scope(MARKER, "host1"), into["host2"], 60, str(keys))
+        ak.set_lines(link_commands.key_scope(MARKER, "host1"), into["host2"], 60, str(keys))
     ak.set_lines(MARKER, [], 0, str(keys))
     assert keys.read_bytes() == USER
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from distributed import Client
 
-from lazycluster_tasks import LazySSHCluster, RuntimeGroup, commands, processes, teardown
+from lazycluster_tasks import LazySSHCluster, RuntimeGroup, link_commands, processes, teardown
 from lazycluster_tasks.errors import LazyclusterError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.links import LinkKey
@@ -119,7 +119,7 @@ def test_authorized_keys_are_the_users_byte_for_byte_after_a_cluster(
     compared = [h for h in HOSTS if case != "read error" or h != "host2"]  # host2's: EIO
     before = {h: hosts.authorized_keys_bytes(h) for h in compared}
     cluster = _cluster(hosts)
-    marker = commands.peer_marker(cluster.engine.cluster_id)
+    marker = link_commands.peer_marker(cluster.engine.cluster_id)
     try:
         with Client(cluster) as client:
             client.wait_for_workers(3, timeout=60)
@@ -162,7 +162,7 @@ def test_a_full_disk_at_the_revoke_keeps_the_lines_until_a_retry_can_remove_them
     hosts = user_files
     before = hosts.authorized_keys_bytes("host2")
     cluster = _cluster(hosts)
-    marker = commands.peer_marker(cluster.engine.cluster_id)
+    marker = link_commands.peer_marker(cluster.engine.cluster_id)
     filler = None
     try:
         with Client(cluster) as client:
@@ -213,7 +213,7 @@ def test_two_clusters_at_once_on_hosts_sharing_one_home(
             )
             for first in (51000, 52000)
         ]
-        markers = [commands.peer_marker(c.engine.cluster_id) for c in clusters]
+        markers = [link_commands.peer_marker(c.engine.cluster_id) for c in clusters]
         errors: list[BaseException] = []
 
         def links_up(cluster: LazySSHCluster) -> None:
@@ -267,10 +267,10 @@ def test_a_revoke_decides_under_the_lock_and_misses_no_line_written_meanwhile(
     for it and removes the line it wrote (a check outside the lock saw no line and skipped the
     edit: the line stayed). A revoke with nothing to remove stays fast: measured on 3 hosts."""
     hosts = user_files
-    marker = commands.peer_marker("underlock")
+    marker = link_commands.peer_marker("underlock")
     path = hosts.ssh_dir("host2") / "authorized_keys"
-    ours = commands.authorized_line(
-        LinkKey.generate().public, commands.key_comment(marker, "host1", "host2")
+    ours = link_commands.authorized_line(
+        LinkKey.generate().public, link_commands.key_comment(marker, "host1", "host2")
     )
     group = RuntimeGroup(hosts=HOSTS, ssh_config_path=str(hosts.ssh_config_path))
     revoke = processes.Revoke(sys.executable, marker)

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from distributed import Client
 
-from lazycluster_tasks import commands, processes
+from lazycluster_tasks import link_commands, processes
 from lazycluster_tasks import links as links_module
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.runtime import Runtime
@@ -80,7 +80,7 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
         network_mode="tunnelled",
         threads_per_worker=1,
     )
-    marker = commands.peer_marker(cluster.engine.cluster_id)
+    marker = link_commands.peer_marker(cluster.engine.cluster_id)
     try:
         with Client(cluster) as client:
             client.wait_for_workers(3, timeout=30)
@@ -183,7 +183,7 @@ def test_each_dialling_host_has_its_own_key_let_in_from_its_own_addresses_and_lo
         threads_per_worker=1,
         nanny=False,
     )
-    marker = commands.peer_marker(cluster.engine.cluster_id)
+    marker = link_commands.peer_marker(cluster.engine.cluster_id)
     address = {h: multi_hosts.host(h).address for h in HOSTS}
     try:
         with Client(cluster) as client:
@@ -200,7 +200,7 @@ def test_each_dialling_host_has_its_own_key_let_in_from_its_own_addresses_and_lo
                         continue
                     options, _, blob, comment = line.split()
                     dialler = comment.split("/", 1)[1].split("@")[0]
-                    assert comment == commands.key_comment(marker, dialler, host)
+                    assert comment == link_commands.key_comment(marker, dialler, host)
                     assert links.link_of((dialler, host)) == (dialler, host)
                     sources = options.split('from="', 1)[1].split('"')[0].split(",")
                     assert sources == [address[dialler]], (host, line)
@@ -275,7 +275,7 @@ def test_links_come_up_under_a_folder_deeper_than_a_socket_path_allows(
     def deep(rt: Runtime) -> str:
         return posixpath.join(rt.working_dir, "d" * 60, "e" * 60, "lazycluster-deep")
 
-    marker = commands.peer_marker("deep")
+    marker = link_commands.peer_marker("deep")
     with _bare_links(multi_hosts, group, deep, marker) as links:
         links.start()
         links.wait()
@@ -295,7 +295,7 @@ def _two_hosts_linked(
     def folder(rt: Runtime) -> str:
         return posixpath.join(rt.working_dir, f"lazycluster-{name}")
 
-    with _bare_links(hosts, group, folder, commands.peer_marker(name), **options) as links:
+    with _bare_links(hosts, group, folder, link_commands.peer_marker(name), **options) as links:
         links.start()
         links.wait()
         yield group, folder, links
@@ -395,7 +395,7 @@ def test_links_closed_while_their_keys_are_being_let_in_leave_no_line_on_any_hos
     def folder(rt: Runtime) -> str:
         return posixpath.join(rt.working_dir, "lazycluster-closing")
 
-    marker = commands.peer_marker("closing")
+    marker = link_commands.peer_marker("closing")
 
     def editing(*words: str) -> list[str]:
         """Hosts running the slow interpreter, or an edit of the cluster's lines."""
@@ -441,7 +441,7 @@ def test_link_keys_are_renewed_and_links_come_up_again_after_their_first_expiry(
     with _two_hosts_linked(multi_hosts, "renew", key_lifetime=lifetime) as (group, folder, links):
         pair = ("host1", "host2")
         assert pair in links.up, links.down
-        marker = commands.peer_marker("renew")
+        marker = link_commands.peer_marker("renew")
         first = _expiry(multi_hosts, "host2", marker)
         assert 0 < first - time.time() <= lifetime + 1
         assert wait_until(lambda: time.time() > first + 1, lifetime + 5)  # the first expiry passed
@@ -503,7 +503,7 @@ def test_a_host_whose_last_worker_is_gone_cleans_up_after_the_cluster_by_itself(
     def folder(rt: Runtime) -> str:
         return posixpath.join(rt.working_dir, "lazycluster-watched")
 
-    marker = commands.peer_marker("watched")
+    marker = link_commands.peer_marker("watched")
     with _bare_links(multi_hosts, group, folder, marker, guarded=True) as links:
         guard = processes.Guard(sys.executable, marker)
         workers = {
@@ -579,7 +579,7 @@ def test_links_of_a_host_away_at_set_up_come_up_once_it_answers(
 
     for rt in group.runtimes:
         folder(rt)  # the working dirs exist before the cut
-    marker = commands.peer_marker("away")
+    marker = link_commands.peer_marker("away")
     pairs = {(a, b) for a in hosts for b in hosts if a != b}
     away = {p for p in pairs if "host3" in p}
     with _bare_links(multi_hosts, group, folder, marker) as links:

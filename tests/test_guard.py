@@ -13,12 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lazycluster_tasks import commands
+from lazycluster_tasks import link_commands
 from lazycluster_tasks.hostside import authorized_keys as ak
 from lazycluster_tasks.links import LinkKey
 from lazycluster_tasks.testing.helpers import fill, small_disk, wait_until
 
-MARKER = commands.peer_marker("guarded")
+MARKER = link_commands.peer_marker("guarded")
 USER = b"ssh-ed25519 AAAAC3NzaUser1 alice@laptop\n"
 
 
@@ -40,7 +40,9 @@ def home(tmp_path: Path) -> Path:
     ssh.mkdir(parents=True)
     (ssh / "authorized_keys").write_bytes(USER)
     lines = [
-        commands.authorized_line(LinkKey.generate().public, f"{MARKER}/{h}@host1", [], [1], [1])
+        link_commands.authorized_line(
+            LinkKey.generate().public, f"{MARKER}/{h}@host1", [], [1], [1]
+        )
         for h in ("host2", "host3")
     ]
     ak.set_lines(MARKER, lines, 600, str(ssh / "authorized_keys"))

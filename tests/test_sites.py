@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from lazycluster_tasks import LazyclusterError, RuntimeGroup, commands
+from lazycluster_tasks import LazyclusterError, RuntimeGroup, link_commands
 from lazycluster_tasks.dask import DaskCluster, teardown
 from lazycluster_tasks.testing.helpers import DASK_CONTROLLER, local_leftovers, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
@@ -122,7 +122,7 @@ def test_killed_controller_leaves_nothing_in_any_topology(
         )
         try:
             record = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
-            marker = commands.peer_marker(record["cluster_id"])
+            marker = link_commands.peer_marker(record["cluster_id"])
             assert all(multi_hosts.processes(h) for h in HOSTS)
             if record["network_mode"] == "tunnelled":  # the link lets its key into one host
                 assert wait_until(
@@ -164,7 +164,7 @@ def test_killed_controller_leaves_nothing_in_any_topology(
 LAZY_CONTROLLER = """
 import json, sys, time
 from distributed import Client
-from lazycluster_tasks import LazySSHCluster, commands
+from lazycluster_tasks import LazySSHCluster, link_commands
 hosts = sys.argv[2:]
 cluster = LazySSHCluster(hosts, ssh_config_path=sys.argv[1], network_mode="tunnelled",
                          threads_per_worker=1, nanny=False, death_timeout=8, idle_timeout=2)
@@ -195,7 +195,7 @@ def test_a_killed_lazysshcluster_controller_leaves_nothing_on_any_host(
     try:
         assert proc.stdout is not None
         started = json.loads(proc.stdout.readline())
-        marker = commands.peer_marker(started["cluster_id"])
+        marker = link_commands.peer_marker(started["cluster_id"])
         assert started["links_up"] == 6
         assert all(marker in multi_hosts.authorized_keys(h) for h in hosts)
         time.sleep(1.5)  # the scheduler has seen its client
