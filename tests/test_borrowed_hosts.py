@@ -23,7 +23,7 @@ from lazycluster_tasks import LazySSHCluster, RuntimeGroup, link_commands, proce
 from lazycluster_tasks.errors import LazyclusterError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.links import LinkKey
-from lazycluster_tasks.testing.helpers import wait_until
+from lazycluster_tasks.testing.helpers import links_set_up, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
@@ -122,10 +122,7 @@ def test_authorized_keys_are_the_users_byte_for_byte_after_a_cluster(
     marker = link_commands.peer_marker(cluster.engine.cluster_id)
     try:
         with Client(cluster) as client:
-            client.wait_for_workers(3, timeout=60)
-            links = cluster.engine.routing.links
-            assert links is not None
-            links.wait()
+            links = links_set_up(cluster, client, 3)
             pairs = {(a, b) for a in HOSTS for b in HOSTS if a != b}
             assert set(links.up) == pairs, links.down  # refused: host2 dials its pairs
             if case in REFUSED:

@@ -148,11 +148,11 @@ def test_kill_group_finds_members_left_after_their_leader_ended():
         ["/bin/sh", "-c", "(trap '' TERM; while :; do sleep 0.05; done) & exit 0"],
         start_new_session=True,
     )
-    assert wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE)
+    assert wait_until(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE)
     assert _group_members(proc.pid)
     result = sh(commands.kill_group([proc.pid], grace=0.3))
     assert result.returncode == 0 and result.stdout == ""
-    assert wait_for(lambda: not _group_members(proc.pid))
+    assert wait_until(lambda: not _group_members(proc.pid))
     proc.wait(timeout=5)
 
 
@@ -193,14 +193,14 @@ def test_kill_marked_kills_only_groups_whose_leader_has_the_marker_and_does_not_
     marker = f"{tmp_path}/cluster folder/"
     ours = subprocess.Popen(["/bin/sh", "-c", "sleep 30; : " + marker], start_new_session=True)
     reused = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a pid reused since
-    assert wait_for(lambda: _runs_with(ours.pid, marker))  # exec'd: its command line is ours
+    assert wait_until(lambda: _runs_with(ours.pid, marker))  # exec'd: its command line is ours
     try:
         with pytest.raises(ValueError, match="no pids"):
             commands.kill_marked([], marker)
         result = sh(commands.kill_marked([ours.pid, reused.pid], marker))
         assert result.returncode == 0 and result.stdout == ""
         assert ours.wait(timeout=5) == -signal.SIGKILL
-        assert wait_for(lambda: not _group_members(ours.pid))  # its sleep too: the group
+        assert wait_until(lambda: not _group_members(ours.pid))  # its sleep too: the group
         assert reused.poll() is None
         assert "sleep" not in commands.kill_marked([ours.pid], marker)  # nothing waits
     finally:
@@ -212,7 +212,7 @@ def test_stop_pid_files_stops_only_groups_whose_leader_has_the_marker(tmp_path):
     marker = f"{tmp_path}/cluster-folder/"
     ours = subprocess.Popen(["/bin/sh", "-c", "sleep 30; : " + marker], start_new_session=True)
     reused = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a pid reused since
-    assert wait_for(lambda: _runs_with(ours.pid, marker))  # exec'd: its command line is ours
+    assert wait_until(lambda: _runs_with(ours.pid, marker))  # exec'd: its command line is ours
     files = []
     for name, proc in (("ours.pid", ours), ("reused.pid", reused)):
         (tmp_path / name).write_text(f"{proc.pid}\n")
@@ -226,15 +226,6 @@ def test_stop_pid_files_stops_only_groups_whose_leader_has_the_marker(tmp_path):
     finally:
         reused.kill()
         reused.wait()
-
-
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def test_start_detached_prints_the_pid_and_writes_the_pid_file(tmp_path):
@@ -358,7 +349,7 @@ def test_workers_get_the_controllers_prefect_credentials():
 def test_leader_states_tell_running_from_ended_and_zombie():
     running = subprocess.Popen(["sleep", "30"])
     zombie = subprocess.Popen(["true"])
-    assert wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+    assert wait_until(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
     try:
         done = sh(commands.leader_states({"r": running.pid, "z": zombie.pid, "gone": 2**22 + 7}))
         assert done.stdout.split() == ["r=1", "z=0", "gone=0"]
@@ -397,10 +388,10 @@ def test_a_folder_gets_one_guard_however_often_processes_start_there(tmp_path):
         for _ in range(3):
             done = sh(line)
             assert done.returncode == 0 and done.stdout == "", done.stderr
-        assert wait_for(lambda: len(guards()) == 1)
+        assert wait_until(lambda: len(guards()) == 1)
         (watching,) = guards()
         named = lambda: (folder / commands.GUARD_PID).read_text().strip()  # noqa: E731
-        assert wait_for(lambda: named() == str(watching.pid))
+        assert wait_until(lambda: named() == str(watching.pid))
         assert watching.pid != stranger.pid
     finally:
         for proc in guards():

@@ -26,7 +26,7 @@ from lazycluster_tasks import links as links_module
 from lazycluster_tasks.group import RuntimeGroup
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.ssh_cluster import LazySSHCluster
-from lazycluster_tasks.testing.helpers import wait_until
+from lazycluster_tasks.testing.helpers import links_set_up, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = [pytest.mark.multihost]
@@ -83,10 +83,7 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
     marker = link_commands.peer_marker(cluster.engine.cluster_id)
     try:
         with Client(cluster) as client:
-            client.wait_for_workers(3, timeout=30)
-            links = cluster.engine.routing.links
-            assert links is not None
-            links.wait()
+            links = links_set_up(cluster, client, 3, timeout=30)
             pairs = {(a, b) for a in HOSTS for b in HOSTS if a != b}
             workers = client.scheduler_info(n_workers=-1)["workers"]
             on = {str(w["name"]).split("-")[0]: a for a, w in workers.items()}  # host -> worker
@@ -187,10 +184,7 @@ def test_each_dialling_host_has_its_own_key_let_in_from_its_own_addresses_and_lo
     address = {h: multi_hosts.host(h).address for h in HOSTS}
     try:
         with Client(cluster) as client:
-            client.wait_for_workers(3, timeout=60)
-            links = cluster.engine.routing.links
-            assert links is not None
-            links.wait()
+            links = links_set_up(cluster, client, 3)
             assert len(links.up) == 6, links.down
             keys: dict[str, set[str]] = {}  # dialling host -> the public keys let in for it
             comments: dict[str, list[str]] = {}  # host -> the comments of its lines
@@ -637,10 +631,7 @@ def test_forwards_and_threads_grow_with_the_workers_not_with_the_hosts_squared(
         )
         try:
             with Client(cluster) as client:
-                client.wait_for_workers(6, timeout=60)
-                links = cluster.engine.routing.links
-                assert links is not None
-                links.wait()
+                links = links_set_up(cluster, client, 6)
                 assert len(links.up) == 6 * 5 and not links.down
                 kinds = [t.kind for rt in cluster.engine.group.runtimes for t in rt.tunnels]
                 assert len(kinds) == 2 * 6 + 6  # -L per worker and nanny, -R per host

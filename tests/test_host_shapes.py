@@ -25,7 +25,7 @@ from lazycluster_tasks import (
     environments,
     teardown,
 )
-from lazycluster_tasks.testing.helpers import wait_until
+from lazycluster_tasks.testing.helpers import links_set_up, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
@@ -442,10 +442,7 @@ def test_links_and_healing_work_as_the_unprivileged_user_of_hosts_that_share_not
     marker = f"lazycluster-link-{cluster.engine.cluster_id}"
     try:
         with Client(cluster) as client:
-            client.wait_for_workers(len(PRIVATE), timeout=60)
-            links = cluster.engine.routing.links
-            assert links is not None
-            links.wait()
+            links = links_set_up(cluster, client, len(PRIVATE))
             assert len(links.up) == 2, links.down
             dialled = {far for _, far in {links.link_of(p) for p in links.up}}
             assert all(marker in private_hosts.authorized_keys(h) for h in dialled)

@@ -6,26 +6,17 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from lazycluster_tasks import link_commands
+from lazycluster_tasks.testing.helpers import wait_until
 
 
 def sh(line: str) -> subprocess.CompletedProcess:
     return subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, timeout=10)
-
-
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 # -- host-to-host links --------------------------------------------------------------------
@@ -95,7 +86,7 @@ def test_link_alive_names_each_link_and_says_whether_its_master_runs(tmp_path):
     ended = subprocess.Popen(["true"])
     ended.wait()
     zombie = subprocess.Popen(["true"])  # ended, not reaped yet: not running
-    assert wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+    assert wait_until(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
     files = {}
     for name, pid in (("link-a-b", master.pid), ("link-a c", ended.pid), ("z", zombie.pid)):
         files[name] = str(tmp_path / f"{name}.pid")  # one path with a space

@@ -43,6 +43,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
     return bool(predicate())
 
 
+def links_set_up(cluster: Any, client: Any, workers: int, timeout: float = 60) -> Any:
+    """Once ``workers`` workers registered with ``client``'s scheduler: the cluster's
+    host-to-host links (a tunnelled LazySSHCluster's), their set-up done."""
+    client.wait_for_workers(workers, timeout=timeout)
+    links = cluster.engine.routing.links
+    assert links is not None, "no host-to-host links: not a tunnelled cluster"
+    links.wait()
+    return links
+
+
 def ssh_runtime(hosts: TestHosts, name: str = "host1", **kwargs: Any) -> Runtime:
     """A Runtime on test host ``name``, reached through the hosts' SSH config."""
     return Runtime(name, ssh_config_path=str(hosts.ssh_config_path), **kwargs)
