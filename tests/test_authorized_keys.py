@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import stat
 import subprocess
@@ -243,6 +244,35 @@ def test_no_edit_where_locks_exclude_nothing_across_hosts() -> None:
 
 
 EDITOR = [sys.executable, "-m", "lazycluster_tasks.hostside.authorized_keys"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a private mount namespace needs root")
+def test_a_home_whose_locks_stay_on_one_host_is_never_edited(keys: Path, tmp_path: Path) -> None:
+    """The program as the hosts run it, where the kernel says the home is NFS with locks local
+    to the host (its mountinfo swapped in a private mount namespace): authorize and revoke are
+    both refused, naming why, and the file stays byte for byte as it was."""
+    ours = line()
+    ak.set_lines(MARKER, [ours], 60, str(keys))
+    with_ours = keys.read_bytes()
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 0:21 / / rw,relatime - ext4 /dev/vda1 rw\n"
+        f"40 22 0:40 / {keys.parent} rw,relatime - nfs4 srv:/home rw,vers=4.2,local_lock=all\n"
+    )
+    for wanted in (["--line", ours], []):  # authorize again, then revoke
+        argv = [*EDITOR, "--marker", MARKER, "--lifetime", "60", "--file", str(keys), *wanted]
+        swapped = (
+            f"mount --make-rprivate / && mount --bind {shlex.quote(str(mountinfo))} "
+            f"/proc/$$/mountinfo && exec {shlex.join(argv)}"
+        )
+        done = subprocess.run(
+            ["unshare", "-m", "/bin/sh", "-c", swapped], capture_output=True, text=True
+        )
+        assert done.returncode == 1 and "nolock" in done.stderr, done.stderr
+        assert "not edited" in done.stderr and keys.read_bytes() == with_ours
+        assert temps(keys) == []
+    ak.set_lines(MARKER, [], 0, str(keys))
+    assert keys.read_bytes() == USER
 
 
 def test_editors_at_once_lose_no_line(keys: Path) -> None:
