@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from lazycluster_tasks import environments
 from lazycluster_tasks.dask_options import DaskOptions
+from lazycluster_tasks.errors import LazyclusterError
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.settings import settings
 
@@ -103,13 +104,14 @@ class ClusterEnvironments:
 
     def resync(
         self, options: DaskOptions, runtimes: Sequence[Runtime]
-    ) -> tuple[DaskOptions, dict[str, str]]:
+    ) -> tuple[DaskOptions, dict[str, str], list[str]]:
         """The code folders scanned again; each host with an environment of ours gets the
         changed units (only those travel) and an environment naming them. Returns the options
-        with the new interpreters, and old unit key -> new one (for the running workers)."""
+        with the new interpreters, old unit key -> new one, and the code folders (for the
+        running workers)."""
         parts = options.environment_parts()
         if self.manifest is None or parts is None:
-            raise ValueError("no environment to sync: the cluster runs without environment sync")
+            raise LazyclusterError("sync_code: the cluster runs without environment sync")
         old = self.manifest
         manifest = environments.current(*parts)
         moves = {
@@ -140,7 +142,7 @@ class ClusterEnvironments:
                 )
         self.manifest = manifest
         self._code_path = list(manifest.code_folders)
-        return options, moves
+        return options, moves, list(self._code_path)
 
     def code_env(self, runtime: Runtime, here: bool, user_env: Mapping[str, str]) -> dict[str, str]:
         """PYTHONPATH for a process that runs with this machine's own interpreter (``here``, or

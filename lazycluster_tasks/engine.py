@@ -859,15 +859,12 @@ class Engine:
         units and an environment naming them, and each worker points its sys.path at them and
         forgets the modules it loaded from the old ones. Returns worker address -> modules
         dropped there."""
-        if self.envs.manifest is None:
-            raise LazyclusterError("sync_code: the cluster runs without environment sync")
-        self.options, moves = self.envs.resync(self.options, self.group.runtimes)
+        self.options, moves, folders = self.envs.resync(self.options, self.group.runtimes)
         if self.scheduler_address is None:
             return {}
-        assert self.envs.manifest is not None
         cloudpickle.register_pickle_by_value(code)  # workers need not import this package
         client = self.clients.monitor()
-        return dict(client.run(code.reload, moves, list(self.envs.manifest.code_folders)))
+        return dict(client.run(code.reload, moves, folders))
 
     def _code_env(self, runtime: Runtime) -> dict[str, str]:
         here = runtime is self.controller or runtime.is_local
