@@ -219,6 +219,14 @@ def _in_words(exc: BaseException, timeout: float | None) -> str:
     return str(exc) or type(exc).__name__
 
 
+def close_channel(chan: paramiko.Channel) -> None:
+    """Close ``chan``. A connection gone already is no error: paramiko then fails to send the
+    close (EOFError on a dead socket, SSHException once the transport stopped), and whoever
+    closes must still release what belongs to the channel (our socket, its pump)."""
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        chan.close()
+
+
 class SSHConnection(Connection):
     """A lazily opened, shared, self-healing paramiko connection to one host."""
 
@@ -415,7 +423,7 @@ class SSHConnection(Connection):
                     return None
             return chan.recv_exit_status()
         finally:
-            chan.close()
+            close_channel(chan)  # a dropped connection fails the close: the session still ends
             with self._sessions_cv:
                 self._sessions -= 1
                 self._sessions_ended += 1

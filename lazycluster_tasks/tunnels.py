@@ -31,7 +31,7 @@ import paramiko
 from lazycluster_tasks.errors import TunnelError
 from lazycluster_tasks.gates import LoginUserGate
 from lazycluster_tasks.ports import PROBE_COMMAND, parse_proc_net_tcp
-from lazycluster_tasks.ssh import SSHConnection
+from lazycluster_tasks.ssh import SSHConnection, close_channel
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def pump(
         pass
     finally:
         watch.close()
-        chan.close()
+        close_channel(chan)
         with contextlib.suppress(OSError):
             sock.close()
 
@@ -160,7 +160,7 @@ class Tunnel:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             if self.closed:
-                chan.close()
+                close_channel(chan)
                 sock.close()
                 return
             if self._stop is None:
@@ -194,7 +194,7 @@ class Tunnel:
         for chan, (sock, sending) in pairs:
             finished = sending.acquire(timeout=SEND_FINISH_TIMEOUT)  # the send under way
             try:
-                chan.close()
+                close_channel(chan)
             finally:
                 if finished:
                     sending.release()
@@ -426,13 +426,13 @@ class RemoteForward(Tunnel):
 
     def _accept(self, chan: paramiko.Channel, origin: tuple[str, int]) -> None:
         if self.gate is not None and not self.gate.admits(int(origin[1]), self.remote_port):
-            chan.close()
+            close_channel(chan)
             return
         try:
             sock = socket.create_connection((LOOPBACK, self.local_port), timeout=10)
         except OSError as exc:
             logger.info("%s: nothing answers on 127.0.0.1:%s: %s", self, self.local_port, exc)
-            chan.close()
+            close_channel(chan)
             return
         sock.settimeout(None)
         self._carry(chan, sock)
@@ -506,7 +506,7 @@ class _Dispatcher:
     def __call__(self, chan: paramiko.Channel, origin: Any, server: tuple[str, int]) -> None:
         forward = self.routes.get(server[1])
         if forward is None:
-            chan.close()
+            close_channel(chan)
             return
         threading.Thread(
             target=forward._accept,
