@@ -113,11 +113,8 @@ def probe_host(
     result = runtime.connection.run(
         commands.python_call(python, PROBE_SCRIPT, [json.dumps(args)]), timeout=timeout
     )
-    if result.exit_code == 127:
-        raise RemoteEnvironmentError(
-            f"{runtime.host}: Python interpreter {python!r} not found; give python=PATH",
-            host=runtime.host,
-        )
+    if result.exit_code in (126, 127):
+        raise _interpreter_missing(runtime.host, python, result.exit_code == 126)
     try:
         data = json.loads(result.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -139,14 +136,20 @@ def quick_probe(runtime: Runtime, python: str) -> HostReport:
     """The probe without Python (for an explicit network mode): ports and the interpreter's
     presence only, so a big cluster does not boot one more interpreter per host."""
     runtime.working_dir  # noqa: B018 - created here, in parallel with the other hosts
-    command = f"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; command -v {q(python)} >/dev/null"
+    found = f'p=$(command -v {q(python)}) || exit 127; [ -x "$p" ] || exit 126'
+    command = f"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; {found}"
     result = runtime.connection.run(command)
     if not result.ok:
-        raise RemoteEnvironmentError(
-            f"{runtime.host}: Python interpreter {python!r} not found; give python=PATH",
-            host=runtime.host,
-        )
+        raise _interpreter_missing(runtime.host, python, result.exit_code == 126)
     return HostReport(runtime.host, "", None, parse_proc_net_tcp(result.stdout), {})
+
+
+def _interpreter_missing(host: str, python: str, denied: bool) -> RemoteEnvironmentError:
+    """The error for an interpreter the login user cannot run (the shell's 127 or 126)."""
+    why = "not executable by the login user" if denied else "not found"
+    return RemoteEnvironmentError(
+        f"{host}: Python interpreter {python!r} {why}; give python=PATH", host=host
+    )
 
 
 def _peer_address(runtime: Runtime) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
+import lazycluster_tasks
 from lazycluster_tasks import (
     GroupError,
     LazySSHCluster,
@@ -132,9 +134,12 @@ def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
     caplog.set_level(logging.INFO, logger="lazycluster_tasks.cluster_environments")
     code = _user_code(tmp_path / "project", 42)
     monkeypatch.syspath_prepend(str(tmp_path / "project"))  # where the user's flow runs from
-    for host in PRIVATE:  # what the hosts have: the system's Python, no dask
-        probe = private_hosts.run_in(host, ["sh", "-c", "ls /work; python3 -c 'import dask'"])
-        assert probe.wait() != 0
+    # what the hosts have: the system's Python, no dask, nothing of this machine's checkout
+    # or interpreters wherever they live (a CI clone is not under /work)
+    here = shlex.join([str(Path(lazycluster_tasks.__file__).resolve()), sys.executable])
+    check = f"for p in {here}; do [ ! -e \"$p\" ] || exit 1; done; ! python3 -c 'import dask'"
+    for host in PRIVATE:
+        assert private_hosts.run_in(host, ["sh", "-c", check]).wait() == 0
     first = _cluster(private_hosts)
     try:
         found = _answers(first)
@@ -267,8 +272,12 @@ def test_opting_out_of_the_environment_uses_the_hosts_python_as_it_is(
         return found
 
     before = caches()
+    unrunnable = f"/home/{private_hosts.user}/unrunnable-python3"  # there, no execute bit
+    for host in PRIVATE:
+        (private_hosts.home_dir(host) / "unrunnable-python3").write_text("")
     for python, error in [
         (None, f"Python interpreter {sys.executable!r} not found; give python=PATH"),
+        (unrunnable, f"{unrunnable!r} not executable by the login user; give python=PATH"),
         (
             "/usr/bin/python3",
             "dask.distributed is not importable by its Python (3.11",
@@ -282,7 +291,7 @@ def test_opting_out_of_the_environment_uses_the_hosts_python_as_it_is(
         for host, exc in info.value.errors.items():
             assert isinstance(exc, RemoteEnvironmentError), exc
             assert str(exc).startswith(f"{host}: ") and error in str(exc), exc
-            if python is not None:
+            if python == "/usr/bin/python3":
                 assert "(nothing is installed for you)" in str(exc), exc
         assert wait_until(lambda: not private_hosts.leftovers(), 10), private_hosts.leftovers()
     assert caches() == before  # nothing made, nothing sent

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -58,6 +59,25 @@ CLOSED_STYLES = {
 SSH_DIR_SIZE = "1m"
 #: A private host's own folders (see TestHosts(private=True)) and their modes, and their size.
 PRIVATE_DIRS = {"tmp": 0o1777, "root": 0o700, "home": 0o755, "work": 0o755}
+#: Top-level folders of the system itself: a private host keeps them (its own Python is there).
+SYSTEM_DIRS = frozenset(
+    [
+        "bin",
+        "boot",
+        "dev",
+        "etc",
+        "lib",
+        "lib32",
+        "lib64",
+        "libx32",
+        "proc",
+        "run",
+        "sbin",
+        "sys",
+        "usr",
+        "var",
+    ]
+)
 PRIVATE_SIZE = "4g"
 
 #: The key of :meth:`TestHosts.leftovers` for entries left in the hosts' temp dir.
@@ -300,8 +320,9 @@ class TestHosts:
         BSD and minimal images); ``user``: the login user is an unprivileged account of its own
         (made for the run, removed after), not root; ``shells``: host -> the login user's login
         shell there (tcsh, fish, ...); ``private``: each host has a filesystem of its own —
-        empty tmpfs disks over /tmp, /root, /home and /work (this machine's checkout, venvs and
-        pyenv are not there): only the system's Python, nothing installed, nothing shared;
+        empty tmpfs disks over /tmp, /root, /home, /work and the folders of this machine's
+        checkout and interpreters (see private_dirs): only the system's Python, nothing
+        installed, nothing shared;
         ``gpus``: host -> GPUs its ``nvidia-smi`` reports (a fake one on its PATH, in
         /usr/local/bin: no GPU is needed to test what a cluster does with them)."""
         mode = os.environ.get(MODE_ENV, "").strip().lower()
@@ -455,6 +476,19 @@ class TestHosts:
     def _host_dir(self, name: str) -> Path:
         return self.base_dir / name
 
+    @staticmethod
+    def private_dirs() -> dict[str, int]:
+        """Folders a private host has empty disks over: PRIVATE_DIRS and the top-level folder
+        of wherever this checkout and its interpreters live (a CI clone in /check, a venv in
+        /opt), measured here, so no host ever sees this machine's code or packages."""
+        dirs = dict(PRIVATE_DIRS)
+        here = [Path(__file__), Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable)]
+        for path in here:
+            top = path.resolve().parts[1]
+            if top not in SYSTEM_DIRS:
+                dirs.setdefault(top, 0o755)
+        return dirs
+
     def _write_host_files(self, h: TestHost) -> None:
         d = self._host_dir(h.name)
         d.mkdir()
@@ -464,7 +498,7 @@ class TestHosts:
         if h.netns is None:
             return
         if self.private:  # the host's own disks, mounted here so the harness sees them
-            for folder, mode in PRIVATE_DIRS.items():
+            for folder, mode in self.private_dirs().items():
                 self._small_disk(d / "fs" / folder, PRIVATE_SIZE, mode)
         if self._own_user:
             home = self.home_dir(h.name)
@@ -499,7 +533,7 @@ class TestHosts:
         quote = shlex.quote
         steps = [f"hostname {quote(h.name)}"]
         if self.private:  # its own disks over this machine's folders
-            for folder in PRIVATE_DIRS:
+            for folder in self.private_dirs():
                 steps.append(f"mount --bind {quote(str(d / 'fs' / folder))} /{folder}")
         else:
             bashrc = Path.home() / ".bashrc"
