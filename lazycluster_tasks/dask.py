@@ -65,7 +65,7 @@ class DaskCluster(MasterWorkerCluster):
     ) -> None:
         if options is not None and option_values:
             raise ValueError("give either options= or option keywords, not both")
-        options = options or DaskOptions(**option_values)
+        options = options or DaskOptions.of(option_values)
         options.check()
         super().__init__(runtime_group, ports, master_launcher, worker_launcher)
         self.engine = Engine(runtime_group, options, self._ports)

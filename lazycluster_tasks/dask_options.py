@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +103,19 @@ class DaskOptions:
             self.worker_class, self.nanny = None, True
         elif self.worker_class in WORKER_CLASSES:
             self.worker_class, self.nanny = None, False
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> DaskOptions:
+        """The options named in keyword form (a cluster's ``**options``, a Prefect task's
+        ``options``, a host group's defaults); a name that is no option is a TypeError naming
+        it, and the option it looks like."""
+        known = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        for name in options:
+            if name not in known:
+                like = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {like[0]!r}?" if like else f"options: {', '.join(known)}"
+                raise TypeError(f"{name!r} is not a cluster option ({hint})")
+        return cls(**options)
 
     def workers_on(self, host: str) -> int:
         """Workers ``host`` takes (before GPUs: see gpus)."""

@@ -338,7 +338,7 @@ class LazySSHCluster(SpecCluster):
             run_env, run_ports = self._integration.worker_env()
             env = {**run_env, **env}
             forwards = [*run_ports, *forwards]
-        dask_options = DaskOptions(env=env, forward_ports=forwards, **options)
+        dask_options = DaskOptions.of({**options, "env": env, "forward_ports": forwards})
         group = RuntimeGroup(hosts=list(hosts), ssh_config_path=config, connection_kwargs=kwargs)
         try:
             if scheduler_host is not None:

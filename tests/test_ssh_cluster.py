@@ -19,6 +19,7 @@ from distributed import Client
 
 from lazycluster_tasks import LazySSHCluster, processes
 from lazycluster_tasks.dask import teardown
+from lazycluster_tasks.dask_options import DaskOptions
 from lazycluster_tasks.testing.helpers import wait_until
 from lazycluster_tasks.watch import ClusterWatch
 
@@ -84,6 +85,13 @@ def test_bad_arguments_are_named():
         LazySSHCluster(["host1"], host_lost_after=-1)
     with pytest.raises(ValueError, match="security must be"):
         LazySSHCluster(["host1"], security="yes")
+    # a name that is no option: named, with the option it looks like, before any connection
+    with pytest.raises(TypeError, match=r"^'thread_per_worker' is not a cluster option \(did "):
+        LazySSHCluster(["host1"], thread_per_worker=2)
+    with pytest.raises(TypeError, match=r"'flavour' is not a cluster option \(options: .*nanny"):
+        LazySSHCluster(["host1"], flavour="x")
+    with pytest.raises(TypeError, match=r"did you mean 'memory_limit'\?"):
+        DaskOptions.of({"memory_limt": "1GiB"})  # DaskCluster's keywords too
 
 
 def test_asynchronous(make_cluster, multi_hosts):
