@@ -102,6 +102,18 @@ class Clients:
         self._handed_out.append(client)
         return client
 
+    def close_monitor(self) -> None:
+        """Close the controller's own client before its scheduler is stopped on purpose: left
+        open, it would try to reconnect, log the refusal and hold a socket until collected.
+        Clients handed out stay: their users see the scheduler go."""
+        if self._thread is not None:  # still connecting: it sets the monitor
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            _close(monitor)
+
     def close(self) -> None:
         """Close every client (the scheduler keeps running)."""
         if self._thread is not None:

@@ -474,6 +474,7 @@ class Engine:
 
     def stop_scheduler(self) -> None:
         if "scheduler" in self.table:
+            self.clients.close_monitor()
             self._stop(["scheduler"])
         self._scheduler_port = self._scheduler_bind = None
 
