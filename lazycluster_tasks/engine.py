@@ -1032,9 +1032,14 @@ class Engine:
                 runtime.reopen()
         self.state = ClusterState.stopping
         self.clients.close()
-        if self._routes is not None:
-            self._routes.close()  # nothing is still being set up when the stop runs
-        self._stop(self.table.names(), remove_folders=True, grace=grace)
+        routes = self._routes
+        if routes is not None:
+            routes.start_closing()  # nothing starts any more; what is under way ends meanwhile
+        try:
+            self._stop(self.table.names(), remove_folders=True, grace=grace)
+        finally:
+            if routes is not None:
+                routes.wait_closed()  # before the connections it uses close
 
     def cleanup(self, grace: float | None = None) -> None:
         """:meth:`stop_all`, then release every connection and tunnel; verified."""

@@ -282,6 +282,7 @@ class Links:
         #: held while link processes start and are registered: after close() no more start
         self._starting = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._ending: threading.Thread | None = None  # the set-up thread, once closing
         self._closing = threading.Event()
         self._ready = threading.Event()
         self._settled = threading.Event()  # set up, and the routes moved onto the links
@@ -319,13 +320,21 @@ class Links:
                 return
 
     def close(self, wait: float = CLOSE_WAIT) -> None:
+        """:meth:`start_closing`, then :meth:`wait_closed`."""
+        self.start_closing()
+        self.wait_closed(wait)
+
+    def start_closing(self) -> None:
         """Before cleanup: no link process starts any more (one being started is registered
         first, so the cleanup stops it) and no edit of authorized_keys either; the edits under
-        way end first (within EDIT_TIMEOUT: the cleanup's revoke comes after them); the set-up
-        under way gets ``wait`` seconds, and the cleanup closing the connections ends it."""
+        way end first (within EDIT_TIMEOUT: the cleanup's revoke comes after them). What the
+        set-up thread is doing (moving routes onto the links) may go on while the cleanup
+        stops the processes: see :meth:`wait_closed`."""
         self._closing.set()
         with self._lock:
             thread, self._thread = self._thread, threading.Thread()  # start() is a no-op now
+            if thread is not None:
+                self._ending = thread
             if not self._edited.wait_for(lambda: self._editing == 0, EDIT_TIMEOUT + 5):
                 logger.warning(
                     "%d edits of authorized_keys did not end within %.0f s: their lines may "
@@ -337,6 +346,11 @@ class Links:
             self._starting.release()
         else:
             logger.warning("a link start did not end within %.0f s", START_TIMEOUT + 5)
+
+    def wait_closed(self, wait: float = CLOSE_WAIT) -> None:
+        """The set-up thread gets ``wait`` seconds to end (before the connections it uses
+        close: the cleanup closing them ends it otherwise)."""
+        thread, self._ending = self._ending, None
         if thread is not None and thread.ident is not None:
             thread.join(wait)
 
@@ -368,7 +382,10 @@ class Links:
             try:
                 self.on_up()
             except Exception as exc:  # the routes stay on this machine's relays
-                logger.warning("routes not moved onto host-to-host links: %s", exc)
+                if self._closing.is_set():  # the cleanup stopped what it was moving onto
+                    logger.debug("routes not moved onto links (cluster closing): %s", exc)
+                else:
+                    logger.warning("routes not moved onto host-to-host links: %s", exc)
 
     def check(self) -> dict[Pair, set[int]]:
         """Ask every host of the links whether their masters still run (one round trip each,

@@ -139,8 +139,16 @@ class Routing(abc.ABC):
         for port in ports:
             runtime.close_tunnel(port)
 
-    def close(self) -> None:  # noqa: B027 - a hook: nothing by default
+    def close(self) -> None:
         """Before cleanup: nothing of the routing's own is still being set up."""
+        self.start_closing()
+        self.wait_closed()
+
+    def start_closing(self) -> None:  # noqa: B027 - a hook: nothing by default
+        """Before the cleanup's stop: nothing of the routing's own starts any more."""
+
+    def wait_closed(self) -> None:  # noqa: B027 - a hook: nothing by default
+        """After the stop, before the connections close: what was under way has ended."""
 
     def forget(self, process: ProcessInfo) -> None:
         """A process no longer runs: its routes are no longer ours to close."""
@@ -399,9 +407,13 @@ class TunnelledRouting(Routing):
             mine -= {r for r in mine if r[1] in ports}
         super()._close(runtime, set(ports) - linked)
 
-    def close(self) -> None:
+    def start_closing(self) -> None:
         if self.links is not None:
-            self.links.close()
+            self.links.start_closing()
+
+    def wait_closed(self) -> None:
+        if self.links is not None:
+            self.links.wait_closed()
 
     @contextlib.contextmanager
     def while_registering(self, workers: Callable[[], Sequence[ProcessInfo]]) -> Iterator[None]:
