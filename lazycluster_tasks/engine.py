@@ -13,6 +13,7 @@ on all hosts at once and verify nothing survived.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import posixpath
@@ -525,8 +526,9 @@ class Engine:
             _, local, taken = self._taken(runtime)
             count, where = per_worker * len(names), f"for workers on {host}"
             links = getattr(routing, "links", None)
-            if links is not None and links.granted:  # ports the links' keys may carry first
-                pool = sorted(pool, key=lambda p: p not in links.granted)
+            if links is not None and links.granted:  # ports the links' keys carry here first
+                own = links.granted.get(host, frozenset())
+                pool = sorted(pool, key=lambda p: p not in own)
             chosen = free_ports(pool, taken, count, where)
             while local and (lost := [p for p in chosen if not bindable_here(p)]):
                 taken |= set(lost)  # taken here since the probe (an outgoing connection)
@@ -881,17 +883,24 @@ class Engine:
     def manifest(self) -> Manifest | None:
         return self.envs.manifest
 
-    def _link_ports(self) -> list[int]:
-        """The ports the links' keys may open and listen on (sshd fixes them when a key logs
-        in): the workers' ports now, and the next ones new workers would take — two slots' worth
-        per worker the hosts can hold (a nanny's port included). New workers take these first."""
+    def _link_ports(self) -> dict[str, list[int]]:
+        """Host -> the ports the links' keys may carry to it (sshd fixes them when a key logs
+        in): its workers' ports now, and the next ones its new workers would take — two slots'
+        worth per worker it can hold (a nanny's port included), none given to two hosts. New
+        workers of a host take its own first."""
         with self._lock:
-            used = {i.ports[0] for i in self.table.all() if i.role == "worker"}
-            slots = sum(self.slots(rt.host) for rt in self.group.runtimes)
+            used: dict[str, set[int]] = {h: set() for h in self.group.hosts}
+            for info in self.table.all():
+                if info.role == "worker":
+                    used.setdefault(info.host, set()).add(info.ports[0])
+            slots = {h: self.slots(h) for h in self.group.hosts}
         taken = self.plan.taken(self.group.hosts, include_local=True) | self.pool.held()
         per_worker = 2 if self.options.nanny else 1
-        spare = [p for p in self.ports if p not in taken][: 2 * per_worker * slots]
-        return sorted(used | set(spare))
+        spare = iter(p for p in self.ports if p not in taken)
+        return {
+            host: sorted(used[host] | set(itertools.islice(spare, 2 * per_worker * slots[host])))
+            for host in self.group.hosts
+        }
 
     def _host_lock(self, runtime: Runtime) -> threading.Lock:
         """Held while processes start or stop on ``runtime`` (a stop that leaves it without a

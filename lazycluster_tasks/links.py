@@ -224,7 +224,7 @@ class Links:
         register: Callable[[Runtime, ProcessInfo], None],
         python: Callable[[Runtime], str] | None = None,
         guard: Callable[[Runtime], Guard] | None = None,
-        ports: Callable[[], Collection[int]] = frozenset,
+        ports: Callable[[], Mapping[str, Collection[int]]] = dict,
         key_lifetime: float = KEY_LIFETIME,
         host_lock: Callable[[Runtime], AbstractContextManager[object]] | None = None,
     ) -> None:
@@ -241,10 +241,12 @@ class Links:
         #: lose its pid file with it and outlive the cluster)
         self.host_lock = host_lock or (lambda rt: contextlib.nullcontext())
         self.key_lifetime = key_lifetime
-        #: the ports the keys may open and listen on, asked once, when the links are set up
-        #: (sshd fixes a key's options when it logs in): the workers' and the next ones'
+        #: host -> the ports its processes listen on, asked once, when the links are set up
+        #: (sshd fixes a key's options when it logs in): its workers' and its next ones'. A
+        #: dialler's key in a target's file opens the target's and listens on the dialler's,
+        #: so each line names two hosts' ports, not the cluster's
         self._ports = ports
-        self.granted: frozenset[int] = frozenset()
+        self.granted: dict[str, frozenset[int]] = {}
         #: (from, to) -> control socket of a link that is up
         self.up: dict[Pair, str] = {}
         #: (from, to) -> why that pair goes through this machine
@@ -648,7 +650,7 @@ class Links:
         with self._lock:
             edit = self._edits.setdefault(target, threading.Lock())
             if not self.granted:
-                self.granted = frozenset(self._ports())
+                self.granted = {h: frozenset(p) for h, p in self._ports().items()}
         with edit:  # one edit per host at a time, each with everything known when it starts
             with self._lock:
                 diallers = self._diallers(target)
@@ -673,8 +675,8 @@ class Links:
                 self._key_of(dialler).public,
                 link_commands.key_comment(self.marker, dialler, target),
                 self._sources.get(dialler, []),
-                self.granted,
-                self.granted,
+                self.granted.get(target, ()),
+                self.granted.get(dialler, ()),
             )
             for dialler in sorted(diallers)
         ]
@@ -722,7 +724,7 @@ class Links:
                 comments,
                 "to" if added else "in",
                 done["path"],
-                _ranges(self.granted),
+                _ranges(self.granted.get(target, set())),
                 done["expiry"] or "-",
             )
         if done.get("removed"):
@@ -860,17 +862,18 @@ class Links:
                     self._retry.setdefault(link, (REOPEN_PAUSE[0], 0.0))
             todo = {pair: list(ports[pair[0]][pair[1]]) for pair in asked if pair in self.up}
             for pair, port_list in list(todo.items()):
-                beyond = set(port_list) - self.granted
+                beyond = set(port_list) - self.granted.get(pair[1], frozenset())
                 if beyond:  # its key could not use them: through here
                     todo.pop(pair)
                     new = beyond - self._beyond
                     self._beyond |= beyond
                     if new:
                         logger.info(
-                            "ports %s are beyond those the link keys were given (%s): their "
-                            "routes go through here",
+                            "ports %s of %s are beyond those the link keys were given (%s): "
+                            "their routes go through here",
                             _ranges(new),
-                            _ranges(self.granted),
+                            pair[1],
+                            _ranges(self.granted.get(pair[1], set())),
                         )
             targets = {self._via[pair][1] for pair in todo}
         # a host whose guard cleaned up lets the keys in again first

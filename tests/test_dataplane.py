@@ -9,6 +9,7 @@ import contextlib
 import functools
 import logging
 import posixpath
+import re
 import shlex
 import subprocess
 import sys
@@ -222,8 +223,10 @@ def test_each_dialling_host_has_its_own_key_let_in_from_its_own_addresses_and_lo
         )
 
 
-#: The ports bare links' keys may carry (a cluster's: its workers' and the next ones).
-LINK_PORTS = range(47300, 47320)
+#: Host -> the ports bare links' keys may carry to it (a cluster's: its workers' and the next
+#: ones there), ten each.
+LINK_PORTS = {f"host{i}": range(47290 + 10 * i, 47300 + 10 * i) for i in range(1, 9)}
+HOST1_PORT, HOST2_PORT = LINK_PORTS["host1"][5], LINK_PORTS["host2"][5]
 
 
 @contextlib.contextmanager
@@ -305,7 +308,7 @@ def test_a_link_key_opens_only_the_clusters_ports_from_its_own_host_until_it_exp
     lifetime = 10.0
     secret = "db-contents"
     service = [sys.executable, "-c", GREETER, "47399", secret]  # not a cluster port
-    cluster_port = [sys.executable, "-c", GREETER, str(LINK_PORTS[5]), "worker"]
+    cluster_port = [sys.executable, "-c", GREETER, str(HOST2_PORT), "worker"]
     procs = [multi_hosts.run_in("host2", argv) for argv in (service, cluster_port)]
     try:
         with _two_hosts_linked(multi_hosts, "keyuse", key_lifetime=lifetime) as (
@@ -332,20 +335,22 @@ def test_a_link_key_opens_only_the_clusters_ports_from_its_own_host_until_it_exp
 
             # what a link does: a cluster port on host2's loopback
             assert wait_until(
-                lambda: "worker" in ssh("host1", "-W", f"127.0.0.1:{LINK_PORTS[5]}", host2).stdout
+                lambda: "worker" in ssh("host1", "-W", f"127.0.0.1:{HOST2_PORT}", host2).stdout
             )
-            for port in (47399, 22):  # another service there, and sshd's own port
+            # another service there, sshd's own port, and a port of host1's own processes
+            for port in (47399, 22, HOST1_PORT):
                 other = ssh("host1", "-W", f"127.0.0.1:{port}", host2)
                 assert secret not in other.stdout and "prohibited" in other.stderr, other.stderr
             elsewhere = ssh("host1", "-W", f"{multi_hosts.host('host1').address}:22", host2)
             assert not elsewhere.stdout and "prohibited" in elsewhere.stderr, elsewhere.stderr
             command = ssh("host1", host2, "echo ran-$((6*7))")
             assert "ran-42" not in command.stdout and command.returncode != 0
-            for bind in ("127.0.0.1:47398", f"0.0.0.0:{LINK_PORTS[6]}"):  # outside the grant
+            # outside the grant: another port, another address, a port of host2's processes
+            for bind in ("127.0.0.1:47398", f"0.0.0.0:{HOST1_PORT}", f"127.0.0.1:{HOST2_PORT + 1}"):
                 listen = ssh("host1", "-N", "-R", f"{bind}:127.0.0.1:22", host2)
                 assert listen.returncode != 0 and "forwarding failed" in listen.stderr
             # the same key from a host outside the cluster is refused
-            stolen = ssh("host3", "-W", f"127.0.0.1:{LINK_PORTS[5]}", host2)
+            stolen = ssh("host3", "-W", f"127.0.0.1:{HOST2_PORT}", host2)
             assert "worker" not in stolen.stdout and "Permission denied" in stolen.stderr
             line = next(
                 line
@@ -353,12 +358,16 @@ def test_a_link_key_opens_only_the_clusters_ports_from_its_own_host_until_it_exp
                 if "keyuse" in line
             )
             assert f'from="{multi_hosts.host("host1").address}"' in line
+            # it opens host2's ports and listens on host1's: two hosts' ports, not the cluster's
+            opens = {int(p) for p in re.findall(r'permitopen="127\.0\.0\.1:(\d+)"', line)}
+            listens = {int(p) for p in re.findall(r'permitlisten="127\.0\.0\.1:(\d+)"', line)}
+            assert (opens, listens) == (set(LINK_PORTS["host2"]), set(LINK_PORTS["host1"]))
             links.close()  # nothing renews the key from here on
             expiry = line.split('expiry-time="', 1)[1][:14]
             left = time.mktime(time.strptime(expiry, "%Y%m%d%H%M%S")) - time.mktime(time.gmtime())
             assert 0 < left <= lifetime + 1
             time.sleep(left + 1.5)
-            late = ssh("host1", "-W", f"127.0.0.1:{LINK_PORTS[5]}", host2)
+            late = ssh("host1", "-W", f"127.0.0.1:{HOST2_PORT}", host2)
             assert "worker" not in late.stdout and "Permission denied" in late.stderr, late.stderr
     finally:
         for proc in procs:
