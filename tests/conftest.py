@@ -1,25 +1,22 @@
-"""Shared fixtures: real SSH test hosts (lazycluster_tasks.testing) and local leak checks."""
+"""Shared fixtures: real SSH test hosts (lazycluster_tasks.testing), the session's Prefect server,
+and local leak checks (the checks themselves in lazycluster_tasks.testing.leaks)."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import pytest
 
 from lazycluster_tasks import Environment, Runtime, RuntimeGroup
 from lazycluster_tasks.dask import DaskCluster
 from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
-from lazycluster_tasks.testing.helpers import QUIET_ENV, local_leftovers, ssh_runtime
+from lazycluster_tasks.testing.helpers import QUIET_ENV, cluster_on, local_leftovers, ssh_runtime
 from lazycluster_tasks.testing.hosts import TestHosts
+from lazycluster_tasks.testing.leaks import LocalState, tmp_entries, wait_tmp_clean
 from lazycluster_tasks.testing.prefect_server import PrefectServer
 
 if TYPE_CHECKING:
@@ -142,7 +139,7 @@ def _no_temp_files_left() -> Iterator[None]:
     of their own, checked with their processes.)"""
     yield
     _stop_prefect()  # launched for tests that this session did not run, perhaps
-    left = _wait_tmp_clean(set())
+    left = wait_tmp_clean(SESSION_TMP, set())
     if left:
         pytest.fail(f"left in the temp dir by the session: {left}")
 
@@ -151,31 +148,11 @@ def _no_temp_files_left() -> Iterator[None]:
 def _no_temp_files_left_by_the_test() -> Iterator[None]:
     """The same, test by test, so a leak names its test (test hosts made by a session fixture
     during a test are that fixture's: their own stop removes them, the session checks it)."""
-    before = set(_session_tmp_entries())
+    before = set(tmp_entries(SESSION_TMP))
     yield
-    left = _wait_tmp_clean(before, ignore="lcth")
+    left = wait_tmp_clean(SESSION_TMP, before, ignore="lcth")
     if left:
         pytest.fail(f"left in the temp dir by this test: {left}")
-
-
-def _wait_tmp_clean(before: set[str], grace: float = 3.0, ignore: str | None = None) -> list[str]:
-    """New entries still there after ``grace`` s; those starting with ``ignore`` never count
-    (nor are waited for)."""
-    deadline = time.monotonic() + grace
-    new = lambda: [  # noqa: E731
-        p
-        for p in _session_tmp_entries()
-        if p not in before and not (ignore and p.startswith(ignore))
-    ]
-    left = new()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = new()
-    return left
-
-
-def _session_tmp_entries() -> list[str]:
-    return sorted(p for p in os.listdir(SESSION_TMP) if not p.startswith("pytest-of-"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -186,43 +163,12 @@ def _execution_logs_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("LAZYCLUSTER_STATE_DIR", str(tmp_path_factory.mktemp("state")))
 
 
-def _listening_ports() -> set[int]:
-    me = psutil.Process()
-    return {c.laddr.port for c in me.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
-
-
 @pytest.fixture
 def no_local_leaks() -> Iterator[None]:
     """Fail when a test leaves threads, listening sockets or file descriptors behind locally."""
-    me = psutil.Process()
-    threads, fds, ports = set(threading.enumerate()), me.num_fds(), _listening_ports()
-    opened = _fd_targets()
+    before = LocalState.take()
     yield
-    started = time.monotonic()
-    while True:
-        extra_threads = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
-        extra_ports = _listening_ports() - ports
-        extra_fds = me.num_fds() - fds
-        if not (extra_threads or extra_ports or extra_fds > 0) or time.monotonic() > started + 5:
-            break
-        if extra_fds > 0 and time.monotonic() > started + 1:
-            # a socket only garbage still holds (a client's cancelled reconnect) is closed
-            # by the collector: collected now, what is left is held by something alive
-            gc.collect()
-        time.sleep(0.05)
-    assert not extra_threads, f"threads left running: {[t.name for t in extra_threads]}"
-    assert not extra_ports, f"sockets left listening: {sorted(extra_ports)}"
-    new = {fd: target for fd, target in _fd_targets().items() if opened.get(fd) != target}
-    assert extra_fds <= 0, f"{extra_fds} file descriptors leaked: {new}"
-
-
-def _fd_targets() -> dict[str, str]:
-    """This process's open descriptors and what each points to (for a leak's message)."""
-    found = {}
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            found[fd] = os.readlink(f"/proc/self/fd/{fd}")
-    return found
+    before.assert_none_left()
 
 
 @pytest.fixture
@@ -298,8 +244,7 @@ def make_cluster(
                 options["master_launcher"] = RemoteMasterLauncher(group, master_host)
             cluster = cls(group, **options)
         else:
-            options.setdefault("ssh_config_path", str(multi_hosts.ssh_config_path))
-            cluster = cls(list(hosts), **options)
+            cluster = cluster_on(multi_hosts, hosts, cls, **options)
         clusters.append(cluster)
         return cluster
 

@@ -23,7 +23,7 @@ from lazycluster_tasks import LazySSHCluster, RuntimeGroup, link_commands, proce
 from lazycluster_tasks.errors import LazyclusterError
 from lazycluster_tasks.group import run_parallel
 from lazycluster_tasks.links import LinkKey
-from lazycluster_tasks.testing.helpers import links_set_up, wait_until
+from lazycluster_tasks.testing.helpers import cluster_on, links_set_up, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
@@ -81,16 +81,6 @@ def user_files(multi_hosts: TestHosts) -> Iterator[TestHosts]:
             (ssh / "authorized_keys").write_bytes(saved[host])
 
 
-def _cluster(hosts: TestHosts) -> LazySSHCluster:
-    return LazySSHCluster(
-        HOSTS,
-        ssh_config_path=str(hosts.ssh_config_path),
-        network_mode="tunnelled",
-        threads_per_worker=1,
-        nanny=False,
-    )
-
-
 @pytest.mark.parametrize("case", [*ODD, "symlink", "no file", *REFUSED])
 def test_authorized_keys_are_the_users_byte_for_byte_after_a_cluster(
     user_files: TestHosts, no_leftovers: TestHosts, no_local_leaks: None, case: str, caplog
@@ -118,7 +108,7 @@ def test_authorized_keys_are_the_users_byte_for_byte_after_a_cluster(
         filler = _fill(ssh)
     compared = [h for h in HOSTS if case != "read error" or h != "host2"]  # host2's: EIO
     before = {h: hosts.authorized_keys_bytes(h) for h in compared}
-    cluster = _cluster(hosts)
+    cluster = cluster_on(hosts, HOSTS, network_mode="tunnelled", nanny=False)
     marker = link_commands.peer_marker(cluster.engine.cluster_id)
     try:
         with Client(cluster) as client:
@@ -158,7 +148,7 @@ def test_a_full_disk_at_the_revoke_keeps_the_lines_until_a_retry_can_remove_them
     cluster on record and leaves the file as it was; once there is room, a retry removes them."""
     hosts = user_files
     before = hosts.authorized_keys_bytes("host2")
-    cluster = _cluster(hosts)
+    cluster = cluster_on(hosts, HOSTS, network_mode="tunnelled", nanny=False)
     marker = link_commands.peer_marker(cluster.engine.cluster_id)
     filler = None
     try:
@@ -200,11 +190,10 @@ def test_two_clusters_at_once_on_hosts_sharing_one_home(
             )
             assert done.wait() != 0  # flock does not run there
         clusters = [
-            LazySSHCluster(
+            cluster_on(
+                shared,
                 HOSTS,
-                ssh_config_path=str(shared.ssh_config_path),
                 network_mode="tunnelled",
-                threads_per_worker=1,
                 nanny=False,
                 ports=range(first, first + 100),
             )

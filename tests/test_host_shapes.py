@@ -27,7 +27,7 @@ from lazycluster_tasks import (
     environments,
     teardown,
 )
-from lazycluster_tasks.testing.helpers import links_set_up, wait_until
+from lazycluster_tasks.testing.helpers import cluster_on, links_set_up, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
@@ -70,12 +70,7 @@ def test_every_login_shell_runs_our_lines_and_reports_true_facts(shells: TestHos
 
 
 def test_a_cluster_runs_on_hosts_of_every_login_shell(shells: TestHosts) -> None:
-    cluster = LazySSHCluster(
-        list(SHELLS),
-        ssh_config_path=str(shells.ssh_config_path),
-        threads_per_worker=1,
-        nanny=False,
-    )
+    cluster = cluster_on(shells, list(SHELLS), nanny=False)
     try:
         with Client(cluster) as client:
             client.wait_for_workers(len(SHELLS), timeout=60)
@@ -99,11 +94,6 @@ def private_hosts() -> Iterator[TestHosts]:
     with TestHosts(len(PRIVATE), user=True, private=True) as hosts:
         yield hosts
         assert not hosts.leftovers()
-
-
-def _cluster(hosts: TestHosts, **options: object) -> LazySSHCluster:
-    options.setdefault("threads_per_worker", 1)
-    return LazySSHCluster(PRIVATE, ssh_config_path=str(hosts.ssh_config_path), **options)
 
 
 def _user_code(project: Path, answer: int, padding: int = 0) -> Path:
@@ -140,7 +130,7 @@ def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
     check = f"for p in {here}; do [ ! -e \"$p\" ] || exit 1; done; ! python3 -c 'import dask'"
     for host in PRIVATE:
         assert private_hosts.run_in(host, ["sh", "-c", check]).wait() == 0
-    first = _cluster(private_hosts)
+    first = cluster_on(private_hosts, PRIVATE)
     try:
         found = _answers(first)
     finally:
@@ -152,7 +142,7 @@ def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
     assert len([m for m in made if " MiB sent in " in m]) == len(PRIVATE), made
     caplog.clear()
     # the next start finds the environment: a check, nothing sent
-    second = _cluster(private_hosts)
+    second = cluster_on(private_hosts, PRIVATE)
     try:
         assert {a for _, _, a in _answers(second)} == {42}
     finally:
@@ -164,7 +154,7 @@ def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
     # a changed file of the user's is picked up at the next start; only it is sent
     time.sleep(0.01)
     code.write_text("def answer():\n    return 43\n")
-    third = _cluster(private_hosts, workers_per_host=2, n_workers=len(PRIVATE))
+    third = cluster_on(private_hosts, PRIVATE, workers_per_host=2, n_workers=len(PRIVATE))
     try:
         assert {a for _, _, a in _answers(third)} == {43}
         sent = [r.getMessage() for r in caplog.records if " MiB sent in " in r.getMessage()]
@@ -229,7 +219,7 @@ def test_an_interpreter_given_per_host_is_the_base_its_environment_is_made_from(
     _user_code(tmp_path / "based", 9)
     monkeypatch.syspath_prepend(str(tmp_path / "based"))
     # the issue's line: the system's Python given for every host, environment sync on
-    cluster = _cluster(private_hosts, python="/usr/bin/python3")
+    cluster = cluster_on(private_hosts, PRIVATE, python="/usr/bin/python3")
     try:
         found = _answers(cluster)
     finally:
@@ -241,7 +231,7 @@ def test_an_interpreter_given_per_host_is_the_base_its_environment_is_made_from(
     own.mkdir(parents=True)
     (own / "python3").symlink_to("/usr/bin/python3.11")
     given = f"/home/{private_hosts.user}/own-python/bin/python3"
-    cluster = _cluster(private_hosts, python={"host1": given})
+    cluster = cluster_on(private_hosts, PRIVATE, python={"host1": given})
     try:
         found = _answers(cluster)
     finally:
@@ -252,7 +242,7 @@ def test_an_interpreter_given_per_host_is_the_base_its_environment_is_made_from(
     # an interpreter given that does not run there: named, before anything starts
     started = time.monotonic()
     with pytest.raises(GroupError) as info:
-        _cluster(private_hosts, python={"host1": "/nowhere/python3"})
+        cluster_on(private_hosts, PRIVATE, python={"host1": "/nowhere/python3"})
     assert time.monotonic() - started < 30
     assert list(info.value.errors) == ["host1"]
     assert str(info.value.errors["host1"]).startswith(
@@ -285,7 +275,7 @@ def test_opting_out_of_the_environment_uses_the_hosts_python_as_it_is(
     ]:
         started = time.monotonic()
         with pytest.raises(GroupError) as info:
-            _cluster(private_hosts, python=python, environment=None)
+            cluster_on(private_hosts, PRIVATE, python=python, environment=None)
         assert time.monotonic() - started < 30
         assert sorted(info.value.errors) == PRIVATE
         for host, exc in info.value.errors.items():
@@ -343,7 +333,7 @@ def test_two_clusters_starting_at_once_make_one_environment(
 
     def start(first_port: int) -> None:
         try:
-            cluster = _cluster(private_hosts, ports=range(first_port, first_port + 50))
+            cluster = cluster_on(private_hosts, PRIVATE, ports=range(first_port, first_port + 50))
             try:
                 found.append(_answers(cluster))
             finally:
@@ -380,7 +370,7 @@ def test_a_full_disk_during_a_sync_names_host_and_path_and_leaves_nothing_half_m
     try:
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
         with pytest.raises(GroupError) as info:
-            _cluster(private_hosts)
+            cluster_on(private_hosts, PRIVATE)
         error = info.value.errors["host1"]
         assert isinstance(error, RemoteEnvironmentError), error
         assert str(error).startswith("host1: ") and "/.cache/lazycluster/" in str(error), error
@@ -389,7 +379,7 @@ def test_a_full_disk_during_a_sync_names_host_and_path_and_leaves_nothing_half_m
     finally:
         filler.unlink(missing_ok=True)
         subprocess.run(["mount", "-o", "remount,size=4g", str(disk)], check=True)
-    cluster = _cluster(private_hosts)  # room again: the next start makes it
+    cluster = cluster_on(private_hosts, PRIVATE)  # room again: the next start makes it
     try:
         with Client(cluster) as client:
             client.wait_for_workers(len(PRIVATE), timeout=60)
@@ -447,7 +437,7 @@ def test_links_and_healing_work_as_the_unprivileged_user_of_hosts_that_share_not
     """Only SSH open: the links log in as the hosts' own user with keys let into its own
     ~/.ssh/authorized_keys, and carry worker traffic; a killed worker is replaced."""
     private_hosts.set_network("ssh-only", "drop")
-    cluster = _cluster(private_hosts, network_mode="tunnelled", environment={"code": []})
+    cluster = cluster_on(private_hosts, PRIVATE, network_mode="tunnelled", environment={"code": []})
     marker = f"lazycluster-link-{cluster.engine.cluster_id}"
     try:
         with Client(cluster) as client:
@@ -529,7 +519,7 @@ def test_prune_goes_by_last_use_and_never_removes_an_environment_in_use(
         hosts = json.loads(found.stdout)["hosts"]
         return {h: {e["key"]: e for e in hosts[h]["envs"]} for h in PRIVATE}
 
-    running = _cluster(private_hosts, n_workers=len(PRIVATE))
+    running = cluster_on(private_hosts, PRIVATE, n_workers=len(PRIVATE))
     try:
         running.wait_started()
         folders = env_of(running)
@@ -550,7 +540,7 @@ def test_prune_goes_by_last_use_and_never_removes_an_environment_in_use(
     assert not any(e["in_use"] for found in listed().values() for e in found.values())
     backdate(folders)
     # made 10 days ago, used by a start now: the default --prune (7 days) keeps it
-    again = _cluster(private_hosts)
+    again = cluster_on(private_hosts, PRIVATE)
     again.close()
     envs = listed()
     for host, folder in folders.items():

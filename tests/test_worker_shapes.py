@@ -15,7 +15,7 @@ import pytest
 from distributed import Client
 
 from lazycluster_tasks import GroupError, LazySSHCluster, WorkerStartError
-from lazycluster_tasks.testing.helpers import wait_until
+from lazycluster_tasks.testing.helpers import cluster_on, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
@@ -31,18 +31,14 @@ def gpu_hosts() -> Iterator[TestHosts]:
         assert not hosts.leftovers()
 
 
-def _cluster(hosts: TestHosts, **options: object) -> LazySSHCluster:
-    options.setdefault("threads_per_worker", 1)
-    return LazySSHCluster(HOSTS, ssh_config_path=str(hosts.ssh_config_path), **options)
-
-
 def _workers(client: Client) -> dict[str, dict]:
     return client.scheduler_info(n_workers=-1)["workers"]
 
 
 def test_worker_and_scheduler_options_in_the_dict_and_the_list_form(gpu_hosts: TestHosts) -> None:
-    cluster = _cluster(
+    cluster = cluster_on(
         gpu_hosts,
+        HOSTS,
         worker_options={"nthreads": 3, "memory_limit": "1GiB", "lifetime_restart": False},
         scheduler_options={"dashboard_address": ":0", "jupyter": False},
     )
@@ -53,7 +49,7 @@ def test_worker_and_scheduler_options_in_the_dict_and_the_list_form(gpu_hosts: T
             assert found == {(3, 2**30)}
     finally:
         cluster.close()
-    listed = _cluster(gpu_hosts, worker_options=["--nthreads", "2"])
+    listed = cluster_on(gpu_hosts, HOSTS, worker_options=["--nthreads", "2"])
     try:
         with Client(listed) as client:
             client.wait_for_workers(2, timeout=60)
@@ -62,7 +58,7 @@ def test_worker_and_scheduler_options_in_the_dict_and_the_list_form(gpu_hosts: T
         listed.close()
     for wrong in ({"nthread": 2}, "--nthreads 2"):
         with pytest.raises((TypeError, ValueError), match="worker_options"):
-            _cluster(gpu_hosts, worker_options=wrong)
+            cluster_on(gpu_hosts, HOSTS, worker_options=wrong)
     assert not gpu_hosts.leftovers()
 
 
@@ -76,7 +72,7 @@ def test_a_worker_class_from_the_users_code_and_dasks_nanny(
         "from distributed import Worker\n\nclass TaggedWorker(Worker):\n    tag = 'ours'\n"
     )
     monkeypatch.syspath_prepend(str(project))  # the user's code, only here: it goes with the job
-    cluster = _cluster(gpu_hosts, worker_class="sitepkg.workers.TaggedWorker")
+    cluster = cluster_on(gpu_hosts, HOSTS, worker_class="sitepkg.workers.TaggedWorker")
     try:
         with Client(cluster) as client:
             client.wait_for_workers(2, timeout=60)
@@ -86,12 +82,14 @@ def test_a_worker_class_from_the_users_code_and_dasks_nanny(
     finally:
         cluster.close()
     with pytest.raises(GroupError) as info:  # checked before anything starts, named per host
-        _cluster(gpu_hosts, worker_class="sitepkg.workers.Missing")
+        cluster_on(gpu_hosts, HOSTS, worker_class="sitepkg.workers.Missing")
     assert set(info.value.errors) == set(HOSTS)
     said = str(info.value.errors["host1"])
     assert said.startswith("host1: worker_class 'sitepkg.workers.Missing' does not import")
     assert "AttributeError" in said
-    nanny = _cluster(gpu_hosts, worker_class="distributed.Nanny")  # SSHCluster's default spelling
+    nanny = cluster_on(
+        gpu_hosts, HOSTS, worker_class="distributed.Nanny"
+    )  # SSHCluster's default spelling
     try:
         with Client(nanny) as client:
             client.wait_for_workers(2, timeout=60)
@@ -120,13 +118,8 @@ def test_dask_cudas_worker_class_starts_through_its_own_command_one_gpu_each(
     (package / "cli.py").write_text(FAKE_CUDA_CLI)
     monkeypatch.syspath_prepend(str(package.parent))  # the user's code: it goes to the hosts
     with pytest.raises(ValueError, match="runs one worker per GPU: host2 has none"):
-        _cluster(gpu_hosts, worker_class="dask_cuda.CUDAWorker")
-    cluster = LazySSHCluster(
-        ["host1"],
-        ssh_config_path=str(gpu_hosts.ssh_config_path),
-        worker_class="dask_cuda.CUDAWorker",
-        threads_per_worker=1,
-    )
+        cluster_on(gpu_hosts, HOSTS, worker_class="dask_cuda.CUDAWorker")
+    cluster = cluster_on(gpu_hosts, ["host1"], worker_class="dask_cuda.CUDAWorker")
     try:
         assert cluster.capacity == 2  # one per GPU, as gpus="auto"
         with Client(cluster) as client:
@@ -154,7 +147,7 @@ def _gpu_task(seconds: float) -> tuple[str, str]:
 
 
 def test_one_worker_per_gpu_pinned_and_tagged_kept_by_healing(gpu_hosts: TestHosts) -> None:
-    cluster = _cluster(gpu_hosts, gpus="auto", workers_per_host=1)
+    cluster = cluster_on(gpu_hosts, HOSTS, gpus="auto", workers_per_host=1)
     try:
         assert cluster.capacity == 3  # host1: its 2 GPUs; host2: none, its one worker
         with Client(cluster) as client:
@@ -191,7 +184,9 @@ def test_gpus_per_host_a_count_or_auto_and_more_than_a_host_has_refused(
     gpu_hosts: TestHosts,
 ) -> None:
     # a count below what host1 has: that many pinned workers; host2 keeps its worker count
-    cluster = _cluster(gpu_hosts, gpus={"host1": 1}, workers_per_host={"host1": 3, "host2": 2})
+    cluster = cluster_on(
+        gpu_hosts, HOSTS, gpus={"host1": 1}, workers_per_host={"host1": 3, "host2": 2}
+    )
     try:
         assert cluster.capacity == 3
         with Client(cluster) as client:
@@ -205,7 +200,7 @@ def test_gpus_per_host_a_count_or_auto_and_more_than_a_host_has_refused(
             assert resources == [{}, {}, {"GPU": 1}]
     finally:
         cluster.close()
-    auto = _cluster(gpu_hosts, gpus={"host1": "auto"}, n_workers=0)  # host1's 2, host2's 1
+    auto = cluster_on(gpu_hosts, HOSTS, gpus={"host1": "auto"}, n_workers=0)  # host1's 2, host2's 1
     try:
         assert auto.capacity == 3
         assert [auto.engine.gpus(h) for h in HOSTS] == [[0, 1], []]
@@ -213,7 +208,7 @@ def test_gpus_per_host_a_count_or_auto_and_more_than_a_host_has_refused(
         auto.close()
     for asked, host, has in (({"host1": 3}, "host1", 2), ({"host2": 1}, "host2", 0)):
         with pytest.raises(ValueError) as info:
-            _cluster(gpu_hosts, gpus=asked)
+            cluster_on(gpu_hosts, HOSTS, gpus=asked)
         said = str(info.value)
         assert f"gpus: {host} has {has} GPU(s)" in said and f"{asked[host]} asked for" in said
     assert not gpu_hosts.leftovers()
@@ -222,8 +217,9 @@ def test_gpus_per_host_a_count_or_auto_and_more_than_a_host_has_refused(
 def test_setup_lines_run_before_the_processes_and_a_failing_one_is_named(
     gpu_hosts: TestHosts,
 ) -> None:
-    cluster = _cluster(
+    cluster = cluster_on(
         gpu_hosts,
+        HOSTS,
         scheduler_host="host2",
         setup={"host1": ["export SITE_STEP=one"], "host2": ["export SITE_STEP=two"]},
     )
@@ -240,7 +236,7 @@ def test_setup_lines_run_before_the_processes_and_a_failing_one_is_named(
         cluster.close()
     started = time.monotonic()
     with pytest.raises(WorkerStartError) as info:
-        _cluster(gpu_hosts, setup=["true", "module load cuda/12"])
+        cluster_on(gpu_hosts, HOSTS, setup=["true", "module load cuda/12"])
     said = str(info.value)
     assert "host1: setup step 2 (module load cuda/12) failed (exit 127)" in said, said
     assert "module: not found" in said
@@ -249,7 +245,7 @@ def test_setup_lines_run_before_the_processes_and_a_failing_one_is_named(
 
 
 def test_a_worker_count_per_host_through_start_scale_and_adapt(gpu_hosts: TestHosts) -> None:
-    cluster = _cluster(gpu_hosts, workers_per_host={"host1": 2}, n_workers=1)
+    cluster = cluster_on(gpu_hosts, HOSTS, workers_per_host={"host1": 2}, n_workers=1)
     try:
         assert cluster.capacity == 3
         with Client(cluster) as client:
@@ -263,7 +259,7 @@ def test_a_worker_count_per_host_through_start_scale_and_adapt(gpu_hosts: TestHo
     finally:
         cluster.close()
     with pytest.raises(ValueError, match="not in the cluster"):
-        _cluster(gpu_hosts, workers_per_host={"host9": 2})
+        cluster_on(gpu_hosts, HOSTS, workers_per_host={"host9": 2})
     assert not gpu_hosts.leftovers()
 
 
@@ -283,8 +279,8 @@ def _registered_hosts(client: Client) -> list[str]:
 
 def test_healing_honours_the_worker_count_of_each_host(gpu_hosts: TestHosts, caplog) -> None:
     caplog.set_level(logging.INFO, logger="lazycluster_tasks")
-    cluster = _cluster(
-        gpu_hosts, workers_per_host={"host1": 2, "host2": 1}, n_workers=2, worker_ttl=3
+    cluster = cluster_on(
+        gpu_hosts, HOSTS, workers_per_host={"host1": 2, "host2": 1}, n_workers=2, worker_ttl=3
     )
     try:
         with Client(cluster) as client:

@@ -1,6 +1,6 @@
 """Helpers that several test modules use (as distributed keeps them in ``utils_test``): waiting
-for a condition, the checkout's root, runtimes on the test hosts, a cluster's processes left on
-this machine, a full disk, and small programs the tests run with ``python -c``.
+for a condition, the checkout's root, runtimes and clusters on the test hosts, a cluster's
+processes left on this machine, a full disk, and small programs the tests run with ``python -c``.
 
 Plain functions and constants: the fixtures are in :mod:`lazycluster_tasks.testing.pytest_plugin`
 and the tests' ``conftest.py``.
@@ -13,15 +13,18 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.testing.hosts import TestHosts
+
+if TYPE_CHECKING:
+    from lazycluster_tasks.ssh_cluster import LazySSHCluster
 
 #: The checkout this package runs from in the tests (editable install): what processes the tests
 #: start put on PYTHONPATH to import ``tests`` and ``flows``, and their working dir.
@@ -56,6 +59,21 @@ def links_set_up(cluster: Any, client: Any, workers: int, timeout: float = 60) -
 def ssh_runtime(hosts: TestHosts, name: str = "host1", **kwargs: Any) -> Runtime:
     """A Runtime on test host ``name``, reached through the hosts' SSH config."""
     return Runtime(name, ssh_config_path=str(hosts.ssh_config_path), **kwargs)
+
+
+def cluster_on(
+    hosts: TestHosts,
+    names: Sequence[str],
+    cls: type[LazySSHCluster] | None = None,
+    **options: Any,
+) -> LazySSHCluster:
+    """A LazySSHCluster (or ``cls``, a subclass) on the test hosts ``names``, reached through
+    the hosts' SSH config, one thread per worker unless ``options`` say otherwise."""
+    from lazycluster_tasks.ssh_cluster import LazySSHCluster  # pulls in distributed.deploy
+
+    options.setdefault("ssh_config_path", str(hosts.ssh_config_path))
+    options.setdefault("threads_per_worker", 1)
+    return (cls or LazySSHCluster)(list(names), **options)
 
 
 def local_leftovers(cluster_id: str) -> list[str]:
