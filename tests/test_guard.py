@@ -57,6 +57,13 @@ def guard(folder: Path, home: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def _seen(folder: Path) -> None:
+    """Once the guard runs (its pid file, written at its start: a loaded machine may take
+    seconds to start it), it looks every 0.2 s: after 0.8 s it saw what runs in ``folder``."""
+    assert wait_until(lambda: (folder / "guard.pid").exists(), 20)
+    time.sleep(0.8)
+
+
 def test_the_guard_cleans_up_once_the_last_process_of_the_cluster_ended(
     tmp_path: Path, home: Path
 ) -> None:
@@ -70,7 +77,7 @@ def test_the_guard_cleans_up_once_the_last_process_of_the_cluster_ended(
     watcher = guard(folder, home, "--remove", str(working))
     procs = [*workers, master, stranger, watcher]
     try:
-        time.sleep(1.5)
+        _seen(folder)
         assert watcher.poll() is None and master.poll() is None  # workers run: it waits
         workers[0].kill()
         workers[0].wait()
@@ -100,7 +107,7 @@ def test_the_guard_keeps_a_working_dir_that_holds_more(tmp_path: Path, home: Pat
     (tmp_path / "another-cluster").mkdir()
     worker = _process(folder, "host1-0")
     watcher = guard(folder, home, "--remove", str(tmp_path))
-    time.sleep(0.8)  # it saw the worker run
+    _seen(folder)
     worker.kill()
     worker.wait()
     assert watcher.wait(timeout=10) == 0
