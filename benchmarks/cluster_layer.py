@@ -93,8 +93,8 @@ FLOOR_WORKER_PORTS = (62001, 62002)
 
 OURS_DIRECT = "ours direct"
 OURS_TUNNELLED = "ours tunnelled"
-OURS_AUTO_OPEN = "ours auto, open"
-OURS_AUTO_SSH = "ours auto, SSH-only"
+OURS_AUTO_OPEN = "ours auto (open)"
+OURS_AUTO_SSH = "ours auto (SSH-only)"
 FLOOR = "floor"
 SSHCLUSTER = "SSHCluster"
 SPEC_DIRECT = "LazySSHCluster direct"

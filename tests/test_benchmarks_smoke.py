@@ -98,7 +98,7 @@ def test_cluster_layer_counts_a_failed_start_as_failure() -> None:
     failing = targets["start ours direct, 2 hosts vs floor"]
     assert failing.value == 0.5 and failing.status == "FAIL" and not failing.passed
     assert targets["start ours tunnelled, 2 hosts vs floor"].status == "PASS"
-    assert targets["start ours auto, open, 2 hosts vs floor"].status == "n/a"
+    assert targets["start ours auto (open), 2 hosts vs floor"].status == "n/a"
     assert targets["start ours direct, 2 hosts vs SSHCluster"].status == "FAIL"
     assert targets["start ours tunnelled, 2 hosts vs SSHCluster"].status == "n/a"
 
@@ -106,6 +106,15 @@ def test_cluster_layer_counts_a_failed_start_as_failure() -> None:
     assert cleanups["cleanup ours direct, 2 hosts (+ nothing left)"] == "FAIL"
     assert cleanups["cleanup ours tunnelled, 2 hosts (+ nothing left)"] == "PASS"
     assert common.exit_code(targets.values()) == 1
+
+
+def test_every_cluster_layer_case_can_be_chosen_by_name() -> None:
+    assert cluster_layer.parse_args(["--cases", ",".join(cluster_layer.CASES)]).cases == list(
+        cluster_layer.CASES
+    )
+    for case in cluster_layer.CASES:
+        chosen = cluster_layer.parse_args(["--cases", f"{case},{cluster_layer.FLOOR}"]).cases
+        assert chosen[0] == case
 
 
 def test_run_all_reports_a_failed_benchmark(
