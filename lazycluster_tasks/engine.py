@@ -55,7 +55,8 @@ from lazycluster_tasks.links import Links
 from lazycluster_tasks.network import NetworkMode, NetworkPlan, plan_network
 from lazycluster_tasks.paths_check import blocked_paths
 from lazycluster_tasks.ports import PortPool, as_port_list, bindable_here, free_ports
-from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec, ProcessTable, Revoke
+from lazycluster_tasks.process_table import ProcessTable
+from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec, Revoke
 from lazycluster_tasks.record import (
     CONTROLLER_KEY,
     ClusterRecord,
@@ -77,8 +78,6 @@ PORT_RETRIES = 3
 PATH_CHECK_TIMEOUT = 30.0
 #: Seconds a host has to import the worker class (after its setup lines).
 CLASS_CHECK_TIMEOUT = 60.0
-
-Jobs = dict[str, tuple[Runtime, list[ProcessInfo]]]
 
 
 class Engine:
@@ -111,7 +110,7 @@ class Engine:
         self._plan: NetworkPlan | None = None
         self._routes: Routing | None = None
         #: the cluster's processes by name (see processes.ProcessTable)
-        self.table = ProcessTable()
+        self.table = ProcessTable(self._key)
         self._host_locks: dict[str, threading.Lock] = {}
         self._scheduler_host: str | None = None  # None: this machine
         self._scheduler_bind: str | None = None
@@ -654,7 +653,7 @@ class Engine:
                 return []
             if now >= next_check or now >= deadline:
                 next_check = now + LIVENESS_INTERVAL
-                dead = self._dead(list(pending.values()))
+                dead = self.table.dead(list(pending.values()))
                 if dead or now >= deadline:
                     return self._start_failure(pending, dead, timeout, late=now >= deadline)
             time.sleep(0.05)
@@ -662,7 +661,7 @@ class Engine:
     def _start_failure(
         self, pending: dict[str, ProcessInfo], dead: list[str], timeout: float, late: bool
     ) -> list[str]:
-        logs = self._logs(list(pending.values()), lines=None)
+        logs = self.table.logs(list(pending.values()), lines=None)
         raced = [n for n in dead if startup.retriable(logs.get(n, ""))]
         if raced and len(raced) == len(dead) and not late:
             for name in raced:
@@ -675,47 +674,14 @@ class Engine:
             return raced
         failed = {n: pending[n].host for n in (dead or list(pending))}
         scheduler = self.table.get("scheduler")
-        scheduler_log = self._logs([scheduler]).get("scheduler", "") if scheduler else None
+        scheduler_log = self.table.logs([scheduler]).get("scheduler", "") if scheduler else None
         raise startup.worker_start_error(failed, logs, bool(dead), timeout, scheduler_log)
 
     # -- questions to the hosts and the scheduler -----------------------------------------
 
-    def _by_runtime(self, infos: list[ProcessInfo]) -> Jobs:
-        """Processes grouped by the runtime that owns them, keyed as in records."""
-        jobs: Jobs = {}
-        for info in infos:
-            owner = self.table.owner(info.name)
-            if owner is not None:
-                jobs.setdefault(self._key(owner), (owner, []))[1].append(info)
-        return jobs
-
-    def _dead(self, infos: list[ProcessInfo]) -> list[str]:
-        """Names of the processes that no longer run (all runtimes at once)."""
-        states = run_parallel(
-            "liveness", self._by_runtime(infos), lambda job: processes.alive(*job)
-        )
-        return [name for result in states.values() for name, up in result.items() if not up]
-
-    def _logs(
-        self, infos: list[ProcessInfo], lines: int | None = processes.LOG_TAIL_LINES
-    ) -> dict[str, str]:
-        """Each process's log (or its tail), all runtimes at once."""
-
-        def read(job: tuple[Runtime, list[ProcessInfo]]) -> dict[str, str]:
-            runtime, owned = job
-            try:
-                return processes.read_logs(runtime, owned, lines)
-            except LazyclusterError as exc:
-                return {i.name: f"(log unavailable: {exc})" for i in owned}
-
-        logs: dict[str, str] = {}
-        for part in run_parallel("read logs", self._by_runtime(infos), read).values():
-            logs.update(part)
-        return logs
-
     def get_logs(self) -> dict[str, str]:
         """Every process's log by name ("scheduler", "<host>-<i>")."""
-        return self._logs(self.table.all(), lines=None)
+        return self.table.logs(self.table.all(), lines=None)
 
     def reach(self, host: str, timeout: float) -> None:
         """One bounded round trip to ``host``; raises when it does not answer."""
@@ -723,20 +689,7 @@ class Engine:
 
     def liveness(self, names: Sequence[str], timeout: float) -> dict[str, str]:
         """name -> "alive", "gone", or "unreachable: why" (each host asked once, bounded)."""
-        infos = self.table.known(names)
-
-        def ask(job: tuple[Runtime, list[ProcessInfo]]) -> dict[str, str]:
-            runtime, owned = job
-            try:
-                states = processes.alive(runtime, owned, timeout=timeout)
-            except LazyclusterError as exc:
-                return {i.name: f"unreachable: {exc}".splitlines()[0] for i in owned}
-            return {name: "alive" if up else "gone" for name, up in states.items()}
-
-        result = {n: "gone" for n in names if n not in self.table}
-        for part in run_parallel("liveness", self._by_runtime(infos), ask).values():
-            result.update(part)
-        return result
+        return self.table.liveness(names, timeout)
 
     def registered(self, timeout: float = IDENTITY_TIMEOUT) -> dict[str, dict[str, Any]]:
         """Workers the scheduler lists, by name (a bounded question)."""
@@ -752,7 +705,7 @@ class Engine:
             self.failure = self.failure or "the scheduler is not running"
             return False
         try:
-            dead = bool(self._dead([info]))
+            dead = bool(self.table.dead([info]))
         except LazyclusterError as exc:
             self.failure = f"the scheduler's host {info.host} cannot be reached: {exc}"
             return False
@@ -827,10 +780,6 @@ class Engine:
     def _register(self, runtime: Runtime, info: ProcessInfo) -> None:
         self.table.add(runtime, info)
 
-    def _key_of(self, name: str) -> str | None:
-        keeper = self.table.owner(name)
-        return None if keeper is None else self._key(keeper)
-
     def _forget(self, name: str) -> None:
         info = self.table.remove(name)
         if info is not None and self._routes is not None:
@@ -848,7 +797,7 @@ class Engine:
         """Without debug: the processes' startup output goes to our logger at debug level."""
         if debug or not logger.isEnabledFor(logging.DEBUG):
             return
-        for name, text in self._logs(infos).items():
+        for name, text in self.table.logs(infos).items():
             logger.debug("[%s] %s", name, text.rstrip())
 
     def _environments(self) -> None:
@@ -954,7 +903,7 @@ class Engine:
         follows). The cleanup after it verifies; a host that does not answer now, or fails
         here, is left to it (a short wait: this only saves time)."""
         away = set(self.unreachable())
-        jobs = self._by_runtime([i for i in self.worker_processes() if i.host not in away])
+        jobs = self.table.by_owner([i for i in self.worker_processes() if i.host not in away])
 
         def kill(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job
@@ -975,7 +924,7 @@ class Engine:
         seconds between TERM and KILL (default: the options' ``stop_grace``)."""
         grace = self.options.stop_grace if grace is None else grace
         infos = self.table.known(names)
-        jobs = self._by_runtime(infos)
+        jobs = self.table.by_owner(infos)
         if remove_folders:
             for owner in [self.controller, *self.group.runtimes]:
                 if owner.has_working_dir:
@@ -988,7 +937,7 @@ class Engine:
                 with self._lock:
                     key = self._key(runtime)
                     emptied = not any(
-                        self._key_of(n) == key for n in self.table.names() if n not in names
+                        self.table.key_of(n) == key for n in self.table.names() if n not in names
                     )
                 if remove_folders:  # every pid file there: a start's whose answer was lost too
                     remove = runtime.working_dir if runtime.working_dir_is_temp else folder
@@ -1016,7 +965,7 @@ class Engine:
         finally:
             # a host that failed keeps its processes on record; the routes of the others close
             # before they are forgotten (a cleanup closes every tunnel itself)
-            gone = [n for n in names if self._key_of(n) not in failed]
+            gone = [n for n in names if self.table.key_of(n) not in failed]
             try:
                 if self._routes is not None and not remove_folders:
                     self._routes.unroute(self.table.known(gone))

@@ -15,7 +15,6 @@ import logging
 import posixpath
 import secrets
 import tarfile
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -57,74 +56,6 @@ class ProcessInfo:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-class ProcessTable:
-    """A cluster's processes by name: each one's runtime (the one that started it, which owns
-    its folder) and, for a worker on a GPU, the GPU it is pinned to. Safe from any thread."""
-
-    def __init__(self) -> None:
-        self._infos: dict[str, ProcessInfo] = {}
-        self._owners: dict[str, Runtime] = {}
-        self._gpus: dict[str, int] = {}
-        self._lock = threading.RLock()
-
-    def add(self, owner: Runtime, info: ProcessInfo) -> None:
-        with self._lock:
-            self._infos[info.name] = info
-            self._owners[info.name] = owner
-
-    def remove(self, name: str) -> ProcessInfo | None:
-        """Forget ``name`` (its GPU is free again); what it was, if it was known."""
-        with self._lock:
-            self._owners.pop(name, None)
-            self._gpus.pop(name, None)
-            return self._infos.pop(name, None)
-
-    def get(self, name: str) -> ProcessInfo | None:
-        return self._infos.get(name)
-
-    def __getitem__(self, name: str) -> ProcessInfo:
-        return self._infos[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return list(self._infos)
-
-    def all(self) -> list[ProcessInfo]:
-        with self._lock:
-            return list(self._infos.values())
-
-    def known(self, names: Sequence[str]) -> list[ProcessInfo]:
-        """Those of ``names`` still in the table, in that order."""
-        with self._lock:
-            return [self._infos[n] for n in names if n in self._infos]
-
-    def workers(self) -> list[ProcessInfo]:
-        with self._lock:
-            return [i for i in self._infos.values() if i.role == "worker"]
-
-    def owner(self, name: str) -> Runtime | None:
-        return self._owners.get(name)
-
-    def pin(self, host: str, names: Sequence[str], gpus: Sequence[int]) -> dict[str, int]:
-        """A GPU of ``host`` (of ``gpus``) that no other worker there holds, for each of
-        ``names``; ValueError when too few are free."""
-        with self._lock:
-            held = {
-                self._gpus[i.name]
-                for i in self._infos.values()
-                if i.host == host and i.name in self._gpus and i.name not in names
-            }
-            free = [g for g in gpus if g not in held]
-            if len(free) < len(names):
-                raise ValueError(f"{host}: {len(names)} workers to start, {len(free)} GPUs free")
-            pinned = dict(zip(names, free, strict=False))
-            self._gpus.update(pinned)
-            return pinned
 
 
 def start_processes(

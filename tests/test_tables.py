@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from lazycluster_tasks.ports import PortPool, Reservations
-from lazycluster_tasks.processes import ProcessInfo, ProcessTable
+from lazycluster_tasks.process_table import ProcessTable
+from lazycluster_tasks.processes import ProcessInfo
 from lazycluster_tasks.record import ClusterRecord, ClusterState
 from lazycluster_tasks.runtime import Runtime
 
@@ -32,6 +33,23 @@ def test_the_process_table_keeps_owners_and_pins_each_gpu_once() -> None:
     assert table.pin("h1", ["h1-3"], [0, 1]) == {"h1-3": 1}  # the one the lost worker held
     assert table.pin("h2", ["h2-2"], [0]) == {"h2-2": 0}  # another host's GPUs are its own
     assert table.remove("gone") is None
+
+
+def test_the_process_table_groups_processes_by_the_runtime_that_owns_them() -> None:
+    here, other = Runtime("localhost"), Runtime("localhost")
+    keys = {id(here): "", id(other): "h2"}
+    table = ProcessTable(lambda runtime: keys[id(runtime)])
+    table.add(here, _info("scheduler", role="master"))
+    table.add(other, _info("h2-0", host="h2"))
+    table.add(other, _info("h2-1", host="h2"))
+    assert table.key_of("scheduler") == "" and table.key_of("h2-1") == "h2"
+    assert table.key_of("gone") is None
+    jobs = table.by_owner([*table.known(["h2-1", "scheduler", "h2-0"]), _info("stranger")])
+    assert {k: (rt, [i.name for i in infos]) for k, (rt, infos) in jobs.items()} == {
+        "h2": (other, ["h2-1", "h2-0"]),
+        "": (here, ["scheduler"]),
+    }  # a process not in the table belongs to no runtime
+    assert table.liveness(["gone"], timeout=1) == {"gone": "gone"}  # asks no host
 
 
 def test_reservations_by_host_and_released_everywhere() -> None:
