@@ -227,8 +227,9 @@ def envs(
     """The environments clusters made on the hosts (~/.cache/lazycluster there): size, last
     use (each start that uses one notes it) and whether a running cluster uses it; --prune
     removes those whose last use is --older days ago or more (0: all), never one a running
-    process uses, and the parts nothing uses. Exit 1 when a host does not answer. --shipped
-    lists what this machine's environment is made of (asks no host)."""
+    process uses or a starting cluster holds, and the parts nothing uses. Exit 1 when a host
+    does not answer. --shipped lists what this machine's environment is made of (asks no
+    host)."""
     from lazycluster_tasks import environments
 
     if shipped:
@@ -257,7 +258,10 @@ def envs(
         for host in chosen:
             if host in found:
                 removed, busy = found[host]["removed"], found[host].get("in_use", [])
+                held = found[host].get("held", [])
                 kept = f" (kept {len(busy)} in use)" if busy else ""
+                if held:
+                    kept += f" (kept {len(held)} a starting cluster holds)"
                 out.print(f"{host}: removed {len(removed)} environments {' '.join(removed)}{kept}")
     else:
         table = Table("host", "environment", "parts", "MiB", "last used", "in use")

@@ -23,7 +23,10 @@ Progress = Callable[[Sequence[environments.HostEnvironment], int], None]
 class ClusterEnvironments:
     """What each host of one cluster runs the cluster with (environment sync on)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lease: str = "") -> None:
+        #: The cluster folder's name: each host's environment is held for it from the check
+        #: until the cluster's cleanup there (see hostside.envs.LEASE).
+        self.lease = lease
         #: Called with (hosts ready so far, hosts to make ready) as each host's environment
         #: is checked or made: once with none ready first.
         self.on_environment: Progress | None = None
@@ -31,6 +34,9 @@ class ClusterEnvironments:
         self.environments: dict[str, environments.HostEnvironment] = {}
         #: The environment the hosts got (None: environment sync off, or not made yet).
         self.manifest: environments.Manifest | None = None
+        #: Hosts asked for their environment: each may hold one for ``lease`` (a cleanup
+        #: lets go there, also where the start failed before anything else reached it).
+        self.asked: set[str] = set()
         self._shared: set[str] = set()  # hosts that run this machine's own interpreter
         self._bases: dict[str, str] = {}  # host -> the interpreter given: its env's base
         self._code_path: list[str] = []  # the user's code folders here
@@ -57,8 +63,14 @@ class ClusterEnvironments:
         self._code_path = list(manifest.code_folders)
         if not remote:
             return options
+        self.asked.update(rt.host for rt in remote)
         made = environments.sync(
-            remote, manifest, _packs(), python=bases, on_host=self._reporter(len(remote))
+            remote,
+            manifest,
+            _packs(),
+            python=bases,
+            on_host=self._reporter(len(remote)),
+            lease=self.lease,
         )
         self.environments.update(made)
         self._bases = bases
@@ -126,7 +138,7 @@ class ClusterEnvironments:
             if rt.host in self.environments and not self.environments[rt.host].shared
         ]
         if ours and manifest.key != old.key:
-            made = environments.sync(ours, manifest, _packs(), python=self._bases)
+            made = environments.sync(ours, manifest, _packs(), python=self._bases, lease=self.lease)
             self.environments.update(made)
             given = options.python_executable
             pythons = dict(given) if isinstance(given, Mapping) else {}

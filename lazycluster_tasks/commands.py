@@ -287,6 +287,15 @@ def stop_folder(folder: str, grace: float = 2.0) -> str:
     return _stop_groups(f"{q(folder.rstrip('/'))}/*.pid", folder.rstrip("/") + "/", grace)
 
 
+def release_env(lease: str) -> str:
+    """Remove the hold of the cluster whose folder is named ``lease`` on the user's
+    environments (hostside.envs: ``envs/<key>/leases/<lease>``); never fails."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", lease):
+        raise ValueError(f"not a cluster folder's name: {lease!r}")
+    base = '"${XDG_CACHE_HOME:-$HOME/.cache}/lazycluster/envs"'
+    return f"rm -f {base}/*/leases/{q(lease)} 2>/dev/null || true"
+
+
 def _stop_groups(files: str, marker: str, grace: float) -> str:
     return (
         f"{LIVE_GROUP}; {MARKED_IDS}; marker={q(marker)}; "

@@ -95,7 +95,7 @@ class Engine:
         #: Called with (registered, requested) as workers register (e.g. a progress artifact).
         self.on_progress: Callable[[int, int], None] | None = None
         #: The hosts' environments (made at the start, the user's code synced later).
-        self.envs = ClusterEnvironments()
+        self.envs = ClusterEnvironments(lease=self.folder_name)
         #: Called once the scheduler answers (e.g. to let a Dask cluster object connect).
         self.on_scheduler_up: Callable[[], None] | None = None
         #: Why a running cluster failed (None while it is healthy).
@@ -207,8 +207,13 @@ class Engine:
     def ports(self, ports: Sequence[int]) -> None:
         self.pool.candidates = ports
 
+    @property
+    def folder_name(self) -> str:
+        """The name of the cluster's folder in each runtime's working dir."""
+        return f"lazycluster-{self.cluster_id}"
+
     def folder(self, runtime: Runtime) -> str:
-        return posixpath.join(runtime.working_dir, f"lazycluster-{self.cluster_id}")
+        return posixpath.join(runtime.working_dir, self.folder_name)
 
     def _taken(self, runtime: Runtime) -> tuple[list[str], bool, set[int]]:
         """For a port bound on ``runtime``: the hosts where it must be free, whether this
@@ -963,6 +968,8 @@ class Engine:
             failed = set(exc.errors)
             raise
         finally:
+            if remove_folders:  # hosts a failed start left before their folder was made
+                self._release_envs([rt for rt in self.group.runtimes if rt.host not in jobs])
             # a host that failed keeps its processes on record; the routes of the others close
             # before they are forgotten (a cleanup closes every tunnel itself)
             gone = [n for n in names if self.table.key_of(n) not in failed]
@@ -973,6 +980,19 @@ class Engine:
                 for name in gone:
                     self._forget(name)
             self._release_ports([i for i in infos if i.name not in self.table])
+
+    def _release_envs(self, runtimes: Sequence[Runtime]) -> None:
+        """Let go of the environments the cluster holds on ``runtimes`` (where the cluster
+        folder's stop did not: see processes.stop_folder); a host that does not answer keeps
+        the hold until it expires (hostside.envs.LEASE)."""
+        asked = [rt for rt in runtimes if rt.host in self.envs.asked]
+        if not asked:
+            return
+        line = commands.release_env(self.folder_name)
+        try:
+            fan_out("release environments", asked, lambda rt: rt.connection.run(line, timeout=30))
+        except GroupError as exc:
+            logger.info("environments still held until their lease ends: %s", exc)
 
     def _release_ports(self, stopped: list[ProcessInfo]) -> None:
         """Ports of stopped workers (their forwards closed) serve the next workers."""

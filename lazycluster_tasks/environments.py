@@ -493,14 +493,15 @@ def env_key(manifest: Manifest, python: str | None) -> str:
     return f"{manifest.key}-{hashlib.sha256(python.encode()).hexdigest()[:8]}"
 
 
-def check_line(manifest: Manifest, python: str | None) -> str:
+def check_line(manifest: Manifest, python: str | None, lease: str = "") -> str:
     """Ask a host what it has: run by ``python`` (the given base), else by the first of
-    python3.X, python3."""
+    python3.X, python3. ``lease``: the cluster folder's name, whose start holds the
+    environment it finds until its cleanup (a prune meanwhile keeps it)."""
     units = ",".join(u.key for u in manifest.units)
     samples = json.dumps([_sample(u) for u in manifest.units if u.files])
     key = env_key(manifest, python)
     args = ["check", "--key", key, "--units", units, "--ours", sys.executable]
-    args += ["--samples", samples]
+    args += ["--samples", samples, "--lease", lease]
     run = shlex.join(["-I", "-c", _program(), *args])
     if python is not None:
         return f"exec {shlex.quote(python)} {run}"
@@ -514,11 +515,12 @@ def _sample(unit: Unit) -> list[object]:
     return [source, status.st_size, status.st_mtime_ns]
 
 
-def build_line(manifest: Manifest, python: str, given: str | None = None) -> str:
-    """Make the environment with ``python`` (the interpreter the check ran with)."""
+def build_line(manifest: Manifest, python: str, given: str | None = None, lease: str = "") -> str:
+    """Make the environment with ``python`` (the interpreter the check ran with); held for
+    ``lease`` as by :func:`check_line`."""
     units = ",".join(u.key for u in manifest.units)
     args = ["build", "--key", env_key(manifest, given), "--units", units, "--python", python]
-    args += ["--stall", f"{STALL:g}"]
+    args += ["--stall", f"{STALL:g}", "--lease", lease]
     return shlex.join([python, "-I", "-c", _program(), *args])
 
 
@@ -567,6 +569,7 @@ def sync(
     packs: Packs,
     python: Mapping[str, str] | None = None,
     on_host: Callable[[HostEnvironment], None] | None = None,
+    lease: str = "",
 ) -> dict[str, HostEnvironment]:
     """Each host's interpreter for ``manifest``: this machine's where the host shares its
     files, else an environment of its own, made where it is missing from the units it lacks
@@ -575,13 +578,13 @@ def sync(
     on its PATH); ``on_host`` is called as each host is ready
     (from its own thread; an exception from it is logged). Raises GroupError naming each host
     that failed and why (no Python of the minor version, another platform, a full disk, a
-    cut transfer)."""
+    cut transfer). ``lease``: see :func:`check_line`."""
     chosen = dict(python or {})
     started = {rt.host: time.monotonic() for rt in runtimes}
 
     def look(runtime: Runtime) -> dict[str, Any]:
         result = runtime.connection.run(
-            check_line(manifest, chosen.get(runtime.host)), timeout=CHECK_TIMEOUT
+            check_line(manifest, chosen.get(runtime.host), lease), timeout=CHECK_TIMEOUT
         )
         given = chosen.get(runtime.host)
         if result.exit_code in (126, 127) and given is not None:
@@ -626,7 +629,7 @@ def sync(
         size = sum(packs.path(u).stat().st_size for u in sending)
         with stream(packs, sending) as data:
             result = runtime.connection.run(
-                build_line(manifest, str(answer["python"]), chosen.get(host)),
+                build_line(manifest, str(answer["python"]), chosen.get(host), lease),
                 stdin=data,
                 timeout=CHECK_TIMEOUT + size / SLOWEST,
                 stall=STALL,

@@ -166,8 +166,10 @@ def stop_folder(
     then remove ``remove``; return the pgids that survived. ``revoke``: also remove the
     cluster's lines from the user's authorized_keys (the safe edit, hostside.authorized_keys),
     after the stop (the sooner the TERM, the less the processes cost), even when one survived;
-    a failed edit fails the stop, naming the host and its cause."""
-    return _stop(runtime, commands.stop_folder(folder, grace), grace, remove, revoke)
+    a failed edit fails the stop, naming the host and its cause. The cluster's hold on the
+    host's environment (named after the folder; see hostside.envs) goes with the folder."""
+    release = commands.release_env(posixpath.basename(folder.rstrip("/"))) if remove else ""
+    return _stop(runtime, commands.stop_folder(folder, grace), grace, remove, revoke, release)
 
 
 @dataclass(frozen=True)
@@ -202,10 +204,13 @@ def _stop(
     grace: float,
     remove: str | None = None,
     revoke: Revoke | None = None,
+    release: str = "",
 ) -> list[int]:
     line, stdin = f"{stop}; s=$?", None
     if remove:  # only when every process is gone: a survivor keeps its folder and pid file
         line += f"; [ $s != 0 ] || {commands.remove_tree(remove)} || s=$?"
+    if release:  # a survivor is in use anyway; a missing file is no error
+        line += f"; {release}"
     if revoke is not None:  # after the folder (its keys) went, whatever the edit's outcome
         line += f"; {link_commands.revoke_keys(revoke.python, revoke.marker)} || s=$?"
         stdin = hostside.source("authorized_keys").encode()

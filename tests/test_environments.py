@@ -247,3 +247,42 @@ def test_the_cli_lists_what_a_start_ships_by_distribution() -> None:
     assert "numpy" not in {u["name"] for u in without["units"]}
     assert everything["bytes"] - without["bytes"] == sizes["numpy"]
     assert without["key"] != everything["key"]
+
+
+def test_a_starting_cluster_holds_its_environment_until_its_cleanup_or_the_lease_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between a start's check and its processes' start nothing runs with the environment:
+    a prune then (even at --older 0) keeps it while the start holds it; the cluster's cleanup
+    lets go (the shell line of its stop, or the guard's), and a hold nobody ended expires."""
+    from lazycluster_tasks import commands
+    from lazycluster_tasks.hostside import envs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "lazycluster" / "envs" / "k1"
+    (folder / "bin").mkdir(parents=True)
+    (folder / envs.MARK).write_text(json.dumps({"units": [], "made": time.time()}))
+    assert envs.check("k1", [], lease="lazycluster-c1")["env"] == str(folder / "bin" / "python")
+    assert envs.prune([], 0.0) == {"removed": [], "in_use": [], "held": ["k1"]}
+    assert envs.listing()[0]["held"] is True
+    # the cleanup's line (as the stop of the cluster folder runs it) lets go of c1 only
+    envs.check("k1", [], lease="lazycluster-c2")
+    line = commands.release_env("lazycluster-c1")
+    env = {**os.environ, "HOME": str(tmp_path / "nohome"), "XDG_CACHE_HOME": str(tmp_path)}
+    assert subprocess.run(["sh", "-c", line], env=env).returncode == 0
+    assert sorted(p.name for p in (folder / envs.LEASES).iterdir()) == ["lazycluster-c2"]
+    envs.release("lazycluster-c2")  # the guard's way, once the controller is gone
+    assert envs.prune([], 0.0) == {"removed": ["k1"], "in_use": [], "held": []}
+    # a hold that nobody ended (a controller killed before its guard started) expires
+    (folder / "bin").mkdir(parents=True)
+    (folder / envs.MARK).write_text(json.dumps({"units": [], "made": time.time()}))
+    envs.check("k1", [], lease="lazycluster-c3")
+    lease = folder / envs.LEASES / "lazycluster-c3"
+    old = time.time() - envs.LEASE - 1
+    os.utime(lease, (old, old))
+    assert envs.prune([], 0.0)["removed"] == ["k1"]
+    # names that are no cluster folder's are refused (the shell line) or ignored (the program)
+    for bad in ("", "../x", ".hidden", "a b", "*"):
+        with pytest.raises(ValueError, match="not a cluster folder's name"):
+            commands.release_env(bad)
+    assert subprocess.run(["sh", "-c", commands.release_env("c-1")], env=env).returncode == 0

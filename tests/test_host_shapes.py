@@ -130,11 +130,23 @@ def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
     check = f"for p in {here}; do [ ! -e \"$p\" ] || exit 1; done; ! python3 -c 'import dask'"
     for host in PRIVATE:
         assert private_hosts.run_in(host, ["sh", "-c", check]).wait() == 0
+
+    def leases() -> dict[str, list[str]]:  # host -> the clusters holding its environments
+        return {
+            h: sorted(
+                p.name for p in private_hosts.home_dir(h).glob(".cache/lazycluster/envs/*/leases/*")
+            )
+            for h in PRIVATE
+        }
+
     first = cluster_on(private_hosts, PRIVATE)
     try:
         found = _answers(first)
+        holder = f"lazycluster-{first.engine.cluster_id}"
+        assert leases() == {h: [holder] for h in PRIVATE}  # held from its check on
     finally:
         first.close()
+    assert leases() == {h: [] for h in PRIVATE}  # its cleanup let go
     home = f"/home/{private_hosts.user}/.cache/lazycluster/envs/"
     assert {(h, a) for h, _, a in found} == {(h, 42) for h in PRIVATE}
     assert all(python.startswith(home) for _, python, _ in found)
@@ -249,6 +261,10 @@ def test_an_interpreter_given_per_host_is_the_base_its_environment_is_made_from(
         "host1: the interpreter given (python=) '/nowhere/python3' does not run there"
     )
     assert not private_hosts.leftovers()
+    # host2's check held its environment for the start; the failed start's cleanup let go
+    # although it never made a folder there
+    home2 = private_hosts.home_dir("host2")
+    assert not list(home2.glob(".cache/lazycluster/envs/*/leases/*"))
 
 
 def test_opting_out_of_the_environment_uses_the_hosts_python_as_it_is(

@@ -5,7 +5,10 @@ Layout, under ``$XDG_CACHE_HOME/lazycluster`` (``~/.cache/lazycluster``), the lo
 - ``units/<key>/``: one distribution's files (or one code folder's), as they are on sys.path;
 - ``envs/<key>/``: a venv of this host's Python whose ``lazycluster.pth`` adds its units;
   ``lazycluster-env.json`` in it says it is complete (only complete ones are used);
-- ``lock``: held while units or environments are made (two starts at once make them once).
+- ``lock``: held while units or environments are made (two starts at once make them once);
+- ``envs/<key>/leases/<cluster folder name>``: a start that checked or made the environment
+  holds it until its cluster's cleanup removes the file (or LEASE seconds pass): a prune
+  between a start's check and its processes' start keeps it.
 
 ``check`` says what the host has (its Python, the environment, the units it lacks) without
 changing anything; ``build`` receives the missing units on stdin (gzip'd tars, concatenated) and
@@ -21,6 +24,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import platform
@@ -34,6 +38,10 @@ from collections.abc import Iterator
 from typing import IO
 
 MARK = "lazycluster-env.json"
+#: Seconds a start's hold on an environment lasts when no cleanup removes it (a killed
+#: controller): far more than any start takes from its check to its processes.
+LEASE = 900.0
+LEASES = "leases"
 PTH = "lazycluster.pth"
 #: Seconds a build waits for another's lock (it builds the same, or what this one needs).
 LOCK_WAIT = 600.0
@@ -84,9 +92,45 @@ def same_files(python: str, samples: list[list[object]]) -> bool:
     return True
 
 
-def check(key: str, units: list[str], ours: str = "", samples: str = "") -> dict[str, object]:
+def _hold(key: str, lease: str) -> None:
+    """Note that the cluster whose folder is named ``lease`` is about to use environment
+    ``key`` (see LEASE); nothing when the name is not a plain file name."""
+    if not lease or lease.startswith(".") or "/" in lease:
+        return
+    folder = os.path.join(cache(), "envs", key, LEASES)
+    with contextlib.suppress(OSError):
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        with open(os.path.join(folder, lease), "w", encoding="utf-8"):
+            pass
+
+
+def release(lease: str) -> None:
+    """Remove the hold of the cluster whose folder is named ``lease`` on every environment
+    (its cleanup; commands.release_env is the same line for the shell)."""
+    if not lease or lease.startswith(".") or "/" in lease:
+        return
+    for path in glob.glob(os.path.join(glob.escape(cache()), "envs", "*", LEASES, lease)):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _held(folder: str) -> bool:
+    """Whether a start holds the environment in ``folder`` (a lease younger than LEASE)."""
+    where = os.path.join(folder, LEASES)
+    now = time.time()
+    for name in os.listdir(where) if os.path.isdir(where) else []:
+        with contextlib.suppress(OSError):
+            if now - os.path.getmtime(os.path.join(where, name)) < LEASE:
+                return True
+    return False
+
+
+def check(
+    key: str, units: list[str], ours: str = "", samples: str = "", lease: str = ""
+) -> dict[str, object]:
     """What the host has for environment ``key``: the controller's own environment (a shared
-    filesystem), or its interpreter if complete (its use is noted), else the units it lacks."""
+    filesystem), or its interpreter if complete (its use is noted, and held for ``lease``),
+    else the units it lacks."""
     found: dict[str, object] = dict(facts())
     if ours and same_files(ours, json.loads(samples or "[]")):
         found["same"] = True
@@ -95,6 +139,7 @@ def check(key: str, units: list[str], ours: str = "", samples: str = "") -> dict
     if python is not None:
         with contextlib.suppress(OSError):
             os.utime(os.path.join(cache(), "envs", key, MARK))  # last use, for prune
+        _hold(key, lease)
         found["env"] = python
         found["missing"] = []
         return found
@@ -127,19 +172,22 @@ def _locked(folder: str) -> Iterator[None]:
         os.close(fd)
 
 
-def build(key: str, units: list[str], python: str, stall: float = STALL) -> dict[str, object]:
+def build(
+    key: str, units: list[str], python: str, stall: float = STALL, lease: str = ""
+) -> dict[str, object]:
     """Receive the units on stdin (what another start made meanwhile is kept, theirs dropped)
-    and make environment ``key`` of them with ``python``."""
+    and make environment ``key`` of them with ``python``; held for ``lease`` (see check)."""
     root = cache()
     with _locked(root):
         received = _receive(root, stall)
         existing = env_python(key)
-        if existing is not None:
-            return {"env": existing, "received": received}
-        missing = [u for u in units if not os.path.isdir(os.path.join(root, "units", u))]
-        if missing:
-            raise BuildError(f"{root}/units: missing after the transfer: {', '.join(missing)}")
-        return {"env": _make_env(root, key, units, python), "received": received}
+        if existing is None:
+            missing = [u for u in units if not os.path.isdir(os.path.join(root, "units", u))]
+            if missing:
+                raise BuildError(f"{root}/units: missing after the transfer: {', '.join(missing)}")
+            existing = _make_env(root, key, units, python)
+        _hold(key, lease)
+        return {"env": existing, "received": received}
 
 
 def _read(stall: float) -> bytes:
@@ -326,6 +374,7 @@ def listing() -> list[dict[str, object]]:
                 "made": made.get("made"),
                 "used": os.path.getmtime(mark),
                 "in_use": key in busy,
+                "held": _held(os.path.join(root, "envs", key)),
             }
         )
     return found
@@ -333,11 +382,12 @@ def listing() -> list[dict[str, object]]:
 
 def prune(keep: list[str], older: float) -> dict[str, object]:
     """Remove the environments whose last use is ``older`` seconds ago or more, unless a
-    running process uses them or ``keep`` names them, then the units no environment left
-    uses, and what a cut build left aside."""
+    running process uses them, a starting cluster holds them or ``keep`` names them, then the
+    units no environment left uses, and what a cut build left aside."""
     root = cache()
     removed: list[str] = []
     busy: list[str] = []
+    held: list[str] = []
     with _locked(root):
         now = time.time()
         kept_units: set[str] = set()
@@ -346,7 +396,9 @@ def prune(keep: list[str], older: float) -> dict[str, object]:
             used = float(env["used"])  # type: ignore[arg-type]
             if env["in_use"]:
                 busy.append(key)
-            if key in keep or env["in_use"] or now - used < older:
+            elif env["held"]:
+                held.append(key)
+            if key in keep or env["in_use"] or env["held"] or now - used < older:
                 with open(os.path.join(root, "envs", key, MARK), encoding="utf-8") as handle:
                     kept_units.update(json.load(handle).get("units", []))
                 continue
@@ -358,7 +410,7 @@ def prune(keep: list[str], older: float) -> dict[str, object]:
                 stale = name.startswith(".") or (folder == "units" and name not in kept_units)
                 if stale:
                     shutil.rmtree(os.path.join(where, name), ignore_errors=True)
-    return {"removed": removed, "in_use": busy}
+    return {"removed": removed, "in_use": busy, "held": held}
 
 
 def _size(folder: str) -> int:
@@ -381,13 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall", type=float, default=STALL, help="build: seconds")
     parser.add_argument("--keep", default="", help="prune: environment keys to keep")
     parser.add_argument("--older", type=float, default=0.0, help="prune: unused seconds")
+    parser.add_argument("--lease", default="", help="check, build: the cluster folder's name")
     args = parser.parse_args(argv)
     units = [u for u in args.units.split(",") if u]
     try:
         if args.action == "check":
-            answer: object = check(args.key, units, args.ours, args.samples)
+            answer: object = check(args.key, units, args.ours, args.samples, args.lease)
         elif args.action == "build":
-            answer = build(args.key, units, args.python, args.stall)
+            answer = build(args.key, units, args.python, args.stall, args.lease)
         elif args.action == "list":
             answer = {"envs": listing(), "cache": cache()}
         else:

@@ -34,7 +34,7 @@ import signal
 import sys
 import time
 
-from . import authorized_keys
+from . import authorized_keys, envs
 
 #: Seconds between two looks at the folder.
 PAUSE = 1.0
@@ -231,6 +231,7 @@ def clean(folder: str, marker: str, remove: str, sweep: float = SWEEP) -> None:
     if left:
         print(f"guard: process groups {left} survived SIGKILL", file=sys.stderr)
     shutil.rmtree(aside, ignore_errors=True)
+    envs.release(os.path.basename(folder.rstrip("/")))  # its hold on the environments
     if remove and remove.rstrip("/") != folder.rstrip("/"):
         with contextlib.suppress(OSError):
             os.rmdir(remove)  # only when empty: another cluster's folder may be in it
