@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -322,7 +323,8 @@ def sweep(
 
     config = _config(ssh_config)
     chosen = _known(list(names), config)
-    line = commands.python_call("python3", hostside.source("sweep"), list(folder or []))
+    program = shlex.join(["-c", hostside.source("sweep"), *(folder or [])])
+    line = commands.any_python(program)  # the host's python3, or a python3.X
 
     def clean(host: str, runtime: Runtime) -> dict[str, Any]:
         result = runtime.connection.run(line, timeout=60)

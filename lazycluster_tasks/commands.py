@@ -119,6 +119,16 @@ def echo(message: str) -> str:
     return f"printf '%s\\n' {q(message)}"
 
 
+def any_python(run: str, first: Sequence[str] = ()) -> str:
+    """Run ``run`` (arguments to an interpreter) with the first Python 3 on the host's PATH:
+    ``first``, then python3, then python3.X from the newest; exit 127 naming none found."""
+    names = [*first, "python3", *(f"python3.{minor}" for minor in range(14, 7, -1))]
+    return (
+        f'for p in {" ".join(dict.fromkeys(names))}; do if command -v "$p" >/dev/null 2>&1; '
+        f'then exec "$p" {run}; fi; done; echo "no python3 on the PATH" >&2; exit 127'
+    )
+
+
 def python_call(python: str, code: str, args: Sequence[str] = ()) -> str:
     """Run ``code`` with ``python -c``; the interpreter is called by absolute path when given."""
     return shlex.join([python, "-c", code, *map(str, args)])

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazycluster_tasks import hostside
+from lazycluster_tasks import commands, hostside
 from lazycluster_tasks.connection import CommandResult, tail
 from lazycluster_tasks.errors import EnvironmentSyncError, RemoteEnvironmentError
 from lazycluster_tasks.group import run_parallel
@@ -473,10 +473,7 @@ def _program() -> str:
 
 def _any_python(minor: str, run: str) -> str:
     """Run ``run`` (arguments to an interpreter) with python<minor>, else python3."""
-    return (
-        f'for p in python{minor} python3; do if command -v "$p" >/dev/null 2>&1; then '
-        f'exec "$p" {run}; fi; done; echo "no python3 on the PATH" >&2; exit 127'
-    )
+    return commands.any_python(run, first=[f"python{minor}"])
 
 
 def host_line(*args: str) -> str:

@@ -443,3 +443,27 @@ def test_the_open_files_limit_is_raised_for_a_large_cluster():
 
     needed = limits.open_files_for(100)
     assert done.stdout.split() == [str(needed), str(needed), "4096", "4096"]
+
+
+def test_any_python_runs_the_first_python3_on_the_path(tmp_path: Path) -> None:
+    """A host with python3.9 only (no python3 link) still runs the program; none: exit 127."""
+    fake = tmp_path / "python3.9"
+    fake.write_text('#!/bin/sh\necho "ran $0 $*"\n')
+    fake.chmod(0o755)
+    line = commands.any_python("-c 'print(1)' x")
+    ran = subprocess.run(
+        ["/bin/sh", "-c", line], env={"PATH": str(tmp_path)}, capture_output=True, text=True
+    )
+    assert ran.returncode == 0 and ran.stdout == f"ran {fake} -c print(1) x\n", ran
+    (tmp_path / "python3.8").symlink_to(fake)
+    first = commands.any_python("-V", first=["python3.8"])
+    ran = subprocess.run(
+        ["/bin/sh", "-c", first], env={"PATH": str(tmp_path)}, capture_output=True, text=True
+    )
+    assert ran.stdout.startswith(f"ran {tmp_path / 'python3.8'}"), ran  # first= goes first
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = subprocess.run(
+        ["/bin/sh", "-c", line], env={"PATH": str(empty)}, capture_output=True, text=True
+    )
+    assert none.returncode == 127 and "no python3 on the PATH" in none.stderr
