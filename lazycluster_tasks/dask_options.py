@@ -78,9 +78,12 @@ class DaskOptions:
     security: Any = True
     #: Tunnelled mode: worker traffic crosses host-to-host SSH links where a host reaches
     #: another's sshd: a key per host, let into the others' ~/.ssh/authorized_keys (from that
-    #: host only, for the cluster's ports only, expiring) until the cluster ends there. False
-    #: leaves every authorized_keys untouched and sends that traffic through this machine.
-    host_links: bool = True
+    #: host only, for the two hosts' ports only, expiring) until the cluster ends there.
+    #: True: every pair's link dialled after the start, up to links.ON_DEMAND_ABOVE hosts,
+    #: above that a pair's link when its workers first talk; "all" or "on-demand" choose one
+    #: way at any size; False leaves every authorized_keys untouched and sends that traffic
+    #: through this machine.
+    host_links: bool | str = True
     #: The hosts' Python: "auto" makes an environment like this machine's on each host without
     #: an interpreter given (python_executable) — its installed distributions and the user's
     #: code, sent from here and kept there by content; a mapping with "include" (distributions:
@@ -158,6 +161,10 @@ class DaskOptions:
 
     def check(self) -> None:
         """Refuse options that would start a useless or broken cluster, naming the option."""
+        if self.host_links not in (True, False, "all", "on-demand"):
+            raise ValueError(
+                f"host_links must be True, False, 'all' or 'on-demand', not {self.host_links!r}"
+            )
         choice = self.environment
         if not (choice is None or choice == "auto" or isinstance(choice, Mapping)):
             raise ValueError(f"environment must be 'auto', None or a mapping, not {choice!r}")

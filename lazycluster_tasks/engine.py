@@ -51,7 +51,7 @@ from lazycluster_tasks.errors import (
 )
 from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
 from lazycluster_tasks.hostside import code
-from lazycluster_tasks.links import Links
+from lazycluster_tasks.links import ON_DEMAND_ABOVE, Links
 from lazycluster_tasks.network import NetworkMode, NetworkPlan, plan_network
 from lazycluster_tasks.paths_check import blocked_paths
 from lazycluster_tasks.ports import PortPool, as_port_list, bindable_here, free_ports
@@ -146,11 +146,18 @@ class Engine:
                             guard=self._guard,
                             ports=self._link_ports,
                             host_lock=self._host_lock,
+                            on_demand=self._links_on_demand(),
                         )
                     )
                 if self.options.worker_class:
                     self._check_worker_class(self.options.worker_class)
             return self._plan
+
+    def _links_on_demand(self) -> bool:
+        """Whether the links' pairs are dialled when their workers first talk (host_links)."""
+        chosen = self.options.host_links
+        remote = [rt for rt in self.group.runtimes if not rt.is_local]
+        return chosen == "on-demand" or (chosen is True and len(remote) > ON_DEMAND_ABOVE)
 
     def _check_worker_class(self, name: str) -> None:
         """The worker class imports on every host (after its setup lines), or GroupError

@@ -64,6 +64,10 @@ CLOSE_WAIT = 2.0
 LINK_BATCH = 4
 #: Seconds between health checks of the links that are up (one round trip per host).
 CHECK_INTERVAL = 5.0
+#: Above this many hosts a pair's link is dialled when its hosts' workers first talk (a
+#: connection through this machine's relay), not for every pair at the set-up: N(N-1)/2
+#: links are only made where the job needs them.
+ON_DEMAND_ABOVE = 16
 #: Seconds a host has to answer a health check.
 CHECK_TIMEOUT = 10.0
 #: Seconds before a failed reopen of a lost link is tried again: the first pause, and the
@@ -227,8 +231,14 @@ class Links:
         ports: Callable[[], Mapping[str, Collection[int]]] = dict,
         key_lifetime: float = KEY_LIFETIME,
         host_lock: Callable[[Runtime], AbstractContextManager[object]] | None = None,
+        on_demand: bool = False,
     ) -> None:
         self.runtimes = [rt for rt in runtimes if not rt.is_local]
+        #: links are dialled when a pair's workers first talk (see want), not at the set-up
+        self.on_demand = on_demand
+        #: on demand: the planned links not dialled yet
+        self._dormant: set[Link] = set()
+        self._wake = threading.Event()  # a link is wanted: the check loop dials it now
         self.addresses = dict(addresses)
         self.folder, self.marker, self.register = folder, marker, register
         #: the interpreter that runs the edit of a host's authorized_keys
@@ -333,6 +343,7 @@ class Links:
         set-up thread is doing (moving routes onto the links) may go on while the cleanup
         stops the processes: see :meth:`wait_closed`."""
         self._closing.set()
+        self._wake.set()  # the check loop ends at once
         with self._lock:
             thread, self._thread = self._thread, threading.Thread()  # start() is a no-op now
             if thread is not None:
@@ -368,16 +379,35 @@ class Links:
         self._ready.set()
         self._links_up()
         self._settled.set()
-        while (self.up or self._retry or self._idle) and not self._closing.wait(CHECK_INTERVAL):
+        next_check = time.monotonic() + CHECK_INTERVAL
+        while self.up or self._retry or self._idle or self._dormant:
+            woken = self._wake.wait(max(0.0, next_check - time.monotonic()))
+            if self._closing.is_set():
+                return
+            self._wake.clear()
             try:
-                lost = self.check()
-                if lost and self.on_lost is not None and not self._closing.is_set():
-                    self.on_lost(lost)
+                if not woken or time.monotonic() >= next_check:  # a wanted link: dial only
+                    next_check = time.monotonic() + CHECK_INTERVAL
+                    lost = self.check()
+                    if lost and self.on_lost is not None and not self._closing.is_set():
+                        self.on_lost(lost)
                 if self.reopen():
                     self._links_up()
                 self._renew()
             except Exception as exc:  # the next round asks again
                 logger.warning("host-to-host links not checked: %s", exc)
+
+    def want(self, a: str, b: str) -> None:
+        """Hosts ``a`` and ``b`` talk through this machine: their link, if it waits to be
+        dialled on demand, is dialled now (by the check loop; this returns at once)."""
+        with self._lock:
+            link = self._via.get((a, b))
+            if link is None or link not in self._dormant:
+                return
+            self._dormant.discard(link)
+            self._retry[link] = (REOPEN_PAUSE[0], 0.0)
+        logger.info("link %s -> %s dialled: its hosts' workers talk", *link)
+        self._wake.set()
 
     def _links_up(self) -> None:
         if self.on_up is not None and not self._closing.is_set():
@@ -521,6 +551,15 @@ class Links:
             for b in hosts:
                 if a != b and (a, b) not in self._via:
                     self.down[(a, b)] = why_not.get(b) or why_not.get(a) or "no link"
+        if self.on_demand:  # dialled when a pair's workers first talk (see want)
+            with self._lock:
+                self._answered = set(peers)
+                for dialler, fars in plan.items():
+                    for far in fars:
+                        self._dormant.add((dialler, far))
+                        self.down[(dialler, far)] = self.down[(far, dialler)] = "not needed yet"
+            logger.info("host-to-host links: %d pairs, each dialled on demand", len(self._dormant))
+            return
         self._start_planned(plan, peers, away)
         # a link that did not come up is dialled once from its other host (one that cannot
         # reach the other's sshd may be reachable from it)

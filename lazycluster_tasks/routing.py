@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -337,9 +338,14 @@ class TunnelledRouting(Routing):
             self._onto_links(runtime)
 
     def _relay(self, runtime: Runtime, routes: Collection[Route]) -> None:
-        """Put these routes at 127.0.0.1 on ``runtime`` through this machine."""
-        for _, port in sorted(routes):
-            runtime.expose_port_to_runtime(port, port)
+        """Put these routes at 127.0.0.1 on ``runtime`` through this machine (a connection
+        on one asks for the link of its two hosts, where links are dialled on demand)."""
+        links = self.links if self.links is not None and self.links.on_demand else None
+        for target, port in sorted(routes):
+            wanted = None
+            if links is not None and target:
+                wanted = functools.partial(links.want, runtime.host, target)
+            runtime.expose_port_to_runtime(port, port, on_accept=wanted)
         if self.links is not None and routes:
             with self._lock:
                 self._relayed.setdefault(runtime.host, set()).update(routes)

@@ -573,13 +573,18 @@ class Runtime:
         return tunnel.local_port
 
     def expose_port_to_runtime(
-        self, local_port: int, runtime_port: int | None = None, guarded: bool = False
+        self,
+        local_port: int,
+        runtime_port: int | None = None,
+        guarded: bool = False,
+        on_accept: Callable[[], None] | None = None,
     ) -> int:
         """Forward the host's ``127.0.0.1:runtime_port`` to ``127.0.0.1:local_port`` here.
 
         ``runtime_port=None`` lets the host pick a free port. Returns the runtime port.
         ``guarded``: only connections that processes of the login user opened there reach the
         port here (every local user of the host reaches the forward; see gates).
+        ``on_accept``: called as each connection arrives (it must not block).
         """
         portlib.check_port(local_port)
         if runtime_port is not None:
@@ -590,7 +595,7 @@ class Runtime:
             return local_port
         try:
             gate = LoginUserGate(self._ask) if guarded else None
-            tunnel = RemoteForward(self._ssh(), local_port, runtime_port or 0, gate)
+            tunnel = RemoteForward(self._ssh(), local_port, runtime_port or 0, gate, on_accept)
         except TunnelError:
             if runtime_port is not None and not self.has_free_port(runtime_port):
                 raise PortInUseError(runtime_port, self._host) from None

@@ -328,11 +328,14 @@ class RemoteForward(Tunnel):
         local_port: int,
         remote_port: int = 0,
         gate: LoginUserGate | None = None,
+        on_accept: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(connection, local_port, remote_port)
         #: who may open connections that reach our port (see gates); None: whoever reaches
         #: the forward on the host
         self.gate = gate
+        #: called as each connection arrives (from the transport's thread; must not block)
+        self.on_accept = on_accept
         self._transport: paramiko.Transport | None = None
         self._open()
         connection.on_reconnect(self._on_reconnect)
@@ -428,6 +431,11 @@ class RemoteForward(Tunnel):
         if self.gate is not None and not self.gate.admits(int(origin[1]), self.remote_port):
             close_channel(chan)
             return
+        if self.on_accept is not None:
+            try:
+                self.on_accept()
+            except Exception:  # the connection is carried all the same
+                logger.exception("%s: the accept hook failed", self)
         try:
             sock = socket.create_connection((LOOPBACK, self.local_port), timeout=10)
         except OSError as exc:

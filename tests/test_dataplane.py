@@ -166,6 +166,58 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
     assert not [t for t in threading.enumerate() if t.name == "lct-links"]
 
 
+def test_on_demand_a_pairs_link_is_dialled_when_its_workers_first_talk(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None, caplog
+) -> None:
+    """With many hosts (or host_links="on-demand") no link is dialled at the set-up: the
+    first connection between two hosts' workers, through this machine's relay, dials their
+    link, the later ones take it, and the other pairs stay unlinked."""
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks.links")
+    multi_hosts.set_network("ssh-only", "drop")
+    cluster = LazySSHCluster(
+        HOSTS,
+        ssh_config_path=str(multi_hosts.ssh_config_path),
+        network_mode="tunnelled",
+        threads_per_worker=1,
+        host_links="on-demand",
+    )
+    marker = link_commands.peer_marker(cluster.engine.cluster_id)
+    try:
+        with Client(cluster) as client:
+            links = links_set_up(cluster, client, 3, timeout=30)
+            assert not links.up and set(links.down.values()) == {"not needed yet"}
+            assert not any(marker in multi_hosts.authorized_keys(h) for h in HOSTS)
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            on = {str(w["name"]).split("-")[0]: a for a, w in workers.items()}
+            data = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
+            seen = client.submit(
+                _sha, data, workers=[on["host2"]], allow_other_workers=False, pure=False
+            )
+            assert seen.result(timeout=60) == _sha(_block(MIB << 20))  # through the relay
+            pair = ("host1", "host2")
+            assert wait_until(lambda: pair in links.up and pair[::-1] in links.up, 30), links.down
+            assert set(links.up) == {pair, pair[::-1]}  # host3's pairs: nobody talked
+            assert "dialled: its hosts' workers talk" in caplog.text
+            assert marker in multi_hosts.authorized_keys(links.link_of(pair)[1])
+            name = links.process(pair)
+            assert name is not None
+            # the next fetch between them crosses the link
+            assert wait_until(lambda: links.summary()["link_forwards"] >= 1, 10)
+            before = _bytes_through(cluster, name)
+            again = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
+            moved = client.submit(
+                _sha, again, workers=[on["host2"]], allow_other_workers=False, pure=False
+            )
+            assert moved.result(timeout=60) == _sha(_block(MIB << 20))
+            assert _bytes_through(cluster, name) - before >= MIB << 20
+    finally:
+        try:
+            cluster.close()
+        finally:
+            multi_hosts.set_network("open")
+    assert not any(marker in multi_hosts.authorized_keys(h) for h in HOSTS)
+
+
 def test_each_dialling_host_has_its_own_key_let_in_from_its_own_addresses_and_logged(
     multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None, caplog
 ) -> None:

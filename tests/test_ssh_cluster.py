@@ -85,6 +85,8 @@ def test_bad_arguments_are_named():
         LazySSHCluster(["host1"], host_lost_after=-1)
     with pytest.raises(ValueError, match="security must be"):
         LazySSHCluster(["host1"], security="yes")
+    with pytest.raises(ValueError, match="host_links must be True, False, 'all' or 'on-demand'"):
+        LazySSHCluster(["host1"], host_links="sometimes")
     # a name that is no option: named, with the option it looks like, before any connection
     with pytest.raises(TypeError, match=r"^'thread_per_worker' is not a cluster option \(did "):
         LazySSHCluster(["host1"], thread_per_worker=2)
