@@ -34,6 +34,7 @@ import ipaddress
 import json
 import logging
 import posixpath
+import queue
 import socket
 import threading
 import time
@@ -239,6 +240,7 @@ class Links:
         #: on demand: the planned links not dialled yet
         self._dormant: set[Link] = set()
         self._wake = threading.Event()  # a link is wanted: the check loop dials it now
+        self._wanted: queue.SimpleQueue[Pair] = queue.SimpleQueue()  # see want
         self.addresses = dict(addresses)
         self.folder, self.marker, self.register = folder, marker, register
         #: the interpreter that runs the edit of a host's authorized_keys
@@ -385,6 +387,7 @@ class Links:
             if self._closing.is_set():
                 return
             self._wake.clear()
+            self._take_wanted()
             try:
                 if not woken or time.monotonic() >= next_check:  # a wanted link: dial only
                     next_check = time.monotonic() + CHECK_INTERVAL
@@ -399,15 +402,26 @@ class Links:
 
     def want(self, a: str, b: str) -> None:
         """Hosts ``a`` and ``b`` talk through this machine: their link, if it waits to be
-        dialled on demand, is dialled now (by the check loop; this returns at once)."""
-        with self._lock:
-            link = self._via.get((a, b))
-            if link is None or link not in self._dormant:
+        dialled on demand, is dialled now by the check loop. Called from an SSH transport's
+        thread: it only queues the pair (no lock, nothing that waits)."""
+        if self.on_demand:
+            self._wanted.put((a, b))
+            self._wake.set()
+
+    def _take_wanted(self) -> None:
+        """The pairs :meth:`want` queued: their dormant links are due now."""
+        while True:
+            try:
+                pair = self._wanted.get_nowait()
+            except queue.Empty:
                 return
-            self._dormant.discard(link)
-            self._retry[link] = (REOPEN_PAUSE[0], 0.0)
-        logger.info("link %s -> %s dialled: its hosts' workers talk", *link)
-        self._wake.set()
+            with self._lock:
+                link = self._via.get(pair)
+                if link is None or link not in self._dormant:
+                    continue
+                self._dormant.discard(link)
+                self._retry[link] = (REOPEN_PAUSE[0], 0.0)
+            logger.info("link %s -> %s dialled: its hosts' workers talk", *link)
 
     def _links_up(self) -> None:
         if self.on_up is not None and not self._closing.is_set():
