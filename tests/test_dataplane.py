@@ -146,13 +146,7 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
                 assert wait_until(lambda: upped in caplog.text, 10), caplog.text[-2000:]
                 name = links.process(pair)
                 assert name != first  # a new master
-                before = _bytes_through(cluster, name)
-                third = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
-                moved = client.submit(
-                    _sha, third, workers=[on["host2"]], allow_other_workers=False, pure=False
-                )
-                assert moved.result(timeout=60) == _sha(_block(MIB << 20))
-                assert _bytes_through(cluster, name) - before >= MIB << 20
+                _fetch_crosses(cluster, client, on, name)
     finally:
         try:
             cluster.close()
@@ -203,13 +197,7 @@ def test_on_demand_a_pairs_link_is_dialled_when_its_workers_first_talk(
             assert name is not None
             # the next fetch between them crosses the link
             assert wait_until(lambda: links.summary()["link_forwards"] >= 1, 10)
-            before = _bytes_through(cluster, name)
-            again = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
-            moved = client.submit(
-                _sha, again, workers=[on["host2"]], allow_other_workers=False, pure=False
-            )
-            assert moved.result(timeout=60) == _sha(_block(MIB << 20))
-            assert _bytes_through(cluster, name) - before >= MIB << 20
+            _fetch_crosses(cluster, client, on, name)
     finally:
         try:
             cluster.close()
@@ -596,6 +584,15 @@ def test_a_host_whose_last_worker_is_gone_cleans_up_after_the_cluster_by_itself(
         assert wait_until(lambda: not multi_hosts.leftover_processes(), 5)
         print(f"hosts clean {time.monotonic() - started:.1f} s after their last worker ended")
         assert not any(marker in multi_hosts.authorized_keys(h) for h in hosts)
+
+
+def _fetch_crosses(cluster: LazySSHCluster, client: Client, on: dict[str, str], name: str) -> None:
+    """MIB MiB made by host1's worker and fetched by host2's cross the link process ``name``."""
+    before = _bytes_through(cluster, name)
+    data = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
+    moved = client.submit(_sha, data, workers=[on["host2"]], allow_other_workers=False, pure=False)
+    assert moved.result(timeout=60) == _sha(_block(MIB << 20))
+    assert _bytes_through(cluster, name) - before >= MIB << 20
 
 
 def _exists(runtime: Runtime, path: str) -> bool:
