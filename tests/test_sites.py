@@ -16,6 +16,7 @@ import pytest
 
 from lazycluster_tasks import LazyclusterError, RuntimeGroup, link_commands
 from lazycluster_tasks.dask import DaskCluster, teardown
+from lazycluster_tasks.record import CONTROLLER_KEY
 from lazycluster_tasks.testing.helpers import DASK_CONTROLLER, local_leftovers, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
@@ -97,6 +98,42 @@ def test_a_host_whose_sshd_refuses_forwarding_is_named_when_only_ssh_is_open(
     assert local_leftovers(cluster.cluster_id) == []
 
 
+def _folder_exists(multi_hosts: TestHosts, key: str, path: str) -> bool:
+    """Whether a cluster folder is there, asked of the host that has it (this machine's here)."""
+    if key == CONTROLLER_KEY:
+        return os.path.exists(path)
+    return multi_hosts.run_in(key, ["test", "-e", path]).wait() == 0
+
+
+def _gone_after_kill(
+    multi_hosts: TestHosts,
+    hosts: list[str],
+    cluster_id: str,
+    folders: dict[str, str],
+    marker: str,
+) -> dict[str, float]:
+    """Seconds from now until the cluster's processes, its folders (keyed as in its record)
+    and the lines letting its links' keys into ``hosts`` were all gone; fails when anything
+    is left after 40 s."""
+    assert all(_folder_exists(multi_hosts, k, f) for k, f in folders.items())
+    start = time.monotonic()
+    gone: dict[str, float] = {}
+
+    def everything_gone() -> bool:
+        checks = {
+            "processes": not local_leftovers(cluster_id) and not multi_hosts.leftover_processes(),
+            "folders": not any(_folder_exists(multi_hosts, k, f) for k, f in folders.items()),
+            "keys": not any(marker in multi_hosts.authorized_keys(h) for h in hosts),
+        }
+        for what, done in checks.items():
+            if done:
+                gone.setdefault(what, time.monotonic() - start)
+        return all(checks.values())
+
+    assert wait_until(everything_gone, timeout=40, interval=0.2), (gone, folders)
+    return gone
+
+
 # open: direct; ssh-only and no-connect-back: tunnelled, with host-to-host links (isolated has
 # the same paths as those for what this tests: which processes notice the controller is gone)
 @pytest.mark.parametrize("topology", ["open", "ssh-only", "no-connect-back"])
@@ -133,24 +170,8 @@ def test_killed_controller_leaves_nothing_in_any_topology(
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        start = time.monotonic()
-        folders = [f["folder"] for f in record["folders"].values()]
-        assert all(os.path.isdir(f) for f in folders)
-        gone: dict[str, float] = {}
-
-        def everything_gone() -> bool:
-            checks = {
-                "processes": not local_leftovers(record["cluster_id"])
-                and not multi_hosts.leftover_processes(),
-                "folders": not any(os.path.exists(f) for f in folders),
-                "keys": not any(marker in multi_hosts.authorized_keys(h) for h in HOSTS),
-            }
-            for what, done in checks.items():
-                if done:
-                    gone.setdefault(what, time.monotonic() - start)
-            return all(checks.values())
-
-        assert wait_until(everything_gone, timeout=40, interval=0.2), (gone, folders)
+        folders = {key: f["folder"] for key, f in record["folders"].items()}
+        gone = _gone_after_kill(multi_hosts, HOSTS, record["cluster_id"], folders, marker)
     finally:
         multi_hosts.set_network("open")
     print(f"{topology} ({record['network_mode']}): gone after SIGKILL: {gone}")
@@ -174,7 +195,7 @@ links = cluster.engine.routing.links
 links.wait()
 record = cluster.record()
 print(json.dumps({"cluster_id": record.cluster_id, "links_up": len(links.up),
-                  "folders": [f.folder for f in record.folders.values()]}), flush=True)
+                  "folders": {k: f.folder for k, f in record.folders.items()}}), flush=True)
 time.sleep(600)
 """
 
@@ -202,23 +223,8 @@ def test_a_killed_lazysshcluster_controller_leaves_nothing_on_any_host(
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)
-    start = time.monotonic()
     folders = started["folders"]
-    assert folders and all(os.path.isdir(f) for f in folders)
-    gone: dict[str, float] = {}
-
-    def everything_gone() -> bool:
-        checks = {
-            "processes": not local_leftovers(started["cluster_id"])
-            and not multi_hosts.leftover_processes(),
-            "folders": not any(os.path.exists(f) for f in folders),
-            "keys": not any(marker in multi_hosts.authorized_keys(h) for h in hosts),
-        }
-        for what, done in checks.items():
-            if done:
-                gone.setdefault(what, time.monotonic() - start)
-        return all(checks.values())
-
-    assert wait_until(everything_gone, timeout=40, interval=0.2), (gone, folders)
+    assert set(folders) >= set(hosts)
+    gone = _gone_after_kill(multi_hosts, hosts, started["cluster_id"], folders, marker)
     print(f"LazySSHCluster (tunnelled): gone after SIGKILL: {gone}")
     assert max(gone.values()) < 2 + 8 + 8, gone
