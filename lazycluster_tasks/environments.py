@@ -471,15 +471,10 @@ def _program() -> str:
     return hostside.source("envs")
 
 
-def _any_python(minor: str, run: str) -> str:
-    """Run ``run`` (arguments to an interpreter) with python<minor>, else python3."""
-    return commands.any_python(run, first=[f"python{minor}"])
-
-
 def host_line(*args: str) -> str:
     """The host program for the user (``list``, ``prune``), with the host's own Python."""
     minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    return _any_python(minor, shlex.join(["-I", "-c", _program(), *args]))
+    return commands.any_python(shlex.join(["-I", "-c", _program(), *args]), [f"python{minor}"])
 
 
 def env_key(manifest: Manifest, python: str | None) -> str:
@@ -502,7 +497,7 @@ def check_line(manifest: Manifest, python: str | None, lease: str = "") -> str:
     run = shlex.join(["-I", "-c", _program(), *args])
     if python is not None:
         return f"exec {shlex.quote(python)} {run}"
-    return _any_python(manifest.python, run)
+    return commands.any_python(run, [f"python{manifest.python}"])
 
 
 def _sample(unit: Unit) -> list[object]:

@@ -92,10 +92,15 @@ def same_files(python: str, samples: list[list[object]]) -> bool:
     return True
 
 
+def _plain(name: str) -> bool:
+    """Whether a lease's name is a plain file name (a cluster folder's)."""
+    return bool(name) and not name.startswith(".") and "/" not in name
+
+
 def _hold(key: str, lease: str) -> None:
     """Note that the cluster whose folder is named ``lease`` is about to use environment
     ``key`` (see LEASE); nothing when the name is not a plain file name."""
-    if not lease or lease.startswith(".") or "/" in lease:
+    if not _plain(lease):
         return
     folder = os.path.join(cache(), "envs", key, LEASES)
     with contextlib.suppress(OSError):
@@ -107,7 +112,7 @@ def _hold(key: str, lease: str) -> None:
 def release(lease: str) -> None:
     """Remove the hold of the cluster whose folder is named ``lease`` on every environment
     (its cleanup; commands.release_env is the same line for the shell)."""
-    if not lease or lease.startswith(".") or "/" in lease:
+    if not _plain(lease):
         return
     for path in glob.glob(os.path.join(glob.escape(cache()), "envs", "*", LEASES, lease)):
         with contextlib.suppress(OSError):
