@@ -13,7 +13,9 @@
       worker on each host;
    e. ours, ``network_mode="auto"`` in an open network (every path probed, direct chosen) and
       with the hosts SSH-only (tunnelled chosen): the preflight probe's cost is the "plan"
-      column of the breakdown.
+      column of the breakdown. Each of the two keeps its own memory of the mode auto chose
+      (``network.last_mode``, which places the scheduler started before the probe): a site's
+      network does not change between starts, and the warm-up round teaches it.
    Ours always includes the end-to-end readiness check ("verify" column). Targets: ours <= 1.05x
    the floor and <= 0.9x SSHCluster (medians, same host count).
 2. ``cleanup()`` of ours (both modes) until it returns; nothing may be left on the hosts right
@@ -151,6 +153,8 @@ CLEANUP_PHASES = (
     ("group cleanup", "group", "cleanup"),
     ("controller", "controller", "cleanup"),
 )
+#: Where lazycluster keeps its cache (the auto cases' memory of the mode among it).
+CACHE_ENV = "LAZYCLUSTER_CACHE_DIR"
 #: The floor's own phases (recorded by the floor script, not by wrapping).
 FLOOR_LAUNCH, FLOOR_REGISTER = "launch", "register"
 
@@ -394,11 +398,14 @@ def _leftovers(th: TestHosts, cluster_id: str) -> list[str]:
     return left
 
 
-def run_ours(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
+def run_ours(th: TestHosts, hosts: list[str], case: str, workdir: str) -> RunOutcome:
     """Time DaskCluster.start (connections included) and cleanup; check what is left."""
     mode, ssh_only, expected = OURS_MODES[case]
     if ssh_only:
         th.ssh_only(True)
+    cache = os.environ.get(CACHE_ENV)
+    if mode == "auto":  # the case's own memory of the mode (see e. above)
+        os.environ[CACHE_ENV] = os.path.join(workdir, "cache-" + "-".join(case.split()))
     try:
         trace, stop_trace = PhaseTrace(), PhaseTrace()
         modules = {"network": network, "Runtime": Runtime, "routing": TunnelledRouting}
@@ -437,6 +444,10 @@ def run_ours(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
     finally:
         if ssh_only:
             th.ssh_only(False)
+        if cache is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = cache
 
 
 def run_spec(th: TestHosts, hosts: list[str], case: str) -> RunOutcome:
@@ -678,7 +689,7 @@ def bench_start(
         results[SSHCLUSTER].skipped = unavailable
 
     runners: dict[str, Callable[[], RunOutcome]] = {
-        **{case: functools.partial(run_ours, th, names, case) for case in OURS_MODES},
+        **{case: functools.partial(run_ours, th, names, case, workdir) for case in OURS_MODES},
         **{case: functools.partial(run_spec, th, names, case) for case in SPEC_MODES},
         FLOOR: lambda: run_floor(th, hosts, workdir),
         SSHCLUSTER: lambda: run_sshcluster(th, hosts),

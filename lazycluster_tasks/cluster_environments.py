@@ -41,6 +41,13 @@ class ClusterEnvironments:
         self._bases: dict[str, str] = {}  # host -> the interpreter given: its env's base
         self._code_path: list[str] = []  # the user's code folders here
 
+    def prepare(self, options: DaskOptions) -> None:
+        """The user's code folders here, before any host is asked: a scheduler on this machine
+        may start first (:meth:`make` reads the same folders with the rest)."""
+        parts = options.environment_parts()
+        if parts is not None:
+            self._code_path = environments.code_folders(parts[2])
+
     def make(self, options: DaskOptions, runtimes: Sequence[Runtime]) -> DaskOptions:
         """Each remote host gets this machine's environment, made from the interpreter given
         for it if any (python=), else from python3.X on its PATH. Returns ``options`` with
@@ -48,7 +55,6 @@ class ClusterEnvironments:
         parts = options.environment_parts()
         if parts is None:
             return options
-        include, exclude, code = parts
         given = options.python_executable
         remote = [rt for rt in runtimes if not rt.is_local]
         bases = {  # host -> the interpreter given there: the environment's base
@@ -58,7 +64,7 @@ class ClusterEnvironments:
             or isinstance(given, str)
             or (isinstance(given, Mapping) and rt.host in given)
         }
-        manifest = environments.current(include, exclude, code)
+        manifest = environments.current(*parts)
         self.manifest = manifest
         self._code_path = list(manifest.code_folders)
         if not remote:

@@ -52,9 +52,21 @@ from lazycluster_tasks.errors import (
 from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
 from lazycluster_tasks.hostside import code
 from lazycluster_tasks.links import ON_DEMAND_ABOVE, Links
-from lazycluster_tasks.network import NetworkMode, NetworkPlan, plan_network
+from lazycluster_tasks.network import (
+    NetworkMode,
+    NetworkPlan,
+    last_mode,
+    plan_network,
+    remember_mode,
+)
 from lazycluster_tasks.paths_check import blocked_paths
-from lazycluster_tasks.ports import PortPool, as_port_list, bindable_here, free_ports
+from lazycluster_tasks.ports import (
+    PortPool,
+    as_port_list,
+    bindable_here,
+    free_ports,
+    local_used_ports,
+)
 from lazycluster_tasks.process_table import ProcessTable
 from lazycluster_tasks.processes import Guard, ProcessInfo, ProcessSpec, Revoke
 from lazycluster_tasks.record import (
@@ -65,7 +77,12 @@ from lazycluster_tasks.record import (
     HostSpec,
     TunnelRecord,
 )
-from lazycluster_tasks.routing import Routing, TunnelledRouting, make_routing
+from lazycluster_tasks.routing import (
+    Routing,
+    TunnelledRouting,
+    make_routing,
+    scheduler_bind_before_plan,
+)
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.security import ClusterTLS, cluster_tls
 from lazycluster_tasks.task import RuntimeTask
@@ -76,6 +93,11 @@ LIVENESS_INTERVAL = 2.0
 PORT_RETRIES = 3
 #: Upper bound (s) of the end-to-end readiness check once every worker registered.
 PATH_CHECK_TIMEOUT = 30.0
+#: Seconds a scheduler started before the plan may wait for it: the scheduler closes when no
+#: client came within 30 s (hostside/watch.py), and the monitor client connects after the plan.
+EARLY_SCHEDULER_KEEP = 15.0
+#: A scheduler started before the plan: its process, address, port and start (monotonic).
+Early = tuple[ProcessInfo, str, int, float]
 #: Seconds a host has to import the worker class (after its setup lines).
 CLASS_CHECK_TIMEOUT = 60.0
 
@@ -132,6 +154,8 @@ class Engine:
                 self._environments()
                 mode = self.options.network_mode
                 self._plan = plan_network(self.group, mode, list(ports), self.options.python)
+                if mode == "auto":
+                    remember_mode(self.group, self._plan.mode)
                 self._routes = make_routing(self._plan, self.group, self.controller)
                 self._routes.unreachable = lambda: self.unreachable()
                 if isinstance(self._routes, TunnelledRouting) and self.options.host_links:
@@ -257,13 +281,26 @@ class Engine:
             raise ValueError("start the scheduler first")
         pool = self.ports if ports is None else ports
         candidates = [] if scheduler_ports is None else as_port_list(scheduler_ports)
-        self.ensure_plan(candidates or pool)
+        runtime = scheduler_on or self.controller
+        early = None
+        if scheduler_ports is not None:  # it boots while the hosts are reached and checked
+            early = self._launch_scheduler_early(runtime, candidates, debug)
+        try:
+            self.ensure_plan(candidates or pool)
+        except BaseException:
+            if early is not None:
+                self._drop_scheduler()
+            raise
         used: dict[str, list[int]] = {}
         started: dict[str, ProcessInfo] = {}
         if scheduler_ports is not None:
-            runtime = scheduler_on or self.controller
-            order = self._scheduler_order(runtime, scheduler_ports)
-            info = self._launch_scheduler(runtime, order[0], debug)
+            order = self._scheduler_order(runtime, scheduler_ports, early)
+            if early is not None and self._keeps(runtime, early, order):
+                info = early[0]
+            else:
+                if early is not None:
+                    self._drop_scheduler()
+                info = self._launch_scheduler(runtime, order[0], debug)
             if placement:
                 started = self._launch_workers(placement, pool, used, debug)
             while not self._await_scheduler(runtime, info, timeout, debug):
@@ -371,9 +408,14 @@ class Engine:
 
     # -- scheduler ------------------------------------------------------------------------
 
-    def _scheduler_order(self, runtime: Runtime, ports: list[int] | int) -> list[int]:
-        """The candidate ports free where the scheduler binds (and where it must be reached)."""
-        _, _, used = self._taken(runtime)
+    def _scheduler_order(
+        self, runtime: Runtime, ports: list[int] | int, early: Early | None = None
+    ) -> list[int]:
+        """The candidate ports free where the scheduler binds (and where it must be reached);
+        the port of a scheduler started before the plan is not taken by it."""
+        scope, _, used = self._taken(runtime)
+        if early is not None and early[2] not in self.plan.taken(scope, False):
+            used.discard(early[2])  # this machine's probe saw the scheduler itself
         where = "here" if runtime is self.controller else f"on {runtime.host}"
         where += " (and on the hosts it must reach)"
         candidates = as_port_list(ports)
@@ -384,8 +426,53 @@ class Engine:
             raise NoPortsLeftError(f"none of the given ports is free {where}: {candidates}")
         return order
 
-    def _launch_scheduler(self, runtime: Runtime, port: int, debug: bool) -> ProcessInfo:
-        bind = self.routing.bind_address(runtime)
+    def _launch_scheduler_early(
+        self, runtime: Runtime, ports: list[int], debug: bool
+    ) -> Early | None:
+        """Start the scheduler on this machine before the plan, where its address is known
+        without reaching a host (see ``scheduler_bind_before_plan``), on the first candidate
+        port free here; None where it must wait for the plan. The plan then decides whether it
+        stays (:meth:`_keeps`)."""
+        if self._plan is not None or runtime is not self.controller:
+            return None
+        mode = self.options.network_mode
+        if mode == "auto":  # what it chose for these hosts last time; open networks: direct
+            mode = last_mode(self.group) or "direct"
+        bind = scheduler_bind_before_plan(self.group, mode)
+        if bind is None:
+            return None
+        taken = local_used_ports() | self.pool.held([""])
+        free = [p for p in ports if p not in taken and bindable_here(p)]
+        if not free:
+            return None  # the plan's order says why
+        self.envs.prepare(self.options)  # its PYTHONPATH names the user's code folders
+        info = self._launch_scheduler(runtime, free[0], debug, bind=bind)
+        logger.info("scheduler starting here on %s:%s while the hosts are reached", bind, free[0])
+        return info, bind, free[0], time.monotonic()
+
+    def _keeps(self, runtime: Runtime, early: Early, order: list[int]) -> bool:
+        """Whether the scheduler started before the plan stays: the plan binds it to the same
+        address, its port is free on every host that must reach it, and it has not waited so
+        long for its first client that it may be closing (hostside/watch.py)."""
+        _, bind, port, launched = early
+        why = ""
+        if self.routing.bind_address(runtime) != bind:
+            why = f"the plan binds it to {self.routing.bind_address(runtime)}, not {bind}"
+        elif port not in order:
+            why = f"port {port} is taken where it must be reached"
+        elif time.monotonic() - launched > EARLY_SCHEDULER_KEEP:
+            why = f"the hosts took more than {EARLY_SCHEDULER_KEEP:g} s to be ready"
+        if why:
+            logger.info("the scheduler started before the plan is started again: %s", why)
+            return False
+        self._reserve(runtime, [port])
+        return True
+
+    def _launch_scheduler(
+        self, runtime: Runtime, port: int, debug: bool, bind: str | None = None
+    ) -> ProcessInfo:
+        if bind is None:
+            bind = self.routing.bind_address(runtime)
         folder = self.folder(runtime)
         tls = self.tls.paths(folder, "master") if self.tls is not None else None
         argv = scheduler_argv(self.options.python(runtime), bind, port, folder, self.options, tls)
@@ -411,7 +498,8 @@ class Engine:
             self._register(runtime, info)
         self._scheduler_host = None if runtime is self.controller else runtime.host
         self._scheduler_bind, self._scheduler_port = bind, port
-        self._reserve(runtime, [port])
+        if self._routes is not None:  # else once the plan keeps it
+            self._reserve(runtime, [port])
         self.pool.take([port])
         self._follow_logs(runtime, [info], debug)
         return info
@@ -487,6 +575,11 @@ class Engine:
     def stop_scheduler(self) -> None:
         if "scheduler" in self.table:
             self.clients.close_monitor()
+        self._drop_scheduler()
+
+    def _drop_scheduler(self) -> None:
+        """Stop the scheduler (no client of ours is connected to it) and forget its address."""
+        if "scheduler" in self.table:
             self._stop(["scheduler"])
         self._scheduler_port = self._scheduler_bind = None
 

@@ -171,7 +171,7 @@ def scan(
     units = list(_distributions(include, exclude))
     # what distributions hold already (an editable install's source in the project folder)
     shipped = {Path(source) for u in units for _, source in u.files}
-    folders = [os.path.realpath(f) for f in code] if code is not None else _code_folders()
+    folders = code_folders(code)
     for folder in folders:
         unit = _code_unit(Path(folder), shipped)
         if unit is not None:
@@ -308,6 +308,12 @@ def _glibc_needed(dist: metadata.Distribution) -> tuple[int, int] | None:
         elif m := re.search(r"manylinux(1|2010|2014)_", tag):
             needs.append({"1": (2, 5), "2010": (2, 12), "2014": (2, 17)}[m.group(1)])
     return min(needs) if needs else None  # any of its tags will do: the least it needs
+
+
+def code_folders(code: Sequence[str] | None = None) -> list[str]:
+    """The user's code folders: ``code``, or by default :func:`_code_folders` (cheap: no
+    distribution is read)."""
+    return [os.path.realpath(f) for f in code] if code is not None else _code_folders()
 
 
 def _code_folders() -> list[str]:

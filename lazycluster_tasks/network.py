@@ -16,8 +16,10 @@ and checks that the interpreter exists, booting no Python on the hosts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -34,6 +36,7 @@ from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.hostside.probe import Probe
 from lazycluster_tasks.ports import local_used_ports, parse_proc_net_tcp
 from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.settings import settings
 from lazycluster_tasks.ssh import SSHConnection
 
 logger = logging.getLogger(__name__)
@@ -283,6 +286,61 @@ def plan_network(
     )
     logger.info("%s (probe %.2f s)", plan.summary(), plan.probe_seconds)
     return plan
+
+
+#: The modes ``auto`` chose for host sets, kept here (this machine's cache) as a guess only.
+MODES_FILE = "network-modes.json"
+#: Host sets remembered (the oldest are forgotten).
+MODES_KEPT = 64
+
+
+def _hosts_key(group: RuntimeGroup) -> str:
+    """The same hosts reached the same way, as one key."""
+    routes = sorted(
+        rt.connection.settings.destination
+        for rt in group.runtimes
+        if isinstance(rt.connection, SSHConnection)
+    )
+    return hashlib.sha256("\n".join(routes).encode()).hexdigest()[:32]
+
+
+def last_mode(group: RuntimeGroup) -> NetworkMode | None:
+    """What ``auto`` chose for these hosts last time, if this machine remembers: a guess for
+    what can start before the probe (the probe still decides)."""
+    path = os.path.join(settings().cache_directory, MODES_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            chosen = json.load(f).get(_hosts_key(group))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return chosen if chosen in ("direct", "tunnelled") else None
+
+
+def remember_mode(group: RuntimeGroup, mode: NetworkMode) -> None:
+    """Keep what ``auto`` chose for these hosts (best effort: a guess lost is no error)."""
+    folder = settings().cache_directory
+    path = os.path.join(folder, MODES_FILE)
+    key = _hosts_key(group)
+    try:
+        with open(path, encoding="utf-8") as f:
+            known = json.load(f)
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    if known.get(key) == mode:
+        return
+    known.pop(key, None)
+    known[key] = mode
+    known = dict(list(known.items())[-MODES_KEPT:])
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        temp = f"{path}.{os.getpid()}.tmp"
+        with open(temp, "w", encoding="utf-8") as f:
+            json.dump(known, f)
+        os.replace(temp, path)
+    except OSError as exc:
+        logger.debug("the network mode for these hosts is not kept: %s", exc)
 
 
 def _serve(

@@ -13,15 +13,17 @@ import abc
 import contextlib
 import functools
 import logging
+import socket
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 from lazycluster_tasks.errors import GroupError
 from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.links import Links
-from lazycluster_tasks.network import NetworkPlan
+from lazycluster_tasks.network import NetworkMode, NetworkPlan
 from lazycluster_tasks.processes import ProcessInfo
 from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.ssh import SSHConnection
 
 logger = logging.getLogger(__name__)
 
@@ -450,3 +452,32 @@ ROUTINGS: dict[str, type[Routing]] = {
 def make_routing(plan: NetworkPlan, group: RuntimeGroup, controller: Runtime) -> Routing:
     """The routing the plan chose."""
     return ROUTINGS[plan.mode](plan, group, controller)
+
+
+def scheduler_bind_before_plan(group: RuntimeGroup, mode: NetworkMode) -> str | None:
+    """The address a scheduler on this machine binds to in ``mode``, told before any host is
+    reached, or None; the caller compares it with the plan's. ``tunnelled`` binds the
+    loopback. ``direct`` binds the address this machine's packets to the first host leave
+    from: the kernel's route for a UDP socket (no packet is sent), which the plan measures on
+    the SSH connection. A host behind a jump host or a proxy command has no route from here;
+    ``auto`` is only known once the plan is made."""
+    remote = [rt for rt in group.runtimes if not rt.is_local]
+    if mode == "tunnelled" or not remote:
+        return LOOPBACK
+    if mode != "direct":
+        return None
+    connection = remote[0].connection
+    if not isinstance(connection, SSHConnection):
+        return None
+    settings = connection.settings
+    if settings.proxy_jump or settings.proxy_command:
+        return None
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            settings.hostname, settings.port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.connect(address)
+            return str(udp.getsockname()[0])
+    except (OSError, IndexError):
+        return None  # the plan's connection says what is wrong, if anything

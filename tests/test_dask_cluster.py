@@ -339,3 +339,84 @@ def test_options_reach_the_processes(make_cluster):
     assert set(marks.values()) == {"it's $(set)"}
     only_big = client.submit(socket.gethostname, resources={"BIG": 1}, pure=False)
     assert only_big.result(timeout=30) == "host2"
+
+
+@pytest.mark.parametrize("mode", ["direct", "tunnelled"])
+def test_scheduler_here_boots_while_the_hosts_are_reached(make_cluster, caplog, mode):
+    """Its address is known without the hosts: it starts before the first SSH connection."""
+    caplog.set_level("INFO", logger="lazycluster_tasks")
+    cluster = make_cluster(cls=DaskCluster, network_mode=mode)
+    cluster.start()
+    lines = [r.getMessage() for r in caplog.records]
+    early = next(i for i, m in enumerate(lines) if "scheduler starting here" in m)
+    connected = min(i for i, m in enumerate(lines) if m.startswith("connected to host"))
+    assert early < connected
+    assert not any("started again" in m for m in lines)
+    assert cluster.network_mode == mode
+    assert sorted(where_work_ran(cluster).values()) == cluster.runtime_group.hosts
+
+
+def test_early_scheduler_moves_off_a_port_a_host_holds(
+    make_cluster, multi_hosts, caplog, monkeypatch
+):
+    """Tunnelled, its port is forwarded to every host: a host that holds it (which only the
+    plan can know) makes it start again on the next port."""
+    caplog.set_level("INFO", logger="lazycluster_tasks")
+    ports = free_local_ports(8, start=24300)
+    monkeypatch.setattr(DaskCluster, "DEFAULT_MASTER_PORT", ports[0])
+    code = f"import socket,time; s=socket.create_server(('127.0.0.1', {ports[0]})); time.sleep(60)"
+    blocker = multi_hosts.run_in("host2", [sys.executable, "-c", code])
+    try:
+        cluster = make_cluster(cls=DaskCluster, network_mode="tunnelled", ports=ports[1:])
+        host2 = cluster.runtime_group.get_runtime("host2")
+        assert wait_until(lambda: not host2.has_free_port(ports[0]))
+        cluster.start(worker_count=2)
+        lines = [r.getMessage() for r in caplog.records]
+        assert (
+            f"scheduler starting here on 127.0.0.1:{ports[0]} while the hosts are reached" in lines
+        )
+        assert any(f"started again: port {ports[0]} is taken" in m for m in lines)
+        assert cluster.master_port == ports[1]
+        assert sorted(where_work_ran(cluster).values()) == ["host1", "host2"]
+    finally:
+        blocker.kill()
+        blocker.wait()
+
+
+def test_early_scheduler_stops_when_the_hosts_fail(make_cluster, tmp_path):
+    """start_master cleans nothing up itself: the engine stops the scheduler it started before
+    the plan when the plan fails."""
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    bare.chmod(0o755)
+    cluster = make_cluster(
+        cls=DaskCluster, hosts=["host1", "host2"], python_executable={"host2": str(bare)}
+    )
+    with pytest.raises(GroupError, match=r"dask\.distributed is not importable"):
+        cluster.start_master()
+    assert local_leftovers(cluster.cluster_id) == []
+    assert cluster.engine.table.names() == [] and cluster.engine.scheduler_address is None
+
+
+def test_auto_starts_the_scheduler_as_it_chose_last_time(
+    ssh_only, make_cluster, caplog, tmp_path, monkeypatch
+):
+    """auto's scheduler starts before the probe as auto chose for these hosts last time (an
+    open network the first time): on SSH-only hosts, the first start binds it again on the
+    loopback, the second binds it there at once."""
+    monkeypatch.setenv("LAZYCLUSTER_CACHE_DIR", str(tmp_path))  # nothing remembered yet
+    caplog.set_level("INFO", logger="lazycluster_tasks")
+    first = make_cluster(cls=DaskCluster, hosts=["host1", "host2"])
+    first.start()
+    assert first.network_mode == "tunnelled"
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("started again: the plan binds it to 127.0.0.1" in m for m in lines)
+    first.cleanup()
+    caplog.clear()
+    second = make_cluster(cls=DaskCluster, hosts=["host1", "host2"])
+    second.start()
+    assert second.network_mode == "tunnelled"
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("scheduler starting here on 127.0.0.1:") for m in lines)
+    assert not any("started again" in m for m in lines)
+    assert sorted(where_work_ran(second).values()) == ["host1", "host2"]

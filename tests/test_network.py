@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -12,7 +13,16 @@ import pytest
 from lazycluster_tasks import RuntimeGroup
 from lazycluster_tasks.hostside.probe import BLOCKED as BLOCKED_STATES
 from lazycluster_tasks.hostside.probe import NOT_MEASURED
-from lazycluster_tasks.network import CONTROLLER, PROBE_WINDOW, START_SLACK, plan_network
+from lazycluster_tasks.network import (
+    CONTROLLER,
+    MODES_FILE,
+    MODES_KEPT,
+    PROBE_WINDOW,
+    START_SLACK,
+    last_mode,
+    plan_network,
+    remember_mode,
+)
 from lazycluster_tasks.ports import bindable_here, local_used_ports, parse_proc_net_tcp
 from lazycluster_tasks.testing.hosts import TestHosts
 
@@ -160,3 +170,39 @@ def test_a_port_an_outgoing_connection_holds_is_not_bindable_here():
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
     assert bindable_here(free)
+
+
+def test_the_mode_auto_chose_is_remembered_per_host_set(multi_hosts, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAZYCLUSTER_CACHE_DIR", str(tmp_path))
+    config = str(multi_hosts.ssh_config_path)
+    two = RuntimeGroup(hosts=["host1", "host2"], ssh_config_path=config)
+    three = RuntimeGroup(hosts=HOSTS, ssh_config_path=config)
+    try:
+        assert last_mode(two) is None
+        remember_mode(two, "tunnelled")
+        assert last_mode(two) == "tunnelled" and last_mode(three) is None
+        remember_mode(three, "direct")
+        remember_mode(two, "direct")
+        assert last_mode(two) == "direct" and last_mode(three) == "direct"
+        saved = tmp_path / MODES_FILE
+        saved.write_text("{not json")  # a broken file is no guess, and the next one mends it
+        assert last_mode(two) is None
+        remember_mode(two, "tunnelled")
+        assert last_mode(two) == "tunnelled"
+        assert [p.name for p in tmp_path.iterdir()] == [MODES_FILE]  # no temp file left
+    finally:
+        two.cleanup()
+        three.cleanup()
+
+
+def test_remembered_modes_are_bounded(multi_hosts, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAZYCLUSTER_CACHE_DIR", str(tmp_path))
+    saved = tmp_path / MODES_FILE
+    saved.write_text(json.dumps({f"old{i}": "direct" for i in range(MODES_KEPT)}))
+    group = RuntimeGroup(hosts=["host1"], ssh_config_path=str(multi_hosts.ssh_config_path))
+    try:
+        remember_mode(group, "tunnelled")
+    finally:
+        group.cleanup()
+    kept = json.loads(saved.read_text())
+    assert len(kept) == MODES_KEPT and "old0" not in kept and last_mode(group) == "tunnelled"
