@@ -56,11 +56,15 @@ def blocked_paths(
                 for _ in as_completed(pending, timeout=step, loop=client.loop):
                     pass
         waited = time.monotonic() - started
+        done = [f for f in first.values() if f.status == "finished"]
+        fetched = _fetched_at_once(client, done, max(1.0, deadline - time.monotonic()))
         for name, future in first.items():
             host, address = workers[name]
             where = f"{name} on {host} ({address})"
             if future.status != "finished":
                 failed[where] = f"ran no task within {waited:.0f} s ({future.status})"
+                continue
+            if fetched:
                 continue
             left = max(1.0, deadline - time.monotonic())
             try:
@@ -84,3 +88,16 @@ def blocked_paths(
         time.monotonic() - started,
     )
     return failed
+
+
+def _fetched_at_once(client: Any, futures: list[Any], timeout: float) -> bool:
+    """Whether every result reached this machine in one gather (one round trip, not one per
+    worker); when not, each is fetched alone to name the paths that fail."""
+    if not futures:
+        return True
+    try:
+        client.sync(client._gather, futures, callback_timeout=timeout)
+    except Exception as exc:
+        logger.debug("results not fetched at once (%s): fetching each", type(exc).__name__)
+        return False
+    return True

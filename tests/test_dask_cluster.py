@@ -17,6 +17,7 @@ import pytest
 from lazycluster_tasks import (
     GroupError,
     MasterStartError,
+    NetworkPathError,
     NoPortsLeftError,
     PortInUseError,
     RemoteEnvironmentError,
@@ -420,3 +421,28 @@ def test_auto_starts_the_scheduler_as_it_chose_last_time(
     assert any(m.startswith("scheduler starting here on 127.0.0.1:") for m in lines)
     assert not any("started again" in m for m in lines)
     assert sorted(where_work_ran(second).values()) == ["host1", "host2"]
+
+
+@pytest.mark.parametrize("closed", ["icmp", "drop"])
+def test_a_path_blocked_after_registration_fails_the_start_naming_it(
+    multi_hosts, make_cluster, closed
+):
+    """Direct on hosts that reach this machine but not each other: the workers register, the
+    check's results reach here, and each worker's fetch of the other's fails by name."""
+    cluster = make_cluster(
+        cls=DaskCluster, hosts=["host1", "host2"], network_mode="direct", start_timeout=4
+    )
+    multi_hosts.set_network("isolated", closed)
+    try:
+        start = time.monotonic()
+        with pytest.raises(NetworkPathError) as info:
+            cluster.start()
+        assert time.monotonic() - start < 30
+    finally:
+        multi_hosts.set_network("open")
+    failed = info.value.paths
+    assert len(failed) == 2, failed
+    assert any(p.startswith("host1-0 on host1 -> host2-1 on host2 (tls://") for p in failed)
+    assert any(p.startswith("host2-1 on host2 -> host1-0 on host1 (tls://") for p in failed)
+    assert all(why.startswith("data not fetched within") for why in failed.values())
+    assert local_leftovers(cluster.cluster_id) == [] and multi_hosts.leftovers() == {}
