@@ -285,8 +285,12 @@ class Engine:
         early = None
         if scheduler_ports is not None:  # it boots while the hosts are reached and checked
             early = self._launch_scheduler_early(runtime, candidates, debug)
+        order: list[int] = []
         try:
             self.ensure_plan(candidates or pool)
+            if scheduler_ports is not None:
+                order = self._scheduler_order(runtime, scheduler_ports, early)
+            kept = early is not None and self._keeps(runtime, early, order)
         except BaseException:
             if early is not None:
                 self._drop_scheduler()
@@ -294,8 +298,7 @@ class Engine:
         used: dict[str, list[int]] = {}
         started: dict[str, ProcessInfo] = {}
         if scheduler_ports is not None:
-            order = self._scheduler_order(runtime, scheduler_ports, early)
-            if early is not None and self._keeps(runtime, early, order):
+            if early is not None and kept:  # else dropped: the plan put it elsewhere
                 info = early[0]
             else:
                 if early is not None:

@@ -446,3 +446,22 @@ def test_a_path_blocked_after_registration_fails_the_start_naming_it(
     assert any(p.startswith("host2-1 on host2 -> host1-0 on host1 (tls://") for p in failed)
     assert all(why.startswith("data not fetched within") for why in failed.values())
     assert local_leftovers(cluster.cluster_id) == [] and multi_hosts.leftovers() == {}
+
+
+def test_early_scheduler_stops_when_its_one_port_is_taken_on_a_host(make_cluster, multi_hosts):
+    """A port given alone that a host holds (tunnelled: it is forwarded there) is refused
+    after the plan; the scheduler that started on it before the plan does not stay."""
+    (port,) = free_local_ports(1, start=24400)
+    code = f"import socket,time; s=socket.create_server(('127.0.0.1', {port})); time.sleep(60)"
+    blocker = multi_hosts.run_in("host2", [sys.executable, "-c", code])
+    try:
+        cluster = make_cluster(cls=DaskCluster, hosts=["host1", "host2"], network_mode="tunnelled")
+        host2 = cluster.runtime_group.get_runtime("host2")
+        assert wait_until(lambda: not host2.has_free_port(port))
+        with pytest.raises(PortInUseError, match=str(port)):
+            cluster.start_master(master_port=port)
+        assert local_leftovers(cluster.cluster_id) == []
+        assert cluster.engine.scheduler_address is None
+    finally:
+        blocker.kill()
+        blocker.wait()
