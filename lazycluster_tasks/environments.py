@@ -234,7 +234,9 @@ def _dist_unit(dist: metadata.Distribution, name: str) -> Unit | None:
     hashes: list[str] = []
     for record in dist.files or []:
         relative = str(record)
-        path = Path(str(dist.locate_file(record)))
+        # absolute: a distribution found through "" on sys.path (python -c or -m in a project
+        # with its .egg-info) names its files from the current folder, which a host has not
+        path = Path(os.path.abspath(str(dist.locate_file(record))))
         if relative.startswith("..") or not path.is_file():
             continue
         if editable and ".dist-info/" not in relative and ".egg-info/" not in relative:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -286,3 +287,94 @@ def test_a_starting_cluster_holds_its_environment_until_its_cleanup_or_the_lease
         with pytest.raises(ValueError, match="not a cluster folder's name"):
             commands.release_env(bad)
     assert subprocess.run(["sh", "-c", commands.release_env("c-1")], env=env).returncode == 0
+
+
+def test_a_distribution_found_through_the_current_folder_is_named_by_absolute_paths(
+    tmp_path, monkeypatch
+) -> None:
+    """``python -c`` or ``-m`` in a project that holds its .egg-info puts "" first on sys.path:
+    that distribution's files are found relative to the current folder. A host (sharing this
+    machine's files or not) must get paths that do not depend on it, or a shared host is not
+    seen as one and gets an environment made for nothing."""
+    info = tmp_path / "fakepkg.egg-info"
+    info.mkdir()
+    (info / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: fakepkg\nVersion: 1.0\n")
+    (info / "SOURCES.txt").write_text("fakepkg/__init__.py\nfakepkg.egg-info/PKG-INFO\n")
+    (tmp_path / "fakepkg").mkdir()
+    (tmp_path / "fakepkg" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", *sys.path])
+    (unit,) = environments.scan(include=["fakepkg"], code=[]).units
+    sources = [source for _, source in unit.files]
+    assert sorted(sources) == sorted(
+        [str(tmp_path / "fakepkg" / "__init__.py"), str(tmp_path / "fakepkg.egg-info" / "PKG-INFO")]
+    )
+
+
+def test_a_build_takes_its_bytes_while_another_start_holds_the_lock(tmp_path, small) -> None:
+    """A second start's bytes are read while the first one builds: a sender that waited for
+    another start's build would count it a stalled transfer."""
+    manifest, data = small
+    home = tmp_path / "home"
+    root = home / ".cache" / "lazycluster"
+    root.mkdir(parents=True)
+    argv = [sys.executable, "-I", "-c", hostside.source("envs"), *_args(manifest, "build")]
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    holder = subprocess.Popen(  # another start's build, holding the lock
+        [sys.executable, "-c", LOCK_HOLDER, str(root / "lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        build = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        assert build.stdin is not None and len(data) > 1 << 17  # more than a pipe holds
+        sent = threading.Thread(target=lambda: (build.stdin.write(data), build.stdin.close()))
+        sent.start()
+        sent.join(20)
+        assert not sent.is_alive(), "the build read nothing while the lock was held"
+        assert build.poll() is None  # it waits for the lock with its bytes unpacked aside
+        aside = [p.name for p in (root / "units").iterdir()]
+        assert len(aside) == 1 and aside[0].startswith(".incoming-")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert build.wait(timeout=60) == 0, build.stderr.read()  # type: ignore[union-attr]
+    out = build.stdout.read()  # type: ignore[union-attr]
+    assert json.loads(out)["received"] == len(data)
+    assert sorted(p.name for p in (root / "units").iterdir()) == sorted(
+        u.key for u in manifest.units
+    )
+
+
+def test_prune_leaves_a_build_that_is_receiving(tmp_path) -> None:
+    """What a live build receives stays; what a dead one left goes."""
+    home = tmp_path / "home"
+    units = home / ".cache" / "lazycluster" / "units"
+    host = socket.gethostname()
+    live = units / f".incoming-{os.getpid()}@{host}"
+    dead = units / f".incoming-{_dead_pid()}@{host}"
+    elsewhere = units / ".incoming-1@another-host"  # a home shared with a host building now
+    for folder in (live, dead, elsewhere):
+        folder.mkdir(parents=True)
+    pruned = envs(home, "prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert sorted(p.name for p in units.iterdir()) == sorted([live.name, elsewhere.name])
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+#: Holds an exclusive lock on argv[1] (as hostside.envs takes it) until killed.
+LOCK_HOLDER = (
+    "import fcntl, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+    "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(60)\n"
+)

@@ -30,6 +30,7 @@ import os
 import platform
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +48,10 @@ PTH = "lazycluster.pth"
 LOCK_WAIT = 600.0
 #: Seconds a transfer may stall before the build gives up (a cut path sends no end of input).
 STALL = 30.0
+#: A build's folder for what it receives, in units/, followed by ``pid@host``.
+INCOMING = ".incoming-"
+#: Seconds another host's receiving folder is taken for a build under way (a shared home).
+RECEIVING_ELSEWHERE = 3600.0
 
 
 def cache() -> str:
@@ -183,16 +188,23 @@ def build(
     """Receive the units on stdin (what another start made meanwhile is kept, theirs dropped)
     and make environment ``key`` of them with ``python``; held for ``lease`` (see check)."""
     root = cache()
-    with _locked(root):
-        received = _receive(root, stall)
-        existing = env_python(key)
-        if existing is None:
-            missing = [u for u in units if not os.path.isdir(os.path.join(root, "units", u))]
-            if missing:
-                raise BuildError(f"{root}/units: missing after the transfer: {', '.join(missing)}")
-            existing = _make_env(root, key, units, python)
-        _hold(key, lease)
-        return {"env": existing, "received": received}
+    # aside before the lock: the sender's bytes never wait for another start's build
+    incoming, received = _receive(root, stall)
+    try:
+        with _locked(root):
+            _place(root, incoming)
+            existing = env_python(key)
+            if existing is None:
+                missing = [u for u in units if not os.path.isdir(os.path.join(root, "units", u))]
+                if missing:
+                    raise BuildError(
+                        f"{root}/units: missing after the transfer: {', '.join(missing)}"
+                    )
+                existing = _make_env(root, key, units, python)
+            _hold(key, lease)
+            return {"env": existing, "received": received}
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)
 
 
 def _read(stall: float) -> bytes:
@@ -239,12 +251,12 @@ class _Drain:
         return useful[0] if useful else ""
 
 
-def _receive(root: str, stall: float) -> int:
-    """Unpack stdin (gzip'd tars, one after the other) aside; move each unit into place unless
-    it is there already. Returns the bytes read."""
+def _receive(root: str, stall: float) -> tuple[str, int]:
+    """Unpack stdin (gzip'd tars, one after the other) into a folder of this process's (no
+    lock needed). Returns the folder and the bytes read; removes the folder when it fails."""
     units = os.path.join(root, "units")
     os.makedirs(units, mode=0o700, exist_ok=True)
-    incoming = os.path.join(units, f".incoming-{os.getpid()}")
+    incoming = os.path.join(units, f"{INCOMING}{os.getpid()}@{socket.gethostname()}")
     os.mkdir(incoming, 0o700)
     try:
         first = _read(stall)
@@ -277,17 +289,47 @@ def _receive(root: str, stall: float) -> int:
             if tar.wait() != 0:
                 why = errors.first() or f"tar exited {tar.returncode}"
                 raise BuildError(f"{incoming}: the units were not received whole ({why})")
-        for name in sorted(os.listdir(incoming)):
-            target = os.path.join(units, name)
-            if os.path.isdir(target):
-                continue  # made meanwhile by another start: the same content
-            try:
-                os.rename(os.path.join(incoming, name), target)
-            except OSError as exc:
-                raise BuildError(f"{target}: not moved into place ({exc.strerror})") from exc
-        return total
-    finally:
+        return incoming, total
+    except BaseException:
         shutil.rmtree(incoming, ignore_errors=True)
+        raise
+
+
+def _place(root: str, incoming: str) -> None:
+    """(Under the lock) move each received unit into place unless it is there already."""
+    units = os.path.join(root, "units")
+    for name in sorted(os.listdir(incoming)):
+        target = os.path.join(units, name)
+        if os.path.isdir(target):
+            continue  # made meanwhile by another start: the same content
+        try:
+            os.rename(os.path.join(incoming, name), target)
+        except OSError as exc:
+            raise BuildError(f"{target}: not moved into place ({exc.strerror})") from exc
+
+
+def _receiving(path: str) -> bool:
+    """Whether ``path`` (in units/) is the folder of a build still receiving: its process lives
+    (on this host), or another host's build made it within the hour (a home shared by hosts).
+    A prune leaves those, and removes what builds cut short left."""
+    name = os.path.basename(path)
+    pid, _, host = (
+        name[len(INCOMING) :].partition("@") if name.startswith(INCOMING) else ("", "", "")
+    )
+    if not pid.isdigit():
+        return False
+    if host != socket.gethostname():
+        try:
+            return time.time() - os.stat(path).st_mtime < RECEIVING_ELSEWHERE
+        except OSError:
+            return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user's now: left to the next prune
+    return True
 
 
 def _make_env(root: str, key: str, units: list[str], python: str) -> str:
@@ -412,6 +454,8 @@ def prune(keep: list[str], older: float) -> dict[str, object]:
         for folder in ("envs", "units"):
             where = os.path.join(root, folder)
             for name in os.listdir(where) if os.path.isdir(where) else []:
+                if _receiving(os.path.join(where, name)):
+                    continue
                 stale = name.startswith(".") or (folder == "units" and name not in kept_units)
                 if stale:
                     shutil.rmtree(os.path.join(where, name), ignore_errors=True)
