@@ -96,8 +96,6 @@ PATH_CHECK_TIMEOUT = 30.0
 #: Seconds a scheduler started before the plan may wait for it: the scheduler closes when no
 #: client came within 30 s (hostside/watch.py), and the monitor client connects after the plan.
 EARLY_SCHEDULER_KEEP = 15.0
-#: A scheduler started before the plan: its process, address, port and start (monotonic).
-Early = tuple[ProcessInfo, str, int, float]
 #: Seconds a host has to import the worker class (after its setup lines).
 CLASS_CHECK_TIMEOUT = 60.0
 
@@ -282,28 +280,27 @@ class Engine:
         pool = self.ports if ports is None else ports
         candidates = [] if scheduler_ports is None else as_port_list(scheduler_ports)
         runtime = scheduler_on or self.controller
-        early = None
-        if scheduler_ports is not None:  # it boots while the hosts are reached and checked
+        early = None  # when a scheduler started before the plan (it boots meanwhile)
+        if scheduler_ports is not None:
             early = self._launch_scheduler_early(runtime, candidates, debug)
         order: list[int] = []
+        kept = False
         try:
             self.ensure_plan(candidates or pool)
             if scheduler_ports is not None:
-                order = self._scheduler_order(runtime, scheduler_ports, early)
+                order = self._scheduler_order(runtime, scheduler_ports, early is not None)
             kept = early is not None and self._keeps(runtime, early, order)
-        except BaseException:
-            if early is not None:
+        finally:
+            if early is not None and not kept:  # the plan put it elsewhere, or failed
                 self._drop_scheduler()
-            raise
         used: dict[str, list[int]] = {}
         started: dict[str, ProcessInfo] = {}
         if scheduler_ports is not None:
-            if early is not None and kept:  # else dropped: the plan put it elsewhere
-                info = early[0]
-            else:
-                if early is not None:
-                    self._drop_scheduler()
-                info = self._launch_scheduler(runtime, order[0], debug)
+            info = (
+                self.table["scheduler"]
+                if kept
+                else self._launch_scheduler(runtime, order[0], debug)
+            )
             if placement:
                 started = self._launch_workers(placement, pool, used, debug)
             while not self._await_scheduler(runtime, info, timeout, debug):
@@ -412,13 +409,14 @@ class Engine:
     # -- scheduler ------------------------------------------------------------------------
 
     def _scheduler_order(
-        self, runtime: Runtime, ports: list[int] | int, early: Early | None = None
+        self, runtime: Runtime, ports: list[int] | int, early: bool = False
     ) -> list[int]:
         """The candidate ports free where the scheduler binds (and where it must be reached);
-        the port of a scheduler started before the plan is not taken by it."""
+        the port of a scheduler started before the plan (``early``) is not taken by it."""
         scope, _, used = self._taken(runtime)
-        if early is not None and early[2] not in self.plan.taken(scope, False):
-            used.discard(early[2])  # this machine's probe saw the scheduler itself
+        port = self._scheduler_port
+        if early and port is not None and port not in self.plan.taken(scope, False):
+            used.discard(port)  # this machine's probe saw the scheduler itself
         where = "here" if runtime is self.controller else f"on {runtime.host}"
         where += " (and on the hosts it must reach)"
         candidates = as_port_list(ports)
@@ -431,11 +429,11 @@ class Engine:
 
     def _launch_scheduler_early(
         self, runtime: Runtime, ports: list[int], debug: bool
-    ) -> Early | None:
+    ) -> float | None:
         """Start the scheduler on this machine before the plan, where its address is known
         without reaching a host (see ``scheduler_bind_before_plan``), on the first candidate
-        port free here; None where it must wait for the plan. The plan then decides whether it
-        stays (:meth:`_keeps`)."""
+        port free here; when (monotonic), or None where it must wait for the plan. The plan
+        then decides whether it stays (:meth:`_keeps`)."""
         if self._plan is not None or runtime is not self.controller:
             return None
         mode = self.options.network_mode
@@ -449,23 +447,24 @@ class Engine:
         if not free:
             return None  # the plan's order says why
         self.envs.prepare(self.options)  # its PYTHONPATH names the user's code folders
-        info = self._launch_scheduler(runtime, free[0], debug, bind=bind)
+        self._launch_scheduler(runtime, free[0], debug, bind=bind)
         logger.info("scheduler starting here on %s:%s while the hosts are reached", bind, free[0])
-        return info, bind, free[0], time.monotonic()
+        return time.monotonic()
 
-    def _keeps(self, runtime: Runtime, early: Early, order: list[int]) -> bool:
+    def _keeps(self, runtime: Runtime, launched: float, order: list[int]) -> bool:
         """Whether the scheduler started before the plan stays: the plan binds it to the same
         address, its port is free on every host that must reach it, and it has not waited so
         long for its first client that it may be closing (hostside/watch.py)."""
-        _, bind, port, launched = early
+        bind, port = self._scheduler_bind, self._scheduler_port
+        planned = self.routing.bind_address(runtime)
         why = ""
-        if self.routing.bind_address(runtime) != bind:
-            why = f"the plan binds it to {self.routing.bind_address(runtime)}, not {bind}"
-        elif port not in order:
+        if planned != bind:
+            why = f"the plan binds it to {planned}, not {bind}"
+        elif port is None or port not in order:
             why = f"port {port} is taken where it must be reached"
         elif time.monotonic() - launched > EARLY_SCHEDULER_KEEP:
             why = f"the hosts took more than {EARLY_SCHEDULER_KEEP:g} s to be ready"
-        if why:
+        if why or port is None:
             logger.info("the scheduler started before the plan is started again: %s", why)
             return False
         self._reserve(runtime, [port])

@@ -307,13 +307,20 @@ def _hosts_key(group: RuntimeGroup) -> str:
 def last_mode(group: RuntimeGroup) -> NetworkMode | None:
     """What ``auto`` chose for these hosts last time, if this machine remembers: a guess for
     what can start before the probe (the probe still decides)."""
-    path = os.path.join(settings().cache_directory, MODES_FILE)
+    chosen = _known_modes(os.path.join(settings().cache_directory, MODES_FILE)).get(
+        _hosts_key(group)
+    )
+    return chosen if chosen in ("direct", "tunnelled") else None
+
+
+def _known_modes(path: str) -> dict[str, object]:
+    """The remembered modes by host set ({} when the file is missing or broken)."""
     try:
         with open(path, encoding="utf-8") as f:
-            chosen = json.load(f).get(_hosts_key(group))
-    except (OSError, ValueError, AttributeError):
-        return None
-    return chosen if chosen in ("direct", "tunnelled") else None
+            known = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def remember_mode(group: RuntimeGroup, mode: NetworkMode) -> None:
@@ -321,25 +328,21 @@ def remember_mode(group: RuntimeGroup, mode: NetworkMode) -> None:
     folder = settings().cache_directory
     path = os.path.join(folder, MODES_FILE)
     key = _hosts_key(group)
-    try:
-        with open(path, encoding="utf-8") as f:
-            known = json.load(f)
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
+    known = _known_modes(path)
     if known.get(key) == mode:
         return
     known.pop(key, None)
     known[key] = mode
     known = dict(list(known.items())[-MODES_KEPT:])
+    temp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        temp = f"{path}.{os.getpid()}.tmp"
         with open(temp, "w", encoding="utf-8") as f:
             json.dump(known, f)
         os.replace(temp, path)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)  # a full disk leaves no half-written file behind
         logger.debug("the network mode for these hosts is not kept: %s", exc)
 
 
