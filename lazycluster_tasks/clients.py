@@ -19,6 +19,9 @@ class Clients:
     it keeps an idle scheduler alive (``--idle-timeout``) while the controller lives."""
 
     def __init__(self, address: Callable[[], str | None], security: Any = None) -> None:
+        from lazycluster_tasks import comm_patch  # imports distributed: only when used
+
+        comm_patch.install()
         self._address = address
         self.security = security  # the cluster's distributed.Security (None: plain tcp)
         self._monitor: Any = None
