@@ -164,13 +164,8 @@ class DaskCluster(MasterWorkerCluster):
             return
         error: BaseException | None = None
         try:
-            if self.engine.state is ClusterState.running:
-                # as LazySSHCluster's close: the workers go first, at once (a TERM would start
-                # each one's graceful shutdown, which outlasts the stop's grace), then the
-                # scheduler closes itself (on a TERM it took longer than the grace here)
-                self.engine.kill_workers()
-                self.engine.clients.close_scheduler()
-            self.engine.stop_all()
+            # a running cluster: its scheduler closes itself while the hosts KILL the workers
+            self.engine.stop_all(close_scheduler=self.engine.state is ClusterState.running)
             super().cleanup()  # the launchers (ours have nothing left) and the group
         except Exception as exc:
             self._cleaned, error = False, exc

@@ -98,6 +98,9 @@ PATH_CHECK_TIMEOUT = 30.0
 EARLY_SCHEDULER_KEEP = 15.0
 #: Seconds a host has to import the worker class (after its setup lines).
 CLASS_CHECK_TIMEOUT = 60.0
+#: Seconds a cleanup waits for the scheduler's own close before its host's stop goes on
+#: regardless (the close itself is bounded: Clients.close_scheduler).
+CLOSE_WAIT = 8.0
 
 
 class Engine:
@@ -1023,12 +1026,18 @@ class Engine:
                 logger.info("workers on %s not killed ahead of the cleanup: %s", host, error)
 
     def _stop(
-        self, names: list[str], remove_folders: bool = False, grace: float | None = None
+        self,
+        names: list[str],
+        remove_folders: bool = False,
+        grace: float | None = None,
+        closing: threading.Thread | None = None,
     ) -> None:
         """Stop processes grouped by runtime, all runtimes at once, one round trip each; verify
         none survived. ``remove_folders`` (cleanup) also removes the cluster folder — or the
         whole working dir when it is a temporary one — in that same round trip. ``grace``:
-        seconds between TERM and KILL (default: the options' ``stop_grace``)."""
+        seconds between TERM and KILL (default: the options' ``stop_grace``). ``closing``: the
+        scheduler is closing itself meanwhile: the workers are KILLed first, in the same round
+        trip, and the scheduler's host is stopped once that close ended."""
         grace = self.options.stop_grace if grace is None else grace
         infos = self.table.known(names)
         jobs = self.table.by_owner(infos)
@@ -1036,10 +1045,15 @@ class Engine:
             for owner in [self.controller, *self.group.runtimes]:
                 if owner.has_working_dir:
                     jobs.setdefault(self._key(owner), (owner, []))
+        workers = {i.name for i in self.worker_processes()} if closing is not None else set()
+        scheduler = self.table.key_of("scheduler")
 
         def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job
             folder = self.folder(runtime)
+            kill_first = [i.pid for i in infos if i.name in workers]
+            if closing is not None and self._key(runtime) == scheduler:
+                closing.join(CLOSE_WAIT)  # its own close ends it sooner than a TERM would
             with self._host_lock(runtime):  # no start there meanwhile
                 with self._lock:
                     key = self._key(runtime)
@@ -1049,7 +1063,7 @@ class Engine:
                 if remove_folders:  # every pid file there: a start's whose answer was lost too
                     remove = runtime.working_dir if runtime.working_dir_is_temp else folder
                     revoke = self._revoke(runtime)
-                    left = processes.stop_folder(runtime, folder, grace, remove, revoke)
+                    left = processes.stop_folder(runtime, folder, grace, remove, revoke, kill_first)
                     if runtime.working_dir_is_temp:
                         runtime.forget_working_dir()  # removed here; its cleanup needs not
                 elif emptied:  # no process of the cluster left there: clean up as its guard would
@@ -1103,21 +1117,32 @@ class Engine:
                 continue
             self.pool.give_back(info.ports)
 
-    def stop_all(self, grace: float | None = None) -> None:
+    def stop_all(self, grace: float | None = None, close_scheduler: bool = False) -> None:
         """Close the clients, stop every process on every host at once and remove the cluster
         folders. Raises when a host failed; its processes stay on record for a retry.
-        ``grace``: as for :meth:`_stop`."""
+        ``grace``: as for :meth:`_stop`. ``close_scheduler`` (a running cluster's close): the
+        scheduler is asked to close itself while the hosts KILL their workers, all at once
+        (on a TERM its shutdown outlasts the grace; the workers', told by it, too)."""
         if self._state is ClusterState.cleanup_failed:  # a retry: reach the hosts again
             for runtime in self.group.runtimes:
                 runtime.reopen()
         self.state = ClusterState.stopping
-        self.clients.close()
+        closing = None
+        if close_scheduler:
+            closing = threading.Thread(
+                target=self.clients.close_scheduler, name="lct-close-scheduler", daemon=True
+            )
+            closing.start()
+        else:
+            self.clients.close()
         routes = self._routes
         if routes is not None:
             routes.start_closing()  # nothing starts any more; what is under way ends meanwhile
         try:
-            self._stop(self.table.names(), remove_folders=True, grace=grace)
+            self._stop(self.table.names(), remove_folders=True, grace=grace, closing=closing)
         finally:
+            if closing is not None:
+                closing.join(CLOSE_WAIT)
             if routes is not None:
                 routes.wait_closed()  # before the connections it uses close
 

@@ -160,16 +160,22 @@ def stop_folder(
     grace: float,
     remove: str | None,
     revoke: Revoke | None = None,
+    kill_first: Sequence[int] = (),
 ) -> list[int]:
     """Stop every process whose pid file is in ``folder`` (as stop_processes, found by their
     pid files: those on record and any whose start's answer was lost; the folder's guard too),
     then remove ``remove``; return the pgids that survived. ``revoke``: also remove the
     cluster's lines from the user's authorized_keys (the safe edit, hostside.authorized_keys),
-    after the stop (the sooner the TERM, the less the processes cost), even when one survived;
+    beside the stop (its interpreter starts while the processes end), even when one survived;
     a failed edit fails the stop, naming the host and its cause. The cluster's hold on the
-    host's environment (named after the folder; see hostside.envs) goes with the folder."""
+    host's environment (named after the folder; see hostside.envs) goes with the folder.
+    ``kill_first``: leaders whose groups are KILLed before anything else (workers that would
+    otherwise begin a graceful shutdown that outlasts the grace)."""
     release = commands.release_env(posixpath.basename(folder.rstrip("/"))) if remove else ""
-    return _stop(runtime, commands.stop_folder(folder, grace), grace, remove, revoke, release)
+    stop = commands.stop_folder(folder, grace)
+    if kill_first:
+        stop = f"{commands.kill_marked(kill_first, folder_marker(folder))}; {stop}"
+    return _stop(runtime, stop, grace, remove, revoke, release)
 
 
 @dataclass(frozen=True)
@@ -207,13 +213,17 @@ def _stop(
     release: str = "",
 ) -> list[int]:
     line, stdin = f"{stop}; s=$?", None
+    if revoke is not None:  # beside the stop, whatever its outcome: the interpreter starts while
+        # the processes end (an asynchronous command's stdin is /dev/null unless it is given)
+        edit = link_commands.revoke_keys(revoke.python, revoke.marker)
+        line = f"exec 3<&0; {edit} <&3 3<&- & r=$!; exec 3<&-; {line}"
+        stdin = hostside.source("authorized_keys").encode()
     if remove:  # only when every process is gone: a survivor keeps its folder and pid file
         line += f"; [ $s != 0 ] || {commands.remove_tree(remove)} || s=$?"
     if release:  # a survivor is in use anyway; a missing file is no error
         line += f"; {release}"
-    if revoke is not None:  # after the folder (its keys) went, whatever the edit's outcome
-        line += f"; {link_commands.revoke_keys(revoke.python, revoke.marker)} || s=$?"
-        stdin = hostside.source("authorized_keys").encode()
+    if revoke is not None:
+        line += "; wait $r || s=$?"
     result = runtime.connection.run(f"{line}; exit $s", timeout=grace + 30, stdin=stdin)
     if revoke is not None:  # one line per host: the file and each key's comment
         for path, removed in _edited(result.stdout):

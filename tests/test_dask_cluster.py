@@ -465,3 +465,36 @@ def test_early_scheduler_stops_when_its_one_port_is_taken_on_a_host(make_cluster
     finally:
         blocker.kill()
         blocker.wait()
+
+
+@pytest.mark.parametrize("master_host", [None, "host1"])
+def test_a_cleanup_closes_the_scheduler_gracefully_while_the_hosts_kill_their_workers(
+    make_cluster, tmp_path, master_host
+):
+    """A running cluster's cleanup asks the scheduler to close itself (a plugin's close hook
+    runs, here or on a host that runs workers too) while each host KILLs its workers in the
+    same round trip that stops and removes everything else there: one command per host."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    cluster = make_cluster(cls=DaskCluster, master_host=master_host)
+    cluster.start()
+    report = tmp_path / "closed"  # hosts share this machine's file system
+
+    class AtClose(SchedulerPlugin):
+        name = "lct-test-at-close"
+
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        async def close(self) -> None:
+            with open(self.path, "w") as f:
+                f.write("closed")
+
+    cluster.get_client(timeout=10).register_plugin(AtClose(str(report)))
+    runtimes = cluster.runtime_group.runtimes
+    before = {rt.host: rt.connection.commands_run for rt in runtimes}
+    cluster.cleanup()
+    assert report.read_text() == "closed"
+    assert {rt.host: rt.connection.commands_run - before[rt.host] for rt in runtimes} == {
+        host: 1 for host in before
+    }
