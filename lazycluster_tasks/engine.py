@@ -919,13 +919,15 @@ class Engine:
         """Send the user's changed code to the hosts and have every running worker read it
         (new workers start with it): each host with an environment of ours gets the changed
         units and an environment naming them, and each worker points its sys.path at them and
-        forgets the modules it loaded from the old ones. Returns worker address -> modules
-        dropped there."""
+        forgets the modules it loaded from the old ones; so does each nanny, whose sys.path a
+        worker it starts again inherits. Returns worker address -> modules dropped there."""
         self.options, moves, folders = self.envs.resync(self.options, self.group.runtimes)
         if self.scheduler_address is None:
             return {}
         cloudpickle.register_pickle_by_value(code)  # workers need not import this package
         client = self.clients.monitor()
+        if self.options.nanny:
+            client.run(code.reload, moves, folders, nanny=True)
         return dict(client.run(code.reload, moves, folders))
 
     def _code_env(self, runtime: Runtime) -> dict[str, str]:

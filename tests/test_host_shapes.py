@@ -179,6 +179,10 @@ def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
             "userpkg.compute" in names for names in dropped.values()
         ), dropped
         assert {a for _, _, a in _answers(third)} == {44}
+        with Client(third) as client:  # a worker its nanny starts again reads it too
+            client.restart_workers(sorted(client.scheduler_info(n_workers=-1)["workers"])[:1])
+            answers = client.run(lambda: __import__("userpkg.compute").compute.answer())
+            assert len(answers) == len(PRIVATE) and set(answers.values()) == {44}, answers
         third.scale(2 * len(PRIVATE))  # new workers start with it too
         third.wait_started()
         with Client(third) as client:
