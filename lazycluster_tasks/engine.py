@@ -699,11 +699,24 @@ class Engine:
         debug: bool,
     ) -> None:
         """Wait for the started workers; start again those that lost their port at bind time
-        or their first connection to the scheduler."""
+        or their first connection to the scheduler, and all of them when a port of theirs was
+        taken since the probe where a forward puts it (another cluster's forward, say)."""
         for _ in range(PORT_RETRIES):
-            # routed while they register: they dial out first
-            with self.routing.while_registering(self.worker_processes):
-                raced = self._wait_for_workers(started, self.options.start_timeout)
+            try:  # routed while they register: they dial out first
+                with self.routing.while_registering(self.worker_processes):
+                    raced = self._wait_for_workers(started, self.options.start_timeout)
+            except (PortInUseError, GroupError) as exc:
+                if not _port_taken(exc):
+                    raise
+                logger.info("a route's port was taken since the probe; workers move: %s", exc)
+                self._stop(list(started))  # none of their routes is open (route_workers)
+                for info in started.values():
+                    if info.ports[0] in used.get(info.host, []):
+                        used[info.host].remove(info.ports[0])
+                pool = [p for p in pool if p not in _ports_named(exc)]  # not again
+                raced = list(started)
+                started = self._launch_workers(_placement(started), pool, used, debug)
+                continue
             if not raced:
                 self._log_output(list(started.values()), debug)
                 self.routing.workers_up()
@@ -1219,3 +1232,17 @@ def _port_taken(exc: BaseException) -> bool:
     if isinstance(exc, GroupError):
         return all(isinstance(e, PortInUseError) for e in exc.errors.values())
     return isinstance(exc, PortInUseError)
+
+
+def _ports_named(exc: BaseException) -> set[int]:
+    """The ports a PortInUseError names (on one host, or on each host of a GroupError)."""
+    errors = exc.errors.values() if isinstance(exc, GroupError) else [exc]
+    return {e.port for e in errors if isinstance(e, PortInUseError)}
+
+
+def _placement(started: dict[str, ProcessInfo]) -> dict[str, list[str]]:
+    """Host -> the names of these workers (in their order)."""
+    placement: dict[str, list[str]] = {}
+    for name, info in started.items():
+        placement.setdefault(info.host, []).append(name)
+    return placement

@@ -275,11 +275,13 @@ class TunnelledRouting(Routing):
                 self._missed.setdefault(host, set()).update(missed)
         if away:
             logger.info("routes to %s wait until it answers", ", ".join(sorted(away)))
+        reached = [rt for rt in self.group.runtimes if rt.host not in away]
         try:
-            self._route(
-                todo, worker_ports, [rt for rt in self.group.runtimes if rt.host not in away]
-            )
-        except BaseException:
+            self._route(todo, worker_ports, reached)
+        except BaseException:  # none of these routes stays open (a retry makes them again)
+            ports = {port for _, port in todo}
+            with contextlib.suppress(GroupError):  # what a host keeps open, the cleanup closes
+                fan_out("close worker routes", reached, lambda rt: self._close(rt, ports))
             with self._lock:
                 self.routed -= set(todo)
             raise

@@ -191,6 +191,39 @@ def test_scheduler_port_taken_here_before_its_forward(make_cluster, monkeypatch)
             listener.close()
 
 
+def test_worker_port_taken_here_before_its_forward(make_cluster, monkeypatch):
+    """Tunnelled, every worker port is forwarded here too. Taken here between the probe and
+    the forward (another cluster's forward, say), the workers start again on other ports, and
+    no forward of the taken port stays open."""
+    ports = free_local_ports(12, start=24200)
+    monkeypatch.setattr(DaskCluster, "DEFAULT_MASTER_PORT", ports[0])
+    cluster = make_cluster(
+        cls=DaskCluster, hosts=["host1", "host2"], network_mode="tunnelled", ports=ports[1:]
+    )
+    engine = cluster.engine
+    taken: list[socket.socket] = []
+
+    def someone_takes_one_first(workers):
+        if not taken:
+            taken.append(socket.create_server(("127.0.0.1", workers[0].ports[0])))
+        real(workers)
+
+    cluster.ensure_plan(ports)  # the probe: everything free
+    real = engine.routing.route_workers
+    monkeypatch.setattr(engine.routing, "route_workers", someone_takes_one_first)
+    try:
+        cluster.start(worker_count=2)
+        port = taken[0].getsockname()[1]
+        assert port not in [i.ports[0] for i in engine.worker_processes()]
+        live = {p for i in engine.table.all() for p in i.ports}  # no forward of the first try
+        assert {p for rt in cluster.runtime_group.runtimes for t in rt.tunnels
+                for p in (t.local_port, t.remote_port)} <= live  # fmt: skip
+        assert sorted(where_work_ran(cluster).values()) == ["host1", "host2"]
+    finally:
+        for listener in taken:
+            listener.close()
+
+
 def test_worker_ports_skip_taken_ones(multi_hosts, make_cluster):
     blocker = multi_hosts.run_in(
         "host1",

@@ -361,7 +361,7 @@ def test_two_clusters_starting_at_once_make_one_environment(
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=start, args=(p,)) for p in (51000, 52000)]
+    threads = [threading.Thread(target=start, args=(p,)) for p in (53000, 54000)]
     for thread in threads:
         thread.start()
     for thread in threads:
