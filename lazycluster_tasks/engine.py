@@ -1065,32 +1065,10 @@ class Engine:
 
         def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job
-            folder = self.folder(runtime)
-            kill_first = [i.pid for i in infos if i.name in workers]
             if closing is not None and self._key(runtime) == scheduler:
                 closing.join(CLOSE_WAIT)  # its own close ends it sooner than a TERM would
-            with self._host_lock(runtime):  # no start there meanwhile
-                with self._lock:
-                    key = self._key(runtime)
-                    emptied = not any(
-                        self.table.key_of(n) == key for n in self.table.names() if n not in names
-                    )
-                if remove_folders:  # every pid file there: a start's whose answer was lost too
-                    remove = runtime.working_dir if runtime.working_dir_is_temp else folder
-                    revoke = self._revoke(runtime)
-                    left = processes.stop_folder(runtime, folder, grace, remove, revoke, kill_first)
-                    if runtime.working_dir_is_temp:
-                        runtime.forget_working_dir()  # removed here; its cleanup needs not
-                elif emptied:  # no process of the cluster left there: clean up as its guard would
-                    revoke = self._revoke(runtime, alone=True)
-                    left = processes.stop_folder(runtime, folder, grace, folder, revoke)
-                else:
-                    marker = processes.folder_marker(folder)
-                    left = processes.stop_processes(runtime, infos, marker, grace)
-            if left:
-                raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
-            if infos:
-                logger.info("stopped on %s: %s", runtime.host, ", ".join(i.name for i in infos))
+            kill_first = [i.pid for i in infos if i.name in workers]
+            self._stop_on(runtime, infos, names, remove_folders, grace, kill_first)
 
         failed: set[str] = set()
         try:
@@ -1111,6 +1089,41 @@ class Engine:
                 for name in gone:
                     self._forget(name)
             self._release_ports([i for i in infos if i.name not in self.table])
+
+    def _stop_on(
+        self,
+        runtime: Runtime,
+        infos: list[ProcessInfo],
+        names: list[str],
+        remove_folders: bool,
+        grace: float,
+        kill_first: list[int],
+    ) -> None:
+        """:meth:`_stop`'s round trip to one runtime: its folder's stop (cleanup, or the last
+        of the cluster's processes there), else these processes' stop."""
+        folder = self.folder(runtime)
+        with self._host_lock(runtime):  # no start there meanwhile
+            with self._lock:
+                key = self._key(runtime)
+                emptied = not any(
+                    self.table.key_of(n) == key for n in self.table.names() if n not in names
+                )
+            if remove_folders:  # every pid file there: a start's whose answer was lost too
+                remove = runtime.working_dir if runtime.working_dir_is_temp else folder
+                revoke = self._revoke(runtime)
+                left = processes.stop_folder(runtime, folder, grace, remove, revoke, kill_first)
+                if runtime.working_dir_is_temp:
+                    runtime.forget_working_dir()  # removed here; its cleanup needs not
+            elif emptied:  # no process of the cluster left there: clean up as its guard would
+                revoke = self._revoke(runtime, alone=True)
+                left = processes.stop_folder(runtime, folder, grace, folder, revoke)
+            else:
+                marker = processes.folder_marker(folder)
+                left = processes.stop_processes(runtime, infos, marker, grace)
+        if left:
+            raise LazyclusterError(f"process groups {left} survived SIGKILL on {runtime.host}")
+        if infos:
+            logger.info("stopped on %s: %s", runtime.host, ", ".join(i.name for i in infos))
 
     def _release_envs(self, runtimes: Sequence[Runtime]) -> None:
         """Let go of the environments the cluster holds on ``runtimes`` (where the cluster
