@@ -502,7 +502,7 @@ def test_early_scheduler_stops_when_its_one_port_is_taken_on_a_host(make_cluster
 
 @pytest.mark.parametrize("master_host", [None, "host1"])
 def test_a_cleanup_closes_the_scheduler_gracefully_while_the_hosts_kill_their_workers(
-    make_cluster, tmp_path, master_host
+    make_cluster, multi_hosts, master_host
 ):
     """A running cluster's cleanup asks the scheduler to close itself (a plugin's close hook
     runs, here or on a host that runs workers too) while each host KILLs its workers in the
@@ -511,7 +511,7 @@ def test_a_cleanup_closes_the_scheduler_gracefully_while_the_hosts_kill_their_wo
 
     cluster = make_cluster(cls=DaskCluster, master_host=master_host)
     cluster.start()
-    report = tmp_path / "closed"  # hosts share this machine's file system
+    mark = f"/tmp/lct-closed-{cluster.engine.cluster_id}"  # on the scheduler's own host
 
     class AtClose(SchedulerPlugin):
         name = "lct-test-at-close"
@@ -523,11 +523,25 @@ def test_a_cleanup_closes_the_scheduler_gracefully_while_the_hosts_kill_their_wo
             with open(self.path, "w") as f:
                 f.write("closed")
 
-    cluster.get_client(timeout=10).register_plugin(AtClose(str(report)))
+    def read_mark(remove: bool = False) -> str:
+        if master_host is None:
+            text = Path(mark).read_text() if Path(mark).exists() else ""
+            if remove:
+                Path(mark).unlink(missing_ok=True)
+            return text
+        argv = ["sh", "-c", 'cat "$0" 2>/dev/null; [ -z "$1" ] || rm -f "$0"', mark]
+        argv.append("rm" if remove else "")
+        done = multi_hosts.run_in(master_host, argv, stdout=subprocess.PIPE)
+        return done.communicate(timeout=10)[0].decode()
+
+    cluster.get_client(timeout=10).register_plugin(AtClose(mark))
     runtimes = cluster.runtime_group.runtimes
     before = {rt.host: rt.connection.commands_run for rt in runtimes}
-    cluster.cleanup()
-    assert report.read_text() == "closed"
+    try:
+        cluster.cleanup()
+        assert read_mark() == "closed"
+    finally:
+        read_mark(remove=True)
     assert {rt.host: rt.connection.commands_run - before[rt.host] for rt in runtimes} == {
         host: 1 for host in before
     }
