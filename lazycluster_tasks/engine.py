@@ -721,9 +721,7 @@ class Engine:
                 self._log_output(list(started.values()), debug)
                 self.routing.workers_up()
                 return
-            again: dict[str, list[str]] = {}
-            for name in raced:
-                again.setdefault(self.table[name].host, []).append(name)
+            again = _placement({name: self.table[name] for name in raced})
             # they ended: the forwards made while they registered close (their ports are
             # another process's now), then they start again on other ports
             try:
