@@ -74,6 +74,8 @@ KEEPALIVE_SECONDS = 15
 WINDOW_SIZE = 16 * 2**20
 MAX_PACKET_SIZE = 2**17  # paramiko clamps this to what the server accepts
 #: AES-GCM is one pass instead of cipher + MAC: prefer it where the server offers it.
+#: Seconds a refused session is asked for again while sessions of ours are still closing.
+CLOSE_LAG = 2.0
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
@@ -246,6 +248,8 @@ class SSHConnection(Connection):
         self._sessions = 0
         self._sessions_ended = 0
         self._session_limit: int | None = None  # learnt from the host's first refusal
+        self._granted = 0  # sessions of ours the host granted and that have not ended
+        self._most_open = 0  # the most it granted at once: its limit is no lower
         self._sessions_cv = threading.Condition()
 
     # -- connection --------------------------------------------------------------------------
@@ -426,6 +430,7 @@ class SSHConnection(Connection):
             close_channel(chan)  # a dropped connection fails the close: the session still ends
             with self._sessions_cv:
                 self._sessions -= 1
+                self._granted -= 1
                 self._sessions_ended += 1
                 self._sessions_cv.notify_all()
 
@@ -433,7 +438,10 @@ class SSHConnection(Connection):
         """A session channel for a command. When the host refuses one while commands of ours
         hold others (its sshd allows so many sessions per connection: MaxSessions, 10 by
         default), the command waits until one of them ends, within its own timeout; from then
-        on no more than that many are asked for at once."""
+        on no more than that many are asked for at once. A refusal while fewer of ours are
+        open than it once granted together comes from sessions of ours it has not finished
+        closing (sshd frees them a moment after their close): asked again, for CLOSE_LAG s."""
+        lag_until = time.monotonic() + CLOSE_LAG
         while True:
             with self._sessions_cv:
                 while self._session_limit is not None and self._sessions >= self._session_limit:
@@ -441,12 +449,15 @@ class SSHConnection(Connection):
                 self._sessions += 1  # counted from the request on: requests go out at once
                 ended = self._sessions_ended
             try:
-                return self.open_session()
+                chan = self.open_session()
             except HostConnectionError as exc:
                 with self._sessions_cv:
                     self._sessions -= 1
                     held = self._sessions
                     refused = isinstance(exc.__cause__, paramiko.SSHException) and self.is_connected
+                    if refused and held < self._most_open and time.monotonic() < lag_until:
+                        self._wait_for_a_session(deadline, at_most=0.05)
+                        continue
                     if held == 0 or not refused:
                         raise
                     if self._session_limit is None or held < self._session_limit:
@@ -454,10 +465,15 @@ class SSHConnection(Connection):
                         self._session_limit = held
                     while self._sessions_ended == ended and self._sessions:
                         self._wait_for_a_session(deadline)
+                continue
+            with self._sessions_cv:
+                self._granted += 1
+                self._most_open = max(self._most_open, self._granted)
+            return chan
 
-    def _wait_for_a_session(self, deadline: float | None) -> None:
-        """(holding the condition) Wait for a session of ours to end, at most a second."""
-        left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+    def _wait_for_a_session(self, deadline: float | None, at_most: float = 1.0) -> None:
+        """(holding the condition) Wait for a session of ours to end, at most ``at_most`` s."""
+        left = at_most if deadline is None else min(at_most, deadline - time.monotonic())
         if left <= 0:
             raise OperationTimeoutError(
                 f"{self.host} allows no more sessions on one connection (sshd's MaxSessions) "

@@ -252,6 +252,8 @@ def test_more_commands_at_once_than_sshd_allows_sessions_take_turns(host1, caplo
     assert host1.connection.connect_count == 1
     refusals = [r for r in caplog.records if "open FAILED" in r.getMessage()]
     assert refusals and all(r.levelno == logging.DEBUG for r in refusals)  # handled: no ERROR
+    # learnt as sshd's own, not lowered by refusals of sessions it had not finished closing
+    assert host1.connection._session_limit == 10
     # a command whose turn does not come within its timeout says why
     with concurrent.futures.ThreadPoolExecutor(11) as pool:
         slow = [pool.submit(host1.connection.run, "sleep 3", timeout=30) for _ in range(10)]
