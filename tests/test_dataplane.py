@@ -130,7 +130,9 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
                 assert wait_until(lambda: pair in links.down, timeout=20)
                 assert links.down[pair].startswith("link lost")
                 assert links.down[pair[::-1]].startswith("link lost")  # one link, both ways
-                assert f"link {dialler} -> {far} lost" in caplog.text
+                # logged right after the state changes (as "up again" below)
+                lost = f"link {dialler} -> {far} lost"
+                assert wait_until(lambda: lost in caplog.text, 10), caplog.text[-2000:]
                 again = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
                 moved = client.submit(
                     _sha, again, workers=[on["host2"]], allow_other_workers=False, pure=False
