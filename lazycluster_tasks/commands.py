@@ -66,11 +66,12 @@ def kill_group(pgids: Iterable[int], grace: float = 2.0) -> str:
     ids = " ".join(str(int(p)) for p in pgids)
     if not ids:
         raise ValueError("no process group ids given")
-    return f"{LIVE_GROUP}; ids={q(ids)}; {_terminate_ids(grace)}"
+    return f"{GROUP_SIGNAL}; {LIVE_GROUP}; ids={q(ids)}; {_terminate_ids(grace)}"
 
 
 def _terminate_ids(grace: float) -> str:
-    """Shell that TERMs the groups in $ids, waits, KILLs the rest, and reports survivors.
+    """Shell that TERMs the groups in $ids, waits, KILLs the rest, and reports survivors
+    (``sig`` and ``live_ids`` defined before it).
 
     The grace is wall-clock time (a ``sleep`` in the background), not a count of polls: the
     processes just signalled make each poll slow on a busy host. In the grace and after KILL,
@@ -84,7 +85,7 @@ def _terminate_ids(grace: float) -> str:
     term = ""
     if grace > 0:
         term = (
-            "for g in $ids; do kill -TERM -$g 2>/dev/null; done; "
+            "for g in $ids; do sig TERM $g; done; "
             f"sleep {float(grace):g} & t=$!; "
             # as after KILL: a group of zombies only (their reaper not quick) is not waited for
             'i=0; while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do '
@@ -92,7 +93,7 @@ def _terminate_ids(grace: float) -> str:
             '[ -n "$ids" ] && sleep 0.05; done; kill $t 2>/dev/null; '
         )
     return (
-        f"{term}for g in $ids; do kill -KILL -$g 2>/dev/null; done; "
+        f"{term}for g in $ids; do sig KILL $g; done; "
         # a quick check (no process listing) after KILL and after the first pause, then scans
         'live_ids quick; i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do sleep 0.05; '
         "if [ $i -lt 1 ]; then live_ids quick; else live_ids; fi; i=$((i+1)); done; "
@@ -198,6 +199,15 @@ def unpack_stdin(folder: str) -> str:
     return f"tar -x -o -f - -C {q(folder)}"
 
 
+#: ``sig SIGNAL ID`` signals the process group ID (``sig 0``: it has a member), for ids that may
+#: be stale (a command's group that ended: its id may now be another process's).
+GROUP_SIGNAL = 'sig() { kill -"$1" -"$2" 2>/dev/null; }'
+
+#: ``sig`` for leaders whose command line was just checked (``marked_ids``): one that has no
+#: group yet is signalled alone — a start's process between its fork and its ``setsid`` (a
+#: cleanup right after the start's answer, on a busy host), which would otherwise escape.
+MARKED_SIGNAL = 'sig() { kill -"$1" -"$2" 2>/dev/null || kill -"$1" "$2" 2>/dev/null; }'
+
 #: ``proc_state PID`` sets ``$st`` to the process's state letter and what follows it in its
 #: /proc entry, read by the shell itself (no process started); empty when there is none.
 PROC_STATE = 'proc_state() { st=; { read -r st <"/proc/$1/stat"; } 2>/dev/null; st=${st##*) }; }'
@@ -209,9 +219,10 @@ PROC_STATE = 'proc_state() { st=; { read -r st <"/proc/$1/stat"; } 2>/dev/null; 
 #: which scans every process of the machine (slow on a busy one, e.g. many hosts sharing a PID
 #: space) — and hosts without /proc. ``live_ids quick`` skips that scan and keeps those groups
 #: (their reaper usually takes them within milliseconds; the scan is for one that does not).
+#: Needs ``sig`` (:data:`GROUP_SIGNAL` or :data:`MARKED_SIGNAL`).
 LIVE_GROUP = (
     f"{PROC_STATE}; "
-    'live_ids() { c=; s=; for g in $ids; do kill -0 -"$g" 2>/dev/null || continue; '
+    'live_ids() { c=; s=; for g in $ids; do sig 0 "$g" || continue; '
     'proc_state "$g"; case "$st" in ""|Z*) s="$s $g";; *) c="$c $g";; esac; done; '
     'ids=$c; [ -n "$s" ] || return 0; [ "$1" != quick ] || { ids="$ids$s"; return 0; }; '
     'ids="$ids$(ps -e -o pgid=,stat= | awk -v ids="$s" '
@@ -285,8 +296,8 @@ def kill_marked(pids: Sequence[int], marker: str) -> str:
         raise ValueError("no pids given")
     listed = ",".join(str(int(p)) for p in pids)
     return (
-        f"{MARKED_IDS}; marker={q(marker)}; pids=,{listed}; marked_ids; "
-        'for g in $ids; do kill -KILL -"$g" 2>/dev/null; done; true'
+        f"{MARKED_SIGNAL}; {MARKED_IDS}; marker={q(marker)}; pids=,{listed}; marked_ids; "
+        'for g in $ids; do sig KILL "$g"; done; true'
     )
 
 
@@ -308,7 +319,7 @@ def release_env(lease: str) -> str:
 
 def _stop_groups(files: str, marker: str, grace: float) -> str:
     return (
-        f"{LIVE_GROUP}; {MARKED_IDS}; marker={q(marker)}; "
+        f"{MARKED_SIGNAL}; {LIVE_GROUP}; {MARKED_IDS}; marker={q(marker)}; "
         f'pids=; for f in {files}; do [ -r "$f" ] || continue; read p <"$f"; '
         'case "$p" in *[!0-9]*|"") continue;; esac; pids="$pids,$p"; done; '
         "marked_ids; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import time
 
 import pytest
@@ -53,6 +54,30 @@ def test_cleanup_also_stops_a_process_whose_start_was_never_answered(
     finally:
         cluster.cleanup()
     assert multi_hosts.processes("host1") == []  # no_leftovers checks it again, after a wait
+
+
+def test_cleanup_stops_a_process_of_the_folder_that_leads_no_group_yet(
+    multi_hosts: TestHosts, no_leftovers: TestHosts
+) -> None:
+    """A start's process between its fork and its ``setsid`` has no process group of its own:
+    a cleanup right after the start's answer (a busy host) signals it alone. The old stop sent
+    its signals to the group only, took the failure for a process gone and left it running."""
+    cluster = cluster_on(multi_hosts)
+    cluster.start()
+    try:
+        host1 = cluster.engine.group.runtimes[0]
+        folder = cluster.engine.folder(host1)
+        sleeper = shlex.join(["python3", "-c", "import time; time.sleep(300)"])
+        marker = shlex.quote(processes.folder_marker(folder))
+        host1.connection.check(
+            f"cd {shlex.quote(folder)} && "
+            f"{{ {sleeper} {marker} </dev/null >/dev/null 2>&1 & echo $! >stray.pid; }}"
+        )
+        (stray,) = [p for p in multi_hosts.processes("host1") if "time.sleep" in p.cmdline()[-2]]
+        assert os.getpgid(stray.pid) != stray.pid  # a member of its starter's group only
+    finally:
+        cluster.cleanup()
+    assert multi_hosts.processes("host1") == []
 
 
 def test_a_host_that_cannot_be_cleaned_keeps_its_processes_on_record(

@@ -15,6 +15,7 @@ import pytest
 
 from lazycluster_tasks import link_commands
 from lazycluster_tasks.hostside import authorized_keys as ak
+from lazycluster_tasks.hostside import guard as guard_module
 from lazycluster_tasks.links import LinkKey
 from lazycluster_tasks.testing.helpers import fill, small_disk, wait_until
 
@@ -179,6 +180,19 @@ def test_a_revoke_that_may_pass_is_tried_again_and_one_that_cannot_is_not(
     _, err = watcher.communicate(timeout=10)
     assert watcher.returncode == 0 and "the lines stay until they expire" in err
     assert "read-only" in err and keys.read_bytes() == text
+
+
+def test_a_marked_process_that_leads_no_group_yet_is_ended_alone(tmp_path: Path) -> None:
+    """A start's process between its fork and its ``setsid`` has no group of its own: it is
+    signalled alone (the old guard signalled only groups and reported it a survivor)."""
+    folder = tmp_path / "lazycluster-y"
+    folder.mkdir()
+    argv = [sys.executable, "-c", "import time; time.sleep(60)", f"{folder}/x"]
+    proc = subprocess.Popen(argv)  # in this process's group
+    (folder / "x.pid").write_text(f"{proc.pid}\n")
+    assert wait_until(lambda: guard_module.marked(proc.pid, f"{folder}/"), 10)
+    assert guard_module.end_all(str(folder), f"{folder}/", grace=1.0, sweep=0.0) == []
+    assert proc.wait(timeout=5) == -signal.SIGTERM
 
 
 def test_the_guard_has_no_process_of_its_own_left_behind(tmp_path: Path, home: Path) -> None:

@@ -125,15 +125,13 @@ def end_all(folder: str, marker: str, grace: float = STOP_GRACE, sweep: float = 
     groups |= {_group(pid) for pid in _marked_in(marker, folder)}
     groups.discard(os.getpgrp())
     for group in groups:
-        with contextlib.suppress(OSError):
-            os.killpg(group, signal.SIGTERM)
+        _signal(group, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while groups and time.monotonic() < deadline:
         time.sleep(0.05)
         groups = {g for g in groups if _command_line(g) is not None}
     for group in groups:
-        with contextlib.suppress(OSError):
-            os.killpg(group, signal.SIGKILL)
+        _signal(group, signal.SIGKILL)
     until = time.monotonic() + sweep
     while time.monotonic() < until:
         for pid in _marked_in(marker, folder):
@@ -141,6 +139,18 @@ def end_all(folder: str, marker: str, grace: float = STOP_GRACE, sweep: float = 
                 os.killpg(_group(pid), signal.SIGKILL)
         time.sleep(0.1)
     return sorted(g for g in groups if _command_line(g) is not None)
+
+
+def _signal(group: int, sig: int) -> None:
+    """Signal the process group of a marked leader; one that has no group yet (between its
+    start's fork and its ``setsid``) alone."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(OSError):
+            os.kill(group, sig)
+    except OSError:
+        pass
 
 
 def _group(pid: int) -> int:
