@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -130,14 +131,20 @@ class Clients:
 
 
 async def _terminate(address: str, security: Any, timeout: float) -> None:
-    from distributed.core import rpc
+    """Ask the scheduler to close itself; return once it did. Its close ends by closing every
+    comm, ours too, before any reply is sent (after its plugins' and preloads' close hooks):
+    that closing, once the request was written, is its answer."""
+    from distributed.comm import connect
+    from distributed.comm.core import CommClosedError
 
     args = security.get_connection_args("client") if security is not None else {}
-    scheduler = rpc(address, connection_args=args, timeout=timeout)
+    comm = await connect(address, timeout=timeout, **args)
     try:
-        await asyncio.wait_for(scheduler.terminate(), timeout)
+        await asyncio.wait_for(comm.write({"op": "terminate", "reply": True}), timeout)
+        with contextlib.suppress(CommClosedError):
+            await asyncio.wait_for(comm.read(), timeout)
     finally:
-        await scheduler.close_rpc()
+        comm.abort()
 
 
 def _run(coroutine: Coroutine[Any, Any, None]) -> BaseException | None:

@@ -103,6 +103,19 @@ CLASS_CHECK_TIMEOUT = 60.0
 CLOSE_WAIT = 8.0
 
 
+class SchedulerClose(threading.Thread):
+    """The scheduler asked to close itself, in a thread (a cleanup's); ``closed``: it said it
+    did (see Clients.close_scheduler)."""
+
+    def __init__(self, clients: Clients) -> None:
+        super().__init__(name="lct-close-scheduler", daemon=True)
+        self._clients = clients
+        self.closed = False
+
+    def run(self) -> None:
+        self.closed = self._clients.close_scheduler()
+
+
 class Engine:
     """The processes of one Dask cluster on a RuntimeGroup, from start to verified cleanup."""
 
@@ -1043,14 +1056,15 @@ class Engine:
         names: list[str],
         remove_folders: bool = False,
         grace: float | None = None,
-        closing: threading.Thread | None = None,
+        closing: SchedulerClose | None = None,
     ) -> None:
         """Stop processes grouped by runtime, all runtimes at once, one round trip each; verify
         none survived. ``remove_folders`` (cleanup) also removes the cluster folder — or the
         whole working dir when it is a temporary one — in that same round trip. ``grace``:
         seconds between TERM and KILL (default: the options' ``stop_grace``). ``closing``: the
         scheduler is closing itself meanwhile: the workers are KILLed first, in the same round
-        trip, and the scheduler's host is stopped once that close ended."""
+        trip, and the scheduler's host is stopped once that close ended (a scheduler that said
+        it closed is KILLed too: what is left is its interpreter's exit, ~0.1 s)."""
         grace = self.options.stop_grace if grace is None else grace
         infos = self.table.known(names)
         jobs = self.table.by_owner(infos)
@@ -1063,9 +1077,12 @@ class Engine:
 
         def stop(job: tuple[Runtime, list[ProcessInfo]]) -> None:
             runtime, infos = job
+            kill = set(workers)
             if closing is not None and self._key(runtime) == scheduler:
                 closing.join(CLOSE_WAIT)  # its own close ends it sooner than a TERM would
-            kill_first = [i.pid for i in infos if i.name in workers]
+                if closing.closed:
+                    kill.add("scheduler")
+            kill_first = [i.pid for i in infos if i.name in kill]
             self._stop_on(runtime, infos, names, remove_folders, grace, kill_first)
 
         failed: set[str] = set()
@@ -1155,9 +1172,7 @@ class Engine:
         self.state = ClusterState.stopping
         closing = None
         if close_scheduler:
-            closing = threading.Thread(
-                target=self.clients.close_scheduler, name="lct-close-scheduler", daemon=True
-            )
+            closing = SchedulerClose(self.clients)
             closing.start()
         else:
             self.clients.close()
