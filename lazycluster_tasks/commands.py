@@ -301,11 +301,39 @@ def kill_marked(pids: Sequence[int], marker: str) -> str:
     )
 
 
-def stop_folder(folder: str, grace: float = 2.0) -> str:
-    """Like :func:`stop_pid_files` for every ``*.pid`` file in ``folder`` (teardown by folder)."""
+def stop_folder(folder: str, grace: float = 2.0, spare_guard: bool = False) -> str:
+    """Like :func:`stop_pid_files` for every ``*.pid`` file in ``folder`` (teardown by folder).
+    ``spare_guard``: not the guard's (:func:`ask_guard` TERMed it; :func:`await_guard` ends it)."""
     if not folder or folder.rstrip("/") in ("", "~"):
         raise ValueError(f"refusing to use folder {folder!r}")
-    return _stop_groups(f"{q(folder.rstrip('/'))}/*.pid", folder.rstrip("/") + "/", grace)
+    skip = f"{folder.rstrip('/')}/{GUARD_PID}" if spare_guard else ""
+    return _stop_groups(f"{q(folder.rstrip('/'))}/*.pid", folder.rstrip("/") + "/", grace, skip)
+
+
+def ask_guard(folder: str, ask: str, answer: str, marker: str) -> str:
+    """Write ``marker`` to ``ask`` (an answer left from before removed) and TERM the folder's
+    guard, which then revokes those lines of authorized_keys and writes the edit's answer to
+    ``answer`` (hostside.guard). Sets ``$gp`` to the guard's pid ("" when none runs)."""
+    pid_file = f"{folder.rstrip('/')}/{GUARD_PID}"
+    return (
+        f"{MARKED_IDS}; rm -f -- {q(answer)}; "
+        f"{{ printf '%s\\n' {q(marker)} >{q(ask)}; }} 2>/dev/null; "
+        f'p=; {{ read -r p <{q(pid_file)}; }} 2>/dev/null; case "$p" in *[!0-9]*) p=;; esac; '
+        f'marker={q(folder.rstrip("/") + "/")}; pids=",$p"; marked_ids; gp=${{ids# }}; '
+        '[ -z "$gp" ] || kill -TERM "$gp" 2>/dev/null'
+    )
+
+
+def await_guard(wait: float) -> str:
+    """Wait up to ``wait`` seconds for the guard :func:`ask_guard` TERMed to end, then KILL
+    it; ``left=PID`` and ``s=1`` when it survives that."""
+    polls = max(1, int(wait / 0.02))
+    return (
+        f"{RUNNING}; i=0; "
+        f'while running "$gp" && [ $i -lt {polls} ]; do sleep 0.02; i=$((i+1)); done; '
+        'if running "$gp"; then kill -KILL "$gp" 2>/dev/null; sleep 0.1; '
+        'if running "$gp"; then echo "left=$gp"; s=1; fi; fi'
+    )
 
 
 def release_env(lease: str) -> str:
@@ -317,10 +345,11 @@ def release_env(lease: str) -> str:
     return f"rm -f {base}/*/leases/{q(lease)} 2>/dev/null || true"
 
 
-def _stop_groups(files: str, marker: str, grace: float) -> str:
+def _stop_groups(files: str, marker: str, grace: float, skip: str = "") -> str:
+    spared = f'[ "$f" != {q(skip)} ] || continue; ' if skip else ""
     return (
         f"{MARKED_SIGNAL}; {LIVE_GROUP}; {MARKED_IDS}; marker={q(marker)}; "
-        f'pids=; for f in {files}; do [ -r "$f" ] || continue; read p <"$f"; '
+        f'pids=; for f in {files}; do {spared}[ -r "$f" ] || continue; read p <"$f"; '
         'case "$p" in *[!0-9]*|"") continue;; esac; pids="$pids,$p"; done; '
         "marked_ids; "
         f"{_terminate_ids(grace)}; "

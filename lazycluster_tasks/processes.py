@@ -22,11 +22,14 @@ from lazycluster_tasks import commands, hostside, link_commands
 from lazycluster_tasks.commands import q
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import LazyclusterError, OperationTimeoutError
+from lazycluster_tasks.hostside import guard as host_guard
 from lazycluster_tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 40
+#: Seconds a stop waits for the guard's revoke (the edit waits up to 10 s for the file's lock).
+GUARD_EDIT_WAIT = 12.0
 
 
 @dataclass
@@ -166,16 +169,19 @@ def stop_folder(
     pid files: those on record and any whose start's answer was lost; the folder's guard too),
     then remove ``remove``; return the pgids that survived. ``revoke``: also remove the
     cluster's lines from the user's authorized_keys (the safe edit, hostside.authorized_keys),
-    beside the stop (its interpreter starts while the processes end), even when one survived;
-    a failed edit fails the stop, naming the host and its cause. The cluster's hold on the
+    done by the folder's guard on the stop's TERM, else here, even when one survived; a
+    failed edit fails the stop, naming the host and its cause. The cluster's hold on the
     host's environment (named after the folder; see hostside.envs) goes with the folder.
     ``kill_first``: leaders whose groups are KILLed before anything else (workers that would
     otherwise begin a graceful shutdown that outlasts the grace)."""
     release = commands.release_env(posixpath.basename(folder.rstrip("/"))) if remove else ""
-    stop = commands.stop_folder(folder, grace)
+    stop = commands.stop_folder(folder, grace, spare_guard=revoke is not None)
     if kill_first:
         stop = f"{commands.kill_marked(kill_first, folder_marker(folder))}; {stop}"
-    return _stop(runtime, stop, grace, remove, revoke, release)
+    if revoke is not None:  # the guard first: it edits while the rest ends (a grace of 0 too)
+        ask, answer = _guard_files(folder)
+        stop = f"{commands.ask_guard(folder, ask, answer, revoke.marker)}; {stop}"
+    return _stop(runtime, stop, grace, remove, revoke, release, folder)
 
 
 @dataclass(frozen=True)
@@ -211,24 +217,31 @@ def _stop(
     remove: str | None = None,
     revoke: Revoke | None = None,
     release: str = "",
+    folder: str | None = None,
 ) -> list[int]:
     line, stdin = f"{stop}; s=$?", None
-    if revoke is not None:  # beside the stop, whatever its outcome: the interpreter starts while
-        # the processes end (an asynchronous command's stdin is /dev/null unless it is given)
-        edit = link_commands.revoke_keys(revoke.python, revoke.marker)
-        line = f"exec 3<&0; {edit} <&3 3<&- & r=$!; exec 3<&-; {line}"
+    if revoke is not None:  # whatever the stop's outcome
+        edit = f"{link_commands.revoke_keys(revoke.python, revoke.marker)} || s=$?"
         stdin = hostside.source("authorized_keys").encode()
+        if folder is None:
+            line += f"; {edit}"
+        else:  # the folder's guard edited on the stop's TERM (its interpreter ran already: a
+            # new one costs ~45 ms of CPU per host); the program here only where it did not
+            answer = _guard_files(folder)[1]
+            line += (
+                f"; {commands.await_guard(GUARD_EDIT_WAIT)}; if [ -s {q(answer)} ]; "
+                f"then cat -- {q(answer)}; else {edit}; fi"
+            )
     if remove:  # only when every process is gone: a survivor keeps its folder and pid file
         line += f"; [ $s != 0 ] || {commands.remove_tree(remove)} || s=$?"
     if release:  # a survivor is in use anyway; a missing file is no error
         line += f"; {release}"
-    if revoke is not None:
-        line += "; wait $r || s=$?"
     result = runtime.connection.run(f"{line}; exit $s", timeout=grace + 30, stdin=stdin)
     if revoke is not None:  # one line per host: the file and each key's comment
-        for path, removed in _edited(result.stdout):
+        for path, removed, by in _edited(result.stdout):
             named = ", ".join(removed) or revoke.marker
-            logger.info("%s: removed %s from %s", runtime.host, named, path)
+            by = f" (by its {by})" if by else ""
+            logger.info("%s: removed %s from %s%s", runtime.host, named, path, by)
     left = [int(x[5:]) for x in result.stdout.split() if x.startswith("left=")]
     if not result.ok and not left:
         why = tail(result.output, 300)
@@ -236,16 +249,26 @@ def _stop(
     return left
 
 
-def _edited(output: str) -> list[tuple[str, list[str]]]:
-    """The files the edit of authorized_keys changed and the comments of the lines it removed,
-    from its JSON answers in ``output``."""
+def _guard_files(folder: str) -> tuple[str, str]:
+    """Where a stop asks the folder's guard for a revoke, and where its answer comes."""
+    return (
+        posixpath.join(folder, host_guard.REVOKE_ASK),
+        posixpath.join(folder, host_guard.REVOKE_ANSWER),
+    )
+
+
+def _edited(output: str) -> list[tuple[str, list[str], str]]:
+    """The files the edit of authorized_keys changed, the comments of the lines it removed and
+    the host program that edited when not the edit program itself, from the JSON answers in
+    ``output``."""
     found = []
     for line in output.splitlines():
         if line.startswith("{"):
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 answer = json.loads(line)
                 if answer["changed"]:
-                    found.append((str(answer["path"]), [str(c) for c in answer.get("removed", [])]))
+                    removed = [str(c) for c in answer.get("removed", [])]
+                    found.append((str(answer["path"]), removed, str(answer.get("by", ""))))
     return found
 
 

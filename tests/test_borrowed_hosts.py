@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,39 @@ def test_a_full_disk_at_the_revoke_keeps_the_lines_until_a_retry_can_remove_them
     assert teardown(cluster.record())["host2"] == "host2: stopped"  # the retry, from the record
     assert hosts.authorized_keys_bytes("host2") == before
     assert not any(marker in hosts.authorized_keys(h) for h in HOSTS)
+
+
+def test_where_the_guard_cannot_revoke_the_stop_edits_itself(
+    user_files: TestHosts, no_leftovers: TestHosts, no_local_leaks: None, caplog
+) -> None:
+    """The cleanup's revoke is the host's guard's (its interpreter runs already), but where
+    no guard runs any more — ended by hand, say — the stop runs the edit program itself; an
+    answer left in the folder from before is never taken for this stop's."""
+    caplog.set_level(logging.INFO, logger="lazycluster_tasks")
+    hosts = user_files
+    before = hosts.authorized_keys_bytes("host2")
+    cluster = cluster_on(hosts, HOSTS, network_mode="tunnelled", nanny=False)
+    marker = link_commands.peer_marker(cluster.engine.cluster_id)
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(3, timeout=60)
+            assert cluster.engine.routing.links is not None
+            cluster.engine.routing.links.wait()
+            assert marker.encode() in hosts.authorized_keys_bytes("host2")
+            (host2,) = [rt for rt in cluster.engine.group.runtimes if rt.host == "host2"]
+            folder = shlex.quote(cluster.engine.folder(host2))
+            stale = '{"path": "/nowhere", "changed": true, "lines": 0, "expiry": "", "by": "guard"}'
+            host2.connection.check(
+                f'kill -KILL "$(cat {folder}/guard.pid)" && '
+                f"printf '%s\\n' {shlex.quote(stale)} >{folder}/revoke.answer"
+            )
+    finally:
+        cluster.close()
+    assert hosts.authorized_keys_bytes("host2") == before
+    removed = [m for m in caplog.messages if m.startswith("host2: removed ")]
+    assert len(removed) == 1 and removed[0].endswith("/.ssh/authorized_keys"), removed
+    others = [m for m in caplog.messages if m.startswith(("host1: removed ", "host3: removed "))]
+    assert len(others) == 2 and all(m.endswith("(by its guard)") for m in others), others
 
 
 @pytest.mark.parametrize("flock", ["with flock", "without flock"])

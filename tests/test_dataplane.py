@@ -260,9 +260,9 @@ def test_each_dialling_host_has_its_own_key_let_in_from_its_own_addresses_and_lo
         assert len(added) == 1 and len(removed) == 1, (added, removed)
         assert added[0].startswith(f"{host}: added {said} to /")
         assert added[0].split(" (")[0].endswith("/.ssh/authorized_keys"), added
-        assert (
-            removed[0] == f"{host}: removed {said} from {added[0].split(' to ')[1].split(' (')[0]}"
-        )
+        path = added[0].split(" to ")[1].split(" (")[0]
+        # by the host's guard, on the stop's TERM (no interpreter started for the edit)
+        assert removed[0] == f"{host}: removed {said} from {path} (by its guard)"
 
 
 #: Host -> the ports bare links' keys may carry to it (a cluster's: its workers' and the next

@@ -3,6 +3,7 @@ process left on the host, it ends what is left, removes the folder and revokes t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -97,6 +98,51 @@ def test_the_guard_cleans_up_once_the_last_process_of_the_cluster_ended(
         assert f"{MARKER} removed" in err
     finally:
         for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("asked", "answers"),
+    [
+        (MARKER, True),  # every line of the cluster (a home shared by several hosts)
+        (f"{MARKER}@host1", True),  # the lines that let keys into its host
+        ("lazycluster-link-another", False),  # another cluster's: left to the stop
+        (None, False),  # nothing asked: a stop without links
+    ],
+)
+def test_a_stops_term_has_the_waiting_guard_revoke_what_it_asked_and_answer(
+    tmp_path: Path, home: Path, asked: str | None, answers: bool
+) -> None:
+    """The controller's stop asks for a revoke in the folder and TERMs the guard, which edits
+    with the interpreter it has running and answers as the edit program would (no second
+    interpreter per host); only the cluster's own lines, and no answer for anything else."""
+    folder = tmp_path / "lazycluster-guarded"
+    folder.mkdir()
+    worker = _process(folder, "host1-0")
+    watcher = guard(folder, home, "--key-marker", f"{MARKER}@host1")
+    keys = home / ".ssh" / "authorized_keys"
+    before = keys.read_bytes()
+    try:
+        _seen(folder)
+        if asked is not None:
+            (folder / "revoke.ask").write_text(f"{asked}\n")
+        watcher.send_signal(signal.SIGTERM)
+        _, err = watcher.communicate(timeout=10)
+        assert watcher.returncode == 0, err
+        answer = folder / "revoke.answer"
+        if answers:
+            result = json.loads(answer.read_text())
+            assert result["changed"] and sorted(result["removed"]) == [
+                f"{MARKER}/{h}@host1" for h in ("host2", "host3")
+            ]
+            assert keys.read_bytes() == USER
+        else:
+            assert not answer.exists() and keys.read_bytes() == before
+        assert worker.poll() is None and folder.exists()  # the stop ends and removes them
+    finally:
+        for proc in (worker, watcher):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()

@@ -567,8 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     except EditError as exc:
         print(f"authorized_keys: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result._asdict()))
+    print(answer(result))
     return 0
+
+
+def answer(result: Result, by: str = "") -> str:
+    """The edit's outcome as the one JSON line a controller reads (this program's output);
+    ``by``: the program that edited, when not this one."""
+    return json.dumps({**result._asdict(), **({"by": by} if by else {})})
 
 
 if __name__ == "__main__":

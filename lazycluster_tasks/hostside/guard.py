@@ -16,8 +16,12 @@ by their ``death_timeout``; a scale-down to nothing; a reboot of the controller)
    lines have expired anyway;
 4. removes the working dir around the folder when it was made for the cluster and is empty.
 
-When the controller's own cleanup runs first it stops the guard with the rest (its stop does all
-of the above itself and reports the outcome); a guard whose folder vanished revokes and exits.
+When the controller's own cleanup runs first it stops the guard with the rest and does all of
+the above itself, reporting the outcome. Its TERM finds the guard waiting, with this interpreter
+and the edit's code loaded: the guard then revokes the lines the stop asked for in the folder
+(``revoke.ask``: the cluster's, or this host's), writes the edit's answer (``revoke.answer``) and
+exits; where no answer came the stop edits itself. A guard whose folder vanished revokes and
+exits.
 
 Runs on the hosts with the standard library only; see ``hostside``.
 """
@@ -52,6 +56,9 @@ REVOKE_FOR = 3600.0
 #: Pid files in the folder that are not the cluster's own processes: the guard's, the links'.
 GUARD_PID = "guard.pid"
 GUARD_LOCK = "guard.lock"
+#: What a stop asks the guard to revoke on its TERM (a marker), and the edit's answer.
+REVOKE_ASK = "revoke.ask"
+REVOKE_ANSWER = "revoke.answer"
 LINK_PREFIX = "link-"
 
 
@@ -229,6 +236,39 @@ def revoke(key_marker: str, pause: float, give_up: float) -> None:
         return
 
 
+class Stopped(Exception):
+    """A stop's TERM came while the guard waited."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise Stopped
+
+
+def answer_stop(folder: str, key_marker: str) -> None:
+    """The revoke a stop asked for in ``folder`` (its ``REVOKE_ASK``), with the edit's answer
+    written to ``REVOKE_ANSWER`` once it is done. Only this cluster's lines: those of its key
+    marker, or every line of the cluster (a home shared by several hosts holds them all). A
+    failed edit writes no answer: the stop edits itself and reports why."""
+    try:
+        with open(os.path.join(folder, REVOKE_ASK), encoding="utf-8") as handle:
+            asked = handle.read().strip()
+    except (OSError, ValueError):
+        return
+    if asked not in (key_marker, key_marker.partition("@")[0]):
+        print(f"guard: not this cluster's lines, left to the stop: {asked!r}", file=sys.stderr)
+        return
+    try:
+        result = authorized_keys.set_lines(asked, [], 0.0)
+    except (authorized_keys.EditError, ValueError) as exc:
+        print(f"guard: revoke failed, left to the stop: {exc}", file=sys.stderr)
+        return
+    path = os.path.join(folder, REVOKE_ANSWER)
+    with contextlib.suppress(OSError):  # complete or absent: written aside, then renamed
+        with open(f"{path}.part", "w", encoding="utf-8") as handle:
+            handle.write(authorized_keys.answer(result, by="guard") + "\n")
+        os.replace(f"{path}.part", path)
+
+
 def clean(folder: str, marker: str, remove: str, sweep: float = SWEEP) -> None:
     """Steps 1, 2 and 4 of the module's docstring: what is left ended, the folder removed,
     and ``remove`` (the working dir made for the cluster) once it is empty."""
@@ -269,7 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     if claim(folder) is None:
         print("guard: another guard watches this folder", file=sys.stderr)
         return 0
-    if wait_until_unused(folder, marker, args.pause, args.quiet, args.grace):
+    # a stop's TERM while it waits: the revoke it asked for, at once (see answer_stop); from
+    # then on a TERM ends the guard (the edit is safe at any moment)
+    try:
+        if args.key_marker:
+            signal.signal(signal.SIGTERM, _stopped)
+        unused = wait_until_unused(folder, marker, args.pause, args.quiet, args.grace)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except Stopped:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        answer_stop(folder, args.key_marker)
+        return 0
+    if unused:
         print("guard: no process of the cluster is left here; cleaning up", file=sys.stderr)
         clean(folder, marker, args.remove, args.sweep)
     if args.key_marker:
