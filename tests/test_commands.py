@@ -70,6 +70,20 @@ def test_kill_group_terminates_a_process_group():
     assert proc.wait(timeout=5) != 0
 
 
+def test_a_guard_that_outlasts_the_stops_wait_is_killed_and_none_is_not_waited_for():
+    """The stop waits for the guard it asked for a revoke a bounded time, then KILLs it (its
+    edit is safe at any moment; the stop then edits itself); with no guard it waits not at all
+    (a wait of 60 s would outlast the shell's 10 s timeout)."""
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"], start_new_session=True
+    )
+    time.sleep(0.2)  # let the shell install its trap
+    result = sh(f"gp={proc.pid}; s=0; kill -TERM $gp; {commands.await_guard(0.3)}; echo s=$s")
+    assert result.stdout.split() == ["s=0"], result
+    assert proc.wait(timeout=5) == -9
+    assert sh(f"gp=; s=0; {commands.await_guard(60)}; echo s=$s").stdout.split() == ["s=0"]
+
+
 def test_kill_group_escalates_to_sigkill():
     proc = subprocess.Popen(
         ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"], start_new_session=True
