@@ -178,10 +178,11 @@ def stop_folder(
     stop = commands.stop_folder(folder, grace, spare_guard=revoke is not None)
     if kill_first:
         stop = f"{commands.kill_marked(kill_first, folder_marker(folder))}; {stop}"
+    answer = None
     if revoke is not None:  # the guard first: it edits while the rest ends (a grace of 0 too)
         ask, answer = _guard_files(folder)
         stop = f"{commands.ask_guard(folder, ask, answer, revoke.marker)}; {stop}"
-    return _stop(runtime, stop, grace, remove, revoke, release, folder)
+    return _stop(runtime, stop, grace, remove, revoke, release, answer)
 
 
 @dataclass(frozen=True)
@@ -217,17 +218,18 @@ def _stop(
     remove: str | None = None,
     revoke: Revoke | None = None,
     release: str = "",
-    folder: str | None = None,
+    answer: str | None = None,
 ) -> list[int]:
+    """One round trip: ``stop``, then ``revoke``'s edit — the folder's guard's when the stop
+    asked it and its ``answer`` file came — then the removal of ``remove`` and ``release``."""
     line, stdin = f"{stop}; s=$?", None
     if revoke is not None:  # whatever the stop's outcome
         edit = f"{link_commands.revoke_keys(revoke.python, revoke.marker)} || s=$?"
         stdin = hostside.source("authorized_keys").encode()
-        if folder is None:
+        if answer is None:
             line += f"; {edit}"
         else:  # the folder's guard edited on the stop's TERM (its interpreter ran already: a
             # new one costs ~45 ms of CPU per host); the program here only where it did not
-            answer = _guard_files(folder)[1]
             line += (
                 f"; {commands.await_guard(GUARD_EDIT_WAIT)}; if [ -s {q(answer)} ]; "
                 f"then cat -- {q(answer)}; else {edit}; fi"

@@ -74,9 +74,9 @@ KEEPALIVE_SECONDS = 15
 WINDOW_SIZE = 16 * 2**20
 MAX_PACKET_SIZE = 2**17  # paramiko clamps this to what the server accepts
 #: AES-GCM is one pass instead of cipher + MAC: prefer it where the server offers it.
+FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 #: Seconds a refused session is asked for again while sessions of ours are still closing.
 CLOSE_LAG = 2.0
-FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
 def _tuned_transport(sock: Any, **kwargs: Any) -> paramiko.Transport:
