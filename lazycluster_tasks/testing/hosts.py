@@ -921,6 +921,16 @@ class TestHosts:
                     (root / "cgroup.procs").write_text(pid)
             group.rmdir()
 
+    def sshd_option(self, name: str, keyword: str) -> str:
+        """The value host ``name``'s sshd runs with for ``keyword`` (``sshd -T``: its config
+        with every default filled in), e.g. ``maxsessions``."""
+        config = str(self._host_dir(name) / "sshd_config")
+        for line in _run([SSHD, "-T", "-f", config]).splitlines():
+            key, _, value = line.partition(" ")
+            if key == keyword.lower():
+                return value
+        raise KeyError(f"sshd -T of {name} has no {keyword!r}")
+
     def sessions(self, name: str) -> int:
         """How many SSH sessions host `name` serves now (sshd children of its listener)."""
         listener = self._listener(self.host(name).name)
