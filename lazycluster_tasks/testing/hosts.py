@@ -697,15 +697,22 @@ class TestHosts:
         raise UnknownHostError(f"no test host {name!r} (have {[h.name for h in self.hosts]})")
 
     def _listener(self, name: str) -> psutil.Process | None:
-        """The listening sshd of host ``name`` (under its reaper, if it has one)."""
+        """The listening sshd of host ``name`` (under its reaper, if it has one). The reaper's
+        other sshd children are sessions orphaned by a killed monitor, on their way out: the
+        listener is the one whose command line names the host's config."""
         proc = self._sshd.get(name)
         if proc is None or proc.poll() is not None:
             return None
+        config = str(self._host_dir(name) / "sshd_config")
         try:
             top = psutil.Process(proc.pid)
             if _is_sshd(top):
                 return top
-            return next((c for c in top.children() if _is_sshd(c)), None)
+            for child in top.children():
+                with contextlib.suppress(psutil.Error):
+                    if _is_sshd(child) and config in " ".join(child.cmdline()):
+                        return child
+            return None
         except psutil.Error:
             return None
 
