@@ -93,6 +93,9 @@ CODE_SKIPPED = (
     "*.egg-info",
     ".ipynb_checkpoints",
 )
+#: How a host lays an environment out (hostside/envs.py); part of every key, so a change of
+#: layout makes new environments rather than reusing old ones. 2: plain lines in its .pth.
+ENV_LAYOUT = 2
 #: What the user's code folders may hold, together (then a clear error).
 CODE_LIMIT = 50 * 2**20
 CODE_FILES_LIMIT = 20_000
@@ -126,7 +129,7 @@ class Manifest:
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
-        digest = hashlib.sha256(f"{self.python} {self.machine}".encode())
+        digest = hashlib.sha256(f"{self.python} {self.machine} {ENV_LAYOUT}".encode())
         for unit in self.units:
             digest.update(unit.key.encode())
         object.__setattr__(self, "key", digest.hexdigest()[:16])

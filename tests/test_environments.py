@@ -144,6 +144,35 @@ def test_a_host_makes_the_environment_once_and_finds_it_after(tmp_path, small) -
     assert not list((home / ".cache" / "lazycluster" / "units").iterdir())
 
 
+def test_an_environment_names_its_units_plainly_and_runs_their_own_pth_files(tmp_path) -> None:
+    """Each unit is a plain line of lazycluster.pth (an interpreter's start then stays linear in
+    the units), except a unit with .pth files of its own, whose files run as they did here."""
+    manifest = environments.scan(include=["setuptools", "toolz"], code=[])
+    packs = environments.Packs(tmp_path / "packs")
+    with environments.stream(packs, manifest.units) as data:
+        stream = data.read()
+    home = tmp_path / "home"
+    home.mkdir()
+    made = envs(home, *_args(manifest, "build"), data=stream)
+    assert made.returncode == 0, made.stderr
+    python = json.loads(made.stdout)["env"]
+    units = home / ".cache" / "lazycluster" / "units"
+    (pth,) = Path(python).parent.parent.glob("lib/python*/site-packages/lazycluster.pth")
+    lines = pth.read_text().splitlines()
+    toolz = next(u.key for u in manifest.units if u.name == "toolz")
+    setuptools = next(u.key for u in manifest.units if u.name == "setuptools")
+    assert f"{units / toolz}" in lines
+    assert f"import site; site.addsitedir({str(units / setuptools)!r})" in lines
+    ran = subprocess.run(
+        [python, "-c", "import sys, toolz; print('_distutils_hack' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert ran.stdout.strip() == "True", ran.stderr  # setuptools' distutils-precedence.pth ran
+
+
 def test_a_cut_or_failed_transfer_leaves_nothing_a_later_start_would_use(tmp_path, small) -> None:
     manifest, data = small
     home = tmp_path / "home"

@@ -3,7 +3,7 @@
 Layout, under ``$XDG_CACHE_HOME/lazycluster`` (``~/.cache/lazycluster``), the login user's:
 
 - ``units/<key>/``: one distribution's files (or one code folder's), as they are on sys.path;
-- ``envs/<key>/``: a venv of this host's Python whose ``lazycluster.pth`` adds its units;
+- ``envs/<key>/``: a venv of this host's Python whose ``lazycluster.pth`` names its units;
   ``lazycluster-env.json`` in it says it is complete (only complete ones are used);
 - ``lock``: held while units or environments are made (two starts at once make them once);
 - ``envs/<key>/leases/<cluster folder name>``: a start that checked or made the environment
@@ -332,6 +332,16 @@ def _receiving(path: str) -> bool:
     return True
 
 
+def _pth_line(unit: str) -> str:
+    """The line of ``lazycluster.pth`` that puts ``unit`` on sys.path: the folder itself, or,
+    where the unit has ``.pth`` files of its own (setuptools' for one), ``site.addsitedir``,
+    which runs them as the controller's site-packages did. Plain lines keep every interpreter's
+    start linear in the units: each ``addsitedir`` stats all of sys.path (75 ms at 130 units)."""
+    if "\n" in unit or "\r" in unit or any(n.endswith(".pth") for n in os.listdir(unit)):
+        return f"import site; site.addsitedir({unit!r})\n"
+    return unit + "\n"
+
+
 def _make_env(root: str, key: str, units: list[str], python: str) -> str:
     envs = os.path.join(root, "envs")
     os.makedirs(envs, mode=0o700, exist_ok=True)
@@ -353,10 +363,7 @@ def _make_env(root: str, key: str, units: list[str], python: str) -> str:
             "import site; print(site.getsitepackages()[0])",
         ]
         site_dir = subprocess.run(probe, stdout=subprocess.PIPE, check=True).stdout.decode().strip()
-        lines = [
-            f"import site; site.addsitedir({os.path.join(root, 'units', unit)!r})\n"
-            for unit in units
-        ]
+        lines = [_pth_line(os.path.join(root, "units", unit)) for unit in units]
         with open(os.path.join(site_dir, PTH), "w", encoding="utf-8") as handle:
             handle.writelines(lines)
         with open(os.path.join(aside, MARK), "w", encoding="utf-8") as handle:
