@@ -1206,7 +1206,7 @@ class Engine:
             self.controller.cleanup()
         if error is not None:
             self.state = ClusterState.cleanup_failed
-            left = sorted({i.host for i in self.table.all()})
+            left = sorted({i.host or "this machine" for i in self.table.all()})
             logger.error("cleanup incomplete: processes kept on record on %s", ", ".join(left))
             raise error
         self.state = ClusterState.stopped

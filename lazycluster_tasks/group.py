@@ -8,7 +8,6 @@ import os
 import posixpath
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from lazycluster_tasks import ports as portlib
@@ -27,31 +26,46 @@ GROUP_PORT_RANGE = range(5800, 6000)
 
 
 def run_parallel(operation: str, jobs: Mapping[str, K], fn: Callable[[K], T]) -> dict[str, T]:
-    """Run ``fn`` on every job concurrently; results by key, or GroupError naming failures."""
+    """Run ``fn`` on every job concurrently; results by key, or GroupError naming failures.
+
+    One thread per job, each in a copy of the caller's context (as asyncio.to_thread does): an
+    orchestrator's run context and settings reach it (without them, a Prefect logger in a job
+    started a temporary API server of its own). Plain threads, not an executor: an executor
+    takes no work once the interpreter is exiting, and the cleanup at exit fans out too."""
     if not jobs:
         return {}
     results: dict[str, T] = {}
     errors: dict[str, BaseException] = {}
-    if len(jobs) == 1:  # no thread for a single job
-        ((key, job),) = jobs.items()
+
+    def run(key: str, job: K) -> None:
         try:
             results[key] = fn(job)
-        except Exception as exc:
+        except BaseException as exc:  # reported below, per job
             errors[key] = exc
+
+    if len(jobs) == 1:  # no thread for a single job
+        ((key, job),) = jobs.items()
+        run(key, job)
     else:
-        with ThreadPoolExecutor(len(jobs), thread_name_prefix="lct-fan-out") as pool:
-            # each job runs in a copy of the caller's context (as asyncio.to_thread does): an
-            # orchestrator's run context and settings reach it (without them, a Prefect logger
-            # in a job started a temporary API server of its own)
-            futures = {
-                key: pool.submit(contextvars.copy_context().run, fn, job)
-                for key, job in jobs.items()
-            }
-            for key, future in futures.items():
-                try:
-                    results[key] = future.result()
-                except Exception as exc:
-                    errors[key] = exc
+        threads = [
+            threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(run, key, job),
+                name=f"lct-fan-out_{i}",
+            )
+            for i, (key, job) in enumerate(jobs.items())
+        ]
+        started = []
+        try:
+            for thread in threads:
+                thread.start()
+                started.append(thread)
+        finally:  # the jobs under way end before this returns, or raises
+            for thread in started:
+                thread.join()
+    for exc in errors.values():
+        if not isinstance(exc, Exception):  # an interrupt, not a host's failure
+            raise exc
     if errors:
         raise GroupError(operation, results, errors)
     return results

@@ -14,10 +14,13 @@ Placement follows capacity (each host's ``workers_per_host``, or one worker per 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
@@ -53,6 +56,26 @@ PORTS = range(
 )
 #: Seconds the scheduler has to come up.
 SCHEDULER_TIMEOUT = 30.0
+
+
+T = TypeVar("T")
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``asyncio.to_thread`` for the close: ``fn`` in a thread of its own, not the loop's
+    executor, which takes no work once the interpreter exits (when distributed closes the
+    clusters left open)."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+    context = contextvars.copy_context()
+
+    def run() -> None:
+        try:
+            future.set_result(context.run(fn, *args))
+        except BaseException as exc:  # the awaiting task raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="lct-close", daemon=True).start()
+    return await asyncio.wrap_future(future)
 
 
 class SSHScheduler(ProcessInterface):
@@ -94,7 +117,7 @@ class SSHScheduler(ProcessInterface):
             # after the workers were killed and the scheduler terminated, what is left is
             # killed at once; else TERM and the grace
             killed = self.launcher.workers_killed
-            await asyncio.to_thread(self.launcher.engine.cleanup, 0.0 if killed else None)
+            await _off_loop(self.launcher.engine.cleanup, 0.0 if killed else None)
         except Exception as exc:  # the engine keeps what it could not stop on record
             self.launcher.cleanup_error = exc
             logger.error("cluster cleanup incomplete: %s", exc)
@@ -208,7 +231,7 @@ class WorkerLauncherLoop:
             self.hosts.stale.setdefault(host, []).append(name)
             return
         try:
-            await asyncio.to_thread(self.engine.stop, [name])
+            await _off_loop(self.engine.stop, [name])
         except Exception as exc:
             logger.warning(
                 "worker %s on %s not stopped yet (%s); trying again later", name, host, exc
@@ -608,15 +631,15 @@ class LazySSHCluster(SpecCluster):
                 self.scheduler.status = Status.failed  # SpecCluster retires nothing through it
                 self.shutdown_scheduler = False  # nor waits to connect to it
             elif self._integration is not None:
-                await asyncio.to_thread(self._integration.before_close, self.engine, logger)
+                await _off_loop(self._integration.before_close, self.engine, logger)
             # the engine's own client goes first: it would try to reconnect to a scheduler
             # that SpecCluster is about to terminate
-            await asyncio.to_thread(self.engine.clients.close)
+            await _off_loop(self.engine.clients.close)
             if not orphaned and self.shutdown_scheduler:
                 # the workers are killed first (as SSHCluster's close does), then SpecCluster
                 # terminates the scheduler: its plugins and preloads still close, and it has
                 # no worker left to tell to close
-                await asyncio.to_thread(self.engine.kill_workers)
+                await _off_loop(self.engine.kill_workers)
                 self.launcher.workers_killed = True
         self.launcher.closing = True
         await super()._close()

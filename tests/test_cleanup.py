@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import subprocess
+import sys
 import time
 
 import pytest
@@ -80,6 +83,41 @@ def test_cleanup_stops_a_process_of_the_folder_that_leads_no_group_yet(
     finally:
         cluster.cleanup()
     assert multi_hosts.processes("host1") == []
+
+
+EXIT_WITHOUT_CLEANUP = """
+import json, sys
+from lazycluster_tasks import LazySSHCluster, RuntimeGroup
+from lazycluster_tasks.dask import DaskCluster
+kind, hosts, config = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+if kind == "DaskCluster":
+    group = RuntimeGroup(hosts=hosts, ssh_config_path=config)
+    cluster = DaskCluster(group, threads_per_worker=1)
+    cluster.start()
+    cluster_id = cluster.cluster_id
+else:
+    cluster = LazySSHCluster(hosts, ssh_config_path=config, threads_per_worker=1)
+    cluster_id = cluster.engine.cluster_id
+print(json.dumps(cluster_id), flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["DaskCluster", "LazySSHCluster"])
+def test_a_program_that_exits_without_cleanup_leaves_nothing_behind(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, kind: str
+) -> None:
+    """The cleanup at exit (ours for DaskCluster, distributed's for a SpecCluster) runs while
+    the interpreter exits, when executors take no more work: it fans out on threads of its
+    own, and every host is clean once the program has ended, with no wait."""
+    argv = [sys.executable, "-c", EXIT_WITHOUT_CLEANUP, kind, ",".join(HOSTS)]
+    ran = subprocess.run(
+        [*argv, str(multi_hosts.ssh_config_path)], capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    cluster_id = json.loads(ran.stdout.splitlines()[-1])
+    assert "failed" not in ran.stderr and "cannot schedule" not in ran.stderr, ran.stderr[-3000:]
+    assert multi_hosts.leftovers() == {}
+    assert local_leftovers(cluster_id) == []
 
 
 def test_a_host_that_cannot_be_cleaned_keeps_its_processes_on_record(
