@@ -10,11 +10,12 @@ install's source). Each distribution and each code folder is one unit, keyed by 
 
 How it travels: each unit is packed once here, a gzip'd tar kept in the cache folder, and only
 the units a host lacks are sent, concatenated in one stream, in one command per host. On the host
-(``hostside/envs.py``) they land in ``~/.cache/lazycluster/dists/<key>/`` and an environment is a
+(``hostside/envs.py``) they land in ``~/.cache/lazycluster/units/<key>/`` and an environment is a
 venv of the host's own Python of the same minor version, ``~/.cache/lazycluster/envs/<key>/``,
-whose one ``.pth`` file adds those folders: many environments share the units, and a second start
-finds its environment at once. A host whose interpreter is this machine's and sees the same units
-(a shared filesystem) uses it as it is: nothing is sent.
+whose site-packages links to the distributions' folders and whose one ``.pth`` file adds the code
+folders: many environments share the units, and a second start finds its environment at once. A
+host whose interpreter is this machine's and sees the same units (a shared filesystem) uses it as
+it is: nothing is sent.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from lazycluster_tasks import commands, hostside
 from lazycluster_tasks.connection import CommandResult, tail
 from lazycluster_tasks.errors import EnvironmentSyncError, RemoteEnvironmentError
 from lazycluster_tasks.group import run_parallel
+from lazycluster_tasks.hostside.envs import CODE_UNIT
 from lazycluster_tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -94,8 +96,9 @@ CODE_SKIPPED = (
     ".ipynb_checkpoints",
 )
 #: How a host lays an environment out (hostside/envs.py); part of every key, so a change of
-#: layout makes new environments rather than reusing old ones. 2: plain lines in its .pth.
-ENV_LAYOUT = 2
+#: layout makes new environments rather than reusing old ones. 3: site-packages links to the
+#: distributions' units (2: a .pth line per unit; 1: a site.addsitedir per unit).
+ENV_LAYOUT = 3
 #: What the user's code folders may hold, together (then a clear error).
 CODE_LIMIT = 50 * 2**20
 CODE_FILES_LIMIT = 20_000
@@ -357,7 +360,7 @@ def _code_unit(folder: Path, shipped: set[Path]) -> Unit | None:
             )
     if not any(where.endswith(".py") for where, _ in files):
         return None
-    return _unit(f"code-{normalize(folder.name) or 'root'}", "", files, stamps)
+    return _unit(f"{CODE_UNIT}{normalize(folder.name) or 'root'}", "", files, stamps)
 
 
 def _gitignore(folder: Path) -> list[str]:

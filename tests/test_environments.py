@@ -144,10 +144,11 @@ def test_a_host_makes_the_environment_once_and_finds_it_after(tmp_path, small) -
     assert not list((home / ".cache" / "lazycluster" / "units").iterdir())
 
 
-def test_an_environment_names_its_units_plainly_and_runs_their_own_pth_files(tmp_path) -> None:
-    """Each unit is a plain line of lazycluster.pth (an interpreter's start then stays linear in
-    the units), except a unit with .pth files of its own, whose files run as they did here."""
-    manifest = environments.scan(include=["setuptools", "toolz"], code=[])
+def test_an_environment_lays_out_its_distributions_in_site_packages(tmp_path) -> None:
+    """Distributions are links in the venv's site-packages (one sys.path entry for all, their
+    .pth files run by site); the user's code folders are lines of lazycluster.pth."""
+    project = _project(tmp_path / "project")
+    manifest = environments.scan(include=["setuptools", "toolz"], code=[str(project)])
     packs = environments.Packs(tmp_path / "packs")
     with environments.stream(packs, manifest.units) as data:
         stream = data.read()
@@ -157,20 +158,54 @@ def test_an_environment_names_its_units_plainly_and_runs_their_own_pth_files(tmp
     assert made.returncode == 0, made.stderr
     python = json.loads(made.stdout)["env"]
     units = home / ".cache" / "lazycluster" / "units"
-    (pth,) = Path(python).parent.parent.glob("lib/python*/site-packages/lazycluster.pth")
-    lines = pth.read_text().splitlines()
-    toolz = next(u.key for u in manifest.units if u.name == "toolz")
-    setuptools = next(u.key for u in manifest.units if u.name == "setuptools")
-    assert f"{units / toolz}" in lines
-    assert f"import site; site.addsitedir({str(units / setuptools)!r})" in lines
+    key = {u.name: u.key for u in manifest.units}
+    (site,) = Path(python).parent.parent.glob("lib/python*/site-packages")
+    assert (site / "toolz").resolve() == units / key["toolz"] / "toolz"
+    assert (site / "lazycluster.pth").read_text().splitlines() == [
+        str(units / key["code-project"])
+    ]
+    probe = (
+        "import sys, toolz, userpkg.compute as c; "
+        "print(c.answer(), '_distutils_hack' in sys.modules, "
+        f"[p for p in sys.path if p.startswith({str(units)!r})])"
+    )
     ran = subprocess.run(
-        [python, "-c", "import sys, toolz; print('_distutils_hack' in sys.modules)"],
+        [python, "-c", probe],
         capture_output=True,
         text=True,
         env={"PATH": "/usr/bin:/bin"},
         timeout=60,
     )
-    assert ran.stdout.strip() == "True", ran.stderr  # setuptools' distutils-precedence.pth ran
+    # setuptools' distutils-precedence.pth ran; only the code folder is a path of its own
+    assert ran.stdout.split(" ", 2) == ["42", "True", f"{[str(units / key['code-project'])]}\n"]
+
+
+def test_units_sharing_a_folder_share_it_in_site_packages(tmp_path) -> None:
+    """A folder two units hold (a namespace package, ``__pycache__``) holds both units' entries;
+    of a file both hold, the first unit's is kept."""
+    from lazycluster_tasks.hostside import envs as hostside_envs
+
+    first, second, site = tmp_path / "first", tmp_path / "second", tmp_path / "site"
+    for unit, part in ((first, "a"), (second, "b")):
+        (unit / "space" / part).mkdir(parents=True)
+        (unit / "space" / part / "__init__.py").write_text(f"NAME = {part!r}\n")
+        (unit / "same.py").write_text(f"FROM = {unit.name!r}\n")
+        (unit / "__pycache__").mkdir()
+        (unit / "__pycache__" / f"{part}.txt").write_text(part)
+    site.mkdir()
+    hostside_envs.link_units(str(site), [str(first), str(second)])
+    assert not (site / "space").is_symlink() and not (site / "__pycache__").is_symlink()
+    assert sorted(p.name for p in (site / "space").iterdir()) == ["a", "b"]
+    assert sorted(p.name for p in (site / "__pycache__").iterdir()) == ["a.txt", "b.txt"]
+    assert (site / "same.py").resolve() == first / "same.py"
+    code = "import same, space.a, space.b; print(same.FROM, space.a.NAME, space.b.NAME)"
+    ran = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.stdout.split() == ["first", "a", "b"], ran.stderr
 
 
 def test_a_cut_or_failed_transfer_leaves_nothing_a_later_start_would_use(tmp_path, small) -> None:
