@@ -1,5 +1,6 @@
 """Command lines are pure strings: check them as strings and run them through a real /bin/sh."""
 
+import io
 import os
 import shlex
 import shutil
@@ -8,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -371,6 +373,35 @@ def test_leader_states_tell_running_from_ended_and_zombie():
         running.kill()
         running.wait()
         zombie.wait()
+
+
+def test_the_bundle_runs_compiled_on_this_python_and_from_its_sources_on_another(tmp_path):
+    """The zip application carries each module compiled by this interpreter beside its source:
+    a Python of this minor version runs the compiled code (even with the sources broken), one
+    whose magic number differs compiles the sources."""
+    from lazycluster_tasks import hostside
+
+    with zipfile.ZipFile(io.BytesIO(hostside.bundle())) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    ours = [n for n in entries if n.startswith("lazycluster_tasks/hostside/")]
+    assert sorted(n for n in ours if n.endswith(".pyc")) == sorted(
+        f"lazycluster_tasks/hostside/{m}.pyc" for m in hostside.MODULES
+    )
+    broken = {n: b"raise SystemExit('ran from source')\n" for n in ours if n.endswith(".py")}
+    other_python = {n: b"\0\0\r\n" + entries[n][4:] for n in ours if n.endswith(".pyc")}
+
+    def guard_help(changes: dict[str, bytes]) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / hostside.BUNDLE
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in {**entries, **changes}.items():
+                archive.writestr(name, data)
+        argv = [sys.executable, "-E", "-s", str(path), "guard", "--help"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    for changes in ({}, broken, other_python):
+        ran = guard_help(changes)
+        assert ran.returncode == 0 and ran.stdout.startswith("usage:"), ran.stderr
+    assert guard_help({**broken, **other_python}).stderr.strip() == "ran from source"
 
 
 def test_a_folder_gets_one_guard_however_often_processes_start_there(tmp_path):

@@ -161,9 +161,7 @@ def test_an_environment_lays_out_its_distributions_in_site_packages(tmp_path) ->
     key = {u.name: u.key for u in manifest.units}
     (site,) = Path(python).parent.parent.glob("lib/python*/site-packages")
     assert (site / "toolz").resolve() == units / key["toolz"] / "toolz"
-    assert (site / "lazycluster.pth").read_text().splitlines() == [
-        str(units / key["code-project"])
-    ]
+    assert (site / "lazycluster.pth").read_text().splitlines() == [str(units / key["code-project"])]
     probe = (
         "import sys, toolz, userpkg.compute as c; "
         "print(c.answer(), '_distutils_hack' in sys.modules, "
