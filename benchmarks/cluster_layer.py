@@ -5,10 +5,12 @@
    a. ours, ``network_mode="direct"`` (RuntimeGroup created inside the timed region, so opening
       the SSH connections counts);
    b. ours, ``network_mode="tunnelled"`` with the hosts SSH-only;
-   c. the floor: the same scheduler and worker command lines (``scheduler_argv``/``worker_argv``)
-      started by a plain script: the scheduler as a local subprocess, one worker per host by one
+   c. the floor: the same scheduler and worker command lines (``scheduler_argv``/``worker_argv``,
+      TLS as ours by default, its files made by ``ClusterTLS`` in the floor's folder) started by a
+      plain script: the scheduler as a local subprocess, one worker per host by one
       ``ssh host 'setsid nohup ... &'`` each, all at once, then a ``distributed.Client`` waits for
-      the workers;
+      the workers; "floor (tcp)" is the same without TLS (Dask's default, and SSHCluster's),
+      shown for reference: what TLS itself adds to a start;
    d. ``distributed.deploy.ssh.SSHCluster`` (asyncssh): scheduler on the first test host, one
       worker on each host;
    e. ours, ``network_mode="auto"`` in an open network (every path probed, direct chosen) and
@@ -74,6 +76,7 @@ from lazycluster_tasks import (
 )
 from lazycluster_tasks.dask_argv import CLIENT_TIMEOUT_ENV, scheduler_argv, server_env, worker_argv
 from lazycluster_tasks.routing import TunnelledRouting
+from lazycluster_tasks.security import ClusterTLS
 from lazycluster_tasks.testing.hosts import TestHost, TestHosts
 
 START_TARGET = 1.05  # ours / floor
@@ -98,6 +101,7 @@ OURS_TUNNELLED = "ours tunnelled"
 OURS_AUTO_OPEN = "ours auto (open)"
 OURS_AUTO_SSH = "ours auto (SSH-only)"
 FLOOR = "floor"
+FLOOR_TCP = "floor (tcp)"
 SSHCLUSTER = "SSHCluster"
 SPEC_DIRECT = "LazySSHCluster direct"
 SPEC_TUNNELLED = "LazySSHCluster tunnelled"
@@ -109,6 +113,7 @@ CASES = (
     SPEC_DIRECT,
     SPEC_TUNNELLED,
     FLOOR,
+    FLOOR_TCP,
     SSHCLUSTER,
 )
 #: the Dask-native class: case -> (mode, hosts SSH-only)
@@ -510,22 +515,35 @@ def _finish_all(procs: dict[str, subprocess.Popen[bytes]], what: str) -> None:
         raise RuntimeError(f"{what} failed: {failed}")
 
 
-def run_floor(th: TestHosts, hosts: list[TestHost], workdir: str) -> RunOutcome:
-    """The same processes started by a plain script; stopped (untimed) and checked afterwards."""
+def run_floor(th: TestHosts, hosts: list[TestHost], workdir: str, tls: bool = True) -> RunOutcome:
+    """The same processes started by a plain script (with ``tls``, ours by default: the same
+    command lines); stopped (untimed) and checked afterwards."""
     from distributed import Client
 
     options = _options()
     folder = tempfile.mkdtemp(prefix="floor-", dir=workdir)
     python = sys.executable
     port = _free_port(th.controller_address)
-    address = f"tcp://{th.controller_address}:{port}"
+    # the certificates are made before the clock starts, as ours are made with the cluster
+    certs = ClusterTLS.generate() if tls else None
+    if certs is not None:
+        for role in ("master", "worker"):
+            for name, text in certs.files(role).items():
+                path = Path(folder, name)
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                path.write_text(text)
+                path.chmod(0o600)
+    paths = {r: certs.paths(folder, r) for r in ("master", "worker")} if certs else {}
+    address = f"{'tls' if certs else 'tcp'}://{th.controller_address}:{port}"
     pid_files = {h.name: f"{folder}/{h.name}/worker.pid" for h in hosts}
     scheduler: subprocess.Popen[bytes] | None = None
     try:
         t0 = time.perf_counter()
         with open(f"{folder}/scheduler.log", "wb") as log:
             scheduler = subprocess.Popen(
-                scheduler_argv(python, th.controller_address, port, folder, options),
+                scheduler_argv(
+                    python, th.controller_address, port, folder, options, paths.get("master")
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -549,6 +567,7 @@ def run_floor(th: TestHosts, hosts: list[TestHost], workdir: str) -> RunOutcome:
                 port=FLOOR_WORKER_PORTS[0],
                 nanny_port=FLOOR_WORKER_PORTS[1],
                 loopback=False,
+                tls=paths.get("worker"),
             )
             q = shlex.quote
             command = (
@@ -559,7 +578,8 @@ def run_floor(th: TestHosts, hosts: list[TestHost], workdir: str) -> RunOutcome:
             launches[h.name] = _ssh(th, h.name, command)
         _finish_all(launches, "starting workers by ssh")
         launched = time.perf_counter() - t0
-        client = Client(address, timeout=30, set_as_default=False)
+        security = certs.security() if certs is not None else None
+        client = Client(address, timeout=30, set_as_default=False, security=security)
         try:
             client.wait_for_workers(len(hosts), timeout=START_TIMEOUT)
             started = time.perf_counter() - t0
@@ -694,6 +714,7 @@ def bench_start(
         **{case: functools.partial(run_ours, th, names, case, workdir) for case in OURS_MODES},
         **{case: functools.partial(run_spec, th, names, case) for case in SPEC_MODES},
         FLOOR: lambda: run_floor(th, hosts, workdir),
+        FLOOR_TCP: lambda: run_floor(th, hosts, workdir, tls=False),
         SSHCLUSTER: lambda: run_sshcluster(th, hosts),
     }
     for round_no in range(-warmup, repeat):
@@ -803,11 +824,11 @@ def breakdown_rows(all_results: dict[int, dict[str, CaseResult]]) -> list[list[s
     """Phase medians of ours; of the floor, its launch (ssh) and registration wait."""
     rows = []
     for n, results in all_results.items():
-        for case in (*OURS_MODES, FLOOR):
+        for case in (*OURS_MODES, FLOOR, FLOOR_TCP):
             samples = results[case].phases
             if not samples:
                 continue
-            if case == FLOOR:
+            if case in (FLOOR, FLOOR_TCP):
                 samples = [
                     {"launch": s[FLOOR_LAUNCH], "register": s[FLOOR_REGISTER], "total": start}
                     for s, start in zip(samples, results[case].starts, strict=True)
@@ -1172,9 +1193,10 @@ def main(argv: Sequence[str] | None = None) -> list[TargetResult]:
         start_rows(all_results),
     )
     print(
-        "floor = scheduler_argv/worker_argv started by subprocess + one `ssh host 'setsid nohup "
-        "... &'` per host at once, then Client.wait_for_workers; ours tunnelled runs with the "
-        "hosts SSH-only (compared with the direct floor and SSHCluster, which cannot run there)"
+        "floor = scheduler_argv/worker_argv (TLS, as ours) started by subprocess + one `ssh host "
+        "'setsid nohup ... &'` per host at once, then Client.wait_for_workers; floor (tcp): the "
+        "same without TLS, as SSHCluster runs; ours tunnelled runs with the hosts SSH-only "
+        "(compared with the direct floor and SSHCluster, which cannot run there)"
     )
     for n, results in all_results.items():
         for case, r in results.items():
