@@ -60,6 +60,39 @@ def test_the_manifest_holds_what_workers_need_and_not_what_they_never_import(tmp
     assert {u.name for u in only.units} == {"distributed", "pytest"}  # named: no default out
 
 
+def test_a_package_installed_for_development_is_read_again_and_the_rest_is_not(
+    tmp_path, monkeypatch
+) -> None:
+    """A distribution installed for development (a project's own .egg-info on sys.path) ships
+    its sources as they are at each scan, though nothing was installed meanwhile; the other
+    distributions are read once, however often files appear beside them."""
+    project = tmp_path / "devproject"
+    (project / "devpkg").mkdir(parents=True)
+    (project / "devpkg" / "__init__.py").write_text("ANSWER = 1\n")
+    info = project / "devpkg-0.1.egg-info"
+    info.mkdir()
+    (info / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: devpkg\nVersion: 0.1\n")
+    (info / "top_level.txt").write_text("devpkg\n")
+    monkeypatch.syspath_prepend(str(project))
+
+    def units() -> dict[str, environments.Unit]:
+        found = environments.scan(include=["devpkg", "toolz"], code=[]).units
+        return {u.name: u for u in found}
+
+    first = units()
+    assert [where for where, _ in first["devpkg"].files if where.endswith(".py")] == [
+        "devpkg/__init__.py"
+    ]
+    time.sleep(0.01)
+    (project / "devpkg" / "__init__.py").write_text("ANSWER = 2\n")  # no folder changes
+    second = units()
+    assert second["devpkg"].key != first["devpkg"].key
+    read = list(environments._seen.values())
+    (project / "output.csv").write_text("a,b\n")  # a flow's output beside its code
+    third = units()
+    assert third["toolz"] is first["toolz"] and list(environments._seen.values()) == read
+
+
 def test_code_folders_too_large_are_a_clear_error(tmp_path, monkeypatch) -> None:
     project = _project(tmp_path / "project")
     (project / "userpkg" / "model.pkl").write_bytes(b"x" * 4096)
