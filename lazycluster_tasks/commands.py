@@ -105,10 +105,17 @@ def mkdir_p(path: str) -> str:
     return f"mkdir -p -- {q(path)}"
 
 
+#: Seconds before a removal that failed is tried once more.
+REMOVE_AGAIN_AFTER = 0.2
+
+
 def remove_tree(path: str) -> str:
+    """``rm -rf``, tried once more after a pause when it fails: another host sharing the folder
+    (a shared temp dir a sweep sees whole) may still be writing its last files there."""
     if path in ("", "/", "~"):
         raise ValueError(f"refusing to remove {path!r}")
-    return f"rm -rf -- {q(path)}"
+    rm = f"rm -rf -- {q(path)}"
+    return f"{{ {rm} 2>/dev/null || {{ sleep {REMOVE_AGAIN_AFTER:g}; {rm}; }}; }}"
 
 
 def make_tempdir(prefix: str = "lazycluster-") -> str:
