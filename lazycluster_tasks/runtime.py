@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import posixpath
 import sys
@@ -568,7 +569,13 @@ class Runtime:
             return runtime_port
         if local_port is not None and local_port in portlib.local_used_ports():
             raise PortInUseError(local_port, "localhost")
-        tunnel = LocalForward(self._ssh(), runtime_port, local_port or 0)
+        try:
+            tunnel = LocalForward(self._ssh(), runtime_port, local_port or 0)
+        except TunnelError as exc:  # taken since the check (an outgoing connection's port)
+            cause = exc.__cause__
+            if local_port and isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+                raise PortInUseError(local_port, "localhost") from None
+            raise
         self._tunnels.append(tunnel)
         return tunnel.local_port
 

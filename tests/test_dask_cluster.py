@@ -27,6 +27,7 @@ from lazycluster_tasks import (
     WorkerStartError,
     dask_launchers,
 )
+from lazycluster_tasks import ports as portlib
 from lazycluster_tasks.dask import CONTROLLER_KEY, DaskCluster, teardown
 from lazycluster_tasks.testing.helpers import DASK_CONTROLLER, local_leftovers, wait_until
 
@@ -192,10 +193,13 @@ def test_scheduler_port_taken_here_before_its_forward(make_cluster, monkeypatch)
             listener.close()
 
 
-def test_worker_port_taken_here_before_its_forward(make_cluster, monkeypatch):
+@pytest.mark.parametrize("when", ["before the check", "after the check"])
+def test_worker_port_taken_here_before_its_forward(make_cluster, monkeypatch, when):
     """Tunnelled, every worker port is forwarded here too. Taken here between the probe and
     the forward (another cluster's forward, say), the workers start again on other ports, and
-    no forward of the taken port stays open."""
+    no forward of the taken port stays open; also when it is taken between the forward's own
+    check of the ports in use and its bind (an outgoing connection's port: this machine's
+    ephemeral ports include lazycluster's range)."""
     ports = free_local_ports(12, start=24200)
     monkeypatch.setattr(DaskCluster, "DEFAULT_MASTER_PORT", ports[0])
     cluster = make_cluster(
@@ -205,9 +209,14 @@ def test_worker_port_taken_here_before_its_forward(make_cluster, monkeypatch):
     taken: list[socket.socket] = []
 
     def someone_takes_one_first(workers):
-        if not taken:
-            taken.append(socket.create_server(("127.0.0.1", workers[0].ports[0])))
-        real(workers)
+        if taken:
+            return real(workers)
+        taken.append(socket.create_server(("127.0.0.1", workers[0].ports[0])))
+        if when == "before the check":
+            return real(workers)
+        with monkeypatch.context() as patch:  # the check saw the port free
+            patch.setattr(portlib, "local_used_ports", set)
+            return real(workers)
 
     cluster.ensure_plan(ports)  # the probe: everything free
     real = engine.routing.route_workers

@@ -309,6 +309,14 @@ def test_taken_ports_are_reported(host1, test_hosts):
         port = listener.getsockname()[1]
         with pytest.raises(PortInUseError, match=str(port)):
             host1.expose_port_from_runtime(22, port)
+    # taken after the check, at the bind (a socket bound but not yet connected or listening,
+    # as an outgoing connection's ephemeral port is, is in no table): the same error, which
+    # a start answers by moving its workers to other ports
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"port {port} is already in use on localhost"):
+            host1.expose_port_from_runtime(22, port)
     proc = test_hosts.run_in("host1", [sys.executable, "-c", ECHO_SERVER, "127.0.0.1", "7331"])
     try:
         assert wait_until(lambda: not host1.has_free_port(7331))
