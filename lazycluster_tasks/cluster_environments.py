@@ -20,6 +20,18 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[Sequence[environments.HostEnvironment], int], None]
 
 
+def given_python(options: DaskOptions, runtime: Runtime) -> str | None:
+    """The interpreter the user gave for ``runtime`` (its own, or the options'), else None."""
+    given = options.python_executable
+    if (
+        runtime.python_given
+        or isinstance(given, str)
+        or (isinstance(given, Mapping) and runtime.host in given)
+    ):
+        return options.python(runtime)
+    return None
+
+
 class ClusterEnvironments:
     """What each host of one cluster runs the cluster with (environment sync on)."""
 
@@ -58,11 +70,7 @@ class ClusterEnvironments:
         given = options.python_executable
         remote = [rt for rt in runtimes if not rt.is_local]
         bases = {  # host -> the interpreter given there: the environment's base
-            rt.host: options.python(rt)
-            for rt in remote
-            if rt.python_given
-            or isinstance(given, str)
-            or (isinstance(given, Mapping) and rt.host in given)
+            rt.host: python for rt in remote if (python := given_python(options, rt)) is not None
         }
         manifest = environments.current(*parts)
         self.manifest = manifest

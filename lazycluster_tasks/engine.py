@@ -28,7 +28,7 @@ import cloudpickle
 
 from lazycluster_tasks import commands, hostside, limits, link_commands, processes, startup
 from lazycluster_tasks.clients import IDENTITY_TIMEOUT, Clients
-from lazycluster_tasks.cluster_environments import ClusterEnvironments
+from lazycluster_tasks.cluster_environments import ClusterEnvironments, given_python
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.dask_argv import (
     CLIENT_TIMEOUT_ENV,
@@ -49,7 +49,7 @@ from lazycluster_tasks.errors import (
     RemoteEnvironmentError,
     WorkerStartError,
 )
-from lazycluster_tasks.group import RuntimeGroup, fan_out, run_parallel
+from lazycluster_tasks.group import Background, RuntimeGroup, fan_out, run_parallel
 from lazycluster_tasks.hostside import code
 from lazycluster_tasks.links import ON_DEMAND_ABOVE, Links
 from lazycluster_tasks.network import (
@@ -57,6 +57,7 @@ from lazycluster_tasks.network import (
     NetworkPlan,
     last_mode,
     plan_network,
+    quick_probes,
     remember_mode,
 )
 from lazycluster_tasks.paths_check import blocked_paths
@@ -165,9 +166,17 @@ class Engine:
         paths) and fix the routing."""
         with self._lock:
             if self._plan is None:
-                self._environments()
                 mode = self.options.network_mode
-                self._plan = plan_network(self.group, mode, list(ports), self.options.python)
+                probes = self._probe_beside_environments(mode)
+                try:
+                    self._environments()
+                finally:
+                    if probes is not None:  # over the cluster's connections: never left running
+                        probes.join()
+                probed = probes.result() if probes is not None else None
+                self._plan = plan_network(
+                    self.group, mode, list(ports), self.options.python, probed=probed
+                )
                 if mode == "auto":
                     remember_mode(self.group, self._plan.mode)
                 self._routes = make_routing(self._plan, self.group, self.controller)
@@ -190,6 +199,20 @@ class Engine:
                 if self.options.worker_class:
                     self._check_worker_class(self.options.worker_class)
             return self._plan
+
+    def _probe_beside_environments(self, mode: NetworkMode) -> Background | None:
+        """An explicit mode's quick probes, started while the environments are checked (one
+        round trip less per host before the first worker starts): they ask for no interpreter
+        the environment check finds, only for one the user gave (used as it is where a host
+        shares this machine's files). None where the plan probes by itself."""
+        if mode == "auto" or self.options.environment_parts() is None:
+            return None
+        options = self.options
+
+        def python(runtime: Runtime) -> str | None:
+            return options.python(runtime) if runtime.is_local else given_python(options, runtime)
+
+        return Background(lambda: quick_probes(self.group, python))
 
     def _links_on_demand(self) -> bool:
         """Whether the links' pairs are dialled when their workers first talk (host_links)."""

@@ -71,6 +71,34 @@ def run_parallel(operation: str, jobs: Mapping[str, K], fn: Callable[[K], T]) ->
     return results
 
 
+class Background:
+    """``fn()`` in a thread of its own (in a copy of the caller's context), started at once:
+    work for the hosts that goes on while the caller does something else."""
+
+    def __init__(self, fn: Callable[[], T], name: str = "lct-background") -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run, fn), name=name)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # the caller's result() raises it
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        """Wait for ``fn``; its value, or its error raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def destination(runtime: Runtime) -> str:
     """Where a runtime's commands run: ``user@hostname:port`` (plus its route) for SSH
     (resolved through the config, so two aliases of one machine compare equal); the host

@@ -135,16 +135,28 @@ def probe_host(
     )
 
 
-def quick_probe(runtime: Runtime, python: str) -> HostReport:
+def quick_probe(runtime: Runtime, python: str | None) -> HostReport:
     """The probe without Python (for an explicit network mode): ports and the interpreter's
-    presence only, so a big cluster does not boot one more interpreter per host."""
+    presence only (``None``: not asked, as the environment check finds it), so a big cluster
+    does not boot one more interpreter per host."""
     runtime.working_dir  # noqa: B018 - created here, in parallel with the other hosts
-    found = f'p=$(command -v {q(python)}) || exit 127; [ -x "$p" ] || exit 126'
-    command = f"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; {found}"
+    found = (
+        ""
+        if python is None
+        else f'p=$(command -v {q(python)}) || exit 127; [ -x "$p" ] || exit 126'
+    )
+    command = f"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; {found or 'true'}"
     result = runtime.connection.run(command)
-    if not result.ok:
+    if not result.ok and python is not None:
         raise _interpreter_missing(runtime.host, python, result.exit_code == 126)
     return HostReport(runtime.host, "", None, parse_proc_net_tcp(result.stdout), {})
+
+
+def quick_probes(
+    group: RuntimeGroup, python: Callable[[Runtime], str | None]
+) -> dict[str, HostReport]:
+    """:func:`quick_probe` on every host at once (the interpreter to ask for on each, or None)."""
+    return fan_out("preflight", group.runtimes, lambda rt: quick_probe(rt, python(rt)))
 
 
 def _interpreter_missing(host: str, python: str, denied: bool) -> RemoteEnvironmentError:
@@ -169,8 +181,10 @@ def plan_network(
     probe_ports: Sequence[int],
     python: Callable[[Runtime], str],
     window: float = PROBE_WINDOW,
+    probed: dict[str, HostReport] | None = None,
 ) -> NetworkPlan:
-    """Probe every host once (concurrently) and decide how the cluster's entities connect."""
+    """Probe every host once (concurrently) and decide how the cluster's entities connect.
+    ``probed``: the quick probes, made already (beside the environment check)."""
     mode = network_mode(mode)
     started = time.monotonic()
     remote = [rt for rt in group.runtimes if not rt.is_local]
@@ -205,7 +219,7 @@ def plan_network(
     if mode == "direct" and reasons:
         raise ValueError(f"network_mode='direct' is impossible: {'; '.join(reasons)}")
     if mode != "auto" or reasons:
-        reports = fan_out("preflight", group.runtimes, lambda rt: quick_probe(rt, python(rt)))
+        reports = probed if probed is not None else quick_probes(group, python)
         _check_distributed(reports)
         resolved: NetworkMode = "tunnelled" if mode == "tunnelled" or reasons else "direct"
         plan = NetworkPlan(
