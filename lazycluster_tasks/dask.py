@@ -109,25 +109,27 @@ class DaskCluster(MasterWorkerCluster):
         engine.state, self._cleaned = ClusterState.starting, False
         master, workers = self._master_launcher, self._worker_launcher
         try:
-            if isinstance(master, LocalMasterLauncher) and isinstance(workers, RoundRobinLauncher):
-                # both strategies are ours: workers boot while the scheduler does
-                candidates = self._master_ports(master_port)
-                self._ports = [
-                    p for p in self._ports if p not in (self.DEFAULT_MASTER_PORT, master_port)
-                ]
-                used = engine.start(
-                    workers.place(worker_count),
-                    scheduler_on=master.runtime(),
-                    scheduler_ports=candidates,
-                    timeout=self.MASTER_START_TIMEOUT,
-                    debug=debug,
-                )
-                master.adopt()
-                workers.add_ports(used)
-            else:  # the seed's way: the master, then the workers, each by its launcher
-                super().start(worker_count, master_port, debug)
-            if worker_count:
-                engine.verify_paths()
+            with engine.links_after():
+                if isinstance(master, LocalMasterLauncher) and isinstance(
+                    workers, RoundRobinLauncher
+                ):  # both strategies are ours: workers boot while the scheduler does
+                    candidates = self._master_ports(master_port)
+                    self._ports = [
+                        p for p in self._ports if p not in (self.DEFAULT_MASTER_PORT, master_port)
+                    ]
+                    used = engine.start(
+                        workers.place(worker_count),
+                        scheduler_on=master.runtime(),
+                        scheduler_ports=candidates,
+                        timeout=self.MASTER_START_TIMEOUT,
+                        debug=debug,
+                    )
+                    master.adopt()
+                    workers.add_ports(used)
+                else:  # the seed's way: the master, then the workers, each by its launcher
+                    super().start(worker_count, master_port, debug)
+                if worker_count:
+                    engine.verify_paths()
         except BaseException:
             self.cleanup()
             raise

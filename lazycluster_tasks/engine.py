@@ -13,6 +13,7 @@ on all hosts at once and verify nothing survived.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -21,7 +22,7 @@ import shlex
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import cloudpickle
@@ -155,6 +156,7 @@ class Engine:
         self._dashboard_port: int | None = None
         self._lock = threading.RLock()
         self._state = ClusterState.created
+        self._links_held = False  # see links_after
 
     def __repr__(self) -> str:
         return f"Engine({self.cluster_id}, hosts={self.group.hosts}, state={self._state})"
@@ -360,6 +362,19 @@ class Engine:
         self.pool.take(p for host_ports in used.values() for p in host_ports)
         return used
 
+    @contextlib.contextmanager
+    def links_after(self) -> Iterator[None]:
+        """The host-to-host links are set up once the block succeeded (a start and its readiness
+        check), not as soon as the workers registered: their handshakes, N(N-1) at once, took
+        the hosts' CPUs from the check (until they are up, routes go through here anyway)."""
+        self._links_held = True
+        try:
+            yield
+        finally:
+            self._links_held = False
+        if self.table.workers():
+            self.routing.workers_up(checked=True)
+
     def try_start_workers(self, placement: dict[str, list[str]]) -> dict[str, str]:
         """:meth:`start` for more workers with partial failure as data: returns name -> why,
         for each worker that did not come up (its processes stopped); the others run."""
@@ -413,6 +428,18 @@ class Engine:
                 f"blocked ({self.network_mode} mode):\n{lines}\n{hint}",
                 failed,
             )
+        routes = self._routes
+        if self._links_held and isinstance(routes, TunnelledRouting) and routes.links is not None:
+            self._drop_idle_connections()
+
+    def _drop_idle_connections(self) -> None:
+        """The check's connections went through the relay: see code.drop_idle_connections.
+        Best effort (a worker that keeps one uses it, as before)."""
+        cloudpickle.register_pickle_by_value(code)
+        try:
+            self.clients.monitor().run(code.drop_idle_connections, wait=True)
+        except Exception as exc:  # the cluster works all the same
+            logger.info("the readiness check's connections were not all dropped: %s", exc)
 
     def runtime(self, host: str) -> Runtime:
         return self.group.get_runtime(host)
@@ -755,7 +782,8 @@ class Engine:
                 continue
             if not raced:
                 self._log_output(list(started.values()), debug)
-                self.routing.workers_up()
+                if not self._links_held:
+                    self.routing.workers_up()
                 return
             again = _placement({name: self.table[name] for name in raced})
             # they ended: the forwards made while they registered close (their ports are

@@ -408,6 +408,14 @@ class Links:
             self._wanted.put((a, b))
             self._wake.set()
 
+    def forget_wanted(self) -> None:
+        """Drop the pairs :meth:`want` queued so far (a start's readiness check made them talk)."""
+        while True:
+            try:
+                self._wanted.get_nowait()
+            except queue.Empty:
+                return
+
     def _take_wanted(self) -> None:
         """The pairs :meth:`want` queued: their dormant links are due now."""
         while True:

@@ -95,8 +95,8 @@ class Routing(abc.ABC):
         """Route the workers in the background while they register (they dial out first)."""
         yield
 
-    def workers_up(self) -> None:  # noqa: B027 - a hook: nothing by default
-        """Started workers registered."""
+    def workers_up(self, checked: bool = False) -> None:  # noqa: B027 - a hook: nothing here
+        """Started workers registered (``checked``: and the start's readiness check ran)."""
 
     def forward_to_hosts(self, local_ports: Sequence[int]) -> None:
         """This machine's 127.0.0.1:port as 127.0.0.1:port on every remote host, for the
@@ -206,10 +206,13 @@ class TunnelledRouting(Routing):
         self.links: Links | None = None
         self._relayed: dict[str, set[Route]] = {}  # host -> routes through this machine
 
-    def workers_up(self) -> None:
+    def workers_up(self, checked: bool = False) -> None:
         """Set the links up now, not earlier: a start does not share the hosts' CPUs with their
-        handshakes (until they are up, routes go through here)."""
+        handshakes (until they are up, routes go through here). ``checked``: the pairs the
+        readiness check made talk are not the job's, and dial no link on demand."""
         if self.links is not None:
+            if checked:
+                self.links.forget_wanted()
             self.links.start()
 
     def use_links(self, links: Links) -> None:

@@ -183,14 +183,16 @@ class WorkerLauncherLoop:
         engine = self.engine
         engine.state = ClusterState.starting
         host = self.scheduler_host
-        engine.start(
-            placement,
-            scheduler_on=engine.controller if host is None else engine.runtime(host),
-            scheduler_ports=[SCHEDULER_PORT, *(p for p in engine.ports if p != SCHEDULER_PORT)],
-            timeout=self.scheduler_timeout,
-        )
-        if self.first_names:
-            engine.verify_paths()
+        check = bool(self.first_names)  # now: each SSHWorker takes its name out as it awaits us
+        with engine.links_after():
+            engine.start(
+                placement,
+                scheduler_on=engine.controller if host is None else engine.runtime(host),
+                scheduler_ports=[SCHEDULER_PORT, *(p for p in engine.ports if p != SCHEDULER_PORT)],
+                timeout=self.scheduler_timeout,
+            )
+            if check:
+                engine.verify_paths()
         engine.state = ClusterState.running
 
     async def start(self, name: str, host: str) -> str | None:

@@ -162,6 +162,45 @@ def test_worker_traffic_takes_host_to_host_links_where_hosts_reach_each_others_s
     assert not [t for t in threading.enumerate() if t.name == "lct-links"]
 
 
+def test_the_links_are_set_up_after_the_starts_readiness_check(
+    multi_hosts: TestHosts, no_leftovers: TestHosts, monkeypatch
+) -> None:
+    """A start's readiness check runs before the links' set-up begins (their handshakes would
+    take the hosts' CPUs from it; its paths go through this machine meanwhile), and the links
+    come up right after it."""
+    from lazycluster_tasks.engine import Engine
+
+    multi_hosts.set_network("ssh-only", "drop")
+    events: list[str] = []
+    real_verify, real_start = Engine.verify_paths, links_module.Links.start
+
+    def verify(engine: Engine, timeout: float | None = None) -> None:
+        events.append("check")
+        real_verify(engine, timeout)
+        events.append("checked")
+
+    def start(links: links_module.Links) -> None:
+        events.append("links")
+        real_start(links)
+
+    monkeypatch.setattr(Engine, "verify_paths", verify)
+    monkeypatch.setattr(links_module.Links, "start", start)
+    cluster = LazySSHCluster(
+        HOSTS,
+        ssh_config_path=str(multi_hosts.ssh_config_path),
+        network_mode="tunnelled",
+        threads_per_worker=1,
+    )
+    try:
+        assert events[:3] == ["check", "checked", "links"], events
+        links = cluster.engine.routing.links
+        assert links is not None
+        links.wait()
+        assert len(links.up) == len(HOSTS) * (len(HOSTS) - 1), links.down
+    finally:
+        cluster.close()
+
+
 def test_on_demand_a_pairs_link_is_dialled_when_its_workers_first_talk(
     multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None, caplog
 ) -> None:

@@ -1,7 +1,8 @@
-"""The user's changed code, read again by a running worker (``cluster.sync_code()``).
+"""Run inside each worker process (``Client.run``): the user's changed code read again
+(``cluster.sync_code()``), and the idle connections of a start's readiness check dropped.
 
-Runs inside each worker process (``Client.run``), sent by value: the worker need not be able to
-import this package. Standard library only, as every host program.
+Sent by value: the worker need not be able to import this package. Standard library only, as
+every host program.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Dict, List  # noqa: UP035 - the package runs on hosts with 3.8
+from typing import Any, Dict, List  # noqa: UP035 - the package runs on hosts with 3.8
 
 
 def reload(moves: Dict[str, str], folders: List[str]) -> List[str]:  # noqa: UP006
@@ -36,3 +37,14 @@ def reload(moves: Dict[str, str], folders: List[str]) -> List[str]:  # noqa: UP0
             dropped.append(module_name)
     importlib.invalidate_caches()
     return sorted(dropped)
+
+
+def drop_idle_connections(dask_worker: Any) -> int:
+    """Close this worker's idle connections to other workers; returns how many. A start's
+    readiness check opened them through the controller's relay, before the host-to-host links
+    were up: kept in the worker's pool, the job's fetches would go on using them (and, with
+    links dialled on demand, never ask for their pair's link)."""
+    pool = dask_worker.rpc
+    idle = sum(len(comms) for comms in pool.available.values())
+    pool.collect()
+    return idle
