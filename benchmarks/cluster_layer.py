@@ -1209,8 +1209,9 @@ def main(argv: Sequence[str] | None = None) -> list[TargetResult]:
     )
     print(
         "connect/probe: SSH connections / preflight probes, all hosts (both inside plan); "
-        "scheduler: start + wait until it listens (without routes); specs: worker command lines "
-        "incl. wdirs (creating the hosts' working dirs); launch: workers started on every host; "
+        "scheduler: start + wait until it listens (without routes); specs: worker command lines; "
+        "wdirs: creating the hosts' working dirs (an explicit mode: inside plan, beside the "
+        "environment check; auto: inside probe); launch: workers started on every host; "
         "routes: SSH forwards (tunnelled); register: until the scheduler lists every worker; "
         "other: the rest of start(); floor launch: every `ssh host 'setsid ...'` returned"
     )
