@@ -49,6 +49,16 @@ def _link_master(cluster: LazySSHCluster, name: str | None) -> psutil.Process:
     return master
 
 
+def _tunnelled(hosts: TestHosts, names: list[str]) -> LazySSHCluster:
+    """A tunnelled cluster of one single-threaded worker per host."""
+    return LazySSHCluster(
+        names,
+        ssh_config_path=str(hosts.ssh_config_path),
+        network_mode="tunnelled",
+        threads_per_worker=1,
+    )
+
+
 def _bytes_through(cluster: LazySSHCluster, name: str | None) -> int:
     """Bytes the ssh process of link ``name`` has moved (its read + write counters)."""
     io = _link_master(cluster, name).io_counters()
@@ -185,12 +195,7 @@ def test_the_links_are_set_up_after_the_starts_readiness_check(
 
     monkeypatch.setattr(Engine, "verify_paths", verify)
     monkeypatch.setattr(links_module.Links, "start", start)
-    cluster = LazySSHCluster(
-        HOSTS,
-        ssh_config_path=str(multi_hosts.ssh_config_path),
-        network_mode="tunnelled",
-        threads_per_worker=1,
-    )
+    cluster = _tunnelled(multi_hosts, HOSTS)
     try:
         assert events[:3] == ["check", "checked", "links"], events
         links = cluster.engine.routing.links
@@ -723,12 +728,7 @@ def test_forwards_and_threads_grow_with_the_workers_not_with_the_hosts_squared(
     holds 2 x workers + hosts forwards and a bounded number of threads, the links every pair."""
     with TestHosts(6) as six:
         names = [h.name for h in six.hosts]
-        cluster = LazySSHCluster(
-            names,
-            ssh_config_path=str(six.ssh_config_path),
-            network_mode="tunnelled",
-            threads_per_worker=1,
-        )
+        cluster = _tunnelled(six, names)
         try:
             with Client(cluster) as client:
                 links = links_set_up(cluster, client, 6)
