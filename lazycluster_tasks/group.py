@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import posixpath
@@ -25,55 +26,11 @@ K = TypeVar("K")
 GROUP_PORT_RANGE = range(5800, 6000)
 
 
-def run_parallel(operation: str, jobs: Mapping[str, K], fn: Callable[[K], T]) -> dict[str, T]:
-    """Run ``fn`` on every job concurrently; results by key, or GroupError naming failures.
-
-    One thread per job, each in a copy of the caller's context (as asyncio.to_thread does): an
-    orchestrator's run context and settings reach it (without them, a Prefect logger in a job
-    started a temporary API server of its own). Plain threads, not an executor: an executor
-    takes no work once the interpreter is exiting, and the cleanup at exit fans out too."""
-    if not jobs:
-        return {}
-    results: dict[str, T] = {}
-    errors: dict[str, BaseException] = {}
-
-    def run(key: str, job: K) -> None:
-        try:
-            results[key] = fn(job)
-        except BaseException as exc:  # reported below, per job
-            errors[key] = exc
-
-    if len(jobs) == 1:  # no thread for a single job
-        ((key, job),) = jobs.items()
-        run(key, job)
-    else:
-        threads = [
-            threading.Thread(
-                target=contextvars.copy_context().run,
-                args=(run, key, job),
-                name=f"lct-fan-out_{i}",
-            )
-            for i, (key, job) in enumerate(jobs.items())
-        ]
-        started = []
-        try:
-            for thread in threads:
-                thread.start()
-                started.append(thread)
-        finally:  # the jobs under way end before this returns, or raises
-            for thread in started:
-                thread.join()
-    for exc in errors.values():
-        if not isinstance(exc, Exception):  # an interrupt, not a host's failure
-            raise exc
-    if errors:
-        raise GroupError(operation, results, errors)
-    return results
-
-
 class Background:
-    """``fn()`` in a thread of its own (in a copy of the caller's context), started at once:
-    work for the hosts that goes on while the caller does something else."""
+    """``fn()`` in a thread of its own, started at once: work for the hosts that goes on while
+    the caller does something else. The thread runs in a copy of the caller's context (as
+    asyncio.to_thread does): an orchestrator's run context and settings reach it (without them,
+    a Prefect logger in a job started a temporary API server of its own)."""
 
     def __init__(self, fn: Callable[[], T], name: str = "lct-background") -> None:
         self._value: Any = None
@@ -97,6 +54,39 @@ class Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def run_parallel(operation: str, jobs: Mapping[str, K], fn: Callable[[K], T]) -> dict[str, T]:
+    """Run ``fn`` on every job concurrently; results by key, or GroupError naming failures.
+
+    Each job in a :class:`Background` of its own (plain threads, not an executor: an executor
+    takes no work once the interpreter is exiting, and the cleanup at exit fans out too)."""
+    if not jobs:
+        return {}
+    results: dict[str, T] = {}
+    errors: dict[str, BaseException] = {}
+    if len(jobs) == 1:  # no thread for a single job
+        ((key, job),) = jobs.items()
+        try:
+            results[key] = fn(job)
+        except Exception as exc:
+            errors[key] = exc
+    else:
+        running: dict[str, Background] = {}
+        try:
+            for i, (key, job) in enumerate(jobs.items()):
+                running[key] = Background(functools.partial(fn, job), name=f"lct-fan-out_{i}")
+        finally:  # the jobs under way end before this returns, or raises
+            for task in running.values():
+                task.join()
+        for key, task in running.items():
+            try:
+                results[key] = task.result()
+            except Exception as exc:  # an interrupt is not a host's failure: it goes up
+                errors[key] = exc
+    if errors:
+        raise GroupError(operation, results, errors)
+    return results
 
 
 def destination(runtime: Runtime) -> str:
