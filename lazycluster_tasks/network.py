@@ -140,12 +140,9 @@ def quick_probe(runtime: Runtime, python: str | None) -> HostReport:
     presence only (``None``: not asked, as the environment check finds it), so a big cluster
     does not boot one more interpreter per host."""
     runtime.working_dir  # noqa: B018 - created here, in parallel with the other hosts
-    found = (
-        ""
-        if python is None
-        else f'p=$(command -v {q(python)}) || exit 127; [ -x "$p" ] || exit 126'
-    )
-    command = f"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; {found or 'true'}"
+    command = "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null"
+    if python is not None:
+        command += f'; p=$(command -v {q(python)}) || exit 127; [ -x "$p" ] || exit 126'
     result = runtime.connection.run(command)
     if not result.ok and python is not None:
         raise _interpreter_missing(runtime.host, python, result.exit_code == 126)
