@@ -85,7 +85,8 @@ def _terminate_ids(grace: float) -> str:
     term = ""
     if grace > 0:
         term = (
-            "for g in $ids; do sig TERM $g; done; "
+            # CONT after TERM: a stopped process acts on it instead of waiting for the KILL
+            "for g in $ids; do sig TERM $g; sig CONT $g; done; "
             f"sleep {float(grace):g} & t=$!; "
             # as after KILL: a group of zombies only (their reaper not quick) is not waited for
             'i=0; while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do '
@@ -319,15 +320,16 @@ def stop_folder(folder: str, grace: float = 2.0, spare_guard: bool = False) -> s
 
 def ask_guard(folder: str, ask: str, answer: str, marker: str) -> str:
     """Write ``marker`` to ``ask`` (an answer left from before removed) and TERM the folder's
-    guard, which then revokes those lines of authorized_keys and writes the edit's answer to
-    ``answer`` (hostside.guard). Sets ``$gp`` to the guard's pid ("" when none runs)."""
+    guard (and CONT: a stopped one acts on it too), which then revokes those lines of
+    authorized_keys and writes the edit's answer to ``answer`` (hostside.guard). Sets ``$gp``
+    to the guard's pid ("" when none runs)."""
     pid_file = f"{folder.rstrip('/')}/{GUARD_PID}"
     return (
         f"{MARKED_IDS}; rm -f -- {q(answer)}; "
         f"{{ printf '%s\\n' {q(marker)} >{q(ask)}; }} 2>/dev/null; "
         f'p=; {{ read -r p <{q(pid_file)}; }} 2>/dev/null; case "$p" in *[!0-9]*) p=;; esac; '
         f'marker={q(folder.rstrip("/") + "/")}; pids=",$p"; marked_ids; gp=${{ids# }}; '
-        '[ -z "$gp" ] || kill -TERM "$gp" 2>/dev/null'
+        '[ -z "$gp" ] || { kill -TERM "$gp"; kill -CONT "$gp"; } 2>/dev/null'
     )
 
 

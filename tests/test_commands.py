@@ -86,6 +86,43 @@ def test_a_guard_that_outlasts_the_stops_wait_is_killed_and_none_is_not_waited_f
     assert sh(f"gp=; s=0; {commands.await_guard(60)}; echo s=$s").stdout.split() == ["s=0"]
 
 
+def test_a_stopped_group_acts_on_the_term_it_gets():
+    """A group stopped (SIGSTOP, a job-control stop) gets CONT after its TERM: it runs its own
+    shutdown rather than waiting out the grace for the KILL."""
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", "trap 'exit 3' TERM; while :; do sleep 0.05; done"],
+        start_new_session=True,
+    )
+    time.sleep(0.2)  # let the shell install its trap
+    os.killpg(proc.pid, signal.SIGSTOP)
+    assert wait_until(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED, 5)
+    result = sh(commands.kill_group([proc.pid], grace=5.0))
+    assert result.returncode == 0 and result.stdout == ""
+    assert proc.wait(timeout=5) == 3  # its trap ran: TERM, not the KILL after the grace
+
+
+def test_a_stopped_guard_asked_for_a_revoke_acts_on_it(tmp_path):
+    """The stop's TERM reaches a stopped guard with a CONT: it answers (here: writes the answer
+    file, as the guard does after its edit) and ends, and is not KILLed after the wait."""
+    folder = tmp_path / "lazycluster-stopped"
+    folder.mkdir()
+    ask, answer = folder / "revoke.ask", folder / "revoke.answer"
+    guard = subprocess.Popen(
+        ["/bin/sh", "-c", f"trap 'cat {ask} >{answer}; exit 0' TERM; while :; do sleep 0.05; done",
+         str(folder)],
+        start_new_session=True,
+    )  # fmt: skip
+    (folder / commands.GUARD_PID).write_text(f"{guard.pid}\n")
+    time.sleep(0.2)  # let the shell install its trap
+    os.kill(guard.pid, signal.SIGSTOP)
+    assert wait_until(lambda: psutil.Process(guard.pid).status() == psutil.STATUS_STOPPED, 5)
+    line = commands.ask_guard(str(folder), str(ask), str(answer), "lazycluster-link-x")
+    result = sh(f"s=0; {line}; {commands.await_guard(5)}; echo s=$s")
+    assert result.stdout.split() == ["s=0"], result
+    assert guard.wait(timeout=5) == 0  # it ended by itself
+    assert answer.read_text() == "lazycluster-link-x\n"
+
+
 def test_kill_group_escalates_to_sigkill():
     proc = subprocess.Popen(
         ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"], start_new_session=True
