@@ -243,8 +243,9 @@ time.sleep(600)
 def test_sweep_finds_and_removes_what_a_killed_controller_left(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
-    """A controller SIGKILLed on hosts whose guards died too (KILLed here): sweep lists the
-    cluster's folders, processes and link keys, then removes them all by itself."""
+    """A controller SIGKILLed where the guards died too (KILLed here, first: they would clean
+    up after it): sweep lists the cluster's folders, processes and link keys, then removes
+    them all by itself."""
     hosts = ["host1", "host2", "host3"]
     config = str(multi_hosts.ssh_config_path)
     holder = subprocess.Popen(
@@ -257,10 +258,17 @@ def test_sweep_finds_and_removes_what_a_killed_controller_left(
         pattern = f"lazycluster-{cluster_id}/hostside.pyz"
         for host in hosts:  # the guards cannot act: they died too (a host may see them all)
             multi_hosts.run_in(host, ["pkill", "-KILL", "-f", pattern]).wait()
-        gone = lambda: all(  # noqa: E731
-            multi_hosts.run_in(h, ["pgrep", "-f", pattern]).wait() == 1 for h in hosts
-        )
+        subprocess.run(["pkill", "-KILL", "-f", pattern], check=False)  # the scheduler's here
+
+        def gone() -> bool:
+            here = subprocess.run(["pgrep", "-f", pattern], check=False).returncode == 1
+            return here and all(
+                multi_hosts.run_in(h, ["pgrep", "-f", pattern]).wait() == 1 for h in hosts
+            )
+
         assert wait_until(gone, 10)
+        holder.kill()  # then the controller (its healing would start workers again)
+        holder.wait()
         _sweep_and_check(multi_hosts, hosts, config, cluster_id)
     finally:
         holder.kill()
