@@ -96,6 +96,16 @@ class Clients:
         info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=timeout)
         return {str(w.get("name")): {**w, "address": a} for a, w in info["workers"].items()}
 
+    def run(self, function: Any, *args: Any, workers: list[str] | None, timeout: float) -> Any:
+        """``Client.run`` on ``workers`` (None: all), bounded: an error when they have not all
+        answered within ``timeout`` seconds."""
+        client = self.monitor()
+
+        async def run() -> Any:
+            return await client.run(function, *args, workers=workers)
+
+        return client.sync(run, callback_timeout=timeout)
+
     def new(self, timeout: float) -> Any:
         """A new client for the caller (closed by :meth:`close`)."""
         from distributed import Client

@@ -98,6 +98,11 @@ PATH_CHECK_TIMEOUT = 30.0
 #: Seconds a scheduler started before the plan may wait for it: the scheduler closes when no
 #: client came within 30 s (hostside/watch.py), and the monitor client connects after the plan.
 EARLY_SCHEDULER_KEEP = 15.0
+#: Seconds a worker goes on looking for its connections through the relay to end, once their
+#: routes moved onto a link, while they are in use (see code.retire_connections).
+RETIRE_WITHIN = 300.0
+#: Seconds the workers have to answer that request.
+RETIRE_TIMEOUT = 10.0
 #: Seconds a host has to import the worker class (after its setup lines).
 CLASS_CHECK_TIMEOUT = 60.0
 #: Seconds a cleanup waits for the scheduler's own close before its host's stop goes on
@@ -198,6 +203,7 @@ class Engine:
                             on_demand=self._links_on_demand(),
                         )
                     )
+                    self._routes.on_moved = self._retire_relayed
                 if self.options.worker_class:
                     self._check_worker_class(self.options.worker_class)
             return self._plan
@@ -437,9 +443,27 @@ class Engine:
         Best effort (a worker that keeps one uses it, as before)."""
         cloudpickle.register_pickle_by_value(code)
         try:
-            self.clients.monitor().run(code.drop_idle_connections, wait=True)
+            self.clients.run(code.drop_idle_connections, workers=None, timeout=RETIRE_TIMEOUT)
         except Exception as exc:  # the cluster works all the same
             logger.info("the readiness check's connections were not all dropped: %s", exc)
+
+    def _retire_relayed(self, moved: dict[str, set[int]]) -> None:
+        """Routes leaving the relay for links (host -> worker ports): each host's workers end
+        their connections to those ports open through the relay, each once idle (see
+        code.retire_connections), so that the job's next fetches take the links."""
+        registered = self.registered()
+        cloudpickle.register_pickle_by_value(code)
+        for host, ports in sorted(moved.items()):
+            workers = [
+                info["address"]
+                for name, info in registered.items()
+                if name in self.table and self.table[name].host == host
+            ]
+            if workers:
+                self.clients.run(
+                    code.retire_connections, sorted(ports), RETIRE_WITHIN,
+                    workers=workers, timeout=RETIRE_TIMEOUT,
+                )  # fmt: skip
 
     def runtime(self, host: str) -> Runtime:
         return self.group.get_runtime(host)

@@ -204,6 +204,10 @@ class TunnelledRouting(Routing):
         super().__init__(plan, group, controller)
         #: Host-to-host SSH links for worker traffic (None: every route goes through here).
         self.links: Links | None = None
+        #: Called with host -> worker ports whose routes there leave this machine's relay for
+        #: links (its listeners closed, the links' not open yet): the connections still open
+        #: on the relay are that host's workers' to end.
+        self.on_moved: Callable[[dict[str, set[int]]], None] | None = None
         self._relayed: dict[str, set[Route]] = {}  # host -> routes through this machine
 
     def workers_up(self, checked: bool = False) -> None:
@@ -370,8 +374,10 @@ class TunnelledRouting(Routing):
     def _move_onto_links(self, runtimes: Sequence[Runtime]) -> None:
         """Move the runtimes' relayed routes whose pair has a link up onto it: the relay's
         listener closes, the link's opens on the same port (a connection refused meanwhile is
-        retried by Dask; open ones finish on the relay). One round trip per host whose masters
-        are used, for all the runtimes at once; what no link takes goes back through here."""
+        retried by Dask; open ones go on through the relay until they end, and
+        :attr:`on_moved` has the workers end theirs once idle). One round trip per host whose
+        masters are used, for all the runtimes at once; what no link takes goes back through
+        here."""
         assert self.links is not None
         moves: dict[str, set[Route]] = {}
         with self._lock:
@@ -387,7 +393,7 @@ class TunnelledRouting(Routing):
 
         def close_relays(runtime: Runtime) -> None:
             for _, port in moves[runtime.host]:
-                runtime.close_tunnel(port)
+                runtime.close_tunnel(port, drain=True)  # a transfer under way is not cut
             # the cancels are not answered; a command sent after them on the same connection
             # has run once the host's sshd handled them (it handles them in order), so the
             # ports are free for a link's -R, bound there by another sshd (a race lost under
@@ -398,6 +404,13 @@ class TunnelledRouting(Routing):
             fan_out("close relayed routes", movers, close_relays)
         except GroupError as exc:  # a host that did not answer: its routes may still be held
             logger.info("relays not confirmed closed: %s", exc)
+        if self.on_moved is not None:  # before the links take the ports: the next connection
+            try:  # the workers open is the link's
+                self.on_moved(
+                    {host: {port for _, port in routes} for host, routes in moves.items()}
+                )
+            except Exception as exc:  # their connections end on the relay, as they would
+                logger.info("relayed connections not retired: %s", exc)
         by_target: dict[str, dict[str, list[int]]] = {}
         for host, routes in moves.items():
             for target, port in routes:

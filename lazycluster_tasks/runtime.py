@@ -614,11 +614,12 @@ class Runtime:
         """True when a tunnel of this runtime uses ``port`` (either end) and works."""
         return any(port in (t.local_port, t.remote_port) and t.is_active for t in self.tunnels)
 
-    def close_tunnel(self, port: int) -> None:
-        """Close the tunnels of this runtime that use ``port`` at either end."""
+    def close_tunnel(self, port: int, drain: bool = False) -> None:
+        """Close the tunnels of this runtime that use ``port`` at either end; ``drain``: the
+        connections open on them go on until they end (see Tunnel.close)."""
         for tunnel in self.tunnels:
             if port in (tunnel.local_port, tunnel.remote_port):
-                tunnel.close()
+                tunnel.close(drain)
         self._tunnels = self.tunnels
 
     def _ask(self, command: str, timeout: float) -> str:

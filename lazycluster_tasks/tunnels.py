@@ -183,6 +183,15 @@ class Tunnel:
                 os.close(fd)
             self._stop = None
 
+    def _end_channels(self, drain: bool) -> None:
+        """At close: end the open connections, or (``drain``) leave them to end by themselves:
+        the last one's pump then closes the stop pipe, or this does when none is open."""
+        if not drain:
+            self._close_channels()
+            return
+        with self._lock:
+            self._drop_stop()
+
     def _close_channels(self) -> None:
         """End every connection now: its pump is signalled and ends at once (not at its next
         timeout), the channel closes, and our socket reads end-of-file."""
@@ -204,7 +213,10 @@ class Tunnel:
     def _reopen(self, transport: paramiko.Transport) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
+        """Take no more connections and end those open; ``drain``: those open go on until
+        either end closes them (their pumps end by themselves, or when the connection to the
+        host closes)."""
         raise NotImplementedError
 
     def check(self) -> bool:
@@ -305,7 +317,7 @@ class LocalForward(Tunnel):
             return
         self._carry(chan, client)
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
@@ -314,7 +326,7 @@ class LocalForward(Tunnel):
         if listener is not None:
             _acceptor.remove(listener)
             listener.close()
-        self._close_channels()
+        self._end_channels(drain)
 
 
 class RemoteForward(Tunnel):
@@ -445,7 +457,7 @@ class RemoteForward(Tunnel):
         sock.settimeout(None)
         self._carry(chan, sock)
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
@@ -457,7 +469,7 @@ class RemoteForward(Tunnel):
             if t.is_active():
                 with contextlib.suppress(Exception):
                     _Dispatcher.cancel(t, self.remote_port)
-        self._close_channels()
+        self._end_channels(drain)
 
 
 class _Dispatcher:

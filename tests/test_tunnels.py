@@ -304,6 +304,73 @@ def test_closing_a_forward_while_it_carries_data_keeps_the_connection(
             runtime.cleanup()
 
 
+ECHOER = (
+    "import socket, sys\n"
+    "c = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+    "for line in sys.stdin:\n"
+    "    c.sendall(line.encode())\n"
+    "    print(c.recv(100).decode().strip(), flush=True)\n"
+)
+
+
+def test_a_drained_forward_takes_no_new_connection_and_keeps_those_open(
+    multi_hosts, no_leftovers, no_local_leaks
+):
+    """A route that moved onto a host-to-host link closes its relay's forward with drain: the
+    host's port takes no new connection, and one open goes on until either end closes it (a
+    transfer under way is not cut); then its pump ends."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def echo() -> None:
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            with conn:
+                while data := conn.recv(100):
+                    conn.sendall(data)
+
+        thread = threading.Thread(target=echo)
+        thread.start()
+        runtime = ssh_runtime(multi_hosts, "host2")
+        client = None
+        try:
+            port = runtime.expose_port_to_runtime(listener.getsockname()[1])
+            client = multi_hosts.run_in(
+                "host2",
+                [sys.executable, "-c", ECHOER, str(port)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert client.stdin is not None and client.stdout is not None
+
+            def say(word: str) -> str:
+                client.stdin.write(word + "\n")
+                client.stdin.flush()
+                return client.stdout.readline().strip()
+
+            assert say("before") == "before"
+            runtime.close_tunnel(port, drain=True)
+            runtime.connection.run("true", timeout=10)  # the host's sshd handled the cancel
+            assert say("after") == "after"  # the open connection goes on
+            refused = runtime.connection.run(fetch(port), timeout=10)
+            assert not refused.ok and "Connection refused" in refused.output, refused
+            pumps = [t for t in threading.enumerate() if t.name == f"lct-fwd-{port}"]
+            assert len(pumps) == 1 and pumps[0].is_alive()
+            client.stdin.close()  # the host's end closes: the connection ends, and its pump
+            assert client.wait(10) == 0
+            pumps[0].join(5)
+            assert not pumps[0].is_alive()
+        finally:
+            if client is not None:
+                client.kill()
+                client.wait()
+                for pipe in (client.stdin, client.stdout):
+                    if pipe is not None:
+                        pipe.close()
+            runtime.cleanup()
+            thread.join(5)
+
+
 def test_taken_ports_are_reported(host1, test_hosts):
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]

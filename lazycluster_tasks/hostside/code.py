@@ -1,5 +1,6 @@
 """Run inside each worker process (``Client.run``): the user's changed code read again
-(``cluster.sync_code()``), and the idle connections of a start's readiness check dropped.
+(``cluster.sync_code()``), the idle connections of a start's readiness check dropped, and
+connections through the controller's relay ended once idle when their route moved onto a link.
 
 Sent by value: the worker need not be able to import this package. Standard library only, as
 every host program.
@@ -10,7 +11,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any, Dict, List  # noqa: UP035 - the package runs on hosts with 3.8
+import time
+from typing import Any, Dict, List, Set  # noqa: UP035 - the package runs on hosts with 3.8
+
+#: Seconds between looks for a retired connection that was in use (see retire_connections).
+RETIRE_POLL = 0.5
 
 
 def reload(moves: Dict[str, str], folders: List[str]) -> List[str]:  # noqa: UP006
@@ -48,3 +53,41 @@ def drop_idle_connections(dask_worker: Any) -> int:
     idle = sum(len(comms) for comms in pool.available.values())
     pool.collect()
     return idle
+
+
+def retire_connections(ports: List[int], within: float, dask_worker: Any) -> int:  # noqa: UP006
+    """Close this worker's pooled connections to the workers listening on ``ports`` (at
+    127.0.0.1 on every host: tunnelled) as each becomes idle — at once for those idle, for
+    those in use once their request is done, looked for every RETIRE_POLL seconds for up to
+    ``within`` seconds. Only the connections open now: they go through the controller's relay,
+    and the routes moved onto a host-to-host link, which the next connection takes. Closing an
+    idle pooled connection is what the pool does itself when it needs room. Runs on the
+    worker's event loop; returns how many were idle now."""
+    pool = dask_worker.rpc
+    wanted = {str(port) for port in ports}
+
+    def ours(address: str) -> bool:
+        return address.rsplit(":", 1)[-1] in wanted
+
+    old: Set[Any] = set()  # noqa: UP006
+    for table in (pool.available, pool.occupied):
+        for address, comms in table.items():
+            if ours(address):
+                old.update(comms)
+    deadline = time.monotonic() + within
+    closed = [0]
+
+    def sweep() -> None:
+        for address, comms in pool.available.items():
+            for comm in [c for c in comms if c in old] if ours(address) else []:
+                comms.discard(comm)
+                old.discard(comm)
+                pool.semaphore.release()  # as the pool's own collect() does
+                dask_worker.loop.add_callback(comm.close)
+                closed[0] += 1
+        old.difference_update([c for c in old if c.closed()])
+        if old and time.monotonic() < deadline:
+            dask_worker.loop.call_later(RETIRE_POLL, sweep)
+
+    sweep()
+    return closed[0]
