@@ -98,10 +98,8 @@ PATH_CHECK_TIMEOUT = 30.0
 #: Seconds a scheduler started before the plan may wait for it: the scheduler closes when no
 #: client came within 30 s (hostside/watch.py), and the monitor client connects after the plan.
 EARLY_SCHEDULER_KEEP = 15.0
-#: Seconds a worker goes on looking for its connections through the relay to end, once their
-#: routes moved onto a link, while they are in use (see code.retire_connections).
-RETIRE_WITHIN = 300.0
-#: Seconds the workers have to answer that request.
+#: Seconds workers have to answer a request about their connections (code.drop_idle_connections,
+#: code.retire_connections).
 RETIRE_TIMEOUT = 10.0
 #: Seconds a host has to import the worker class (after its setup lines).
 CLASS_CHECK_TIMEOUT = 60.0
@@ -461,7 +459,7 @@ class Engine:
             ]
             if workers:
                 self.clients.run(
-                    code.retire_connections, sorted(ports), RETIRE_WITHIN,
+                    code.retire_connections, sorted(ports),
                     workers=workers, timeout=RETIRE_TIMEOUT,
                 )  # fmt: skip
 

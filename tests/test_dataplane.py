@@ -252,12 +252,25 @@ def test_on_demand_a_pairs_link_is_dialled_when_its_workers_first_talk(
     assert not any(marker in multi_hosts.authorized_keys(h) for h in HOSTS)
 
 
-def _made(n: int) -> bytes:
-    """``n`` bytes, made on a worker that notes each time it made them (event "made")."""
+def _slow_to_send(n: int, pause: float) -> Any:
+    """``n`` bytes that take ``pause`` seconds to send (their pickling waits, on the sending
+    worker, while the fetch's connection is in use), made on a worker that notes each time it
+    made them (event "made"). The fetching worker gets the bytes."""
+    import os
+    import time
+
     from distributed import get_worker
 
+    class SlowToSend:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def __reduce__(self) -> Any:
+            time.sleep(pause)
+            return (bytes, (self.data,))
+
     get_worker().log_event("made", n)
-    return __import__("os").urandom(n)
+    return SlowToSend(os.urandom(n))
 
 
 def test_a_fetch_under_way_when_its_link_comes_up_finishes_and_the_next_takes_the_link(
@@ -266,10 +279,9 @@ def test_a_fetch_under_way_when_its_link_comes_up_finishes_and_the_next_takes_th
     """On demand, the first fetch between two hosts' workers goes through this machine's
     relay and dials their link, which comes up while it runs. Its connection goes on through
     the relay to its end (it was cut when the routes moved: Dask took the data for lost and
-    made it again), then the worker closes it, and the next fetch takes the link."""
+    fetched it again), then the worker closes it, and the next fetch takes the link."""
     caplog.set_level(logging.INFO, logger="lazycluster_tasks.links")
     multi_hosts.set_network("ssh-only", "drop")
-    size = 768 << 20  # 3 s or more through the relay; the link is up within about one
     cluster = LazySSHCluster(
         HOSTS,
         ssh_config_path=str(multi_hosts.ssh_config_path),
@@ -282,24 +294,20 @@ def test_a_fetch_under_way_when_its_link_comes_up_finishes_and_the_next_takes_th
             links = links_set_up(cluster, client, 3, timeout=30)
             workers = client.scheduler_info(n_workers=-1)["workers"]
             on = {str(w["name"]).split("-")[0]: a for a, w in workers.items()}
-            data = client.submit(_made, size, workers=[on["host1"]], pure=False)
-            made = client.submit(_sha, data, workers=[on["host1"]], pure=False)
-            made.result(timeout=60)  # made, and not fetched yet: the relay accepted nothing
-            assert not links.up, links.up
-            seen = client.submit(
-                _sha, data, workers=[on["host2"]], allow_other_workers=False, pure=False
-            )
-            assert seen.result(timeout=120) == made.result()
+            # the link is dialled as the fetch connects, and up within about a second
+            data = client.submit(_slow_to_send, MIB << 20, 5.0, workers=[on["host1"]], pure=False)
+            got = client.submit(len, data, workers=[on["host2"]], allow_other_workers=False)
+            assert got.result(timeout=60) == MIB << 20
             pair = ("host1", "host2")
             assert pair in links.up, links.down
             upped = [
-                r.created for r in caplog.records if "link host1 -> host2 up" in r.msg % r.args
+                r.created for r in caplog.records if "link host1 -> host2 up" in r.getMessage()
             ]
             log = client.run(
                 lambda dask_worker: [dict(t) for t in dask_worker.transfer_incoming_log],
                 workers=[on["host2"]],
             )[on["host2"]]
-            (fetch,) = [t for t in log if t["total"] >= size]
+            (fetch,) = [t for t in log if data.key in t["keys"]]
             assert upped and fetch["start"] < upped[0] < fetch["stop"], (upped, fetch)
             assert len(client.get_events("made")) == 1  # made once: never taken for lost
             name = links.process(pair)

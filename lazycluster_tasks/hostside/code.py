@@ -11,11 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import time
-from typing import Any, Dict, List, Set  # noqa: UP035 - the package runs on hosts with 3.8
-
-#: Seconds between looks for a retired connection that was in use (see retire_connections).
-RETIRE_POLL = 0.5
+from typing import Any, Dict, List  # noqa: UP035 - the package runs on hosts with 3.8
 
 
 def reload(moves: Dict[str, str], folders: List[str]) -> List[str]:  # noqa: UP006
@@ -55,39 +51,24 @@ def drop_idle_connections(dask_worker: Any) -> int:
     return idle
 
 
-def retire_connections(ports: List[int], within: float, dask_worker: Any) -> int:  # noqa: UP006
+def retire_connections(ports: List[int], dask_worker: Any) -> int:  # noqa: UP006
     """Close this worker's pooled connections to the workers listening on ``ports`` (at
-    127.0.0.1 on every host: tunnelled) as each becomes idle — at once for those idle, for
-    those in use once their request is done, looked for every RETIRE_POLL seconds for up to
-    ``within`` seconds. Only the connections open now: they go through the controller's relay,
-    and the routes moved onto a host-to-host link, which the next connection takes. Closing an
-    idle pooled connection is what the pool does itself when it needs room. Runs on the
-    worker's event loop; returns how many were idle now."""
+    127.0.0.1 on every host: tunnelled) as soon as each is idle: those idle now at once (as
+    the pool does itself when it needs room), those in use when their request hands them back
+    (the pool closes a connection returned to it that it no longer holds). They went through
+    the controller's relay, and their routes moved onto a host-to-host link, which the next
+    connection takes. Runs on the worker's event loop; returns how many were retired."""
     pool = dask_worker.rpc
     wanted = {str(port) for port in ports}
-
-    def ours(address: str) -> bool:
-        return address.rsplit(":", 1)[-1] in wanted
-
-    old: Set[Any] = set()  # noqa: UP006
+    retired = 0
     for table in (pool.available, pool.occupied):
         for address, comms in table.items():
-            if ours(address):
-                old.update(comms)
-    deadline = time.monotonic() + within
-    closed = [0]
-
-    def sweep() -> None:
-        for address, comms in pool.available.items():
-            for comm in [c for c in comms if c in old] if ours(address) else []:
+            if address.rsplit(":", 1)[-1] not in wanted:
+                continue
+            for comm in list(comms):
                 comms.discard(comm)
-                old.discard(comm)
-                pool.semaphore.release()  # as the pool's own collect() does
-                dask_worker.loop.add_callback(comm.close)
-                closed[0] += 1
-        old.difference_update([c for c in old if c.closed()])
-        if old and time.monotonic() < deadline:
-            dask_worker.loop.call_later(RETIRE_POLL, sweep)
-
-    sweep()
-    return closed[0]
+                pool.semaphore.release()  # its room in the pool, as a close gives back
+                if table is pool.available:
+                    dask_worker.loop.add_callback(comm.close)
+                retired += 1
+    return retired
