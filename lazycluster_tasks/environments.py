@@ -534,14 +534,49 @@ def check_line(manifest: Manifest, python: str | None, lease: str = "") -> str:
     python3.X, python3. ``lease``: the cluster folder's name, whose start holds the
     environment it finds until its cleanup (a prune meanwhile keeps it)."""
     units = ",".join(u.key for u in manifest.units)
-    samples = json.dumps([_sample(u) for u in manifest.units if u.files])
+    sampled = _samples(manifest)
     key = env_key(manifest, python)
     args = ["check", "--key", key, "--units", units, "--ours", sys.executable]
-    args += ["--samples", samples, "--lease", lease]
+    args += ["--samples", json.dumps(sampled), "--lease", lease]
     run = shlex.join(["-I", "-c", _program(), *args])
     if python is not None:
-        return f"exec {shlex.quote(python)} {run}"
-    return commands.any_python(run, [f"python{manifest.python}"])
+        run = f"exec {shlex.quote(python)} {run}"
+    else:
+        run = commands.any_python(run, [f"python{manifest.python}"])
+    if not sampled:
+        return run
+    return f"if {_same_files(sampled)}; then echo {shlex.quote(SAME)}; else {run}; fi"
+
+
+#: The check's answer where a host shares this machine's files (as hostside.envs.check's).
+SAME = json.dumps({"same": True})
+
+
+def _same_files(samples: Sequence[list[Any]]) -> str:
+    """Shell that succeeds where the host sees this machine's interpreter and each sample file
+    as they are here (size, mtime to the nanosecond: GNU stat's ``%.9Y``, their digest by
+    sha256sum; the paths relative to their common folder, to keep the line short). Where it
+    cannot tell (another stat), it fails and the host program decides. It saves the host an
+    interpreter at every start where it shares this machine's filesystem."""
+    paths = [str(path) for path, _, _ in samples]
+    root = os.path.commonpath(paths)
+    if root in paths:  # one sample: its folder
+        root = os.path.dirname(root)
+    names = " ".join(shlex.quote(os.path.relpath(path, root)) for path in paths)
+    listing = "".join(
+        f"{size} {stamp // 10**9}.{stamp % 10**9:09d}\n" for _, size, stamp in samples
+    )
+    want = f"{hashlib.sha256(listing.encode()).hexdigest()}  -"
+    seen = (
+        f'"$(cd -- {shlex.quote(root)} 2>/dev/null && '
+        f'stat -L -c "%s %.9Y" -- {names} 2>/dev/null | sha256sum)"'
+    )
+    return f"[ -x {shlex.quote(sys.executable)} ] && [ {seen} = {shlex.quote(want)} ]"
+
+
+def _samples(manifest: Manifest) -> list[list[Any]]:
+    """One file per unit, as a host that shares this machine's filesystem sees it."""
+    return [_sample(u) for u in manifest.units if u.files]
 
 
 def _sample(unit: Unit) -> list[object]:

@@ -177,6 +177,41 @@ def test_a_host_makes_the_environment_once_and_finds_it_after(tmp_path, small) -
     assert not list((home / ".cache" / "lazycluster" / "units").iterdir())
 
 
+def test_a_host_that_shares_these_files_is_told_by_the_shell_without_an_interpreter(
+    tmp_path: Path,
+) -> None:
+    """The check's shell compares this machine's files with what the host sees (GNU stat and
+    sha256sum, no interpreter started): the same files are "same" with no Python on the PATH;
+    a file changed there, or a stat that cannot tell, leaves it to the host program."""
+    manifest = environments.scan(code=[str(_project(tmp_path / "project"))])
+    tools = tmp_path / "tools"  # the shell's tools, and no python3 among them
+    tools.mkdir()
+    for tool in ("stat", "sha256sum"):
+        (tools / tool).symlink_to(subprocess.check_output(["which", tool], text=True).strip())
+    line = environments.check_line(manifest, None, "")
+
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": str(path), "HOME": str(tmp_path)}
+        return subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, env=env)
+
+    same = check(tools)
+    assert (same.returncode, same.stdout.strip()) == (0, environments.SAME), same
+    # the project's sampled file, changed by a nanosecond
+    (changed,) = [
+        Path(p) for p, _, _ in environments._samples(manifest) if p.startswith(str(tmp_path))
+    ]
+    stamp = changed.stat()
+    os.utime(changed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1))
+    decided = check(tools)  # the program runs: no Python here, so it says so
+    assert decided.returncode == 127 and environments.SAME not in decided.stdout, decided
+    (tools / "stat").unlink()
+    (tools / "stat").symlink_to("/bin/false")  # a stat that cannot tell
+    os.utime(changed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert check(tools).returncode == 127
+    with_python = check(Path(f"{tools}:{Path(sys.executable).parent}:/usr/bin:/bin"))
+    assert json.loads(with_python.stdout.splitlines()[-1])["same"] is True, with_python
+
+
 def test_an_environment_lays_out_its_distributions_in_site_packages(tmp_path) -> None:
     """Distributions are links in the venv's site-packages (one sys.path entry for all, their
     .pth files run by site); the user's code folders are lines of lazycluster.pth."""
