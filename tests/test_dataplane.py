@@ -49,13 +49,14 @@ def _link_master(cluster: LazySSHCluster, name: str | None) -> psutil.Process:
     return master
 
 
-def _tunnelled(hosts: TestHosts, names: list[str]) -> LazySSHCluster:
+def _tunnelled(hosts: TestHosts, names: list[str], **options: Any) -> LazySSHCluster:
     """A tunnelled cluster of one single-threaded worker per host."""
     return LazySSHCluster(
         names,
         ssh_config_path=str(hosts.ssh_config_path),
         network_mode="tunnelled",
         threads_per_worker=1,
+        **options,
     )
 
 
@@ -214,13 +215,7 @@ def test_on_demand_a_pairs_link_is_dialled_when_its_workers_first_talk(
     link, the later ones take it, and the other pairs stay unlinked."""
     caplog.set_level(logging.INFO, logger="lazycluster_tasks.links")
     multi_hosts.set_network("ssh-only", "drop")
-    cluster = LazySSHCluster(
-        HOSTS,
-        ssh_config_path=str(multi_hosts.ssh_config_path),
-        network_mode="tunnelled",
-        threads_per_worker=1,
-        host_links="on-demand",
-    )
+    cluster = _tunnelled(multi_hosts, HOSTS, host_links="on-demand")
     marker = link_commands.peer_marker(cluster.engine.cluster_id)
     try:
         with Client(cluster) as client:
@@ -239,11 +234,9 @@ def test_on_demand_a_pairs_link_is_dialled_when_its_workers_first_talk(
             assert set(links.up) == {pair, pair[::-1]}  # host3's pairs: nobody talked
             assert "dialled: its hosts' workers talk" in caplog.text
             assert marker in multi_hosts.authorized_keys(links.link_of(pair)[1])
-            name = links.process(pair)
-            assert name is not None
             # the next fetch between them crosses the link
             assert wait_until(lambda: links.summary()["link_forwards"] >= 1, 10)
-            _fetch_crosses(cluster, client, on, name)
+            _fetch_crosses(cluster, client, on, links.process(pair))
     finally:
         try:
             cluster.close()
@@ -282,13 +275,7 @@ def test_a_fetch_under_way_when_its_link_comes_up_finishes_and_the_next_takes_th
     fetched it again), then the worker closes it, and the next fetch takes the link."""
     caplog.set_level(logging.INFO, logger="lazycluster_tasks.links")
     multi_hosts.set_network("ssh-only", "drop")
-    cluster = LazySSHCluster(
-        HOSTS,
-        ssh_config_path=str(multi_hosts.ssh_config_path),
-        network_mode="tunnelled",
-        threads_per_worker=1,
-        host_links="on-demand",
-    )
+    cluster = _tunnelled(multi_hosts, HOSTS, host_links="on-demand")
     try:
         with Client(cluster) as client:
             links = links_set_up(cluster, client, 3, timeout=30)
@@ -310,9 +297,7 @@ def test_a_fetch_under_way_when_its_link_comes_up_finishes_and_the_next_takes_th
             (fetch,) = [t for t in log if data.key in t["keys"]]
             assert upped and fetch["start"] < upped[0] < fetch["stop"], (upped, fetch)
             assert len(client.get_events("made")) == 1  # made once: never taken for lost
-            name = links.process(pair)
-            assert name is not None
-            _fetch_crosses(cluster, client, on, name)
+            _fetch_crosses(cluster, client, on, links.process(pair))
     finally:
         try:
             cluster.close()
@@ -700,8 +685,11 @@ def test_a_host_whose_last_worker_is_gone_cleans_up_after_the_cluster_by_itself(
         assert not any(marker in multi_hosts.authorized_keys(h) for h in hosts)
 
 
-def _fetch_crosses(cluster: LazySSHCluster, client: Client, on: dict[str, str], name: str) -> None:
+def _fetch_crosses(
+    cluster: LazySSHCluster, client: Client, on: dict[str, str], name: str | None
+) -> None:
     """MIB MiB made by host1's worker and fetched by host2's cross the link process ``name``."""
+    assert name is not None, "no link process"
     before = _bytes_through(cluster, name)
     data = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
     moved = client.submit(_sha, data, workers=[on["host2"]], allow_other_workers=False, pure=False)
