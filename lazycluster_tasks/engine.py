@@ -448,20 +448,18 @@ class Engine:
     def _retire_relayed(self, moved: dict[str, set[int]]) -> None:
         """Routes leaving the relay for links (host -> worker ports): each host's workers end
         their connections to those ports open through the relay, each once idle (see
-        code.retire_connections), so that the job's next fetches take the links."""
-        registered = self.registered()
-        cloudpickle.register_pickle_by_value(code)
-        for host, ports in sorted(moved.items()):
-            workers = [
-                info["address"]
-                for name, info in registered.items()
-                if name in self.table and self.table[name].host == host
-            ]
-            if workers:
-                self.clients.run(
-                    code.retire_connections, sorted(ports),
-                    workers=workers, timeout=RETIRE_TIMEOUT,
-                )  # fmt: skip
+        code.retire_connections), so that the job's next fetches take the links. One request
+        for every worker concerned."""
+        ports = {
+            info["address"]: sorted(moved[self.table[name].host])
+            for name, info in self.registered().items()
+            if name in self.table and self.table[name].host in moved
+        }
+        if ports:
+            cloudpickle.register_pickle_by_value(code)
+            self.clients.run(
+                code.retire_connections, ports, workers=list(ports), timeout=RETIRE_TIMEOUT
+            )
 
     def runtime(self, host: str) -> Runtime:
         return self.group.get_runtime(host)

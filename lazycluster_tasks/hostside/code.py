@@ -51,15 +51,16 @@ def drop_idle_connections(dask_worker: Any) -> int:
     return idle
 
 
-def retire_connections(ports: List[int], dask_worker: Any) -> int:  # noqa: UP006
-    """Close this worker's pooled connections to the workers listening on ``ports`` (at
-    127.0.0.1 on every host: tunnelled) as soon as each is idle: those idle now at once (as
-    the pool does itself when it needs room), those in use when their request hands them back
-    (the pool closes a connection returned to it that it no longer holds). They went through
-    the controller's relay, and their routes moved onto a host-to-host link, which the next
-    connection takes. Runs on the worker's event loop; returns how many were retired."""
+def retire_connections(ports: Dict[str, List[int]], dask_worker: Any) -> int:  # noqa: UP006
+    """Close this worker's pooled connections to the workers listening on its ``ports`` (worker
+    address -> ports, at 127.0.0.1 on every host: tunnelled) as soon as each is idle: those
+    idle now at once (as the pool does itself when it needs room), those in use when their
+    request hands them back (the pool closes a connection returned to it that it no longer
+    holds). They went through the controller's relay, and their routes moved onto a
+    host-to-host link, which the next connection takes. Runs on the worker's event loop;
+    returns how many were retired."""
     pool = dask_worker.rpc
-    wanted = {str(port) for port in ports}
+    wanted = {str(port) for port in ports.get(dask_worker.address, [])}
     retired = 0
     for table in (pool.available, pool.occupied):
         for address, comms in table.items():
