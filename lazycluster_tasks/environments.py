@@ -456,16 +456,17 @@ class Packs:
         return packed
 
 
-def stream(packs: Packs, units: Iterable[Unit]) -> io.BufferedReader:
-    """The packs of ``units`` as one stream (concatenated gzip'd tars, read with -i)."""
+def stream(packs: Packs, units: Iterable[Unit], head: bytes = b"") -> io.BufferedReader:
+    """The packs of ``units`` as one stream (concatenated gzip'd tars, read with -i), after
+    ``head``."""
     paths = [packs.path(u) for u in units]
-    return io.BufferedReader(_Concatenated(paths))
+    return io.BufferedReader(_Concatenated(paths, head))
 
 
 class _Concatenated(io.RawIOBase):
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[Path], head: bytes = b"") -> None:
         self._paths = list(paths)
-        self._current: io.BufferedReader | None = None
+        self._current: io.BufferedReader | io.BytesIO | None = io.BytesIO(head) if head else None
 
     def readable(self) -> bool:
         return True
@@ -531,38 +532,60 @@ def env_key(manifest: Manifest, python: str | None) -> str:
 
 def check_line(manifest: Manifest, python: str | None, lease: str = "") -> str:
     """Ask a host what it has: run by ``python`` (the given base), else by the first of
-    python3.X, python3. ``lease``: the cluster folder's name, whose start holds the
-    environment it finds until its cleanup (a prune meanwhile keeps it)."""
-    units = ",".join(u.key for u in manifest.units)
-    sampled = _samples(manifest)
+    python3.X, python3; it reads :func:`check_input` on its stdin. ``lease``: the cluster
+    folder's name, whose start holds the environment it finds until its cleanup (a prune
+    meanwhile keeps it)."""
     key = env_key(manifest, python)
-    args = ["check", "--key", key, "--units", units, "--ours", sys.executable]
-    args += ["--samples", json.dumps(sampled), "--lease", lease]
+    args = ["check", "--key", key, "--ours", sys.executable, "--lease", lease]
     run = shlex.join(["-I", "-c", _program(), *args])
     if python is not None:
         run = f"exec {shlex.quote(python)} {run}"
     else:
         run = commands.any_python(run, [f"python{manifest.python}"])
-    if not sampled:
+    same = _same_files(_samples(manifest))
+    if same is None:
         return run
-    return f"if {_same_files(sampled)}; then echo {shlex.quote(SAME)}; else {run}; fi"
+    return f"if {same}; then echo {shlex.quote(SAME)}; else {run}; fi"
+
+
+def check_input(manifest: Manifest) -> bytes:
+    """What the check reads on its stdin: the units in order and a sample file of each."""
+    return header({"units": [u.key for u in manifest.units], "samples": _samples(manifest)})
+
+
+def header(options: Mapping[str, Any]) -> bytes:
+    """``options`` as the host program reads them ahead of any data on its stdin (see
+    ``hostside/envs.read_header``). They grow with the environment: on a command line, a few
+    hundred distributions would pass the 128 KiB a single argument may have."""
+    text = json.dumps(options).encode()
+    return b"%d\n%s" % (len(text), text)
 
 
 #: The check's answer where a host shares this machine's files (as hostside.envs.check's).
 SAME = json.dumps({"same": True})
 
 
-def _same_files(samples: Sequence[list[Any]]) -> str:
+#: Bytes the sample files' names may take in the check's line (relative to their common
+#: folder: about 50 per unit); past it the line asks the host program only.
+SAMPLE_NAMES_MOST = 48 << 10
+
+
+def _same_files(samples: Sequence[list[Any]]) -> str | None:
     """Shell that succeeds where the host sees this machine's interpreter and each sample file
     as they are here (size, mtime to the nanosecond: GNU stat's ``%.9Y``, their digest by
     sha256sum; the paths relative to their common folder, to keep the line short). Where it
     cannot tell (another stat), it fails and the host program decides. It saves the host an
-    interpreter at every start where it shares this machine's filesystem."""
+    interpreter at every start where it shares this machine's filesystem. None when there is
+    no sample, or their names would take more than SAMPLE_NAMES_MOST."""
+    if not samples:
+        return None
     paths = [str(path) for path, _, _ in samples]
     root = os.path.commonpath(paths)
     if root in paths:  # one sample: its folder
         root = os.path.dirname(root)
     names = " ".join(shlex.quote(os.path.relpath(path, root)) for path in paths)
+    if len(names) > SAMPLE_NAMES_MOST:
+        return None
     listing = "".join(
         f"{size} {stamp // 10**9}.{stamp % 10**9:09d}\n" for _, size, stamp in samples
     )
@@ -587,12 +610,17 @@ def _sample(unit: Unit) -> list[object]:
 
 
 def build_line(manifest: Manifest, python: str, given: str | None = None, lease: str = "") -> str:
-    """Make the environment with ``python`` (the interpreter the check ran with); held for
+    """Make the environment with ``python`` (the interpreter the check ran with) of what it
+    reads on stdin: :func:`build_input`, then the packs of the units it lacks; held for
     ``lease`` as by :func:`check_line`."""
-    units = ",".join(u.key for u in manifest.units)
-    args = ["build", "--key", env_key(manifest, given), "--units", units, "--python", python]
+    args = ["build", "--key", env_key(manifest, given), "--python", python]
     args += ["--stall", f"{STALL:g}", "--lease", lease]
     return shlex.join([python, "-I", "-c", _program(), *args])
+
+
+def build_input(manifest: Manifest) -> bytes:
+    """What the build reads on its stdin before the units' packs: the units in order."""
+    return header({"units": [u.key for u in manifest.units]})
 
 
 def _answer(result: CommandResult, host: str, what: str) -> dict[str, Any]:
@@ -653,9 +681,13 @@ def sync(
     chosen = dict(python or {})
     started = {rt.host: time.monotonic() for rt in runtimes}
 
+    asked = check_input(manifest)
+
     def look(runtime: Runtime) -> dict[str, Any]:
         result = runtime.connection.run(
-            check_line(manifest, chosen.get(runtime.host), lease), timeout=CHECK_TIMEOUT
+            check_line(manifest, chosen.get(runtime.host), lease),
+            stdin=asked,
+            timeout=CHECK_TIMEOUT,
         )
         given = chosen.get(runtime.host)
         if result.exit_code in (126, 127) and given is not None:
@@ -698,7 +730,7 @@ def sync(
         missing = set(answer.get("missing") or [])
         sending = [u for u in units if u.key in missing]
         size = sum(packs.path(u).stat().st_size for u in sending)
-        with stream(packs, sending) as data:
+        with stream(packs, sending, head=build_input(manifest)) as data:
             result = runtime.connection.run(
                 build_line(manifest, str(answer["python"]), chosen.get(host), lease),
                 stdin=data,

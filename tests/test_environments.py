@@ -146,17 +146,26 @@ def small(tmp_path_factory) -> tuple[environments.Manifest, bytes]:
         return manifest, data.read()
 
 
-def _args(manifest: environments.Manifest, action: str) -> list[str]:
-    return [action, "--key", manifest.key, "--units", ",".join(u.key for u in manifest.units)]
+def _ask(
+    home: Path, manifest: environments.Manifest, action: str, data: bytes = b""
+) -> subprocess.CompletedProcess:
+    """``check`` or ``build`` of ``manifest``, with what the controller sends on stdin."""
+    return envs(home, action, "--key", manifest.key, data=_input(manifest, action) + data)
+
+
+def _input(manifest: environments.Manifest, action: str) -> bytes:
+    if action == "check":
+        return environments.check_input(manifest)
+    return environments.build_input(manifest)
 
 
 def test_a_host_makes_the_environment_once_and_finds_it_after(tmp_path, small) -> None:
     manifest, data = small
     home = tmp_path / "home"
     home.mkdir()
-    before = json.loads(envs(home, *_args(manifest, "check")).stdout)
+    before = json.loads(_ask(home, manifest, "check").stdout)
     assert before["env"] is None and len(before["missing"]) == 3
-    made = envs(home, *_args(manifest, "build"), data=data)
+    made = _ask(home, manifest, "build", data)
     assert made.returncode == 0, made.stderr
     answer = json.loads(made.stdout)
     assert answer["received"] == len(data)
@@ -168,7 +177,7 @@ def test_a_host_makes_the_environment_once_and_finds_it_after(tmp_path, small) -
         env={"PATH": "/usr/bin:/bin"},
     )
     assert ran.stdout.strip() == "42", ran.stderr
-    after = json.loads(envs(home, *_args(manifest, "check")).stdout)
+    after = json.loads(_ask(home, manifest, "check").stdout)
     assert after["env"] == python and after["missing"] == []
     listed = json.loads(envs(home, "list").stdout)["envs"]
     assert [e["key"] for e in listed] == [manifest.key]
@@ -192,7 +201,10 @@ def test_a_host_that_shares_these_files_is_told_by_the_shell_without_an_interpre
 
     def check(path: Path) -> subprocess.CompletedProcess[str]:
         env = {"PATH": str(path), "HOME": str(tmp_path)}
-        return subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, env=env)
+        stdin = environments.check_input(manifest).decode()
+        return subprocess.run(
+            ["/bin/sh", "-c", line], input=stdin, capture_output=True, text=True, env=env
+        )
 
     same = check(tools)
     assert (same.returncode, same.stdout.strip()) == (0, environments.SAME), same
@@ -212,6 +224,52 @@ def test_a_host_that_shares_these_files_is_told_by_the_shell_without_an_interpre
     assert json.loads(with_python.stdout.splitlines()[-1])["same"] is True, with_python
 
 
+def _many_units(folder: Path, count: int) -> environments.Manifest:
+    """A manifest of ``count`` distributions of one small file each."""
+    made = []
+    for n in range(count):
+        code = folder / f"pkg{n}" / "__init__.py"
+        code.parent.mkdir(parents=True)
+        code.write_text(f"N = {n}\n")
+        files = ((f"pkg{n}/__init__.py", str(code)),)
+        made.append(environments.Unit(f"pkg{n}", "1.0", files, 8, f"pkg{n}-1.0-{n:012x}"))
+    base = environments.scan(include=["toolz"])
+    return environments.Manifest(base.python, base.machine, tuple(made))
+
+
+@pytest.mark.parametrize("count", [1500, 4000])
+def test_an_environment_of_thousands_of_distributions_is_checked(tmp_path, count) -> None:
+    """What grows with the environment goes on stdin: the line stays below the 128 KiB one
+    argument may have (before, a few hundred distributions passed it and no host started).
+    The sample files' names stay in the line while they fit, for the shell's answer without
+    an interpreter; past that the host program answers."""
+    manifest = _many_units(tmp_path / "site", count)
+    line = environments.check_line(manifest, None, "")
+    stdin = environments.check_input(manifest)
+    assert len(line) < 96 << 10 and len(stdin) > 128 << 10, (len(line), len(stdin))
+    inline = count == 1500  # 1500 names fit in the line, 4000 do not
+    assert ("sha256sum" in line) == inline
+    tools = tmp_path / "tools"  # the shell's tools, and no python3 among them
+    tools.mkdir()
+    for tool in ("stat", "sha256sum"):
+        (tools / tool).symlink_to(subprocess.check_output(["which", tool], text=True).strip())
+
+    def check(path: str) -> subprocess.CompletedProcess[bytes]:
+        env = {"PATH": path, "HOME": str(tmp_path)}
+        return subprocess.run(["/bin/sh", "-c", line], input=stdin, capture_output=True, env=env)
+
+    with_python = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    same = check(with_python)
+    assert same.returncode == 0 and json.loads(same.stdout.splitlines()[-1])["same"], same
+    shell_only = check(str(tools))
+    assert shell_only.returncode == (0 if inline else 127), shell_only
+    # a file changed here: not the same files; this host has none of the units
+    (tmp_path / "site" / "pkg7" / "__init__.py").write_text("N = 'seven'\n")
+    found = json.loads(check(with_python).stdout.splitlines()[-1])
+    assert "same" not in found and found["env"] is None
+    assert found["missing"] == [u.key for u in manifest.units]
+
+
 def test_an_environment_lays_out_its_distributions_in_site_packages(tmp_path) -> None:
     """Distributions are links in the venv's site-packages (one sys.path entry for all, their
     .pth files run by site); the user's code folders are lines of lazycluster.pth."""
@@ -222,7 +280,7 @@ def test_an_environment_lays_out_its_distributions_in_site_packages(tmp_path) ->
         stream = data.read()
     home = tmp_path / "home"
     home.mkdir()
-    made = envs(home, *_args(manifest, "build"), data=stream)
+    made = _ask(home, manifest, "build", stream)
     assert made.returncode == 0, made.stderr
     python = json.loads(made.stdout)["env"]
     units = home / ".cache" / "lazycluster" / "units"
@@ -278,16 +336,16 @@ def test_a_cut_or_failed_transfer_leaves_nothing_a_later_start_would_use(tmp_pat
     manifest, data = small
     home = tmp_path / "home"
     home.mkdir()
-    cut = envs(home, *_args(manifest, "build"), data=data[: len(data) // 2])
+    cut = _ask(home, manifest, "build", data[: len(data) // 2])
     assert cut.returncode == 1 and b"not received whole" in cut.stderr
     root = home / ".cache" / "lazycluster"
     assert not list((root / "units").iterdir()) or all(
         not p.name.startswith(".") for p in (root / "units").iterdir()
     )
     assert not (root / "envs").exists() or not list((root / "envs").iterdir())
-    check = json.loads(envs(home, *_args(manifest, "check")).stdout)
+    check = json.loads(_ask(home, manifest, "check").stdout)
     assert check["env"] is None  # nothing half-made is taken for an environment
-    done = envs(home, *_args(manifest, "build"), data=data)  # the next start finishes it
+    done = _ask(home, manifest, "build", data)  # the next start finishes it
     assert done.returncode == 0, done.stderr
 
 
@@ -298,12 +356,12 @@ def test_a_full_disk_during_a_transfer_is_an_error_naming_the_path(tmp_path, sma
         filler = fill(home)
         filler.unlink()
         (home / "filler").write_bytes(b"x" * (200 * 1024))  # room for less than the units
-        full = envs(home, *_args(manifest, "build"), data=data)
+        full = _ask(home, manifest, "build", data)
         assert full.returncode == 1
         assert b"/.cache/lazycluster/units" in full.stderr and b"not received whole" in full.stderr
         leftovers = list((home / ".cache" / "lazycluster" / "units").iterdir())
         assert leftovers == []  # the part received went with the failure
-        assert json.loads(envs(home, *_args(manifest, "check")).stdout)["env"] is None
+        assert json.loads(_ask(home, manifest, "check").stdout)["env"] is None
 
 
 def test_two_starts_at_once_make_one_environment(tmp_path, small) -> None:
@@ -312,9 +370,7 @@ def test_two_starts_at_once_make_one_environment(tmp_path, small) -> None:
     home.mkdir()
     answers: list[subprocess.CompletedProcess] = []
     threads = [
-        threading.Thread(
-            target=lambda: answers.append(envs(home, *_args(manifest, "build"), data=data))
-        )
+        threading.Thread(target=lambda: answers.append(_ask(home, manifest, "build", data)))
         for _ in range(3)
     ]
     for thread in threads:
@@ -441,14 +497,19 @@ def test_a_distribution_found_through_the_current_folder_is_named_by_absolute_pa
     )
 
 
-def test_a_build_takes_its_bytes_while_another_start_holds_the_lock(tmp_path, small) -> None:
+def test_a_build_takes_its_bytes_while_another_start_holds_the_lock(tmp_path) -> None:
     """A second start's bytes are read while the first one builds: a sender that waited for
     another start's build would count it a stalled transfer."""
-    manifest, data = small
+    project = _project(tmp_path / "project")
+    (project / "userpkg" / "table.bin").write_bytes(os.urandom(1 << 18))  # does not compress
+    manifest = environments.scan(include=["toolz"], code=[str(project)])
+    with environments.stream(environments.Packs(tmp_path / "packs"), manifest.units) as packed:
+        data = packed.read()
     home = tmp_path / "home"
     root = home / ".cache" / "lazycluster"
     root.mkdir(parents=True)
-    argv = [sys.executable, "-I", "-c", hostside.source("envs"), *_args(manifest, "build")]
+    argv = [sys.executable, "-I", "-c", hostside.source("envs"), "build", "--key", manifest.key]
+    sent = _input(manifest, "build") + data
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
     holder = subprocess.Popen(  # another start's build, holding the lock
         [sys.executable, "-c", LOCK_HOLDER, str(root / "lock")],
@@ -461,10 +522,10 @@ def test_a_build_takes_its_bytes_while_another_start_holds_the_lock(tmp_path, sm
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
         assert build.stdin is not None and len(data) > 1 << 17  # more than a pipe holds
-        sent = threading.Thread(target=lambda: (build.stdin.write(data), build.stdin.close()))
-        sent.start()
-        sent.join(20)
-        assert not sent.is_alive(), "the build read nothing while the lock was held"
+        sender = threading.Thread(target=lambda: (build.stdin.write(sent), build.stdin.close()))
+        sender.start()
+        sender.join(20)
+        assert not sender.is_alive(), "the build read nothing while the lock was held"
         assert build.poll() is None  # it waits for the lock with its bytes unpacked aside
         aside = [p.name for p in (root / "units").iterdir()]
         assert len(aside) == 1 and aside[0].startswith(".incoming-")

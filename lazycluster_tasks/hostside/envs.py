@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 MARK = "lazycluster-env.json"
 #: Seconds a start's hold on an environment lasts when no cleanup removes it (a killed
@@ -140,13 +140,17 @@ def _held(folder: str) -> bool:
 
 
 def check(
-    key: str, units: list[str], ours: str = "", samples: str = "", lease: str = ""
+    key: str,
+    units: list[str],
+    ours: str = "",
+    samples: list[list[object]] | None = None,
+    lease: str = "",
 ) -> dict[str, object]:
     """What the host has for environment ``key``: the controller's own environment (a shared
     filesystem), or its interpreter if complete (its use is noted, and held for ``lease``),
     else the units it lacks."""
     found: dict[str, object] = dict(facts())
-    if ours and same_files(ours, json.loads(samples or "[]")):
+    if ours and same_files(ours, samples or []):
         found["same"] = True
         return found
     python = env_python(key)
@@ -211,12 +215,35 @@ def build(
         shutil.rmtree(incoming, ignore_errors=True)
 
 
-def _read(stall: float) -> bytes:
-    """The next block of stdin (b"" at its end); BuildError when none comes for ``stall`` s."""
+def _read(stall: float, most: int = 1 << 18) -> bytes:
+    """The next block of stdin, of ``most`` bytes at most (b"" at its end); BuildError when
+    none comes for ``stall`` s."""
     ready, _, _ = select.select([sys.stdin.buffer], [], [], stall)
     if not ready:
         raise BuildError(f"stdin: nothing came for {stall:g} s (the transfer was cut)")
-    return os.read(sys.stdin.buffer.fileno(), 1 << 18)
+    return os.read(sys.stdin.buffer.fileno(), most)
+
+
+def read_header(stall: float) -> dict[str, Any]:
+    """What the controller sends ahead of any data on stdin (its length in digits and a
+    newline, then a JSON object): the lists that grow with the environment, which a command
+    line could not hold. Read to its last byte and no further (the data follows)."""
+    size = b""
+    while not size.endswith(b"\n"):
+        byte = _read(stall, 1)
+        if not byte or len(size) > 12:
+            raise BuildError("stdin: no header (its length, a newline, then JSON)")
+        size += byte
+    text = b""
+    while len(text) < int(size):
+        block = _read(stall, int(size) - len(text))
+        if not block:
+            raise BuildError(f"stdin: the header ended after {len(text)} of {int(size)} bytes")
+        text += block
+    header = json.loads(text)
+    if not isinstance(header, dict):
+        raise BuildError("stdin: the header is not a JSON object")
+    return header
 
 
 def _feed(fd: int, block: bytes, stall: float) -> None:
@@ -513,19 +540,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="envs", description=__doc__.split("\n", 1)[0])
     parser.add_argument("action", choices=["check", "build", "list", "prune"])
     parser.add_argument("--key", default="")
-    parser.add_argument("--units", default="", help="unit keys, comma-separated, in order")
     parser.add_argument("--python", default=sys.executable, help="what makes the venv")
     parser.add_argument("--ours", default="", help="check: the controller's interpreter")
-    parser.add_argument("--samples", default="", help="check: [[path, size, mtime_ns], ...]")
-    parser.add_argument("--stall", type=float, default=STALL, help="build: seconds")
+    parser.add_argument(
+        "--stall", type=float, default=STALL, help="check, build: seconds stdin may stall"
+    )
     parser.add_argument("--keep", default="", help="prune: environment keys to keep")
     parser.add_argument("--older", type=float, default=0.0, help="prune: unused seconds")
     parser.add_argument("--lease", default="", help="check, build: the cluster folder's name")
     args = parser.parse_args(argv)
-    units = [u for u in args.units.split(",") if u]
     try:
+        # check, build: the unit keys in order (and check's samples, [[path, size, mtime_ns],
+        # ...]) come first on stdin
+        header = read_header(args.stall) if args.action in ("check", "build") else {}
+        units = [str(u) for u in header.get("units", [])]
         if args.action == "check":
-            answer: object = check(args.key, units, args.ours, args.samples, args.lease)
+            answer: object = check(args.key, units, args.ours, header.get("samples"), args.lease)
         elif args.action == "build":
             answer = build(args.key, units, args.python, args.stall, args.lease)
         elif args.action == "list":
