@@ -14,7 +14,13 @@ import pytest
 from lazycluster_tasks import Environment, Runtime, RuntimeGroup
 from lazycluster_tasks.dask import DaskCluster
 from lazycluster_tasks.dask_launchers import RemoteMasterLauncher
-from lazycluster_tasks.testing.helpers import QUIET_ENV, cluster_on, local_leftovers, ssh_runtime
+from lazycluster_tasks.testing.helpers import (
+    QUIET_ENV,
+    cluster_on,
+    fill_test_defaults,
+    local_leftovers,
+    ssh_runtime,
+)
 from lazycluster_tasks.testing.hosts import TestHosts
 from lazycluster_tasks.testing.leaks import LocalState, tmp_entries, wait_tmp_clean
 from lazycluster_tasks.testing.prefect_server import PrefectServer
@@ -218,7 +224,8 @@ def make_cluster(
     multi_hosts: TestHosts, no_leftovers: TestHosts, no_local_leaks: None
 ) -> Iterator[Callable[..., Any]]:
     """``make_cluster(hosts=CLUSTER_HOSTS, **options)``: a cluster on the multi-host test hosts
-    (one thread per worker unless the options say otherwise), closed at the end of the test.
+    (one thread per worker and no nanny unless the options say otherwise: fill_test_defaults),
+    closed at the end of the test.
 
     A LazySSHCluster; with ``cls=DaskCluster`` a DaskCluster on a RuntimeGroup of the hosts
     (``master_host``: its scheduler on that host), whose cleanup must leave no process of it on
@@ -233,7 +240,7 @@ def make_cluster(
         cls: type[LazySSHCluster] | type[DaskCluster] = LazySSHCluster,
         **options: Any,
     ) -> Any:
-        options.setdefault("threads_per_worker", 1)
+        fill_test_defaults(options)
         cluster: LazySSHCluster | DaskCluster
         if issubclass(cls, DaskCluster):
             group = RuntimeGroup(

@@ -62,7 +62,10 @@ def test_work_runs_on_every_host(multi_hosts, make_cluster, switch, master):
     multi_hosts.ssh_only(switch == "ssh-only")
     try:
         cluster = make_cluster(
-            cls=DaskCluster, master_host="host2" if master == "remote" else None, dashboard=True
+            cls=DaskCluster,
+            master_host="host2" if master == "remote" else None,
+            dashboard=True,
+            nanny=True,  # Dask's default, and ours
         )
         cluster.start()
         assert cluster.network_mode == ("tunnelled" if switch == "ssh-only" else "direct")

@@ -166,7 +166,9 @@ def test_a_cluster_starts_with_defaults_on_hosts_that_share_nothing(
     # a changed file of the user's is picked up at the next start; only it is sent
     time.sleep(0.01)
     code.write_text("def answer():\n    return 43\n")
-    third = cluster_on(private_hosts, PRIVATE, workers_per_host=2, n_workers=len(PRIVATE))
+    third = cluster_on(
+        private_hosts, PRIVATE, workers_per_host=2, n_workers=len(PRIVATE), nanny=True
+    )
     try:
         assert {a for _, _, a in _answers(third)} == {43}
         sent = [r.getMessage() for r in caplog.records if " MiB sent in " in r.getMessage()]

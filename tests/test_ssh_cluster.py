@@ -37,7 +37,7 @@ def hosts_of(client: Client) -> dict[str, str]:
 
 
 def test_a_dask_cluster_on_the_hosts(make_cluster, multi_hosts):
-    cluster = make_cluster(workers_per_host=2, n_workers=4, dashboard=True)
+    cluster = make_cluster(workers_per_host=2, n_workers=4, dashboard=True, nanny=True)
     assert cluster.capacity == 6
     with Client(cluster) as client:
         client.wait_for_workers(4, timeout=30)

@@ -61,6 +61,20 @@ def ssh_runtime(hosts: TestHosts, name: str = "host1", **kwargs: Any) -> Runtime
     return Runtime(name, ssh_config_path=str(hosts.ssh_config_path), **kwargs)
 
 
+#: Options of the tests' clusters unless a test gives them. A nanny is one more interpreter
+#: per worker (about 0.5 s of CPU each, on the 2 cores all test hosts share); as in Dask's own
+#: tests, those about nannies, restarts and the defaults ask for one (``nanny=True``).
+TEST_DEFAULTS: dict[str, Any] = {"threads_per_worker": 1, "nanny": False}
+
+
+def fill_test_defaults(options: dict[str, Any]) -> None:
+    """Fill in TEST_DEFAULTS where ``options`` are silent (a worker class given decides on
+    its nanny itself)."""
+    for name, value in TEST_DEFAULTS.items():
+        if name != "nanny" or "worker_class" not in options:
+            options.setdefault(name, value)
+
+
 def cluster_on(
     hosts: TestHosts,
     names: Sequence[str],
@@ -68,11 +82,12 @@ def cluster_on(
     **options: Any,
 ) -> LazySSHCluster:
     """A LazySSHCluster (or ``cls``, a subclass) on the test hosts ``names``, reached through
-    the hosts' SSH config, one thread per worker unless ``options`` say otherwise."""
+    the hosts' SSH config, one thread per worker and no nanny unless ``options`` say otherwise
+    (see TEST_DEFAULTS)."""
     from lazycluster_tasks.ssh_cluster import LazySSHCluster  # pulls in distributed.deploy
 
     options.setdefault("ssh_config_path", str(hosts.ssh_config_path))
-    options.setdefault("threads_per_worker", 1)
+    fill_test_defaults(options)
     return (cls or LazySSHCluster)(list(names), **options)
 
 
