@@ -125,11 +125,20 @@ def _netns_names() -> list[str]:
 
 def _netns_pids(ns: str) -> list[int]:
     """Pids whose network namespace is `ns` (what `ip netns pids` prints)."""
-    try:
-        st = os.stat(NETNS_DIR / ns)
-    except OSError:
-        return []
-    pids = []
+    return _netns_pids_of([ns])[ns]
+
+
+def _netns_pids_of(namespaces: Sequence[str]) -> dict[str, list[int]]:
+    """Each of ``namespaces`` -> the pids in it, from one pass over /proc (a test polls this
+    while hundreds of processes run)."""
+    found: dict[str, list[int]] = {ns: [] for ns in namespaces}
+    which: dict[tuple[int, int], str] = {}
+    for ns in namespaces:
+        with contextlib.suppress(OSError):
+            st = os.stat(NETNS_DIR / ns)
+            which[(st.st_dev, st.st_ino)] = ns
+    if not which:
+        return found
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -137,9 +146,10 @@ def _netns_pids(ns: str) -> list[int]:
             s = os.stat(f"/proc/{entry}/ns/net")
         except OSError:  # gone, zombie or not ours to see
             continue
-        if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
-            pids.append(int(entry))
-    return pids
+        inside = which.get((s.st_dev, s.st_ino))
+        if inside is not None:
+            found[inside].append(int(entry))
+    return found
 
 
 def _is_sshd(p: psutil.Process) -> bool:
@@ -716,12 +726,13 @@ class TestHosts:
         except psutil.Error:
             return None
 
-    def processes(self, name: str) -> list[psutil.Process]:
-        """Processes inside host `name` that are not sshd: what code under test left there."""
+    def processes(self, name: str, pids: Sequence[int] | None = None) -> list[psutil.Process]:
+        """Processes inside host `name` that are not sshd: what code under test left there
+        (``pids``: those in its namespace, when known)."""
         h = self.host(name)
         found: dict[int, psutil.Process] = {}
         if h.netns is not None:
-            for pid in _netns_pids(h.netns):
+            for pid in _netns_pids(h.netns) if pids is None else pids:
                 with contextlib.suppress(psutil.Error):
                     found[pid] = psutil.Process(pid)
         else:
@@ -779,8 +790,10 @@ class TestHosts:
     def leftover_processes(self) -> dict[str, list[str]]:
         """Processes still running on each host (hosts with none are not listed)."""
         out = {}
+        inside = _netns_pids_of([h.netns for h in self.hosts if h.netns is not None])
         for h in self.hosts:
-            items = [d for d in map(_describe, self.processes(h.name)) if d is not None]
+            pids = inside[h.netns] if h.netns is not None else None
+            items = [d for d in map(_describe, self.processes(h.name, pids)) if d is not None]
             if items:
                 out[h.name] = items
         return out
