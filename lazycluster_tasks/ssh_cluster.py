@@ -114,9 +114,8 @@ class SSHScheduler(ProcessInterface):
             first = self.launcher.first
             if first is not None and not first.done():
                 await asyncio.wait([first])
-            if self.launcher.stopped:  # the close's stop ran: the connections go (and why a
-                # host failed is raised: its processes stay on record for teardown)
-                await _off_loop(self.launcher.engine.release, self.launcher.stop_error)
+            if self.launcher.stopped:  # the close stopped everything: the connections go
+                await _off_loop(self.launcher.engine.release)
             else:
                 await _off_loop(self.launcher.engine.cleanup)
         except Exception as exc:  # the engine keeps what it could not stop on record
@@ -172,11 +171,9 @@ class WorkerLauncherLoop:
         self.cleanup_error: BaseException | None = None
         #: The whole cluster closes: the scheduler's close stops every process at once.
         self.closing = False
-        #: The close ran the stop (the scheduler closed itself while the hosts killed the
-        #: workers): the scheduler's close only releases the connections and raises
-        #: ``stop_error``, why a host failed, if one did.
+        #: The close stopped every process (the scheduler closed itself while the hosts
+        #: killed the workers): the scheduler's close only releases the connections.
         self.stopped = False
-        self.stop_error: BaseException | None = None
         self.started: set[str] = set()  # workers that started and registered
         self._batch: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
         self._flush: asyncio.Future[None] | None = None
@@ -655,12 +652,13 @@ class LazySSHCluster(SpecCluster):
     def _stop_everything(self) -> None:
         """Every process stopped and the folders removed (``Engine.stop_all``); what the
         scheduler's close leaves is killed at once, as SSHCluster's close does, not after
-        ``stop_grace``. A host that failed keeps its processes on record (for ``teardown``);
-        the scheduler's close raises why."""
+        ``stop_grace``. A host that failed keeps its processes on record for the scheduler's
+        close to try again."""
         try:
             self.engine.stop_all(0.0, close_scheduler=True)
         except Exception as exc:
-            self.launcher.stop_error = exc
+            logger.info("the close left processes on record (tried again): %s", exc)
+            return
         self.launcher.stopped = True
 
     async def _scheduler_answers(self) -> bool:
