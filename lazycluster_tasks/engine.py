@@ -1103,6 +1103,25 @@ class Engine:
     def stop_workers(self) -> None:
         self._stop([i.name for i in self.worker_processes()])
 
+    def kill_workers(self) -> None:
+        """KILL every worker's process group, all hosts at once, without waiting for them to
+        end: a close does this before the scheduler closes, which would otherwise tell each
+        worker to close (their shutdowns then compete for the hosts' CPUs with the kill that
+        follows). The cleanup after it verifies; a host that does not answer now, or fails
+        here, is left to it (a short wait: this only saves time)."""
+        away = set(self.unreachable())
+        jobs = self.table.by_owner([i for i in self.worker_processes() if i.host not in away])
+
+        def kill(job: tuple[Runtime, list[ProcessInfo]]) -> None:
+            runtime, infos = job
+            processes.kill_now(runtime, infos, processes.folder_marker(self.folder(runtime)))
+
+        try:
+            run_parallel("kill workers", jobs, kill)
+        except GroupError as exc:
+            for host, error in exc.errors.items():
+                logger.info("workers on %s not killed ahead of the cleanup: %s", host, error)
+
     def _stop(
         self,
         names: list[str],

@@ -147,6 +147,16 @@ def stop_processes(
     return _stop(runtime, commands.stop_pid_files(pid_files, marker, grace), grace)
 
 
+def kill_now(
+    runtime: Runtime, infos: Sequence[ProcessInfo], marker: str, timeout: float = 5.0
+) -> None:
+    """KILL the processes' groups in one round trip, without waiting for them to end (a stop
+    must follow: it verifies)."""
+    if infos:
+        line = commands.kill_marked([i.pid for i in infos], marker)
+        runtime.connection.check(line, timeout=timeout)
+
+
 def stop_folder(
     runtime: Runtime,
     folder: str,

@@ -114,10 +114,10 @@ class SSHScheduler(ProcessInterface):
             first = self.launcher.first
             if first is not None and not first.done():
                 await asyncio.wait([first])
-            if self.launcher.stopped:  # the close stopped everything: the connections go
-                await _off_loop(self.launcher.engine.release)
-            else:
-                await _off_loop(self.launcher.engine.cleanup)
+            # after the workers were killed and the scheduler terminated, what is left is
+            # killed at once; else TERM and the grace
+            killed = self.launcher.workers_killed
+            await _off_loop(self.launcher.engine.cleanup, 0.0 if killed else None)
         except Exception as exc:  # the engine keeps what it could not stop on record
             self.launcher.cleanup_error = exc
             logger.error("cluster cleanup incomplete: %s", exc)
@@ -171,9 +171,9 @@ class WorkerLauncherLoop:
         self.cleanup_error: BaseException | None = None
         #: The whole cluster closes: the scheduler's close stops every process at once.
         self.closing = False
-        #: The close stopped every process (the scheduler closed itself while the hosts
-        #: killed the workers): the scheduler's close only releases the connections.
-        self.stopped = False
+        #: The scheduler answered at the close: the workers were killed ahead of its
+        #: terminate, and the cleanup kills what is left at once.
+        self.workers_killed = False
         self.started: set[str] = set()  # workers that started and registered
         self._batch: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
         self._flush: asyncio.Future[None] | None = None
@@ -630,36 +630,23 @@ class LazySSHCluster(SpecCluster):
             orphaned = not await self._scheduler_answers()
             if orphaned:
                 logger.info("the scheduler is gone: stopping the workers without it")
-            elif self._integration is not None:
-                await _off_loop(self._integration.before_close, self.engine, logger)
-            if not orphaned and self.shutdown_scheduler:
-                # as DaskCluster's cleanup, all at once: the scheduler closes itself (its
-                # plugins and preloads too) while every host KILLs its workers, then the
-                # scheduler's host is stopped and the folders removed. SpecCluster is left
-                # nothing to retire or terminate; the scheduler's close releases the rest.
-                self.launcher.closing = True
-                await _off_loop(self._stop_everything)
-            else:
-                await _off_loop(self.engine.clients.close)
-            if orphaned or self.launcher.stopped:
                 self.scheduler.status = Status.failed  # SpecCluster retires nothing through it
                 self.shutdown_scheduler = False  # nor waits to connect to it
+            elif self._integration is not None:
+                await _off_loop(self._integration.before_close, self.engine, logger)
+            # the engine's own client goes first: it would try to reconnect to a scheduler
+            # that SpecCluster is about to terminate
+            await _off_loop(self.engine.clients.close)
+            if not orphaned and self.shutdown_scheduler:
+                # the workers are killed first (as SSHCluster's close does), then SpecCluster
+                # terminates the scheduler: its plugins and preloads still close, and it has
+                # no worker left to tell to close
+                await _off_loop(self.engine.kill_workers)
+                self.launcher.workers_killed = True
         self.launcher.closing = True
         await super()._close()
-        if (orphaned or self.launcher.stopped) and self.scheduler is not None:
-            await self.scheduler.close()  # the engine's cleanup, or what is left of it
-
-    def _stop_everything(self) -> None:
-        """Every process stopped and the folders removed (``Engine.stop_all``); what the
-        scheduler's close leaves is killed at once, as SSHCluster's close does, not after
-        ``stop_grace``. A host that failed keeps its processes on record for the scheduler's
-        close to try again."""
-        try:
-            self.engine.stop_all(0.0, close_scheduler=True)
-        except Exception as exc:
-            logger.info("the close left processes on record (tried again): %s", exc)
-            return
-        self.launcher.stopped = True
+        if orphaned and self.scheduler is not None:
+            await self.scheduler.close()  # the engine's cleanup, as after a normal close
 
     async def _scheduler_answers(self) -> bool:
         if self.engine.scheduler_address is None:  # stopped (e.g. by a ClusterWatch)
