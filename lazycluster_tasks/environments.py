@@ -530,11 +530,16 @@ def env_key(manifest: Manifest, python: str | None) -> str:
     return f"{manifest.key}-{hashlib.sha256(python.encode()).hexdigest()[:8]}"
 
 
-def check_line(manifest: Manifest, python: str | None, lease: str = "") -> str:
+def check_line(
+    manifest: Manifest,
+    python: str | None,
+    lease: str = "",
+    samples: Sequence[list[Any]] | None = None,
+) -> str:
     """Ask a host what it has: run by ``python`` (the given base), else by the first of
     python3.X, python3; it reads :func:`check_input` on its stdin. ``lease``: the cluster
     folder's name, whose start holds the environment it finds until its cleanup (a prune
-    meanwhile keeps it)."""
+    meanwhile keeps it). ``samples``: the manifest's (:func:`_samples`), when taken already."""
     key = env_key(manifest, python)
     args = ["check", "--key", key, "--ours", sys.executable, "--lease", lease]
     run = shlex.join(["-I", "-c", _program(), *args])
@@ -542,15 +547,18 @@ def check_line(manifest: Manifest, python: str | None, lease: str = "") -> str:
         run = f"exec {shlex.quote(python)} {run}"
     else:
         run = commands.any_python(run, [f"python{manifest.python}"])
-    same = _same_files(_samples(manifest))
+    same = _same_files(_samples(manifest) if samples is None else samples)
     if same is None:
         return run
     return f"if {same}; then echo {shlex.quote(SAME)}; else {run}; fi"
 
 
-def check_input(manifest: Manifest) -> bytes:
-    """What the check reads on its stdin: the units in order and a sample file of each."""
-    return header({"units": [u.key for u in manifest.units], "samples": _samples(manifest)})
+def check_input(manifest: Manifest, samples: Sequence[list[Any]] | None = None) -> bytes:
+    """What the check reads on its stdin: the units in order and a sample file of each
+    (``samples``: as for :func:`check_line`)."""
+    if samples is None:
+        samples = _samples(manifest)
+    return header({"units": [u.key for u in manifest.units], "samples": list(samples)})
 
 
 def header(options: Mapping[str, Any]) -> bytes:
@@ -681,11 +689,12 @@ def sync(
     chosen = dict(python or {})
     started = {rt.host: time.monotonic() for rt in runtimes}
 
-    asked = check_input(manifest)
+    samples = _samples(manifest)  # one stat of each sample for every host's check
+    asked = check_input(manifest, samples)
 
     def look(runtime: Runtime) -> dict[str, Any]:
         result = runtime.connection.run(
-            check_line(manifest, chosen.get(runtime.host), lease),
+            check_line(manifest, chosen.get(runtime.host), lease, samples),
             stdin=asked,
             timeout=CHECK_TIMEOUT,
         )

@@ -228,19 +228,23 @@ def read_header(stall: float) -> dict[str, Any]:
     """What the controller sends ahead of any data on stdin (its length in digits and a
     newline, then a JSON object): the lists that grow with the environment, which a command
     line could not hold. Read to its last byte and no further (the data follows)."""
-    size = b""
-    while not size.endswith(b"\n"):
+    digits = b""
+    while not digits.endswith(b"\n"):
         byte = _read(stall, 1)
-        if not byte or len(size) > 12:
+        if not byte or len(digits) > 12 or not (byte.isdigit() or byte == b"\n"):
             raise BuildError("stdin: no header (its length, a newline, then JSON)")
-        size += byte
+        digits += byte
+    size = int(digits)
     text = b""
-    while len(text) < int(size):
-        block = _read(stall, int(size) - len(text))
+    while len(text) < size:
+        block = _read(stall, size - len(text))
         if not block:
-            raise BuildError(f"stdin: the header ended after {len(text)} of {int(size)} bytes")
+            raise BuildError(f"stdin: the header ended after {len(text)} of {size} bytes")
         text += block
-    header = json.loads(text)
+    try:
+        header = json.loads(text)
+    except ValueError as exc:
+        raise BuildError(f"stdin: the header is not JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise BuildError("stdin: the header is not a JSON object")
     return header
