@@ -935,7 +935,8 @@ def test_a_direction_its_link_refuses_does_not_take_the_other_with_it(
 
             def answers(port: str, answer: str) -> bool:  # the service listens on host2
                 line = f"{sys.executable} -c {shlex.quote(fetch.replace('47311', port))}"
-                return answer in group.get_runtime("host2").run(line)
+                done = group.get_runtime("host2").connection.run(line)  # refused: not yet up
+                return done.ok and answer in done.stdout
 
             for port, answer in (("47311", "from-host2"), ("47312", "squatter"))[: len(procs)]:
                 assert wait_until(functools.partial(answers, port, answer))
