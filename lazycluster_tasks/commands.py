@@ -79,8 +79,9 @@ def _terminate_ids(grace: float) -> str:
     reaped yet — some inits take a second or more, and a stop that took zombies for processes
     waited its whole grace (measured: 0.47 s of a 0.5 s cleanup). A grace of 0
     KILLs at once (no TERM that nothing waits for). The first check after KILL comes before
-    any pause: most groups are gone by then. The process listing runs from the second poll on
-    (0.1 s): a zombie leader left by a slow init would otherwise hold the stop for a few polls.
+    any pause and lists no process: most groups are gone by then. Every later check lists the
+    processes where a leader is a zombie, the first at once when only zombie leaders are left
+    (waiting for a slow init to reap them gains nothing), else after 10 ms.
     """
     term = ""
     if grace > 0:
@@ -95,9 +96,12 @@ def _terminate_ids(grace: float) -> str:
         )
     return (
         f"{term}for g in $ids; do sig KILL $g; done; "
-        # a quick check (no process listing) after KILL and after the first pause, then scans
-        'live_ids quick; i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do sleep 0.05; '
-        "if [ $i -lt 1 ]; then live_ids quick; else live_ids; fi; i=$((i+1)); done; "
+        # a quick check (no process listing) right after KILL, then listings: at once when
+        # only zombie leaders are left ($c: the leaders that run), else after a pause (a short
+        # first one: a KILLed process is gone within milliseconds)
+        'live_ids quick; i=0; while [ -n "$ids" ] && [ $i -lt 20 ]; do '
+        'if [ $i != 0 ]; then sleep 0.05; elif [ -n "$c" ]; then sleep 0.01; fi; '
+        "live_ids; i=$((i+1)); done; "
         'for g in $ids; do echo "left=$g"; done; true'
     )
 
