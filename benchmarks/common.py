@@ -361,14 +361,18 @@ def quiet_sshcluster() -> Iterator[None]:
         quiet.setLevel(level)
 
 
-def lazy_cluster(th: TestHosts, n: int, mode: str) -> Any:
+def lazy_cluster(th: TestHosts, n: int, mode: str, **options: Any) -> Any:
     """A LazySSHCluster on the first ``n`` test hosts in ``mode``, one thread per worker, as
-    the data-plane and scale benchmarks start theirs."""
+    the data-plane and scale benchmarks start theirs (``options``: more of its arguments)."""
     from lazycluster_tasks.ssh_cluster import LazySSHCluster
 
     hosts = [h.name for h in th.hosts[:n]]
     return LazySSHCluster(
-        hosts, ssh_config_path=str(th.ssh_config_path), network_mode=mode, threads_per_worker=1
+        hosts,
+        ssh_config_path=str(th.ssh_config_path),
+        network_mode=mode,
+        threads_per_worker=1,
+        **options,
     )
 
 

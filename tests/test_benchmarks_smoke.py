@@ -338,20 +338,31 @@ def test_dataplane_targets_compare_within_a_host_count() -> None:
     def row(case: str, **values: float) -> dataplane.Row:
         return dataplane.Row(3, case, {k.replace("_", " "): str(v) for k, v in values.items()})
 
+    throughputs = ("pair MiB/s", "ring MiB/s", "all-to-all MiB/s", "gather MiB/s")
     rows = [
-        row("direct", **{"pair MiB/s": 100, "ring MiB/s": 100}),
+        row("direct", **dict.fromkeys(throughputs, 100)),
         row(
             "tunnelled",
-            **{"pair MiB/s": 60, "ring MiB/s": 40, "forwards": 9, "peak threads": 20},
+            **dict(zip(throughputs, (85, 40, 80, 61), strict=True)),
+            forwards=9,
+            peak_threads=20,
             cleanup_s=1.5,
         ),
     ]
     found = {t.name: (t.value, t.status) for t in dataplane.targets(rows)}
-    assert found["3 hosts: tunnelled pair MiB/s >= 0.5x direct"] == ("0.60x", common.PASS)
-    assert found["3 hosts: tunnelled ring MiB/s >= 0.5x direct"] == ("0.40x", common.MISS)
+    assert found["3 hosts: tunnelled pair MiB/s >= 0.8x direct"] == ("0.85x", common.PASS)
+    assert found["3 hosts: tunnelled ring MiB/s >= 0.8x direct"] == ("0.40x", common.MISS)
+    assert found["3 hosts: tunnelled all-to-all MiB/s >= 0.8x direct"] == ("0.80x", common.PASS)
+    assert found["3 hosts: tunnelled gather MiB/s >= 0.8x direct"] == ("0.61x", common.MISS)
     assert found["3 hosts: tunnelled forwards <= 2 x workers + hosts (9)"] == ("9", common.PASS)
     assert found["3 hosts: tunnelled cleanup s <= 1"] == ("1.5", common.MISS)
-    rows[1].error = "boom"  # a failed case fails every target it would feed
+    assert not any(dataplane.RELAY in name for name in found)  # that case was not run
+    rows.append(row(dataplane.RELAY, **dict.fromkeys(throughputs, 23)))
+    found = {t.name: (t.value, t.status) for t in dataplane.targets(rows)}
+    relay = [v for name, v in found.items() if name.startswith(f"3 hosts: {dataplane.RELAY} ")]
+    assert relay == [("0.23x", common.MISS)] * 4
+    for failed in rows[1:]:
+        failed.error = "boom"  # a failed case fails every target it would feed
     assert {t.status for t in dataplane.targets(rows)} == {common.FAIL}
 
 
