@@ -322,6 +322,19 @@ def stop_folder(folder: str, grace: float = 2.0, spare_guard: bool = False) -> s
     return _stop_groups(f"{q(folder.rstrip('/'))}/*.pid", folder.rstrip("/") + "/", grace, skip)
 
 
+def stop_edits(folder: str, flag: str, pid_files: str) -> str:
+    """Before a revoke of the lines that let keys into this host: write ``flag`` in ``folder``
+    (no edit adds lines once it is there) and KILL the edits whose pid files match the glob
+    ``pid_files`` there, until they are gone (see hostside.authorized_keys). Cheap when none
+    runs: shell builtins only."""
+    if not folder or folder.rstrip("/") in ("", "~"):
+        raise ValueError(f"refusing to use folder {folder!r}")
+    base = folder.rstrip("/")
+    return f"{{ printf '' >{q(f'{base}/{flag}')}; }} 2>/dev/null; " + _stop_groups(
+        f"{q(base)}/{pid_files}", base + "/", 0.0
+    )
+
+
 def ask_guard(folder: str, ask: str, answer: str, marker: str) -> str:
     """Write ``marker`` to ``ask`` (an answer left from before removed) and TERM the folder's
     guard (and CONT: a stopped one acts on it too), which then revokes those lines of

@@ -286,13 +286,9 @@ class Links:
         self._written: dict[str, float] = {}  # target -> when its lines were last written
         self._beyond: set[int] = set()  # ports asked for beyond ``granted`` (logged once)
         self._edits: dict[str, threading.Lock] = {}  # one edit of a host's file at a time
-        #: edits of authorized_keys under way: close() waits for them (its cleanup's revoke
-        #: must come after the last one), and none starts once it was called
-        self._editing = 0
         self._sent: dict[str, str] = {}  # host -> the known_hosts text its folder has
         self._serial = 0
         self._lock = threading.Lock()
-        self._edited = threading.Condition(self._lock)
         #: held while link processes start and are registered: after close() no more start
         self._starting = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -340,23 +336,17 @@ class Links:
 
     def start_closing(self) -> None:
         """Before cleanup: no link process starts any more (one being started is registered
-        first, so the cleanup stops it) and no edit of authorized_keys either; the edits under
-        way end first (within EDIT_TIMEOUT: the cleanup's revoke comes after them). What the
+        first, so the cleanup stops it) and no edit of authorized_keys either. The edits under
+        way are not waited for: each host's stop ends them before its revoke, and one it did
+        not see lets no line in, or takes it out again (hostside.authorized_keys). What the
         set-up thread is doing (moving routes onto the links) may go on while the cleanup
-        stops the processes: see :meth:`wait_closed`."""
+        stops the processes: see :meth:`wait_closed`. Called again, it waits again."""
         self._closing.set()
         self._wake.set()  # the check loop ends at once
         with self._lock:
             thread, self._thread = self._thread, threading.Thread()  # start() is a no-op now
-            if thread is not None:
+            if thread is not None and thread.ident is not None:  # not a first call's no-op
                 self._ending = thread
-            if not self._edited.wait_for(lambda: self._editing == 0, EDIT_TIMEOUT + 5):
-                logger.warning(
-                    "%d edits of authorized_keys did not end within %.0f s: their lines may "
-                    "stay until they expire",
-                    self._editing,
-                    EDIT_TIMEOUT + 5,
-                )
         if self._starting.acquire(timeout=START_TIMEOUT + 5):
             self._starting.release()
         else:
@@ -745,23 +735,20 @@ class Links:
         # the lines go on stdin: with many hosts and ports they outgrow a command line
         args = ["--marker", scope, "--lifetime", f"{self.key_lifetime:g}"]
         args += ["--lines-on-stdin", str(len(lines))]  # an input cut short edits nothing
+        # only while the cluster runs there: a cleanup needs not wait for this edit (the
+        # trailing slash: the stop finds the edit by its folder in its command line)
+        args += ["--alive", self.folder(runtime).rstrip("/") + "/"]
         with self._lock:
             if self._closing.is_set():  # the cleanup revokes: nothing more to let in
                 raise LazyclusterError(f"{target}: authorized_keys not edited: links closed")
             known = target in self.touched
             self.touched.add(target)
-            self._editing += 1
         source = hostside.source("authorized_keys").encode()
-        try:
-            result = runtime.connection.run(
-                commands.python_program_with_input(self.python(runtime), args),
-                stdin=source + b"\0" + "".join(f"{line}\n" for line in lines).encode(),
-                timeout=EDIT_TIMEOUT,
-            )
-        finally:
-            with self._lock:
-                self._editing -= 1
-                self._edited.notify_all()
+        result = runtime.connection.run(
+            commands.python_program_with_input(self.python(runtime), args),
+            stdin=source + b"\0" + "".join(f"{line}\n" for line in lines).encode(),
+            timeout=EDIT_TIMEOUT,
+        )
         if not result.ok:
             if not known and result.exit_code in (1, 2):  # its answer: nothing was edited
                 with self._lock:

@@ -22,6 +22,7 @@ from lazycluster_tasks import commands, hostside, link_commands
 from lazycluster_tasks.commands import q
 from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import LazyclusterError, OperationTimeoutError
+from lazycluster_tasks.hostside import authorized_keys as host_keys
 from lazycluster_tasks.hostside import guard as host_guard
 from lazycluster_tasks.runtime import Runtime
 
@@ -182,6 +183,9 @@ def stop_folder(
     if revoke is not None:  # the guard first: it edits while the rest ends (a grace of 0 too)
         ask, answer = _guard_files(folder)
         stop = f"{commands.ask_guard(folder, ask, answer, revoke.marker)}; {stop}"
+        # before either: no edit lets lines in any more, and those under way are ended
+        edits = host_keys.EDIT_PID.format(pid="*")
+        stop = f"{commands.stop_edits(folder, host_keys.STOPPING, edits)}; {stop}"
     return _stop(runtime, stop, grace, remove, revoke, release, answer)
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from lazycluster_tasks import commands, link_commands
 from lazycluster_tasks.hostside import authorized_keys as ak
 from lazycluster_tasks.links import LinkKey
-from lazycluster_tasks.testing.helpers import fill, small_disk
+from lazycluster_tasks.testing.helpers import fill, small_disk, wait_until
 
 MARKER = link_commands.peer_marker("c0ffee")
 USER = (
@@ -469,3 +469,100 @@ def test_a_file_we_made_is_not_removed_once_another_editor_wrote_in_it(
     done = _another_editor_writes(monkeypatch, path, 1)
     assert ak.set_lines(MARKER, [], 0, str(path)).changed and done == [1]
     assert path.read_bytes() == OTHER and not temps(path)
+
+
+def _edit_pids(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("edit-*.pid"))
+
+
+def test_lines_are_let_in_only_while_the_cluster_runs_on_the_host(
+    keys: Path, tmp_path: Path
+) -> None:
+    """``alive``: no folder, or its ``stopping`` file, and an edit that adds lines refuses,
+    leaving the file byte-identical; a revoke is never refused; no pid file stays."""
+    folder = tmp_path / "cluster"
+    alive = f"{folder}/"
+    with pytest.raises(ak.EditError, match="stopping on this host; not edited"):
+        ak.set_lines(MARKER, [line()], 60, str(keys), alive=alive)
+    assert keys.read_bytes() == USER
+    folder.mkdir()
+    assert ak.set_lines(MARKER, [line()], 60, str(keys), alive=alive).lines == 1
+    assert MARKER.encode() in keys.read_bytes() and not _edit_pids(folder)
+    (folder / ak.STOPPING).write_bytes(b"")
+    with pytest.raises(ak.EditError, match="stopping on this host; not edited"):
+        ak.set_lines(MARKER, [line("host3")], 60, str(keys), alive=alive)
+    assert ak.set_lines(MARKER, [], 0, str(keys), alive=alive).changed  # the revoke
+    assert keys.read_bytes() == USER and not _edit_pids(folder) and not temps(keys)
+    args = ["--marker", MARKER, "--lifetime", "60", "--file", str(keys), "--alive", alive]
+    refused = subprocess.run([*EDITOR, *args, "--line", line()], capture_output=True, text=True)
+    assert refused.returncode == 1 and "stopping" in refused.stderr, refused.stderr
+    assert keys.read_bytes() == USER
+
+
+def test_an_edit_a_stop_began_during_takes_its_lines_out_again(
+    keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop wrote ``stopping`` and revoked while the edit ran (its revoke found no line
+    yet): once its lines are in, the edit sees the stop and takes them out itself."""
+    folder = tmp_path / "cluster"
+    folder.mkdir()
+    edit = ak._set_lines
+    seen: list[list[str]] = []
+
+    def stop_meanwhile(marker: str, lines: list[str], *args: object) -> ak.Result:
+        done = edit(marker, lines, *args)  # type: ignore[arg-type]
+        if lines:  # the edit's own pid is in the folder while it runs
+            seen.append(_edit_pids(folder))
+            (folder / ak.STOPPING).write_bytes(b"")
+        return done
+
+    monkeypatch.setattr(ak, "_set_lines", stop_meanwhile)
+    with pytest.raises(ak.EditError, match="taken out again"):
+        ak.set_lines(MARKER, [line()], 60, str(keys), alive=f"{folder}/")
+    assert seen == [[f"edit-{os.getpid()}.pid"]]
+    assert keys.read_bytes() == USER and not _edit_pids(folder) and not temps(keys)
+    # the take-back fails too (the file went read-only meanwhile): said, as lines left
+    (folder / ak.STOPPING).unlink()
+
+    def stop_and_lock(marker: str, lines: list[str], *args: object) -> ak.Result:
+        done = stop_meanwhile(marker, lines, *args)
+        if lines:
+            keys.chmod(0o400)
+        return done
+
+    monkeypatch.setattr(ak, "_set_lines", stop_and_lock)
+    with pytest.raises(ak.LinesLeft, match="could not be taken out again"):
+        ak.set_lines(MARKER, [line()], 60, str(keys), alive=f"{folder}/")
+    keys.chmod(0o600)
+    assert MARKER.encode() in keys.read_bytes() and not _edit_pids(folder)
+    edit(MARKER, [], 0, str(keys), ak.LOCK_TIMEOUT)
+    assert keys.read_bytes() == USER
+
+
+def test_a_stop_ends_the_edits_under_way_before_its_revoke(keys: Path, tmp_path: Path) -> None:
+    """An edit waits for the file's lock (held here) when the stop's first step runs: it is
+    KILLed and gone when that step returns, no line of it lands, and the next edit refuses."""
+    folder = tmp_path / "cluster"
+    folder.mkdir()
+    args = ["--marker", MARKER, "--lifetime", "60", "--file", str(keys), "--alive", f"{folder}/"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(keys)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    editor = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        editor = subprocess.Popen([*EDITOR, *args, "--line", line()], stderr=subprocess.PIPE)
+        assert wait_until(lambda: len(_edit_pids(folder)) == 1, 10)  # past its own check
+        step = commands.stop_edits(f"{folder}/", ak.STOPPING, ak.EDIT_PID.format(pid="*"))
+        stopped = subprocess.run(["/bin/sh", "-c", step], capture_output=True, text=True)
+        assert stopped.returncode == 0 and "left=" not in stopped.stdout, stopped
+        assert editor.poll() == -signal.SIGKILL
+        assert (folder / ak.STOPPING).exists() and not _edit_pids(folder)
+    finally:
+        holder.communicate(b"", timeout=10)  # it lets go
+        if editor is not None:
+            editor.kill()
+            editor.communicate(timeout=10)
+    late = subprocess.run([*EDITOR, *args, "--line", line()], capture_output=True, text=True)
+    assert late.returncode == 1 and "stopping" in late.stderr, late.stderr
+    assert keys.read_bytes() == USER and not temps(keys)

@@ -570,3 +570,15 @@ def test_any_python_runs_the_first_python3_on_the_path(tmp_path: Path) -> None:
         ["/bin/sh", "-c", line], env={"PATH": str(empty)}, capture_output=True, text=True
     )
     assert none.returncode == 127 and "no python3 on the PATH" in none.stderr
+
+
+def test_stop_edits_in_a_folder_already_gone_is_no_error(tmp_path):
+    """A cleanup tried again finds the folder removed: writing its flag fails quietly (a failed
+    redirection of ``:`` would end the whole line in a POSIX shell) and nothing is killed."""
+    for shell in ("/bin/sh", "dash", "bash"):
+        line = commands.stop_edits(f"{tmp_path}/gone/", "stopping", "edit-*.pid")
+        done = subprocess.run(
+            [shell, "-c", f"{line}; echo after=$?"], capture_output=True, text=True
+        )
+        assert done.returncode == 0 and done.stdout == "after=0\n" and not done.stderr, done
+    assert not (tmp_path / "gone").exists()

@@ -391,6 +391,8 @@ def _bare_links(
         ports=lambda: LINK_PORTS,
         key_lifetime=key_lifetime,
     )
+    for rt in group.runtimes:  # as a cluster's: the keys are let in while its folders exist
+        rt.connection.check(f"mkdir -p {shlex.quote(folder(rt))}")
     try:
         yield links
     finally:
@@ -523,10 +525,10 @@ SLOW_PYTHON = f'#!/bin/sh\nsleep {SLOW_EDIT:g}\nexec {shlex.quote(sys.executable
 def test_links_closed_while_their_keys_are_being_let_in_leave_no_line_on_any_host(
     multi_hosts: TestHosts, no_leftovers: TestHosts
 ) -> None:
-    """The cleanup's revoke runs after every edit under way when the links close: closed
-    while each host is still letting the keys in (a slow interpreter), the links wait for
-    those edits and no host keeps a line (before, the edits landed after the revoke and the
-    lines stayed until they expired)."""
+    """Closed while each host is still letting the keys in (a slow interpreter), the links do
+    not wait for those edits; the cleanup's stop on each host marks the cluster as stopping
+    before its revoke, and the edits that come after it let no line in (before they were
+    waited for, up to 35 s; without either, their lines stayed until they expired)."""
     group = RuntimeGroup(hosts=HOSTS, ssh_config_path=str(multi_hosts.ssh_config_path))
     slow = {rt.host: posixpath.join(rt.working_dir, "slow-python") for rt in group.runtimes}
     for rt in group.runtimes:
@@ -550,17 +552,20 @@ def test_links_closed_while_their_keys_are_being_let_in_leave_no_line_on_any_hos
         # the targets' edits are under way (their interpreters start)
         assert wait_until(lambda: len(editing("slow-python")) >= 2, 10)
         started = time.monotonic()
-        links.close()
+        links.start_closing()  # as a cleanup: then the stops, then the set-up thread's end
         waited = time.monotonic() - started
         revoke = processes.Revoke(sys.executable, marker)
-        for rt in group.runtimes:  # the cleanup's revoke, the connections still open
-            processes.revoke(rt, revoke)
-        # nothing edits any more: what every host holds now is what it keeps
+        for rt in group.runtimes:  # the cleanup's stop, the connections still open
+            assert processes.stop_folder(rt, folder(rt), 0.0, folder(rt), revoke) == []
+        links.wait_closed()
+        # an edit whose interpreter was still starting refuses once it runs: what every host
+        # holds when nothing edits any more is what it keeps
         assert wait_until(lambda: not editing(), 2 * SLOW_EDIT + 5), editing()
         left = [h for h in HOSTS if marker in multi_hosts.authorized_keys(h)]
-    print(f"close waited {waited:.1f} s for the edits under way")
+    print(f"the links' close took {waited:.2f} s with the edits under way")
     assert not left, left
-    assert not links.up and links.touched
+    assert waited < SLOW_EDIT / 2
+    assert not links.up and not links.touched  # each edit refused: none wrote a line
 
 
 def _expiry(hosts: TestHosts, host: str, marker: str) -> float:

@@ -25,7 +25,14 @@ editor may have replaced the file meanwhile). Where locks exclude nothing across
 mounted ``nolock``: ``local_lock=``), nothing is edited. A read-only file, a dangling symbolic
 link or a directory are left alone too: each is an error naming the file and the cause.
 
-Exit codes: 0 done (a JSON line on stdout), 1 not edited (the reason on stderr), 2 bad usage.
+Lines are let in only while their cluster runs on this host (``alive``: its folder here): an
+edit that adds lines first leaves its pid in the folder (``edit-<pid>.pid``), then checks that the
+folder exists without a ``stopping`` file, and checks again once its lines are in. A stop writes
+``stopping``, ends the edits whose pids it finds, then revokes: an edit it did not see either
+refuses or takes its lines out again, so a cleanup never waits for the edits under way.
+
+Exit codes: 0 done (a JSON line on stdout), 1 not edited (the reason on stderr), 2 bad usage,
+3 lines that raced a stop stay in the file (the reason on stderr; they expire).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from typing import NamedTuple
 
 #: Every marker of ours starts with this (the links' keys of a cluster: ``<prefix><id>``).
@@ -54,6 +62,10 @@ ATTEMPTS = 5
 #: Temporary files of ours older than this (seconds) are removed by the next edit.
 STALE_TEMP = 3600.0
 TEMP_TAG = ".lazycluster-"
+#: In a cluster's folder on this host: written by a stop before it revokes the lines.
+STOPPING = "stopping"
+#: In a cluster's folder on this host: the pid of an edit that adds lines, while it runs.
+EDIT_PID = "edit-{pid}.pid"
 _MARKER = re.compile(r"[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?\Z")
 _EXPIRY = re.compile(rb'(?:^|,)expiry-time="(\d{14})Z"')
 
@@ -65,6 +77,11 @@ class EditError(Exception):
     def __init__(self, message: str, retry: bool = False) -> None:
         super().__init__(message)
         self.retry = retry
+
+
+class LinesLeft(EditError):
+    """Lines an edit let in while its cluster began to stop here could not be taken out again
+    (the file holds them until they expire)."""
 
 
 #: Errors of a write that may pass: a full disk or quota, a stale NFS handle, a busy lock.
@@ -356,16 +373,71 @@ def _create(path: str, ours: bytes) -> bool:
             os.unlink(temp)
 
 
+def stopping(folder: str) -> bool:
+    """The cluster whose folder on this host is ``folder`` is stopping here, or is gone."""
+    return not os.path.isdir(folder) or os.path.lexists(os.path.join(folder, STOPPING))
+
+
+@contextlib.contextmanager
+def _registered(folder: str) -> Iterator[None]:
+    """This edit's pid in ``folder`` while it runs (a stop ends the edits it finds there)."""
+    pid_file = os.path.join(folder, EDIT_PID.format(pid=os.getpid()))
+    try:
+        fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            _write_all(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(pid_file)
+        raise _failed(folder, "cannot hold this edit's pid", exc) from exc
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(pid_file)
+
+
 def set_lines(
     marker: str,
     lines: list[str],
     lifetime: float,
     path: str | None = None,
     lock_timeout: float = LOCK_TIMEOUT,
+    alive: str | None = None,
 ) -> Result:
     """Make ``marker``'s lines of the file exactly ``lines`` (each valid ``lifetime`` seconds
     from now), the user's lines untouched; no lines: revoke. Raises EditError when the file was
-    not edited (then it is byte for byte as it was)."""
+    not edited (then it is byte for byte as it was). ``alive``: the cluster's folder on this
+    host; lines are let in only while it runs here (see the module's docstring)."""
+    if alive is None or not lines:
+        return _set_lines(marker, lines, lifetime, path, lock_timeout)
+    refused = EditError(f"{alive}: the cluster is stopping on this host; not edited")
+    if stopping(alive):
+        raise refused
+    with _registered(alive):
+        if stopping(alive):  # it began before the stop could see this edit
+            raise refused
+        result = _set_lines(marker, lines, lifetime, path, lock_timeout)
+        if not stopping(alive):
+            return result
+        try:  # the stop began during the edit: its revoke may have come before our lines
+            _set_lines(marker, [], 0.0, path, lock_timeout)
+        except EditError as exc:
+            raise LinesLeft(
+                f"{alive}: the cluster began to stop during the edit, and its lines could not "
+                f"be taken out again (they expire at {result.expiry}Z): {exc}",
+                exc.retry,
+            ) from exc
+        raise EditError(
+            f"{alive}: the cluster began to stop during the edit; its lines were taken out again"
+        )
+
+
+def _set_lines(
+    marker: str, lines: list[str], lifetime: float, path: str | None, lock_timeout: float
+) -> Result:
     if not _MARKER.match(marker) or not marker.startswith(MARKER_PREFIX):
         raise ValueError(f"not a marker of ours: {marker!r}")
     for line in lines:
@@ -545,6 +617,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lifetime", type=float, default=0.0, help="seconds the lines are valid")
     parser.add_argument("--file", default=None, help="default: ~/.ssh/authorized_keys")
     parser.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT)
+    parser.add_argument(
+        "--alive",
+        default=None,
+        metavar="FOLDER",
+        help="the cluster's folder on this host: lines are let in only while it runs here",
+    )
     args = parser.parse_args(argv)
     lines = list(args.line)
     if args.lines_on_stdin is not None:
@@ -560,13 +638,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         lines += got
     try:
-        result = set_lines(args.marker, lines, args.lifetime, args.file, args.lock_timeout)
+        result = set_lines(
+            args.marker, lines, args.lifetime, args.file, args.lock_timeout, args.alive
+        )
     except ValueError as exc:
         print(f"authorized_keys: {exc}", file=sys.stderr)
         return 2
     except EditError as exc:
         print(f"authorized_keys: {exc}", file=sys.stderr)
-        return 1
+        return 3 if isinstance(exc, LinesLeft) else 1
     print(answer(result))
     return 0
 
