@@ -364,7 +364,7 @@ def test_each_dialling_host_has_its_own_key_let_in_from_its_own_addresses_and_lo
 
 #: Host -> the ports bare links' keys may carry to it (a cluster's: its workers' and the next
 #: ones there), ten each.
-LINK_PORTS = {f"host{i}": range(47290 + 10 * i, 47300 + 10 * i) for i in range(1, 9)}
+LINK_PORTS = {f"host{i}": range(29290 + 10 * i, 29300 + 10 * i) for i in range(1, 9)}
 HOST1_PORT, HOST2_PORT = LINK_PORTS["host1"][5], LINK_PORTS["host2"][5]
 
 
@@ -448,7 +448,7 @@ def test_a_link_key_opens_only_the_clusters_ports_from_its_own_host_until_it_exp
     listener outside the cluster's ports; not from another host; not after its expiry."""
     lifetime = 10.0
     secret = "db-contents"
-    service = [sys.executable, "-c", GREETER, "47399", secret]  # not a cluster port
+    service = [sys.executable, "-c", GREETER, "29399", secret]  # not a cluster port
     cluster_port = [sys.executable, "-c", GREETER, str(HOST2_PORT), "worker"]
     procs = [multi_hosts.run_in("host2", argv) for argv in (service, cluster_port)]
     try:
@@ -479,7 +479,7 @@ def test_a_link_key_opens_only_the_clusters_ports_from_its_own_host_until_it_exp
                 lambda: "worker" in ssh("host1", "-W", f"127.0.0.1:{HOST2_PORT}", host2).stdout
             )
             # another service there, sshd's own port, and a port of host1's own processes
-            for port in (47399, 22, HOST1_PORT):
+            for port in (29399, 22, HOST1_PORT):
                 other = ssh("host1", "-W", f"127.0.0.1:{port}", host2)
                 assert secret not in other.stdout and "prohibited" in other.stderr, other.stderr
             elsewhere = ssh("host1", "-W", f"{multi_hosts.host('host1').address}:22", host2)
@@ -487,7 +487,7 @@ def test_a_link_key_opens_only_the_clusters_ports_from_its_own_host_until_it_exp
             command = ssh("host1", host2, "echo ran-$((6*7))")
             assert "ran-42" not in command.stdout and command.returncode != 0
             # outside the grant: another port, another address, a port of host2's processes
-            for bind in ("127.0.0.1:47398", f"0.0.0.0:{HOST1_PORT}", f"127.0.0.1:{HOST2_PORT + 1}"):
+            for bind in ("127.0.0.1:29398", f"0.0.0.0:{HOST1_PORT}", f"127.0.0.1:{HOST2_PORT + 1}"):
                 listen = ssh("host1", "-N", "-R", f"{bind}:127.0.0.1:22", host2)
                 assert listen.returncode != 0 and "forwarding failed" in listen.stderr
             # the same key from a host outside the cluster is refused
@@ -926,9 +926,9 @@ def test_a_direction_its_link_refuses_does_not_take_the_other_with_it(
     host2's sshd allows local forwarding only, as a mixed site's would). Each direction is then
     tried alone: host1's route to host2 is made on the link, host2's is left for the route
     through this machine."""
-    procs = [multi_hosts.run_in("host2", [sys.executable, "-c", GREETER, "47311", "from-host2"])]
+    procs = [multi_hosts.run_in("host2", [sys.executable, "-c", GREETER, "29311", "from-host2"])]
     if refusal == "port taken":
-        squatter = [sys.executable, "-c", GREETER, "47312", "squatter"]
+        squatter = [sys.executable, "-c", GREETER, "29312", "squatter"]
         procs.append(multi_hosts.run_in("host2", squatter))
     else:
         multi_hosts.tcp_forwarding("host2", "local")
@@ -936,16 +936,16 @@ def test_a_direction_its_link_refuses_does_not_take_the_other_with_it(
         with _two_hosts_linked(multi_hosts, "parts") as (group, _, links):
             assert links._via[("host2", "host1")] == ("host1", "host2")  # the -R half
             host1 = group.get_runtime("host1")
-            fetch = "import socket; print(socket.create_connection(('127.0.0.1', 47311)).recv(99))"
+            fetch = "import socket; print(socket.create_connection(('127.0.0.1', 29311)).recv(99))"
 
             def answers(port: str, answer: str) -> bool:  # the service listens on host2
-                line = f"{sys.executable} -c {shlex.quote(fetch.replace('47311', port))}"
+                line = f"{sys.executable} -c {shlex.quote(fetch.replace('29311', port))}"
                 done = group.get_runtime("host2").connection.run(line)  # refused: not yet up
                 return done.ok and answer in done.stdout
 
-            for port, answer in (("47311", "from-host2"), ("47312", "squatter"))[: len(procs)]:
+            for port, answer in (("29311", "from-host2"), ("29312", "squatter"))[: len(procs)]:
                 assert wait_until(functools.partial(answers, port, answer))
-            carried = links.forward_all({"host1": {"host2": [47311]}, "host2": {"host1": [47312]}})
+            carried = links.forward_all({"host1": {"host2": [29311]}, "host2": {"host1": [29312]}})
             assert carried == {"host1": {"host2"}}
             assert "from-host2" in host1.run(f"{sys.executable} -c {shlex.quote(fetch)}")
             assert links.summary()["link_forwards"] == 1
