@@ -909,9 +909,15 @@ def test_a_worker_started_again_on_other_ports_leaves_no_forward_to_its_lost_por
                 blocker.stdout.close()
 
 
+#: Answers argv[2] on 127.0.0.1:argv[1]; the port is asked for again for up to 10 s (a session
+#: of the test before may still hold it for a moment).
 GREETER = (
-    "import socket, sys\n"
-    "s = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
+    "import socket, sys, time\n"
+    "for _ in range(100):\n"
+    "    try:\n"
+    "        s = socket.create_server(('127.0.0.1', int(sys.argv[1]))); break\n"
+    "    except OSError:\n"
+    "        time.sleep(0.1)\n"
     "while True:\n"
     "    c, _ = s.accept(); c.sendall(sys.argv[2].encode()); c.close()\n"
 )
