@@ -343,7 +343,7 @@ def test_dataplane_targets_compare_within_a_host_count() -> None:
         row("direct", **dict.fromkeys(throughputs, 100)),
         row(
             "tunnelled",
-            **dict(zip(throughputs, (85, 40, 80, 61), strict=True)),
+            **dict(zip(throughputs, (85, 40, 80, 79.6), strict=True)),
             forwards=9,
             peak_threads=20,
             cleanup_s=1.5,
@@ -353,7 +353,7 @@ def test_dataplane_targets_compare_within_a_host_count() -> None:
     assert found["3 hosts: tunnelled pair MiB/s >= 0.8x direct"] == ("0.85x", common.PASS)
     assert found["3 hosts: tunnelled ring MiB/s >= 0.8x direct"] == ("0.40x", common.MISS)
     assert found["3 hosts: tunnelled all-to-all MiB/s >= 0.8x direct"] == ("0.80x", common.PASS)
-    assert found["3 hosts: tunnelled gather MiB/s >= 0.8x direct"] == ("0.61x", common.MISS)
+    assert found["3 hosts: tunnelled gather MiB/s >= 0.8x direct"] == ("0.79x", common.MISS)
     assert found["3 hosts: tunnelled forwards <= 2 x workers + hosts (9)"] == ("9", common.PASS)
     assert found["3 hosts: tunnelled cleanup s <= 1"] == ("1.5", common.MISS)
     assert not any(dataplane.RELAY in name for name in found)  # that case was not run
