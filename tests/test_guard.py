@@ -300,3 +300,25 @@ def test_a_start_racing_the_guard_is_ended_and_one_after_it_is_left_alone(
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def test_an_edit_of_authorized_keys_is_no_process_of_the_cluster(tmp_path: Path) -> None:
+    """An edit under way leaves its pid in the folder (hostside.authorized_keys), its command
+    line naming the folder: the guard does not count it as the cluster still running there,
+    as it counts a worker."""
+    folder = tmp_path / "lazycluster-c1"
+    folder.mkdir()
+    marker = f"{folder}/"
+    edit = _process(folder, ak.EDIT_PID.format(pid=1)[: -len(".pid")])
+    try:
+        assert wait_until(lambda: guard_module.marked(edit.pid, marker))
+        assert not guard_module.cluster_alive(str(folder), marker)
+        worker = _process(folder, "host1-0")
+        try:
+            assert wait_until(lambda: guard_module.cluster_alive(str(folder), marker))
+        finally:
+            worker.kill()
+            worker.wait()
+    finally:
+        edit.kill()
+        edit.wait()
