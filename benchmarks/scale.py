@@ -43,6 +43,7 @@ from benchmarks.common import (
     leftover_check,
     print_table,
 )
+from lazycluster_tasks import limits
 from lazycluster_tasks.testing.hosts import TestHosts
 
 MODES = ("direct", "tunnelled")
@@ -240,6 +241,16 @@ def main(argv: Sequence[str] | None = None) -> list[Any]:
         if m.measure in ("threads", "fds", "RSS MiB", "start CPU s", "cleanup CPU s"):
             status = MISS if m.quadratic_matters else PASS
             targets.append((f"{m.mode}: {m.measure} grows linearly with hosts", "", status))
+        if m.measure == "fds":  # what the engine raises this process's soft limit for
+            per_host = m.linear[1]
+            status = PASS if per_host <= limits.FILES_PER_HOST else MISS
+            targets.append(
+                (
+                    f"{m.mode}: fds per host <= {limits.FILES_PER_HOST} (limits.FILES_PER_HOST)",
+                    f"{per_host:.1f}",
+                    status,
+                )
+            )
         if m.measure == "idle CPU s/s":
             per_host = m.linear[1]
             status = PASS if per_host <= IDLE_CPU_PER_HOST else MISS
