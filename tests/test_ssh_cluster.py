@@ -96,6 +96,16 @@ def test_bad_arguments_are_named():
         DaskOptions.of({"memory_limt": "1GiB"})  # DaskCluster's keywords too
 
 
+def test_a_start_that_fails_leaves_no_thread_here_and_nothing_on_the_hosts(make_cluster):
+    """Every host refuses the preflight (no such interpreter): the error names them, and the
+    event loop distributed started for the cluster goes with it (it stopped that loop only when
+    a later step failed: its thread and the executor's stayed). ``make_cluster``'s fixtures
+    check the threads, descriptors and the hosts."""
+    with pytest.raises(Exception, match=r"preflight failed on 2 of 2 hosts") as failed:
+        make_cluster(HOSTS[:2], python="/nonexistent/python", environment=None)
+    assert "/nonexistent/python" in str(failed.value)
+
+
 def test_asynchronous(make_cluster, multi_hosts):
     async def run() -> str:
         async with (
