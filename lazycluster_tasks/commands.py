@@ -316,10 +316,17 @@ def kill_marked(pids: Sequence[int], marker: str) -> str:
 def stop_folder(folder: str, grace: float = 2.0, spare_guard: bool = False) -> str:
     """Like :func:`stop_pid_files` for every ``*.pid`` file in ``folder`` (teardown by folder).
     ``spare_guard``: not the guard's (:func:`ask_guard` TERMed it; :func:`await_guard` ends it)."""
-    if not folder or folder.rstrip("/") in ("", "~"):
+    base = _cluster_folder(folder)
+    skip = f"{base}/{GUARD_PID}" if spare_guard else ""
+    return _stop_groups(f"{q(base)}/*.pid", base + "/", grace, skip)
+
+
+def _cluster_folder(folder: str) -> str:
+    """``folder`` without its trailing slashes; ValueError for none, ``/`` or ``~``."""
+    base = folder.rstrip("/")
+    if base in ("", "~"):
         raise ValueError(f"refusing to use folder {folder!r}")
-    skip = f"{folder.rstrip('/')}/{GUARD_PID}" if spare_guard else ""
-    return _stop_groups(f"{q(folder.rstrip('/'))}/*.pid", folder.rstrip("/") + "/", grace, skip)
+    return base
 
 
 def stop_edits(folder: str, flag: str, pid_files: str) -> str:
@@ -327,9 +334,7 @@ def stop_edits(folder: str, flag: str, pid_files: str) -> str:
     (no edit adds lines once it is there) and KILL the edits whose pid files match the glob
     ``pid_files`` there, until they are gone (see hostside.authorized_keys). Cheap when none
     runs: shell builtins only."""
-    if not folder or folder.rstrip("/") in ("", "~"):
-        raise ValueError(f"refusing to use folder {folder!r}")
-    base = folder.rstrip("/")
+    base = _cluster_folder(folder)
     return f"{{ printf '' >{q(f'{base}/{flag}')}; }} 2>/dev/null; " + _stop_groups(
         f"{q(base)}/{pid_files}", base + "/", 0.0
     )

@@ -439,7 +439,7 @@ class LazySSHCluster(SpecCluster):
         except BaseException:
             engine.cleanup()
             runner = getattr(self, "_loop_runner", None)
-            if runner is not None and not self.called_from_running_loop:
+            if runner is not None and not getattr(self, "called_from_running_loop", True):
                 # distributed stops the loop it started only when a later step fails, not when
                 # the start itself does: its thread (and the executor's) would stay
                 runner.stop()

@@ -65,7 +65,8 @@ TEMP_TAG = ".lazycluster-"
 #: In a cluster's folder on this host: written by a stop before it revokes the lines.
 STOPPING = "stopping"
 #: In a cluster's folder on this host: the pid of an edit that adds lines, while it runs.
-EDIT_PID = "edit-{pid}.pid"
+EDIT_PREFIX = "edit-"
+EDIT_PID = EDIT_PREFIX + "{pid}.pid"
 _MARKER = re.compile(r"[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?\Z")
 _EXPIRY = re.compile(rb'(?:^|,)expiry-time="(\d{14})Z"')
 

@@ -96,9 +96,10 @@ def marked(pid: int, marker: str) -> bool:
 
 def cluster_alive(folder: str, marker: str) -> bool:
     """A process of the cluster (not a link, a guard or an edit of authorized_keys) runs here."""
-    edit = authorized_keys.EDIT_PID.split("{", 1)[0]
     for name, pid in _pid_files(folder).items():
-        if name == GUARD_PID[: -len(".pid")] or name.startswith((LINK_PREFIX, edit)):
+        if name == GUARD_PID[: -len(".pid")] or name.startswith(
+            (LINK_PREFIX, authorized_keys.EDIT_PREFIX)
+        ):
             continue
         if marked(pid, marker):
             return True
