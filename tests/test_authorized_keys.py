@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -297,9 +298,16 @@ def test_editors_at_once_lose_no_line(keys: Path) -> None:
     assert keys.read_bytes() == USER and not temps(keys)
 
 
-def test_an_editor_killed_at_any_moment_leaves_the_old_or_the_new_file(keys: Path) -> None:
+@pytest.mark.parametrize("alive", [False, True], ids=["bare", "alive"])
+def test_an_editor_killed_at_any_moment_leaves_the_old_or_the_new_file(
+    keys: Path, tmp_path: Path, alive: bool
+) -> None:
     ours = line()
     args = ["--marker", MARKER, "--lifetime", "60", "--file", str(keys), "--line", ours]
+    folder = tmp_path / "cluster"
+    if alive:  # as the links run it: its pid in the cluster's folder first
+        folder.mkdir()
+        args += ["--alive", f"{folder}/"]
     for _ in range(40):
         before = keys.read_bytes()
         proc = subprocess.Popen([*EDITOR, *args], stdout=subprocess.DEVNULL)
@@ -311,6 +319,23 @@ def test_an_editor_killed_at_any_moment_leaves_the_old_or_the_new_file(keys: Pat
         assert after == before or (b"".join(rest) == USER and ours.encode() in after)
     ak.set_lines(MARKER, [], 0, str(keys))  # also removes what killed editors left
     assert keys.read_bytes() == USER and not temps(keys)
+    for pid_file in _edit_pids(folder) if alive else []:  # a stop's to end: none runs
+        assert not psutil.pid_exists(int((folder / pid_file).read_text()))
+
+
+def test_a_full_disk_where_an_edit_leaves_its_pid_edits_nothing(keys: Path, tmp_path: Path) -> None:
+    """The cluster's folder is on a full disk: the edit cannot leave its pid there (a stop
+    would not see it), so it edits nothing and the file stays byte-identical."""
+    folder = tmp_path / "cluster"
+    with small_disk(folder):
+        filler = fill(folder)
+        with pytest.raises(ak.EditError, match=r"cannot hold this edit's pid.*No space left"):
+            ak.set_lines(MARKER, [line()], 60, str(keys), alive=f"{folder}/")
+        assert keys.read_bytes() == USER and not temps(keys) and not _edit_pids(folder)
+        filler.unlink()
+        assert ak.set_lines(MARKER, [line()], 60, str(keys), alive=f"{folder}/").lines == 1
+    ak.set_lines(MARKER, [], 0, str(keys))
+    assert keys.read_bytes() == USER
 
 
 def test_the_program_says_what_it_did_and_why_not(keys: Path) -> None:
