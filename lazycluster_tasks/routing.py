@@ -23,6 +23,7 @@ from lazycluster_tasks.links import Links
 from lazycluster_tasks.network import NetworkMode, NetworkPlan
 from lazycluster_tasks.processes import ProcessInfo
 from lazycluster_tasks.runtime import Runtime
+from lazycluster_tasks.settings import settings as current_settings
 from lazycluster_tasks.ssh import SSHConnection
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,7 @@ class Routing(abc.ABC):
         fan_out("close worker routes", reached, close)
 
     def _close(self, runtime: Runtime, ports: Collection[int]) -> None:
-        for port in ports:
-            runtime.close_tunnel(port)
+        runtime.close_tunnels(ports)
 
     def close(self) -> None:
         """Before cleanup: nothing of the routing's own is still being set up."""
@@ -209,6 +209,21 @@ class TunnelledRouting(Routing):
         #: on the relay are that host's workers' to end.
         self.on_moved: Callable[[dict[str, set[int]]], None] | None = None
         self._relayed: dict[str, set[Route]] = {}  # host -> routes through this machine
+        #: starts each host's OpenSSH master for its forwards while the scheduler and the
+        #: first workers boot; the workers' routes wait for it (the scheduler's do not)
+        self._masters: threading.Thread | None = None
+        if current_settings().openssh_forwards:
+            remote = [rt for rt in group.runtimes if not rt.is_local]
+            self._masters = threading.Thread(
+                target=_use_openssh, args=(remote,), name="lct-ssh-masters", daemon=True
+            )
+            self._masters.start()
+
+    def _masters_started(self) -> None:
+        """Wait until every host's master is up or known not to come up (bounded by their
+        connect timeouts)."""
+        if self._masters is not None:
+            self._masters.join()
 
     def workers_up(self, checked: bool = False) -> None:
         """Set the links up now, not earlier: a start does not share the hosts' CPUs with their
@@ -269,6 +284,7 @@ class TunnelledRouting(Routing):
     def route_workers(self, workers: Sequence[ProcessInfo]) -> None:
         """Every worker (and nanny) port at 127.0.0.1 here, every worker port at 127.0.0.1 on
         every other host — one forward batch per host, all hosts at once."""
+        self._masters_started()
         with self._lock:
             todo = [(i.host, p) for i in workers for p in i.ports if (i.host, p) not in self.routed]
             self.routed.update(todo)
@@ -392,13 +408,13 @@ class TunnelledRouting(Routing):
         movers = [rt for rt in runtimes if rt.host in moves]
 
         def close_relays(runtime: Runtime) -> None:
-            for _, port in moves[runtime.host]:
-                runtime.close_tunnel(port, drain=True)  # a transfer under way is not cut
-            # the cancels are not answered; a command sent after them on the same connection
-            # has run once the host's sshd handled them (it handles them in order), so the
-            # ports are free for a link's -R, bound there by another sshd (a race lost under
-            # load left routes on the relay)
-            runtime.connection.run("true", timeout=RELAY_CLOSE_TIMEOUT)
+            # a transfer under way is not cut
+            runtime.close_tunnels([port for _, port in moves[runtime.host]], drain=True)
+            # the cancels are not answered; a request sent after them on the same connection
+            # has an answer once the host's sshd handled them (it handles them in order), so
+            # the ports are free for a link's -R, bound there by another sshd (a race lost
+            # under load left routes on the relay)
+            runtime.settle_tunnels(RELAY_CLOSE_TIMEOUT)
 
         try:
             fan_out("close relayed routes", movers, close_relays)
@@ -438,6 +454,7 @@ class TunnelledRouting(Routing):
             self.links.start_closing()
 
     def wait_closed(self) -> None:
+        self._masters_started()
         if self.links is not None:
             self.links.wait_closed()
 
@@ -459,6 +476,14 @@ class TunnelledRouting(Routing):
             thread.join()
         if errors:
             raise errors[0]
+
+
+def _use_openssh(runtimes: Sequence[Runtime]) -> None:
+    """Each runtime's master, all at once; one that does not come up leaves paramiko's."""
+    try:
+        fan_out("OpenSSH masters", list(runtimes), lambda rt: rt.use_openssh())
+    except GroupError as exc:  # a host that did not answer: paramiko's forwards, as before
+        logger.info("forwards stay on paramiko: %s", exc)
 
 
 ROUTINGS: dict[str, type[Routing]] = {

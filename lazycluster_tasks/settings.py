@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     dashboard: bool = True
     ports: str | None = None
     cache_dir: str | None = None
+    #: a tunnelled cluster's forwards on an OpenSSH master per host (see ssh_master.py);
+    #: off: paramiko carries them all
+    openssh_forwards: bool = True
 
     @field_validator("ports")
     @classmethod

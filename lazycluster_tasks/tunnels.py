@@ -32,6 +32,7 @@ from lazycluster_tasks.errors import TunnelError
 from lazycluster_tasks.gates import LoginUserGate
 from lazycluster_tasks.ports import PROBE_COMMAND, parse_proc_net_tcp
 from lazycluster_tasks.ssh import SSHConnection, close_channel
+from lazycluster_tasks.ssh_master import OpenSSHMaster
 
 logger = logging.getLogger(__name__)
 
@@ -398,10 +399,7 @@ class RemoteForward(Tunnel):
         deadline = time.monotonic() + TAKE_BACK_TIMEOUT
         pause = 0.1
         while True:
-            with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
-                transport.open_channel(
-                    "direct-tcpip", (LOOPBACK, self.remote_port), (LOOPBACK, 0), timeout=pause * 5
-                ).close()
+            poke(transport, self.remote_port, pause * 5)
             time.sleep(pause)
             try:
                 port = dispatcher.request(transport, self.remote_port)
@@ -470,6 +468,121 @@ class RemoteForward(Tunnel):
                 with contextlib.suppress(Exception):
                     _Dispatcher.cancel(t, self.remote_port)
         self._end_channels(drain)
+
+
+class MasterForward(Tunnel):
+    """A forward carried by the host's OpenSSH master (:mod:`lazycluster_tasks.ssh_master`)
+    instead of our paramiko transport: ``-L`` (our ``local_port`` -> the host's
+    ``remote_port``) or ``-R`` (the host's ``remote_port``, 0: one it picks -> our
+    ``local_port``). No thread of ours carries its bytes. Its close cancels it and leaves the
+    connections open on it to end by themselves (OpenSSH's way, a drain); the master's close
+    ends them all. If the master ends, the keeper starts it again and adds the forward back
+    (a -R taking its port back from the dead session, as :class:`RemoteForward` does)."""
+
+    def __init__(
+        self,
+        connection: SSHConnection,
+        master: OpenSSHMaster,
+        kind: str,
+        local_port: int,
+        remote_port: int,
+    ) -> None:
+        if kind not in ("-L", "-R"):
+            raise ValueError(f"kind must be -L or -R, not {kind!r}")
+        super().__init__(connection, local_port, remote_port)
+        self.kind = kind
+        self.master = master
+        self._generation = -1  # the master's start that carries it
+        self._open()
+        _keeper.add(self)
+
+    @property
+    def refused(self) -> str | None:
+        """A -L whose connections the host's sshd refused to open (from the master's log)."""
+        why = self.master.open_refused() if self.kind == "-L" else None
+        if why is None:
+            return None
+        return (
+            f"its sshd refused to forward connections to its 127.0.0.1 ports ({why}: "
+            "AllowTcpForwarding or PermitOpen forbid it)"
+        )
+
+    @refused.setter
+    def refused(self, value: str | None) -> None:
+        """The master's log says it (Tunnel sets None at first)."""
+
+    def _specs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        if self.kind == "-L":
+            return [(self.local_port, self.remote_port)], []
+        return [], [(self.remote_port, self.local_port)]
+
+    def _open(self) -> None:
+        if self.kind == "-L" and not self.local_port:
+            self.local_port = _free_local_port()
+        local, remote = self._specs()
+        generation = self.master.generation
+        picked = self.master.forward(local, remote)
+        if self.kind == "-R" and not self.remote_port:
+            if not picked:
+                raise TunnelError(f"{self.host}: no port picked for a forward to {self.local_port}")
+            self.remote_port = picked[0]
+        self._generation = generation
+
+    @property
+    def is_active(self) -> bool:
+        return bool(
+            not self.closed and self.master.alive and self._generation == self.master.generation
+        )
+
+    def _reopen(self, transport: paramiko.Transport) -> None:
+        self.master.start()  # once, whichever of its forwards asks first
+        if self._generation == self.master.generation:
+            return
+        deadline = time.monotonic() + TAKE_BACK_TIMEOUT
+        pause = 0.1
+        while True:
+            try:
+                self._open()
+                return
+            except TunnelError:
+                if self.kind != "-R" or time.monotonic() + pause > deadline:
+                    raise
+            poke(transport, self.remote_port, pause * 5)  # a dead session of ours may hold it
+            time.sleep(pause)
+            pause = min(2 * pause, 1.0)
+
+    def close(self, drain: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _keeper.remove(self)
+        if self.master.alive and self._generation == self.master.generation:
+            local, remote = self._specs()
+            try:
+                self.master.cancel(local, remote)
+            except TunnelError as exc:  # the master's close ends it
+                logger.info("%s", exc)
+
+    def forget(self) -> None:
+        """Closed by the master's own close (no cancel of its own)."""
+        self.closed = True
+        _keeper.remove(self)
+
+
+def _free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def poke(transport: paramiko.Transport, port: int, timeout: float) -> None:
+    """Open and close a connection to the host's ``127.0.0.1:port``: a session of ours that
+    died with the path, and still holds a -R forward there, learns of its loss when it offers
+    that connection to its lost peer (an idle sshd sends nothing), and the port is free."""
+    with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
+        transport.open_channel(
+            "direct-tcpip", (LOOPBACK, port), (LOOPBACK, 0), timeout=timeout
+        ).close()
 
 
 class _Dispatcher:

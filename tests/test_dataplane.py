@@ -695,8 +695,14 @@ def test_a_host_whose_last_worker_is_gone_cleans_up_after_the_cluster_by_itself(
 def _fetch_crosses(
     cluster: LazySSHCluster, client: Client, on: dict[str, str], name: str | None
 ) -> None:
-    """MIB MiB made by host1's worker and fetched by host2's cross the link process ``name``."""
+    """MIB MiB made by host1's worker and fetched by host2's cross the link process ``name``
+    (once host2's route to that worker is on a link: a link up again takes its routes back
+    after it is counted up)."""
     assert name is not None, "no link process"
+    links = cluster.engine.routing.links  # type: ignore[attr-defined]
+    host2 = cluster.engine.group.get_runtime("host2")
+    port = int(on["host1"].rsplit(":", 1)[1])
+    assert wait_until(lambda: port in links.carried(host2).get("host1", set()), timeout=10)
     before = _bytes_through(cluster, name)
     data = client.submit(_block, MIB << 20, workers=[on["host1"]], pure=False)
     moved = client.submit(_sha, data, workers=[on["host2"]], allow_other_workers=False, pure=False)

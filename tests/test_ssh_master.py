@@ -1,0 +1,274 @@
+"""A host's forwards on an OpenSSH master of this machine (ssh_master.py), on real test hosts:
+what carries the bytes, the pinned host key, the fallback to paramiko, a master that ends, a
+controller that is killed, and a tunnelled cluster whose relay rides the masters."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import psutil
+import pytest
+from distributed import Client
+
+from lazycluster_tasks import Runtime, TunnelError
+from lazycluster_tasks.ssh_master import OpenSSHMaster
+from lazycluster_tasks.testing.helpers import ROOT, cluster_on, ssh_runtime, wait_until
+from lazycluster_tasks.testing.hosts import TestHosts
+from lazycluster_tasks.tunnels import LocalForward, MasterForward, RemoteForward
+
+GREETER = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "while True:\n"
+    "    c, _ = s.accept(); c.sendall(b'hello from ' + socket.gethostname().encode()); c.close()\n"
+)
+
+
+@pytest.fixture
+def greeter(ssh_only: TestHosts, no_leftovers: TestHosts):
+    """A server on host1's 127.0.0.1:29410 that greets with its host name."""
+    proc = ssh_only.run_in("host1", [sys.executable, "-c", GREETER, "29410"])
+    probe = "import socket; socket.create_connection(('127.0.0.1', 29410), 1).close()"
+    assert wait_until(
+        lambda: ssh_only.run_in("host1", [sys.executable, "-c", probe]).wait() == 0, timeout=10
+    )
+    yield 29410
+    proc.kill()
+    proc.wait()
+
+
+def greet(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        return s.recv(100)
+
+
+def fetched_on_host(hosts: TestHosts, port: int, listener: socket.socket, data: bytes) -> bytes:
+    """What a program on host1 reads from its 127.0.0.1:port while we answer with ``data``."""
+    code = f"import socket; print(socket.create_connection(('127.0.0.1', {port})).recv(100))"
+    proc = hosts.run_in("host1", [sys.executable, "-c", code], stdout=subprocess.PIPE)
+    conn, _ = listener.accept()
+    with conn:
+        conn.sendall(data)
+    out, _ = proc.communicate(timeout=10)
+    return out.strip()
+
+
+def listener_process(port: int) -> str:
+    """The name of the process here that listens on 127.0.0.1:port."""
+    for conn in psutil.net_connections("tcp4"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr == ("127.0.0.1", port):
+            return psutil.Process(conn.pid).name() if conn.pid else "?"
+    return ""
+
+
+def masters_here() -> list[psutil.Process]:
+    """Our OpenSSH masters' processes (ssh and its shell), by the control folder they name."""
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any("lct-ssh-" in part for part in p.info["cmdline"] or [])
+    ]
+
+
+def test_forwards_on_the_master_carry_both_ways_and_no_thread_here_pumps_them(
+    ssh_only, greeter, no_leftovers, no_local_leaks
+):
+    runtime = ssh_runtime(ssh_only, "host1")
+    try:
+        assert runtime.use_openssh()
+        assert isinstance(runtime._master, OpenSSHMaster)
+        folder = runtime._master._folder
+        assert folder is not None and os.stat(folder).st_mode & 0o077 == 0  # ours alone
+        threads = {t.ident for t in threading.enumerate()}
+        local = runtime.expose_port_from_runtime(greeter)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            remote = runtime.expose_port_to_runtime(listener.getsockname()[1])
+            assert all(isinstance(t, MasterForward) for t in runtime.tunnels), runtime.tunnels
+            assert listener_process(local) == "ssh"  # the master listens, not this process
+            assert greet(local) == b"hello from host1"
+            assert fetched_on_host(ssh_only, remote, listener, b"back") == b"b'back'"
+        # no accept, pump or keeper work of ours carried those bytes
+        new = {t.name for t in threading.enumerate() if t.ident not in threads}
+        assert not {n for n in new if n.startswith("lct-fwd")}, new
+        runtime.close_tunnels([local, remote])
+        assert runtime.tunnels == [] and listener_process(local) == ""
+        assert masters_here()  # the master stays for the next forwards
+    finally:
+        runtime.cleanup()
+    assert wait_until(lambda: not masters_here(), timeout=5), masters_here()
+    assert not os.path.exists(folder)
+
+
+def test_a_master_trusts_only_the_host_key_paramiko_verified(ssh_only, no_leftovers):
+    one, other = ssh_runtime(ssh_only, "host1"), ssh_runtime(ssh_only, "host2")
+    try:
+        key1 = one._ssh().transport().get_remote_server_key()
+        key2 = other._ssh().transport().get_remote_server_key()
+        assert key1.get_base64() != key2.get_base64()
+        master = OpenSSHMaster(one._ssh().settings, key2.get_name(), key2.get_base64())
+        try:
+            with pytest.raises(TunnelError, match="Host key verification failed"):
+                master.start()
+        finally:
+            master.close()
+        master = OpenSSHMaster(one._ssh().settings, key1.get_name(), key1.get_base64())
+        try:
+            master.start()
+            assert master.alive
+        finally:
+            master.close()
+        assert not master.alive and not masters_here()
+    finally:
+        one.cleanup()
+        other.cleanup()
+
+
+def test_a_host_openssh_cannot_log_in_to_keeps_paramikos_forwards(
+    ssh_only, greeter, no_leftovers, no_local_leaks, tmp_path, caplog
+):
+    """paramiko has a key OpenSSH is not given (a key's text, as from a Block): the master
+    cannot log in, the runtime says so and forwards through paramiko."""
+    config = ssh_only.ssh_config_path.read_text()
+    stripped = "\n".join(
+        line for line in config.splitlines() if not line.strip().startswith("IdentityFile")
+    )
+    (tmp_path / "config").write_text(stripped)
+    key = ssh_only.identity_file.read_text()
+    runtime = Runtime(
+        "host1", ssh_config_path=str(tmp_path / "config"), connection_kwargs={"private_key": key}
+    )
+    caplog.set_level("INFO", logger="lazycluster_tasks.runtime")
+    try:
+        assert not runtime.use_openssh()
+        assert "forwards to host1 stay on paramiko" in caplog.text
+        assert "Permission denied" in caplog.text
+        local = runtime.expose_port_from_runtime(greeter)
+        assert isinstance(runtime.tunnels[0], LocalForward)
+        assert greet(local) == b"hello from host1"
+        assert not masters_here()
+    finally:
+        runtime.cleanup()
+
+
+def test_a_master_that_ends_is_started_again_and_its_forwards_come_back(
+    ssh_only, greeter, no_leftovers, no_local_leaks
+):
+    runtime = ssh_runtime(ssh_only, "host1")
+    try:
+        assert runtime.use_openssh()
+        local = runtime.expose_port_from_runtime(greeter)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            remote = runtime.expose_port_to_runtime(listener.getsockname()[1])
+            master = runtime._master
+            assert isinstance(master, OpenSSHMaster) and master._proc is not None
+            os.killpg(master._proc.pid, signal.SIGKILL)
+            assert wait_until(lambda: not runtime.is_port_exposure_active(local), timeout=5)
+            # the keeper starts it again and adds both forwards back, on the same ports
+            assert wait_until(
+                lambda: master.generation == 2 and all(t.is_active for t in runtime.tunnels),
+                timeout=15,
+            ), runtime.tunnels
+            assert greet(local) == b"hello from host1"
+            assert fetched_on_host(ssh_only, remote, listener, b"again") == b"b'again'"
+    finally:
+        runtime.cleanup()
+    assert wait_until(lambda: not masters_here(), timeout=5)
+
+
+CONTROLLER = """
+import json, sys, time
+from lazycluster_tasks import Runtime
+rt = Runtime("host1", ssh_config_path=sys.argv[1])
+assert rt.use_openssh()
+port = rt.expose_port_from_runtime(int(sys.argv[2]))
+print(json.dumps({"port": port, "folder": rt._master._folder}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_controller_leaves_no_master_no_folder_and_nothing_on_the_host(
+    ssh_only, greeter, no_leftovers
+):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONTROLLER, str(ssh_only.ssh_config_path), str(greeter)],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        shown = json.loads(proc.stdout.readline())
+        assert greet(shown["port"]) == b"hello from host1"
+        assert os.path.isdir(shown["folder"]) and masters_here()
+        proc.kill()
+        proc.wait()
+        assert wait_until(lambda: not masters_here(), timeout=5), masters_here()
+        assert not os.path.exists(shown["folder"])
+        assert listener_process(shown["port"]) == ""
+        assert wait_until(lambda: ssh_only.sessions("host1") == 0, timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _relay_bytes() -> int:
+    """Bytes our masters' ssh processes moved so far."""
+    total = 0
+    for p in masters_here():
+        if p.name() == "ssh":
+            try:
+                io = p.io_counters()
+            except psutil.Error:
+                continue
+            total += io.read_chars + io.write_chars
+    return total
+
+
+@pytest.mark.parametrize("masters", ["on", "off"])
+def test_a_tunnelled_clusters_forwards_and_relay_ride_the_masters_unless_turned_off(
+    multi_hosts, no_leftovers, no_local_leaks, monkeypatch, masters
+):
+    """No host-to-host links: host2's worker fetches 8 MiB from host1's through this machine's
+    relay, on the masters' forwards (their ssh processes move the bytes); with
+    LAZYCLUSTER_OPENSSH_FORWARDS=0 every forward is paramiko's, as before."""
+    monkeypatch.setenv("LAZYCLUSTER_OPENSSH_FORWARDS", "1" if masters == "on" else "0")
+    multi_hosts.set_network("ssh-only", "drop")
+    cluster = cluster_on(
+        multi_hosts, ["host1", "host2"], network_mode="tunnelled", host_links=False
+    )
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=30)
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            on = {str(w["name"]).split("-")[0]: a for a, w in workers.items()}
+            tunnels = [t for rt in cluster.engine.group.runtimes for t in rt.tunnels]
+            scheduler_port = int(cluster.scheduler_address.rsplit(":", 1)[1])
+            # -L per worker here, -R of the scheduler per host, -R of the other's worker
+            on_master = [t for t in tunnels if isinstance(t, MasterForward)]
+            paramikos = [t for t in tunnels if isinstance(t, LocalForward | RemoteForward)]
+            before = _relay_bytes()
+            block = client.submit(lambda: b"x" * (8 << 20), workers=[on["host1"]], pure=False)
+            size = client.submit(len, block, workers=[on["host2"]]).result(timeout=60)
+            assert size == 8 << 20
+            moved = _relay_bytes() - before
+            if masters == "on":
+                # the scheduler's routes take a master where it was up by then
+                workers_on_master = [t for t in on_master if t.local_port != scheduler_port]
+                assert {t.kind for t in workers_on_master} == {"-L", "-R"}
+                assert len(workers_on_master) == 2 + 2, tunnels
+                assert len(on_master) + len(paramikos) == 6, tunnels
+                assert moved >= 2 * (8 << 20), moved  # in and out of both masters
+            else:
+                assert not on_master and not masters_here() and moved == 0
+                assert len(paramikos) == 6
+    finally:
+        cluster.close()
+    assert wait_until(lambda: not masters_here(), timeout=5)
