@@ -7,6 +7,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import functools
+import glob
 import logging
 import posixpath
 import re
@@ -25,6 +26,7 @@ from distributed import Client
 from lazycluster_tasks import link_commands, processes
 from lazycluster_tasks import links as links_module
 from lazycluster_tasks.group import RuntimeGroup
+from lazycluster_tasks.hostside import authorized_keys
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.ssh_cluster import LazySSHCluster
 from lazycluster_tasks.testing.helpers import links_set_up, wait_until
@@ -504,6 +506,15 @@ def test_a_link_key_opens_only_the_clusters_ports_from_its_own_host_until_it_exp
             listens = {int(p) for p in re.findall(r'permitlisten="127\.0\.0\.1:(\d+)"', line)}
             assert (opens, listens) == (set(LINK_PORTS["host2"]), set(LINK_PORTS["host1"]))
             links.close()  # nothing renews the key from here on
+            # a renewal under way is not waited for by the close: its line is the last one
+            # (these hosts share this machine's files)
+            edits = posixpath.join(folder(group.runtimes[1]), authorized_keys.EDIT_PREFIX)
+            assert wait_until(lambda: not glob.glob(edits + "*"), timeout=30)
+            line = next(
+                line
+                for line in multi_hosts.authorized_keys("host2").splitlines()
+                if "keyuse" in line
+            )
             expiry = line.split('expiry-time="', 1)[1][:14]
             left = time.mktime(time.strptime(expiry, "%Y%m%d%H%M%S")) - time.mktime(time.gmtime())
             assert 0 < left <= lifetime + 1

@@ -68,13 +68,17 @@ def listener_process(port: int) -> str:
     return ""
 
 
-def masters_here() -> list[psutil.Process]:
-    """Our OpenSSH masters' processes (ssh and its shell), by the control folder they name."""
-    return [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any("lct-ssh-" in part for part in p.info["cmdline"] or [])
-    ]
+def masters_here(folder: str | None = None) -> list[psutil.Process]:
+    """This process's OpenSSH masters (ssh and its shell, by the control folder they name; the
+    tests beside this one in the run have theirs), or any naming ``folder``."""
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        named = " ".join(p.info["cmdline"] or [])
+        ours = folder in named if folder is not None else "lct-ssh-" in named and p.pid in mine
+        if ours:
+            found.append(p)
+    return found
 
 
 def test_forwards_on_the_master_carry_both_ways_and_no_thread_here_pumps_them(
@@ -206,10 +210,10 @@ def test_a_killed_controller_leaves_no_master_no_folder_and_nothing_on_the_host(
         assert proc.stdout is not None
         shown = json.loads(proc.stdout.readline())
         assert greet(shown["port"]) == b"hello from host1"
-        assert os.path.isdir(shown["folder"]) and masters_here()
+        assert os.path.isdir(shown["folder"]) and masters_here(shown["folder"])
         proc.kill()
         proc.wait()
-        assert wait_until(lambda: not masters_here(), timeout=5), masters_here()
+        assert wait_until(lambda: not masters_here(shown["folder"]), timeout=5)
         assert not os.path.exists(shown["folder"])
         assert listener_process(shown["port"]) == ""
         assert wait_until(lambda: ssh_only.sessions("host1") == 0, timeout=10)
