@@ -238,16 +238,13 @@ def _relay_bytes() -> int:
 
 @pytest.mark.parametrize("masters", ["on", "off"])
 def test_a_tunnelled_clusters_forwards_and_relay_ride_the_masters_unless_turned_off(
-    multi_hosts, no_leftovers, no_local_leaks, monkeypatch, masters
+    ssh_only, no_leftovers, no_local_leaks, monkeypatch, masters
 ):
     """No host-to-host links: host2's worker fetches 8 MiB from host1's through this machine's
     relay, on the masters' forwards (their ssh processes move the bytes); with
     LAZYCLUSTER_OPENSSH_FORWARDS=0 every forward is paramiko's, as before."""
     monkeypatch.setenv("LAZYCLUSTER_OPENSSH_FORWARDS", "1" if masters == "on" else "0")
-    multi_hosts.set_network("ssh-only", "drop")
-    cluster = cluster_on(
-        multi_hosts, ["host1", "host2"], network_mode="tunnelled", host_links=False
-    )
+    cluster = cluster_on(ssh_only, ["host1", "host2"], network_mode="tunnelled", host_links=False)
     try:
         with Client(cluster) as client:
             client.wait_for_workers(2, timeout=30)
