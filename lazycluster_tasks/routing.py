@@ -331,9 +331,7 @@ class TunnelledRouting(Routing):
         def route(runtime: Runtime) -> None:
             if runtime.is_local:
                 return
-            for host, port in todo:
-                if host == runtime.host:
-                    runtime.expose_port_from_runtime(port, port)
+            runtime.expose_ports(from_runtime=[port for host, port in todo if host == runtime.host])
             own = [str(port) for host, port in todo if host == runtime.host]
             others = [r for r in todo if r[0] != runtime.host and r in worker_ports]
             self._to_host(runtime, others)
@@ -368,11 +366,14 @@ class TunnelledRouting(Routing):
         """Put these routes at 127.0.0.1 on ``runtime`` through this machine (a connection
         on one asks for the link of its two hosts, where links are dialled on demand)."""
         links = self.links if self.links is not None and self.links.on_demand else None
+        plain = []  # no hook: at once (in one request on the host's OpenSSH master)
         for target, port in sorted(routes):
-            wanted = None
             if links is not None and target:
                 wanted = functools.partial(links.want, runtime.host, target)
-            runtime.expose_port_to_runtime(port, port, on_accept=wanted)
+                runtime.expose_port_to_runtime(port, port, on_accept=wanted)
+            else:
+                plain.append(port)
+        runtime.expose_ports(to_runtime=plain)
         if self.links is not None and routes:
             with self._lock:
                 self._relayed.setdefault(runtime.host, set()).update(routes)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import posixpath
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lazycluster_tasks import commands, hostinfo
@@ -636,6 +637,43 @@ class Runtime:
             raise
         self._tunnels.append(tunnel)
         return tunnel.remote_port
+
+    def expose_ports(
+        self, from_runtime: Sequence[int] = (), to_runtime: Sequence[int] = ()
+    ) -> None:
+        """Each port to the same port: the host's ``from_runtime`` ports at 127.0.0.1 here
+        (as :meth:`expose_port_from_runtime`) and this machine's ``to_runtime`` ports at the
+        host's 127.0.0.1 (as :meth:`expose_port_to_runtime`). On the OpenSSH master in one
+        request where one runs; else, or when the master refuses any, one by one."""
+        for port in [*from_runtime, *to_runtime]:
+            portlib.check_port(port)
+        master = self._live_master()
+        local = [(p, p) for p in from_runtime]
+        remote = [(p, p) for p in to_runtime]
+        if master is not None and len(local) + len(remote) > 1:
+            taken = set(from_runtime) & portlib.local_used_ports()
+            if taken:
+                raise PortInUseError(min(taken), "localhost")
+            try:
+                master.forward(local, remote)
+            except TunnelError as exc:  # which were added is not known: none stays
+                logger.info("%s; forwarding them one by one", exc)
+                for pair in local:
+                    with contextlib.suppress(TunnelError):
+                        master.cancel(local=[pair])
+                for pair in remote:
+                    with contextlib.suppress(TunnelError):
+                        master.cancel(remote=[pair])
+            else:
+                connection = self._ssh()
+                self._tunnels += [
+                    MasterForward(connection, master, "-L", p, p, added=True) for p in from_runtime
+                ] + [MasterForward(connection, master, "-R", p, p, added=True) for p in to_runtime]
+                return
+        for port in from_runtime:
+            self.expose_port_from_runtime(port, port)
+        for port in to_runtime:
+            self.expose_port_to_runtime(port, port)
 
     def is_port_exposure_active(self, port: int) -> bool:
         """True when a tunnel of this runtime uses ``port`` (either end) and works."""

@@ -486,14 +486,18 @@ class MasterForward(Tunnel):
         kind: str,
         local_port: int,
         remote_port: int,
+        added: bool = False,
     ) -> None:
+        """``added``: the master took it already (in a request for many, see
+        :meth:`OpenSSHMaster.forward`)."""
         if kind not in ("-L", "-R"):
             raise ValueError(f"kind must be -L or -R, not {kind!r}")
         super().__init__(connection, local_port, remote_port)
         self.kind = kind
         self.master = master
-        self._generation = -1  # the master's start that carries it
-        self._open()
+        self._generation = master.generation if added else -1  # the start that carries it
+        if not added:
+            self._open()
         _keeper.add(self)
 
     @property

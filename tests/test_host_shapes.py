@@ -29,6 +29,7 @@ from lazycluster_tasks import (
 )
 from lazycluster_tasks.testing.helpers import cluster_on, links_set_up, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
+from lazycluster_tasks.tunnels import MasterForward
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
@@ -79,6 +80,42 @@ def test_a_cluster_runs_on_hosts_of_every_login_shell(shells: TestHosts) -> None
     finally:
         cluster.close()
     assert not shells.leftovers()
+
+
+def _read_through(runtime: Runtime, hosts: TestHosts) -> str:
+    """What a program on the runtime's host reads from a -R forward of ours, and whether the
+    host runs the master's waiting session meanwhile."""
+    assert wait_until(
+        lambda: any("sleep" in p for p in hosts.leftover_processes().get(runtime.host, [])), 10
+    ), (runtime.host, hosts.leftover_processes())
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = runtime.expose_port_to_runtime(listener.getsockname()[1])
+        assert isinstance(runtime.tunnels[0], MasterForward)
+        read = f"import socket; print(socket.create_connection(('127.0.0.1', {port})).recv(9))"
+        answer: list[str] = []
+        line = f"{sys.executable} -c {shlex.quote(read)}"
+        reader = threading.Thread(target=lambda: answer.append(runtime.run(line)))
+        reader.start()
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"from here")
+        reader.join(30)
+    return "".join(answer)
+
+
+def test_an_openssh_master_comes_up_through_every_login_shell_and_leaves_nothing(
+    shells: TestHosts,
+) -> None:
+    """The master's session command runs through the login shell (tcsh, fish, ...): it waits
+    there while the master runs and ends with it; a forward on it reaches the host."""
+    for host in SHELLS:
+        runtime = Runtime(host, ssh_config_path=str(shells.ssh_config_path))
+        try:
+            assert runtime.use_openssh(), host
+            assert _read_through(runtime, shells) == "b'from here'\n", host
+        finally:
+            runtime.cleanup()
+    assert wait_until(lambda: not shells.leftovers(), timeout=5), shells.leftovers()
 
 
 # -- hosts that share nothing with this machine --------------------------------------------------
