@@ -15,8 +15,8 @@ control socket is in a 0700 folder of its own. Hosts reached through a jump host
 command keep paramiko's forwards: the master would dial them another way.
 
 The master runs in a process session of its own (a Ctrl-C at the controller does not cut it
-before the cleanup) and ends with this process: the shell that starts it reads a pipe from us and sends
-the master a TERM when that pipe reaches its end (our close, or our death).
+before the cleanup) and ends with this process: the shell that starts it reads a pipe from us
+and sends the master a TERM when that pipe reaches its end (our close, or our death).
 """
 
 from __future__ import annotations
