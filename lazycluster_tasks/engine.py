@@ -84,9 +84,11 @@ from lazycluster_tasks.routing import (
     TunnelledRouting,
     make_routing,
     scheduler_bind_before_plan,
+    use_openssh,
 )
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.security import ClusterTLS, cluster_tls
+from lazycluster_tasks.settings import settings as current_settings
 from lazycluster_tasks.task import RuntimeTask
 
 logger = logging.getLogger(__name__)
@@ -160,6 +162,7 @@ class Engine:
         self._lock = threading.RLock()
         self._state = ClusterState.created
         self._links_held = False  # see links_after
+        self._masters: threading.Thread | None = None  # see ensure_plan
 
     def __repr__(self) -> str:
         return f"Engine({self.cluster_id}, hosts={self.group.hosts}, state={self._state})"
@@ -172,6 +175,16 @@ class Engine:
         with self._lock:
             if self._plan is None:
                 mode = self.options.network_mode
+                if mode == "tunnelled" and current_settings().openssh_forwards:
+                    # known to be needed: the masters come up beside the environments (the
+                    # routing's own start of them then finds them up)
+                    self._masters = threading.Thread(
+                        target=use_openssh,
+                        args=([rt for rt in self.group.runtimes if not rt.is_local],),
+                        name="lct-ssh-masters",
+                        daemon=True,
+                    )
+                    self._masters.start()
                 probes = self._probe_beside_environments(mode)
                 try:
                     self._environments()
@@ -1255,6 +1268,8 @@ class Engine:
         finally:
             if closing is not None:
                 closing.join(CLOSE_WAIT)
+            if self._masters is not None:  # none starts after the connections close
+                self._masters.join()
             if routes is not None:
                 routes.wait_closed()  # before the connections it uses close
 

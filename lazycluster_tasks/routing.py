@@ -215,7 +215,7 @@ class TunnelledRouting(Routing):
         if current_settings().openssh_forwards:
             remote = [rt for rt in group.runtimes if not rt.is_local]
             self._masters = threading.Thread(
-                target=_use_openssh, args=(remote,), name="lct-ssh-masters", daemon=True
+                target=use_openssh, args=(remote,), name="lct-ssh-masters", daemon=True
             )
             self._masters.start()
 
@@ -479,7 +479,7 @@ class TunnelledRouting(Routing):
             raise errors[0]
 
 
-def _use_openssh(runtimes: Sequence[Runtime]) -> None:
+def use_openssh(runtimes: Sequence[Runtime]) -> None:
     """Each runtime's master, all at once; one that does not come up leaves paramiko's."""
     try:
         fan_out("OpenSSH masters", list(runtimes), lambda rt: rt.use_openssh())
