@@ -16,7 +16,7 @@ import psutil
 import pytest
 from distributed import Client
 
-from lazycluster_tasks import Runtime, TunnelError
+from lazycluster_tasks import PortInUseError, Runtime, TunnelError
 from lazycluster_tasks.ssh_master import OpenSSHMaster
 from lazycluster_tasks.testing.helpers import ROOT, cluster_on, ssh_runtime, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
@@ -273,3 +273,28 @@ def test_a_tunnelled_clusters_forwards_and_relay_ride_the_masters_unless_turned_
     finally:
         cluster.close()
     assert wait_until(lambda: not masters_here(), timeout=5)
+
+
+def test_forwards_asked_at_once_where_one_port_is_taken_go_one_by_one_naming_it(
+    ssh_only, greeter, no_leftovers, no_local_leaks
+):
+    """One request for many -R forwards; the host's sshd refuses one (its port is taken
+    there): none of the request stays, each is then asked alone, the free one is carried and
+    the taken one raises PortInUseError naming the host and port."""
+    runtime = ssh_runtime(ssh_only, "host1")
+    free = 29411
+    try:
+        assert runtime.use_openssh()
+        with socket.create_server(("127.0.0.1", free)) as listener:
+            with pytest.raises(PortInUseError) as info:
+                runtime.expose_ports(to_runtime=[free, greeter])  # the greeter holds it there
+            assert (info.value.port, info.value.host) == (greeter, "host1")
+            assert [(t.kind, t.remote_port) for t in runtime.tunnels] == [("-R", free)]
+            assert isinstance(runtime.tunnels[0], MasterForward)
+            assert fetched_on_host(ssh_only, free, listener, b"free") == b"b'free'"
+        # the greeter still has its port on host1
+        code = f"import socket; print(socket.create_connection(('127.0.0.1', {greeter})).recv(99))"
+        read = ssh_only.run_in("host1", [sys.executable, "-c", code], stdout=subprocess.PIPE)
+        assert read.communicate(timeout=10)[0].strip() == b"b'hello from host1'"
+    finally:
+        runtime.cleanup()
