@@ -968,8 +968,10 @@ def test_a_direction_its_link_refuses_does_not_take_the_other_with_it(
                 done = group.get_runtime("host2").connection.run(line)  # refused: not yet up
                 return done.ok and answer in done.stdout
 
+            # a loaded machine may take a while to start the services (and host2's sshd to
+            # come back from its changed config): what is tested starts after they answer
             for port, answer in (("29311", "from-host2"), ("29312", "squatter"))[: len(procs)]:
-                assert wait_until(functools.partial(answers, port, answer))
+                assert wait_until(functools.partial(answers, port, answer), timeout=30)
             carried = links.forward_all({"host1": {"host2": [29311]}, "host2": {"host1": [29312]}})
             assert carried == {"host1": {"host2"}}
             assert "from-host2" in host1.run(f"{sys.executable} -c {shlex.quote(fetch)}")
