@@ -93,7 +93,7 @@ def _read_through(runtime: Runtime, hosts: TestHosts) -> str:
         assert isinstance(runtime.tunnels[0], MasterForward)
         read = f"import socket; print(socket.create_connection(('127.0.0.1', {port})).recv(9))"
         answer: list[str] = []
-        line = f"{sys.executable} -c {shlex.quote(read)}"
+        line = f"python3 -c {shlex.quote(read)}"  # the host's own Python
         reader = threading.Thread(target=lambda: answer.append(runtime.run(line)))
         reader.start()
         conn, _ = listener.accept()
