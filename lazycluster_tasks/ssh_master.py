@@ -57,16 +57,23 @@ PINNED = "lazycluster-pinned"
 #: a master of forwards alone (``-N``) left it on, and each small message the host's sshd sent
 #: waited for the previous one's acknowledgement, which this end delays: a Dask task's round
 #: trip took 35-37 ms through such masters against 13 through paramiko, and 11.5-13.8 with
-#: this session (2026-12-07, 3 hosts). The command ends with the session (its terminal hung
-#: up), as the master ends; a host that grants no terminal still runs it, with Nagle on.
-SESSION = "exec sleep 2147483647"
+#: this session (2026-12-07, 3 hosts). It prints READY, then reads its input until that ends:
+#: the terminal hangs up with the connection, and without a terminal sshd's pipe closes. (A
+#: ``sleep`` there outlived a connection that had no terminal, or lost it while starting.) A
+#: host that grants no terminal (``PermitTTY no``) ends a ``-tt`` master, so it gets one
+#: started again without (``-T``): Nagle's algorithm then stays on.
+READY = "lct-session"
+SESSION = f"echo {READY}; exec cat >/dev/null"
+#: What ssh prints when the host refused the terminal; with ``-tt`` it then ends.
+NO_TERMINAL = "PTY allocation request failed"
 
-# Started by `sh -c` in a process group of its own, with the master's folder as $0: fd 3 keeps
-# the pipe from us; at its end a subshell removes the folder (so a killed controller leaves
-# nothing here) and then TERMs the master. The shell waits for the master (its pid is not
-# reused meanwhile), then ends the subshell and exits with the master's status.
+# Started by `sh -c` in a process group of its own, with the master's folder as $0. The pipe
+# from us is the master's input (it never ends before we do) and the reader's: at its end a
+# subshell removes the folder (so a killed controller leaves nothing here), then TERMs the
+# master. The shell waits for the master (its pid is not reused meanwhile), then ends the
+# subshell and exits with the master's status.
 _WRAPPER = (
-    'exec 3<&0 </dev/null; "$@" 3<&- & p=$!; '
+    'exec 3<&0 </dev/null; "$@" <&3 3<&- & p=$!; '
     '(read -r _ <&3; rm -rf -- "$0"; kill -TERM "$p" 2>/dev/null) & '
     'r=$!; exec 3<&-; wait "$p"; s=$?; kill "$r" 2>/dev/null; exit "$s"'
 )
@@ -87,7 +94,7 @@ def usable(settings: SSHSettings) -> str | None:
 
 
 class OpenSSHMaster:
-    """``ssh -N -M`` to one host; forwards are added to it and cancelled through its control
+    """``ssh -M`` to one host; forwards are added to it and cancelled through its control
     socket (``ssh -O forward``/``-O cancel``), each request bounded."""
 
     def __init__(self, settings: SSHSettings, key_type: str, key_base64: str) -> None:
@@ -98,6 +105,7 @@ class OpenSSHMaster:
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
         self._lock = threading.Lock()  # one start at a time
+        self._tty = True  # False once the host refused the session a terminal (see SESSION)
         #: how many times it started: forwards added before the last start are gone
         self.generation = 0
 
@@ -116,41 +124,64 @@ class OpenSSHMaster:
             if self.alive:
                 return
             self._end()
-            folder = self._folder
-            if folder is None or not os.path.isdir(folder):
-                folder = tempfile.mkdtemp(prefix="lct-ssh-")  # 0700
-            self._folder = folder
-            key_type, key = self._key
-            with open(os.path.join(folder, "known_hosts"), "w") as f:
-                f.write(f"{PINNED} {key_type} {key}\n")
-            for name in ("c", "log"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(folder, name))
-            log = open(os.path.join(folder, "log"), "wb")  # noqa: SIM115 - the child holds it
-            try:
-                proc = subprocess.Popen(
-                    ["sh", "-c", _WRAPPER, folder, *self._argv()],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise TunnelError(f"no OpenSSH master to {self.host}: {exc}") from exc
-            finally:
-                log.close()
-            self._proc = proc
-            self.generation += 1
-            deadline = time.monotonic() + self.settings.connect_timeout + START_MARGIN
-            control = self.control
-            while not os.path.exists(control):  # made once the master is logged in
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    why = self._log() or (
-                        f"exited {proc.returncode}" if proc.poll() is not None else "no answer"
-                    )
-                    self._end()
-                    raise TunnelError(f"no OpenSSH master to {self.host}: {why}")
-                time.sleep(0.01)
+            self._launch()
+            if self._wait_session() or not self._tty:
+                return
+            logger.info(
+                "%s grants no terminal: its OpenSSH master runs without one (Nagle's algorithm"
+                " stays on for its forwards)",
+                self.host,
+            )
+            self._tty = False
+            self._end()
+            self._launch()
+            self._wait_session()
+
+    def _launch(self) -> None:
+        folder = self._folder
+        if folder is None or not os.path.isdir(folder):
+            folder = tempfile.mkdtemp(prefix="lct-ssh-")  # 0700
+        self._folder = folder
+        key_type, key = self._key
+        with open(os.path.join(folder, "known_hosts"), "w") as f:
+            f.write(f"{PINNED} {key_type} {key}\n")
+        for name in ("c", "log"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
+        log = open(os.path.join(folder, "log"), "wb")  # noqa: SIM115 - the child holds it
+        try:
+            self._proc = subprocess.Popen(
+                ["sh", "-c", _WRAPPER, folder, *self._argv()],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise TunnelError(f"no OpenSSH master to {self.host}: {exc}") from exc
+        finally:
+            log.close()
+        self.generation += 1
+
+    def _wait_session(self) -> bool:
+        """Wait for the master's session to run (its READY line); False when the master ended
+        because the host grants no terminal, TunnelError for any other end."""
+        proc = self._proc
+        assert proc is not None and self._folder is not None
+        deadline = time.monotonic() + self.settings.connect_timeout + START_MARGIN
+        log = os.path.join(self._folder, "log")
+        while True:
+            with contextlib.suppress(OSError), open(log, "rb") as f:
+                if READY.encode() in f.read() and os.path.exists(self.control):
+                    return True
+            ended = proc.poll() is not None
+            if ended or time.monotonic() > deadline:
+                why = self._log() or (f"exited {proc.returncode}" if ended else "no answer")
+                self._end()
+                if ended and self._tty and NO_TERMINAL in why:
+                    return False
+                raise TunnelError(f"no OpenSSH master to {self.host}: {why}")
+            time.sleep(0.01)
 
     def _argv(self) -> list[str]:
         s = self.settings
@@ -185,7 +216,7 @@ class OpenSSHMaster:
         argv = ["ssh"]
         if s.ssh_config_path:
             argv += ["-F", s.ssh_config_path]
-        argv += ["-tt", "-M", "-S", self.control, "-p", str(int(s.port))]  # see SESSION
+        argv += ["-tt" if self._tty else "-T", "-M", "-S", self.control, "-p", str(int(s.port))]
         if s.username:
             argv += ["-l", s.username]
         for path in s.key_filenames:

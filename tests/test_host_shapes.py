@@ -27,6 +27,7 @@ from lazycluster_tasks import (
     environments,
     teardown,
 )
+from lazycluster_tasks.ssh_master import OpenSSHMaster
 from lazycluster_tasks.testing.helpers import cluster_on, links_set_up, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 from lazycluster_tasks.tunnels import MasterForward
@@ -86,7 +87,8 @@ def _read_through(runtime: Runtime, hosts: TestHosts) -> str:
     """What a program on the runtime's host reads from a -R forward of ours, and whether the
     host runs the master's waiting session meanwhile."""
     assert wait_until(
-        lambda: any("sleep" in p for p in hosts.leftover_processes().get(runtime.host, [])), 10
+        lambda: any(p.endswith(" cat") for p in hosts.leftover_processes().get(runtime.host, [])),
+        10,
     ), (runtime.host, hosts.leftover_processes())
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = runtime.expose_port_to_runtime(listener.getsockname()[1])
@@ -106,12 +108,14 @@ def _read_through(runtime: Runtime, hosts: TestHosts) -> str:
 def test_an_openssh_master_comes_up_through_every_login_shell_and_leaves_nothing(
     shells: TestHosts,
 ) -> None:
-    """The master's session command runs through the login shell (tcsh, fish, ...): it waits
-    there while the master runs and ends with it; a forward on it reaches the host."""
+    """The master's session command runs through the login shell (tcsh, fish, ...): it says
+    it runs (the start waits for that), waits on its terminal while the master runs and ends
+    with it; a forward on it reaches the host."""
     for host in SHELLS:
         runtime = Runtime(host, ssh_config_path=str(shells.ssh_config_path))
         try:
             assert runtime.use_openssh(), host
+            assert isinstance(runtime._master, OpenSSHMaster) and runtime._master._tty, host
             assert _read_through(runtime, shells) == "b'from here'\n", host
         finally:
             runtime.cleanup()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -79,6 +80,11 @@ def masters_here(folder: str | None = None) -> list[psutil.Process]:
         if ours:
             found.append(p)
     return found
+
+
+def sessions_on(hosts: TestHosts, name: str) -> set[int]:
+    """The pids of the masters' sessions (their waiting command) on host ``name``."""
+    return {p.pid for p in hosts.processes(name) if p.name() == "cat"}
 
 
 def test_forwards_on_the_master_carry_both_ways_and_no_thread_here_pumps_them(
@@ -172,8 +178,12 @@ def test_a_master_that_ends_is_started_again_and_its_forwards_come_back(
             remote = runtime.expose_port_to_runtime(listener.getsockname()[1])
             master = runtime._master
             assert isinstance(master, OpenSSHMaster) and master._proc is not None
+            session = sessions_on(ssh_only, "host1")
+            assert len(session) == 1, session
             os.killpg(master._proc.pid, signal.SIGKILL)
             assert wait_until(lambda: not runtime.is_port_exposure_active(local), timeout=5)
+            # its session on the host ended with the connection
+            assert wait_until(lambda: not session & sessions_on(ssh_only, "host1"), timeout=5)
             # the keeper starts it again and adds both forwards back, on the same ports
             assert wait_until(
                 lambda: master.generation == 2 and all(t.is_active for t in runtime.tunnels),
@@ -184,6 +194,45 @@ def test_a_master_that_ends_is_started_again_and_its_forwards_come_back(
     finally:
         runtime.cleanup()
     assert wait_until(lambda: not masters_here(), timeout=5)
+
+
+@pytest.fixture
+def no_terminal(ssh_only: TestHosts) -> Iterator[TestHosts]:
+    """host1's sshd grants no terminal (PermitTTY no) for the test."""
+    ssh_only.permit_tty("host1", False)
+    try:
+        yield ssh_only
+    finally:
+        ssh_only.permit_tty("host1", True)
+
+
+def test_a_host_that_grants_no_terminal_gets_a_master_without_one_that_leaves_nothing(
+    no_terminal, greeter, no_leftovers, no_local_leaks, caplog
+):
+    caplog.set_level("INFO", logger="lazycluster_tasks.ssh_master")
+    runtime = ssh_runtime(no_terminal, "host1")
+    try:
+        assert runtime.use_openssh()
+        master = runtime._master
+        assert isinstance(master, OpenSSHMaster) and master._proc is not None
+        assert "host1 grants no terminal" in caplog.text
+        assert master.alive and not master._tty
+        local = runtime.expose_port_from_runtime(greeter)
+        assert greet(local) == b"hello from host1"
+        session = sessions_on(no_terminal, "host1")
+        assert len(session) == 1, session
+        generation = master.generation
+        os.killpg(master._proc.pid, signal.SIGKILL)
+        # without a terminal to hang up, its session still ends with the connection
+        assert wait_until(lambda: not session & sessions_on(no_terminal, "host1"), timeout=5)
+        # and the one started again runs without a terminal at once
+        assert wait_until(lambda: runtime.is_port_exposure_active(local), timeout=15)
+        assert master.generation == generation + 1
+        assert greet(local) == b"hello from host1"
+    finally:
+        runtime.cleanup()
+    assert wait_until(lambda: not masters_here(), timeout=5)
+    assert wait_until(lambda: not sessions_on(no_terminal, "host1"), timeout=5)
 
 
 CONTROLLER = """

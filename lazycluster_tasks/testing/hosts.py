@@ -361,6 +361,7 @@ class TestHosts:
         self._cut: set[str] = set()  # hosts whose cable is pulled (cut_host)
         self._user_keys = True  # sshd reads ~/.ssh/authorized_keys (user_keys)
         self._forwarding: dict[str, str] = {}  # host -> its AllowTcpForwarding (tcp_forwarding)
+        self._no_tty: set[str] = set()  # hosts whose sshd grants no terminal (permit_tty)
         self.shared_home = shared_home
         self.hidden = tuple(hidden)
         self.gpus = dict(gpus or {})
@@ -609,6 +610,7 @@ class TestHosts:
             f"UsePAM {use_pam}\n"
             "StrictModes no\n"
             f"AllowTcpForwarding {self._forwarding.get(h.name, 'yes')}\n"
+            f"PermitTTY {'no' if h.name in self._no_tty else 'yes'}\n"
             "GatewayPorts no\n"
             "LogLevel ERROR\n"
             "X11Forwarding no\n"
@@ -864,6 +866,18 @@ class TestHosts:
             raise ValueError(f"AllowTcpForwarding takes yes, no, local, remote or all: {allowed!r}")
         h = self.host(name)
         self._forwarding[h.name] = allowed
+        self._write_config(h)
+        self.stop_sshd(h.name)  # a new listener reads the new config
+        self.start_sshd(h.name)
+
+    def permit_tty(self, name: str, allowed: bool = True) -> None:
+        """Host ``name``'s sshd ``PermitTTY``: ``no`` grants no terminal to any session, as
+        sites set it for service accounts. Open sessions keep theirs."""
+        h = self.host(name)
+        if allowed:
+            self._no_tty.discard(h.name)
+        else:
+            self._no_tty.add(h.name)
         self._write_config(h)
         self.stop_sshd(h.name)  # a new listener reads the new config
         self.start_sshd(h.name)
