@@ -525,31 +525,6 @@ def test_links_and_healing_work_as_the_unprivileged_user_of_hosts_that_share_not
     assert not any(marker in private_hosts.authorized_keys(h) for h in PRIVATE)
 
 
-def test_the_cli_lists_and_prunes_the_hosts_environments(private_hosts: TestHosts) -> None:
-    """After the tests that make environments: it removes what they made."""
-    env = {**os.environ, "LAZYCLUSTER_SSH_CONFIG": str(private_hosts.ssh_config_path)}
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        argv = [sys.executable, "-m", "lazycluster_tasks.cli", *args]
-        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-
-    listed = cli("envs", *PRIVATE, "--json")
-    assert listed.returncode == 0, listed.stderr
-    found = json.loads(listed.stdout)["hosts"]
-    assert all(
-        found[h]["envs"] and all(e["bytes"] > 2**20 for e in found[h]["envs"]) for h in PRIVATE
-    )
-    table = cli("envs", "host1")
-    assert table.returncode == 0 and found["host1"]["envs"][0]["key"] in table.stdout
-    pruned = cli("envs", *PRIVATE, "--prune", "--older", "0")
-    assert pruned.returncode == 0 and "host1: removed" in pruned.stdout, pruned.stderr
-    for host in PRIVATE:
-        cache = private_hosts.home_dir(host) / ".cache" / "lazycluster"
-        assert not list((cache / "envs").iterdir()) and not list((cache / "units").iterdir())
-    again = json.loads(cli("envs", *PRIVATE, "--json").stdout)["hosts"]
-    assert all(again[h]["envs"] == [] for h in PRIVATE)
-
-
 def _envs_cli(hosts: TestHosts, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "LAZYCLUSTER_SSH_CONFIG": str(hosts.ssh_config_path)}
     argv = [sys.executable, "-m", "lazycluster_tasks.cli", "envs", *args]
@@ -559,6 +534,7 @@ def _envs_cli(hosts: TestHosts, *args: str) -> subprocess.CompletedProcess:
 def test_prune_goes_by_last_use_and_never_removes_an_environment_in_use(
     private_hosts: TestHosts,
 ) -> None:
+    """Last in the module: the CLI lists and prunes what the tests before made."""
     long_ago = time.time() - 10 * 86400
 
     def env_of(cluster: LazySSHCluster) -> dict[str, Path]:
@@ -580,6 +556,7 @@ def test_prune_goes_by_last_use_and_never_removes_an_environment_in_use(
         found = _envs_cli(private_hosts, *PRIVATE, "--json")
         assert found.returncode == 0, found.stderr
         hosts = json.loads(found.stdout)["hosts"]
+        assert all(e["bytes"] > 2**20 for h in PRIVATE for e in hosts[h]["envs"]), hosts
         return {h: {e["key"]: e for e in hosts[h]["envs"]} for h in PRIVATE}
 
     running = cluster_on(private_hosts, PRIVATE, n_workers=len(PRIVATE))
@@ -588,6 +565,8 @@ def test_prune_goes_by_last_use_and_never_removes_an_environment_in_use(
         folders = env_of(running)
         backdate(folders)
         envs = listed()
+        table = _envs_cli(private_hosts, "host1")  # the table names them too
+        assert table.returncode == 0 and folders["host1"].name in table.stdout, table.stdout
         for host, folder in folders.items():
             assert envs[host][folder.name]["in_use"] is True
             assert envs[host][folder.name]["used"] == pytest.approx(long_ago, abs=1)
@@ -616,4 +595,11 @@ def test_prune_goes_by_last_use_and_never_removes_an_environment_in_use(
     pruned = _envs_cli(private_hosts, *PRIVATE, "--prune")
     assert pruned.returncode == 0, pruned.stderr
     assert not any(f.exists() for f in folders.values()), pruned.stdout
+    # at --older 0 the environments the tests before made go too, with every unit
+    pruned = _envs_cli(private_hosts, *PRIVATE, "--prune", "--older", "0")
+    assert pruned.returncode == 0, pruned.stderr
+    for host in PRIVATE:
+        cache = private_hosts.home_dir(host) / ".cache" / "lazycluster"
+        assert not list((cache / "envs").iterdir()) and not list((cache / "units").iterdir())
+    assert listed() == {h: {} for h in PRIVATE}
     assert not private_hosts.leftovers()
