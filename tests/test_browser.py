@@ -43,10 +43,12 @@ class Visit:
     outside: list[str] = field(default_factory=list)  # requests to other hosts (blocked)
 
 
-def visit(url: str, ready: Callable[[Any], None], timeout_ms: int = 30_000) -> Visit:
+def visit(url: str, ready: Callable[[Any], None], timeout_ms: int = 60_000) -> Visit:
     """Load ``url`` in a fresh headless Chromium, run ``ready(page)`` (it waits for what the page
-    must show), and return what was seen. Requests leaving this machine are aborted: the test
-    network is ours alone. Runs in its own thread so no caller's event loop is in the way."""
+    must show: each wait up to ``timeout_ms``, as a loaded CI machine once needed more than 30 s
+    to draw a cluster run's page), and return what was seen. Requests leaving this machine are
+    aborted: the test network is ours alone. Runs in its own thread so no caller's event loop is
+    in the way."""
     out: Visit = Visit()
     problem: list[BaseException] = []
 
