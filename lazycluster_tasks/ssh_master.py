@@ -59,11 +59,12 @@ PINNED = "lazycluster-pinned"
 #: trip took 35-37 ms through such masters against 13 through paramiko, and 11.5-13.8 with
 #: this session (2026-12-07, 3 hosts). It prints READY, then reads its input until that ends:
 #: the terminal hangs up with the connection, and without a terminal sshd's pipe closes. (A
-#: ``sleep`` there outlived a connection that had no terminal, or lost it while starting.) A
-#: host that grants no terminal (``PermitTTY no``) ends a ``-tt`` master, so it gets one
-#: started again without (``-T``): Nagle's algorithm then stays on.
+#: ``sleep`` there outlived a connection that had no terminal, or lost it while starting.) The
+#: ``cat`` copies nothing: no input ever comes. A host that grants no terminal (``PermitTTY
+#: no``) ends a ``-tt`` master, so it gets one started again without (``-T``): Nagle's
+#: algorithm then stays on.
 READY = "lct-session"
-SESSION = f"echo {READY}; exec cat >/dev/null"
+SESSION = f"echo {READY}; exec cat"
 #: What ssh prints when the host refused the terminal; with ``-tt`` it then ends.
 NO_TERMINAL = "PTY allocation request failed"
 
