@@ -190,7 +190,13 @@ def main(argv: Sequence[str] | None = None) -> list[Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__)
     parser.add_argument("--hosts", default="3,8,16,32", help="host counts, comma-separated")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds left idle")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"network modes, comma-separated ({MODES})"
+    )
     args = parser.parse_args(argv)
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    if not modes or set(args.modes.split(",")) - set(MODES):
+        parser.error(f"--modes takes {', '.join(MODES)}: {args.modes!r}")
     counts = sorted({int(c) for c in args.hosts.split(",")})
     logging.getLogger("distributed").setLevel(logging.ERROR)
     logging.getLogger("lazycluster_tasks").setLevel(logging.WARNING)  # one line per case
@@ -199,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> list[Any]:
     rows: list[Row] = []
     with TestHosts(max(counts)) as th:
         for n in counts:
-            for mode in MODES:
+            for mode in modes:
                 row = Row(n, mode)
                 values, error = clean_sample(th, functools.partial(run, th, n, mode, args.idle))
                 row.values, row.error = values or {}, error and error[:300]

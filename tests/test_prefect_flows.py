@@ -46,7 +46,9 @@ from lazycluster_tasks.testing.helpers import HTTP_GET, ROOT, local_leftovers, w
 
 pytestmark = pytest.mark.slow
 
-HOSTS = ["host1", "host2", "host3"]
+#: Two hosts (host3 is the one a test refuses for a while): a worker on a third host showed
+#: nothing more and cost the suite a Prefect import per flow (2-3 s of CPU).
+HOSTS = ["host1", "host3"]
 #: Remote workers import this test module's tasks from the shared checkout.
 WORKER_ENV = {"PYTHONPATH": ROOT}
 
@@ -184,7 +186,7 @@ def test_user_flow_runs_its_tasks_on_the_cluster_and_reports_to_the_api(hosts_cf
             )
         )
         runs = [r for r in task_run_list(inner.id) if r.name.startswith("where_am_i")]
-        assert len(runs) == 3 and all(r.state.is_completed() for r in runs)
+        assert len(runs) == len(HOSTS) and all(r.state.is_completed() for r in runs)
         seen: set[str] = set()
 
         def hosts_in_logs() -> bool:
@@ -219,7 +221,7 @@ def no_host_links(ssh_config_path: str, keys: dict[str, str]) -> dict[str, Any]:
         client = cluster.client
         on = {w["host"]: w["address"] for w in cluster.cluster.workers.values()}
         data = client.submit(bytes, 1 << 20, workers=[on["host1"]], pure=False)
-        moved = client.submit(len, data, workers=[on["host2"]], allow_other_workers=False)
+        moved = client.submit(len, data, workers=[on[HOSTS[1]]], allow_other_workers=False)
         routing = cluster.cluster.routing
         return {
             "moved": moved.result(timeout=60),
