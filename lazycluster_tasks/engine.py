@@ -84,11 +84,10 @@ from lazycluster_tasks.routing import (
     TunnelledRouting,
     make_routing,
     scheduler_bind_before_plan,
-    use_openssh,
+    start_masters,
 )
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.security import ClusterTLS, cluster_tls
-from lazycluster_tasks.settings import settings as current_settings
 from lazycluster_tasks.task import RuntimeTask
 
 logger = logging.getLogger(__name__)
@@ -175,16 +174,10 @@ class Engine:
         with self._lock:
             if self._plan is None:
                 mode = self.options.network_mode
-                if mode == "tunnelled" and current_settings().openssh_forwards:
+                if mode == "tunnelled":
                     # known to be needed: the masters come up beside the environments (the
                     # routing's own start of them then finds them up)
-                    self._masters = threading.Thread(
-                        target=use_openssh,
-                        args=([rt for rt in self.group.runtimes if not rt.is_local],),
-                        name="lct-ssh-masters",
-                        daemon=True,
-                    )
-                    self._masters.start()
+                    self._masters = start_masters(self.group.runtimes)
                 probes = self._probe_beside_environments(mode)
                 try:
                     self._environments()

@@ -211,13 +211,7 @@ class TunnelledRouting(Routing):
         self._relayed: dict[str, set[Route]] = {}  # host -> routes through this machine
         #: starts each host's OpenSSH master for its forwards while the scheduler and the
         #: first workers boot; the workers' routes wait for it (the scheduler's do not)
-        self._masters: threading.Thread | None = None
-        if current_settings().openssh_forwards:
-            remote = [rt for rt in group.runtimes if not rt.is_local]
-            self._masters = threading.Thread(
-                target=use_openssh, args=(remote,), name="lct-ssh-masters", daemon=True
-            )
-            self._masters.start()
+        self._masters = start_masters(group.runtimes)
 
     def _masters_started(self) -> None:
         """Wait until every host's master is up or known not to come up (bounded by their
@@ -479,7 +473,20 @@ class TunnelledRouting(Routing):
             raise errors[0]
 
 
-def use_openssh(runtimes: Sequence[Runtime]) -> None:
+def start_masters(runtimes: Sequence[Runtime]) -> threading.Thread | None:
+    """Start the remote runtimes' OpenSSH masters in the background (the thread that does it;
+    None when ``openssh_forwards`` is off). Each is bounded by its host's connect timeout."""
+    if not current_settings().openssh_forwards:
+        return None
+    remote = [rt for rt in runtimes if not rt.is_local]
+    thread = threading.Thread(
+        target=_use_openssh, args=(remote,), name="lct-ssh-masters", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _use_openssh(runtimes: Sequence[Runtime]) -> None:
     """Each runtime's master, all at once; one that does not come up leaves paramiko's."""
     try:
         fan_out("OpenSSH masters", list(runtimes), lambda rt: rt.use_openssh())

@@ -35,10 +35,10 @@ GREETER = (
 @pytest.fixture
 def greeter(ssh_only: TestHosts, no_leftovers: TestHosts):
     """A server on host1's 127.0.0.1:29410 that greets with its host name."""
-    proc = ssh_only.run_in("host1", [sys.executable, "-c", GREETER, "29410"])
+    proc = ssh_only.run_in("host1", ["python3", "-c", GREETER, "29410"])
     probe = "import socket; socket.create_connection(('127.0.0.1', 29410), 1).close()"
     assert wait_until(
-        lambda: ssh_only.run_in("host1", [sys.executable, "-c", probe]).wait() == 0, timeout=10
+        lambda: ssh_only.run_in("host1", ["python3", "-c", probe]).wait() == 0, timeout=10
     )
     yield 29410
     proc.kill()
@@ -53,7 +53,7 @@ def greet(port: int) -> bytes:
 def fetched_on_host(hosts: TestHosts, port: int, listener: socket.socket, data: bytes) -> bytes:
     """What a program on host1 reads from its 127.0.0.1:port while we answer with ``data``."""
     code = f"import socket; print(socket.create_connection(('127.0.0.1', {port})).recv(100))"
-    proc = hosts.run_in("host1", [sys.executable, "-c", code], stdout=subprocess.PIPE)
+    proc = hosts.run_in("host1", ["python3", "-c", code], stdout=subprocess.PIPE)
     conn, _ = listener.accept()
     with conn:
         conn.sendall(data)
@@ -343,7 +343,7 @@ def test_forwards_asked_at_once_where_one_port_is_taken_go_one_by_one_naming_it(
             assert fetched_on_host(ssh_only, free, listener, b"free") == b"b'free'"
         # the greeter still has its port on host1
         code = f"import socket; print(socket.create_connection(('127.0.0.1', {greeter})).recv(99))"
-        read = ssh_only.run_in("host1", [sys.executable, "-c", code], stdout=subprocess.PIPE)
+        read = ssh_only.run_in("host1", ["python3", "-c", code], stdout=subprocess.PIPE)
         assert read.communicate(timeout=10)[0].strip() == b"b'hello from host1'"
     finally:
         runtime.cleanup()
