@@ -3,10 +3,12 @@ and local leak checks (the checks themselves in lazycluster_tasks.testing.leaks)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -46,6 +48,11 @@ def pytest_configure(config: pytest.Config) -> None:
     SESSION_TMP = tempfile.mkdtemp(prefix="lcts", dir=base)
     os.environ["TMPDIR"] = SESSION_TMP
     tempfile.tempdir = SESSION_TMP
+    # one Prefect server for the run, launched here: pytest-xdist's sessions, started after
+    # this, find its port in their environment (three servers cost about 60 CPU-s more)
+    controller = not hasattr(config, "workerinput") and not config.option.collectonly
+    if controller and _selection_uses_prefect(config.args):
+        os.environ[SHARED_PREFECT] = str(_launch_prefect().port)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -72,24 +79,44 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 #: Fixtures of the session's Prefect server.
 PREFECT_FIXTURES = {"prefect_api", "prefect_server"}
-#: The session's Prefect server, launched once the collection shows a test of it: it boots
-#: (about 20 s, most of it migrating its database) while the tests before that one run.
+#: The run's Prefect server: launched by the pytest process when the tests it was given name
+#: one of its fixtures, else by a session once its collection shows a test of it. It boots
+#: (about 20 s, most of it migrating its database) while the tests before the first one run.
 _prefect: PrefectServer | None = None
+#: The port of the server the pytest process launched, for the pytest-xdist sessions.
+SHARED_PREFECT = "LCT_PREFECT_SERVER_PORT"
+
+
+def _selection_uses_prefect(args: Sequence[str]) -> bool:
+    """Whether a test file among the paths pytest was given names a Prefect fixture (its text
+    is read: a session whose tests were missed here launches a server of its own)."""
+    for arg in args:
+        path = Path(arg.split("::")[0])
+        files = sorted(path.rglob("test_*.py")) if path.is_dir() else [path]
+        for file in files:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                if any(name in file.read_text() for name in PREFECT_FIXTURES):
+                    return True
+    return False
 
 
 def _launch_prefect() -> PrefectServer:
     global _prefect
     if _prefect is None:
-        _prefect = PrefectServer(tempfile.mkdtemp(prefix="prefect-server", dir=SESSION_TMP))
-        _prefect.launch()
+        if os.environ.get(SHARED_PREFECT):
+            _prefect = PrefectServer.at(int(os.environ[SHARED_PREFECT]))
+        else:
+            _prefect = PrefectServer(tempfile.mkdtemp(prefix="prefect-server", dir=SESSION_TMP))
+            _prefect.launch()
     return _prefect
 
 
 def _stop_prefect() -> None:
-    """The server and its home (database, log) go before the session's temp dir is checked."""
+    """The server and its home (database, log) go before the session's temp dir is checked
+    (a session leaves the run's shared server to the pytest process that launched it)."""
     global _prefect
     server, _prefect = _prefect, None
-    if server is not None:
+    if server is not None and server.owned:
         server.stop()
         shutil.rmtree(server.home, ignore_errors=True)
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from lazycluster_tasks.testing.hosts import TestHosts
+from lazycluster_tasks.testing.prefect_server import PrefectServer
 
 pytest_plugins = ["lazycluster_tasks.testing.pytest_plugin"]
 
@@ -515,3 +517,30 @@ def test_stop_while_a_host_is_cut(multi_hosts: TestHosts) -> None:
     assert sleeper.wait(timeout=1) == -9
     assert run_traces(hosts.run_id, hosts.base_dir) == []
     assert not hosts.base_dir.exists()
+
+
+def test_the_runs_prefect_server_is_one_that_sessions_wait_for_and_never_stop(
+    prefect_server: PrefectServer,
+) -> None:
+    """The pytest process launches the run's Prefect server; pytest-xdist's sessions wait for
+    it like their own, stop nothing of it, and a port where none answers is a clear error."""
+    servers = [
+        p for p in psutil.process_iter(["cmdline"])
+        if (p.info["cmdline"] or [])[-3:] == ["prefect", "server", "start"]
+    ]  # fmt: skip
+    assert len(servers) == 1, [p.info["cmdline"] for p in servers]
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        assert not prefect_server.owned
+        assert servers[0].ppid() == os.getppid()  # launched by the process that started us
+    shared = PrefectServer.at(prefect_server.port, startup_timeout=10)
+    assert shared.wait_healthy() is shared
+    shared.stop()
+    with urllib.request.urlopen(f"{prefect_server.api_url}/health", timeout=5) as reply:
+        assert reply.status == 200
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="not healthy 1 s after its launch"):
+        PrefectServer.at(port, startup_timeout=1).wait_healthy()
+    assert time.monotonic() - start < 5

@@ -45,17 +45,33 @@ UNUSED_SERVICES = (
 
 
 class PrefectServer:
-    """``with PrefectServer(home) as server:`` gives ``server.api_url`` and ``server.ui_url``."""
+    """``with PrefectServer(home) as server:`` gives ``server.api_url`` and ``server.ui_url``.
 
-    def __init__(self, home: str | os.PathLike[str], startup_timeout: float = 120.0) -> None:
+    ``PrefectServer.at(port)`` is one that another process launched and stops (pytest-xdist's
+    sessions share the run's server): it is waited for like one's own, and never stopped."""
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str],
+        startup_timeout: float = 120.0,
+        port: int | None = None,
+    ) -> None:
         self.home = Path(home)
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.ui_url = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.ui_url}/api"
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
         self._launched = 0.0
         self._log = self.home / "server.log"
+        self.owned = port is None
+
+    @classmethod
+    def at(cls, port: int, startup_timeout: float = 120.0) -> PrefectServer:
+        """The server another process launched on ``port`` (its home is that process's)."""
+        server = cls(tempfile.gettempdir(), startup_timeout, port)
+        server._launched = time.monotonic()
+        return server
 
     def env(self) -> dict[str, str]:
         keep = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -77,8 +93,9 @@ class PrefectServer:
 
     def launch(self) -> PrefectServer:
         """Launch the server without waiting for it (it boots while the caller goes on; see
-        :meth:`wait_healthy`). A second call does nothing."""
-        if self._process is not None:
+        :meth:`wait_healthy`). A second call, or one on another process's server, does
+        nothing."""
+        if self._process is not None or not self.owned:
             return self
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self._log, "wb") as log:
@@ -107,8 +124,7 @@ class PrefectServer:
     def _wait_healthy(self) -> None:
         deadline = self._launched + self.startup_timeout
         while True:  # asked at least once: a server launched long ago may be up already
-            assert self._process is not None
-            if self._process.poll() is not None:
+            if self._process is not None and self._process.poll() is not None:
                 raise RuntimeError(f"prefect server exited at start:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as reply:
@@ -124,13 +140,16 @@ class PrefectServer:
             time.sleep(0.25)
 
     def log_tail(self, lines: int = 30) -> str:
+        if not self.owned:
+            return f"(the log is with the process that launched the server on port {self.port})"
         try:
             return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no server log)"
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the whole process group; SIGKILL what is still there after ``timeout``."""
+        """SIGTERM the whole process group; SIGKILL what is still there after ``timeout``
+        (nothing for a server of another process)."""
         process, self._process = self._process, None
         if process is None:
             return
