@@ -29,8 +29,13 @@ class Clients:
         self._handed_out: list[Any] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        #: closed with the cluster (until its next scheduler comes up): a worker start still
+        #: under way then connects no new client, which would only log its reconnects
+        self._closed = False
 
     def _scheduler(self) -> str:
+        if self._closed:
+            raise ValueError("the cluster is closing: its clients are closed")
         address = self._address()
         if address is None:  # Client(None) would start a local cluster in this process
             raise ValueError("the scheduler is not running")
@@ -80,6 +85,7 @@ class Clients:
 
     def connect_in_background(self) -> None:
         """Connect the monitor client in a thread (while workers start)."""
+        self._closed = False
 
         def connect() -> None:
             try:
@@ -129,15 +135,18 @@ class Clients:
             _close(monitor)
 
     def close(self) -> None:
-        """Close every client (the scheduler keeps running)."""
+        """Close every client (the scheduler keeps running); none connects until the next
+        :meth:`connect_in_background`."""
+        self._closed = True
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for client in [*self._handed_out, self._monitor]:
+        with self._lock:  # a monitor client being connected now is closed too
+            clients = [*self._handed_out, self._monitor]
+            self._handed_out, self._monitor = [], None
+        for client in clients:
             if client is not None:
                 _close(client)
-        self._handed_out = []
-        self._monitor = None
 
 
 async def _terminate(address: str, security: Any, timeout: float) -> None:

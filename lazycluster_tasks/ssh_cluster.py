@@ -135,6 +135,10 @@ class SSHWorker(ProcessInterface):
 
     async def start(self) -> None:
         why = await self.launcher.start(self.name, self.host)
+        if why and self.launcher.closing:  # the cluster's close stopped it: no failure
+            logger.debug("worker %s on %s stopped by the close as it started", self.name, self.host)
+            await super().start()  # as SpecCluster expects; its close closes it again
+            return
         if why:
             self.status = Status.failed
             raise WorkerStartError(f"worker {self.name} on {self.host} did not start: {why}")
@@ -629,6 +633,9 @@ class LazySSHCluster(SpecCluster):
         registration = getattr(self, "_registration", None)
         if registration is not None:
             registration.close()
+        # from here a worker that was starting and is stopped did not fail (its SpecCluster
+        # task would report it to nobody but asyncio's "exception was never retrieved")
+        self.launcher.closing = True
         await self.healer.stop()
         orphaned = False  # the scheduler is gone (stopped by a watch, or died)
         if self.status in (Status.running, Status.failed) and self.scheduler is not None:
@@ -648,7 +655,6 @@ class LazySSHCluster(SpecCluster):
                 # no worker left to tell to close
                 await _off_loop(self.engine.kill_workers)
                 self.launcher.workers_killed = True
-        self.launcher.closing = True
         await super()._close()
         if orphaned and self.scheduler is not None:
             await self.scheduler.close()  # the engine's cleanup, as after a normal close
