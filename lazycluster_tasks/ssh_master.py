@@ -11,8 +11,10 @@ agent; with no prompt (``BatchMode``: a host that needs a password or a passphra
 paramiko), no forwards of the config's own (``ClearAllForwardings``), one waiting command (see
 SESSION), and the host key pinned to the one our paramiko connection verified (a known_hosts
 file of its own). Its
-control socket is in a 0700 folder of its own. Hosts reached through a jump host or a proxy
-command keep paramiko's forwards: the master would dial them another way.
+control socket is in a 0700 folder of its own. A host reached through a jump host or a proxy
+command is reached the same way (the runtime's ``ProxyJump`` or ``ProxyCommand``): the hops
+are the user's ssh's, checked by their config, while the pin still covers the host the
+forwards end at, so a hop sees only that session's ciphertext.
 
 The master runs in a process session of its own (a Ctrl-C at the controller does not cut it
 before the cleanup) and ends with this process: the shell that starts it reads a pipe from us
@@ -87,8 +89,6 @@ def host_key_algorithms(key_type: str) -> str:
 
 def usable(settings: SSHSettings) -> str | None:
     """Why a master cannot replace paramiko's forwards to this host (None: it may)."""
-    if settings.proxy_jump or settings.proxy_command:
-        return "it is reached through a jump host or a proxy command"
     if shutil.which("ssh") is None:
         return "this machine has no ssh client"
     return None
@@ -153,6 +153,9 @@ class OpenSSHMaster:
         try:
             self._proc = subprocess.Popen(
                 ["sh", "-c", _WRAPPER, folder, *self._argv()],
+                # no prompt anywhere, a hop's ssh (which gets no BatchMode) included: it has no
+                # terminal (a session of its own), and no askpass program is ever run
+                env={**os.environ, "SSH_ASKPASS_REQUIRE": "never"},
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=log,
@@ -214,6 +217,10 @@ class OpenSSHMaster:
         }
         if not s.allow_agent:
             options["IdentityAgent"] = "none"
+        if s.proxy_jump:  # the hops' own ssh reads the same config (-F), not these options
+            options["ProxyJump"] = s.proxy_jump
+        elif s.proxy_command:  # with its %-tokens, which ssh expands as paramiko did
+            options["ProxyCommand"] = s.proxy_command
         argv = ["ssh"]
         if s.ssh_config_path:
             argv += ["-F", s.ssh_config_path]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.manager import RuntimeManager, config_hosts
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.ssh_settings import resolve_settings
+from lazycluster_tasks.testing.helpers import wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
 USER = pwd.getpwuid(os.getuid()).pw_name
@@ -188,6 +190,18 @@ def host2_behind_host1(multi_hosts: TestHosts) -> Iterator[TestHosts]:
         multi_hosts.restrict_ssh("host2", None)
 
 
+GREETER_PORT = 29411
+#: Greets one connection on 127.0.0.1:GREETER_PORT with its host name, then ends.
+GREETER = f"""
+import socket
+s = socket.create_server(("127.0.0.1", {GREETER_PORT}))
+print("ready", flush=True)
+c, _ = s.accept()
+c.sendall(b"hello from " + socket.gethostname().encode())
+c.close()
+"""
+
+
 @pytest.mark.parametrize("route", ["ProxyCommand ssh -F {cfg} -W %h:%p host1", "ProxyJump host1"])
 def test_proxy_reaches_a_host_only_its_jump_host_can_reach(
     host2_behind_host1, no_leftovers, no_local_leaks, home, tmp_path, route
@@ -212,9 +226,20 @@ def test_proxy_reaches_a_host_only_its_jump_host_can_reach(
         assert hostname_of(runtime) == "host2"
         if route.startswith("ProxyCommand"):
             assert any(p.name() == "ssh" for p in local_ssh_children())
+        # the forwards ride an OpenSSH master that takes the same route (to a program on
+        # host2's 127.0.0.1 that says where it runs)
+        assert runtime.use_openssh()
+        server = hosts.run_in("host2", ["python3", "-c", GREETER], stdout=subprocess.PIPE)
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        local = runtime.expose_port_from_runtime(GREETER_PORT)
+        assert [type(t).__name__ for t in runtime.tunnels] == ["MasterForward"]
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as conn:
+            assert conn.recv(20) == b"hello from host2"
+        server.wait(10)
+        assert hosts.processes("host1") == []  # the hop is sshd's alone: nothing runs there
     finally:
         runtime.cleanup()
-    assert not local_ssh_children(alive=True)
+    assert wait_until(lambda: not local_ssh_children(alive=True), 5), local_ssh_children()
 
 
 def test_a_failing_proxy_command_is_named_and_reaped(
