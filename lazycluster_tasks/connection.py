@@ -131,7 +131,7 @@ class Connection(ABC):
         stall: float | None = None,
     ) -> int | None:
         """Run ``line`` with ``sh``; feed the collectors; return the exit code, None on timeout
-        (or when ``stdin`` did not move for ``stall`` seconds)."""
+        (or when ``stdin``, then the output, did not move for ``stall`` seconds)."""
 
     @abstractmethod
     def put(self, local_path: str, remote_path: str) -> None:
@@ -171,8 +171,9 @@ class Connection(ABC):
 
         On timeout the command's process group is killed and :class:`OperationTimeoutError` is
         raised with the output so far. ``owner`` tags the command for :meth:`kill_running`.
-        ``stall``: seconds ``stdin`` may not move before that counts as a timeout (a long
-        transfer on a path that was cut).
+        ``stall``: seconds ``stdin``, and after it the output, may not move before that counts
+        as a timeout (a long transfer, or the work after it, on a path that was cut: such a
+        command reports progress).
         """
         line = commands.wrap_command(command, working_dir, env)
         self.commands_run += 1
@@ -197,7 +198,7 @@ class Connection(ABC):
             short = command if len(command) <= 160 else f"{command[:120]} …"
             what = f"its timeout of {timeout:g} s" if timeout is not None else "its time"
             if stall is not None:
-                what += f", or its input did not move for {stall:g} s"
+                what += f", or its input or output did not move for {stall:g} s"
             raise OperationTimeoutError(
                 f"command on {self.host} exceeded {what}: {short!r}",
                 host=self.host,

@@ -626,9 +626,13 @@ def build_line(manifest: Manifest, python: str, given: str | None = None, lease:
     return shlex.join([python, "-I", "-c", _program(), *args])
 
 
-def build_input(manifest: Manifest) -> bytes:
-    """What the build reads on its stdin before the units' packs: the units in order."""
-    return header({"units": [u.key for u in manifest.units]})
+def build_input(manifest: Manifest, packs: Sequence[int] | None = None) -> bytes:
+    """What the build reads on its stdin before the units' packs: the units in order, and the
+    sizes of the packs that follow (the host unpacks them side by side, a core each)."""
+    options: dict[str, Any] = {"units": [u.key for u in manifest.units]}
+    if packs is not None:
+        options["packs"] = list(packs)
+    return header(options)
 
 
 def _answer(result: CommandResult, host: str, what: str) -> dict[str, Any]:
@@ -738,8 +742,9 @@ def sync(
             return HostEnvironment(host, str(answer["env"]), seconds=_since(started[host]))
         missing = set(answer.get("missing") or [])
         sending = [u for u in units if u.key in missing]
-        size = sum(packs.path(u).stat().st_size for u in sending)
-        with stream(packs, sending, head=build_input(manifest)) as data:
+        sizes = [packs.path(u).stat().st_size for u in sending]
+        size = sum(sizes)
+        with stream(packs, sending, head=build_input(manifest, sizes)) as data:
             result = runtime.connection.run(
                 build_line(manifest, str(answer["python"]), chosen.get(host), lease),
                 stdin=data,

@@ -414,9 +414,11 @@ class SSHConnection(Connection):
                     return None
                 except OSError:  # the command exited before reading it: its exit code tells
                     logger.debug("%s: the command did not take its input", self.host)
-            if not self._read(chan, chan.recv, stdout, deadline):
+            if not self._read(chan, chan.recv, stdout, deadline, stall):
                 return None
-            if stderr is not None and not self._read(chan, chan.recv_stderr, stderr, deadline):
+            if stderr is not None and not self._read(
+                chan, chan.recv_stderr, stderr, deadline, stall
+            ):
                 return None
             while not chan.status_event.wait(0.5):
                 if not chan.get_transport().is_active():
@@ -522,10 +524,16 @@ class SSHConnection(Connection):
         recv: Callable[[int], bytes],
         collector: _Collector,
         deadline: float | None,
+        stall: float | None = None,
     ) -> bool:
-        """Read one stream to its end; False when the deadline passed first."""
+        """Read one stream to its end; False when the deadline passed first, or when nothing
+        came for ``stall`` s (a command that reports progress, on a path that was cut)."""
+        silent_until = None if stall is None else time.monotonic() + stall
         while True:
-            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            now = time.monotonic()
+            wait = 1.0 if deadline is None else min(1.0, deadline - now)
+            if silent_until is not None:
+                wait = min(wait, silent_until - now)
             if wait <= 0:
                 return False
             chan.settimeout(wait)
@@ -541,6 +549,8 @@ class SSHConnection(Connection):
             if not data:
                 collector.feed(b"", final=True)
                 return True
+            if stall is not None:
+                silent_until = time.monotonic() + stall
             collector.feed(data)
 
     # -- files ------------------------------------------------------------------------------

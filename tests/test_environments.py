@@ -11,13 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lazycluster_tasks import environments, hostside
 from lazycluster_tasks.errors import EnvironmentSyncError, RemoteEnvironmentError
-from lazycluster_tasks.testing.helpers import fill, small_disk
+from lazycluster_tasks.testing.helpers import fill, small_disk, wait_until
 
 
 def _project(folder: Path, answer: str = "42") -> Path:
@@ -136,27 +138,41 @@ def envs(home: Path, *args: str, data: bytes = b"") -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[environments.Manifest, bytes]:
-    """A small manifest (two pure-Python distributions and a project) and its packs' stream."""
+def small(tmp_path_factory) -> tuple[environments.Manifest, Packed]:
+    """A small manifest (two pure-Python distributions and a project) and its packs."""
     folder = tmp_path_factory.mktemp("small")
     project = _project(folder / "project")
     manifest = environments.scan(include=["cloudpickle", "toolz"], code=[str(project)])
-    packs = environments.Packs(folder / "packs")
+    return manifest, _packed(folder / "packs", manifest)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The packs of a manifest's units as the controller sends them: one stream, and the size
+    of each pack in it (the build's header names them)."""
+
+    data: bytes
+    sizes: list[int]
+
+
+def _packed(folder: Path, manifest: environments.Manifest) -> Packed:
+    packs = environments.Packs(folder)
     with environments.stream(packs, manifest.units) as data:
-        return manifest, data.read()
+        return Packed(data.read(), [packs.path(u).stat().st_size for u in manifest.units])
 
 
 def _ask(
-    home: Path, manifest: environments.Manifest, action: str, data: bytes = b""
+    home: Path, manifest: environments.Manifest, action: str, packed: Packed | None = None
 ) -> subprocess.CompletedProcess:
     """``check`` or ``build`` of ``manifest``, with what the controller sends on stdin."""
-    return envs(home, action, "--key", manifest.key, data=_input(manifest, action) + data)
+    data = packed.data if packed is not None else b""
+    return envs(home, action, "--key", manifest.key, data=_input(manifest, action, packed) + data)
 
 
-def _input(manifest: environments.Manifest, action: str) -> bytes:
+def _input(manifest: environments.Manifest, action: str, packed: Packed | None = None) -> bytes:
     if action == "check":
         return environments.check_input(manifest)
-    return environments.build_input(manifest)
+    return environments.build_input(manifest, packed.sizes if packed is not None else [])
 
 
 def test_a_host_makes_the_environment_once_and_finds_it_after(tmp_path, small) -> None:
@@ -168,7 +184,7 @@ def test_a_host_makes_the_environment_once_and_finds_it_after(tmp_path, small) -
     made = _ask(home, manifest, "build", data)
     assert made.returncode == 0, made.stderr
     answer = json.loads(made.stdout)
-    assert answer["received"] == len(data)
+    assert answer["received"] == len(data.data)
     python = answer["env"]
     ran = subprocess.run(
         [python, "-c", "import cloudpickle, userpkg.compute as c; print(c.answer())"],
@@ -275,12 +291,10 @@ def test_an_environment_lays_out_its_distributions_in_site_packages(tmp_path) ->
     .pth files run by site); the user's code folders are lines of lazycluster.pth."""
     project = _project(tmp_path / "project")
     manifest = environments.scan(include=["setuptools", "toolz"], code=[str(project)])
-    packs = environments.Packs(tmp_path / "packs")
-    with environments.stream(packs, manifest.units) as data:
-        stream = data.read()
+    packed = _packed(tmp_path / "packs", manifest)
     home = tmp_path / "home"
     home.mkdir()
-    made = _ask(home, manifest, "build", stream)
+    made = _ask(home, manifest, "build", packed)
     assert made.returncode == 0, made.stderr
     python = json.loads(made.stdout)["env"]
     units = home / ".cache" / "lazycluster" / "units"
@@ -336,7 +350,8 @@ def test_a_cut_or_failed_transfer_leaves_nothing_a_later_start_would_use(tmp_pat
     manifest, data = small
     home = tmp_path / "home"
     home.mkdir()
-    cut = _ask(home, manifest, "build", data[: len(data) // 2])
+    half = Packed(data.data[: len(data.data) // 2], data.sizes)
+    cut = _ask(home, manifest, "build", half)
     assert cut.returncode == 1 and b"not received whole" in cut.stderr
     root = home / ".cache" / "lazycluster"
     assert not list((root / "units").iterdir()) or all(
@@ -362,6 +377,87 @@ def test_a_full_disk_during_a_transfer_is_an_error_naming_the_path(tmp_path, sma
         leftovers = list((home / ".cache" / "lazycluster" / "units").iterdir())
         assert leftovers == []  # the part received went with the failure
         assert json.loads(_ask(home, manifest, "check").stdout)["env"] is None
+
+
+def test_the_packs_are_unpacked_side_by_side_a_core_each(tmp_path, small) -> None:
+    """As many ``tar`` processes as the host has cores (up to UNPACKERS, one per pack at most)
+    run at once, each given whole packs; the environment is the same as one tar makes."""
+    from lazycluster_tasks.hostside import envs as hostside_envs
+
+    manifest, data = small
+    home = tmp_path / "home"
+    home.mkdir()
+    argv = [sys.executable, "-I", "-c", hostside.source("envs"), "build", "--key", manifest.key]
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    build = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert build.stdin is not None
+    try:
+        build.stdin.write(_input(manifest, "build", data))  # the header: the packs' sizes
+        build.stdin.flush()
+        expected = min(hostside_envs.UNPACKERS, len(data.sizes), os.cpu_count() or 1)
+
+        def tars() -> list[psutil.Process]:
+            return [p for p in psutil.Process(build.pid).children() if p.name() == "tar"]
+
+        assert wait_until(lambda: len(tars()) == expected, 10), tars()
+        out, err = build.communicate(data.data, timeout=60)
+    finally:
+        build.kill()
+        build.wait()
+    assert build.returncode == 0, err
+    python = json.loads(out)["env"]
+    ran = subprocess.run(
+        [python, "-c", "import cloudpickle, toolz, userpkg.compute as c; print(c.answer())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.stdout.strip() == "42", ran.stderr
+
+
+@pytest.mark.parametrize(
+    "sizes, why",
+    [
+        ("longer", b"bytes before a pack's end"),
+        ("shorter", b"more bytes than the packs the header named"),
+        ("none", b"more bytes than the packs the header named"),
+        ("negative", b"not a list of sizes"),
+    ],
+)
+def test_a_header_whose_sizes_are_not_the_streams_leaves_nothing(
+    tmp_path, small, sizes, why
+) -> None:
+    manifest, data = small
+    told = {
+        "longer": [*data.sizes[:-1], data.sizes[-1] + 1],
+        "shorter": [*data.sizes[:-1], data.sizes[-1] - 1],
+        "none": [],
+        "negative": [-1, *data.sizes],
+    }[sizes]
+    home = tmp_path / "home"
+    home.mkdir()
+    wrong = _ask(home, manifest, "build", Packed(data.data, told))
+    assert wrong.returncode == 1 and why in wrong.stderr, wrong.stderr
+    units = home / ".cache" / "lazycluster" / "units"
+    assert not units.exists() or list(units.iterdir()) == []
+    assert json.loads(_ask(home, manifest, "check").stdout)["env"] is None
+
+
+def test_a_pack_that_does_not_unpack_fails_the_build_and_leaves_nothing(tmp_path, small) -> None:
+    """One tar fails (a pack's bytes corrupted) while the others unpack theirs."""
+    manifest, data = small
+    spoiled = bytearray(data.data)
+    last = len(spoiled) - data.sizes[-1]  # the last pack: its gzip data past the header
+    spoiled[last + 20 : last + 60] = bytes(40)
+    home = tmp_path / "home"
+    home.mkdir()
+    failed = _ask(home, manifest, "build", Packed(bytes(spoiled), data.sizes))
+    assert failed.returncode == 1 and b"not received whole" in failed.stderr, failed.stderr
+    units = home / ".cache" / "lazycluster" / "units"
+    assert list(units.iterdir()) == []
+    assert _ask(home, manifest, "build", data).returncode == 0  # the next start makes it
 
 
 def test_two_starts_at_once_make_one_environment(tmp_path, small) -> None:
@@ -503,13 +599,13 @@ def test_a_build_takes_its_bytes_while_another_start_holds_the_lock(tmp_path) ->
     project = _project(tmp_path / "project")
     (project / "userpkg" / "table.bin").write_bytes(os.urandom(1 << 18))  # does not compress
     manifest = environments.scan(include=["toolz"], code=[str(project)])
-    with environments.stream(environments.Packs(tmp_path / "packs"), manifest.units) as packed:
-        data = packed.read()
+    packed = _packed(tmp_path / "packs", manifest)
+    data = packed.data
     home = tmp_path / "home"
     root = home / ".cache" / "lazycluster"
     root.mkdir(parents=True)
     argv = [sys.executable, "-I", "-c", hostside.source("envs"), "build", "--key", manifest.key]
-    sent = _input(manifest, "build") + data
+    sent = _input(manifest, "build", packed) + data
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
     holder = subprocess.Popen(  # another start's build, holding the lock
         [sys.executable, "-c", LOCK_HOLDER, str(root / "lock")],

@@ -458,12 +458,44 @@ def _used(folder: Path) -> int:
     return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
 
 
-def test_a_transfer_cut_by_the_network_is_finished_by_the_next_start(monkeypatch) -> None:
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.lstat().st_size for p in folder.rglob("*"))
+
+
+LOCK_HOLDER = (
+    "import fcntl, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+@pytest.mark.parametrize("when", ["while sending", "after sending"])
+def test_a_transfer_cut_by_the_network_is_finished_by_the_next_start(monkeypatch, when) -> None:
+    """A cut while the packs travel, or after they all arrived while the host's build waits
+    (here: for another start's lock), fails the start within the stall (6 s here)."""
     monkeypatch.setattr(environments, "STALL", 6.0)  # a cut is noticed within this, both ends
     with TestHosts(1, user=True, private=True) as fresh:
-        units = fresh.home_dir("host1") / ".cache" / "lazycluster" / "units"
+        home = fresh.home_dir("host1")
+        root = home / ".cache" / "lazycluster"
+        units = root / "units"
         config = str(fresh.ssh_config_path)
         errors: list[BaseException] = []
+        holder = None
+        if when == "after sending":  # another start's build holds the host's lock
+            owner = home.stat()
+            for folder in (home / ".cache", root):
+                folder.mkdir(mode=0o700, exist_ok=True)
+                os.chown(folder, owner.st_uid, owner.st_gid)
+            (root / "lock").touch(0o600)
+            os.chown(root / "lock", owner.st_uid, owner.st_gid)
+            holder = subprocess.Popen(
+                [sys.executable, "-c", LOCK_HOLDER, str(root / "lock")],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
 
         def start() -> None:
             try:
@@ -478,11 +510,21 @@ def test_a_transfer_cut_by_the_network_is_finished_by_the_next_start(monkeypatch
             return units.is_dir() and any(p.name.startswith(".incoming") for p in units.iterdir())
 
         assert wait_until(receiving, timeout=60, interval=0.02)
+        if holder is not None:  # every byte unpacked: the build waits for the lock
+            sizes: list[int] = []
+            assert wait_until(
+                lambda: sizes.append(_tree_bytes(units)) or sizes[-1:] * 10 == sizes[-10:], 60
+            )  # unchanged for 10 looks, 0.5 s
         fresh.cut_host("host1")
         began = time.monotonic()
         thread.join(120)
         assert not thread.is_alive() and errors, "a cut transfer must fail the start"
-        print(f"the cut start failed {time.monotonic() - began:.1f} s after the cut: {errors[0]}")
+        took = time.monotonic() - began
+        print(f"the cut start failed {took:.1f} s after the cut: {errors[0]}")
+        assert took < 45, took  # the stall, then the cleanup: each reach of the cut host bounded
+        if holder is not None:
+            holder.kill()
+            holder.wait()
         fresh.restore_host("host1")
         cluster = LazySSHCluster(["host1"], ssh_config_path=config, threads_per_worker=1)
         try:
