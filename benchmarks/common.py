@@ -307,13 +307,20 @@ def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]
 # -- hygiene --------------------------------------------------------------------------------------
 
 
-def leftover_check(th: TestHosts, grace: float = LEFTOVER_GRACE) -> None:
-    """Raise when processes are left on the test hosts (after ``grace`` s for closing sessions)."""
+def _left(th: TestHosts, grace: float = LEFTOVER_GRACE) -> dict[str, list[str]]:
+    """What is still on the test hosts after ``grace`` s for closing sessions (an SSH session
+    ends on its host a moment after its client did), as the tests' ``no_leftovers`` allows."""
     deadline = time.monotonic() + grace
     left = th.leftovers()
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
         left = th.leftovers()
+    return left
+
+
+def leftover_check(th: TestHosts, grace: float = LEFTOVER_GRACE) -> None:
+    """Raise when processes are left on the test hosts (after ``grace`` s for closing sessions)."""
+    left = _left(th, grace)
     if left:
         lines = "\n".join(f"  {host}: {proc}" for host, procs in left.items() for proc in procs)
         raise RuntimeError(f"processes left on test hosts:\n{lines}")
@@ -322,13 +329,14 @@ def leftover_check(th: TestHosts, grace: float = LEFTOVER_GRACE) -> None:
 def clean_sample(th: TestHosts, run: Callable[[], T]) -> tuple[T | None, str | None]:
     """One sample on the test hosts: (its result, or None when it raised; what went wrong —
     its exception or the processes it left on the hosts, or None). Leftovers are killed, so
-    the next sample starts clean."""
+    the next sample starts clean. (What a cleanup leaves right after it returns is measured
+    where cleanup is timed: cluster_layer.)"""
     try:
         value = run()
     except Exception as exc:
         th.kill_leftovers()
         return None, f"{type(exc).__name__}: {exc}"
-    left = th.leftovers()
+    left = _left(th)
     if left:
         th.kill_leftovers()
         return value, f"left on hosts: {left}"
