@@ -239,19 +239,18 @@ def test_a_flow_runs_its_tasks_on_hosts_that_share_nothing(
     private_hosts: TestHosts, prefect_api: str
 ) -> None:
     from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from tests.prefect_jobs import tasks_on_the_hosts
 
-    def artifacts() -> dict[str, object]:
-        with get_client(sync_client=True) as client:
-            return {str(a.id): a for a in client.read_artifacts()}
-
-    before = set(artifacts())
-    ran = tasks_on_the_hosts(PRIVATE, str(private_hosts.ssh_config_path))
+    state = tasks_on_the_hosts(PRIVATE, str(private_hosts.ssh_config_path), return_state=True)
+    ran = state.result()
     assert {host for host, _ in ran} == set(PRIVATE)
     home = f"/home/{private_hosts.user}/.cache/lazycluster/envs/"
     assert all(python.startswith(home) for _, python in ran)
-    new = [a for i, a in artifacts().items() if i not in before]
+    with get_client(sync_client=True) as client:  # this run's (the test server is the run's)
+        runs = ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+        new = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=runs))
     # the run shows each host's environment: a progress that reached every host, a table
     progress = [a for a in new if a.type == "progress" and "environment" in a.description]
     assert [(a.data, a.description.split(" (")[0]) for a in progress] == [

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 
@@ -166,7 +167,8 @@ def test_the_automation_tears_down_a_crashed_runs_cluster_when_no_hook_can_run(s
             start = time.monotonic()
 
             def torn_down() -> list:
-                runs = client.read_flow_runs()
+                teardowns = FlowFilter(name=FlowFilterName(any_=[TEARDOWN.split("/")[0]]))
+                runs = client.read_flow_runs(flow_filter=teardowns)  # of the run's server
                 return [
                     r for r in runs
                     if r.parameters.get("flow_run") == f"prefect.flow-run.{run.id}"
