@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: How long cleanup waits for running tasks to end after killing their commands.
 CLEANUP_TIMEOUT = 10.0
+#: Seconds the OpenSSH master has to carry a round trip after our connection came back (a
+#: healthy one takes milliseconds).
+MASTER_CHECK_TIMEOUT = 3.0
 
 #: Process keys (lazycluster's scheme): ``<host>::task::<task name>`` for an async task,
 #: ``<host>::-L::<local port>::<runtime port>`` and ``<host>::-R::<runtime port>::<local port>``
@@ -744,7 +747,16 @@ class Runtime:
                 return False
             logger.info("forwards to %s on an OpenSSH master", self)
             self._master = master
+            connection.on_reconnect(self._check_master)
             return True
+
+    def _check_master(self, transport: object) -> None:
+        """After our connection to the host dropped and came back: the master went through the
+        same outage and may carry nothing for many seconds more; one that does not answer a
+        round trip within MASTER_CHECK_TIMEOUT is started anew (see OpenSSHMaster.restart)."""
+        master = self._live_master()
+        if master is not None:
+            master.check(MASTER_CHECK_TIMEOUT)
 
     def _live_master(self) -> OpenSSHMaster | None:
         master = self._master
@@ -754,6 +766,7 @@ class Runtime:
         with self._master_lock:
             master, self._master = self._master, None
         if isinstance(master, OpenSSHMaster):
+            self._ssh().remove_on_reconnect(self._check_master)
             for tunnel in self._tunnels:
                 if isinstance(tunnel, MasterForward):
                     tunnel.forget()

@@ -262,7 +262,7 @@ class SSHConnection(Connection):
             transport = self._client.get_transport() if self._client else None
             if transport is not None and transport.is_active():
                 return transport
-            reconnect = self._client is not None
+            reconnect = self.connect_count > 0  # also after a drop and failed attempts
             self._drop()
             self._client = self._open()
             self.connect_count += 1

@@ -138,6 +138,31 @@ class OpenSSHMaster:
             self._launch()
             self._wait_session()
 
+    def restart(self, generation: int) -> None:
+        """Start the master anew on a connection of its own if it is still the start numbered
+        ``generation`` (a request that got no answer saw that one): a path that was cut can
+        leave a live master whose connection carries nothing for many seconds more (TCP's
+        retransmissions back off while it is cut), where a new connection works at once. Its
+        forwards come back on the new one (the keeper, see :class:`MasterForward`)."""
+        with self._lock:
+            if self._closed or self.generation != generation or self._proc is None:
+                return
+            logger.info("%s: its OpenSSH master carries nothing; started anew", self.host)
+            self._end()
+        self.start()
+
+    def check(self, timeout: float) -> bool:
+        """True when a round trip through the master's connection (a forward the host must
+        answer) takes less than ``timeout``; a master that gets no answer is started anew. A
+        refusal is an answer."""
+        if not self.alive:
+            return False
+        try:
+            self.settle(timeout)
+        except TunnelError as exc:
+            return "no answer" not in str(exc)
+        return True
+
     def _launch(self) -> None:
         folder = self._folder
         if folder is None or not os.path.isdir(folder):
@@ -299,17 +324,25 @@ class OpenSSHMaster:
         takes a -R cancel without answering: see :meth:`settle`)."""
         self._request("cancel", local, remote)
 
-    def settle(self) -> None:
+    def settle(self, timeout: float | None = None) -> None:
         """Return once the host's sshd handled every request sent before: a forward it must
         answer (a port it picks, cancelled again) goes after them on the same connection."""
-        ports = self.forward(remote=[(0, 9)])
-        if ports:
+        out = self._request("forward", (), [(0, 9)], timeout)
+        if out.split():
             with contextlib.suppress(TunnelError):
-                self.cancel(remote=[(ports[0], 9)])
+                self.cancel(remote=[(int(out.split()[0]), 9)])
 
     def _request(
-        self, op: str, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]]
+        self,
+        op: str,
+        local: Sequence[tuple[int, int]],
+        remote: Sequence[tuple[int, int]],
+        timeout: float | None = None,
     ) -> str:
+        """One control request, bounded by ``timeout`` (REQUEST_TIMEOUT): a master whose host
+        does not answer it is started anew (see :meth:`restart`) before the TunnelError ("no
+        answer")."""
+        timeout = REQUEST_TIMEOUT if timeout is None else timeout
         specs: list[str] = []
         for ours, theirs in local:
             specs += ["-L", f"{LOOPBACK}:{int(ours)}:{LOOPBACK}:{int(theirs)}"]
@@ -320,15 +353,18 @@ class OpenSSHMaster:
         if not self.alive:
             raise TunnelError(f"the OpenSSH master to {self.host} is not running")
         argv = ["ssh", "-S", self.control, "-O", op, *specs, "--", self.host]
+        generation = self.generation
         try:
             done = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=REQUEST_TIMEOUT,
-                check=False,
+                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
             )
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(TunnelError):  # its forwards' keeper tries again
+                self.restart(generation)
+            raise TunnelError(
+                f"{self.host}: the OpenSSH master's {op} got no answer in {timeout:g} s"
+            ) from None
+        except OSError as exc:
             raise TunnelError(f"{self.host}: the OpenSSH master's {op} failed: {exc}") from exc
         if done.returncode != 0:
             why = " ".join(done.stderr.decode(errors="replace").split())

@@ -413,8 +413,11 @@ class RemoteForward(Tunnel):
 
     def _on_reconnect(self, transport: paramiko.Transport) -> None:
         """Called under the connection's lock: one request, no take-back (the keeper does
-        that, without holding every command to the host)."""
-        with self._reopening:
+        that, without holding every command to the host). Skipped while a check reopens it:
+        that check may wait for this lock (it asks the host why a request was denied)."""
+        if not self._reopening.acquire(blocking=False):
+            return
+        try:
             if self.closed:
                 return
             try:
@@ -423,6 +426,8 @@ class RemoteForward(Tunnel):
             except TunnelError as exc:
                 self.last_error = str(exc)
                 logger.info("%s; taken back by the next check", exc)
+        finally:
+            self._reopening.release()
 
     @property
     def is_active(self) -> bool:

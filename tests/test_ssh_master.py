@@ -4,6 +4,7 @@ controller that is killed, and a tunnelled cluster whose relay rides the masters
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,13 +12,15 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import psutil
 import pytest
 from distributed import Client
 
-from lazycluster_tasks import PortInUseError, Runtime, TunnelError
+from lazycluster_tasks import HostConnectionError, PortInUseError, Runtime, TunnelError, ssh_master
+from lazycluster_tasks import runtime as runtime_module
 from lazycluster_tasks.ssh_master import OpenSSHMaster
 from lazycluster_tasks.testing.helpers import ROOT, cluster_on, ssh_runtime, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
@@ -50,10 +53,13 @@ def greet(port: int) -> bytes:
         return s.recv(100)
 
 
-def fetched_on_host(hosts: TestHosts, port: int, listener: socket.socket, data: bytes) -> bytes:
-    """What a program on host1 reads from its 127.0.0.1:port while we answer with ``data``."""
+def fetched_on_host(
+    hosts: TestHosts, port: int, listener: socket.socket, data: bytes, name: str = "host1"
+) -> bytes:
+    """What a program on host ``name`` reads from its 127.0.0.1:port while we answer with
+    ``data``."""
     code = f"import socket; print(socket.create_connection(('127.0.0.1', {port})).recv(100))"
-    proc = hosts.run_in("host1", ["python3", "-c", code], stdout=subprocess.PIPE)
+    proc = hosts.run_in(name, ["python3", "-c", code], stdout=subprocess.PIPE)
     conn, _ = listener.accept()
     with conn:
         conn.sendall(data)
@@ -194,6 +200,106 @@ def test_a_master_that_ends_is_started_again_and_its_forwards_come_back(
     finally:
         runtime.cleanup()
     assert wait_until(lambda: not masters_here(), timeout=5)
+
+
+@contextlib.contextmanager
+def silenced_master(hosts: TestHosts, name: str) -> Iterator[psutil.Process]:
+    """The master's sshd on host ``name`` stops (SIGSTOP): its connection stays open and the
+    kernel acknowledges what comes, but nothing answers, as on a path that lost packets for a
+    while and whose retransmissions backed off. Continued at the end, it finds its client gone
+    and ends."""
+    (session,) = [p for p in hosts.processes(name) if p.name() == "cat"]
+    server = session.parent()
+    assert server is not None and server.name().startswith("sshd"), server
+    server.send_signal(signal.SIGSTOP)
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            server.send_signal(signal.SIGCONT)
+
+
+def test_a_master_whose_host_does_not_answer_a_request_is_started_anew(
+    ssh_only, greeter, monkeypatch, no_leftovers, no_local_leaks
+):
+    """A forward request the master's host does not answer in time: the master is started on a
+    new connection, its forwards come back there at once (not after ServerAlive gives up on
+    the old one, 15 s), and the request fails in bounded time to paramiko's forward."""
+    monkeypatch.setattr(ssh_master, "REQUEST_TIMEOUT", 2.0)
+    runtime = ssh_runtime(ssh_only, "host1")
+    try:
+        assert runtime.use_openssh()
+        local = runtime.expose_port_from_runtime(greeter)
+        master = runtime._master
+        assert isinstance(master, OpenSSHMaster)
+        with (
+            socket.create_server(("127.0.0.1", 0)) as listener,
+            silenced_master(ssh_only, "host1"),
+        ):
+            started = time.monotonic()
+            remote = runtime.expose_port_to_runtime(listener.getsockname()[1])
+            asked = time.monotonic() - started
+            assert 2.0 <= asked < 8, asked
+            assert master.generation == 2  # a new connection
+            (forward,) = [t for t in runtime.tunnels if t.remote_port == remote]
+            assert isinstance(forward, RemoteForward)  # the failed request's fallback
+            assert wait_until(lambda: runtime.is_port_exposure_active(local), timeout=5)
+            assert greet(local) == b"hello from host1"  # the old forward, on the new master
+            assert fetched_on_host(ssh_only, remote, listener, b"still") == b"b'still'"
+    finally:
+        runtime.cleanup()
+    assert wait_until(lambda: not masters_here(), timeout=5)
+
+
+def test_a_master_that_carries_nothing_after_an_outage_is_started_anew(
+    multi_hosts, no_leftovers, no_local_leaks
+):
+    """Our connection to the host dropped in an outage and came back: the master went through
+    it too, and one that does not answer a round trip within MASTER_CHECK_TIMEOUT is started
+    anew before the reconnect returns, so forwards asked for next ride a working connection."""
+    runtime = ssh_runtime(multi_hosts, "host3", connection_kwargs={"connect_timeout": 3})
+    try:
+        assert runtime.use_openssh()
+        master = runtime._master
+        assert isinstance(master, OpenSSHMaster)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            remote = runtime.expose_port_to_runtime(listener.getsockname()[1])
+            with silenced_master(multi_hosts, "host3"):
+                multi_hosts.cut_host("host3")
+                try:
+                    with pytest.raises(HostConnectionError):
+                        runtime.run("true", timeout=3)  # noticed here: the connection is dropped
+                finally:
+                    multi_hosts.restore_host("host3")
+                started = time.monotonic()
+                runtime.run("true", timeout=20)  # reconnects, and checks the master
+                took = time.monotonic() - started
+                assert master.generation == 2, master.generation
+                assert took < runtime_module.MASTER_CHECK_TIMEOUT + 5, took
+            # the old session, continued, learns that its client is gone and frees the port,
+            # which the forward takes back on the new master
+            assert wait_until(lambda: runtime.is_port_exposure_active(remote), timeout=10)
+            assert fetched_on_host(multi_hosts, remote, listener, b"anew", "host3") == b"b'anew'"
+    finally:
+        runtime.cleanup()
+    assert wait_until(lambda: not masters_here(), timeout=5)
+
+
+def test_a_master_that_answers_after_an_outage_is_kept(ssh_only, greeter, no_leftovers):
+    """The check after a reconnect starts no master anew that carries its round trip."""
+    runtime = ssh_runtime(ssh_only, "host1")
+    try:
+        assert runtime.use_openssh()
+        local = runtime.expose_port_from_runtime(greeter)
+        master = runtime._master
+        assert isinstance(master, OpenSSHMaster)
+        runtime.connection.transport().close()  # our end drops it: the next use reconnects
+        runtime.run("true", timeout=20)
+        assert runtime.connection.connect_count == 2
+        assert master.generation == 1 and runtime.is_port_exposure_active(local)
+        assert greet(local) == b"hello from host1"
+    finally:
+        runtime.cleanup()
 
 
 @pytest.fixture
