@@ -69,7 +69,7 @@ def kill_group(pgids: Iterable[int], grace: float = 2.0) -> str:
     return f"{GROUP_SIGNAL}; {LIVE_GROUP}; ids={q(ids)}; {_terminate_ids(grace)}"
 
 
-def _terminate_ids(grace: float) -> str:
+def _terminate_ids(grace: float, killed: Sequence[int] = ()) -> str:
     """Shell that TERMs the groups in $ids, waits, KILLs the rest, and reports survivors
     (``sig`` and ``live_ids`` defined before it).
 
@@ -78,21 +78,37 @@ def _terminate_ids(grace: float) -> str:
     :data:`LIVE_GROUP` tells a survivor from a zombie that its parent (often init) has not
     reaped yet — some inits take a second or more, and a stop that took zombies for processes
     waited its whole grace (measured: 0.47 s of a 0.5 s cleanup). A grace of 0
-    KILLs at once (no TERM that nothing waits for). The first check after KILL comes before
-    any pause and lists no process: most groups are gone by then. Every later check lists the
-    processes where a leader is a zombie, the first at once when only zombie leaders are left
-    (waiting for a slow init to reap them gains nothing), else after 10 ms.
+    KILLs at once (no TERM that nothing waits for). The first check after TERM or KILL comes
+    before any pause and lists no process: most groups are gone by then. Every later check
+    lists the processes where a leader is a zombie, the first at once when only zombie leaders
+    are left (waiting for a slow init to reap them gains nothing), else after 10 ms.
+
+    ``killed``: leaders whose groups were KILLed already (see :func:`kill_marked`): they get
+    no TERM and no grace, and when only they are left the grace is skipped (it cost each
+    host's stop a ``sleep`` and 50 ms more of a cleanup).
     """
     term = ""
     if grace > 0:
+        # the groups to TERM: those not KILLed already
+        listed = ",".join(str(int(p)) for p in killed)
+        pick = (
+            f'w=; for g in $ids; do case ",{listed}," in *",$g,"*) ;; *) w="$w $g";; esac; done; '
+            if killed
+            else "w=$ids; "
+        )
         term = (
+            f'{pick}if [ -n "$w" ]; then '
             # CONT after TERM: a stopped process acts on it instead of waiting for the KILL
-            "for g in $ids; do sig TERM $g; sig CONT $g; done; "
+            "for g in $w; do sig TERM $g; sig CONT $g; done; "
             f"sleep {float(grace):g} & t=$!; "
-            # as after KILL: a group of zombies only (their reaper not quick) is not waited for
+            # as after KILL: a group of zombies only (their reaper not quick) is not waited
+            # for, and when no leader runs at the first check the listing follows at once; a
+            # short first pause (most groups end on a TERM within milliseconds), then longer
             'i=0; while [ -n "$ids" ] && kill -0 $t 2>/dev/null; do '
-            "if [ $i -lt 1 ]; then live_ids quick; else live_ids; fi; i=$((i+1)); "
-            '[ -n "$ids" ] && sleep 0.05; done; kill $t 2>/dev/null; '
+            'if [ $i -lt 1 ]; then live_ids quick; [ -n "$c" ] || [ -z "$ids" ] || live_ids; '
+            "else live_ids; fi; i=$((i+1)); "
+            'if [ -n "$ids" ]; then if [ $i = 1 ]; then sleep 0.01; else sleep 0.05; fi; fi; '
+            "done; kill $t 2>/dev/null; fi; "
         )
     return (
         f"{term}for g in $ids; do sig KILL $g; done; "
@@ -313,12 +329,16 @@ def kill_marked(pids: Sequence[int], marker: str) -> str:
     )
 
 
-def stop_folder(folder: str, grace: float = 2.0, spare_guard: bool = False) -> str:
+def stop_folder(
+    folder: str, grace: float = 2.0, spare_guard: bool = False, kill_first: Sequence[int] = ()
+) -> str:
     """Like :func:`stop_pid_files` for every ``*.pid`` file in ``folder`` (teardown by folder).
-    ``spare_guard``: not the guard's (:func:`ask_guard` TERMed it; :func:`await_guard` ends it)."""
+    ``spare_guard``: not the guard's (:func:`ask_guard` TERMed it; :func:`await_guard` ends it).
+    ``kill_first``: leaders whose groups are KILLed before anything else, without a grace."""
     base = _cluster_folder(folder)
     skip = f"{base}/{GUARD_PID}" if spare_guard else ""
-    return _stop_groups(f"{q(base)}/*.pid", base + "/", grace, skip)
+    stop = _stop_groups(f"{q(base)}/*.pid", base + "/", grace, skip, kill_first)
+    return f"{kill_marked(kill_first, base + '/')}; {stop}" if kill_first else stop
 
 
 def _cluster_folder(folder: str) -> str:
@@ -376,14 +396,16 @@ def release_env(lease: str) -> str:
     return f"rm -f {base}/*/leases/{q(lease)} 2>/dev/null || true"
 
 
-def _stop_groups(files: str, marker: str, grace: float, skip: str = "") -> str:
+def _stop_groups(
+    files: str, marker: str, grace: float, skip: str = "", killed: Sequence[int] = ()
+) -> str:
     spared = f'[ "$f" != {q(skip)} ] || continue; ' if skip else ""
     return (
         f"{MARKED_SIGNAL}; {LIVE_GROUP}; {MARKED_IDS}; marker={q(marker)}; "
         f'pids=; for f in {files}; do {spared}[ -r "$f" ] || continue; read p <"$f"; '
         'case "$p" in *[!0-9]*|"") continue;; esac; pids="$pids,$p"; done; '
         "marked_ids; "
-        f"{_terminate_ids(grace)}; "
+        f"{_terminate_ids(grace, killed)}; "
         # a survivor keeps its pid file (a later stop must still find it) and fails the line,
         # so a folder removal chained with && keeps the folder too
         f'if [ -n "$ids" ]; then false; else rm -f {files}; fi'

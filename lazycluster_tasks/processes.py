@@ -176,9 +176,7 @@ def stop_folder(
     ``kill_first``: leaders whose groups are KILLed before anything else (workers that would
     otherwise begin a graceful shutdown that outlasts the grace)."""
     release = commands.release_env(posixpath.basename(folder.rstrip("/"))) if remove else ""
-    stop = commands.stop_folder(folder, grace, spare_guard=revoke is not None)
-    if kill_first:
-        stop = f"{commands.kill_marked(kill_first, folder_marker(folder))}; {stop}"
+    stop = commands.stop_folder(folder, grace, revoke is not None, kill_first)
     answer = None
     if revoke is not None:  # the guard first: it edits while the rest ends (a grace of 0 too)
         ask, answer = _guard_files(folder)

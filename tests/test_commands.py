@@ -1,5 +1,6 @@
 """Command lines are pure strings: check them as strings and run them through a real /bin/sh."""
 
+import contextlib
 import io
 import os
 import shlex
@@ -232,6 +233,57 @@ def test_a_killed_group_whose_leader_stays_a_zombie_is_known_gone_at_the_first_p
     finally:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def test_groups_killed_first_get_no_term_and_no_grace(tmp_path):
+    """A stop's ``kill_first`` groups (the workers of a cluster whose scheduler closes) are
+    KILLed at once: no TERM, and when only they are in the folder no grace is waited (no
+    ``sleep`` of the grace is started); the others still get their TERM and grace."""
+    folder = tmp_path / "cluster"
+    folder.mkdir()
+    marker = f"{folder}/"
+    shims, count = tmp_path / "bin", tmp_path / "pauses"
+    shims.mkdir()
+    real = shutil.which("sleep")
+    assert real is not None
+    shim = f'#!/bin/sh\necho "$@" >>{shlex.quote(str(count))}\nexec {real} "$@"\n'
+    (shims / "sleep").write_text(shim)
+    (shims / "sleep").chmod(0o755)
+
+    def start(name: str) -> subprocess.Popen:
+        said = tmp_path / f"{name}.term"
+        trap = f"trap 'echo >{shlex.quote(str(said))}; exit 0' TERM"
+        code = f"{trap}; while :; do sleep 1; done; : {marker}"
+        proc = subprocess.Popen(["/bin/sh", "-c", code], start_new_session=True)
+        started.append(proc)
+        assert wait_until(lambda: _runs_with(proc.pid, marker))
+        (folder / f"{name}.pid").write_text(f"{proc.pid}\n")
+        return proc
+
+    def stop(kill_first: list[int]) -> list[str]:
+        count.unlink(missing_ok=True)
+        line = commands.stop_folder(str(folder), grace=5.0, kill_first=kill_first)
+        result = sh(f"PATH={shlex.quote(str(shims))}:$PATH; {line}")
+        assert result.returncode == 0 and "left=" not in result.stdout, result
+        return count.read_text().split() if count.exists() else []
+
+    started: list[subprocess.Popen] = []
+    first, other = start("first"), start("other")
+    try:
+        pauses = stop([first.pid])
+        assert first.wait(timeout=5) == -signal.SIGKILL
+        assert other.wait(timeout=5) == 0 and (tmp_path / "other.term").exists()  # its TERM
+        assert "5" in pauses  # the grace, for the one that got a TERM
+        alone = start("alone")
+        pauses = stop([alone.pid])
+        assert alone.wait(timeout=5) == -signal.SIGKILL
+        assert "5" not in pauses and len(pauses) <= 1, pauses  # no grace at all
+        assert not list(folder.glob("*.pid"))
+    finally:
+        for proc in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
 
 
 def _runs_with(pid: int, text: str) -> bool:
