@@ -123,6 +123,7 @@ class DaskCluster(MasterWorkerCluster):
                         scheduler_ports=candidates,
                         timeout=self.MASTER_START_TIMEOUT,
                         debug=debug,
+                        checked=bool(worker_count),
                     )
                     master.adopt()
                     workers.add_ports(used)

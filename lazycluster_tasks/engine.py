@@ -61,7 +61,7 @@ from lazycluster_tasks.network import (
     quick_probes,
     remember_mode,
 )
-from lazycluster_tasks.paths_check import blocked_paths
+from lazycluster_tasks.paths_check import PathCheck
 from lazycluster_tasks.ports import (
     PortPool,
     as_port_list,
@@ -80,6 +80,7 @@ from lazycluster_tasks.record import (
     TunnelRecord,
 )
 from lazycluster_tasks.routing import (
+    DirectRouting,
     Routing,
     TunnelledRouting,
     make_routing,
@@ -161,6 +162,9 @@ class Engine:
         self._lock = threading.RLock()
         self._state = ClusterState.created
         self._links_held = False  # see links_after
+        #: the end-to-end check follows this start (see start's ``checked``)
+        self._check_early = False
+        self._early: PathCheck | None = None  # its tasks sent to the workers that registered
         self._masters: threading.Thread | None = None  # see ensure_plan
 
     def __repr__(self) -> str:
@@ -319,12 +323,40 @@ class Engine:
         timeout: float = 30.0,
         ports: list[int] | None = None,
         debug: bool = False,
+        checked: bool = False,
     ) -> dict[str, list[int]]:
         """Start the workers of ``placement`` (host -> worker names) and, when
         ``scheduler_ports`` is given, the scheduler on ``scheduler_on`` (default: this machine)
         on the first of them that is free. Workers launch while the scheduler boots (they retry
         its address). Returns once the scheduler and every worker answer: host -> the worker
-        ports taken from ``ports`` (default: the cluster's pool, which loses them)."""
+        ports taken from ``ports`` (default: the cluster's pool, which loses them).
+        ``checked``: :meth:`verify_paths` follows; in direct mode each worker gets its part of
+        the check as it registers (its paths exist once it listens), so that little of it is
+        left once the last one did."""
+        self._check_early = checked
+        try:
+            return self._start(placement, scheduler_on, scheduler_ports, timeout, ports, debug)
+        except BaseException:
+            self._drop_early_check()
+            raise
+        finally:
+            self._check_early = False
+
+    def _drop_early_check(self) -> None:
+        early, self._early = self._early, None
+        if early is not None:
+            with contextlib.suppress(Exception):  # a client closed meanwhile took them along
+                early.cancel()
+
+    def _start(
+        self,
+        placement: dict[str, list[str]],
+        scheduler_on: Runtime | None,
+        scheduler_ports: list[int] | int | None,
+        timeout: float,
+        ports: list[int] | None,
+        debug: bool,
+    ) -> dict[str, list[int]]:
         new_scheduler = scheduler_ports is not None
         if not new_scheduler and self.scheduler_address is None:
             raise ValueError("start the scheduler first")
@@ -414,9 +446,15 @@ class Engine:
             for n in self.worker_names()
             if n in registered
         }
+        early, self._early = self._early, None
+        if early is not None and not early.covers(ours):  # a worker started again meanwhile
+            early.cancel()
+            early = None
         if not ours:
             return
-        here = "this machine" if self._scheduler_host is None else self._scheduler_host
+        check = early or PathCheck(self.clients.monitor(), self._here())
+        for name, (host, address) in ours.items():
+            check.add(name, host, address)
 
         def refused() -> set[str]:  # forwards a host's sshd refused: those paths cannot work
             return {
@@ -426,9 +464,7 @@ class Engine:
                 if t.refused
             }
 
-        failed = blocked_paths(
-            self.clients.monitor(), ours, timeout, here, give_up=lambda: bool(refused())
-        )
+        failed = check.finish(timeout, give_up=lambda: bool(refused()))
         if failed:
             lines = "\n".join(f"  {path}: {why}" for path, why in failed.items())
             seen = refused()
@@ -857,6 +893,7 @@ class Engine:
             for name in [n for n in pending if n in registered]:
                 pending.pop(name)
                 logger.info("worker %s ready on %s", name, started[name].host)
+                self._check_as_registered(name, started[name].host, registered[name]["address"])
                 if self.on_progress is not None:
                     self.on_progress(len(started) - len(pending), len(started))
             now = time.monotonic()
@@ -868,6 +905,19 @@ class Engine:
                 if dead or now >= deadline:
                     return self._start_failure(pending, dead, timeout, late=now >= deadline)
             time.sleep(0.05)
+
+    def _check_as_registered(self, name: str, host: str, address: str) -> None:
+        """The end-to-end check's part of a worker that just registered, in direct mode (in
+        tunnelled mode its routes to the other hosts may still be under way)."""
+        if not self._check_early or not isinstance(self._routes, DirectRouting):
+            return
+        if self._early is None:
+            self._early = PathCheck(self.clients.monitor(), self._here())
+        self._early.add(name, host, address)
+
+    def _here(self) -> str:
+        """Where the scheduler runs, for messages."""
+        return "this machine" if self._scheduler_host is None else self._scheduler_host
 
     def _start_failure(
         self, pending: dict[str, ProcessInfo], dead: list[str], timeout: float, late: bool
@@ -1247,6 +1297,7 @@ class Engine:
             for runtime in self.group.runtimes:
                 runtime.reopen()
         self.state = ClusterState.stopping
+        self._drop_early_check()  # a start's check that was not waited for
         closing = None
         if close_scheduler:
             closing = SchedulerClose(self.clients)

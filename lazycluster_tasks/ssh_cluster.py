@@ -194,6 +194,7 @@ class WorkerLauncherLoop:
                 scheduler_on=engine.controller if host is None else engine.runtime(host),
                 scheduler_ports=[SCHEDULER_PORT, *(p for p in engine.ports if p != SCHEDULER_PORT)],
                 timeout=self.scheduler_timeout,
+                checked=check,
             )
             if check:
                 engine.verify_paths()
