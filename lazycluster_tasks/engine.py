@@ -80,7 +80,6 @@ from lazycluster_tasks.record import (
     TunnelRecord,
 )
 from lazycluster_tasks.routing import (
-    DirectRouting,
     Routing,
     TunnelledRouting,
     make_routing,
@@ -165,6 +164,7 @@ class Engine:
         #: the end-to-end check follows this start (see start's ``checked``)
         self._check_early = False
         self._early: PathCheck | None = None  # its tasks sent to the workers that registered
+        self._unchecked: dict[str, tuple[str, str]] = {}  # registered, not routed yet
         self._masters: threading.Thread | None = None  # see ensure_plan
 
     def __repr__(self) -> str:
@@ -343,6 +343,7 @@ class Engine:
             self._check_early = False
 
     def _drop_early_check(self) -> None:
+        self._unchecked.clear()
         early, self._early = self._early, None
         if early is not None:
             with contextlib.suppress(Exception):  # a client closed meanwhile took them along
@@ -446,6 +447,7 @@ class Engine:
             for n in self.worker_names()
             if n in registered
         }
+        self._unchecked.clear()
         early, self._early = self._early, None
         if early is not None and not early.covers(ours):  # a worker started again meanwhile
             early.cancel()
@@ -893,9 +895,11 @@ class Engine:
             for name in [n for n in pending if n in registered]:
                 pending.pop(name)
                 logger.info("worker %s ready on %s", name, started[name].host)
-                self._check_as_registered(name, started[name].host, registered[name]["address"])
+                if self._check_early:
+                    self._unchecked[name] = (started[name].host, registered[name]["address"])
                 if self.on_progress is not None:
                     self.on_progress(len(started) - len(pending), len(started))
+            self._check_as_registered()
             now = time.monotonic()
             if not pending:
                 return []
@@ -906,14 +910,16 @@ class Engine:
                     return self._start_failure(pending, dead, timeout, late=now >= deadline)
             time.sleep(0.05)
 
-    def _check_as_registered(self, name: str, host: str, address: str) -> None:
-        """The end-to-end check's part of a worker that just registered, in direct mode (in
-        tunnelled mode its routes to the other hosts may still be under way)."""
-        if not self._check_early or not isinstance(self._routes, DirectRouting):
+    def _check_as_registered(self) -> None:
+        """The end-to-end check's part of the workers that registered, once they are routed
+        (direct: at once; tunnelled: once every route of theirs was made)."""
+        if not self._unchecked or not self.routing.routed_workers():
             return
         if self._early is None:
             self._early = PathCheck(self.clients.monitor(), self._here())
-        self._early.add(name, host, address)
+        for name, (host, address) in self._unchecked.items():
+            self._early.add(name, host, address)
+        self._unchecked.clear()
 
     def _here(self) -> str:
         """Where the scheduler runs, for messages."""

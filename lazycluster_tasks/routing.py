@@ -96,6 +96,11 @@ class Routing(abc.ABC):
         """Route the workers in the background while they register (they dial out first)."""
         yield
 
+    def routed_workers(self) -> bool:
+        """Whether the workers being registered are routed already (their paths exist once
+        they listen)."""
+        return True
+
     def workers_up(self, checked: bool = False) -> None:  # noqa: B027 - a hook: nothing here
         """Started workers registered (``checked``: and the start's readiness check ran)."""
 
@@ -212,6 +217,7 @@ class TunnelledRouting(Routing):
         #: starts each host's OpenSSH master for its forwards while the scheduler and the
         #: first workers boot; the workers' routes wait for it (the scheduler's do not)
         self._masters = start_masters(group.runtimes)
+        self._routed_workers = threading.Event()  # those of the last while_registering
 
     def _masters_started(self) -> None:
         """Wait until every host's master is up or known not to come up (bounded by their
@@ -456,10 +462,13 @@ class TunnelledRouting(Routing):
     @contextlib.contextmanager
     def while_registering(self, workers: Callable[[], Sequence[ProcessInfo]]) -> Iterator[None]:
         errors: list[BaseException] = []
+        routed = threading.Event()
+        self._routed_workers = routed
 
         def route() -> None:
             try:
                 self.route_workers(workers())
+                routed.set()
             except BaseException as exc:
                 errors.append(exc)
 
@@ -471,6 +480,9 @@ class TunnelledRouting(Routing):
             thread.join()
         if errors:
             raise errors[0]
+
+    def routed_workers(self) -> bool:
+        return self._routed_workers.is_set()
 
 
 def start_masters(runtimes: Sequence[Runtime]) -> threading.Thread | None:

@@ -473,9 +473,9 @@ def test_auto_starts_the_scheduler_as_it_chose_last_time(
 def test_the_check_goes_to_each_worker_as_it_registers_where_its_paths_exist(
     multi_hosts, make_cluster, caplog, mode
 ):
-    """Direct: a worker's paths exist once it listens, so its part of the end-to-end check is
-    sent as it registers, before a slower host's worker did. Tunnelled: its routes to the other
-    hosts may still be under way, so the whole check waits for the last worker (as before)."""
+    """A worker's part of the end-to-end check is sent as it registers, before a slower host's
+    worker did: direct at once (its paths exist once it listens), tunnelled once the workers'
+    routes to every host were made."""
     caplog.set_level(logging.DEBUG, logger="lazycluster_tasks")
     cluster = make_cluster(
         cls=DaskCluster, hosts=["host1", "host2"], network_mode=mode, setup={"host2": ["sleep 2"]}
@@ -485,8 +485,10 @@ def test_the_check_goes_to_each_worker_as_it_registers_where_its_paths_exist(
     sent = [i for i, m in enumerate(lines) if m.startswith("end-to-end check: tasks sent to")]
     slow = min(i for i, m in enumerate(lines) if m.startswith("worker host2-1 ready"))
     assert len(sent) == 2, sent
-    early = [i for i in sent if i < slow]
-    assert (early != []) == (mode == "direct"), lines[min([*sent, slow]) :]
+    assert min(sent) < slow, lines[min(sent) :]
+    routed = [i for i, m in enumerate(lines) if m.startswith("tunnels up for host")]
+    assert (routed != []) == (mode == "tunnelled")
+    assert all(i > max(routed, default=-1) for i in sent), lines
     assert any(m.startswith("end-to-end check: 2 workers reached") for m in lines)
     assert sorted(where_work_ran(cluster).values()) == ["host1", "host2"]
 
