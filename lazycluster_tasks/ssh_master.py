@@ -330,7 +330,7 @@ class OpenSSHMaster:
         out = self._request("forward", (), [(0, 9)], timeout)
         if out.split():
             with contextlib.suppress(TunnelError):
-                self.cancel(remote=[(int(out.split()[0]), 9)])
+                self._request("cancel", (), [(int(out.split()[0]), 9)], timeout)
 
     def _request(
         self,
