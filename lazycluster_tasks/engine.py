@@ -330,9 +330,8 @@ class Engine:
         on the first of them that is free. Workers launch while the scheduler boots (they retry
         its address). Returns once the scheduler and every worker answer: host -> the worker
         ports taken from ``ports`` (default: the cluster's pool, which loses them).
-        ``checked``: :meth:`verify_paths` follows; in direct mode each worker gets its part of
-        the check as it registers (its paths exist once it listens), so that little of it is
-        left once the last one did."""
+        ``checked``: :meth:`verify_paths` follows; each worker gets its part of the check as
+        it registers, once it is routed, so that little of it is left once the last one did."""
         self._check_early = checked
         try:
             return self._start(placement, scheduler_on, scheduler_ports, timeout, ports, debug)

@@ -157,11 +157,10 @@ class OpenSSHMaster:
         refusal is an answer."""
         if not self.alive:
             return False
-        try:
+        generation = self.generation
+        with contextlib.suppress(TunnelError):
             self.settle(timeout)
-        except TunnelError as exc:
-            return "no answer" not in str(exc)
-        return True
+        return self.generation == generation
 
     def _launch(self) -> None:
         folder = self._folder
