@@ -202,6 +202,14 @@ def test_a_master_that_ends_is_started_again_and_its_forwards_come_back(
     assert wait_until(lambda: not masters_here(), timeout=5)
 
 
+def started_master(runtime: Runtime) -> OpenSSHMaster:
+    """The runtime's OpenSSH master, started."""
+    assert runtime.use_openssh()
+    master = runtime._master
+    assert isinstance(master, OpenSSHMaster)
+    return master
+
+
 @contextlib.contextmanager
 def silenced_master(hosts: TestHosts, name: str) -> Iterator[psutil.Process]:
     """The master's sshd on host ``name`` stops (SIGSTOP): its connection stays open and the
@@ -228,10 +236,8 @@ def test_a_master_whose_host_does_not_answer_a_request_is_started_anew(
     monkeypatch.setattr(ssh_master, "REQUEST_TIMEOUT", 2.0)
     runtime = ssh_runtime(ssh_only, "host1")
     try:
-        assert runtime.use_openssh()
+        master = started_master(runtime)
         local = runtime.expose_port_from_runtime(greeter)
-        master = runtime._master
-        assert isinstance(master, OpenSSHMaster)
         with (
             socket.create_server(("127.0.0.1", 0)) as listener,
             silenced_master(ssh_only, "host1"),
@@ -259,9 +265,7 @@ def test_a_master_that_carries_nothing_after_an_outage_is_started_anew(
     anew before the reconnect returns, so forwards asked for next ride a working connection."""
     runtime = ssh_runtime(multi_hosts, "host3", connection_kwargs={"connect_timeout": 3})
     try:
-        assert runtime.use_openssh()
-        master = runtime._master
-        assert isinstance(master, OpenSSHMaster)
+        master = started_master(runtime)
         with socket.create_server(("127.0.0.1", 0)) as listener:
             remote = runtime.expose_port_to_runtime(listener.getsockname()[1])
             with silenced_master(multi_hosts, "host3"):
@@ -289,10 +293,8 @@ def test_a_master_that_answers_after_an_outage_is_kept(ssh_only, greeter, no_lef
     """The check after a reconnect starts no master anew that carries its round trip."""
     runtime = ssh_runtime(ssh_only, "host1")
     try:
-        assert runtime.use_openssh()
+        master = started_master(runtime)
         local = runtime.expose_port_from_runtime(greeter)
-        master = runtime._master
-        assert isinstance(master, OpenSSHMaster)
         runtime.connection.transport().close()  # our end drops it: the next use reconnects
         runtime.run("true", timeout=20)
         assert runtime.connection.connect_count == 2
