@@ -90,7 +90,15 @@ def masters_here(folder: str | None = None) -> list[psutil.Process]:
 
 def sessions_on(hosts: TestHosts, name: str) -> set[int]:
     """The pids of the masters' sessions (their waiting command) on host ``name``."""
-    return {p.pid for p in hosts.processes(name) if p.name() == "cat"}
+    return {p.pid for p in hosts.processes(name) if _named(p) == "cat"}
+
+
+def _named(process: psutil.Process) -> str:
+    """Its name; "" once it ended (between the listing and this read)."""
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
 
 
 def test_forwards_on_the_master_carry_both_ways_and_no_thread_here_pumps_them(
@@ -216,7 +224,7 @@ def silenced_master(hosts: TestHosts, name: str) -> Iterator[psutil.Process]:
     kernel acknowledges what comes, but nothing answers, as on a path that lost packets for a
     while and whose retransmissions backed off. Continued at the end, it finds its client gone
     and ends."""
-    (session,) = [p for p in hosts.processes(name) if p.name() == "cat"]
+    (session,) = [p for p in hosts.processes(name) if _named(p) == "cat"]
     server = session.parent()
     assert server is not None and server.name().startswith("sshd"), server
     server.send_signal(signal.SIGSTOP)
@@ -384,7 +392,7 @@ def _relay_bytes() -> int:
     """Bytes our masters' ssh processes moved so far."""
     total = 0
     for p in masters_here():
-        if p.name() == "ssh":
+        if _named(p) == "ssh":
             try:
                 io = p.io_counters()
             except psutil.Error:
