@@ -46,7 +46,7 @@ class PathCheck:
         """Send ``name`` its task, and the previous worker's result to fetch."""
         if name in self.workers:
             return
-        previous = list(self.workers)[-1] if self.workers else None
+        previous = next(reversed(self.workers), None)  # the last one added
         self.workers[name] = (host, address)
         self._first[name] = self._submit(socket.gethostname, address)
         if previous is not None:
