@@ -9,24 +9,15 @@ import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 
+from lazycluster_tasks import openssh_options
 from lazycluster_tasks.commands import RUNNING, q
 
 # -- host-to-host SSH links (tunnelled data plane) ---------------------------------------
 
 #: Where sshd looks for a user's keys by default (the links' keys are authorized there).
 AUTHORIZED_KEYS = '"$HOME/.ssh/authorized_keys"'
-#: Ciphers the links offer, fastest first where the CPU has AES instructions.
-LINK_CIPHERS = (
-    "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr"
-)
 #: Seconds a link's master waits for the far sshd; silence after that many keep-alives ends it.
 LINK_CONNECT_TIMEOUT = 5
-#: Key exchanges the links leave out of the client's defaults: sntrup761's key generation
-#: costs the dialling ssh about 0.1 CPU-second per link (curve25519: 0.02), and 120 links at
-#: 16 hosts at once held every core for seconds. Where the client has the cheap post-quantum
-#: mlkem768x25519 (OpenSSH 9.9+), it stays first; unknown names here are no error.
-LINK_KEX_LEFT_OUT = "-sntrup761x25519-sha512*"
-LINK_ALIVE = (5, 3)  # ServerAliveInterval, ServerAliveCountMax
 #: What a key may open or listen on when it needs nothing yet: sshd refuses a key line with no
 #: port at all, and a line without ``permitopen`` would allow every port. The ``.invalid``
 #: domain never resolves (RFC 2606): nothing can be reached or bound through it.
@@ -104,7 +95,6 @@ def link_master_argv(
 ) -> list[str]:
     """An OpenSSH master connection to another host that carries forwards added later with
     :func:`link_forwards`; it reads no ssh config and checks the far host's key strictly."""
-    algorithms = "rsa-sha2-512,rsa-sha2-256" if key_type == "ssh-rsa" else key_type
     options = {
         "IdentitiesOnly": "yes",
         "IdentityAgent": "none",
@@ -112,14 +102,9 @@ def link_master_argv(
         "GlobalKnownHostsFile": "/dev/null",
         "StrictHostKeyChecking": "yes",
         "HostKeyAlias": alias,
-        "HostKeyAlgorithms": algorithms,
         "BatchMode": "yes",
         "ConnectTimeout": str(LINK_CONNECT_TIMEOUT),
-        "ServerAliveInterval": str(LINK_ALIVE[0]),
-        "ServerAliveCountMax": str(LINK_ALIVE[1]),
-        "Ciphers": LINK_CIPHERS,
-        "KexAlgorithms": LINK_KEX_LEFT_OUT,
-        "Compression": "no",
+        **openssh_options.common(key_type),
         "ControlPersist": "no",
     }
     argv = ["ssh", "-F", "/dev/null", "-N", "-M", "-S", control, "-i", key_file]

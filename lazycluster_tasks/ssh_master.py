@@ -35,19 +35,13 @@ import threading
 import time
 from collections.abc import Sequence
 
+from lazycluster_tasks import openssh_options
 from lazycluster_tasks.errors import TunnelError
 from lazycluster_tasks.ssh_settings import SSHSettings
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-#: Ciphers offered, fastest first where the CPU has AES instructions (also the links').
-CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr"
-#: Key exchanges left out of the client's defaults: sntrup761's key generation costs the
-#: dialling ssh about 0.1 CPU-second a connection (curve25519: 0.02). Where the client has the
-#: cheap post-quantum mlkem768x25519 (OpenSSH 9.9+), it stays first; unknown names are no error.
-KEX_LEFT_OUT = "-sntrup761x25519-sha512*"
-ALIVE = (5, 3)  # ServerAliveInterval, ServerAliveCountMax: a silent host ends the master
 #: Seconds a master has to come up beyond its connect timeout.
 START_MARGIN = 5.0
 #: Seconds one control request (add or cancel forwards) may take.
@@ -80,11 +74,6 @@ _WRAPPER = (
     '(read -r _ <&3; rm -rf -- "$0"; kill -TERM "$p" 2>/dev/null) & '
     'r=$!; exec 3<&-; wait "$p"; s=$?; kill "$r" 2>/dev/null; exit "$s"'
 )
-
-
-def host_key_algorithms(key_type: str) -> str:
-    """What ``HostKeyAlgorithms`` must name for a host key of ``key_type`` to be offered."""
-    return "rsa-sha2-512,rsa-sha2-256" if key_type == "ssh-rsa" else key_type
 
 
 def usable(settings: SSHSettings) -> str | None:
@@ -230,13 +219,8 @@ class OpenSSHMaster:
             "StrictHostKeyChecking": "yes",
             "UpdateHostKeys": "no",
             "CheckHostIP": "no",
-            "HostKeyAlgorithms": host_key_algorithms(self._key[0]),
             "ConnectTimeout": str(max(1, round(s.connect_timeout))),
-            "ServerAliveInterval": str(ALIVE[0]),
-            "ServerAliveCountMax": str(ALIVE[1]),
-            "Ciphers": CIPHERS,
-            "KexAlgorithms": KEX_LEFT_OUT,
-            "Compression": "no",
+            **openssh_options.common(self._key[0]),
             "LogLevel": "INFO",  # a refused channel open is logged at INFO
         }
         if not s.allow_agent:
