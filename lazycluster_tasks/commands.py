@@ -158,9 +158,12 @@ def any_python(run: str, first: Sequence[str] = ()) -> str:
     )
 
 
-def python_call(python: str, code: str, args: Sequence[str] = ()) -> str:
-    """Run ``code`` with ``python -c``; the interpreter is called by absolute path when given."""
-    return shlex.join([python, "-c", code, *map(str, args)])
+def python_call(python: str, code: str, args: Sequence[str] = (), bare: bool = False) -> str:
+    """Run ``code`` with ``python -c``; the interpreter is called by absolute path when given.
+    ``bare``: for code that needs the standard library only: ``-I -S`` (no site, no user
+    environment variables), an interpreter that starts in about half the time."""
+    flags = ["-I", "-S"] if bare else []
+    return shlex.join([python, *flags, "-c", code, *map(str, args)])
 
 
 #: Exit code of a setup line that failed (see setup_file), and its log lines.

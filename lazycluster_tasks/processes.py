@@ -24,6 +24,7 @@ from lazycluster_tasks.connection import tail
 from lazycluster_tasks.errors import LazyclusterError, OperationTimeoutError
 from lazycluster_tasks.hostside import authorized_keys as host_keys
 from lazycluster_tasks.hostside import guard as host_guard
+from lazycluster_tasks.hostside import ready as host_ready
 from lazycluster_tasks.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -324,12 +325,14 @@ def wait_ready(
 ) -> tuple[str, float]:
     """Wait on the host until the process wrote ``ready_file`` and ``address:port`` accepts
     connections (a listener of someone else does not count), or until its process group died or
-    ``timeout`` passed. Returns ("up" | "dead" | "timeout", seconds waited)."""
+    ``timeout`` passed. Returns ("up" | "dead" | "timeout", seconds waited). On this machine
+    the wait runs in this thread (no interpreter started beside the booting scheduler)."""
+    if runtime.is_local:
+        return host_ready.wait(ready_file, address, port, pid, timeout)
     argv = [ready_file, address, str(port), str(pid), str(timeout)]
+    line = commands.python_call(python, hostside.source("ready"), argv, bare=True)
     try:
-        result = runtime.connection.run(
-            commands.python_call(python, hostside.source("ready"), argv), timeout=timeout + 10
-        )
+        result = runtime.connection.run(line, timeout=timeout + 10)
     except OperationTimeoutError:
         return "timeout", timeout
     words = result.stdout.split()
