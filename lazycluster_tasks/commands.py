@@ -284,7 +284,7 @@ def guard_argv(
 ) -> list[str]:
     """The host's guard of ``folder`` (see hostside.guard): run from the zip application
     ``bundle`` (a path in the folder, so its command line names the folder)."""
-    argv = [python, "-E", "-s", bundle, "guard", "--folder", folder.rstrip("/")]
+    argv = [python, "-I", "-S", bundle, "guard", "--folder", folder.rstrip("/")]
     if key_marker:
         argv += ["--key-marker", key_marker]
     if remove:

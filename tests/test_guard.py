@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lazycluster_tasks import link_commands
+from lazycluster_tasks import commands, hostside, link_commands
 from lazycluster_tasks.hostside import authorized_keys as ak
 from lazycluster_tasks.hostside import guard as guard_module
 from lazycluster_tasks.links import LinkKey
@@ -51,12 +51,17 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
-def guard(folder: Path, home: Path, *args: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "lazycluster_tasks.hostside.guard", "--folder", str(folder)]
+def guard(folder: Path, home: Path, *args: str, bundled: bool = False) -> subprocess.Popen:
+    """The guard of ``folder``; ``bundled``: as a cluster runs it, from the zip application in
+    the folder (which its clean-up moves and removes)."""
+    if bundled:
+        (folder / hostside.BUNDLE).write_bytes(hostside.bundle())
+        argv = commands.guard_argv(sys.executable, str(folder), str(folder / hostside.BUNDLE))
+    else:
+        argv = [sys.executable, "-m", "lazycluster_tasks.hostside.guard", "--folder", str(folder)]
     argv += ["--key-marker", MARKER, "--pause", "0.2", "--quiet", "0.5", "--sweep", "0.3", *args]
-    return subprocess.Popen(
-        argv, env={**os.environ, "HOME": str(home)}, stderr=subprocess.PIPE, text=True
-    )
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+    return subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
 
 
 def _seen(folder: Path) -> None:
@@ -76,7 +81,11 @@ def test_the_guard_cleans_up_once_the_last_process_of_the_cluster_ended(
     workers = [_process(folder, "host1-0"), _process(folder, "host1-1")]
     master = _process(folder, "link-host1-host2")  # a link's master: not a reason to stay
     stranger = _process(folder, "host1-2", names_folder=False)  # a pid reused since
-    watcher = guard(folder, home, "--remove", str(working))
+    # the cluster's hold on an environment (hostside.envs), which the guard's clean-up ends
+    lease = home / ".cache" / "lazycluster" / "envs" / "k1" / "leases" / folder.name
+    lease.parent.mkdir(parents=True)
+    lease.touch()
+    watcher = guard(folder, home, "--remove", str(working), bundled=True)
     procs = [*workers, master, stranger, watcher]
     try:
         _seen(folder)
@@ -94,6 +103,7 @@ def test_the_guard_cleans_up_once_the_last_process_of_the_cluster_ended(
         assert master.wait(timeout=5) == -signal.SIGTERM  # the link it dialled ended
         assert stranger.poll() is None  # not the cluster's: left alone
         assert not working.exists()  # the folder with its keys, and the working dir
+        assert not lease.exists() and lease.parent.exists()
         assert (home / ".ssh" / "authorized_keys").read_bytes() == USER
         assert f"{MARKER} removed" in err
     finally:

@@ -12,7 +12,7 @@ as the rest.
 
 They travel as their source (``python -c SOURCE ARGS``, or on a command's stdin as
 ``python - ARGS``), or the first three as one zip application in the cluster folder
-(``python -E -s hostside.pyz guard ARGS``), with the package layout kept, so their imports are
+(``python -I -S hostside.pyz guard ARGS``), with the package layout kept, so their imports are
 the same here and there.
 """
 

@@ -44,7 +44,6 @@ import fcntl
 import json
 import os
 import re
-import socket
 import stat
 import sys
 import time
@@ -260,8 +259,14 @@ def _lock(fd: int, path: str, timeout: float) -> None:
         time.sleep(0.02)
 
 
+def _host() -> str:
+    """This host's name (what ``socket.gethostname`` reads, without loading ``socket``: the
+    guard imports this module at every start)."""
+    return os.uname().nodename
+
+
 def _temp_name(real: str) -> str:
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", _host())[:40]
     folder, name = os.path.split(real)
     return os.path.join(folder, f".{name}{TEMP_TAG}{host}-{os.getpid()}-{os.urandom(4).hex()}")
 
@@ -270,7 +275,7 @@ def _remove_stale_temps(real: str, now: float) -> None:
     """Temporary files of ours that a killed edit left: this host's whose process is gone, and
     any older than STALE_TEMP."""
     folder, name = os.path.split(real)
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", _host())[:40]
     prefix = f".{name}{TEMP_TAG}"
     try:
         entries = os.listdir(folder)

@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 
-from . import authorized_keys, envs
+from . import authorized_keys
 
 #: Seconds between two looks at the folder.
 PAUSE = 1.0
@@ -274,6 +274,14 @@ def answer_stop(folder: str, key_marker: str) -> None:
 def clean(folder: str, marker: str, remove: str, sweep: float = SWEEP) -> None:
     """Steps 1, 2 and 4 of the module's docstring: what is left ended, the folder removed,
     and ``remove`` (the working dir made for the cluster) once it is empty."""
+    # loaded only now (most guards never get here: their cluster's cleanup ends them; every one
+    # starts beside the booting workers), before the folder that holds this program moves; a
+    # folder removed meanwhile leaves the hold on the environments to expire (envs.LEASE)
+    try:
+        from . import envs
+    except ImportError:
+        envs = None  # type: ignore[assignment]
+
     aside = f"{folder.rstrip('/')}.gone-{os.getpid()}"
     try:
         os.rename(folder, aside)
@@ -283,7 +291,8 @@ def clean(folder: str, marker: str, remove: str, sweep: float = SWEEP) -> None:
     if left:
         print(f"guard: process groups {left} survived SIGKILL", file=sys.stderr)
     shutil.rmtree(aside, ignore_errors=True)
-    envs.release(os.path.basename(folder.rstrip("/")))  # its hold on the environments
+    if envs is not None:
+        envs.release(os.path.basename(folder.rstrip("/")))  # its hold on the environments
     if remove and remove.rstrip("/") != folder.rstrip("/"):
         with contextlib.suppress(OSError):
             os.rmdir(remove)  # only when empty: another cluster's folder may be in it
