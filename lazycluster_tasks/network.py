@@ -30,9 +30,9 @@ from typing import Literal, cast, get_args
 
 from lazycluster_tasks import commands, hostside
 from lazycluster_tasks.commands import q
-from lazycluster_tasks.connection import tail
+from lazycluster_tasks.connection import CommandResult, tail
 from lazycluster_tasks.errors import GroupError, RemoteEnvironmentError
-from lazycluster_tasks.group import RuntimeGroup, fan_out
+from lazycluster_tasks.group import Background, RuntimeGroup, fan_out
 from lazycluster_tasks.hostside.probe import Probe
 from lazycluster_tasks.ports import local_used_ports, parse_proc_net_tcp
 from lazycluster_tasks.runtime import Runtime
@@ -111,11 +111,9 @@ def probe_host(
     runtime: Runtime, python: str, args: dict[str, object], timeout: float = 30.0
 ) -> HostReport:
     """Run the preflight probe on one host with the interpreter the cluster will use there
-    (its working dir is created first, so every host has one once the plan exists)."""
-    runtime.working_dir  # noqa: B018 - created here, in parallel with the other hosts
-    result = runtime.connection.run(
-        commands.python_call(python, PROBE_SCRIPT, [json.dumps(args)]), timeout=timeout
-    )
+    (its working dir is made beside it, so every host has one once the plan exists)."""
+    line = commands.python_call(python, PROBE_SCRIPT, [json.dumps(args)])
+    result = _beside_working_dir(runtime, line, timeout)
     if result.exit_code in (126, 127):
         raise _interpreter_missing(runtime.host, python, result.exit_code == 126)
     try:
@@ -139,14 +137,26 @@ def quick_probe(runtime: Runtime, python: str | None) -> HostReport:
     """The probe without Python (for an explicit network mode): ports and the interpreter's
     presence only (``None``: not asked, as the environment check finds it), so a big cluster
     does not boot one more interpreter per host."""
-    runtime.working_dir  # noqa: B018 - created here, in parallel with the other hosts
     command = "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null"
     if python is not None:
         command += f'; p=$(command -v {q(python)}) || exit 127; [ -x "$p" ] || exit 126'
-    result = runtime.connection.run(command)
+    result = _beside_working_dir(runtime, command)
     if not result.ok and python is not None:
         raise _interpreter_missing(runtime.host, python, result.exit_code == 126)
     return HostReport(runtime.host, "", None, parse_proc_net_tcp(result.stdout), {})
+
+
+def _beside_working_dir(runtime: Runtime, line: str, timeout: float | None = None) -> CommandResult:
+    """``line``'s result on the host, run while the host's working dir is made in a session
+    of its own (every host has one once the plan exists): one round trip before the plan ends,
+    not two in turn."""
+    made = Background(lambda: runtime.working_dir, name="lct-working-dir")
+    try:
+        result = runtime.connection.run(line, timeout=timeout)
+    finally:
+        made.join()
+    made.result()  # why the working dir could not be made
+    return result
 
 
 def quick_probes(
