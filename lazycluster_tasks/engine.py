@@ -446,11 +446,10 @@ class Engine:
             for n in self.worker_names()
             if n in registered
         }
-        self._unchecked.clear()
+        if self._early is not None and not self._early.covers(ours):
+            self._drop_early_check()  # a worker started again meanwhile: its tasks are stale
         early, self._early = self._early, None
-        if early is not None and not early.covers(ours):  # a worker started again meanwhile
-            early.cancel()
-            early = None
+        self._unchecked.clear()
         if not ours:
             return
         check = early or PathCheck(self.clients.monitor(), self._here())

@@ -12,21 +12,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def blocked_paths(
-    client: Any,
-    workers: Mapping[str, tuple[str, str]],
-    timeout: float,
-    scheduler_at: str,
-    give_up: Callable[[], bool] | None = None,
-) -> dict[str, str]:
-    """The whole check at once for these workers (name -> (host, address)): see
-    :class:`PathCheck`."""
-    check = PathCheck(client, scheduler_at)
-    for name, (host, address) in workers.items():
-        check.add(name, host, address)
-    return check.finish(timeout, give_up)
-
-
 class PathCheck:
     """A tiny task pinned to every worker, whose result is fetched here through the scheduler;
     and a ring of tasks that makes each worker fetch the previous one's result (worker ->
