@@ -3,6 +3,7 @@ with a home of its own, a filesystem of its own with only the system's Python.""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -517,6 +518,8 @@ def test_a_transfer_cut_by_the_network_is_finished_by_the_next_start(monkeypatch
         fresh.cut_host("host1")
         began = time.monotonic()
         thread.join(120)
+        if thread.is_alive():  # where the start waits, for the report (seen once under load)
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         assert not thread.is_alive() and errors, "a cut transfer must fail the start"
         took = time.monotonic() - began
         print(f"the cut start failed {took:.1f} s after the cut: {errors[0]}")
