@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from lazycluster_tasks import commands
-from lazycluster_tasks.errors import OperationTimeoutError, TaskExecutionError
+from lazycluster_tasks.errors import HostConnectionError, OperationTimeoutError, TaskExecutionError
 
 #: What a command reads on its stdin: bytes, or a stream read to its end (a large file).
 Input = bytes | BinaryIO
@@ -108,6 +108,11 @@ class _Collector:
     def text(self) -> str:
         return "".join(self.parts)
 
+    @property
+    def pid_known(self) -> bool:
+        """The pid line came, or none is expected."""
+        return not self._expect_pid
+
 
 class Connection(ABC):
     """A host we can run commands on and copy files to and from."""
@@ -115,6 +120,9 @@ class Connection(ABC):
     def __init__(self, host: str) -> None:
         self.host = host
         self._running: dict[object, tuple[object, int | None]] = {}  # in flight: (owner, pgid)
+        # (owner, pgid) of commands whose connection dropped while they ran: they may still run
+        # there; killed with the owner's running commands, over the next connection
+        self._lost: list[tuple[object, int]] = []
         self._running_lock = threading.Lock()
         self.commands_run = 0  # round trips made through run(), for observability
 
@@ -189,6 +197,12 @@ class Connection(ABC):
             self._running[key] = (owner, None)  # in flight, pid not known yet
         try:
             code = self._execute(line, timeout, out, err, stdin, stall)
+        except HostConnectionError:
+            with self._running_lock:
+                pgid = self._running.pop(key, (None, None))[1]
+                if pgid is not None:
+                    self._lost.append((owner, pgid))
+            raise
         finally:
             with self._running_lock:
                 pgid = self._running.pop(key, (None, None))[1]
@@ -233,8 +247,13 @@ class Connection(ABC):
             logger.warning("could not kill process groups %s on %s: %s", pgids, self.host, exc)
 
     def kill_running(self, owner: object = None) -> None:
-        """Kill the commands still running for ``owner`` (default: all of them)."""
-        self.kill_groups(self.running_groups(owner, wait=2.0))
+        """Kill the commands still running for ``owner`` (default: all of them), and those
+        whose connection dropped while they ran (one attempt: a host still cut keeps them)."""
+        groups = self.running_groups(owner, wait=2.0)
+        with self._running_lock:
+            lost = [p for o, p in self._lost if owner is None or o is owner]
+            self._lost = [(o, p) for o, p in self._lost if p not in lost]
+        self.kill_groups(groups + lost)
 
     def check(self, command: str, timeout: float | None = INTERNAL_TIMEOUT) -> str:
         """Run one of our own commands and return its stdout; raise on a non-zero exit."""

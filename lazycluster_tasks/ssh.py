@@ -32,6 +32,7 @@ from lazycluster_tasks.errors import (
     OperationTimeoutError,
 )
 from lazycluster_tasks.host_keys import load_known_hosts, missing_host_key_policy
+from lazycluster_tasks.openssh_options import ALIVE
 from lazycluster_tasks.proxy import ProxyCommandSocket, jump_channel, proxy_command_line
 from lazycluster_tasks.ssh_keys import identities
 from lazycluster_tasks.ssh_settings import SSHSettings, jump_settings
@@ -70,6 +71,12 @@ logging.getLogger("paramiko.transport").addFilter(_HandledRefusals())
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 KEEPALIVE_SECONDS = 15
+#: Seconds sent data may stay unacknowledged before the kernel ends the connection
+#: (TCP_USER_TIMEOUT, Linux): the bound our OpenSSH connections keep (ServerAlive). Without it
+#: a send on a path that was cut, once the socket's buffer is full, waits in paramiko until
+#: the kernel gives up (about 15 min), holding the connection: its keep-alive, every command
+#: and the close of the failed start behind it.
+UNACKNOWLEDGED_LIMIT = ALIVE[0] * ALIVE[1]
 #: Window and packet size of every channel: paramiko's defaults (2 MiB, 32 KiB) cap tunnels.
 WINDOW_SIZE = 16 * 2**20
 MAX_PACKET_SIZE = 2**17  # paramiko clamps this to what the server accepts
@@ -200,6 +207,9 @@ def _authenticate(
         if isinstance(transport.sock, socket.socket):
             # without it, delayed ACKs add ~40 ms to every command round trip
             transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                limit = UNACKNOWLEDGED_LIMIT * 1000
+                transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, limit)
     return client
 
 
@@ -333,7 +343,7 @@ class SSHConnection(Connection):
         with self._lock:
             if self._closed:
                 return
-            if self.is_connected:
+            if self.is_connected or self._lost:  # a dropped command may still run there
                 self.kill_running()
             self._closed = True
             self._drop()
@@ -402,6 +412,10 @@ class SSHConnection(Connection):
             if stderr is None:
                 chan.set_combine_stderr(True)
             self._exec(chan, line)
+            streamed = stdin is not None and not isinstance(stdin, bytes)
+            # a stream's send may block (a path cut): its pid first, to kill the command by
+            if streamed and not self._read(chan, chan.recv, stdout, deadline, stall, True):
+                return None
             if stdin is not None:
                 try:
                     for block in chunks(stdin):
@@ -414,6 +428,11 @@ class SSHConnection(Connection):
                     return None
                 except OSError:  # the command exited before reading it: its exit code tells
                     logger.debug("%s: the command did not take its input", self.host)
+                except (EOFError, paramiko.SSHException):  # the connection ended under it
+                    raise HostConnectionError(
+                        f"connection to {self.host} dropped while a command's input was sent",
+                        host=self.host,
+                    ) from None
             if not self._read(chan, chan.recv, stdout, deadline, stall):
                 return None
             if stderr is not None and not self._read(
@@ -525,11 +544,13 @@ class SSHConnection(Connection):
         collector: _Collector,
         deadline: float | None,
         stall: float | None = None,
+        until_pid: bool = False,
     ) -> bool:
-        """Read one stream to its end; False when the deadline passed first, or when nothing
-        came for ``stall`` s (a command that reports progress, on a path that was cut)."""
+        """Read one stream to its end (``until_pid``: until its pid line came, if it has
+        one); False when the deadline passed first, or when nothing came for ``stall`` s (a
+        command that reports progress, on a path that was cut)."""
         silent_until = None if stall is None else time.monotonic() + stall
-        while True:
+        while not (until_pid and collector.pid_known):
             now = time.monotonic()
             wait = 1.0 if deadline is None else min(1.0, deadline - now)
             if silent_until is not None:
@@ -552,6 +573,7 @@ class SSHConnection(Connection):
             if stall is not None:
                 silent_until = time.monotonic() + stall
             collector.feed(data)
+        return True
 
     # -- files ------------------------------------------------------------------------------
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import logging
 import os
+import socket
 import stat
+import threading
 import time
 
 import pytest
@@ -23,6 +26,7 @@ from lazycluster_tasks import (
     Runtime,
     RuntimeTask,
     TaskExecutionError,
+    ssh,
 )
 from lazycluster_tasks.testing.helpers import ssh_runtime, wait_until
 
@@ -228,6 +232,51 @@ def test_connection_dropped_mid_session_reconnects(host1, test_hosts):
     assert host1.connection.connect_count == 1
     assert test_hosts.kill_sessions("host1") >= 1
     assert host1.echo("two") == "two"
+    assert host1.connection.connect_count == 2
+
+
+class _Endless(io.RawIOBase):
+    """A command's input that never ends."""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return b"x" * (size if size > 0 else 2**16)
+
+
+def test_input_sent_on_a_path_that_is_cut_fails_within_the_connections_limit(host1, test_hosts):
+    """A cut while a command's input streams, once the socket's buffer fills before the
+    host's window runs out (a small buffer here; load can leave one): the send ends within
+    UNACKNOWLEDGED_LIMIT, in words, and the next command connects anew. (Before, paramiko
+    retried the send until the kernel gave up, about 15 minutes.)"""
+    host1.connection.run("true")
+    sock = host1.connection.transport().sock
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**15)
+    failed: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            host1.connection.run("cat > /dev/null", stdin=_Endless(), timeout=None, stall=5)
+        except BaseException as exc:
+            failed.append(exc)
+
+    sending = threading.Thread(target=send, daemon=True)
+    sending.start()
+    time.sleep(1)
+    assert not failed and sending.is_alive()  # it streams
+    test_hosts.cut_host("host1")
+    cut = time.monotonic()
+    try:
+        sending.join(ssh.UNACKNOWLEDGED_LIMIT + 30)
+        took = time.monotonic() - cut
+        assert not sending.is_alive(), "the send still waits on the cut path"
+    finally:
+        test_hosts.restore_host("host1")
+    assert took < ssh.UNACKNOWLEDGED_LIMIT + 10, took
+    assert isinstance(failed[0], HostConnectionError), failed
+    assert "dropped while a command's input was sent" in str(failed[0])
+    assert host1.echo("again") == "again"
     assert host1.connection.connect_count == 2
 
 
