@@ -245,11 +245,15 @@ class _Endless(io.RawIOBase):
         return b"x" * (size if size > 0 else 2**16)
 
 
-def test_input_sent_on_a_path_that_is_cut_fails_within_the_connections_limit(host1, test_hosts):
+def test_input_sent_on_a_path_that_is_cut_fails_within_the_connections_limit(
+    host1, test_hosts, monkeypatch
+):
     """A cut while a command's input streams, once the socket's buffer fills before the
     host's window runs out (a small buffer here; load can leave one): the send ends within
-    UNACKNOWLEDGED_LIMIT, in words, and the next command connects anew. (Before, paramiko
-    retried the send until the kernel gave up, about 15 minutes.)"""
+    UNACKNOWLEDGED_LIMIT (3 s here), in words; the next command connects anew, and the
+    runtime's cleanup kills the command the drop left there. (Before, paramiko retried the
+    send until the kernel gave up, about 15 minutes.)"""
+    monkeypatch.setattr(ssh, "UNACKNOWLEDGED_LIMIT", 3)
     host1.connection.run("true")
     sock = host1.connection.transport().sock
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**15)
@@ -278,6 +282,7 @@ def test_input_sent_on_a_path_that_is_cut_fails_within_the_connections_limit(hos
     assert "dropped while a command's input was sent" in str(failed[0])
     assert host1.echo("again") == "again"
     assert host1.connection.connect_count == 2
+    assert [pid for _, pid in host1.connection._lost]  # its `cat`: killed by the cleanup
 
 
 def test_a_host_that_cannot_start_a_process_is_a_clear_transient_error(host1, test_hosts):
