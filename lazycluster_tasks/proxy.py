@@ -53,7 +53,8 @@ class ProxyCommandSocket(paramiko.ProxyCommand):
     """paramiko's ProxyCommand run like OpenSSH runs it (``/bin/sh -c 'exec <command>'``),
     closed for good: SIGTERM, a bounded wait, SIGKILL, pipes closed, stderr kept for errors."""
 
-    def __init__(self, command_line: str) -> None:  # no super(): it would start the command
+    def __init__(self, command_line: str, stall: float | None = None) -> None:
+        # no super(): it would start the command
         self.cmd = ["/bin/sh", "-c", f"exec {command_line}"]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(
@@ -65,6 +66,9 @@ class ProxyCommandSocket(paramiko.ProxyCommand):
             start_new_session=True,  # a terminal's ^C must not kill the connection
         )
         self.timeout: float | None = None
+        self.stall = stall  # seconds the command may take no input (see send)
+        assert self.process.stdin is not None
+        os.set_blocking(self.process.stdin.fileno(), False)
         self._close_lock = threading.Lock()
         self._done = False
         self._stderr_text: str | None = None
@@ -86,6 +90,26 @@ class ProxyCommandSocket(paramiko.ProxyCommand):
         except (OSError, ValueError) as exc:
             raise paramiko.ProxyCommandFailure(" ".join(self.cmd), str(exc)) from exc
         raise TimeoutError(f"no output from the ProxyCommand in {self.timeout:g} s")
+
+    def send(self, content: bytes) -> int:  # type: ignore[override]  # paramiko sends bytes
+        """What the command takes of ``content`` now, after waiting for it to take any at most
+        ``stall`` s: a command that stops reading (its own path cut, unnoticed) then fails
+        the connection (paramiko's write would wait for it for good)."""
+        stdin = self.process.stdin
+        assert stdin is not None
+        deadline = None if self.stall is None else time.monotonic() + self.stall
+        try:
+            while True:
+                with contextlib.suppress(BlockingIOError):
+                    return os.write(stdin.fileno(), content)
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    raise paramiko.ProxyCommandFailure(
+                        " ".join(self.cmd), f"it took no input for {self.stall:g} s"
+                    )
+                select.select([], [stdin], [], wait)
+        except (OSError, ValueError) as exc:
+            raise paramiko.ProxyCommandFailure(" ".join(self.cmd), str(exc)) from exc
 
     def close(self) -> None:
         with self._close_lock:

@@ -72,10 +72,11 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 KEEPALIVE_SECONDS = 15
 #: Seconds sent data may stay unacknowledged before the kernel ends the connection
-#: (TCP_USER_TIMEOUT, Linux): the bound our OpenSSH connections keep (ServerAlive). Without it
-#: a send on a path that was cut, once the socket's buffer is full, waits in paramiko until
-#: the kernel gives up (about 15 min), holding the connection: its keep-alive, every command
-#: and the close of the failed start behind it.
+#: (TCP_USER_TIMEOUT, Linux), or a ProxyCommand may take none of it: the bound our OpenSSH
+#: connections keep (ServerAlive). Without it a send on a path that was cut, once the socket's
+#: buffer is full, waits in paramiko until the kernel gives up (about 15 min; a ProxyCommand's
+#: pipe: for good), holding the connection: its keep-alive, every command and the close of the
+#: failed start behind it.
 UNACKNOWLEDGED_LIMIT = ALIVE[0] * ALIVE[1]
 #: Window and packet size of every channel: paramiko's defaults (2 MiB, 32 KiB) cap tunnels.
 WINDOW_SIZE = 16 * 2**20
@@ -106,7 +107,7 @@ def _connect_client(settings: SSHSettings, sock: Any | None) -> paramiko.SSHClie
     pkey, key_files = identities(settings)
     proxy: ProxyCommandSocket | None = None
     if sock is None and settings.proxy_command:
-        proxy = sock = ProxyCommandSocket(proxy_command_line(settings))
+        proxy = sock = ProxyCommandSocket(proxy_command_line(settings), UNACKNOWLEDGED_LIMIT)
     try:
         return _authenticate(client, settings, sock, pkey, key_files)
     except InvalidRuntimeError as exc:
@@ -418,6 +419,7 @@ class SSHConnection(Connection):
                 return None
             if stdin is not None:
                 try:
+                    chan.settimeout(None)  # none unless bounded (the pid's read set one)
                     for block in chunks(stdin):
                         if deadline is not None or stall is not None:  # a host that stops
                             left = deadline - time.monotonic() if deadline else float("inf")
@@ -429,6 +431,7 @@ class SSHConnection(Connection):
                 except OSError:  # the command exited before reading it: its exit code tells
                     logger.debug("%s: the command did not take its input", self.host)
                 except (EOFError, paramiko.SSHException):  # the connection ended under it
+                    self._drop_if_current(chan.get_transport())
                     raise HostConnectionError(
                         f"connection to {self.host} dropped while a command's input was sent",
                         host=self.host,

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import logging
 import os
 import socket
 import stat
-import threading
 import time
 
 import pytest
@@ -28,7 +26,7 @@ from lazycluster_tasks import (
     TaskExecutionError,
     ssh,
 )
-from lazycluster_tasks.testing.helpers import ssh_runtime, wait_until
+from lazycluster_tasks.testing.helpers import send_until_cut, ssh_runtime, wait_until
 
 NASTY = [
     "with space",
@@ -235,16 +233,6 @@ def test_connection_dropped_mid_session_reconnects(host1, test_hosts):
     assert host1.connection.connect_count == 2
 
 
-class _Endless(io.RawIOBase):
-    """A command's input that never ends."""
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        return b"x" * (size if size > 0 else 2**16)
-
-
 def test_input_sent_on_a_path_that_is_cut_fails_within_the_connections_limit(
     host1, test_hosts, monkeypatch
 ):
@@ -257,29 +245,15 @@ def test_input_sent_on_a_path_that_is_cut_fails_within_the_connections_limit(
     host1.connection.run("true")
     sock = host1.connection.transport().sock
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**15)
-    failed: list[BaseException] = []
-
-    def send() -> None:
-        try:
-            host1.connection.run("cat > /dev/null", stdin=_Endless(), timeout=None, stall=5)
-        except BaseException as exc:
-            failed.append(exc)
-
-    sending = threading.Thread(target=send, daemon=True)
-    sending.start()
-    time.sleep(1)
-    assert not failed and sending.is_alive()  # it streams
-    test_hosts.cut_host("host1")
-    cut = time.monotonic()
     try:
-        sending.join(ssh.UNACKNOWLEDGED_LIMIT + 30)
-        took = time.monotonic() - cut
-        assert not sending.is_alive(), "the send still waits on the cut path"
+        took, failed = send_until_cut(
+            host1.connection, lambda: test_hosts.cut_host("host1"), ssh.UNACKNOWLEDGED_LIMIT + 30
+        )
     finally:
         test_hosts.restore_host("host1")
     assert took < ssh.UNACKNOWLEDGED_LIMIT + 10, took
-    assert isinstance(failed[0], HostConnectionError), failed
-    assert "dropped while a command's input was sent" in str(failed[0])
+    assert isinstance(failed, HostConnectionError), failed
+    assert "dropped while a command" in str(failed)
     assert host1.echo("again") == "again"
     assert host1.connection.connect_count == 2
     assert [pid for _, pid in host1.connection._lost]  # its `cat`: killed by the cleanup

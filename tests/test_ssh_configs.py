@@ -11,6 +11,7 @@ import os
 import pwd
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +19,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lazycluster_tasks import sshconfig
+from lazycluster_tasks import ssh, sshconfig
 from lazycluster_tasks.errors import AuthenticationError, HostConnectionError, HostKeyError
 from lazycluster_tasks.group import RuntimeGroup, fan_out
 from lazycluster_tasks.manager import RuntimeManager, config_hosts
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.ssh_settings import resolve_settings
-from lazycluster_tasks.testing.helpers import wait_until
+from lazycluster_tasks.testing.helpers import send_until_cut, wait_until
 from lazycluster_tasks.testing.hosts import TestHosts
 
 USER = pwd.getpwuid(os.getuid()).pw_name
@@ -259,6 +260,62 @@ def test_a_failing_proxy_command_is_named_and_reaped(
     finally:
         runtime.cleanup()
     assert not local_ssh_children()
+
+
+#: A ProxyCommand that relays to sys.argv[1]:sys.argv[2] through a small socket buffer: on a cut
+#: path its send soon blocks, and it takes no more input (as a proxy whose own path is cut does).
+RELAY = """
+import os, socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**15)
+s.connect((sys.argv[1], int(sys.argv[2])))
+def down():
+    while data := s.recv(65536):
+        os.write(1, data)
+    os._exit(0)
+threading.Thread(target=down, daemon=True).start()
+while data := os.read(0, 65536):
+    s.sendall(data)
+"""
+
+
+def test_a_proxy_command_that_stops_taking_input_fails_the_command_in_bounded_time(
+    multi_hosts, no_leftovers, no_local_leaks, home, tmp_path, monkeypatch
+):
+    """The host is cut while a command's input streams through a ProxyCommand, which then
+    takes no more: once it took none for UNACKNOWLEDGED_LIMIT (3 s here) the command fails
+    in words, the proxy is reaped, and the cleanup kills the command left on the host.
+    (Before, paramiko's write to the proxy waited for good.)"""
+    monkeypatch.setattr(ssh, "UNACKNOWLEDGED_LIMIT", 3)
+    relay = tmp_path / "relay.py"
+    relay.write_text(RELAY)
+    cfg = write(
+        tmp_path / "config",
+        f"Host relayed\n  HostName {addr(multi_hosts, 'host1')}\n"
+        f"  ProxyCommand {sys.executable} {relay} %h %p\n" + defaults(multi_hosts),
+    )
+    runtime = Runtime("relayed", ssh_config_path=cfg)
+    try:
+        assert hostname_of(runtime) == "host1"
+        try:
+            took, failed = send_until_cut(
+                runtime.connection,
+                lambda: multi_hosts.cut_host("host1"),
+                ssh.UNACKNOWLEDGED_LIMIT + 30,
+            )
+        finally:
+            multi_hosts.restore_host("host1")
+        assert took < ssh.UNACKNOWLEDGED_LIMIT + 10, took
+        assert isinstance(failed, HostConnectionError), failed
+        assert "dropped while a command" in str(failed)
+        assert hostname_of(runtime) == "host1"  # a new connection, a new proxy
+    finally:
+        runtime.cleanup()
+
+    def relays() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children() if str(relay) in " ".join(p.cmdline())]
+
+    assert wait_until(lambda: not relays(), 5), relays()
 
 
 # -- known_hosts: hashed, accept-new --------------------------------------------------------------

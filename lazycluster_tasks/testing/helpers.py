@@ -9,17 +9,20 @@ and the tests' ``conftest.py``.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import psutil
 import pytest
 
+from lazycluster_tasks.connection import Connection
 from lazycluster_tasks.runtime import Runtime
 from lazycluster_tasks.testing.hosts import TestHosts
 
@@ -44,6 +47,41 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+class EndlessInput(io.RawIOBase):
+    """A command's input that never ends."""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return b"x" * (size if size > 0 else 2**16)
+
+
+def send_until_cut(
+    connection: Connection, cut: Callable[[], None], wait: float
+) -> tuple[float, BaseException | None]:
+    """Stream endless input to ``cat`` on ``connection``, call ``cut`` once it flows, and wait
+    at most ``wait`` s for the command to fail: (seconds from the cut until it failed, its
+    exception); AssertionError when it still runs."""
+    failed: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            connection.run("cat > /dev/null", stdin=cast(BinaryIO, EndlessInput()), timeout=None)
+        except BaseException as exc:
+            failed.append(exc)
+
+    sending = threading.Thread(target=send, daemon=True)
+    sending.start()
+    time.sleep(1)
+    assert not failed and sending.is_alive(), failed  # it streams
+    cut()
+    began = time.monotonic()
+    sending.join(wait)
+    assert not sending.is_alive(), "the send still waits on the cut path"
+    return time.monotonic() - began, failed[0] if failed else None
 
 
 def links_set_up(cluster: Any, client: Any, workers: int, timeout: float = 60) -> Any:
