@@ -18,6 +18,7 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,7 @@ logging.getLogger("paramiko.transport").addFilter(_HandledRefusals())
 # errors (a banner that never came, with its traceback) on stderr; the caller reports them
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
+#: Seconds without a byte sent after which a connection is asked whether it is alive.
 KEEPALIVE_SECONDS = 15
 #: Seconds sent data may stay unacknowledged before the kernel ends the connection
 #: (TCP_USER_TIMEOUT, Linux), or a ProxyCommand may take none of it: the bound our OpenSSH
@@ -204,7 +206,7 @@ def _authenticate(
         ) from None
     transport = client.get_transport()
     if transport is not None:
-        transport.set_keepalive(KEEPALIVE_SECONDS)
+        _watch_alive(transport, settings.alias)
         if isinstance(transport.sock, socket.socket):
             # without it, delayed ACKs add ~40 ms to every command round trip
             transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -212,6 +214,64 @@ def _authenticate(
                 limit = UNACKNOWLEDGED_LIMIT * 1000
                 transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, limit)
     return client
+
+
+def request_lock(transport: paramiko.Transport) -> threading.Lock:
+    """The lock a global request to ``transport``'s host is made under: paramiko hands an
+    answer to whichever request waits last, so one at a time, or an answer reaches the wrong
+    request."""
+    with _REQUEST_LOCKS:
+        lock = getattr(transport, "_lct_requests", None)
+        if lock is None:
+            lock = transport._lct_requests = threading.Lock()  # type: ignore[attr-defined]
+        return lock
+
+
+_REQUEST_LOCKS = threading.Lock()
+
+
+def _watch_alive(transport: paramiko.Transport, host: str) -> None:
+    """Once nothing was sent for KEEPALIVE_SECONDS, ask the host for an answer, and drop the
+    connection when none comes within UNACKNOWLEDGED_LIMIT, as OpenSSH's ServerAlive does
+    (paramiko's own keep-alive asks for none). It bounds what TCP_USER_TIMEOUT cannot: a
+    ProxyCommand that never notices a cut and takes our bytes into its own buffers, a command
+    waiting for output or for the host's window on a path that was cut."""
+    ref = weakref.ref(transport)  # the transport's thread holds the check, not the reverse
+    checking = threading.Lock()  # held while a check runs
+
+    def check() -> None:
+        try:
+            t = ref()
+            requests = None if t is None else request_lock(t)
+            if t is None or requests is None or not requests.acquire(blocking=False):
+                return  # gone, or a forward's request is under way (watched itself)
+            try:
+                answered = t.completion_event = threading.Event()  # as global_request
+                message = paramiko.Message()
+                message.add_byte(paramiko.common.cMSG_GLOBAL_REQUEST)
+                message.add_string("keepalive@openssh.com")
+                message.add_boolean(True)  # an answer wanted: sshd refuses it at once
+                t._send_user_message(message)  # type: ignore[attr-defined]
+                if not answered.wait(UNACKNOWLEDGED_LIMIT) and t.is_active():
+                    logger.warning(
+                        "%s did not answer for %g s: connection dropped",
+                        host,
+                        UNACKNOWLEDGED_LIMIT,
+                    )
+                    t.close()
+            finally:
+                requests.release()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # the connection ended: its users are told
+        finally:
+            checking.release()
+
+    def due(_: object = None) -> None:  # in the transport's own thread: it must not wait
+        t = ref()
+        if t is not None and t.is_active() and checking.acquire(blocking=False):
+            threading.Thread(target=check, name=f"lct-alive-{host}", daemon=True).start()
+
+    transport.packetizer.set_keepalive(KEEPALIVE_SECONDS, due)
 
 
 def _in_words(exc: BaseException, timeout: float | None) -> str:
@@ -444,12 +504,15 @@ class SSHConnection(Connection):
                 return None
             while not chan.status_event.wait(0.5):
                 if not chan.get_transport().is_active():
-                    raise HostConnectionError(
-                        f"connection to {self.host} dropped while a command ran", host=self.host
-                    )
+                    break
                 if deadline is not None and time.monotonic() > deadline:
                     return None
-            return chan.recv_exit_status()
+            code = chan.exit_status if chan.status_event.is_set() else -1
+            if code == -1 and not chan.get_transport().is_active():  # no status: it closed
+                raise HostConnectionError(  # the channel (a command killed by a signal: -1)
+                    f"connection to {self.host} dropped while a command ran", host=self.host
+                )
+            return code
         finally:
             close_channel(chan)  # a dropped connection fails the close: the session still ends
             with self._sessions_cv:

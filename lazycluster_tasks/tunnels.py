@@ -31,7 +31,7 @@ import paramiko
 from lazycluster_tasks.errors import TunnelError
 from lazycluster_tasks.gates import LoginUserGate
 from lazycluster_tasks.ports import PROBE_COMMAND, parse_proc_net_tcp
-from lazycluster_tasks.ssh import SSHConnection, close_channel
+from lazycluster_tasks.ssh import SSHConnection, close_channel, request_lock
 from lazycluster_tasks.ssh_master import OpenSSHMaster
 
 logger = logging.getLogger(__name__)
@@ -599,9 +599,6 @@ class _Dispatcher:
 
     def __init__(self) -> None:
         self.routes: dict[int, RemoteForward] = {}
-        #: paramiko hands a global request's answer to whichever request waits last: one
-        #: request at a time per transport, or an answer reaches the wrong forward
-        self._requests = threading.Lock()
 
     def request(self, transport: paramiko.Transport, port: int) -> int:
         """Ask the host to listen on its 127.0.0.1:``port`` for us; returns the port.
@@ -614,7 +611,7 @@ class _Dispatcher:
             fired.append(True)
             transport.close()
 
-        with self._requests:
+        with request_lock(transport):
             watchdog = threading.Timer(REQUEST_TIMEOUT, hung)
             watchdog.name, watchdog.daemon = "lct-forward-request", True
             watchdog.start()

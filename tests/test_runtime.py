@@ -259,6 +259,26 @@ def test_input_sent_on_a_path_that_is_cut_fails_within_the_connections_limit(
     assert [pid for _, pid in host1.connection._lost]  # its `cat`: killed by the cleanup
 
 
+def test_an_idle_connection_answers_its_keep_alives_and_is_kept(
+    test_hosts, no_leftovers, no_local_leaks, monkeypatch, caplog
+):
+    """Silent for KEEPALIVE_SECONDS (0.5 s here), a connection is asked for an answer; sshd
+    gives one at once, and the connection serves on."""
+    monkeypatch.setattr(ssh, "KEEPALIVE_SECONDS", 0.5)
+    caplog.set_level(logging.DEBUG, logger="paramiko.transport")
+    with ssh_runtime(test_hosts) as runtime:
+        assert runtime.echo("one") == "one"
+        denied = "Global request denied"  # sshd's answer to a keep-alive
+
+        def answers() -> int:
+            return sum(denied in r.getMessage() for r in caplog.records)
+
+        assert wait_until(lambda: answers() >= 3, 10), "no keep-alive answered"
+        assert runtime.echo("two") == "two"
+        assert runtime.connection.connect_count == 1
+    assert not [r for r in caplog.records if "did not answer" in r.getMessage()]
+
+
 def test_a_host_that_cannot_start_a_process_is_a_clear_transient_error(host1, test_hosts):
     assert host1.echo("one") == "one"
     with test_hosts.process_limit("host1"):

@@ -279,36 +279,48 @@ while data := os.read(0, 65536):
 """
 
 
-def test_a_proxy_command_that_stops_taking_input_fails_the_command_in_bounded_time(
-    multi_hosts, no_leftovers, no_local_leaks, home, tmp_path, monkeypatch
+@pytest.mark.parametrize("proxy", ["relay", "ssh -W"])
+def test_a_cut_behind_a_proxy_command_fails_the_command_in_bounded_time(
+    host2_behind_host1, no_leftovers, no_local_leaks, home, tmp_path, monkeypatch, proxy
 ):
-    """The host is cut while a command's input streams through a ProxyCommand, which then
-    takes no more: once it took none for UNACKNOWLEDGED_LIMIT (3 s here) the command fails
-    in words, the proxy is reaped, and the cleanup kills the command left on the host.
-    (Before, paramiko's write to the proxy waited for good.)"""
+    """A command's input streams through a ProxyCommand when the path behind it is cut.
+    relay: the proxy soon takes no more input; once it took none for UNACKNOWLEDGED_LIMIT
+    (3 s here) the connection fails. ``ssh -W`` (no ServerAlive): it takes our bytes into its
+    own buffers and never notices; the host's window runs out, and the keep-alive asked after
+    KEEPALIVE_SECONDS (1 s here) gets no answer within the limit. Either way the command fails
+    in words, the proxy is reaped, the cleanup kills the command left on the host. (Before,
+    both waited for good.)"""
     monkeypatch.setattr(ssh, "UNACKNOWLEDGED_LIMIT", 3)
+    monkeypatch.setattr(ssh, "KEEPALIVE_SECONDS", 1)
+    hosts = host2_behind_host1
     relay = tmp_path / "relay.py"
     relay.write_text(RELAY)
-    cfg = write(
-        tmp_path / "config",
-        f"Host relayed\n  HostName {addr(multi_hosts, 'host1')}\n"
-        f"  ProxyCommand {sys.executable} {relay} %h %p\n" + defaults(multi_hosts),
+    cfg = tmp_path / "config"
+    route = (
+        f"{sys.executable} {relay} %h %p" if proxy == "relay" else f"ssh -F {cfg} -W %h:%p host1"
     )
-    runtime = Runtime("relayed", ssh_config_path=cfg)
+    cut = "host2" if proxy == "relay" else "host1"  # the relay runs here: its host cut
+    write(
+        cfg,
+        f"Host host1\n  HostName {addr(hosts, 'host1')}\n  ServerAliveInterval 0\n"
+        f"Host behind\n  HostName {addr(hosts, 'host2')}\n  ProxyCommand {route}\n"
+        + defaults(hosts),
+    )
+    if proxy == "relay":
+        hosts.restrict_ssh("host2", None)
+    runtime = Runtime("behind", ssh_config_path=str(cfg))
     try:
-        assert hostname_of(runtime) == "host1"
+        assert hostname_of(runtime) == "host2"
         try:
             took, failed = send_until_cut(
-                runtime.connection,
-                lambda: multi_hosts.cut_host("host1"),
-                ssh.UNACKNOWLEDGED_LIMIT + 30,
+                runtime.connection, lambda: hosts.cut_host(cut), ssh.UNACKNOWLEDGED_LIMIT + 30
             )
         finally:
-            multi_hosts.restore_host("host1")
-        assert took < ssh.UNACKNOWLEDGED_LIMIT + 10, took
+            hosts.restore_host(cut)
+        assert took < ssh.KEEPALIVE_SECONDS + ssh.UNACKNOWLEDGED_LIMIT + 10, took
         assert isinstance(failed, HostConnectionError), failed
         assert "dropped while a command" in str(failed)
-        assert hostname_of(runtime) == "host1"  # a new connection, a new proxy
+        assert hostname_of(runtime) == "host2"  # a new connection, a new proxy
     finally:
         runtime.cleanup()
 
