@@ -39,16 +39,23 @@ def export_env(env: Mapping[str, object]) -> str:
 
 
 def wrap_command(
-    command: str, working_dir: str | None = None, env: Mapping[str, object] | None = None
+    command: str,
+    working_dir: str | None = None,
+    env: Mapping[str, object] | None = None,
+    tag: str = "",
 ) -> str:
     """The full line for a user command: report the shell's pid, export env, cd, run.
 
     The first line the shell prints is its pid (the process-group id of the SSH session or of the
     local subprocess), which lets the caller kill the whole command tree on timeout or cleanup.
+    ``tag`` (letters, digits, ``-``) goes into the shell's command line as a comment: a kill
+    long after can check that the pid is still the command's (:func:`kill_marked`).
     """
     if not isinstance(command, str) or not command.strip():
         raise ValueError("command must be a non-empty string")
-    lines = ['echo "$$"']
+    if not re.fullmatch(r"[A-Za-z0-9-]*", tag):
+        raise ValueError(f"not a tag: {tag!r}")
+    lines = [f'echo "$$"  # {tag}' if tag else 'echo "$$"']
     exported = export_env(env or {})
     if exported:
         lines.append(exported)

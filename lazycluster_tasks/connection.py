@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -121,8 +122,10 @@ class Connection(ABC):
         self.host = host
         self._running: dict[object, tuple[object, int | None]] = {}  # in flight: (owner, pgid)
         # (owner, pgid) of commands whose connection dropped while they ran: they may still run
-        # there; killed with the owner's running commands, over the next connection
+        # there; killed with the owner's running commands, over the next connection, where
+        # the group's leader still has the tag every command of this connection carries
         self._lost: list[tuple[object, int]] = []
+        self._tag = f"lct-run-{secrets.token_hex(6)}"
         self._running_lock = threading.Lock()
         self.commands_run = 0  # round trips made through run(), for observability
 
@@ -183,7 +186,7 @@ class Connection(ABC):
         as a timeout (a long transfer, or the work after it, on a path that was cut: such a
         command reports progress).
         """
-        line = commands.wrap_command(command, working_dir, env)
+        line = commands.wrap_command(command, working_dir, env, self._tag)
         self.commands_run += 1
         key = object()
 
@@ -249,11 +252,21 @@ class Connection(ABC):
     def kill_running(self, owner: object = None) -> None:
         """Kill the commands still running for ``owner`` (default: all of them), and those
         whose connection dropped while they ran (one attempt: a host still cut keeps them)."""
-        groups = self.running_groups(owner, wait=2.0)
+        self.kill_groups(self.running_groups(owner, wait=2.0))
         with self._running_lock:
             lost = [p for o, p in self._lost if owner is None or o is owner]
             self._lost = [(o, p) for o, p in self._lost if p not in lost]
-        self.kill_groups(groups + lost)
+        if lost:  # long ago, maybe: only a leader that still has our tag (a pid is reused)
+            try:
+                self._execute(
+                    commands.kill_marked(lost, self._tag),
+                    INTERNAL_TIMEOUT,
+                    _Collector(None),
+                    None,
+                    None,
+                )
+            except Exception as exc:
+                logger.warning("could not kill process groups %s on %s: %s", lost, self.host, exc)
 
     def check(self, command: str, timeout: float | None = INTERNAL_TIMEOUT) -> str:
         """Run one of our own commands and return its stdout; raise on a non-zero exit."""

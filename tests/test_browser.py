@@ -123,8 +123,11 @@ def visit(url: str, ready: Callable[[Any], None], timeout_ms: int = 60_000) -> V
 #: (depending on how far the page rendered): its 404 is Prefect's, not ours.
 PREFECT_UI_MISSING_ICON = "/ico/undefined.svg"
 #: Prefect's run graph (drawn for a run with tasks, which a plain flow's page lacks) can throw
-#: this while the page switches tabs under load (seen once in a clean run): its code, not ours.
-PREFECT_UI_GRAPH_RACE = "Cannot read properties of null (reading 'position')"
+#: these while the page switches tabs under load (each seen once in a full run; the graph's
+#: sprites, gone with the tab): its code, not ours.
+PREFECT_UI_GRAPH_RACE = tuple(
+    f"Cannot read properties of null (reading '{name}')" for name in ("position", "scale")
+)
 
 
 def _own_errors(seen: Visit) -> list[str]:
@@ -136,7 +139,7 @@ def _own_errors(seen: Visit) -> list[str]:
         for e in seen.errors
         if not ("net::ERR_FAILED" in e and seen.outside)
         and not ("Failed to load resource" in e and seen.failed and not ours)
-        and not (e.startswith("uncaught: ") and PREFECT_UI_GRAPH_RACE in e)
+        and not (e.startswith("uncaught: ") and any(r in e for r in PREFECT_UI_GRAPH_RACE))
     ]
 
 
