@@ -26,6 +26,7 @@ from lazycluster_tasks import (
     RemoteEnvironmentError,
     Runtime,
     environments,
+    ssh,
     teardown,
 )
 from lazycluster_tasks.ssh_master import OpenSSHMaster
@@ -476,6 +477,7 @@ def test_a_transfer_cut_by_the_network_is_finished_by_the_next_start(monkeypatch
     """A cut while the packs travel, or after they all arrived while the host's build waits
     (here: for another start's lock), fails the start within the stall (6 s here)."""
     monkeypatch.setattr(environments, "STALL", 6.0)  # a cut is noticed within this, both ends
+    monkeypatch.setattr(ssh, "UNACKNOWLEDGED_LIMIT", 6)  # also where the send itself waits
     with TestHosts(1, user=True, private=True) as fresh:
         home = fresh.home_dir("host1")
         root = home / ".cache" / "lazycluster"

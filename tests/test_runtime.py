@@ -250,6 +250,13 @@ def test_input_sent_on_a_path_that_is_cut_fails_within_the_connections_limit(
         took, failed = send_until_cut(
             host1.connection, lambda: test_hosts.cut_host("host1"), ssh.UNACKNOWLEDGED_LIMIT + 30
         )
+        with pytest.raises(HostConnectionError, match="timed out"):
+            host1.echo("cut")  # the host cannot be reached: the close does not try again
+        began = time.monotonic()
+        host1.connection.close()
+        assert time.monotonic() - began < 1
+        assert host1.connection._lost  # kept for a later close
+        host1.connection.reopen()
     finally:
         test_hosts.restore_host("host1")
     assert took < ssh.UNACKNOWLEDGED_LIMIT + 10, took
