@@ -313,7 +313,6 @@ class SSHConnection(Connection):
         self._sftp_lock = threading.Lock()
         self._on_reconnect: list[Callable[[paramiko.Transport], None]] = []
         self._closed = False
-        self._failed_at = -float("inf")  # when a connect last failed (monotonic)
         self.connect_count = 0
         # session channels our commands hold, and how many ended: a host that refuses one more
         # (sshd's MaxSessions per connection, 10 by default) gets it once one of them ends
@@ -336,11 +335,7 @@ class SSHConnection(Connection):
                 return transport
             reconnect = self.connect_count > 0  # also after a drop and failed attempts
             self._drop()
-            try:
-                self._client = self._open()
-            except HostConnectionError:
-                self._failed_at = time.monotonic()
-                raise
+            self._client = self._open()
             self.connect_count += 1
             transport = self._client.get_transport()
             assert transport is not None
@@ -409,18 +404,8 @@ class SSHConnection(Connection):
         with self._lock:
             if self._closed:
                 return
-            # a command whose connection dropped may still run there: killed, unless the host
-            # could not be reached just now (another wait for its connect timeout gains nothing)
-            failed = time.monotonic() - self._failed_at < 2 * self.settings.connect_timeout
-            if self.is_connected or (self._lost and not failed):
+            if self.is_connected or self._lost:  # a dropped command may still run there
                 self.kill_running()
-            elif self._lost:
-                logger.warning(
-                    "%s unreachable: commands whose connection dropped may still run there "
-                    "(process groups %s)",
-                    self.host,
-                    ", ".join(str(p) for _, p in self._lost),
-                )
             self._closed = True
             self._drop()
             self._on_reconnect.clear()
