@@ -198,17 +198,17 @@ class Connection(ABC):
         err = None if combine_stderr else _Collector(None)
         with self._running_lock:
             self._running[key] = (owner, None)  # in flight, pid not known yet
+        dropped = False
         try:
             code = self._execute(line, timeout, out, err, stdin, stall)
         except HostConnectionError:
-            with self._running_lock:
-                pgid = self._running.pop(key, (None, None))[1]
-                if pgid is not None:
-                    self._lost.append((owner, pgid))
+            dropped = True
             raise
         finally:
             with self._running_lock:
                 pgid = self._running.pop(key, (None, None))[1]
+                if dropped and pgid is not None:
+                    self._lost.append((owner, pgid))
         if code is None:
             if pgid is not None:
                 self.kill_groups([pgid])
@@ -236,17 +236,15 @@ class Connection(ABC):
 
     def kill_groups(self, pgids: list[int], grace: float = 2.0) -> None:
         """TERM, grace, KILL the given process groups on the host."""
-        if not pgids:
-            return
+        if pgids:
+            self._kill(commands.kill_group(pgids, grace), pgids)
+
+    def _kill(self, line: str, pgids: list[int]) -> None:
+        """Run a kill ``line`` of ``pgids``; a failure is logged (the host may be gone;
+        callers report what is left)."""
         try:
-            self._execute(
-                commands.kill_group(pgids, grace),
-                INTERNAL_TIMEOUT,
-                _Collector(None),
-                None,
-                None,
-            )
-        except Exception as exc:  # the host may be gone; callers report what is left
+            self._execute(line, INTERNAL_TIMEOUT, _Collector(None), None, None)
+        except Exception as exc:
             logger.warning("could not kill process groups %s on %s: %s", pgids, self.host, exc)
 
     def kill_running(self, owner: object = None) -> None:
@@ -257,16 +255,7 @@ class Connection(ABC):
             lost = [p for o, p in self._lost if owner is None or o is owner]
             self._lost = [(o, p) for o, p in self._lost if p not in lost]
         if lost:  # long ago, maybe: only a leader that still has our tag (a pid is reused)
-            try:
-                self._execute(
-                    commands.kill_marked(lost, self._tag),
-                    INTERNAL_TIMEOUT,
-                    _Collector(None),
-                    None,
-                    None,
-                )
-            except Exception as exc:
-                logger.warning("could not kill process groups %s on %s: %s", lost, self.host, exc)
+            self._kill(commands.kill_marked(lost, self._tag), lost)
 
     def check(self, command: str, timeout: float | None = INTERNAL_TIMEOUT) -> str:
         """Run one of our own commands and return its stdout; raise on a non-zero exit."""

@@ -242,9 +242,11 @@ def _watch_alive(transport: paramiko.Transport, host: str) -> None:
     def check() -> None:
         try:
             t = ref()
-            requests = None if t is None else request_lock(t)
-            if t is None or requests is None or not requests.acquire(blocking=False):
-                return  # gone, or a forward's request is under way (watched itself)
+            if t is None:
+                return
+            requests = request_lock(t)
+            if not requests.acquire(blocking=False):
+                return  # a forward's request is under way (watched itself)
             try:
                 answered = t.completion_event = threading.Event()  # as global_request
                 message = paramiko.Message()

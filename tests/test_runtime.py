@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import stat
-import subprocess
 import time
 
 import pytest
@@ -262,20 +261,21 @@ def test_input_sent_on_a_path_that_is_cut_fails_within_the_connections_limit(
     assert [pid for _, pid in host1.connection._lost]  # its `cat`: killed by the cleanup
 
 
-def test_a_dropped_command_is_killed_only_while_its_pid_is_still_its_own(host1) -> None:
+def test_a_dropped_command_is_killed_only_while_its_pid_is_still_its_own(host1, test_hosts) -> None:
     """What a drop left is killed by its pid and the tag of its connection in the command
     line of the group's leader: a process group that took that pid since is left alone."""
-    assert host1.echo("one") == "one"
-    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)  # on host1 too
+    other = ssh_runtime(test_hosts)  # another connection: its commands carry another tag
+    pid = int(other.connection.check("setsid sleep 60 >/dev/null 2>&1 </dev/null & echo $!"))
     try:
-        host1.connection._lost.append((None, bystander.pid))  # as if it had taken the pid
+        host1.connection._lost.append((None, pid))  # as if the bystander had taken the pid
         host1.connection.kill_running()
         time.sleep(0.3)
-        assert bystander.poll() is None, "a process that is not the command's was killed"
+        alive = other.connection.run(f"kill -0 {pid}")
+        assert alive.ok, "a process that is not the command's was killed"
         assert not host1.connection._lost  # tried once
     finally:
-        bystander.kill()
-        bystander.wait()
+        other.connection.run(f"kill {pid}")
+        other.cleanup()
 
 
 def test_an_idle_connection_answers_its_keep_alives_and_is_kept(

@@ -260,13 +260,13 @@ def _lock(fd: int, path: str, timeout: float) -> None:
 
 
 def _host() -> str:
-    """This host's name (what ``socket.gethostname`` reads, without loading ``socket``: the
-    guard imports this module at every start)."""
-    return os.uname().nodename
+    """This host's name as our temporary files carry it (from what ``socket.gethostname``
+    reads, without loading ``socket``: the guard imports this module at every start)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", os.uname().nodename)[:40]
 
 
 def _temp_name(real: str) -> str:
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", _host())[:40]
+    host = _host()
     folder, name = os.path.split(real)
     return os.path.join(folder, f".{name}{TEMP_TAG}{host}-{os.getpid()}-{os.urandom(4).hex()}")
 
@@ -275,7 +275,7 @@ def _remove_stale_temps(real: str, now: float) -> None:
     """Temporary files of ours that a killed edit left: this host's whose process is gone, and
     any older than STALE_TEMP."""
     folder, name = os.path.split(real)
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", _host())[:40]
+    host = _host()
     prefix = f".{name}{TEMP_TAG}"
     try:
         entries = os.listdir(folder)
