@@ -224,7 +224,12 @@ def silenced_master(hosts: TestHosts, name: str) -> Iterator[psutil.Process]:
     kernel acknowledges what comes, but nothing answers, as on a path that lost packets for a
     while and whose retransmissions backed off. Continued at the end, it finds its client gone
     and ends."""
-    (session,) = [p for p in hosts.processes(name) if _named(p) == "cat"]
+
+    def sessions() -> list[psutil.Process]:  # `exec cat` follows the ready line at once
+        return [p for p in hosts.processes(name) if _named(p) == "cat"]
+
+    assert wait_until(lambda: len(sessions()) == 1, 10), sessions()
+    (session,) = sessions()
     server = session.parent()
     assert server is not None and server.name().startswith("sshd"), server
     server.send_signal(signal.SIGSTOP)
